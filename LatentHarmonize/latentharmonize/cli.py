@@ -1,0 +1,58 @@
+"""The ``latentharmonize`` command line.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their command runs, so ``--help`` is fast
+and a missing optional dependency only affects the command that needs it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import LatentHarmonizeError
+
+COMMANDS = {
+    "analyze": ("latentharmonize.analyze", "analyze one chest CT: cluster map, composition, QC report"),
+    "train": ("latentharmonize.train", "train encoder, latent rotation and tissue clusters into a model bundle"),
+    "evaluate": ("latentharmonize.evaluate", "measure cluster consistency, probe and survival against baselines"),
+    "phantom": ("latentharmonize.phantom", "generate a multi-patient, multi-acquisition chest CT phantom cohort"),
+    "batch": ("latentharmonize.batch", "analyze a whole cohort on a Dask cluster"),
+    "survival": ("latentharmonize.survival", "Cox survival model from cohort tissue compositions"),
+    "bench": ("latentharmonize.bench", "benchmark analyze speed and memory on a full-size phantom"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentharmonize", description="Scanner-invariant lung tissue clusters from chest CT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"latentharmonize {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except LatentHarmonizeError as err:
+        print(f"latentharmonize {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"latentharmonize {name}: interrupted; no partial outputs were left.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
