@@ -1,0 +1,96 @@
+"""Consistency metrics between two label maps sampled at corresponding locations.
+
+Cluster labels are arbitrary names, so every metric here is invariant to a permutation of the
+labels: ARI and NMI by construction (scikit-learn), Dice after matching the clusters of one map to
+those of the other with the Hungarian algorithm (scipy). Per-patient scores are summarised by
+their mean and a percentile bootstrap 95 % confidence interval over patients.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Sequence, Tuple
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+
+from .errors import InputError
+
+METRICS = ("ari", "nmi", "dice")
+
+
+def _check_label_pair(a, b) -> Tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a).ravel()
+    b = np.asarray(b).ravel()
+    if a.shape != b.shape:
+        raise InputError(f"Label arrays must have one label per corresponding location; got {a.size} and {b.size} labels. "
+                         "Sample both maps at the same locations first.")
+    if a.size == 0:
+        raise InputError("Label arrays are empty: the two maps share no location to compare.")
+    return a, b
+
+
+def matched_dice(a, b) -> float:
+    """Mean Dice over clusters after optimally matching the labels of ``a`` to those of ``b``.
+
+    Clusters are paired one-to-one to maximise the total Dice (Hungarian algorithm). When the maps
+    have different numbers of clusters, the unpaired clusters count as Dice 0, so the mean is taken
+    over ``max(n_clusters_a, n_clusters_b)`` clusters.
+    """
+    a, b = _check_label_pair(a, b)
+    counts = contingency_matrix(a, b)  # [clusters of a, clusters of b]
+    sizes_a = counts.sum(axis=1, keepdims=True)
+    sizes_b = counts.sum(axis=0, keepdims=True)
+    dice = 2.0 * counts / (sizes_a + sizes_b)
+    rows, cols = linear_sum_assignment(dice, maximize=True)
+    return float(dice[rows, cols].sum() / max(dice.shape))
+
+
+def label_agreement(a, b) -> Dict[str, float]:
+    """ARI, NMI and matched Dice between two label arrays at corresponding locations."""
+    a, b = _check_label_pair(a, b)
+    return {
+        "ari": float(adjusted_rand_score(a, b)),
+        "nmi": float(normalized_mutual_info_score(a, b)),
+        "dice": matched_dice(a, b),
+    }
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (one value per patient)."""
+    values = np.asarray(values, dtype=float).ravel()
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise InputError(f"Bootstrap needs at least one finite value per patient; got {values.size} values "
+                         f"({int(np.sum(~np.isfinite(values)))} not finite).")
+    if not 0.0 < level < 1.0:
+        raise InputError(f"Confidence level must lie in (0, 1); got {level}.")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def summarize(per_patient: Iterable[Dict[str, float]], n_boot: int = 2000, seed: int = 0) -> Dict[str, object]:
+    """Mean and bootstrap 95 % CI over patients of each metric found in the per-patient records.
+
+    Returns ``{"ari": mean, "ari_ci": [low, high], ..., "n_patients": n}``.
+    """
+    records = list(per_patient)
+    if not records:
+        raise InputError("No patient to summarise: the evaluation cohort needs patients with at least two acquisitions.")
+    out: Dict[str, object] = {}
+    for name in records[0]:
+        values = [r[name] for r in records]
+        out[name] = float(np.mean(values))
+        out[f"{name}_ci"] = list(bootstrap_ci(values, n_boot=n_boot, seed=seed))
+    out["n_patients"] = len(records)
+    return out
+
+
+def mean_pairwise_agreement(labels: Sequence[np.ndarray]) -> Dict[str, float]:
+    """Average :func:`label_agreement` over every pair of label arrays (e.g. one per acquisition of a patient)."""
+    if len(labels) < 2:
+        raise InputError(f"Pairwise agreement needs at least two label arrays; got {len(labels)}.")
+    scores = [label_agreement(labels[i], labels[j]) for i in range(len(labels)) for j in range(i + 1, len(labels))]
+    return {name: float(np.mean([s[name] for s in scores])) for name in METRICS}
