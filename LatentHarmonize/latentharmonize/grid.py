@@ -1,0 +1,130 @@
+"""The model grid: an axial, LPS-aligned lattice shared by every scan of a patient.
+
+A CT is resampled (linear for HU, nearest for the lung mask) onto a lattice with identity direction whose voxel
+centres sit at integer multiples of the spacing in physical space, cropped to the lung bounding box plus a margin.
+Two acquisitions of one patient (same patient frame, different slice thickness or field of view) therefore land on
+the same physical lattice points, which is what makes patches correspond across acquisitions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, NoLungFoundError
+
+DEFAULT_SPACING = (1.25, 1.25, 2.5)
+DEFAULT_MARGIN_MM = 12.5
+AIR_HU = -1024.0
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Axial lattice with identity direction (LPS mm).
+
+    ``origin`` (x, y, z) is the centre of voxel [0, 0, 0]; ``spacing`` (x, y, z) mm; ``shape`` (z, y, x).
+    """
+
+    origin: tuple
+    spacing: tuple
+    shape: tuple
+
+    def reference_image(self, pixel_type=sitk.sitkUInt8) -> sitk.Image:
+        """An empty image with this grid's geometry (for resampling onto or from it)."""
+        image = sitk.Image([int(n) for n in self.shape[::-1]], pixel_type)
+        image.SetOrigin(tuple(float(v) for v in self.origin))
+        image.SetSpacing(tuple(float(v) for v in self.spacing))
+        return image
+
+    def index_to_physical(self, indices) -> np.ndarray:
+        """Physical (x, y, z) mm of voxel indices given as [n, 3] (z, y, x)."""
+        idx = np.asarray(indices, dtype=np.float64).reshape(-1, 3)[:, ::-1]
+        return np.asarray(self.origin, dtype=np.float64) + idx * np.asarray(self.spacing, dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        return {"origin": list(map(float, self.origin)), "spacing": list(map(float, self.spacing)),
+                "shape": list(map(int, self.shape))}
+
+
+def _validate_spacing(spacing) -> tuple:
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"Model grid spacing must be three positive numbers (x, y, z) mm, got {spacing}.")
+    return spacing
+
+
+def lung_bounding_box_mm(lungs: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (x, y, z) min and max of the lung voxel centres, for any direction matrix."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(lungs > 0, sitk.sitkUInt8))
+    if not stats.HasLabel(1):
+        raise NoLungFoundError("The lung mask is empty: no voxel is labelled lung. Check the mask, or let "
+                               "LatentHarmonize segment the lungs automatically.")
+    box = stats.GetBoundingBox(1)  # (x, y, z) start, then (x, y, z) size
+    lo, hi = box[:3], [box[i] + box[i + 3] - 1 for i in range(3)]
+    corners = [(x, y, z) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    points = np.array([lungs.TransformIndexToPhysicalPoint(c) for c in corners])
+    return points.min(axis=0), points.max(axis=0)
+
+
+def grid_for_box(lo_mm, hi_mm, spacing=DEFAULT_SPACING, margin_mm: float = DEFAULT_MARGIN_MM,
+                 align_px=(1, 1, 1)) -> ModelGrid:
+    """The lattice covering ``[lo, hi]`` plus ``margin_mm``, snapped to multiples of the spacing.
+
+    ``align_px`` (x, y, z) makes the origin index a multiple of it, so that encoder lattices with that stride
+    also coincide across scans.
+    """
+    spacing = np.asarray(_validate_spacing(spacing))
+    align = np.asarray(align_px, dtype=np.int64)
+    first = np.floor((np.asarray(lo_mm) - margin_mm) / spacing + _EPS).astype(np.int64)
+    first = (first // align) * align
+    last = np.ceil((np.asarray(hi_mm) + margin_mm) / spacing - _EPS).astype(np.int64)
+    size_xyz = last - first + 1
+    origin = tuple(float(v) for v in first * spacing)
+    return ModelGrid(origin=origin, spacing=tuple(float(s) for s in spacing),
+                     shape=tuple(int(n) for n in size_xyz[::-1]))
+
+
+def resample_onto(image: sitk.Image, grid: ModelGrid, nearest: bool, default: float) -> np.ndarray:
+    """Resample ``image`` onto ``grid``; returns the array [z, y, x]."""
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out_type = image.GetPixelID() if nearest else sitk.sitkFloat32
+    resampled = sitk.Resample(image, grid.reference_image(), sitk.Transform(), interp, float(default), out_type)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def to_model_grid(ct: sitk.Image, lungs: sitk.Image, spacing=DEFAULT_SPACING,
+                  margin_mm: float = DEFAULT_MARGIN_MM, align_px=(4, 4, 1)):
+    """Resample a CT and its lung mask onto the model grid cropped to the lungs.
+
+    Returns ``(hu float32 [z, y, x], lung bool [z, y, x], grid)``. ``align_px`` defaults to the encoder stride
+    in-plane so dense latents of two acquisitions of a patient fall on the same physical points.
+    """
+    if ct.GetDimension() != 3 or lungs.GetDimension() != 3:
+        raise InputError("to_model_grid needs a 3D CT and a 3D lung mask.")
+    lo, hi = lung_bounding_box_mm(lungs)
+    grid = grid_for_box(lo, hi, spacing, margin_mm, align_px)
+    hu = resample_onto(sitk.Cast(ct, sitk.sitkFloat32), grid, nearest=False, default=AIR_HU).astype(np.float32)
+    lung = resample_onto(sitk.Cast(lungs, sitk.sitkUInt8), grid, nearest=True, default=0) > 0
+    return hu, lung, grid
+
+
+def lattice_to_image(values: np.ndarray, lattice: ModelGrid) -> sitk.Image:
+    """Wrap a [z, y, x] array defined on ``lattice`` as an image with that geometry."""
+    values = np.asarray(values)
+    if tuple(values.shape) != tuple(lattice.shape):
+        raise ValueError(f"values have shape {values.shape}, the lattice has shape {tuple(lattice.shape)}")
+    image = sitk.GetImageFromArray(values)
+    image.SetOrigin(tuple(float(v) for v in lattice.origin))
+    image.SetSpacing(tuple(float(v) for v in lattice.spacing))
+    return image
+
+
+def to_reference_geometry(image: sitk.Image, reference: sitk.Image, nearest: bool = True,
+                          default: float = 0.0) -> sitk.Image:
+    """Resample a model-grid or lattice image back into a CT's geometry (nearest for labels)."""
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    return sitk.Resample(image, reference, sitk.Transform(), interp, float(default), image.GetPixelID())
