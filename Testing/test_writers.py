@@ -76,3 +76,89 @@ def test_composition_and_json_files(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text()) == {"x": 1}
     write_json({"b": 1, "a": [1, 2]}, tmp_path / "r.json")
     assert (tmp_path / "r.json").read_text().index('"a"') < (tmp_path / "r.json").read_text().index('"b"')
+
+
+# --- QC pictures (render.py) ---------------------------------------------------------------------------------
+
+from latentharmonize import render  # noqa: E402
+
+RENDER_COLORS = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.8, 0.1)}
+RENDER_NAMES = {1: "anterior", 2: "posterior"}
+
+
+def _two_lungs(shape=(30, 48, 64)):
+    """Two ellipsoid lungs; cluster 1 in the anterior half (low y), 2 posterior."""
+    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    lungs = np.zeros(shape, np.uint8)
+    for value, cx in ((1, 18), (2, 46)):
+        lungs[((xx - cx) / 13.0) ** 2 + ((yy - 24) / 18.0) ** 2 + ((zz - 15) / 12.0) ** 2 < 1] = value
+    labels = np.where(lungs > 0, np.where(yy < 24, 1, 2), 0).astype(np.uint8)
+    hu = np.where(lungs > 0, -850, 30).astype(np.int16)
+
+    def img(a):
+        i = sitk.GetImageFromArray(a)
+        i.SetSpacing((1.5, 1.5, 3.0))
+        i.SetOrigin((-50.0, -40.0, -100.0))
+        return i
+    confidence = img(np.where(lungs > 0, 0.5, 0).astype(np.float32))
+    return img(hu), img(labels), confidence, img(lungs)
+
+
+def test_display_volumes_are_isotropic_and_keep_labels():
+    ct, labels, confidence, lungs = _two_lungs()
+    dv = render.display_volumes(ct, labels, confidence, lungs, max_size=40)
+    assert max(dv.gray.shape) <= 41 and dv.gray.shape == dv.labels.shape == dv.confidence.shape
+    assert set(np.unique(dv.labels)) == {0, 1, 2}
+    assert dv.confidence.max() == 128  # 0.5 on the 0..255 scale
+    # anterior rows (low y) carry cluster 1, posterior rows cluster 2
+    ys = np.nonzero(dv.labels == 1)[1].mean(), np.nonzero(dv.labels == 2)[1].mean()
+    assert ys[0] < ys[1]
+
+
+def test_montage_overlay_shows_cluster_colours(tmp_path):
+    import matplotlib.image
+
+    ct, labels, confidence, lungs = _two_lungs()
+    dv = render.display_volumes(ct, labels, confidence, lungs, max_size=48)
+    render.render_montage(dv, RENDER_NAMES, RENDER_COLORS, tmp_path / "m.png")
+    picture = (matplotlib.image.imread(tmp_path / "m.png")[..., :3] * 255).astype(int)
+    reddish = (picture[..., 0] > picture[..., 1] + 60).sum()
+    greenish = (picture[..., 1] > picture[..., 0] + 60).sum()
+    assert reddish > 100 and greenish > 100
+    render.render_montage(dv, RENDER_NAMES, RENDER_COLORS, tmp_path / "m2.png")
+    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "m2.png").read_bytes()
+
+
+def test_exemplar_patches_are_the_most_confident():
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-800, 100, size=(4, 20, 20)).astype(np.float32)
+    centres = np.array([[1, 5, 5], [2, 10, 10], [3, 15, 15], [1, 10, 5]])
+    labels = np.array([1, 1, 2, 1])
+    confidence = np.array([0.2, 0.9, 0.5, 0.6])
+    gallery = render.exemplar_patches(hu, centres, labels, confidence, patch_px=6, per_cluster=2)
+    assert sorted(gallery) == [1, 2] and len(gallery[1]) == 2 and len(gallery[2]) == 1
+    np.testing.assert_array_equal(gallery[1][0], render.window_to_uint8(hu[2, 7:13, 7:13]))
+    np.testing.assert_array_equal(gallery[1][1], render.window_to_uint8(hu[1, 7:13, 2:8]))
+    assert gallery[2][0].shape == (6, 6)  # patches at the border are padded, not cut
+
+
+def test_surfaces_vtp_and_offscreen_3d_view(tmp_path):
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    ct, labels, confidence, lungs = _two_lungs()
+    dv = render.display_volumes(ct, labels, confidence, lungs, max_size=40)
+    surface = render.cluster_surfaces(dv.labels, dv.spacing, dv.origin)
+    render.write_vtp(surface, tmp_path / "clusters.vtp")
+    reader = vtk.vtkXMLPolyDataReader()
+    reader.SetFileName(str(tmp_path / "clusters.vtp"))
+    reader.Update()
+    back = reader.GetOutput()
+    assert back.GetNumberOfCells() > 100
+    assert set(np.unique(vtk_to_numpy(back.GetPointData().GetArray("label")))) == {1, 2}
+    bounds = np.array(back.GetBounds()).reshape(3, 2)  # physical mm, inside the scan
+    assert bounds[0, 0] >= -50 - 2 and bounds[0, 1] <= -50 + 64 * 1.5 + 2
+    rgb = render.render_3d(surface, RENDER_COLORS, tmp_path / "qc_3d.png", size=120)
+    assert (tmp_path / "qc_3d.png").stat().st_size > 0
+    # seen from the front, the anterior cluster (red, opaque here) hides the posterior one
+    assert (rgb[..., 0] > rgb[..., 1] + 30).sum() > 500
