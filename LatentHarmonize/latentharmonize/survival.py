@@ -1,0 +1,346 @@
+"""Survival analysis of tissue composition: Cox models, cross-validated C-index, Kaplan-Meier.
+
+The core is library code used by ``evaluate`` and by the ``survival`` command:
+
+- :func:`hu_threshold_features` — the densitometry that SlicerLungCTAnalyzer and the Chest Imaging
+  Platform report (LAA950, HAA700, mean lung density, Perc15), the classical baseline.
+- :func:`cross_validated_c_index` — penalised Cox PH (lifelines) fitted on training folds, risk
+  predicted on held-out folds, Harrell's C of the out-of-fold risks with a bootstrap CI.
+- :func:`hazard_ratios` — a Cox fit on all patients, hazard ratio per standard deviation with 95 % CI.
+- :func:`plot_km_by_risk` — Kaplan-Meier curves of risk groups with a log-rank test.
+
+CLI: ``latentharmonize survival COMPOSITION.csv [--clinical CLINICAL.csv] --out REPORT_DIR`` joins
+the per-scan cluster fractions that ``batch`` writes (columns ``frac_<label>_<name>``) with clinical
+columns (``time``, ``event``, covariates such as ``age``, ``sex``, ``fvc``) and writes
+``report.html``, ``hazard_ratios.csv``, ``km.png`` and ``metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .atomic import StagedOutput
+from .errors import InputError
+
+CLUSTER_FRACTION = re.compile(r"^frac_\d+_")   # batch's per-cluster columns, e.g. frac_3_ground_glass
+DEFAULT_COVARIATES = ("age", "sex", "fvc")
+OUTPUTS = ("report.html", "hazard_ratios.csv", "km.png", "metrics.json")
+
+
+def hu_threshold_features(hu, lung) -> Dict[str, float]:
+    """Densitometry of the lung: % voxels below -950 HU, % above -700 HU, mean HU, 15th percentile HU.
+
+    ``hu`` and ``lung`` are numpy arrays of one shape or SimpleITK images (any non-zero mask value is lung).
+    """
+    import SimpleITK as sitk
+
+    hu = sitk.GetArrayFromImage(hu) if isinstance(hu, sitk.Image) else np.asarray(hu)
+    lung = sitk.GetArrayFromImage(lung) if isinstance(lung, sitk.Image) else np.asarray(lung)
+    if hu.shape != lung.shape:
+        raise InputError(f"CT {hu.shape} and lung mask {lung.shape} differ in size; give the mask made for this CT.")
+    values = hu[lung > 0].astype(np.float64)
+    if values.size == 0:
+        raise InputError("The lung mask is empty; densitometry needs lung voxels.")
+    return {
+        "laa950": float(100.0 * np.mean(values < -950)),
+        "haa700": float(100.0 * np.mean(values > -700)),
+        "mld": float(values.mean()),
+        "perc15": float(np.percentile(values, 15)),
+    }
+
+
+def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: str, event_col: str) -> pd.DataFrame:
+    missing = [c for c in [time_col, event_col, *features] if c not in df.columns]
+    if missing:
+        raise InputError(f"Survival table lacks columns {missing}; it has {list(df.columns)}.")
+    if not features:
+        raise InputError("No feature column to model; give composition or covariate columns.")
+    data = df[[*features, time_col, event_col]].apply(pd.to_numeric, errors="coerce")
+    bad = data.columns[data.isna().any()].tolist()
+    if bad:
+        raise InputError(f"Columns {bad} hold empty or non-numeric values; fill or drop those patients first.")
+    if (data[time_col] <= 0).any():
+        raise InputError(f"Column {time_col!r} must hold positive follow-up times.")
+    if not set(np.unique(data[event_col])) <= {0, 1}:
+        raise InputError(f"Column {event_col!r} must be 0 (censored) or 1 (event).")
+    if data[event_col].sum() < 2:
+        raise InputError(f"Only {int(data[event_col].sum())} events: a Cox model needs at least two.")
+    return data.reset_index(drop=True)
+
+
+def _fit_cox(data: pd.DataFrame, time_col: str, event_col: str, penalizer: float):
+    from lifelines import CoxPHFitter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lifelines warns on low-variance columns; the penalty handles them
+        return CoxPHFitter(penalizer=penalizer).fit(data, duration_col=time_col, event_col=event_col)
+
+
+def _usable_features(data: pd.DataFrame, features: Sequence[str]) -> List[str]:
+    """Drop constant columns, which carry no information and break the Cox fit."""
+    return [f for f in features if data[f].std() > 1e-12]
+
+
+def cross_validated_risk(df: pd.DataFrame, features: Sequence[str], time_col: str = "time", event_col: str = "event",
+                         n_splits: int = 5, penalizer: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Out-of-fold Cox log partial hazards: each patient's risk comes from a model that never saw them."""
+    from sklearn.model_selection import StratifiedKFold
+
+    data = _check_survival_table(df, features, time_col, event_col)
+    n_events, n_censored = int(data[event_col].sum()), int((1 - data[event_col]).sum())
+    n_splits = min(n_splits, n_events, n_censored if n_censored else n_splits)  # each fold holds both outcomes
+    if n_splits < 2:
+        raise InputError(f"Cross-validation needs at least two events and two folds; got {len(data)} patients, "
+                         f"{int(data[event_col].sum())} events.")
+    risk = np.zeros(len(data))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for train, test in folds.split(data, data[event_col]):
+        usable = _usable_features(data.iloc[train], features)
+        if not usable:
+            continue  # nothing varies in this training fold: every held-out patient gets the same risk
+        cph = _fit_cox(data.iloc[train][[*usable, time_col, event_col]], time_col, event_col, penalizer)
+        risk[test] = np.asarray(cph.predict_log_partial_hazard(data.iloc[test][usable])).ravel()
+    return risk
+
+
+def c_index_with_ci(time, event, risk, n_boot: int = 1000, seed: int = 0) -> Dict[str, object]:
+    """Harrell's C of risk scores (higher risk = earlier event) and a patient bootstrap 95 % CI."""
+    from lifelines.utils import concordance_index
+
+    time, event, risk = (np.asarray(v, dtype=float) for v in (time, event, risk))
+    c = float(concordance_index(time, -risk, event))
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, time.size, time.size)
+        if event[idx].sum() > 0 and np.unique(time[idx]).size > 1:
+            boots.append(concordance_index(time[idx], -risk[idx], event[idx]))
+    low, high = np.quantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
+    return {"c_index": c, "c_index_ci": [float(low), float(high)], "n": int(time.size), "n_events": int(event.sum())}
+
+
+def cross_validated_c_index(df: pd.DataFrame, features: Sequence[str], time_col: str = "time", event_col: str = "event",
+                            n_splits: int = 5, penalizer: float = 0.1, seed: int = 0, n_boot: int = 1000) -> Dict[str, object]:
+    """Cross-validated C-index of a penalised Cox model on ``features``, with bootstrap CI and the risks used."""
+    risk = cross_validated_risk(df, features, time_col, event_col, n_splits, penalizer, seed)
+    out = c_index_with_ci(df[time_col], df[event_col], risk, n_boot=n_boot, seed=seed)
+    out.update({"features": list(features), "penalizer": penalizer, "n_splits": n_splits})
+    return out
+
+
+def hazard_ratios(df: pd.DataFrame, features: Sequence[str], time_col: str = "time", event_col: str = "event",
+                  penalizer: float = 0.1) -> pd.DataFrame:
+    """Hazard ratio per standard deviation of each feature (Cox fit on all patients), 95 % CI and p-value."""
+    data = _check_survival_table(df, features, time_col, event_col)
+    usable = _usable_features(data, features)
+    if not usable:
+        raise InputError(f"Every feature in {list(features)} is constant; no hazard ratio can be estimated.")
+    data[usable] = (data[usable] - data[usable].mean()) / data[usable].std()
+    summary = _fit_cox(data[[*usable, time_col, event_col]], time_col, event_col, penalizer).summary
+    return pd.DataFrame({
+        "feature": summary.index,
+        "hazard_ratio_per_sd": summary["exp(coef)"].to_numpy(),
+        "ci_low": summary["exp(coef) lower 95%"].to_numpy(),
+        "ci_high": summary["exp(coef) upper 95%"].to_numpy(),
+        "p": summary["p"].to_numpy(),
+    })
+
+
+def plot_km_by_risk(time, event, risk, path, n_groups: int = 2, title: str = "Kaplan-Meier by predicted risk") -> Dict[str, object]:
+    """Kaplan-Meier curves of patients split at risk quantiles into ``n_groups``; PNG at ``path``.
+
+    Returns the group sizes and the multivariate log-rank p-value.
+    """
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import multivariate_logrank_test
+    from matplotlib.figure import Figure
+
+    time, event, risk = (np.asarray(v, dtype=float) for v in (time, event, risk))
+    edges = np.quantile(risk, np.linspace(0, 1, n_groups + 1)[1:-1])
+    group = np.searchsorted(edges, risk, side="right")
+    names = ["low risk", "high risk"] if n_groups == 2 else [f"risk group {g + 1}" for g in range(n_groups)]
+    fig = Figure(figsize=(5.5, 4), dpi=100)
+    ax = fig.add_subplot()
+    for g in range(n_groups):
+        sel = group == g
+        if sel.any():
+            KaplanMeierFitter(label=f"{names[g]} (n={int(sel.sum())})").fit(time[sel], event[sel]).plot_survival_function(ax=ax)
+    p = float(multivariate_logrank_test(time, group, event).p_value) if np.unique(group).size > 1 else float("nan")
+    ax.set_title(f"{title}\nlog-rank p = {p:.3g}", fontsize=10)
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival probability")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return {"groups": [int((group == g).sum()) for g in range(n_groups)], "logrank_p": p}
+
+
+def composition_features(table: pd.DataFrame, selection: str = "clusters") -> List[str]:
+    """Feature columns of a composition table.
+
+    ``clusters``: batch's per-cluster fractions ``frac_<label>_<name>``; ``truth``: the phantom's true
+    fractions ``frac_<tissue>``; anything else: a comma-separated list of column names. The most
+    abundant fraction is left out as the reference (fractions sum to 1, so one is redundant).
+    """
+    from .tissue import TISSUES
+
+    if selection == "clusters":
+        columns = [c for c in table.columns if CLUSTER_FRACTION.match(c)]
+    elif selection == "truth":
+        columns = [f"frac_{t}" for t in TISSUES if f"frac_{t}" in table.columns]
+    else:
+        columns = [c.strip() for c in selection.split(",") if c.strip()]
+        return columns
+    if not columns:
+        raise InputError(f"No {selection} fraction column found; the table has {list(table.columns)}. "
+                         "Give --features with a comma-separated list of columns.")
+    fractions = table[columns].apply(pd.to_numeric, errors="coerce")
+    reference = fractions.mean().idxmax()
+    return [c for c in columns if c != reference]
+
+
+def patient_table(composition: pd.DataFrame, clinical: pd.DataFrame | None, features: Sequence[str],
+                  acquisition: str | None = None, key: str = "patient") -> pd.DataFrame:
+    """One row per patient: composition features averaged over the patient's scans, joined with clinical columns."""
+    if key not in composition.columns:
+        raise InputError(f"The composition table needs a {key!r} column to join per patient; it has {list(composition.columns)}.")
+    if acquisition is not None:
+        if "acquisition" not in composition.columns or not (composition["acquisition"] == acquisition).any():
+            raise InputError(f"No scan with acquisition {acquisition!r} in the composition table.")
+        composition = composition[composition["acquisition"] == acquisition]
+    profiles = composition.groupby(key, sort=True)[list(features)].mean()
+    if clinical is None:
+        others = [c for c in composition.columns if c not in features and c != key]
+        clinical = composition.groupby(key, sort=True)[others].first().reset_index()
+    elif key not in clinical.columns:
+        raise InputError(f"The clinical table needs a {key!r} column to join with the composition table.")
+    clinical = clinical.drop(columns=[c for c in features if c in clinical.columns]).drop_duplicates(key)
+    joined = profiles.reset_index().merge(clinical, on=key, how="inner")
+    if joined.empty:
+        raise InputError(f"No patient is in both the composition and the clinical table (joined on {key!r}).")
+    return joined
+
+
+def encode_covariates(table: pd.DataFrame, covariates: Sequence[str]) -> tuple:
+    """Numeric design columns for the covariates: text columns (e.g. sex) become 0/1 indicator columns."""
+    missing = [c for c in covariates if c not in table.columns]
+    if missing:
+        raise InputError(f"Clinical covariates {missing} are not in the table; it has {list(table.columns)}.")
+    table = table.copy()
+    columns: List[str] = []
+    for c in covariates:
+        if pd.api.types.is_numeric_dtype(table[c]):
+            columns.append(c)
+            continue
+        dummies = pd.get_dummies(table[c].astype(str), prefix=c, drop_first=True, dtype=float)
+        table = pd.concat([table, dummies], axis=1)
+        columns.extend(dummies.columns)
+    return table, columns
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html_report(metrics: dict, hrs: pd.DataFrame, km_uri: str) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{m['c_index']:.3f}</td><td>{m['c_index_ci'][0]:.3f} – {m['c_index_ci'][1]:.3f}</td>"
+        f"<td>{len(m['features'])}</td></tr>" for name, m in metrics["models"].items())
+    hr_rows = "".join(
+        f"<tr><td>{html.escape(r.feature)}</td><td>{r.hazard_ratio_per_sd:.2f}</td><td>{r.ci_low:.2f} – {r.ci_high:.2f}</td>"
+        f"<td>{r.p:.3g}</td></tr>" for r in hrs.itertuples())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>LatentHarmonize survival report</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style></head>
+<body><h1>Survival from lung tissue composition</h1>
+<p>{metrics['n_patients']} patients, {metrics['n_events']} events. Penalised Cox proportional hazards
+(penalizer {metrics['penalizer']}), {metrics['n_splits']}-fold cross-validated C-index (risk of each patient predicted by a
+model that did not see them), 95 % bootstrap confidence interval over patients (seed {metrics['seed']}).</p>
+<h2>Cross-validated C-index</h2>
+<table><tr><th>model</th><th>C-index</th><th>95 % CI</th><th>features</th></tr>{rows}</table>
+<h2>Hazard ratios (composition + clinical, all patients)</h2>
+<p>Per standard deviation of each feature; composition reference: {html.escape(metrics['reference_note'])}.</p>
+<table><tr><th>feature</th><th>HR per SD</th><th>95 % CI</th><th>p</th></tr>{hr_rows}</table>
+<h2>Kaplan–Meier by cross-validated risk group</h2>
+<img alt="Kaplan-Meier curves" src="{km_uri}" width="550">
+</body></html>
+"""
+
+
+def survival_report(table: pd.DataFrame, features: Sequence[str], covariates: Sequence[str], out_dir,
+                    time_col: str = "time", event_col: str = "event", penalizer: float = 0.1, n_splits: int = 5,
+                    seed: int = 0, overwrite: bool = False) -> dict:
+    """Fit and cross-validate composition, clinical and combined Cox models; write the report files."""
+    table, covariate_columns = encode_covariates(table, covariates)
+    models = {"composition": list(features)}
+    if covariate_columns:
+        models.update({"clinical": covariate_columns, "composition+clinical": [*features, *covariate_columns]})
+    results = {name: cross_validated_c_index(table, cols, time_col, event_col, n_splits, penalizer, seed)
+               for name, cols in models.items()}
+    best = models["composition+clinical" if covariate_columns else "composition"]
+    risk = cross_validated_risk(table, best, time_col, event_col, n_splits, penalizer, seed)
+    hrs = hazard_ratios(table, best, time_col, event_col, penalizer)
+    metrics = {
+        "n_patients": int(len(table)), "n_events": int(table[event_col].sum()), "penalizer": penalizer,
+        "n_splits": n_splits, "seed": seed, "models": results,
+        "reference_note": "the most abundant fraction is left out (fractions sum to 1)",
+    }
+    with StagedOutput(out_dir, OUTPUTS, overwrite=overwrite) as staged:
+        metrics["km"] = plot_km_by_risk(table[time_col], table[event_col], risk, staged.path("km.png"))
+        hrs.to_csv(staged.path("hazard_ratios.csv"), index=False, float_format="%.6g")
+        staged.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        staged.path("report.html").write_text(_html_report(metrics, hrs, _png_data_uri(staged.path("km.png"))), encoding="utf-8")
+    return metrics
+
+
+def _read_csv(path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path} is not a readable CSV table: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("composition", help="per-scan composition CSV (as written by `latentharmonize batch`)")
+    parser.add_argument("--clinical", help="clinical CSV with patient, time, event and covariates; "
+                                           "default: these columns are read from the composition table")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--features", default="clusters",
+                        help="'clusters' (frac_<label>_<name> columns), 'truth' (phantom frac_<tissue>), or a comma-separated column list")
+    parser.add_argument("--covariates", default=None, help=f"comma-separated clinical covariates (default: those of {','.join(DEFAULT_COVARIATES)} present)")
+    parser.add_argument("--acquisition", help="use only scans of this acquisition (default: average a patient's scans)")
+    parser.add_argument("--time-col", default="time")
+    parser.add_argument("--event-col", default="event")
+    parser.add_argument("--penalizer", type=float, default=0.1, help="Cox ridge penalty (default 0.1)")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing report files")
+
+
+def run(args) -> int:
+    composition = _read_csv(args.composition, "Composition table")
+    clinical = _read_csv(args.clinical, "Clinical table") if args.clinical else None
+    features = composition_features(composition, args.features)
+    table = patient_table(composition, clinical, features, acquisition=args.acquisition)
+    if args.covariates is None:
+        covariates = [c for c in DEFAULT_COVARIATES if c in table.columns]
+    else:
+        covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
+    metrics = survival_report(table, features, covariates, args.out, args.time_col, args.event_col,
+                              args.penalizer, args.folds, args.seed, args.overwrite)
+    for name, m in metrics["models"].items():
+        print(f"{name:22s} C-index {m['c_index']:.3f} (95% CI {m['c_index_ci'][0]:.3f}-{m['c_index_ci'][1]:.3f})")
+    print(f"wrote {', '.join(OUTPUTS)} to {args.out}")
+    return 0
