@@ -1,0 +1,336 @@
+"""2.5D lung patches: normalisation, paired training samples (MONAI pipeline) and dense encoding.
+
+A patch is 3 adjacent axial slices x 16 x 16 px of the model grid. The encoder has an in-plane stride of 4 px, so
+patch centres form a *lattice*: centre (k, i, j) is the patch on grid slices k..k+2 whose top-left pixel is
+(4 i, 4 j); its centre sits at pixel (4 i + 7.5, 4 j + 7.5) of slice k + 1. A centre is *valid* (in the lung) when
+at least half of its 5 mm x 5 mm cell (the central 4 x 4 px of the centre slice) is lung.
+
+Because ``grid.to_model_grid`` aligns grid origins to multiples of the stride, the lattices of all acquisitions of
+a patient coincide in physical space; ``point_keys`` turns a lattice position into an exact integer key
+(micrometres) that is equal across acquisitions, which is how patches are paired.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import Dataset
+from monai.transforms import Compose, EnsureTyped, MapTransform, RandFlipd, RandomizableTransform, RandRotate90d
+
+from .errors import InputError
+from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid
+from .networks import PATCH_SIZE, SLICES, STRIDE
+from .progress import Progress
+
+DEFAULT_SPEC = {
+    "patch_size": PATCH_SIZE,  # px in-plane
+    "slices": SLICES,  # adjacent axial slices, as channels
+    "stride": STRIDE,  # px between lattice points in-plane
+    "spacing": list(DEFAULT_SPACING),  # model grid (x, y, z) mm
+    "margin_mm": DEFAULT_MARGIN_MM,
+    "hu_window": [-1100.0, 300.0],
+    "outside_fill_hu": -850.0,  # normal lung: the chest wall must not drive border patches
+    "min_lung_fraction": 0.5,  # of a centre's cell for the centre to count as lung
+}
+HU_STATS = ("mean_hu", "sd_hu", "low_attenuation", "high_attenuation")
+
+
+def resolve_spec(spec: dict | None) -> dict:
+    """The default patch spec updated with ``spec``; refuses specs this encoder cannot honour."""
+    merged = {**DEFAULT_SPEC, **(spec or {})}
+    fixed = {"patch_size": PATCH_SIZE, "slices": SLICES, "stride": STRIDE}
+    wrong = {k: merged[k] for k, v in fixed.items() if int(merged[k]) != v}
+    if wrong:
+        raise InputError(f"Patch spec {wrong} does not match the encoder ({fixed}); the model bundle is inconsistent.")
+    lo, hi = merged["hu_window"]
+    if not lo < hi:
+        raise InputError(f"hu_window must be [low, high] with low < high, got {merged['hu_window']}.")
+    return merged
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; asking for CUDA without one is an error the user can fix."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device auto or cpu.")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device):
+    """Mixed precision on CUDA (bf16 where supported, else fp16); full precision on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def normalize_hu(hu: np.ndarray, lung: np.ndarray, spec: dict) -> np.ndarray:
+    """HU -> [0, 1] over the spec's window, with voxels outside the lung set to ``outside_fill_hu`` first."""
+    lo, hi = spec["hu_window"]
+    filled = np.where(lung, hu, np.float32(spec["outside_fill_hu"]))
+    return ((np.clip(filled, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- lattice
+def patch_lattice(grid: ModelGrid, spec: dict | None = None) -> ModelGrid:
+    """The grid of patch centres of a model grid (in-plane spacing = stride x grid spacing)."""
+    spec = resolve_spec(spec)
+    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    sx, sy, sz = grid.spacing
+    z, y, x = grid.shape
+    origin = (grid.origin[0] + (p - 1) / 2 * sx, grid.origin[1] + (p - 1) / 2 * sy, grid.origin[2] + (n // 2) * sz)
+    shape = (max(z - n + 1, 0), max((y - p) // s + 1, 0), max((x - p) // s + 1, 0))
+    return ModelGrid(origin=origin, spacing=(s * sx, s * sy, sz), shape=shape)
+
+
+def valid_centres(lung: np.ndarray, spec: dict | None = None) -> np.ndarray:
+    """Bool [Z', H', W'] on the patch lattice: is at least ``min_lung_fraction`` of the centre's cell lung?"""
+    spec = resolve_spec(spec)
+    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    z, y, x = lung.shape
+    nz, ny, nx = max(z - n + 1, 0), max((y - p) // s + 1, 0), max((x - p) // s + 1, 0)
+    off = (p - s) // 2
+    cells = lung[n // 2: n // 2 + nz, off: off + s * ny, off: off + s * nx].astype(np.float32)
+    fraction = cells.reshape(nz, ny, s, nx, s).mean(axis=(2, 4))
+    return fraction >= spec["min_lung_fraction"]
+
+
+def point_keys(lattice: ModelGrid, positions: np.ndarray) -> np.ndarray:
+    """Exact integer keys (physical micrometres) of lattice positions; equal keys = same physical point."""
+    return np.round(lattice.index_to_physical(positions) * 1000.0).astype(np.int64)
+
+
+def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
+    """Patches [m, 3, 16, 16] of ``volume`` at lattice positions [m, 3] (z, y, x)."""
+    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    windows = np.lib.stride_tricks.sliding_window_view(volume, (n, p, p))
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+    return np.ascontiguousarray(windows[pos[:, 0], s * pos[:, 1], s * pos[:, 2]])
+
+
+def hu_statistics(hu_patches: np.ndarray) -> dict:
+    """Per-patch HU profile used to name clusters: mean, SD (texture), fraction < -950 and > -500 HU."""
+    flat = hu_patches.reshape(len(hu_patches), -1)
+    return {"mean_hu": flat.mean(1), "sd_hu": flat.std(1), "low_attenuation": (flat < -950).mean(1),
+            "high_attenuation": (flat > -500).mean(1)}
+
+
+# ----------------------------------------------------------------------------- training samples
+@dataclass
+class Scan:
+    """One acquisition on the model grid (from ``grid.to_model_grid``), optionally with tissue truth."""
+
+    patient: str
+    acquisition: str
+    hu: np.ndarray
+    lung: np.ndarray
+    grid: ModelGrid
+    truth: np.ndarray | None = None
+
+
+@dataclass
+class PairedPatches:
+    """Sampled patches, one row per (physical point, acquisition); rows sharing ``point`` are the same place."""
+
+    patches: np.ndarray  # float32 [n, 3, 16, 16], normalised
+    patient: np.ndarray  # [n] patient id
+    acquisition: np.ndarray  # [n] acquisition name
+    point: np.ndarray  # [n] int, global id of the physical point
+    scan: np.ndarray  # [n] int, index of the scan the row comes from
+    keys: np.ndarray  # [n, 3] int64 physical micrometres of the centre
+    stats: dict = field(default_factory=dict)  # HU_STATS -> [n]
+    truth: np.ndarray | None = None  # [n] int tissue label at the centre, when scans carry truth
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def pairs(self) -> np.ndarray:
+        """Int [m, 2]: every two rows of one point under different acquisitions."""
+        out = []
+        for rows in self.rows_by_point():
+            out.extend((a, b) for a, b in itertools.combinations(rows, 2)
+                       if self.acquisition[a] != self.acquisition[b])
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+    def rows_by_point(self) -> list:
+        order = np.argsort(self.point, kind="stable")
+        bounds = np.flatnonzero(np.diff(self.point[order])) + 1
+        return [r for r in np.split(order, bounds) if len(r)]
+
+
+def _common_points(scans: list, spec: dict) -> tuple[np.ndarray, list]:
+    """Keys of lattice points valid in every scan of one patient, and each scan's positions of those points."""
+    per_scan = []
+    for scan in scans:
+        pos = np.argwhere(valid_centres(scan.lung, spec))
+        keys = point_keys(patch_lattice(scan.grid, spec), pos)
+        per_scan.append({tuple(k): p for k, p in zip(keys.tolist(), pos)})
+    common = sorted(set.intersection(*(set(d) for d in per_scan)))
+    return np.asarray(common, dtype=np.int64).reshape(-1, 3), [np.array([d[k] for k in common]).reshape(-1, 3)
+                                                                for d in per_scan]
+
+
+def sample_paired_patches(scans: list, per_patient: int, spec: dict | None = None, seed: int = 0) -> PairedPatches:
+    """Sample ``per_patient`` lung points per patient (balanced), each taken from *every* acquisition of it.
+
+    Points are lattice centres valid in all of a patient's acquisitions, so each point yields one row per
+    acquisition at the same physical location.
+    """
+    spec = resolve_spec(spec)
+    if per_patient < 1:
+        raise InputError(f"per_patient must be at least 1, got {per_patient}.")
+    rng = np.random.default_rng(seed)
+    by_patient = {}
+    for i, scan in enumerate(scans):
+        by_patient.setdefault(str(scan.patient), []).append(i)
+    parts, next_point = [], 0
+    for patient in sorted(by_patient):
+        ids = by_patient[patient]
+        keys, positions = _common_points([scans[i] for i in ids], spec)
+        if len(keys) == 0:
+            raise InputError(f"Patient {patient!r}: no lung location is inside the lung mask of all of its "
+                             "acquisitions; check that its scans share the patient coordinate frame.")
+        take = np.sort(rng.choice(len(keys), size=min(per_patient, len(keys)), replace=False))
+        point_ids = next_point + np.arange(len(take))
+        next_point += len(take)
+        for i, pos in zip(ids, positions):
+            parts.append(_rows_of_scan(scans[i], i, pos[take], keys[take], point_ids, spec))
+    return _concat_rows(parts)
+
+
+def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarray, point_ids: np.ndarray,
+                  spec: dict) -> dict:
+    filled = np.where(scan.lung, scan.hu, np.float32(spec["outside_fill_hu"]))
+    raw = extract_patches(filled, positions, spec)
+    lo, hi = spec["hu_window"]
+    rows = {"patches": ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32),
+            "patient": np.full(len(positions), str(scan.patient), dtype=object),
+            "acquisition": np.full(len(positions), str(scan.acquisition), dtype=object),
+            "point": point_ids, "scan": np.full(len(positions), index), "keys": keys,
+            "stats": hu_statistics(raw[:, spec["slices"] // 2])}
+    if scan.truth is not None:
+        c = (spec["patch_size"] - 1) // 2
+        z, y, x = positions[:, 0] + spec["slices"] // 2, spec["stride"] * positions[:, 1] + c, spec["stride"] * positions[:, 2] + c
+        rows["truth"] = scan.truth[z, y, x].astype(np.int64)
+    return rows
+
+
+def _concat_rows(parts: list) -> PairedPatches:
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("patches", "patient", "acquisition", "point", "scan", "keys")}
+    stats = {k: np.concatenate([p["stats"][k] for p in parts]) for k in HU_STATS}
+    truth = np.concatenate([p["truth"] for p in parts]) if all("truth" in p for p in parts) else None
+    return PairedPatches(stats=stats, truth=truth, **cat)
+
+
+class RandAcquisitionPaird(RandomizableTransform, MapTransform):
+    """Pick two different acquisitions of one sampled point as ``x`` and ``x_pair`` (the same one twice when the
+    patient has a single acquisition)."""
+
+    def __init__(self, patches: np.ndarray):
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, keys=["rows"])
+        self.patches = patches
+
+    def __call__(self, data: dict) -> dict:
+        rows = data["rows"]
+        a, b = (self.R.choice(len(rows), size=2, replace=False) if len(rows) > 1 else (0, 0))
+        return {"x": self.patches[rows[a]], "x_pair": self.patches[rows[b]]}
+
+
+def training_dataset(samples: PairedPatches, seed: int = 0) -> Dataset:
+    """MONAI dataset of paired views with shared random flips / 90-degree turns (tissue has no orientation)."""
+    views = ["x", "x_pair"]
+    transform = Compose([
+        RandAcquisitionPaird(samples.patches),
+        RandFlipd(views, prob=0.5, spatial_axis=0),
+        RandFlipd(views, prob=0.5, spatial_axis=1),
+        RandRotate90d(views, prob=0.5, spatial_axes=(0, 1)),
+        EnsureTyped(views, data_type="tensor", dtype=torch.float32, track_meta=False),
+    ]).set_random_state(seed=seed)
+    return Dataset([{"rows": rows} for rows in samples.rows_by_point()], transform=transform)
+
+
+# ----------------------------------------------------------------------------- dense encoding
+@dataclass
+class DenseLatents:
+    latents: np.ndarray  # float32 [n, d], one row per valid patch (centre inside the lung)
+    positions: np.ndarray  # int [n, 3] (z, y, x) indices into `lattice`
+    lattice: ModelGrid  # grid of all patch centres (in-plane spacing = stride * grid spacing)
+
+
+def _slab_batch(device: torch.device) -> int:
+    return 32 if device.type == "cuda" else 8
+
+
+def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: dict | None = None,
+                 device="cpu", progress: Progress | None = None, slabs_per_batch: int | None = None) -> DenseLatents:
+    """Encode every valid lattice centre of a model-grid volume, streaming batches of slabs over z.
+
+    Each batch holds ``slabs_per_batch`` 3-slice slabs cropped in-plane to the rows/columns that carry a valid
+    centre (exact, since crops keep the 4-px alignment); memory stays bounded by one batch.
+    """
+    spec = resolve_spec(spec)
+    if hu.shape != lung.shape or tuple(hu.shape) != tuple(grid.shape):
+        raise InputError(f"hu {hu.shape}, lung {lung.shape} and grid {tuple(grid.shape)} must have one shape.")
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    lattice = patch_lattice(grid, spec)
+    valid = valid_centres(lung, spec)
+    slabs = np.flatnonzero(valid.any(axis=(1, 2)))
+    batch = slabs_per_batch or _slab_batch(device)
+    model = model.to(device).eval()
+    latents, positions = [], []
+    n_batches = max(math.ceil(len(slabs) / batch), 1)
+    with torch.inference_mode(), autocast_for(device):
+        for b, start in enumerate(range(0, len(slabs), batch)):
+            ks = slabs[start: start + batch]
+            lat, pos = _encode_slab_batch(model, hu, lung, valid, ks, spec, device)
+            latents.append(lat)
+            positions.append(pos)
+            if progress is not None:
+                progress(100.0 * (b + 1) / n_batches, "encode", f"slab batch {b + 1}/{n_batches}")
+    d = model.latent_dim
+    return DenseLatents(latents=np.concatenate(latents or [np.zeros((0, d), np.float32)]),
+                        positions=np.concatenate(positions or [np.zeros((0, 3), np.int64)]), lattice=lattice)
+
+
+def _encode_slab_batch(model, hu, lung, valid, ks, spec, device) -> tuple[np.ndarray, np.ndarray]:
+    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    v = valid[ks]
+    rows, cols = np.flatnonzero(v.any(axis=(0, 2))), np.flatnonzero(v.any(axis=(0, 1)))
+    i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    ys, xs = slice(s * i0, s * (i1 - 1) + p), slice(s * j0, s * (j1 - 1) + p)
+    slab = np.stack([normalize_hu(hu[k: k + n, ys, xs], lung[k: k + n, ys, xs], spec) for k in ks])
+    dense = model.encode_dense(torch.from_numpy(slab).to(device)).float()  # [b, D, i1-i0, j1-j0]
+    b, i, j = np.nonzero(v[:, i0:i1, j0:j1])
+    lat = dense.permute(0, 2, 3, 1)[torch.from_numpy(b), torch.from_numpy(i), torch.from_numpy(j)]
+    pos = np.stack([ks[b], i + i0, j + j0], axis=1).astype(np.int64)
+    return lat.cpu().numpy().astype(np.float32), pos
+
+
+def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: dict | None = None,
+                         device="cpu", batch_size: int = 1, limit: int | None = None) -> DenseLatents:
+    """Reference path: cut out each valid patch and encode it separately (``batch_size`` patches per call).
+
+    Same result as :func:`encode_dense`; used to measure what dense encoding saves. ``limit`` keeps the first
+    ``limit`` centres only (benchmarks extrapolate).
+    """
+    spec = resolve_spec(spec)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    positions = np.argwhere(valid_centres(lung, spec))[:limit]
+    volume = normalize_hu(hu, lung, spec)
+    model = model.to(device).eval()
+    out = []
+    with torch.inference_mode(), autocast_for(device):
+        for start in range(0, len(positions), batch_size):
+            patches = extract_patches(volume, positions[start: start + batch_size], spec)
+            out.append(model.encode(torch.from_numpy(patches).to(device)).float().cpu().numpy())
+    latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
+    return DenseLatents(latents=latents.astype(np.float32), positions=positions.astype(np.int64),
+                        lattice=patch_lattice(grid, spec))

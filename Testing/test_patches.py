@@ -1,0 +1,126 @@
+"""Patches: normalisation, lattice validity, paired sampling at one physical point, dense == naive encoding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from latentharmonize.grid import to_model_grid
+from latentharmonize.networks import build_model
+from latentharmonize.patches import (DEFAULT_SPEC, Scan, encode_dense, encode_patches_naive, normalize_hu,
+                                     patch_lattice, point_keys, sample_paired_patches, training_dataset,
+                                     valid_centres)
+
+torch.set_num_threads(1)
+
+
+def texture(points: np.ndarray) -> np.ndarray:
+    """A physical HU texture with fine in-plane detail (so unrelated points differ)."""
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    return -800 + 120 * np.sin(x / 3.0) * np.cos(y / 4.0) + 60 * np.sin(z / 9.0 + x / 7.0)
+
+
+def acquisition(spacing, origin, size, seed=None):
+    """One acquisition of a shared patient: ellipsoid lungs (radii 30/25/30 mm) on a texture, optional noise."""
+    ref = sitk.Image(list(size), sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin(origin)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij"), -1)[..., ::-1]
+    pts = np.asarray(origin) + idx * np.asarray(spacing)
+    hu = texture(pts)
+    if seed is not None:
+        hu = hu + np.random.default_rng(seed).normal(0, 15, hu.shape)
+    lung = ((pts / [30.0, 25.0, 30.0]) ** 2).sum(-1) <= 1
+    ct, mask = sitk.GetImageFromArray(hu.astype(np.float32)), sitk.GetImageFromArray(lung.astype(np.uint8))
+    ct.CopyInformation(ref)
+    mask.CopyInformation(ref)
+    return ct, mask
+
+
+def patient_scans(patient="p1"):
+    thin = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72))
+    thick = acquisition((0.8, 0.8, 5.0), (-39.6, -33.6, -37.5), (100, 86, 16), seed=1)
+    return [Scan(patient, name, *to_model_grid(ct, lung)) for name, (ct, lung) in (("thin", thin), ("thick", thick))]
+
+
+def test_normalize_window_and_outside_fill():
+    hu = np.array([-2000.0, -1100.0, -400.0, 300.0, 900.0, 0.0], dtype=np.float32)
+    lung = np.array([True, True, True, True, True, False])
+    out = normalize_hu(hu, lung, DEFAULT_SPEC)
+    np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1, 250 / 1400], atol=1e-6)
+    assert out.dtype == np.float32
+
+
+def test_valid_centres_lie_in_the_lung():
+    scan = patient_scans()[0]
+    valid = valid_centres(scan.lung)
+    lattice = patch_lattice(scan.grid)
+    assert valid.shape == lattice.shape and 50 < valid.sum() < valid.size
+    pts = lattice.index_to_physical(np.argwhere(valid))
+    assert np.all(((pts / [30.0, 25.0, 30.0]) ** 2).sum(-1) <= 1.2)
+
+
+def test_pairs_are_the_same_physical_point():
+    scans = patient_scans()
+    samples = sample_paired_patches(scans, per_patient=40, seed=0)
+    pairs = samples.pairs()
+    assert len(samples) == 80 and len(pairs) == 40
+    a, b = pairs[:, 0], pairs[:, 1]
+    assert np.all(samples.acquisition[a] != samples.acquisition[b])
+    assert np.array_equal(samples.keys[a], samples.keys[b])
+    # keys are the physical lattice positions: the texture there agrees between the two acquisitions
+    same = [np.corrcoef(samples.patches[i, 1].ravel(), samples.patches[j, 1].ravel())[0, 1] for i, j in pairs]
+    other = [np.corrcoef(samples.patches[i, 1].ravel(), samples.patches[j, 1].ravel())[0, 1]
+             for i, j in zip(a, np.roll(b, 7))]
+    assert np.median(same) > 0.8 and np.median(same) > np.median(other) + 0.3
+    centre_hu = texture(samples.keys[a] / 1000.0)
+    assert np.abs(samples.stats["mean_hu"][a] - centre_hu).mean() < 120  # stats describe the right place
+
+
+def test_sampling_is_seeded_and_balanced():
+    scans = patient_scans("p1") + patient_scans("p2")
+    first = sample_paired_patches(scans, per_patient=10, seed=3)
+    again = sample_paired_patches(scans, per_patient=10, seed=3)
+    other = sample_paired_patches(scans, per_patient=10, seed=4)
+    assert np.array_equal(first.keys, again.keys) and not np.array_equal(first.keys, other.keys)
+    _, counts = np.unique(list(zip(first.patient, first.acquisition)), axis=0, return_counts=True)
+    assert counts.tolist() == [10, 10, 10, 10]
+
+
+def d4_images(patch: np.ndarray) -> list:
+    """The eight flips/turns of a [3, H, W] patch."""
+    turns = [np.rot90(patch, k, axes=(1, 2)) for k in range(4)]
+    return turns + [t[:, ::-1] for t in turns]
+
+
+def test_training_dataset_gives_jointly_augmented_pairs_deterministically():
+    samples = sample_paired_patches(patient_scans(), per_patient=6, seed=0)
+    first = [training_dataset(samples, seed=5)[i] for i in range(6)]
+    again = [training_dataset(samples, seed=5)[i] for i in range(6)]
+    for item, rows, twin in zip(first, samples.rows_by_point(), again):
+        assert torch.equal(item["x"], twin["x"]) and item["x"].shape == (3, 16, 16)
+        x, xp = item["x"].numpy(), item["x_pair"].numpy()
+        views = [d4_images(samples.patches[r]) for r in rows]  # both views got the same flip/turn
+        assert any(np.allclose(x, va[t]) and np.allclose(xp, vb[t])
+                   for va in views for vb in views if va is not vb for t in range(8))
+
+
+def test_dense_encoding_equals_naive_and_keeps_lung_centres_only():
+    scan = patient_scans()[1]
+    model = build_model("ae", seed=0, latent_dim=8, width=8)
+    dense = encode_dense(model, scan.hu, scan.lung, scan.grid, slabs_per_batch=3)
+    naive = encode_patches_naive(model, scan.hu, scan.lung, scan.grid, batch_size=64)
+    assert np.array_equal(dense.positions, naive.positions)
+    np.testing.assert_allclose(dense.latents, naive.latents, atol=1e-4)
+    assert dense.latents.shape == (int(valid_centres(scan.lung).sum()), 8)
+    assert dense.lattice == patch_lattice(scan.grid)
+    keys = point_keys(dense.lattice, dense.positions) / 1000.0
+    assert np.all(((keys / [30.0, 25.0, 30.0]) ** 2).sum(-1) <= 1.2)
+
+
+def test_dense_encoding_refuses_mismatched_inputs():
+    scan = patient_scans()[1]
+    model = build_model("ae", latent_dim=4, width=8)
+    with pytest.raises(Exception, match="one shape"):
+        encode_dense(model, scan.hu[:-1], scan.lung, scan.grid)
