@@ -1,0 +1,424 @@
+"""Post-hoc latent rotation that puts acquisition effects in their own coordinates.
+
+``LatentRotation`` learns an orthogonal matrix ``R`` (d x d) for a frozen encoder's latent space.
+The first ``n_technical_`` columns span the *technical* subspace (vendor, kernel, dose, slice
+thickness); the remaining columns span its orthogonal complement, the *biological* subspace,
+which is what tissue clusters are fitted on.
+
+How the technical directions are found (in this order, one direction at a time):
+
+1. ``method="paired"`` (rows of the same patient and physical location, acquired differently):
+   a ridge regression models the paired difference ``X[i] - X[j]`` as a per-acquisition affine
+   effect, ``c[y_i] - c[y_j] + (B[y_i] - B[y_j]) x_mean`` (an offset plus a gain acting on the
+   pair's mean latent, the multivariate analogue of ComBat's location/scale). Paired differences
+   hold no biology, so every output direction of that model is technical; the right singular
+   vectors of its weight matrix, strongest first, are the candidate directions.
+   ``method="labels"`` (no pairs): the nearest-class-mean classifier of the acquisition, a linear
+   classifier whose coefficients are the acquisition means; the right singular vectors of its
+   centred, size-weighted coefficients span the differences between acquisition means. Why not
+   logistic regression or LDA: their coefficients point along ``inv(cov) @ mean_difference``, and
+   removing those directions with an *orthogonal* projection leaves mean differences behind when
+   the within-acquisition covariance is anisotropic. Removing the mean-difference span makes all
+   acquisition means equal in the complement, which is exactly the condition under which no linear
+   probe beats a constant predictor (linear guardedness, Belrose et al. 2023, LEACE).
+2. Removing only a model's strongest directions can leave acquisition signal behind (effects the
+   paired model misses, acquisitions that were never paired). When the candidates are used up
+   (singular value below ``spectrum_floor`` times the largest), the class-mean classifier is
+   re-fitted on the remaining complement and its directions are removed next, one at a time:
+   iterative nullspace projection (INLP, Ravfogel et al. 2020).
+3. ``n_technical="auto"`` stops at the smallest number of directions whose complement drops a
+   cross-validated logistic-regression probe of the acquisition to chance (within ``tolerance``);
+   an int takes exactly that many directions. The probe's folds never split a group (rows joined
+   by pairs are one physical location; ``groups`` may give patient ids): near-duplicate rows of
+   one location in both training and test folds would bias the accuracy.
+
+The biological basis is the orthogonal complement, ordered by the variance of the data inside it
+(a PCA of the complement), and each column's sign is fixed so its largest entry is positive,
+so the whole rotation is deterministic.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from scipy.linalg import null_space, svd
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.linear_model import LogisticRegression, Ridge
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
+
+from .errors import InputError
+
+METHODS = ("auto", "paired", "labels")
+SPACES = ("biological", "entangled", "technical")
+
+
+def chance_level(y) -> float:
+    """Accuracy of always predicting the most frequent acquisition (what a useless probe scores)."""
+    y = column_or_1d(np.asarray(y), warn=False)
+    if y.size == 0:
+        raise InputError("chance_level needs at least one acquisition label.")
+    _, counts = np.unique(y, return_counts=True)
+    return float(counts.max() / y.size)
+
+
+def _check_latents(X, name: str = "X") -> np.ndarray:
+    try:
+        return check_array(X, dtype=np.float64, ensure_min_samples=2, ensure_min_features=2)
+    except ValueError as exc:
+        raise InputError(f"Latents {name} must be a finite 2-D array [n_patches, latent_dim]: {exc}") from exc
+
+
+def _check_labels(y, n: int) -> np.ndarray:
+    if y is None:
+        raise InputError("LatentRotation.fit needs the acquisition label of every latent (y); got None.")
+    y = np.asarray(y)
+    if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
+        raise InputError(f"Acquisition labels y must be 1-D, got shape {y.shape}.")
+    y = y.ravel()
+    if y.shape[0] != n:
+        raise InputError(f"Got {n} latents but {y.shape[0]} acquisition labels; give one label per latent row.")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise InputError("Acquisition labels y contain NaN or infinity.")
+    classes, counts = np.unique(y, return_counts=True)
+    if classes.size < 2:
+        raise InputError("The latents come from a single acquisition; a rotation needs at least two "
+                         "different acquisitions (kernels, doses, vendors...) in the cohort.")
+    if counts.min() < 2:
+        raise InputError(f"Acquisition {classes[counts.argmin()]!r} has a single latent; each acquisition "
+                         "needs at least two.")
+    return y
+
+
+def _check_pairs(pairs, y: np.ndarray) -> np.ndarray:
+    try:
+        pairs = np.asarray(pairs)
+    except Exception as exc:  # ragged lists and the like
+        raise InputError(f"pairs must be an integer array [m, 2] of row indices: {exc}") from exc
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
+        raise InputError(f"pairs must be an integer array [m, 2] with m >= 1, got shape {pairs.shape}.")
+    if pairs.dtype.kind not in "iu":
+        raise InputError(f"pairs must hold integer row indices, got dtype {pairs.dtype}.")
+    n = y.shape[0]
+    if pairs.min() < 0 or pairs.max() >= n:
+        raise InputError(f"pairs hold row indices outside 0..{n - 1}; they must index rows of X.")
+    same = y[pairs[:, 0]] == y[pairs[:, 1]]
+    if np.any(same):
+        raise InputError(f"{int(same.sum())} pairs join two latents of the same acquisition; a pair must be the "
+                         "same location acquired differently (e.g. soft and sharp kernel of one scan).")
+    return pairs.astype(np.int64)
+
+
+def _check_groups(groups, n: int) -> np.ndarray:
+    groups = np.asarray(groups).ravel()
+    if groups.shape[0] != n:
+        raise InputError(f"Got {n} latents but {groups.shape[0]} group ids; give one id per latent row.")
+    return groups
+
+
+def _pair_groups(pairs, n: int):
+    """Group id per row: rows linked through pairs are one physical location (None without pairs)."""
+    if pairs is None:
+        return None
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _fix_signs(basis: np.ndarray) -> np.ndarray:
+    """Flip each column so that its largest-magnitude entry is positive (SVD signs are arbitrary)."""
+    if basis.shape[1] == 0:
+        return basis
+    idx = np.abs(basis).argmax(axis=0)
+    signs = np.sign(basis[idx, np.arange(basis.shape[1])])
+    signs[signs == 0] = 1.0
+    return basis * signs
+
+
+def _complement(basis: np.ndarray, d: int) -> np.ndarray:
+    """Orthonormal basis [d, d - k] of the orthogonal complement of the columns of ``basis``."""
+    if basis.shape[1] == 0:
+        return np.eye(d)
+    return null_space(basis.T)
+
+
+class LatentRotation(TransformerMixin, BaseEstimator):
+    """Orthogonal rotation of a latent space: technical coordinates first, biological after.
+
+    Parameters
+    ----------
+    n_technical : "auto" or int
+        Number of technical dimensions; "auto" picks the smallest number that brings the
+        acquisition probe on the biological coordinates to chance (+ ``tolerance``).
+    method : "auto", "paired" or "labels"
+        "auto" uses pairs when ``fit`` receives them, acquisition labels otherwise.
+    alpha : float
+        Ridge penalty of the paired difference model.
+    tolerance : float
+        How far above chance (accuracy points) the probe may stay for "auto".
+    max_technical : int or None
+        Upper bound for "auto" (default: half the latent size).
+    spectrum_floor : float
+        Candidate directions whose singular value is below this fraction of the largest are
+        treated as noise; INLP re-fits take over from there.
+    cv : int
+        Folds of the cross-validated probe.
+    probe_samples : int
+        Rows (stratified random subset) the probe uses, to keep it fast on dense latents.
+    random_state : int
+        Seed of every random choice (probe subsets and folds).
+    """
+
+    def __init__(self, n_technical="auto", method="auto", alpha=1.0, tolerance=0.05, max_technical=None,
+                 spectrum_floor=0.1, cv=5, probe_samples=4000, random_state=0):
+        self.n_technical = n_technical
+        self.method = method
+        self.alpha = alpha
+        self.tolerance = tolerance
+        self.max_technical = max_technical
+        self.spectrum_floor = spectrum_floor
+        self.cv = cv
+        self.probe_samples = probe_samples
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y, pairs=None, groups=None):
+        """Fit the rotation on latents ``X`` [n, d] with acquisition labels ``y`` [n].
+
+        ``pairs`` (optional) is an int array [m, 2] of row indices of the same patient and physical
+        location under two different acquisitions. ``groups`` (optional, [n]) are ids (e.g. patient)
+        whose rows the probe's folds keep together; by default rows joined by pairs form a group.
+        """
+        X = _check_latents(X)
+        n, d = X.shape
+        y = _check_labels(y, n)
+        method = self._resolve_method(pairs)
+        if pairs is not None:
+            pairs = _check_pairs(pairs, y)
+        groups = _check_groups(groups, n) if groups is not None else _pair_groups(pairs, n)
+        k_fixed = self._resolve_n_technical(d)
+        k_max = k_fixed if k_fixed is not None else self._resolve_max_technical(d)
+
+        self.mean_ = X.mean(axis=0)
+        Xc = X - self.mean_
+        self.method_ = method
+        self.chance_ = chance_level(y)
+        rng = np.random.default_rng(self.random_state)
+        rows = self._probe_subset(y, rng)
+        probe_groups = None if groups is None else groups[rows]
+
+        if method == "paired":
+            weights = self._difference_model(Xc, y, pairs)
+            source = "paired"
+        else:
+            weights = self._class_mean_weights(Xc, y)
+            source = "labels"
+        _, self.singular_values_, vt = svd(weights, full_matrices=False)
+        queue = self._significant(vt, self.singular_values_, source)
+
+        basis = np.zeros((d, 0))
+        sources, curve = [], []
+        while True:
+            if k_fixed is None:
+                complement = _complement(basis, d)
+                acc = self._probe(Xc[rows] @ complement, y[rows], probe_groups)
+                curve.append(acc)
+                if acc <= self.chance_ + self.tolerance:
+                    break
+            if basis.shape[1] >= k_max:
+                break
+            if not queue:  # INLP: re-fit the classifier on what is left and remove its top directions
+                complement = _complement(basis, d)
+                w = self._class_mean_weights(Xc @ complement, y)
+                _, s, vt = svd(w, full_matrices=False)
+                queue = self._significant(vt @ complement.T, s, "inlp")
+            v, src = queue.pop(0)
+            v = v - basis @ (basis.T @ v)
+            norm = np.linalg.norm(v)
+            if norm < 1e-8:
+                continue
+            basis = np.column_stack([basis, v / norm])
+            sources.append(src)
+
+        if k_fixed is None and curve[-1] > self.chance_ + self.tolerance:
+            warnings.warn(f"The acquisition probe is still {curve[-1]:.2f} (chance {self.chance_:.2f}) after removing "
+                          f"{basis.shape[1]} technical dimensions (max_technical); acquisition signal remains in the "
+                          "biological coordinates.", RuntimeWarning, stacklevel=2)
+        self._set_rotation(Xc, _fix_signs(basis))
+        self.direction_sources_ = sources
+        self.probe_curve_ = np.asarray(curve, dtype=np.float64)
+        return self
+
+    def _resolve_method(self, pairs) -> str:
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {self.method!r}.")
+        if self.method == "paired" and pairs is None:
+            raise InputError("method='paired' needs pairs (row indices of the same location under two "
+                             "acquisitions); pass pairs=... or use method='labels'.")
+        if self.method == "auto":
+            return "paired" if pairs is not None else "labels"
+        return self.method
+
+    def _resolve_n_technical(self, d: int):
+        k = self.n_technical
+        if isinstance(k, str) and k == "auto":
+            return None
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise InputError(f"n_technical must be 'auto' or an integer, got {k!r}.")
+        if not 0 <= k < d:
+            raise InputError(f"n_technical={k} must lie in 0..{d - 1} for a latent size of {d} "
+                             "(at least one biological dimension must remain).")
+        return int(k)
+
+    def _resolve_max_technical(self, d: int) -> int:
+        k = d // 2 if self.max_technical is None else self.max_technical
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < d:
+            raise InputError(f"max_technical must be an integer in 0..{d - 1}, got {self.max_technical!r}.")
+        return int(k)
+
+    def _significant(self, vt: np.ndarray, s: np.ndarray, source: str) -> list:
+        """Candidate directions (strongest first) above the noise floor; always at least the top one."""
+        keep = np.flatnonzero(s >= self.spectrum_floor * s[0]) if s[0] > 0 else [0]
+        return [(vt[i], source) for i in keep]
+
+    def _difference_model(self, Xc: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Ridge weights [p, d] of the paired difference on per-acquisition offset + gain features."""
+        classes = np.unique(y)
+        codes = np.searchsorted(classes, y)
+        onehot = np.eye(classes.size)
+        e = onehot[codes[pairs[:, 0]]] - onehot[codes[pairs[:, 1]]]
+        diff = Xc[pairs[:, 0]] - Xc[pairs[:, 1]]
+        pair_mean = 0.5 * (Xc[pairs[:, 0]] + Xc[pairs[:, 1]])
+        pair_mean /= np.sqrt(np.mean(Xc ** 2)) + 1e-12  # gain features on the scale of the offsets
+        gain = (e[:, :, None] * pair_mean[:, None, :]).reshape(len(pairs), -1)
+        features = np.hstack([e, gain])
+        model = Ridge(alpha=self.alpha, fit_intercept=False).fit(features, diff)
+        return model.coef_.T
+
+    @staticmethod
+    def _class_mean_weights(Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Centred coefficients [n_classes, dims] of the nearest-class-mean classifier, weighted by
+        sqrt(class share) so that their SVD is that of the between-acquisition scatter."""
+        classes, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
+        means = np.zeros((classes.size, Z.shape[1]))
+        np.add.at(means, codes, Z)
+        means /= counts[:, None]
+        return np.sqrt(counts / y.size)[:, None] * (means - Z.mean(axis=0))
+
+    def _set_rotation(self, Xc: np.ndarray, technical: np.ndarray) -> None:
+        d = Xc.shape[1]
+        complement = _complement(technical, d)
+        if complement.shape[1]:  # order biological axes by the variance of the data inside them
+            _, _, vt = svd(Xc @ complement, full_matrices=False)
+            complement = _fix_signs(complement @ vt.T)
+        self.rotation_ = np.hstack([technical, complement])
+        self.technical_basis_ = technical
+        self.n_technical_ = technical.shape[1]
+        self.n_features_in_ = d
+
+    # ---------------------------------------------------------------- transforms
+    def transform(self, X) -> np.ndarray:
+        """All rotated coordinates: ``(X - mean_) @ rotation_``, technical columns first."""
+        check_is_fitted(self, "rotation_")
+        X = _check_latents(X)
+        if X.shape[1] != self.rotation_.shape[0]:
+            raise InputError(f"Latents have {X.shape[1]} dimensions but the rotation was fitted on "
+                             f"{self.rotation_.shape[0]}; use the encoder this rotation belongs to.")
+        return (X - self.mean_) @ self.rotation_
+
+    def technical(self, X) -> np.ndarray:
+        return self.transform(X)[:, :self.n_technical_]
+
+    def biological(self, X) -> np.ndarray:
+        return self.transform(X)[:, self.n_technical_:]
+
+    def inverse_transform(self, Z) -> np.ndarray:
+        """Latents back from rotated coordinates (for decoding latent traversals)."""
+        check_is_fitted(self, "rotation_")
+        Z = _check_latents(Z, "Z")
+        return Z @ self.rotation_.T + self.mean_
+
+    # -------------------------------------------------------------------- probe
+    def probe_accuracy(self, X, y, space: str = "biological", cv=None, groups=None) -> float:
+        """Cross-validated accuracy of a linear probe predicting the acquisition ``y`` from one space.
+
+        ``space`` is "biological", "technical" or "entangled" (the latents before rotation).
+        ``groups`` ([n] ids, e.g. patient or location) keeps each group inside one fold; pass them
+        whenever one location appears under several acquisitions. Compare with :func:`chance_level`.
+        """
+        check_is_fitted(self, "rotation_")
+        if space not in SPACES:
+            raise InputError(f"space must be one of {SPACES}, got {space!r}.")
+        X = _check_latents(X)
+        y = _check_labels(y, X.shape[0])
+        Z = {"entangled": lambda: X - self.mean_, "technical": lambda: self.technical(X),
+             "biological": lambda: self.biological(X)}[space]()
+        groups = None if groups is None else _check_groups(groups, X.shape[0])
+        rows = self._probe_subset(y, np.random.default_rng(self.random_state))
+        return self._probe(Z[rows], y[rows], None if groups is None else groups[rows], cv)
+
+    chance_level = staticmethod(chance_level)
+
+    def _probe_subset(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Stratified random subset of at most ``probe_samples`` rows (all rows when fewer)."""
+        n = y.shape[0]
+        if n <= self.probe_samples:
+            return np.arange(n)
+        rows = []
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            take = max(2, int(round(self.probe_samples * idx.size / n)))
+            rows.append(rng.choice(idx, size=min(take, idx.size), replace=False))
+        return np.sort(np.concatenate(rows))
+
+    def _probe(self, Z: np.ndarray, y: np.ndarray, groups=None, cv=None) -> float:
+        if Z.shape[1] == 0:
+            return chance_level(y)
+        folds = min(cv or self.cv, int(np.unique(y, return_counts=True)[1].min()))
+        if groups is None:
+            splitter = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=self.random_state)
+        else:
+            folds = min(folds, np.unique(groups).size)
+            if folds < 2:
+                raise InputError("The probe needs at least two groups (patients or locations) to cross-validate.")
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=self.random_state)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        return float(np.mean(cross_val_score(probe, Z, y, groups=groups, cv=splitter)))
+
+    # ------------------------------------------------------------ persistence
+    def export_state(self) -> tuple:
+        """(arrays, meta): what a model bundle stores to rebuild this fitted rotation."""
+        check_is_fitted(self, "rotation_")
+        arrays = {"rotation": self.rotation_, "mean": self.mean_, "singular_values": self.singular_values_,
+                  "probe_curve": self.probe_curve_}
+        meta = {"method": self.method_, "n_technical": int(self.n_technical_), "latent_dim": int(self.rotation_.shape[0]),
+                "chance": float(self.chance_), "direction_sources": list(self.direction_sources_),
+                "params": {k: v for k, v in self.get_params().items()}}
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict, meta: dict) -> "LatentRotation":
+        """Rebuild a fitted rotation from :meth:`export_state` output (no refitting)."""
+        rot = cls(**meta.get("params", {}))
+        R = np.asarray(arrays["rotation"], dtype=np.float64)
+        d = R.shape[0]
+        k = int(meta["n_technical"])
+        if R.shape != (d, d) or not np.allclose(R.T @ R, np.eye(d), atol=1e-5):
+            raise InputError(f"Stored rotation is not an orthogonal square matrix (shape {R.shape}).")
+        if np.asarray(arrays["mean"]).shape != (d,) or not 0 <= k < d:
+            raise InputError(f"Stored rotation mean/n_technical do not match a latent size of {d}.")
+        rot.rotation_ = R
+        rot.mean_ = np.asarray(arrays["mean"], dtype=np.float64)
+        rot.singular_values_ = np.asarray(arrays.get("singular_values", np.zeros(0)), dtype=np.float64)
+        rot.probe_curve_ = np.asarray(arrays.get("probe_curve", np.zeros(0)), dtype=np.float64)
+        rot.technical_basis_ = R[:, :k]
+        rot.n_technical_ = k
+        rot.n_features_in_ = d
+        rot.method_ = str(meta["method"])
+        rot.chance_ = float(meta.get("chance", np.nan))
+        rot.direction_sources_ = list(meta.get("direction_sources", []))
+        return rot
