@@ -1,0 +1,379 @@
+"""Cohort analysis on a Dask distributed cluster; CLI ``batch``.
+
+Every scan of a cohort table is analysed by :func:`latentharmonize.analyze.analyze` in a Dask task, into
+``OUT/<patient>/<acquisition>/``. The run is resumable and fault tolerant:
+
+* a scan whose ``analysis.json`` records the same input SHA-256 and model SHA-256 is skipped;
+* a scan that raises is recorded in ``OUT/failures.csv`` and the others go on;
+* a worker that dies mid-scan is replaced and Dask reruns its tasks elsewhere; since analyze publishes its
+  files atomically and the client builds ``OUT/composition.csv`` from the per-scan folders (one cohort row,
+  one folder), every scan appears exactly once.
+
+``OUT/composition.csv`` has one row per analysed scan: the cohort's own columns as written in the cohort CSV,
+``output_dir`` (relative to OUT), ``lung_volume_ml`` and one ``frac_<label>_<name>`` column per tissue
+cluster (fraction of the whole lung, 0..1). Input, model and output paths must be visible to every worker
+(a shared file system when the cluster spans machines).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pandas as pd
+
+from .atomic import atomic_write_text
+from .errors import InputError, LatentHarmonizeError
+from .progress import Progress
+
+FRACTION_PREFIX = "frac_"
+FAILURE_COLUMNS = ["patient", "acquisition", "image", "error_type", "message"]
+COMPOSITION_NAME = "composition.csv"
+FAILURES_NAME = "failures.csv"
+SCAN_RECORD = "analysis.json"
+MEMORY_PER_WORKER_GB = 4.0  # peak memory of one full-size analyze on CPU, rounded up
+
+AnalyzeFn = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    """One row of the cohort: what to analyse and where its outputs go."""
+
+    index: int
+    patient: str
+    acquisition: str
+    image: str
+    mask: Optional[str]
+    out_dir: str
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    """What happened to one scan: ``analyzed``, ``skipped`` (already done) or ``failed``."""
+
+    index: int
+    status: str
+    seconds: float = 0.0
+    error_type: str = ""
+    message: str = ""
+
+
+@dataclass
+class BatchSummary:
+    out_dir: Path
+    n_scans: int
+    analyzed: int
+    skipped: int
+    failed: int
+    seconds: float
+    composition_csv: Path
+    failures_csv: Path
+    outcomes: list = field(default_factory=list, repr=False)
+
+    @property
+    def scans_per_minute(self) -> float:
+        return 60.0 * self.analyzed / self.seconds if self.seconds > 0 else float("nan")
+
+    def describe(self) -> str:
+        return (f"{self.n_scans} scans: {self.analyzed} analysed, {self.skipped} already done, "
+                f"{self.failed} failed, in {self.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- planning
+
+def safe_name(text: str) -> str:
+    """A folder or column name fragment: keep letters, digits, '.', '-', '_', replace the rest with '_'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text).strip()).strip("._")
+    return name or "_"
+
+
+def scan_dir(out_dir, patient: str, acquisition: str) -> Path:
+    return Path(out_dir) / safe_name(patient) / safe_name(acquisition)
+
+
+def read_cohort_tables(cohort_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (validated cohort with resolved paths, the same rows exactly as written in the CSV)."""
+    from .cohort import read_cohort
+
+    cohort = read_cohort(cohort_csv).reset_index(drop=True)
+    raw = pd.read_csv(cohort_csv, dtype=str, keep_default_na=False)
+    if len(raw) != len(cohort):
+        raise InputError(f"{cohort_csv}: cohort validation kept {len(cohort)} of {len(raw)} rows; fix the table.")
+    return cohort, raw
+
+
+def plan_scans(cohort: pd.DataFrame, out_dir) -> list[ScanTask]:
+    """One task per cohort row; refuses two rows that would write into the same folder."""
+    tasks, seen = [], {}
+    has_mask = "mask" in cohort.columns
+    for i, row in cohort.iterrows():
+        patient, acquisition = str(row["patient"]), str(row["acquisition"])
+        target = scan_dir(out_dir, patient, acquisition)
+        if target in seen:
+            raise InputError(
+                f"Cohort rows {seen[target] + 2} and {i + 2} both map to {target} (patient {patient!r}, "
+                f"acquisition {acquisition!r}); each patient/acquisition pair must be unique.")
+        seen[target] = i
+        mask = row["mask"] if has_mask and isinstance(row["mask"], str) and row["mask"] else None
+        tasks.append(ScanTask(int(i), patient, acquisition, str(row["image"]), mask, str(target)))
+    return tasks
+
+
+# ---------------------------------------------------------------- per scan (runs on a worker)
+
+def is_finished(out_dir, input_sha256: str, model_sha256: str) -> bool:
+    """True when ``out_dir`` holds a complete analysis of this input by this model."""
+    import json
+
+    record_path = Path(out_dir) / SCAN_RECORD
+    if not (record_path.is_file() and (Path(out_dir) / COMPOSITION_NAME).is_file()):
+        return False
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return record.get("input_sha256") == input_sha256 and record.get("model_sha256") == model_sha256
+
+
+def process_scan(task: ScanTask, model: Optional[str], model_sha256: str, device: str,
+                 analyze_fn: Optional[AnalyzeFn] = None) -> ScanOutcome:
+    """Analyse one scan unless already done; errors become a ``failed`` outcome instead of stopping the batch."""
+    t0 = time.perf_counter()
+    try:
+        from .io import image_sha256
+
+        if is_finished(task.out_dir, image_sha256(task.image), model_sha256):
+            return ScanOutcome(task.index, "skipped", time.perf_counter() - t0)
+        if analyze_fn is None:
+            from .analyze import analyze as analyze_fn
+        # overwrite: whatever is in the folder is stale or half-published by a killed worker.
+        analyze_fn(task.image, task.out_dir, model=model, mask=task.mask, device=device, overwrite=True)
+        return ScanOutcome(task.index, "analyzed", time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - any scan error is recorded, the batch goes on
+        return ScanOutcome(task.index, "failed", time.perf_counter() - t0, type(exc).__name__, _one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------- Dask
+
+def default_workers(threads_per_worker: int = 1, memory_per_worker_gb: float = MEMORY_PER_WORKER_GB) -> int:
+    """Worker processes that fit this machine: limited by CPU cores and by memory for one scan each."""
+    import psutil
+
+    cores = os.cpu_count() or 1
+    memory_gb = psutil.virtual_memory().total / 2**30
+    return max(1, min(cores // max(1, threads_per_worker), int(memory_gb // memory_per_worker_gb)))
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: Optional[str] = None, workers: Optional[int] = None,
+                threads_per_worker: int = 1) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client on an existing scheduler (``tcp://host:port``) or on a local cluster of worker processes."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise InputError(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Check --scheduler "
+                             f"(tcp://host:port) and that the scheduler is running.") from exc
+        with client:
+            yield client
+        return
+    if workers is not None and workers < 1 or threads_per_worker < 1:
+        raise InputError("--workers and --threads-per-worker must be at least 1.")
+    n_workers = workers or default_workers(threads_per_worker)
+    with LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def client_session(client=None, scheduler: Optional[str] = None, workers: Optional[int] = None,
+                   threads_per_worker: int = 1):
+    """Context manager yielding ``client`` as given (left open), else a new client from :func:`dask_client`."""
+    if client is not None:
+        return contextlib.nullcontext(client)
+    return dask_client(scheduler, workers, threads_per_worker)
+
+
+def run_scans(client, tasks: list[ScanTask], model: Optional[str], model_sha256: str, device: str = "auto",
+              analyze_fn: Optional[AnalyzeFn] = None, progress: Optional[Progress] = None) -> list[ScanOutcome]:
+    """Submit one task per scan and collect the outcomes as they finish (order of ``tasks``).
+
+    A task whose workers keep dying (Dask gives up after ``distributed.scheduler.allowed-failures`` retries)
+    comes back as a ``failed`` outcome with error type ``KilledWorker``.
+    """
+    from distributed import as_completed
+
+    run_id = uuid.uuid4().hex[:8]
+    futures = {client.submit(process_scan, task, model, model_sha256, device, analyze_fn,
+                             key=f"latentharmonize-scan-{run_id}-{task.index}", pure=False): task for task in tasks}
+    outcomes: dict[int, ScanOutcome] = {}
+    try:
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: record it, keep collecting
+                outcome = ScanOutcome(task.index, "failed", 0.0, type(exc).__name__, _one_line(exc))
+            outcomes[task.index] = outcome
+            if progress is not None:
+                progress(100.0 * len(outcomes) / len(tasks), "batch",
+                         f"{len(outcomes)}/{len(tasks)} {task.patient}/{task.acquisition} {outcome.status}")
+    finally:
+        client.cancel(list(futures))
+    return [outcomes[t.index] for t in tasks]
+
+
+# ---------------------------------------------------------------- aggregation (on the client)
+
+def fraction_column(label: int, name: str) -> str:
+    return f"{FRACTION_PREFIX}{int(label)}_{safe_name(name).lower()}"
+
+
+def scan_profile(out_dir) -> dict:
+    """One scan's row: lung volume and fraction of the whole lung per cluster, from its composition.csv."""
+    table = pd.read_csv(Path(out_dir) / COMPOSITION_NAME)
+    whole = table[table["region"] == "whole"].sort_values("label")
+    profile = {"lung_volume_ml": float(whole["volume_ml"].sum())}
+    for row in whole.itertuples(index=False):
+        profile[fraction_column(row.label, row.name)] = float(row.fraction)
+    return profile
+
+
+def aggregate_compositions(raw_cohort: pd.DataFrame, tasks: list[ScanTask], outcomes: list[ScanOutcome],
+                           out_dir) -> pd.DataFrame:
+    """One row per scan that is analysed (now or before): cohort columns, output folder, lung profile."""
+    rows = []
+    for task, outcome in zip(tasks, outcomes):
+        if outcome.status == "failed":
+            continue
+        row = raw_cohort.iloc[task.index].to_dict()
+        row["output_dir"] = Path(task.out_dir).relative_to(out_dir).as_posix()
+        row.update(scan_profile(task.out_dir))
+        rows.append(row)
+    columns = list(raw_cohort.columns) + ["output_dir", "lung_volume_ml"]
+    table = pd.DataFrame(rows, columns=None if rows else columns)
+    fractions = sorted((c for c in table.columns if c.startswith(FRACTION_PREFIX) and c not in raw_cohort.columns),
+                       key=lambda c: int(c.split("_")[1]))
+    # A cluster absent from a scan covers none of its lung.
+    table[fractions] = table[fractions].fillna(0.0)
+    return table[columns + fractions]
+
+
+def failures_table(raw_cohort: pd.DataFrame, tasks: list[ScanTask], outcomes: list[ScanOutcome]) -> pd.DataFrame:
+    rows = [{"patient": t.patient, "acquisition": t.acquisition, "image": raw_cohort.iloc[t.index]["image"],
+             "error_type": o.error_type, "message": o.message}
+            for t, o in zip(tasks, outcomes) if o.status == "failed"]
+    return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+
+
+# ---------------------------------------------------------------- training at scale
+
+def _sample_patient(rows: pd.DataFrame, per_patient: int, spec: dict, seed: int):
+    """Worker side: read one patient's scans onto the model grid and draw its paired patches."""
+    from .patches import sample_paired_patches
+    from .train import load_scan
+
+    scans = [load_scan(row, spec) for _, row in rows.iterrows()]
+    return sample_paired_patches(scans, per_patient, spec, seed=seed)
+
+
+def sample_cohort_patches(cohort_csv, config, spec: dict, client=None, scheduler: Optional[str] = None,
+                          workers: Optional[int] = None, progress: Optional[Progress] = None) -> tuple:
+    """Distributed :func:`latentharmonize.train.load_cohort_samples`: one Dask task per patient.
+
+    Same arguments (``config``: a ``TrainConfig``) and same result ``(PairedPatches, cohort DataFrame)``, bit for
+    bit: patients keep their order and per-patient seeds, and ``concat_samples`` renumbers ids as the serial path.
+    Each worker holds one patient's volumes at a time; only the sampled patches travel back.
+    """
+    from .cohort import read_cohort
+    from .patches import concat_samples
+
+    cohort = read_cohort(cohort_csv)
+    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
+    with client_session(client, scheduler, workers) as active:
+        futures = [active.submit(_sample_patient, cohort[cohort["patient"].astype(str) == patient],
+                                 config.per_patient, spec, config.seed * 100003 + n, pure=False)
+                   for n, patient in enumerate(patients)]
+        parts = []
+        for n, future in enumerate(futures):  # gathered in patient order, so the result is deterministic
+            parts.append(future.result())
+            if progress is not None:
+                progress(5 + 15 * (n + 1) / len(patients), "patches", f"patient {patients[n]}: sampled")
+    return concat_samples(parts), cohort
+
+
+# ---------------------------------------------------------------- entry points
+
+def model_identity(model=None) -> tuple[str, str]:
+    """(bundle folder, bundle SHA-256); ``None`` means the default bundle. Loads once to verify it."""
+    from .bundle import default_bundle_path, load_bundle
+
+    path = Path(model) if model is not None else Path(default_bundle_path())
+    return str(path.resolve()), load_bundle(path).sha256
+
+
+def run_batch(cohort_csv, out_dir, model=None, scheduler: Optional[str] = None, workers: Optional[int] = None,
+              threads_per_worker: int = 1, device: str = "auto", client=None,
+              analyze_fn: Optional[AnalyzeFn] = None, progress: Optional[Progress] = None) -> BatchSummary:
+    """Analyse every scan of ``cohort_csv`` into ``out_dir`` on Dask; write composition.csv and failures.csv.
+
+    ``client``: an existing ``distributed.Client`` (otherwise one is made from ``scheduler``/``workers``).
+    ``analyze_fn`` replaces :func:`latentharmonize.analyze.analyze` (same signature), e.g. for tests.
+    """
+    out_dir = Path(out_dir).resolve()
+    cohort, raw = read_cohort_tables(cohort_csv)
+    tasks = plan_scans(cohort, out_dir)
+    model_path, model_sha = model_identity(model)
+    t0 = time.perf_counter()
+    with client_session(client, scheduler, workers, threads_per_worker) as active:
+        outcomes = run_scans(active, tasks, model_path, model_sha, device, analyze_fn, progress)
+    seconds = time.perf_counter() - t0
+    composition = aggregate_compositions(raw, tasks, outcomes, out_dir)
+    failures = failures_table(raw, tasks, outcomes)
+    composition_csv, failures_csv = out_dir / COMPOSITION_NAME, out_dir / FAILURES_NAME
+    atomic_write_text(composition_csv, composition.to_csv(index=False))
+    atomic_write_text(failures_csv, failures.to_csv(index=False))
+    count = {s: sum(o.status == s for o in outcomes) for s in ("analyzed", "skipped", "failed")}
+    return BatchSummary(out_dir, len(tasks), count["analyzed"], count["skipped"], count["failed"], seconds,
+                        composition_csv, failures_csv, outcomes)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("cohort", help="cohort CSV (columns image, patient, acquisition, optional mask, ...)")
+    parser.add_argument("--out", required=True, help="output folder: <patient>/<acquisition>/ per scan, "
+                        "composition.csv (one row per scan) and failures.csv")
+    parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="address of an existing Dask scheduler, e.g. tcp://host:8786 (default: a local cluster)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes of the local cluster (default: as many as CPU cores and memory allow)")
+    parser.add_argument("--threads-per-worker", type=int, default=1,
+                        help="scans analysed at once per worker process (default 1)")
+    parser.add_argument("--device", default="auto", help="torch device for each worker: auto, cpu, cuda (default auto)")
+    parser.add_argument("--progress", action="store_true", help="print machine-readable LH-PROGRESS lines")
+
+
+def run(args) -> int:
+    progress = Progress(machine=args.progress)
+    summary = run_batch(args.cohort, args.out, model=args.model, scheduler=args.scheduler, workers=args.workers,
+                        threads_per_worker=args.threads_per_worker, device=args.device, progress=progress)
+    print(summary.describe())
+    print(f"composition: {summary.composition_csv}")
+    if summary.failed:
+        print(f"failures: {summary.failures_csv}")
+    return 1 if summary.failed else 0
