@@ -116,5 +116,7 @@ def test_histogram_matching_maps_new_scan_onto_training_reference_within_lung():
         assert abs(np.percentile(hu[inside], q) - np.percentile(ref, q)) < 0.25 * abs(np.percentile(before, q) - np.percentile(ref, q)) + 5
     assert np.all(hu[~inside] == sitk.GetArrayFromImage(ct)[~inside])
     assert out.GetSpacing() == ct.GetSpacing()
+    as_array = matcher.transform(sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(lung))  # model-grid volumes
+    np.testing.assert_array_equal(as_array, hu)
     with pytest.raises(InputError, match="empty"):
         matcher.transform(ct, sitk.GetImageFromArray(np.zeros((6, 24, 24), np.uint8)))

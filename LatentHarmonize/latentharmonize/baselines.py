@@ -204,9 +204,10 @@ class LeaceHarmonizer(BaseEstimator):
             return self.eraser_(torch.from_numpy(X)).numpy()
 
 
-def _lung_values(ct: sitk.Image, lung: sitk.Image) -> tuple:
-    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
-    inside = sitk.GetArrayFromImage(lung) > 0
+def _lung_values(ct, lung) -> tuple:
+    """HU array and lung bool array of a CT and its mask, given as SimpleITK images or numpy arrays."""
+    hu = (sitk.GetArrayFromImage(ct) if isinstance(ct, sitk.Image) else np.asarray(ct)).astype(np.float32)
+    inside = (sitk.GetArrayFromImage(lung) if isinstance(lung, sitk.Image) else np.asarray(lung)) > 0
     if hu.shape != inside.shape:
         raise InputError(f"CT {hu.shape[::-1]} and lung mask {inside.shape[::-1]} sizes differ; give the mask made for this CT.")
     if not inside.any():
@@ -220,7 +221,9 @@ class HistogramMatcher(BaseEstimator):
     ``fit`` pools lung voxels of the training scans (an equal, seeded random share per scan) into a
     reference distribution; ``transform`` maps the lung voxels of a new scan onto it with SimpleITK's
     ``HistogramMatchingImageFilter`` (quantile matching at ``n_match_points``) and leaves voxels
-    outside the lung untouched. It runs before encoding, on the CT itself.
+    outside the lung untouched. It runs before encoding, on the CT itself. CTs and masks may be
+    SimpleITK images or numpy arrays (e.g. volumes on the model grid); ``transform`` returns the
+    type it is given.
     """
 
     def __init__(self, n_histogram_levels: int = 1024, n_match_points: int = 64, n_reference_voxels: int = 500_000,
@@ -230,7 +233,7 @@ class HistogramMatcher(BaseEstimator):
         self.n_reference_voxels = n_reference_voxels
         self.random_state = random_state
 
-    def fit(self, cts: Sequence[sitk.Image], lungs: Sequence[sitk.Image]) -> "HistogramMatcher":
+    def fit(self, cts: Sequence, lungs: Sequence) -> "HistogramMatcher":
         if len(cts) == 0 or len(cts) != len(lungs):
             raise InputError(f"Histogram matching needs one lung mask per training CT; got {len(cts)} CTs and {len(lungs)} masks.")
         rng = np.random.default_rng(self.random_state)
@@ -243,7 +246,7 @@ class HistogramMatcher(BaseEstimator):
         self.reference_ = np.sort(np.concatenate(pooled)).astype(np.float32)
         return self
 
-    def transform(self, ct: sitk.Image, lung: sitk.Image) -> sitk.Image:
+    def transform(self, ct, lung):
         check_is_fitted(self, "reference_")
         hu, inside = _lung_values(ct, lung)
         matcher = sitk.HistogramMatchingImageFilter()
@@ -253,6 +256,8 @@ class HistogramMatcher(BaseEstimator):
         matched = matcher.Execute(sitk.GetImageFromArray(hu[inside][None, :]),
                                   sitk.GetImageFromArray(self.reference_[None, :]))
         hu[inside] = sitk.GetArrayFromImage(matched).ravel()
+        if not isinstance(ct, sitk.Image):
+            return hu
         out = sitk.GetImageFromArray(hu)
         out.CopyInformation(ct)
         return out
