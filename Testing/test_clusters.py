@@ -1,0 +1,144 @@
+"""TissueClusters: planted clusters, stability-chosen K, confidence, naming, colours, determinism."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import adjusted_rand_score
+
+from latentharmonize.clusters import (DENSE, GROUND_GLASS, HONEYCOMB, LOW_ATTENUATION, NAME_COLORS, NORMAL, PALETTE,
+                                      RETICULAR, TissueClusters, cluster_profiles, default_colors, name_clusters,
+                                      patch_statistics)
+from latentharmonize.errors import InputError
+
+
+def planted_clusters(k=5, n_per=80, dims=4, seed=0):
+    """Well-separated isotropic Gaussian clusters; returns points and their 0-based true cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=6.0, size=(k, dims))
+    truth = np.repeat(np.arange(k), n_per)
+    return centres[truth] + rng.normal(size=(k * n_per, dims)), truth
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_clusters()
+
+
+FAST = dict(k_range=(3, 7), n_bootstrap=4, n_init=4)
+
+
+def test_stability_picks_planted_k_and_recovers_clusters(planted):
+    Z, truth = planted
+    tc = TissueClusters(**FAST).fit(Z)
+    assert tc.n_clusters_ == 5
+    assert tc.stability_[5] > 0.95 and tc.stability_[7] < 0.9
+    assert adjusted_rand_score(truth, tc.labels_) > 0.98
+    assert set(np.unique(tc.labels_)) == {1, 2, 3, 4, 5}
+
+
+def test_unstructured_data_warns():
+    Z = np.random.default_rng(1).normal(size=(300, 6))
+    with pytest.warns(RuntimeWarning, match="reproducible"):
+        TissueClusters(**FAST).fit(Z)
+
+
+def test_fixed_k_order_by_and_determinism(planted):
+    Z, truth = planted
+    hu = np.array([-900.0, -850, -600, -400, 20])[truth]  # a planted "mean HU" per true cluster
+    a = TissueClusters(n_clusters=5, random_state=3).fit(Z, order_by=hu)
+    b = TissueClusters(n_clusters=5, random_state=3).fit(Z, order_by=hu)
+    np.testing.assert_array_equal(a.centroids_, b.centroids_)
+    # labels follow ascending mean HU, so label = true cluster + 1
+    np.testing.assert_array_equal(a.labels_, truth + 1)
+    assert np.all(np.diff(a.order_values_) > 0)
+
+
+def test_confidence_in_unit_interval_and_low_on_bisector(planted):
+    Z, _ = planted
+    tc = TissueClusters(n_clusters=5).fit(Z)
+    labels, conf = tc.predict_with_confidence(Z)
+    assert labels.dtype == np.uint8 and conf.dtype == np.float32
+    assert np.all((conf >= 0) & (conf <= 1))
+    c = tc.centroids_
+    assert np.all(tc.predict_with_confidence(c)[1] > 0.999)  # at a centroid
+    # midpoint between the two closest centroids: equidistant, so confidence 0
+    dists = np.linalg.norm(c[:, None] - c[None], axis=2) + np.eye(5) * 1e9
+    i, j = np.unravel_index(dists.argmin(), dists.shape)
+    _, mid_conf = tc.predict_with_confidence(((c[i] + c[j]) / 2)[None])
+    assert mid_conf[0] < 1e-6
+    near = c[i] + 0.45 * (c[j] - c[i])  # closer to i, still near the bisector
+    lab, cf = tc.predict_with_confidence(near[None])
+    assert lab[0] == i + 1 and 0 < cf[0] < 0.2
+    np.testing.assert_allclose(cf[0], (0.55 - 0.45) / 1.0, atol=1e-6)
+
+
+def test_state_round_trip(planted):
+    Z, _ = planted
+    tc = TissueClusters(n_clusters=4).fit(Z)
+    back = TissueClusters.from_state(*tc.export_state())
+    for x, y in zip(back.predict_with_confidence(Z), tc.predict_with_confidence(Z)):
+        np.testing.assert_array_equal(x, y)
+
+
+def profile(mean, sd, low, high):
+    return {"mean_hu": mean, "sd_hu": sd, "frac_below_950": low, "frac_above_700": high}
+
+
+def test_name_clusters_from_crafted_profiles():
+    profiles = [profile(-960, 40, 0.6, 0.0), profile(-850, 60, 0.05, 0.05), profile(-550, 60, 0.0, 0.9),
+                profile(-650, 200, 0.02, 0.5), profile(-750, 250, 0.35, 0.3), profile(-50, 80, 0.0, 1.0),
+                profile(-840, 70, 0.08, 0.06)]
+    assert name_clusters(profiles) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE,
+                                       NORMAL + " 2"]
+
+
+def test_profiles_from_patches_feed_naming():
+    rng = np.random.default_rng(0)
+    normal = rng.normal(-850, 30, size=(10, 3, 16, 16))
+    dense = rng.normal(20, 30, size=(10, 3, 16, 16))
+    stats = patch_statistics(np.concatenate([normal, dense]))
+    assert stats["frac_above_700"][:10].max() < 0.01 and stats["frac_above_700"][10:].min() > 0.99
+    profiles = cluster_profiles(np.repeat([1, 2], 10), stats, 2)
+    assert [p["n"] for p in profiles] == [10, 10]
+    assert name_clusters(profiles) == [NORMAL, DENSE]
+
+
+def test_bad_profile_is_refused():
+    with pytest.raises(InputError, match="lacks"):
+        name_clusters([{"mean_hu": -800}])
+    with pytest.raises(InputError, match="non-finite"):
+        name_clusters([profile(float("nan"), 1, 0, 0)])
+
+
+def test_palette_and_default_colors():
+    assert len(set(PALETTE)) == len(PALETTE) >= 10
+    assert all(0 <= v <= 1 for c in PALETTE for v in c)
+    colors = default_colors([NORMAL, DENSE, NORMAL + " 2", "my cluster"])
+    assert colors[0] == NAME_COLORS[NORMAL] and colors[1] == NAME_COLORS[DENSE]
+    assert len(set(colors)) == 4  # repeats and unknown names get unused palette colours
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_clusters=1), "integer >= 2"),
+    (dict(n_clusters=500), "Cannot form 500"),
+    (dict(k_range=(5, 3)), "k_range"),
+    (dict(k_range=(2, 300)), "too few"),
+    (dict(subsample=1.5), "subsample"),
+])
+def test_bad_parameters_raise_clear_errors(planted, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        TissueClusters(**kwargs).fit(planted[0])
+
+
+def test_bad_inputs(planted):
+    Z, _ = planted
+    with pytest.raises(InputError, match="finite"):
+        TissueClusters(n_clusters=3).fit(np.full((10, 2), np.nan))
+    with pytest.raises(InputError, match="order_by"):
+        TissueClusters(n_clusters=3).fit(Z, order_by=np.zeros(3))
+    with pytest.raises(NotFittedError):
+        TissueClusters().predict(Z)
+    tc = TissueClusters(n_clusters=3).fit(Z)
+    with pytest.raises(InputError, match="fitted on 4"):
+        tc.predict(Z[:, :2])
