@@ -129,17 +129,24 @@ def test_montage_overlay_shows_cluster_colours(tmp_path):
     assert (tmp_path / "m.png").read_bytes() == (tmp_path / "m2.png").read_bytes()
 
 
-def test_exemplar_patches_are_the_most_confident():
-    rng = np.random.default_rng(0)
-    hu = rng.normal(-800, 100, size=(4, 20, 20)).astype(np.float32)
-    centres = np.array([[1, 5, 5], [2, 10, 10], [3, 15, 15], [1, 10, 5]])
-    labels = np.array([1, 1, 2, 1])
-    confidence = np.array([0.2, 0.9, 0.5, 0.6])
-    gallery = render.exemplar_patches(hu, centres, labels, confidence, patch_px=6, per_cluster=2)
-    assert sorted(gallery) == [1, 2] and len(gallery[1]) == 2 and len(gallery[2]) == 1
-    np.testing.assert_array_equal(gallery[1][0], render.window_to_uint8(hu[2, 7:13, 7:13]))
-    np.testing.assert_array_equal(gallery[1][1], render.window_to_uint8(hu[1, 7:13, 2:8]))
-    assert gallery[2][0].shape == (6, 6)  # patches at the border are padded, not cut
+def test_exemplars_are_the_most_confident_patches():
+    labels = np.array([1, 1, 2, 1, 1])
+    confidence = np.array([0.2, 0.9, 0.5, 0.6, 0.9])
+    chosen = render.select_exemplars(labels, confidence, per_cluster=3)
+    assert sorted(chosen) == [1, 2]
+    assert chosen[1].tolist() == [1, 4, 3]  # by confidence, ties in row order
+    assert chosen[2].tolist() == [2]
+
+
+def test_gallery_picture_has_a_row_per_cluster(tmp_path):
+    import matplotlib.image
+
+    gallery = {1: [np.zeros((16, 16), np.uint8)] * 3, 2: [np.full((16, 16), 200, np.uint8)] * 2}
+    render.render_gallery(gallery, RENDER_NAMES, RENDER_COLORS, tmp_path / "g.png", zoom=2)
+    picture = matplotlib.image.imread(tmp_path / "g.png")
+    assert picture.shape[1] >= 3 * 32 and picture.shape[0] >= 2 * 32
+    bright = (picture[..., :3].mean(axis=-1) > 0.7).any(axis=1)
+    assert bright[picture.shape[0] // 2:].any() and not bright[: picture.shape[0] // 4].all()
 
 
 def test_surfaces_vtp_and_offscreen_3d_view(tmp_path):

@@ -154,25 +154,17 @@ def render_montage(dv: DisplayVolumes, names: dict, colors: dict, path, n_axial:
     _save_figure(image, path, list(zip(corners, [title for title, _ in tiles])), legend, scale=1.5)
 
 
-def exemplar_patches(hu: np.ndarray, centres: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
-                     patch_px: int, per_cluster: int = 8) -> dict:
-    """Highest-confidence patches per cluster: ``{label: [uint8 [patch_px, patch_px] centre-slice patches]}``.
+def select_exemplars(labels: np.ndarray, confidence: np.ndarray, per_cluster: int = 8) -> dict:
+    """Rows of the ``per_cluster`` most confident patches of each cluster: ``{label: row indices}``.
 
-    ``hu``: model-grid HU [z, y, x]; ``centres``: [n, 3] (z, y, x) model-grid indices of the patch centres.
-    Ties in confidence are broken by position so the choice is deterministic.
+    Ties in confidence are broken by row order, so the choice is deterministic.
     """
-    half = patch_px // 2
-    padded = np.pad(hu, ((0, 0), (half, half), (half, half)), constant_values=LUNG_WINDOW[0])
-    gallery = {}
+    chosen = {}
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
-        order = np.lexsort((rows, -confidence[rows]))[:per_cluster]
-        patches = []
-        for r in rows[order]:
-            z, y, x = (int(v) for v in centres[r])
-            patches.append(window_to_uint8(padded[z, y:y + patch_px, x:x + patch_px]))
-        gallery[int(label)] = patches
-    return gallery
+        order = np.lexsort((rows, -np.asarray(confidence)[rows]))[:per_cluster]
+        chosen[int(label)] = rows[order]
+    return chosen
 
 
 def render_gallery(gallery: dict, names: dict, colors: dict, path, zoom: int = 4) -> None:

@@ -1,0 +1,364 @@
+"""``latentharmonize analyze``: one chest CT in; cluster map, composition table and QC report out.
+
+Pipeline: read CT -> lung mask (automatic, or the user's) -> model grid -> dense latents -> biological coordinates ->
+cluster labels with confidence -> label map on the CT's own grid (each lung voxel takes the cluster of its nearest
+valid patch centre) -> composition -> outputs. Every check that can fail on the user's input (output folder, model
+bundle, CT geometry) runs before the heavy work, and all files are published atomically at the end, so an error or a
+Ctrl-C leaves the output folder as it was. See docs/analyze.md for the outputs and the progress line format.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+
+from . import __version__
+from .atomic import StagedOutput
+from .errors import InputError, NoLungFoundError
+from .progress import Progress
+
+# Geometry the model can read (see check_geometry); typical chest CT: 0.6-0.9 mm pixels, 0.6-5 mm slices.
+MAX_INPLANE_SPACING_MM = 3.0
+MAX_SLICE_SPACING_MM = 6.0
+MIN_SPACING_MM = 0.1
+MIN_INPLANE_FOV_MM = 120.0
+MIN_CRANIOCAUDAL_MM = 20.0
+GALLERY_PER_CLUSTER = 8
+
+# Progress: stage -> (start, end) percent of the whole run.
+STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 74),
+          "labelmap": (74, 82), "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
+
+
+@dataclass
+class AnalysisResult:
+    """What one analysis produced: output files by kind, the composition table and the run record."""
+
+    out_dir: Path
+    files: dict
+    composition: pd.DataFrame
+    record: dict = field(default_factory=dict)
+
+
+def input_name(ct_path) -> str:
+    """Output name stem of an input: file name without image extensions, or the DICOM folder's name."""
+    path = Path(ct_path)
+    name = path.name
+    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)] or "scan"
+    return name or "scan"
+
+
+def output_names(name: str, write_report: bool = True) -> dict:
+    """Output file names by kind, for an input named ``name``."""
+    files = {"segmentation": f"{name}.seg.nrrd", "labels": f"{name}_clusters.nrrd",
+             "confidence": f"{name}_confidence.nrrd", "lungs": f"{name}_lungs.nrrd",
+             "composition_csv": "composition.csv", "composition_json": "composition.json",
+             "record": "analysis.json"}
+    if write_report:
+        files.update({"montage": "qc_montage.png", "gallery": "qc_gallery.png", "view3d": "qc_3d.png",
+                      "surfaces": "clusters.vtp", "report": "report.html"})
+    return files
+
+
+def _scaled(progress, stage: str):
+    """A progress callback for one stage that maps its 0..100 onto the stage's share of the run."""
+    lo, hi = STAGES[stage]
+
+    def report(percent: float, _stage: str = stage, message: str = "") -> None:
+        if progress is not None:
+            progress(lo + (hi - lo) * min(max(percent, 0.0), 100.0) / 100.0, stage, message)
+    return report
+
+
+def check_geometry(ct: sitk.Image) -> None:
+    """Refuse a CT whose voxel spacing or field of view is far from what the model reads (clear InputError)."""
+    direction = np.abs(np.asarray(ct.GetDirection(), dtype=float).reshape(3, 3))
+    spacing = np.asarray(ct.GetSpacing(), dtype=float)
+    extent = spacing * np.asarray(ct.GetSize(), dtype=float)
+    axial = int(np.argmax(direction[2]))  # image axis closest to the patient's cranio-caudal axis
+    inplane = [a for a in range(3) if a != axial]
+    shown = "x".join(f"{s:.3g}" for s in spacing)
+    if spacing.min() < MIN_SPACING_MM:
+        raise InputError(f"Voxel spacing {shown} mm is far finer than any CT's; the header is probably not in "
+                         "millimetres. Fix the spacing in the image header.")
+    if spacing[inplane].max() > MAX_INPLANE_SPACING_MM:
+        raise InputError(f"In-plane pixel spacing {shown} mm is coarser than the {MAX_INPLANE_SPACING_MM:g} mm the "
+                         "model can read lung texture at. Use a reconstruction with pixels of about 0.6-1.5 mm.")
+    if spacing[axial] > MAX_SLICE_SPACING_MM:
+        raise InputError(f"Slice spacing {spacing[axial]:.3g} mm is coarser than {MAX_SLICE_SPACING_MM:g} mm; the "
+                         "model needs slices of 5 mm or thinner. Use a thinner reconstruction of the scan.")
+    if extent[inplane].min() < MIN_INPLANE_FOV_MM:
+        fov = " x ".join(f"{e:.0f}" for e in extent[inplane])
+        raise InputError(f"The field of view ({fov} mm) cannot contain a chest (at least {MIN_INPLANE_FOV_MM:g} mm "
+                         "is needed; chest CTs are 300-450 mm wide). Give the whole chest CT, not a crop.")
+    if extent[axial] < MIN_CRANIOCAUDAL_MM:
+        raise InputError(f"The scan covers only {extent[axial]:.0f} mm from head to feet; at least "
+                         f"{MIN_CRANIOCAUDAL_MM:g} mm of lung is needed. Give the whole chest series.")
+
+
+@contextlib.contextmanager
+def _deterministic_torch():
+    """Deterministic kernels for the duration of the run (restores the caller's settings)."""
+    import torch
+
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def nearest_valid_index(valid: np.ndarray, sampling) -> tuple:
+    """For every lattice point, the index of its nearest valid point (physical distance, ``sampling`` mm):
+    ``values[nearest_valid_index(valid, s)]`` fills the whole lattice with nearest-valid values."""
+    if valid.all():
+        return tuple(np.indices(valid.shape))
+    return tuple(ndimage.distance_transform_edt(~valid, sampling=sampling, return_distances=False,
+                                               return_indices=True))
+
+
+def _lung_box(lungs: sitk.Image) -> tuple:
+    """Index start (x, y, z) and size of the lungs' bounding box in the CT."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(lungs > 0, sitk.sitkUInt8))
+    box = stats.GetBoundingBox(1)
+    return box[:3], box[3:]
+
+
+def lattice_to_ct(values: np.ndarray, lattice, ct: sitk.Image, lungs: sitk.Image, box) -> sitk.Image:
+    """Nearest-neighbour resample of a lattice map onto the CT grid, only over the lung box; zero outside the lung."""
+    from .grid import lattice_to_image
+
+    start, size = box
+    source = lattice_to_image(values, lattice)
+    origin = ct.TransformIndexToPhysicalPoint([int(v) for v in start])
+    crop = sitk.Resample(source, [int(v) for v in size], sitk.Transform(), sitk.sitkNearestNeighbor, origin,
+                         ct.GetSpacing(), ct.GetDirection(), 0.0, source.GetPixelID())
+    full = np.zeros(sitk.GetArrayViewFromImage(lungs).shape, dtype=values.dtype)
+    region = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start[::-1], size[::-1]))
+    inside = sitk.GetArrayViewFromImage(lungs)[region] > 0
+    full[region] = np.where(inside, sitk.GetArrayViewFromImage(crop), 0)
+    image = sitk.GetImageFromArray(full)
+    image.CopyInformation(ct)
+    return image
+
+
+def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
+    from .lungmask import segment_lungs
+    from .io import read_mask
+
+    if mask is not None:
+        progress(0, message=f"reading lung mask {mask}")
+        return read_mask(mask, ct), str(mask)
+    progress(0, message="segmenting the lungs")
+    return segment_lungs(ct), "automatic"
+
+
+def _cluster_maps(dense, bundle, ct, lungs) -> tuple:
+    """Cluster label and confidence per patch, then both maps on the CT grid."""
+    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.biological(dense.latents))
+    labels_n = np.asarray(labels_n, dtype=np.uint8)
+    conf_n = np.asarray(conf_n, dtype=np.float32)
+    lattice = dense.lattice
+    valid = np.zeros(lattice.shape, dtype=bool)
+    lab = np.zeros(lattice.shape, dtype=np.uint8)
+    conf = np.zeros(lattice.shape, dtype=np.float32)
+    pos = tuple(dense.positions.T)
+    valid[pos], lab[pos], conf[pos] = True, labels_n, conf_n
+    nearest = nearest_valid_index(valid, tuple(lattice.spacing[::-1]))
+    lab, conf = lab[nearest], conf[nearest]
+    box = _lung_box(lungs)
+    return (labels_n, conf_n, lattice_to_ct(lab, lattice, ct, lungs, box),
+            lattice_to_ct(conf, lattice, ct, lungs, box))
+
+
+def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
+    """Centre slices (lung window) of the most confident patches of each cluster."""
+    from .patches import extract_patches
+    from .render import select_exemplars, window_to_uint8
+
+    middle = int(spec["slices"]) // 2
+    gallery = {}
+    for label, rows in select_exemplars(labels_n, conf_n, GALLERY_PER_CLUSTER).items():
+        patches = extract_patches(hu, dense.positions[rows], spec)[:, middle]
+        gallery[label] = [window_to_uint8(p) for p in patches]
+    return gallery
+
+
+def _versions() -> dict:
+    import monai
+    import torch
+
+    return {"latentharmonize": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "monai": monai.__version__, "SimpleITK": sitk.Version.VersionString()}
+
+
+def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=False, progress=None,
+            write_report=True) -> AnalysisResult:
+    """Analyse one chest CT into ``out_dir`` (see docs/analyze.md for the files written).
+
+    ``model``: model bundle folder (default: the bundled model); ``mask``: lung mask file on the CT's grid (default:
+    automatic segmentation); ``device``: ``auto``, ``cpu`` or ``cuda``; ``overwrite``: replace earlier results;
+    ``progress``: a :class:`~latentharmonize.progress.Progress` (or any ``(percent, stage, message)`` callable);
+    ``write_report``: also write the QC pictures, surfaces and ``report.html`` (batch runs may skip them).
+    Nothing is written unless the whole run succeeds.
+    """
+    from .bundle import load_bundle
+    from .io import image_sha256, read_ct
+    from .patches import resolve_device
+
+    timings: dict = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    ct_path = Path(ct_path)
+    name = input_name(ct_path)
+    files = output_names(name, write_report)
+    staged = StagedOutput(out_dir, files.values(), overwrite=overwrite)  # refuses collisions, unwritable folders
+    bundle = load_bundle(model)
+    torch_device = resolve_device(device)
+    load = _scaled(progress, "load")
+    load(0, message=f"reading {ct_path.name}")
+    ct = read_ct(ct_path)
+    check_geometry(ct)
+    input_sha = image_sha256(ct_path)
+    lap("load")
+
+    lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
+    lap("mask")
+
+    from .grid import to_model_grid
+    from .patches import encode_dense
+
+    _scaled(progress, "grid")(0, message="resampling onto the model grid")
+    spec = bundle.spec
+    hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
+                                        align_px=(spec["stride"], spec["stride"], 1))
+    lap("grid")
+
+    with _deterministic_torch():
+        dense = encode_dense(bundle.encoder(torch_device), hu, lung_grid, grid, spec, torch_device,
+                             progress=_scaled(progress, "encode"))
+    if len(dense.latents) == 0:
+        raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
+    lap("encode")
+
+    _scaled(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
+    labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs)
+    lap("cluster")
+
+    from .composition import composition_table, composition_to_json
+    from .lungmask import lung_volumes_ml
+
+    _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
+    table = composition_table(labels, ct, lungs, bundle.names)
+    volumes = lung_volumes_ml(lungs)
+    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
+    lap("composition")
+
+    record = {
+        "input": str(ct_path), "input_sha256": input_sha, "model_sha256": bundle.sha256,
+        "model_name": bundle.manifest.get("name"), "device": str(torch_device), "seed": 0,
+        "mask": mask_source, "n_patches": int(len(dense.latents)), "lung_volumes_ml": volumes,
+        "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
+        "versions": _versions(), "outputs": files,
+    }
+    with staged:
+        _write_outputs(staged, files, labels, confidence, lungs, table, composition_json, bundle, progress)
+        lap("write")
+        if write_report:
+            _write_qc_and_report(staged, files, name, ct, labels, confidence, lungs, hu, dense, labels_n, conf_n,
+                                 spec, json.loads(composition_json), bundle, record, progress)
+            lap("qc_report")
+        record["timings_s"] = dict(timings, total=round(sum(timings.values()), 3))
+        from .writers import write_json
+        write_json(record, staged.path(files["record"]))
+    if progress is not None:
+        progress(100, "done", f"results in {out_dir}")
+    return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, table, record)
+
+
+def _write_outputs(staged, files, labels, confidence, lungs, table, composition_json, bundle, progress) -> None:
+    from .writers import write_composition, write_segmentation, write_volume
+
+    step = _scaled(progress, "write")
+    step(0, message="segmentation and maps")
+    write_segmentation(labels, staged.path(files["segmentation"]), bundle.names, bundle.colors)
+    write_volume(labels, staged.path(files["labels"]))
+    write_volume(confidence, staged.path(files["confidence"]))
+    write_volume(sitk.Cast(lungs, sitk.sitkUInt8), staged.path(files["lungs"]))
+    step(90, message="composition table")
+    write_composition(table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
+                      composition_json)
+
+
+def _write_qc_and_report(staged, files, name, ct, labels, confidence, lungs, hu, dense, labels_n, conf_n, spec,
+                         composition, bundle, record, progress) -> None:
+    from . import render
+    from .report import build_report
+
+    qc = _scaled(progress, "qc")
+    qc(0, message="QC montage")
+    dv = render.display_volumes(ct, labels, confidence, lungs)
+    render.render_montage(dv, bundle.names, bundle.colors, staged.path(files["montage"]))
+    qc(30, message="exemplar patches")
+    render.render_gallery(_gallery(hu, dense, labels_n, conf_n, spec), bundle.names, bundle.colors,
+                          staged.path(files["gallery"]))
+    qc(50, message="3D view of the cluster surfaces")
+    surface = render.cluster_surfaces(dv.labels, dv.spacing, dv.origin)
+    render.write_vtp(surface, staged.path(files["surfaces"]))
+    whole = composition["regions"]["whole"]
+    largest = max(whole, key=lambda e: e["fraction"])["label"]
+    render.render_3d(surface, bundle.colors, staged.path(files["view3d"]), translucent_label=largest)
+    _scaled(progress, "report")(0, message="report.html")
+    volumes = record["lung_volumes_ml"]
+    details = {"input": Path(record["input"]).name, "model": f"{record['model_name']} ({bundle.sha256[:12]})",
+               "lung volume": f"{volumes['total']:.0f} mL (right {volumes['right']:.0f}, left {volumes['left']:.0f})",
+               "patches": record["n_patches"]}
+    pictures = {"3D view of the clusters (largest cluster translucent)": staged.path(files["view3d"]).read_bytes(),
+                "Most confident patches per cluster": staged.path(files["gallery"]).read_bytes()}
+    page = build_report(dv, composition, name, details, pictures)
+    staged.path(files["report"]).write_text(page, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("ct", help="chest CT: .nrrd, .nii(.gz), .mha or a DICOM series folder")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
+    parser.add_argument("--mask", default=None, help="lung mask on the CT's grid (default: automatic segmentation)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the encoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--progress-lines", action="store_true",
+                        help="print machine-readable 'LH-PROGRESS <percent> <stage> <message>' lines (for the GUI)")
+
+
+def run(args) -> int:
+    progress = Progress(machine=args.progress_lines, quiet=args.quiet)
+    result = analyze(args.ct, args.out, model=args.model, mask=args.mask, device=args.device,
+                     overwrite=args.overwrite, progress=progress)
+    if not args.quiet and not args.progress_lines:
+        whole = result.composition[result.composition.region == "whole"]
+        print(f"Lung volume {result.record['lung_volumes_ml']['total']:.0f} mL; composition of the whole lung:")
+        for row in whole.itertuples():
+            print(f"  {row.label:>2} {row.name:<40} {100 * row.fraction:5.1f} %  {row.volume_ml:8.1f} mL")
+        print(f"Results in {result.out_dir} (open report.html in a browser, or the .seg.nrrd in 3D Slicer); "
+              f"{result.record['timings_s']['total']:.1f} s.")
+    return 0

@@ -1,0 +1,154 @@
+"""``latentharmonize bench``: how fast and how lean ``analyze`` is, on a phantom scan made for the purpose.
+
+``analyze`` runs in a child process exactly as a user would run it (``python -m latentharmonize analyze``), so the
+wall time includes start-up and the peak resident memory is that of the analysis alone. Per-stage times come from
+the run's ``analysis.json``. Then, in this process, the dense fully-convolutional encoding is compared with the
+naive path that cuts out and encodes every patch separately, on the same model-grid volume; the naive path is
+time-boxed and, when it would take longer, extrapolated from the patches it did encode (the output says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NAIVE_TIME_BOX_S = 8.0
+TARGET_WALL_S = 20.0
+TARGET_RSS_GB = 3.0
+
+
+def make_scan(path, full: bool, seed: int = 0) -> dict:
+    """Write one phantom acquisition to ``path``; returns its size, spacing and generation time."""
+    import SimpleITK as sitk
+
+    from .phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
+
+    t0 = time.perf_counter()
+    image = acquire(make_patient(0, seed, full=full), DEFAULT_ACQUISITIONS[0])
+    sitk.WriteImage(image, str(path), True, 1)
+    return {"size": list(image.GetSize()), "spacing": [round(s, 3) for s in image.GetSpacing()],
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_analyze_child(scan, out_dir, model=None, device: str = "auto") -> dict:
+    """Run ``analyze`` in a child process; wall time, peak RSS (GB) and the run record it wrote."""
+    command = [sys.executable, "-m", "latentharmonize", "analyze", str(scan), "--out", str(out_dir),
+               "--device", device, "--overwrite", "--quiet"]
+    if model:
+        command += ["--model", str(model)]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"analyze failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest child process so far (Linux: kB)
+    record = json.loads((Path(out_dir) / "analysis.json").read_text(encoding="utf-8"))
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak_kb / 1024 ** 2, 3), "record": record}
+
+
+def compare_naive(scan, lungs_path, model=None, device: str = "auto", time_box_s: float = NAIVE_TIME_BOX_S) -> dict:
+    """Dense vs patch-by-patch encoding of the same model-grid volume (naive path time-boxed, extrapolated)."""
+    import SimpleITK as sitk
+
+    from .bundle import load_bundle
+    from .grid import to_model_grid
+    from .io import read_ct
+    from .patches import encode_dense, encode_patches_naive, resolve_device, valid_centres
+
+    bundle = load_bundle(model)
+    spec, dev = bundle.spec, resolve_device(device)
+    ct, lungs = read_ct(scan), sitk.ReadImage(str(lungs_path))
+    hu, lung, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
+                                   align_px=(spec["stride"], spec["stride"], 1))
+    encoder = bundle.encoder(dev)
+    t0 = time.perf_counter()
+    dense = encode_dense(encoder, hu, lung, grid, spec, dev)
+    dense_s = time.perf_counter() - t0
+    total = int(valid_centres(lung, spec).sum())
+    limit, naive_s = 64, 0.0
+    while True:  # double the subset until the time box is spent or every patch is done
+        t0 = time.perf_counter()
+        encode_patches_naive(encoder, hu, lung, grid, spec, dev, batch_size=1, limit=limit)
+        naive_s = time.perf_counter() - t0
+        if limit >= total or naive_s * 2 > time_box_s:
+            break
+        limit *= 2
+    measured = min(limit, total)
+    naive_full_s = naive_s * total / measured
+    return {"patches": len(dense.latents), "dense_s": round(dense_s, 3),
+            "dense_patches_per_s": round(len(dense.latents) / dense_s, 1),
+            "naive_patches_measured": measured, "naive_s_measured": round(naive_s, 3),
+            "naive_s_for_all": round(naive_full_s, 2), "naive_extrapolated": measured < total,
+            "speedup": round(naive_full_s / dense_s, 1)}
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 1024 ** 3, 1), "gpu": gpu,
+            "torch_threads": torch.get_num_threads()}
+
+
+def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None, seed: int = 0) -> dict:
+    """Make a phantom scan, time ``analyze`` on it and compare dense with naive encoding. Returns the figures."""
+    with tempfile.TemporaryDirectory(prefix="lh-bench-", dir=workdir) as tmp:
+        scan, out = Path(tmp) / "bench_scan.nrrd", Path(tmp) / "out"
+        figures = {"machine": machine(), "scan": make_scan(scan, full, seed)}
+        figures["analyze"] = run_analyze_child(scan, out, model, device)
+        figures["encoding"] = compare_naive(scan, out / "bench_scan_lungs.nrrd", model, device)
+    return figures
+
+
+def format_report(figures: dict) -> str:
+    """Human-readable summary of :func:`benchmark` figures."""
+    m, scan, run, enc = figures["machine"], figures["scan"], figures["analyze"], figures["encoding"]
+    record = run["record"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}, "
+             f"device used: {record['device']}",
+             f"scan: {'x'.join(map(str, scan['size']))} voxels, spacing {scan['spacing']} mm "
+             f"(phantom made in {scan['seconds']} s)",
+             f"analyze (separate process, incl. start-up): {run['wall_s']:.1f} s (target <= {TARGET_WALL_S:g} s), "
+             f"peak RSS {run['peak_rss_gb']:.2f} GB (target <= {TARGET_RSS_GB:g} GB)",
+             "stages (s):  " + "  ".join(f"{k} {v:.2f}" for k, v in record["timings_s"].items()),
+             f"encoding: {enc['patches']} patches, dense {enc['dense_s']:.2f} s = {enc['dense_patches_per_s']:.0f} "
+             f"patches/s; naive patch-by-patch {enc['naive_s_for_all']:.1f} s "
+             + (f"(extrapolated from {enc['naive_patches_measured']} patches in {enc['naive_s_measured']:.1f} s) "
+                if enc["naive_extrapolated"] else "")
+             + f"-> dense is {enc['speedup']:.0f}x faster"]
+    if "batch" in figures:
+        lines.append(f"batch: {json.dumps(figures['batch'], default=str)}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--full", action="store_true",
+                        help="full-size phantom (512x512x~300, the size the targets refer to); default: small, quick")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
+    parser.add_argument("--batch", action="store_true", help="also benchmark cohort analysis on Dask (batch.benchmark)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--workdir", default=None, help="where to put the temporary phantom and outputs")
+
+
+def run(args) -> int:
+    figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir)
+    if args.batch:
+        from . import batch
+
+        if not hasattr(batch, "benchmark"):
+            print("batch.benchmark is not available in this version; skipping the batch benchmark.", file=sys.stderr)
+        else:
+            figures["batch"] = batch.benchmark(n_scans=4, workers=(1, 2))
+    print(format_report(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return 0
