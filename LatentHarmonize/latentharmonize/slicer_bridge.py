@@ -1,0 +1,486 @@
+"""Slicer-free helpers for the 3D Slicer module: the whole exchange with the backend process.
+
+The Slicer module (``LatentHarmonize.py``) only moves data between MRML nodes and these functions, so everything a
+user sees (progress, cluster names and colours, composition numbers) is computed here and tested without Slicer.
+
+Geometry: Slicer hands volumes over as numpy arrays in ``[k, j, i]`` order with a 4x4 IJK-to-RAS matrix; the backend
+reads and writes NRRD files whose physical space is LPS (ITK). The voxel order is the same on both sides, only the
+physical frame differs by the sign of the first two axes, so arrays pass through unchanged.
+
+Imports stay light (numpy, SimpleITK, both bundled with Slicer); pandas, slicerio and the composition code are
+imported by the functions that need them, after the module has installed the dependencies.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_write_text
+from .errors import InputError, OutputError
+from .progress import ProgressEvent, parse_progress_line
+
+# Device choices offered in the GUI and the backend's --device value for each
+DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+# Sign flip between LPS (ITK, backend files) and RAS (Slicer scene)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_ERROR_LINE = re.compile(r"^latentharmonize \w+: error: (.*)$")
+
+
+# --------------------------------------------------------------------------------------------- backend command
+
+def device_argument(choice: str) -> str:
+    """The backend's ``--device`` value for a GUI device choice (``auto``, ``CPU``, ``GPU``)."""
+    for label, value in DEVICES.items():
+        if choice in (label, value):
+            return value
+    raise InputError(f"Unknown device {choice!r}; choose one of {', '.join(DEVICES)}.")
+
+
+def build_analyze_command(python_executable, input_path, out_dir, mask_path=None, model_dir=None,
+                          device: str = "auto") -> list:
+    """Argument list that runs ``analyze`` in a separate Python (Slicer's ``PythonSlicer``), with progress lines."""
+    if not python_executable:
+        raise InputError("No Python interpreter to run the backend: PythonSlicer was not found next to Slicer.")
+    command = [str(python_executable), "-m", "latentharmonize", "analyze", str(input_path),
+               "--out", str(out_dir), "--progress-lines"]
+    if mask_path:
+        command += ["--mask", str(mask_path)]
+    if model_dir:
+        command += ["--model", str(model_dir)]
+    command += ["--device", device_argument(device)]
+    return command
+
+
+def backend_environment(module_dir, inherited_pythonpath: Optional[str] = None) -> dict:
+    """Environment updates so the child Python imports ``latentharmonize`` from the module folder, unbuffered."""
+    paths = [str(Path(module_dir))] + [p for p in (inherited_pythonpath or "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1"}
+
+
+def safe_volume_name(name: str) -> str:
+    """A file-name stem for a Slicer node name (the backend names its outputs after the input file)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name or "")).strip("_")
+    return stem or "volume"
+
+
+def missing_inputs(has_input_volume: bool, model_dir, mask_segmentation_set: bool = False,
+                   mask_segment_id: Optional[str] = None) -> list:
+    """What keeps Analyze from running, one sentence per problem (empty list: ready)."""
+    problems = []
+    if not has_input_volume:
+        problems.append("Select an input CT volume.")
+    if not model_dir or not str(model_dir).strip():
+        problems.append("Select a model bundle folder.")
+    elif not Path(model_dir).is_dir():
+        problems.append(f"The model bundle folder {model_dir} does not exist.")
+    elif not any(Path(model_dir).iterdir()):
+        problems.append(f"The model bundle folder {model_dir} is empty; train a model or use the bundled one.")
+    if mask_segmentation_set and not mask_segment_id:
+        problems.append("Select the lung segment of the mask segmentation, or clear the mask.")
+    return problems
+
+
+class BackendLog:
+    """Reads the backend's output line by line: progress events out, everything kept for error reports."""
+
+    def __init__(self, keep: int = 200):
+        self.keep = keep
+        self.lines: list = []
+        self.last_event: Optional[ProgressEvent] = None
+
+    def feed(self, line: str) -> Optional[ProgressEvent]:
+        """Record one output line; return its progress event, or None for a log line."""
+        line = line.rstrip("\r\n")
+        event = parse_progress_line(line)
+        if event is not None:
+            self.last_event = event
+        else:
+            self.lines.append(line)
+            del self.lines[:-self.keep]
+        return event
+
+    def failure_message(self, returncode: int) -> str:
+        """User-facing summary of a failed run: the backend's own error sentence, else the last log lines."""
+        for line in reversed(self.lines):
+            m = _ERROR_LINE.match(line.strip())
+            if m:
+                return m.group(1)
+        stage = f" during '{self.last_event.stage}'" if self.last_event else ""
+        tail = "\n".join(self.lines[-10:]) or "(no output)"
+        return f"The analysis stopped{stage} with exit code {returncode}. Last output:\n{tail}"
+
+
+def kill_process_tree(pid: int) -> int:
+    """Terminate a process and all its descendants (Cancel); returns how many processes were signalled."""
+    try:
+        import psutil
+    except ImportError:  # psutil is in requirements.txt; without it only the direct child can be stopped
+        os.kill(pid, signal.SIGTERM)
+        return 1
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return 0
+    procs = parent.children(recursive=True) + [parent]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return len(procs)
+
+
+# --------------------------------------------------------------------------------------------- dependencies
+
+def read_requirements(path) -> list:
+    """Requirement strings of a requirements.txt (comments and blank lines dropped)."""
+    reqs = []
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            reqs.append(line)
+    return reqs
+
+
+def missing_requirements(requirements: Iterable[str], version_of: Optional[Callable[[str], str]] = None) -> list:
+    """The requirements not satisfied by what is installed (``version_of(name)`` raises if absent)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    version_of = version_of or metadata.version
+    missing = []
+    for text in requirements:
+        req = Requirement(text)
+        try:
+            installed = version_of(req.name)
+        except metadata.PackageNotFoundError:
+            missing.append(text)
+            continue
+        if req.specifier and not req.specifier.contains(installed, prereleases=True):
+            missing.append(text)
+    return missing
+
+
+# --------------------------------------------------------------------------------------------- geometry and volumes
+
+def ijk_to_ras_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix (Slicer convention) of a SimpleITK image (LPS)."""
+    matrix = np.eye(4)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)[None, :]
+    matrix[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ matrix
+
+
+def image_from_array(array_kji: np.ndarray, ijk_to_ras) -> sitk.Image:
+    """SimpleITK image (LPS) from a Slicer-ordered ``[k, j, i]`` array and its IJK-to-RAS matrix."""
+    array_kji = np.asarray(array_kji)
+    if array_kji.ndim != 3:
+        raise InputError(f"Expected a 3D volume, got an array of shape {array_kji.shape}.")
+    lps = _LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float).reshape(4, 4)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise InputError("The volume has a zero voxel spacing; fix its geometry (Volumes module) before analysis.")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
+    image.SetDirection(tuple(float(d) for d in (lps[:3, :3] / spacing[None, :]).ravel()))
+    return image
+
+
+def write_input_volume(array_kji: np.ndarray, ijk_to_ras, path) -> Path:
+    """Write the CT for the backend as NRRD: Int16 when the HU values are whole numbers in range, else Float32."""
+    array_kji = np.asarray(array_kji)
+    if not np.issubdtype(array_kji.dtype, np.number) or array_kji.size == 0:
+        raise InputError("The input volume has no numeric voxels; select a CT volume.")
+    finite = np.isfinite(array_kji)
+    if not finite.all():
+        raise InputError("The input volume contains NaN or infinite voxels; it is not a CT in HU.")
+    whole = np.issubdtype(array_kji.dtype, np.integer) or bool(np.all(array_kji == np.round(array_kji)))
+    lo, hi = float(array_kji.min()), float(array_kji.max())
+    dtype = np.int16 if whole and lo >= -32768 and hi <= 32767 else np.float32
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image_from_array(array_kji.astype(dtype, copy=False), ijk_to_ras), str(path), True)
+    return path
+
+
+def write_mask(mask_kji: np.ndarray, ijk_to_ras, path) -> Path:
+    """Write a lung mask (non-zero = lung) for ``--mask`` as a UInt8 NRRD with values 0/1."""
+    mask = np.asarray(mask_kji) != 0
+    if not mask.any():
+        raise InputError("The selected lung mask segment is empty; pick another segment or clear the mask.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image_from_array(mask.astype(np.uint8), ijk_to_ras), str(path), True)
+    return path
+
+
+@dataclass
+class VolumeArray:
+    """A volume as Slicer wants it: ``[k, j, i]`` array and IJK-to-RAS matrix."""
+
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+
+
+def read_volume_array(path) -> VolumeArray:
+    """Read a backend volume (label, confidence or lung map) for ``slicer.util.addVolumeFromArray``."""
+    image = sitk.ReadImage(str(path))
+    return VolumeArray(sitk.GetArrayFromImage(image), ijk_to_ras_matrix(image))
+
+
+def largest_region_center(mask_kji: np.ndarray, ijk_to_ras) -> Optional[tuple]:
+    """RAS point (mm) at the voxel nearest the centroid of the largest connected region of a mask, or None."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(np.asarray(mask_kji) != 0)
+    if count == 0:
+        return None
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    voxels = np.argwhere(components == int(np.argmax(sizes)))
+    # the voxel of the region closest to its centroid: stays inside even for curved regions
+    k, j, i = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
+    ras = np.asarray(ijk_to_ras, dtype=float).reshape(4, 4) @ np.array([i, j, k, 1.0])
+    return tuple(float(v) for v in ras[:3])
+
+
+# --------------------------------------------------------------------------------------------- analyze outputs
+
+@dataclass(frozen=True)
+class AnalysisOutputs:
+    """Paths of the files ``analyze`` writes for an input named ``name`` (see docs/architecture.md)."""
+
+    out_dir: Path
+    name: str
+
+    @property
+    def segmentation(self) -> Path:
+        return self.out_dir / f"{self.name}.seg.nrrd"
+
+    @property
+    def clusters(self) -> Path:
+        return self.out_dir / f"{self.name}_clusters.nrrd"
+
+    @property
+    def confidence(self) -> Path:
+        return self.out_dir / f"{self.name}_confidence.nrrd"
+
+    @property
+    def lungs(self) -> Path:
+        return self.out_dir / f"{self.name}_lungs.nrrd"
+
+    @property
+    def composition_csv(self) -> Path:
+        return self.out_dir / "composition.csv"
+
+    @property
+    def composition_json(self) -> Path:
+        return self.out_dir / "composition.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.out_dir / "report.html"
+
+    def required(self) -> list:
+        """The files the Slicer module loads."""
+        return [self.segmentation, self.clusters, self.confidence, self.lungs, self.composition_csv]
+
+
+def locate_outputs(out_dir, name: Optional[str] = None) -> AnalysisOutputs:
+    """The outputs of one analyze run in ``out_dir``; raises OutputError naming any missing file."""
+    out_dir = Path(out_dir)
+    if name is None:
+        found = sorted(out_dir.glob("*.seg.nrrd"))
+        if len(found) != 1:
+            raise OutputError(f"Expected one .seg.nrrd in {out_dir}, found {len(found)}; pass the input name.")
+        name = found[0].name[:-len(".seg.nrrd")]
+    outputs = AnalysisOutputs(out_dir, name)
+    missing = [p.name for p in outputs.required() if not p.is_file()]
+    if missing:
+        raise OutputError(f"The analysis did not produce {', '.join(missing)} in {out_dir}. "
+                          "See the log for the backend's messages and run Analyze again.")
+    return outputs
+
+
+@dataclass(frozen=True)
+class SegmentDefinition:
+    """One cluster as a Slicer segment: label value in the label map, name, colour (r, g, b floats 0..1)."""
+
+    label: int
+    name: str
+    color: tuple
+    segment_id: str = ""
+
+
+def read_segment_definitions(seg_path) -> list:
+    """Cluster label, name and colour of every segment of a ``.seg.nrrd`` (header only), sorted by label."""
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(seg_path), skip_voxels=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise OutputError(f"Cannot read the segmentation {seg_path}: {exc}. Run Analyze again.") from exc
+    definitions = [SegmentDefinition(int(s["labelValue"]), str(s["name"]),
+                                     tuple(float(c) for c in s["color"]), str(s.get("id", "")))
+                   for s in segmentation["segments"]]
+    return sorted(definitions, key=lambda d: d.label)
+
+
+def cluster_names(definitions: Sequence[SegmentDefinition]) -> dict:
+    return {d.label: d.name for d in definitions}
+
+
+def cluster_colors(definitions: Sequence[SegmentDefinition]) -> dict:
+    return {d.label: d.color for d in definitions}
+
+
+def read_composition(csv_path):
+    """The composition table (pandas DataFrame) written by analyze."""
+    import pandas as pd
+
+    from .composition import COLUMNS
+
+    table = pd.read_csv(csv_path)
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise OutputError(f"{csv_path} lacks the columns {missing}; it was not written by this version of analyze.")
+    return table[COLUMNS]
+
+
+# Column titles shown in Slicer's table view, with units
+COLUMN_TITLES = {"region": "Region", "label": "Label", "name": "Cluster", "fraction": "Fraction (%)",
+                 "volume_ml": "Volume (mL)", "mean_hu": "Mean (HU)", "sd_hu": "SD (HU)"}
+
+
+def table_columns(table) -> list:
+    """Columns for a vtkMRMLTableNode: ``[(title, values)]``, text as str arrays, numbers as float64.
+
+    Fractions are shown in percent; NaN (empty cluster) stays NaN.
+    """
+    columns = []
+    for name, title in COLUMN_TITLES.items():
+        values = table[name].to_numpy()
+        if name in ("region", "name"):
+            values = values.astype(str)
+        elif name == "label":
+            values = values.astype(np.int64)
+        else:
+            values = values.astype(np.float64) * (100.0 if name == "fraction" else 1.0)
+        columns.append((title, values))
+    return columns
+
+
+def whole_lung_summary(table) -> list:
+    """``[(label, name, percent)]`` of the whole lung, largest first: the one-line-per-cluster GUI summary."""
+    whole = table[table.region == "whole"].sort_values("fraction", ascending=False)
+    return [(int(r.label), str(r.name), float(r.fraction) * 100.0) for r in whole.itertuples(index=False)]
+
+
+# --------------------------------------------------------------------------------------------- QC edits
+
+def rename_cluster(definitions: Sequence[SegmentDefinition], label: int, new_name: str) -> list:
+    """Definitions with cluster ``label`` renamed; names must stay non-empty and unique."""
+    new_name = " ".join(str(new_name).split())
+    if not new_name:
+        raise InputError("A cluster name cannot be empty.")
+    labels = [d.label for d in definitions]
+    if label not in labels:
+        raise InputError(f"There is no cluster with label {label}; clusters are {labels}.")
+    if any(d.name == new_name and d.label != label for d in definitions):
+        raise InputError(f"Another cluster is already named {new_name!r}; choose a different name or merge them.")
+    return [replace(d, name=new_name) if d.label == label else d for d in definitions]
+
+
+def merge_clusters(labels: np.ndarray, sources: Iterable[int], target: int) -> np.ndarray:
+    """Copy of a label map where every voxel of the ``sources`` clusters becomes ``target``."""
+    sources = sorted({int(s) for s in sources} - {int(target)})
+    if not sources:
+        raise InputError("Choose at least one cluster other than the target to merge into it.")
+    if int(target) <= 0 or any(s <= 0 for s in sources):
+        raise InputError("Cluster labels are 1..255; label 0 is outside the lung and cannot be merged.")
+    merged = np.array(labels, copy=True)
+    merged[np.isin(merged, sources)] = target
+    return merged
+
+
+def merge_definitions(definitions: Sequence[SegmentDefinition], sources: Iterable[int]) -> list:
+    """Definitions without the merged-away ``sources`` clusters."""
+    dropped = {int(s) for s in sources}
+    return [d for d in definitions if d.label not in dropped]
+
+
+def assign_segment_labels(segment_ids: Sequence[str], known: dict) -> dict:
+    """Label value of every segment: ``known`` ones keep theirs, segments added in the editor get new labels."""
+    labels = {sid: int(known[sid]) for sid in segment_ids if sid in known}
+    next_label = max(list(labels.values()) + [0]) + 1
+    for sid in segment_ids:
+        if sid not in labels:
+            if next_label > 255:
+                raise InputError("More than 255 segments; merge or delete some before recomputing.")
+            labels[sid] = next_label
+            next_label += 1
+    return labels
+
+
+def labels_from_masks(masks: Sequence, shape: Optional[tuple] = None) -> np.ndarray:
+    """A UInt8 label map from ``[(label, mask), ...]`` (segments after editing); earlier entries win overlaps."""
+    if not masks and shape is None:
+        raise InputError("There are no segments to build a label map from.")
+    shape = tuple(shape or np.asarray(masks[0][1]).shape)
+    labels = np.zeros(shape, dtype=np.uint8)
+    for label, mask in reversed(list(masks)):
+        mask = np.asarray(mask)
+        if mask.shape != shape:
+            raise InputError(f"Segment {label} has shape {mask.shape}, expected {shape}: export all segments "
+                             "in the geometry of the input volume.")
+        if not 0 < int(label) <= 255:
+            raise InputError(f"Cluster labels are 1..255, got {label}.")
+        labels[mask != 0] = int(label)
+    return labels
+
+
+def recompute_composition(labels_kji: np.ndarray, ct_path, lungs_path, names: dict):
+    """Composition table of an edited label map, with the analyze code (same numbers as the original report).
+
+    ``labels_kji`` is in the CT's voxel grid (the geometry of ``ct_path`` and of the lung map ``lungs_path``).
+    """
+    from .composition import composition_table
+
+    ct = sitk.ReadImage(str(ct_path))
+    lungs = sitk.ReadImage(str(lungs_path))
+    labels_kji = np.asarray(labels_kji)
+    if labels_kji.shape != sitk.GetArrayViewFromImage(ct).shape:
+        raise InputError(f"The edited label map has shape {labels_kji.shape} but the CT has "
+                         f"{sitk.GetArrayViewFromImage(ct).shape}; export the segments in the CT's geometry.")
+    labels = sitk.GetImageFromArray(labels_kji.astype(np.uint8))
+    labels.CopyInformation(ct)
+    return composition_table(labels, ct, lungs, names)
+
+
+def read_model_id(outputs: AnalysisOutputs) -> Optional[str]:
+    """The model's SHA-256 recorded in composition.json, so exports after editing keep it."""
+    import json
+
+    try:
+        return json.loads(outputs.composition_json.read_text(encoding="utf-8")).get("model_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def export_composition(table, names: dict, colors: dict, csv_path, json_path, model_id: Optional[str] = None) -> None:
+    """Write the (recomputed) composition as CSV and JSON, atomically, in the analyze formats."""
+    from .composition import composition_to_json
+
+    atomic_write_text(csv_path, table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+    atomic_write_text(json_path, composition_to_json(table, names, colors, model_id=model_id))
