@@ -1,0 +1,693 @@
+"""``latentharmonize evaluate``: the paper's claim measured on held-out scans, against baselines.
+
+For every representation of the lung patches
+
+- ``entangled``: the encoder latent as it is; ``rotated``: its biological coordinates (bundle rotation);
+- ``combat``, ``harmony``, ``leace``: the entangled latent harmonized by :mod:`latentharmonize.baselines`;
+- ``histogram_matching``: the latent of the scan after lung histogram matching to the training scans;
+- ``unoranic``: the anatomy latent of a model trained with ``--encoder unoranic`` (``--unoranic DIR``),
+
+tissue clusters are fitted the same way (``TissueClusters``, the bundle's K, same seed) on latents of
+the TRAINING scans, and every harmonizer is fitted on the training scans only; the held-out scans
+are then labelled and compared:
+
+1. consistency: labels of one patient's acquisitions at the same physical lattice points (the
+   model grid makes lattices coincide), ARI / NMI / matched Dice per acquisition pair, averaged per
+   patient, mean and bootstrap 95 % CI over patients;
+2. agreement with the phantom truth (tissue label at each patch centre), where the cohort has it;
+3. probe: cross-validated linear classifier of the acquisition on held-out latents (folds never
+   split a patient), and chance;
+4. survival: per-patient composition (fraction of patches per cluster, averaged over the patient's
+   scans) -> penalised Cox, cross-validated C-index; HU densitometry (LAA950, HAA700, MLD, Perc15)
+   and, on the phantom, the true composition as upper bound. Survival uses the patients of both
+   cohorts: the clusters and harmonizers never see the outcome, and the Cox model is cross-validated;
+5. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
+   acquisition before and after rotation, decoded traversals along the top technical and
+   biological directions.
+
+Outputs in ``--out``: ``metrics.json``, ``report.html`` (figures embedded) and the PNG figures.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from .atomic import StagedOutput
+from .errors import InputError
+from .metrics import label_agreement, mean_pairwise_agreement, summarize
+from .progress import Progress
+
+REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic")
+PAPER_GAIN_PERCENT = {"ari": 19.01, "nmi": 16.85, "dice": 12.39}
+FIGURES = ("consistency.png", "label_maps.png", "km.png", "latent_pca.png", "traversals.png")
+OUTPUTS = ("metrics.json", "report.html", *FIGURES)
+CLINICAL = ("time", "event", "age", "sex", "fvc")
+
+
+@dataclass
+class EvalConfig:
+    seed: int = 0
+    quick: bool = False
+    train_latents: int = 20000     # training latents (all scans together) that clusters and harmonizers are fitted on
+    probe_samples: int = 4000      # held-out latents the acquisition probe uses
+    n_boot: int = 1000
+    max_train_patients: Optional[int] = None
+    max_eval_patients: Optional[int] = None
+    device: str = "cpu"
+
+    @classmethod
+    def for_run(cls, seed: int, quick: bool, device: str = "cpu") -> "EvalConfig":
+        if quick:  # a smoke run: few patients and latents, enough to exercise every step
+            return cls(seed=seed, quick=True, train_latents=3000, probe_samples=1500, n_boot=200,
+                       max_train_patients=4, max_eval_patients=3, device=device)
+        return cls(seed=seed, device=device)
+
+
+@dataclass
+class ScanLatents:
+    """One scan, encoded: latents per source at its valid lattice points, truth and densitometry."""
+
+    patient: str
+    acquisition: str
+    split: str                      # "train" or "eval"
+    keys: np.ndarray                # int64 [n, 3]: physical micrometres of each patch centre
+    positions: np.ndarray           # int [n, 3] (z, y, x) lattice indices
+    latents: Dict[str, np.ndarray]  # source ("entangled", "histogram_matching", "unoranic") -> [n, d]
+    truth: Optional[np.ndarray]     # [n] phantom tissue label at each centre (0: none), or None
+    densitometry: Dict[str, float]
+    clinical: Dict[str, object]
+    labels: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> cluster label [n]
+
+
+# ----------------------------------------------------------------------------- loading and encoding
+def _read_label_image(path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read the truth label map {path}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _path_in(row: pd.Series, column: str) -> Optional[str]:
+    """The path in an optional cohort column, or None where the column is absent or empty."""
+    value = row[column] if column in row.index else None
+    return str(value) if isinstance(value, (str, Path)) and str(value).strip() else None
+
+
+def _load_volumes(row: pd.Series, spec: dict):
+    """One cohort row on the model grid: HU, lung, grid, truth (or None), and densitometry of the native CT."""
+    from .grid import resample_onto, to_model_grid
+    from .io import read_ct, read_mask
+    from .lungmask import segment_lungs
+    from .survival import hu_threshold_features
+
+    ct = read_ct(row["image"])
+    mask_path, truth_path = _path_in(row, "mask"), _path_in(row, "truth")
+    lungs = read_mask(mask_path, ct) if mask_path else segment_lungs(ct)
+    hu, lung, grid = to_model_grid(ct, lungs, spec["spacing"], spec["margin_mm"], align_px=(spec["stride"], spec["stride"], 1))
+    truth = None
+    if truth_path:
+        truth = resample_onto(sitk.Cast(_read_label_image(truth_path), sitk.sitkUInt8), grid, nearest=True, default=0)
+    return hu, lung, grid, truth, hu_threshold_features(ct, lungs)
+
+
+def _truth_at_centres(truth: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
+    """Truth label at the centre pixel of each patch (slice k + 1, pixel stride * i + 7)."""
+    c = (spec["patch_size"] - 1) // 2
+    z = positions[:, 0] + spec["slices"] // 2
+    return truth[z, spec["stride"] * positions[:, 1] + c, spec["stride"] * positions[:, 2] + c].astype(np.int64)
+
+
+def _clinical(row: pd.Series) -> Dict[str, object]:
+    keep = [c for c in row.index if c in CLINICAL or str(c).startswith("frac_")]
+    return {c: row[c] for c in keep}
+
+
+class Encoders:
+    """The bundle encoder (and the optional unORANIC anatomy encoder) with their patch specs."""
+
+    def __init__(self, bundle, unoranic=None, device: str = "cpu"):
+        self.bundle = bundle
+        self.unoranic = unoranic
+        self.device = device
+        self.model = bundle.encoder(device)
+        self.unoranic_model = unoranic.encoder(device) if unoranic is not None else None
+
+    @property
+    def spec(self) -> dict:
+        return self.bundle.spec
+
+    def encode(self, hu, lung, grid, which: str = "bundle"):
+        from .patches import encode_dense
+
+        if which == "unoranic":
+            return encode_dense(self.unoranic_model, hu, lung, grid, self.unoranic.spec, device=self.device)
+        return encode_dense(self.model, hu, lung, grid, self.spec, device=self.device)
+
+
+def _encode_row(row: pd.Series, split: str, encoders: Encoders, matcher=None) -> tuple:
+    """Encode one scan under every source; returns (ScanLatents, regular sample of its lung HU)."""
+    from .patches import point_keys
+
+    hu, lung, grid, truth, dens = _load_volumes(row, encoders.spec)
+    dense = encoders.encode(hu, lung, grid)
+    if len(dense.latents) == 0:
+        raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
+    latents = {"entangled": dense.latents}
+    if encoders.unoranic is not None:
+        latents["unoranic"] = _align_rows(encoders.encode(hu, lung, grid, "unoranic"), dense)
+    if matcher is not None:
+        latents["histogram_matching"] = encoders.encode(matcher.transform(hu, lung), lung, grid).latents
+    scan = ScanLatents(patient=str(row["patient"]), acquisition=str(row["acquisition"]), split=split,
+                       keys=point_keys(dense.lattice, dense.positions), positions=dense.positions, latents=latents,
+                       truth=None if truth is None else _truth_at_centres(truth, dense.positions, encoders.spec),
+                       densitometry=dens, clinical=_clinical(row))
+    values = hu[lung]
+    return scan, values[:: max(values.size // 50000, 1)]
+
+
+def _matched_latents(row: pd.Series, encoders: Encoders, matcher) -> np.ndarray:
+    """Latents of a scan after histogram matching (same lattice points as its entangled latents)."""
+    hu, lung, grid, _, _ = _load_volumes(row, encoders.spec)
+    return encoders.encode(matcher.transform(hu, lung), lung, grid).latents
+
+
+def _align_rows(other, reference) -> np.ndarray:
+    """Rows of ``other``'s latents at ``reference``'s positions (both encoders use one lattice)."""
+    index = {tuple(p): i for i, p in enumerate(other.positions.tolist())}
+    try:
+        rows = [index[tuple(p)] for p in reference.positions.tolist()]
+    except KeyError:
+        raise InputError("The unORANIC bundle uses a different patch lattice than the evaluated bundle; "
+                         "train both with the same patch spec.") from None
+    return other.latents[rows]
+
+
+# ----------------------------------------------------------------------------- representations
+def _training_rows(scans: List[ScanLatents], budget: int, seed: int) -> Dict[int, np.ndarray]:
+    """A seeded, equal share of each training scan's latents (the fitting set of clusters and harmonizers)."""
+    rng = np.random.default_rng(seed)
+    share = max(budget // max(len(scans), 1), 1)
+    return {i: np.sort(rng.choice(len(s.keys), size=min(share, len(s.keys)), replace=False)) for i, s in enumerate(scans)}
+
+
+def _stack(scans: List[ScanLatents], rows: Dict[int, np.ndarray], source: str):
+    X = np.concatenate([scans[i].latents[source][r] for i, r in rows.items()]).astype(np.float64)
+    batch = np.concatenate([np.full(len(r), scans[i].acquisition) for i, r in rows.items()])
+    return X, batch
+
+
+def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, sources: set, skipped: dict) -> Dict[str, Callable]:
+    """Fit every baseline on the training latents; each returned function maps (scan) -> features."""
+    from .baselines import ComBatHarmonizer, HarmonyHarmonizer, LeaceHarmonizer
+
+    X, batch = _stack(train, rows, "entangled")
+    funcs: Dict[str, Callable] = {
+        "entangled": lambda s: s.latents["entangled"],
+        "rotated": lambda s: bundle.rotation.biological(s.latents["entangled"]),
+    }
+    harmonizers = {"combat": ComBatHarmonizer(), "harmony": HarmonyHarmonizer(random_state=seed), "leace": LeaceHarmonizer()}
+    for name, h in harmonizers.items():
+        h.fit(X, batch)
+        funcs[name] = (lambda fitted: lambda s: fitted.transform(s.latents["entangled"], np.full(len(s.keys), s.acquisition)))(h)
+    for source in ("histogram_matching", "unoranic"):
+        if source in sources:
+            funcs[source] = (lambda src: lambda s: s.latents[src])(source)
+    if "unoranic" not in sources:
+        skipped["unoranic"] = "no unORANIC bundle given (--unoranic DIR)"
+    return {name: funcs[name] for name in REPRESENTATIONS if name in funcs}
+
+
+def assign_clusters(funcs: Dict[str, Callable], scans: List[ScanLatents], train: List[ScanLatents], rows,
+                    n_clusters: int, seed: int, progress: Progress) -> None:
+    """Fit one ``TissueClusters`` per representation on the training rows; label every scan with it."""
+    from .clusters import TissueClusters
+
+    for k, (name, f) in enumerate(funcs.items()):
+        features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
+        clusters = TissueClusters(n_clusters=n_clusters, random_state=seed).fit(features)
+        for s in scans:
+            s.labels[name] = np.asarray(clusters.predict(f(s)))
+        progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} clusters")
+
+
+# ----------------------------------------------------------------------------- measurements
+def _by_patient(scans: List[ScanLatents]) -> Dict[str, List[ScanLatents]]:
+    out: Dict[str, List[ScanLatents]] = {}
+    for s in scans:
+        out.setdefault(s.patient, []).append(s)
+    return {p: sorted(v, key=lambda s: s.acquisition) for p, v in sorted(out.items())}
+
+
+def _common_rows(scans: List[ScanLatents]) -> List[np.ndarray]:
+    """For each scan, the row indices of the lattice points that every scan of the patient has, in one order."""
+    common = scans[0].keys
+    for s in scans[1:]:
+        common = common[_rows_of(common, s.keys) >= 0]
+    return [_rows_of(common, s.keys) for s in scans]
+
+
+def _rows_of(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Row of each ``query`` key in ``keys`` (-1 where absent)."""
+    lookup = {tuple(k): i for i, k in enumerate(keys.tolist())}
+    return np.array([lookup.get(tuple(k), -1) for k in query.tolist()], dtype=np.int64)
+
+
+def consistency(eval_scans: List[ScanLatents], names, n_boot: int, seed: int) -> tuple:
+    """Per representation: mean pairwise ARI/NMI/Dice across a patient's acquisitions, summarised over patients."""
+    per_patient: Dict[str, list] = {n: [] for n in names}
+    n_points = []
+    for patient, scans in _by_patient(eval_scans).items():
+        if len(scans) < 2:
+            continue
+        rows = _common_rows(scans)
+        if len(rows[0]) == 0:
+            continue
+        n_points.append(len(rows[0]))
+        for n in names:
+            per_patient[n].append(mean_pairwise_agreement([s.labels[n][r] for s, r in zip(scans, rows)]))
+    if not n_points:
+        raise InputError("No evaluation patient has two acquisitions sharing lung locations; the evaluation cohort "
+                         "needs each patient scanned under at least two acquisition settings.")
+    out = {n: summarize(per_patient[n], n_boot=n_boot, seed=seed) for n in names}
+    for n in names:
+        out[n]["mean_common_points"] = float(np.mean(n_points))
+    return out
+
+
+def truth_agreement(eval_scans: List[ScanLatents], names, n_boot: int, seed: int) -> dict:
+    """ARI/NMI/Dice of each representation's labels against the phantom truth at the patch centres."""
+    if any(s.truth is None for s in eval_scans):
+        return {}
+    out = {}
+    for n in names:
+        per_patient = []
+        for scans in _by_patient(eval_scans).values():
+            scores = [label_agreement(s.labels[n][s.truth > 0], s.truth[s.truth > 0]) for s in scans if (s.truth > 0).any()]
+            if scores:
+                per_patient.append({k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]})
+        out[n] = summarize(per_patient, n_boot=n_boot, seed=seed)
+    return out
+
+
+def probe(eval_scans: List[ScanLatents], funcs: Dict[str, Callable], samples: int, seed: int) -> dict:
+    """Cross-validated logistic-regression accuracy of the acquisition on held-out latents, folds grouped by patient."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    share = max(samples // len(eval_scans), 2)
+    picks = [np.sort(rng.choice(len(s.keys), size=min(share, len(s.keys)), replace=False)) for s in eval_scans]
+    y = np.concatenate([np.full(len(p), s.acquisition) for s, p in zip(eval_scans, picks)])
+    groups = np.concatenate([np.full(len(p), s.patient) for s, p in zip(eval_scans, picks)])
+    n_folds = min(5, len(set(groups)))
+    if n_folds < 2 or len(set(y)) < 2:
+        raise InputError("The acquisition probe needs at least two patients and two acquisitions in the evaluation cohort.")
+    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    out = {}
+    for name, f in funcs.items():
+        X = np.concatenate([f(s)[p] for s, p in zip(eval_scans, picks)])
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        out[name] = float(np.mean(cross_val_score(model, X, y, cv=cv, groups=groups)))
+    _, counts = np.unique(y, return_counts=True)
+    out["chance"] = float(counts.max() / counts.sum())
+    return out
+
+
+def patient_profiles(scans: List[ScanLatents], names, n_clusters: int) -> pd.DataFrame:
+    """One row per patient: cluster fractions per representation (``<rep>:frac_<k>``), densitometry, clinical."""
+    rows = []
+    for patient, group in _by_patient(scans).items():
+        row: Dict[str, object] = {"patient": patient}
+        row.update(group[0].clinical)
+        for n in names:
+            fractions = np.mean([np.bincount(s.labels[n], minlength=n_clusters + 1)[1:] / len(s.labels[n]) for s in group], axis=0)
+            row.update({f"{n}:frac_{k + 1}": float(v) for k, v in enumerate(fractions)})
+        for key in group[0].densitometry:
+            row[key] = float(np.mean([s.densitometry[key] for s in group]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int) -> tuple:
+    """Cross-validated Cox C-index of each representation's composition, densitometry and true composition."""
+    from .survival import cross_validated_c_index, cross_validated_risk
+    from .tissue import TISSUES
+
+    if not {"time", "event"} <= set(table.columns):
+        return {}, {}
+    feature_sets = {}
+    for n in names:
+        cols = [c for c in table.columns if c.startswith(f"{n}:frac_")]
+        reference = table[cols].mean().idxmax()  # fractions sum to 1: leave the most abundant out
+        feature_sets[n] = [c for c in cols if c != reference]
+    feature_sets["hu_thresholds"] = ["laa950", "haa700", "mld", "perc15"]
+    truth = [f"frac_{t}" for t in TISSUES if f"frac_{t}" in table.columns]
+    if truth:
+        feature_sets["true_composition"] = truth[1:]  # normal lung is the reference
+    out, risks = {}, {}
+    for name, cols in feature_sets.items():
+        out[name] = cross_validated_c_index(table, cols, seed=seed, n_boot=n_boot)
+        risks[name] = cross_validated_risk(table, cols, seed=seed)
+    return out, risks
+
+
+def relative_gains(consistency_metrics: dict) -> dict:
+    """Relative gain (%) of rotated over entangled per metric, beside the paper's figures."""
+    ent, rot = consistency_metrics["entangled"], consistency_metrics["rotated"]
+    gains = {m: 100.0 * (rot[m] - ent[m]) / abs(ent[m]) if ent[m] else float("nan") for m in PAPER_GAIN_PERCENT}
+    return {"rotated_vs_entangled_percent": gains, "paper_percent": dict(PAPER_GAIN_PERCENT)}
+
+
+def goal_check(metrics: dict) -> dict:
+    """The issue's goal, item by item: gains >= paper, rotated beats every baseline, probe near chance, survival."""
+    cons, gains = metrics["consistency"], metrics["relative_gain"]["rotated_vs_entangled_percent"]
+    baselines = [n for n in cons if n not in ("entangled", "rotated")]
+    out = {
+        "gain_at_least_paper": {m: bool(gains[m] >= PAPER_GAIN_PERCENT[m]) for m in PAPER_GAIN_PERCENT},
+        "rotated_beats_baselines": {b: bool(all(cons["rotated"][m] > cons[b][m] for m in ("ari", "nmi", "dice")))
+                                    for b in baselines},
+        "probe_near_chance": bool(metrics["probe"]["rotated"] <= metrics["probe"]["chance"] + 0.05),
+    }
+    surv = metrics.get("survival", {})
+    if surv:
+        out["survival_rotated_beats"] = {k: bool(surv["rotated"]["c_index"] > surv[k]["c_index"])
+                                         for k in ("entangled", "hu_thresholds") if k in surv}
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+
+
+def plot_consistency(cons: dict, probe_acc: dict, path) -> None:
+    names = list(cons)
+    fig = _figure(10, 3.8)
+    ax = fig.add_subplot(1, 2, 1)
+    width = 0.27
+    for j, m in enumerate(("ari", "nmi", "dice")):
+        means = np.array([cons[n][m] for n in names])
+        ci = np.array([cons[n][f"{m}_ci"] for n in names]).T
+        ax.bar(np.arange(len(names)) + (j - 1) * width, means, width, yerr=np.abs(ci - means), capsize=2, label=m.upper())
+    ax.set_xticks(np.arange(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("Cluster consistency across acquisitions (95 % CI)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax2 = fig.add_subplot(1, 2, 2)
+    ax2.bar(np.arange(len(names)), [probe_acc[n] for n in names], color="#777777")
+    ax2.axhline(probe_acc["chance"], color="#d55e00", ls="--", label="chance")
+    ax2.set_xticks(np.arange(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax2.set_ylim(0, 1)
+    ax2.set_title("Acquisition probe accuracy (lower is better)", fontsize=9)
+    ax2.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_label_maps(scans: List[ScanLatents], truth_names: bool, path) -> None:
+    """Cluster labels of one patient on its middle lattice slice: rows = representations, columns = acquisitions."""
+    from matplotlib.colors import ListedColormap
+
+    from .clusters import PALETTE
+
+    reps = ["entangled", "rotated"] + (["truth"] if truth_names else [])
+    z = int(np.median(scans[0].positions[:, 0]))
+    fig = _figure(2.2 * len(scans), 2.2 * len(reps))
+    colours = ["#ffffff"] + [tuple(c) for c in PALETTE][:16]
+    cmap = ListedColormap(colours)
+    shape = np.max(np.concatenate([s.positions for s in scans]), axis=0)[1:] + 1
+    for r, rep in enumerate(reps):
+        for c, s in enumerate(scans):
+            image = np.zeros(shape, dtype=np.int64)
+            sel = s.positions[:, 0] == z
+            values = s.truth if rep == "truth" else s.labels[rep]
+            image[s.positions[sel, 1], s.positions[sel, 2]] = values[sel]
+            ax = fig.add_subplot(len(reps), len(scans), r * len(scans) + c + 1)
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=len(colours) - 1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(s.acquisition, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(rep, fontsize=8)
+    fig.suptitle(f"Patient {scans[0].patient}: cluster labels per acquisition (colours matched per row only by chance)", fontsize=8)
+    _save(fig, path)
+
+
+def plot_latent_pca(eval_scans: List[ScanLatents], bundle, samples: int, seed: int, path) -> None:
+    """2-D PCA of held-out latents coloured by acquisition: entangled vs rotated biological coordinates."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(seed)
+    share = max(samples // len(eval_scans), 1)
+    picks = [np.sort(rng.choice(len(s.keys), size=min(share, len(s.keys)), replace=False)) for s in eval_scans]
+    X = np.concatenate([s.latents["entangled"][p] for s, p in zip(eval_scans, picks)]).astype(np.float64)
+    acq = np.concatenate([np.full(len(p), s.acquisition) for s, p in zip(eval_scans, picks)])
+    fig = _figure(9, 4)
+    for k, (title, Z) in enumerate((("entangled latent", X), ("rotated: biological coordinates", bundle.rotation.biological(X)))):
+        P = PCA(n_components=2, random_state=seed).fit_transform(Z)
+        ax = fig.add_subplot(1, 2, k + 1)
+        for a in np.unique(acq):
+            ax.scatter(P[acq == a, 0], P[acq == a, 1], s=3, alpha=0.5, label=a)
+        ax.set_title(f"PCA of {title}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.axes[0].legend(fontsize=7, markerscale=3)
+    _save(fig, path)
+
+
+def plot_traversals(bundle, train: List[ScanLatents], rows, path, steps=(-3, -2, -1, 0, 1, 2, 3)) -> dict:
+    """Decode latents moved along the top technical and top biological direction (in SDs of the training latents)."""
+    import torch
+
+    X, _ = _stack(train, rows, "entangled")
+    rot = bundle.rotation
+    directions = {"technical 1": rot.rotation_[:, 0]} if rot.n_technical_ > 0 else {}
+    directions["biological 1"] = rot.rotation_[:, rot.n_technical_]
+    decoder = bundle.decoder("cpu")
+    centre = np.median(X, axis=0)
+    fig = _figure(1.3 * len(steps), 1.5 * len(directions))
+    sds = {}
+    for r, (name, v) in enumerate(directions.items()):
+        sd = float(np.std(X @ v))
+        sds[name] = sd
+        batch = np.stack([centre + t * sd * v for t in steps]).astype(np.float32)
+        with torch.inference_mode():
+            patches = decoder(torch.from_numpy(batch)).numpy()
+        window = bundle.spec["hu_window"]
+        for c, t in enumerate(steps):
+            ax = fig.add_subplot(len(directions), len(steps), r * len(steps) + c + 1)
+            mid = patches[c, patches.shape[1] // 2] * (window[1] - window[0]) + window[0]
+            ax.imshow(mid, cmap="gray", vmin=-1000, vmax=-400)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{t:+d} SD", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("Decoded latent traversals (lung window -1000..-400 HU)", fontsize=8)
+    _save(fig, path)
+    return sds
+
+
+def plot_km(table: pd.DataFrame, risks: dict, path) -> dict:
+    from .survival import plot_km_by_risk
+
+    return plot_km_by_risk(table["time"], table["event"], risks["rotated"], path, title="Kaplan-Meier by risk (rotated composition)")
+
+
+# ----------------------------------------------------------------------------- report
+def _uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _table(rows: List[List[str]], head: List[str]) -> str:
+    h = "".join(f"<th>{html.escape(x)}</th>" for x in head)
+    body = "".join("<tr>" + "".join(f"<td>{x}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _ci(m: dict, key: str) -> str:
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key]:.3f} <small>({lo:.3f}–{hi:.3f})</small>"
+
+
+def render_report(metrics: dict, staged) -> str:
+    cons, probe_acc = metrics["consistency"], metrics["probe"]
+    cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"), f"{probe_acc[n]:.3f}"] for n, m in cons.items()]
+    gains = metrics["relative_gain"]
+    gain_rows = [[m.upper(), f"{gains['rotated_vs_entangled_percent'][m]:+.2f} %", f"+{gains['paper_percent'][m]:.2f} %"]
+                 for m in PAPER_GAIN_PERCENT]
+    truth_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi")] for n, m in metrics["truth_agreement"].items()]
+    surv_rows = [[html.escape(n), f"{m['c_index']:.3f} <small>({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})</small>",
+                  str(len(m["features"]))] for n, m in metrics["survival"].items()]
+    skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
+    figures = "".join(f"<h3>{html.escape(name[:-4].replace('_', ' '))}</h3><img alt='{name}' src='{_uri(staged.path(name))}'>"
+                      for name in FIGURES)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>LatentHarmonize evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style></head>
+<body><h1>LatentHarmonize evaluation</h1>
+<p>Model {html.escape(metrics['model']['sha256'][:12])}; {metrics['n_eval_patients']} held-out patients
+({metrics['n_eval_scans']} scans), clusters and harmonizers fitted on {metrics['n_train_scans']} training scans; K = {metrics['n_clusters']};
+seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.</p>
+<h2>Consistency across acquisitions (mean, 95 % bootstrap CI over patients) and acquisition probe</h2>
+{_table(cons_rows, ['representation', 'ARI', 'NMI', 'Dice', 'probe accuracy'])}
+<p>Probe chance level: {probe_acc['chance']:.3f}.</p>
+<h2>Rotated over entangled: relative gain</h2>{_table(gain_rows, ['metric', 'this run', 'paper'])}
+<h2>Agreement with the phantom truth</h2>{_table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
+<h2>Survival: cross-validated Cox C-index</h2>{_table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
+<h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
+{'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
+<h2>Figures</h2>{figures}
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------- orchestration
+def _select_patients(cohort: pd.DataFrame, limit: Optional[int]) -> pd.DataFrame:
+    if limit is None:
+        return cohort
+    keep = sorted(cohort["patient"].astype(str).unique())[:limit]
+    return cohort[cohort["patient"].astype(str).isin(keep)]
+
+
+def _training_cohort_path(bundle, train_cohort) -> Path:
+    if train_cohort is not None:
+        return Path(train_cohort)
+    recorded = bundle.manifest.get("training", {}).get("cohort")
+    if not recorded:
+        raise InputError("The model bundle does not record its training cohort; give it with --train-cohort TRAIN.csv.")
+    return Path(recorded)
+
+
+def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, seed: int = 0, quick: bool = False,
+             overwrite: bool = False, device: str = "cpu", progress: Progress | None = None) -> dict:
+    """Run the whole evaluation and write ``metrics.json``, ``report.html`` and figures to ``out_dir``."""
+    from .baselines import HistogramMatcher
+    from .bundle import load_bundle
+    from .cohort import read_cohort
+
+    progress = progress or Progress(quiet=True)
+    cfg = EvalConfig.for_run(seed, quick, device)
+    t0 = time.perf_counter()
+    staged = StagedOutput(out_dir, OUTPUTS, overwrite=overwrite)  # refuse existing results before any work
+    bundle = load_bundle(model)
+    encoders = Encoders(bundle, load_bundle(unoranic) if unoranic else None, device)
+    eval_rows = _select_patients(read_cohort(cohort_csv), cfg.max_eval_patients)
+    train_rows = _select_patients(read_cohort(_training_cohort_path(bundle, train_cohort)), cfg.max_train_patients)
+    overlap = set(map(str, eval_rows["image"])) & set(map(str, train_rows["image"]))
+    if overlap:
+        raise InputError(f"{len(overlap)} evaluation scans are also training scans (e.g. {sorted(overlap)[0]}); "
+                         "evaluate on patients not used in training.")
+
+    train: List[ScanLatents] = []
+    samples = []
+    for i, (_, row) in enumerate(train_rows.iterrows()):
+        scan, sample = _encode_row(row, "train", encoders)
+        train.append(scan)
+        samples.append(sample)
+        progress(30 * (i + 1) / len(train_rows), "encode", f"training scan {i + 1}/{len(train_rows)}")
+    matcher = HistogramMatcher(random_state=seed).fit(samples, [np.ones(s.shape, bool) for s in samples])
+    for i, (_, row) in enumerate(train_rows.iterrows()):  # the matched latents need the fitted reference
+        train[i].latents["histogram_matching"] = _matched_latents(row, encoders, matcher)
+        progress(30 + 10 * (i + 1) / len(train_rows), "encode", f"histogram-matched training scan {i + 1}/{len(train_rows)}")
+    evals = []
+    for i, (_, row) in enumerate(eval_rows.iterrows()):
+        evals.append(_encode_row(row, "eval", encoders, matcher)[0])
+        progress(40 + 15 * (i + 1) / len(eval_rows), "encode", f"evaluation scan {i + 1}/{len(eval_rows)}")
+    t_encode = time.perf_counter() - t0
+
+    rows = _training_rows(train, cfg.train_latents, seed)
+    skipped: Dict[str, str] = {}
+    funcs = representation_functions(bundle, train, rows, seed, set(train[0].latents), skipped)
+    n_clusters = int(len(bundle.clusters.centroids_))
+    assign_clusters(funcs, train + evals, train, rows, n_clusters, seed, progress)
+    names = list(funcs)
+
+    metrics: dict = {
+        "consistency": consistency(evals, names, cfg.n_boot, seed),
+        "truth_agreement": truth_agreement(evals, names, cfg.n_boot, seed),
+        "probe": probe(evals, funcs, cfg.probe_samples, seed),
+    }
+    progress(80, "metrics", "consistency, truth agreement and probe done")
+    table = patient_profiles(train + evals, names, n_clusters)
+    metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot)
+    metrics["relative_gain"] = relative_gains(metrics["consistency"])
+    metrics["goal"] = goal_check(metrics)
+    metrics.update({
+        "model": {"path": str(model or "default"), "sha256": bundle.sha256, "n_technical": int(bundle.rotation.n_technical_)},
+        "n_clusters": n_clusters, "seed": seed, "quick": quick, "skipped": skipped,
+        "n_train_scans": len(train), "n_eval_scans": len(evals), "n_eval_patients": len(_by_patient(evals)),
+        "n_survival_patients": int(len(table)), "survival_population": "training and evaluation patients (outcome-free clustering, cross-validated Cox)",
+    })
+    progress(85, "figures", "drawing figures")
+    with staged:
+        plot_consistency(metrics["consistency"], metrics["probe"], staged.path("consistency.png"))
+        example = next(v for v in _by_patient(evals).values() if len(v) >= 2)
+        plot_label_maps(example, all(s.truth is not None for s in example), staged.path("label_maps.png"))
+        metrics["km"] = plot_km(table, risks, staged.path("km.png")) if risks else {}
+        plot_latent_pca(evals, bundle, cfg.probe_samples, seed, staged.path("latent_pca.png"))
+        metrics["traversal_sd"] = plot_traversals(bundle, train, rows, staged.path("traversals.png"))
+        metrics["timings_s"] = {"encode": round(t_encode, 1), "total": round(time.perf_counter() - t0, 1)}
+        staged.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
+        staged.path("report.html").write_text(render_report(metrics, staged), encoding="utf-8")
+    progress(100, "done", f"wrote {', '.join(OUTPUTS)}")
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("cohort", help="evaluation cohort CSV (patients NOT used in training)")
+    parser.add_argument("--model", help="model bundle folder (default: the bundled default model)")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json, report.html and figures")
+    parser.add_argument("--train-cohort", help="training cohort CSV the baselines and clusters are fitted on "
+                                              "(default: the cohort recorded in the bundle)")
+    parser.add_argument("--unoranic", help="bundle trained with --encoder unoranic, for the unoranic baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="subsample patients and latents (smoke test, minutes)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
+    parser.add_argument("--machine-progress", action="store_true", help="print LH-PROGRESS lines")
+
+
+def run(args) -> int:
+    metrics = evaluate(args.cohort, args.out, model=args.model, train_cohort=args.train_cohort, unoranic=args.unoranic,
+                       seed=args.seed, quick=args.quick, overwrite=args.overwrite, device=args.device,
+                       progress=Progress(machine=args.machine_progress))
+    print(format_summary(metrics))
+    return 0
+
+
+def format_summary(metrics: dict) -> str:
+    """A plain-text table of the headline numbers (what the README carries)."""
+    lines = [f"{'representation':20s} {'ARI':>6s} {'NMI':>6s} {'Dice':>6s} {'probe':>6s} {'C-index':>8s}"]
+    for n, m in metrics["consistency"].items():
+        c = metrics["survival"].get(n, {}).get("c_index", float("nan"))
+        lines.append(f"{n:20s} {m['ari']:6.3f} {m['nmi']:6.3f} {m['dice']:6.3f} {metrics['probe'][n]:6.3f} {c:8.3f}")
+    lines.append(f"{'chance (probe)':20s} {'':6s} {'':6s} {'':6s} {metrics['probe']['chance']:6.3f}")
+    for k in ("hu_thresholds", "true_composition"):
+        if k in metrics["survival"]:
+            lines.append(f"{k:20s} {'':6s} {'':6s} {'':6s} {'':6s} {metrics['survival'][k]['c_index']:8.3f}")
+    g = metrics["relative_gain"]["rotated_vs_entangled_percent"]
+    lines.append("rotated vs entangled: " + ", ".join(f"{m.upper()} {g[m]:+.2f} % (paper +{PAPER_GAIN_PERCENT[m]:.2f} %)"
+                                                      for m in PAPER_GAIN_PERCENT))
+    return "\n".join(lines)
