@@ -1,0 +1,328 @@
+"""Reading and writing volumes: chest CT in Hounsfield units, lung masks, label maps.
+
+Formats: NRRD, NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) and DICOM series (a folder, or one
+file of the wanted series). Spacing, origin and direction are kept as read (ITK/LPS convention).
+Every problem a user can fix raises :class:`~latentharmonize.errors.InputError` saying what was
+wrong and what to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+
+SUPPORTED = ".nrrd, .nii, .nii.gz, .mha, .mhd or a DICOM series folder"
+WRITABLE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
+
+# HU plausibility (see docs/io-and-lung-mask.md). Air is -1000 HU and normal lung about -850 HU;
+# nothing else in a body is below -500 HU, and a chest CT always holds air around the body or in
+# the lungs. Fat is about -100 HU and soft tissue 20..60 HU, so a chest CT always has voxels above
+# -200 HU. MR, PET, normalised ([0, 1]) or un-rescaled CT (air stored near 0) have no voxel below
+# -500, and fail the first rule.
+AIR_BELOW_HU = -500.0
+MIN_AIR_FRACTION = 0.001
+TISSUE_ABOVE_HU = -200.0
+MIN_TISSUE_FRACTION = 0.001
+_SAMPLE_VOXELS = 2_000_000  # statistics are taken on a regular subsample of at most this many voxels
+
+
+def read_ct(path) -> sitk.Image:
+    """Read a chest CT and check that it is a usable 3D volume in Hounsfield units.
+
+    ``path`` is an image file, a DICOM series folder, or one file of a DICOM series (then the
+    whole series that file belongs to is read). DICOM rescale slope/intercept are applied.
+    Returns an ``Int16`` (integer data) or ``Float32`` image.
+    """
+    path = Path(path)
+    image = _read_any(path, "CT")
+    image = _as_3d_scalar(image, path)
+    _check_finite_and_varied(image, path)
+    _check_hounsfield(image, path)
+    return _as_ct_pixel_type(image)
+
+
+def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
+    """Read a user lung mask on the geometry of ``reference`` (the CT it belongs to).
+
+    Nonzero voxels are lung. A mask holding exactly labels 1 and 2 keeps them as the two lungs
+    (ordered so that 1 is the patient's right, 2 the left); any other mask is binarised and split
+    into right (1) and left (2) with :func:`latentharmonize.lungmask.split_left_right`.
+    """
+    from .lungmask import split_left_right  # lungmask imports io helpers; import lazily
+
+    path = Path(path)
+    mask = _as_3d_scalar(_read_any(path, "mask"), path)
+    if not same_geometry(mask, reference, tol=tol):
+        raise InputError(f"Mask {path} does not lie on the CT's voxel grid: {_geometry_difference(mask, reference)}. "
+                         "Resample the mask onto the CT (e.g. in 3D Slicer: Resample Scalar/Vector/DWI Volume "
+                         "with the CT as reference and nearest-neighbour interpolation), then try again.")
+    labels = sitk.GetArrayViewFromImage(mask)
+    values = np.unique(labels)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"Mask {path} contains NaN or infinite values; a mask must hold integer labels.")
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        raise InputError(f"Mask {path} is empty (all voxels are 0); nonzero voxels must mark the lungs.")
+    if set(nonzero.tolist()) == {1, 2}:
+        return _order_sides(sitk.Cast(mask, sitk.sitkUInt8), reference)
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    binary.CopyInformation(reference)
+    return split_left_right(binary)
+
+
+def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
+    """Write ``image`` atomically (temporary sibling file, then ``os.replace``); geometry is kept as is.
+
+    Single-file formats only (.nrrd, .nii, .nii.gz, .mha), so the rename publishes the whole image.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in WRITABLE_SUFFIXES:
+        raise OutputError(f"Cannot write {path}: use one of {', '.join(WRITABLE_SUFFIXES)} "
+                          "(single-file formats, so the file appears complete or not at all).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=compress)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, RuntimeError):
+            raise OutputError(f"Cannot write {path}: {_itk_reason(exc)}") from exc
+        raise
+    return path
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """True when ``a`` and ``b`` share size, and spacing, origin and direction within ``tol``.
+
+    ``tol`` is relative for spacing and origin (absolute below 1 mm) and absolute for direction
+    cosines, so float32 headers (NIfTI) still match their double-precision source.
+    """
+    if a.GetDimension() != b.GetDimension() or a.GetSize() != b.GetSize():
+        return False
+    return all(_close(getattr(a, f)(), getattr(b, f)(), tol, relative)
+               for f, relative in (("GetSpacing", True), ("GetOrigin", True), ("GetDirection", False)))
+
+
+def image_sha256(path) -> str:
+    """SHA-256 identifying an input: the file's bytes, or for a folder (DICOM series) the sorted
+    relative file names and their bytes. For ``.mhd`` the separate data file is included."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+            _hash_file(file, digest)
+    elif path.is_file():
+        _hash_file(path, digest)
+        data_file = _mhd_data_file(path)
+        if data_file is not None:
+            _hash_file(data_file, digest)
+    else:
+        raise InputError(f"Cannot hash {path}: no such file or folder.")
+    return digest.hexdigest()
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _read_any(path: Path, what: str) -> sitk.Image:
+    if not path.exists():
+        raise InputError(f"{what} path {path} does not exist. Check the spelling, or give an absolute path.")
+    if path.is_dir():
+        return _read_dicom_folder(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{path} is not an image that can be read ({_itk_reason(exc)}). "
+                         f"Give a {what} as {SUPPORTED}.") from exc
+    if reader.GetImageIO() == "GDCMImageIO":
+        return _read_dicom_series_of_file(path)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{path} could not be read: {_itk_reason(exc)}. The file may be truncated or corrupt.") from exc
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"Folder {folder} holds no DICOM series. Give a folder of DICOM files or an image file "
+                         f"({SUPPORTED}).")
+    if len(series) > 1:
+        listed = "; ".join(_describe_series(folder, uid) for uid in series[:8])
+        raise InputError(f"Folder {folder} holds {len(series)} DICOM series: {listed}. Pick one: give the path of "
+                         "any one file of the wanted series instead of the folder, or put that series in its own folder.")
+    return _read_series(folder, series[0])
+
+
+def _read_dicom_series_of_file(file: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    reader.ReadImageInformation()
+    uid = reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+    if not uid:
+        raise InputError(f"DICOM file {file} has no SeriesInstanceUID; give its folder instead.")
+    return _read_series(file.parent, uid)
+
+
+def _read_series(folder: Path, uid: str) -> sitk.Image:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)  # GDCM sorts by position; rescale slope/intercept are applied on read
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"DICOM series {uid} in {folder} could not be read: {_itk_reason(exc)}.") from exc
+
+
+def _describe_series(folder: Path, uid: str) -> str:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    reader.ReadImageInformation()
+    description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else "no description"
+    return f"{uid} ('{description}', {len(files)} files, e.g. {Path(files[0]).name})"
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _as_3d_scalar(image: sitk.Image, path: Path) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path} has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector "
+                         "image); a CT or mask has one value per voxel. Export it as a grey-scale volume.")
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    size = image.GetSize()
+    if image.GetDimension() == 2 or (image.GetDimension() == 3 and min(size) == 1):
+        raise InputError(f"{path} is a 2D image (size {'x'.join(map(str, size))}); give a 3D volume (a stack of "
+                         "axial slices, e.g. the whole DICOM series folder).")
+    if image.GetDimension() != 3:
+        raise InputError(f"{path} is a {image.GetDimension()}D image (size {size}); give a single 3D volume.")
+    if min(size) == 0:
+        raise InputError(f"{path} is empty (size {size}).")
+    return image
+
+
+def _check_finite_and_varied(image: sitk.Image, path: Path) -> None:
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise InputError(f"{path} contains {bad} NaN or infinite voxel values; a CT must hold finite HU everywhere. "
+                         "Replace them (e.g. by -1000 HU outside the field of view) and try again.")
+    minimum, maximum = _min_max(image)
+    if minimum == maximum:
+        raise InputError(f"{path} is constant (every voxel is {minimum:g}); it holds no image. Check the export.")
+
+
+def _check_hounsfield(image: sitk.Image, path: Path) -> None:
+    sample = _subsample(image)
+    minimum, maximum = _min_max(image)
+    shown = f"intensities {minimum:g} .. {maximum:g}"
+    if np.mean(sample < AIR_BELOW_HU) < MIN_AIR_FRACTION:
+        raise InputError(f"{path} does not look like a CT in Hounsfield units ({shown}): it has no air or lung "
+                         f"(values below {AIR_BELOW_HU:g} HU), which every chest CT has. MR, PET or normalised images "
+                         "are not supported; a CT stored without its rescale intercept (air near 0) needs 1024 "
+                         "subtracted.")
+    if np.mean(sample > TISSUE_ABOVE_HU) < MIN_TISSUE_FRACTION:
+        raise InputError(f"{path} does not look like a chest CT in Hounsfield units ({shown}): it has no fat or soft "
+                         f"tissue (values above {TISSUE_ABOVE_HU:g} HU). Give the whole CT, not a masked or "
+                         "inverted copy.")
+
+
+def _subsample(image: sitk.Image) -> np.ndarray:
+    values = sitk.GetArrayViewFromImage(image)
+    step = max(1, int(np.ceil((values.size / _SAMPLE_VOXELS) ** (1.0 / 3.0))))
+    return values[::step, ::step, ::step]
+
+
+def _min_max(image: sitk.Image) -> tuple:
+    f = sitk.MinimumMaximumImageFilter()
+    f.Execute(image)
+    return f.GetMinimum(), f.GetMaximum()
+
+
+def _as_ct_pixel_type(image: sitk.Image) -> sitk.Image:
+    if image.GetPixelID() in (sitk.sitkInt16, sitk.sitkFloat32):
+        return image
+    values = sitk.GetArrayViewFromImage(image)
+    minimum, maximum = _min_max(image)
+    fits_int16 = values.dtype.kind in "iu" and -32768 <= minimum and maximum <= 32767
+    return sitk.Cast(image, sitk.sitkInt16 if fits_int16 else sitk.sitkFloat32)
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+
+def _order_sides(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Relabel a two-label mask so 1 is the patient's right (smaller LPS x) and 2 the left."""
+    mask.CopyInformation(reference)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    if stats.GetCentroid(1)[0] <= stats.GetCentroid(2)[0]:
+        return mask
+    swapped = sitk.ChangeLabel(mask, changeMap={1: 2, 2: 1})
+    return sitk.Cast(swapped, sitk.sitkUInt8)
+
+
+def _geometry_difference(a: sitk.Image, b: sitk.Image) -> str:
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs CT {b.GetSize()}"
+    for name in ("Spacing", "Origin", "Direction"):
+        va, vb = getattr(a, f"Get{name}")(), getattr(b, f"Get{name}")()
+        if not _close(va, vb, 1e-3, name != "Direction"):
+            return f"{name.lower()} {_fmt(va)} vs CT {_fmt(vb)}"
+    return "geometry differs"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _close(a, b, tol: float, relative: bool) -> bool:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    scale = np.maximum(1.0, np.maximum(np.abs(a), np.abs(b))) if relative else 1.0
+    return bool(np.all(np.abs(a - b) <= tol * scale))
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The last line of an ITK exception, which names the actual problem."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _hash_file(path: Path, digest) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+
+
+def _mhd_data_file(path: Path) -> Path | None:
+    if path.suffix.lower() != ".mhd":
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile" and value.strip() not in ("LOCAL", ""):
+            candidate = path.parent / value.strip()
+            return candidate if candidate.is_file() else None
+    return None

@@ -1,0 +1,282 @@
+"""Automatic lung segmentation for chest CT, with no learned weights.
+
+Lungs are the large air-filled regions inside the body. The heavy work runs on a copy shrunk to
+about 2 mm voxels and reoriented to LPS; the result is brought back to the CT's own grid, where
+the boundary is refined at full resolution. Steps:
+
+1. air = HU below ``AIR_HU``; air connected to the in-plane image border is outside the body;
+2. the trachea and main bronchi are tracked from the top slice down (a small midline air region
+   whose cross-section follows slice to slice) and removed; tracking of a branch stops where its
+   cross-section explodes, i.e. where it opens into a lung;
+3. components too small to be a lung (bowel gas, air in the table) are dropped;
+4. the lungs are split into right (1) and left (2) by physical LPS x (the patient's left is +x);
+   lungs that touch are eroded until they separate, then grown back to their nearest seed;
+5. each lung is closed and its holes filled per axial slice, so vessels, nodules and
+   consolidation inside the lung are part of the mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import InputError, NoLungFoundError
+
+AIR_HU = -400.0               # between lung (about -850 HU) and fat/soft tissue (-100..+60 HU)
+WORK_SPACING_MM = 2.0         # voxel size of the working copy
+CLOSING_RADIUS_MM = 5.0       # fills concavities such as subpleural consolidation and vessels at the surface
+MIN_LUNG_ML = 100.0           # less air than this inside the body means no lung in the scan
+KEEP_FRACTION = 0.1           # an air component smaller than this fraction of the largest is not lung
+TRACHEA_AREA_MM2 = (30.0, 1000.0)  # cross-section of an adult trachea is about 80..700 mm^2
+EXPLODE_FACTOR = 3.0          # an airway cross-section growing past this multiple of the trachea's has hit a lung
+MAX_SPLIT_EROSIONS = 12
+RIGHT, LEFT = 1, 2
+
+
+def segment_lungs(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> sitk.Image:
+    """Segment the lungs of a chest CT (HU). Returns UInt8 on the CT's grid: 0 background, 1 right, 2 left.
+
+    Raises :class:`NoLungFoundError` when the scan holds no air-filled region inside the body of at
+    least ``min_lung_ml`` mL (e.g. an abdomen-only scan or a phantom without lungs).
+    """
+    _check_ct(ct)
+    work = _work_copy(ct)
+    hu = sitk.GetArrayViewFromImage(work)
+    spacing = np.array(work.GetSpacing()[::-1])  # (z, y, x) mm
+    air = hu < AIR_HU
+    outside = _outside_air(air)
+    midline = _centre_x_index(~outside)
+    candidates = air & ~outside
+    candidates &= ~_track_airways(candidates, spacing, midline)
+    lungs = _keep_lung_components(candidates, spacing, min_lung_ml)
+    sides = _side_map(lungs, work, midline_x=_physical_x(work, midline))
+    labels = _fill_each_lung(lungs, sides, spacing)
+    return _to_full_resolution(labels, work, ct)
+
+
+def split_left_right(mask: sitk.Image) -> sitk.Image:
+    """Split a binary lung mask (nonzero = lung) into right (1) and left (2) lungs, on its own grid.
+
+    Sides come from physical LPS x; lungs that touch are separated by erosion and grown back.
+    A single lung is assigned to the side of the image centre it lies on.
+    """
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    factors = _shrink_factors(binary)
+    work = sitk.DICOMOrient(sitk.BinShrink(binary, factors), "LPS")  # mean of 0/1: > 0 keeps thin parts
+    lungs = sitk.GetArrayViewFromImage(work) > 0
+    if not lungs.any():
+        raise InputError("The lung mask is empty; nonzero voxels must mark the lungs.")
+    centre = [(s - 1) / 2.0 for s in mask.GetSize()]
+    sides = _side_map(lungs, work, midline_x=mask.TransformContinuousIndexToPhysicalPoint(centre)[0])
+    side_image = sitk.GetImageFromArray(sides)
+    side_image.CopyInformation(work)
+    full = sitk.Resample(side_image, binary, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Cast(full * binary, sitk.sitkUInt8)
+
+
+def lung_volumes_ml(mask: sitk.Image) -> dict:
+    """Volume of each lung in mL: ``{"right": ..., "left": ..., "total": ...}`` (labels 1 and 2)."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(mask).ravel(), minlength=3)
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    right, left = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
+    return {"right": right, "left": left, "total": right + left}
+
+
+# --- working copy ------------------------------------------------------------------------------
+
+
+def _check_ct(ct: sitk.Image) -> None:
+    if ct.GetDimension() != 3 or ct.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"Lung segmentation needs a 3D scalar CT; got a {ct.GetDimension()}D image with "
+                         f"{ct.GetNumberOfComponentsPerPixel()} values per voxel. Read it with io.read_ct.")
+
+
+def _shrink_factors(image: sitk.Image) -> list:
+    return [max(1, int(round(WORK_SPACING_MM / s))) for s in image.GetSpacing()]
+
+
+def _work_copy(ct: sitk.Image) -> sitk.Image:
+    """Average down to about 2 mm (partial-volume averaging also tames noise), then reorient to LPS
+    so array axes run (inferior->superior, anterior->posterior, right->left)."""
+    return sitk.DICOMOrient(sitk.BinShrink(ct, _shrink_factors(ct)), "LPS")
+
+
+def _physical_x(image: sitk.Image, x_index: float) -> float:
+    centre = [x_index, (image.GetSize()[1] - 1) / 2.0, (image.GetSize()[2] - 1) / 2.0]
+    return image.TransformContinuousIndexToPhysicalPoint(centre)[0]
+
+
+def _centre_x_index(region: np.ndarray) -> float:
+    weights = region.sum(axis=(0, 1), dtype=np.float64)
+    return float(np.average(np.arange(weights.size), weights=weights)) if weights.sum() else (weights.size - 1) / 2.0
+
+
+# --- steps on the working copy (arrays are [z, y, x], z running inferior -> superior) ----------
+
+
+def _outside_air(air: np.ndarray) -> np.ndarray:
+    """Air connected to the in-plane (x/y) border. The top and bottom faces are not seeds: the
+    trachea leaves the volume through the top slice and must not count as outside."""
+    labels, _ = ndimage.label(air)
+    faces = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                            labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    border_ids = np.unique(faces[faces > 0])
+    return np.isin(labels, border_ids)
+
+
+def _track_airways(candidates: np.ndarray, spacing: np.ndarray, midline: float) -> np.ndarray:
+    """Trachea and main bronchi: follow a midline air region from the top slice down, slice by
+    slice, keeping the 2D components that overlap the airway of the slice above; a component
+    whose area explodes past EXPLODE_FACTOR x the trachea's area is lung and ends its branch."""
+    pixel_mm2 = spacing[1] * spacing[2]
+    airways = np.zeros_like(candidates)
+    seed_z, seed = _find_trachea(candidates, pixel_mm2, midline)
+    if seed is None:
+        return airways  # scan starts below the carina, or no trachea visible: nothing to remove
+    limit = EXPLODE_FACTOR * seed.sum()
+    airways[seed_z], current = seed, seed
+    for z in range(seed_z - 1, -1, -1):
+        labels, _ = ndimage.label(candidates[z])
+        touched = np.unique(labels[current & (labels > 0)])
+        areas = np.bincount(labels.ravel())
+        branch = np.isin(labels, touched[areas[touched] <= limit])
+        if not branch.any():
+            break
+        airways[z], current = branch, branch
+    return airways
+
+
+def _find_trachea(candidates: np.ndarray, pixel_mm2: float, midline: float):
+    """Topmost slice holding a trachea-sized air region near the body midline (x index ``midline``;
+    lung apices are lateral); returns (z, 2D mask) or (None, None). Searches the top quarter of the
+    air's extent."""
+    slices = np.flatnonzero(candidates.any(axis=(1, 2)))
+    if slices.size == 0:
+        return None, None
+    top, bottom = slices[-1], slices[-1] - max(1, (slices[-1] - slices[0]) // 4)
+    half_width = 0.15 * candidates.shape[2]
+    for z in range(top, bottom - 1, -1):
+        labels, n = ndimage.label(candidates[z])
+        if n == 0:
+            continue
+        areas = np.bincount(labels.ravel())[1:] * pixel_mm2
+        centres = np.array(ndimage.center_of_mass(candidates[z], labels, range(1, n + 1)))[:, 1]
+        ok = (areas >= TRACHEA_AREA_MM2[0]) & (areas <= TRACHEA_AREA_MM2[1]) & (np.abs(centres - midline) < half_width)
+        if ok.any():
+            best = 1 + int(np.argmax(np.where(ok, areas, -1)))
+            return z, labels == best
+    return None, None
+
+
+def _keep_lung_components(candidates: np.ndarray, spacing: np.ndarray, min_lung_ml: float) -> np.ndarray:
+    labels, n = ndimage.label(candidates)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    volumes = np.bincount(labels.ravel(), minlength=2)[1:] * voxel_ml
+    if volumes.max() < min_lung_ml:
+        found = f"the largest air region inside the body is {volumes.max():.0f} mL" if n else "no air inside the body"
+        raise NoLungFoundError(f"No lung found: {found} (a lung holds at least {min_lung_ml:g} mL below "
+                               f"{AIR_HU:g} HU). Check that this is a chest CT covering the lungs, or give a lung mask.")
+    keep = 1 + np.flatnonzero(volumes >= KEEP_FRACTION * volumes.max())
+    return np.isin(labels, keep)
+
+
+def _side_map(lungs: np.ndarray, work: sitk.Image, midline_x: float) -> np.ndarray:
+    """Side (1 right, 2 left) for every voxel of the working grid: the side of the nearest lung seed.
+
+    Seeds are the lungs eroded until two sizeable components appear; with a single lung every
+    voxel gets that lung's side, from its centroid against ``midline_x``.
+    """
+    seeds = _two_seeds(lungs)
+    if seeds is None:
+        side = LEFT if _centroid_x(lungs, work) > midline_x else RIGHT
+        return np.full(lungs.shape, side, np.uint8)
+    first, second = seeds
+    first_is_right = _centroid_x(first, work) < _centroid_x(second, work)
+    seed_labels = np.zeros(lungs.shape, np.uint8)
+    seed_labels[first] = RIGHT if first_is_right else LEFT
+    seed_labels[second] = LEFT if first_is_right else RIGHT
+    spacing = np.array(work.GetSpacing()[::-1])
+    nearest = ndimage.distance_transform_edt(seed_labels == 0, sampling=spacing,
+                                             return_distances=False, return_indices=True)
+    return seed_labels[tuple(nearest)]
+
+
+def _two_seeds(lungs: np.ndarray):
+    """Erode until the two largest components each hold >= KEEP_FRACTION of the eroded total."""
+    eroded = lungs
+    for _ in range(MAX_SPLIT_EROSIONS + 1):
+        labels, n = ndimage.label(eroded)
+        if n >= 2:
+            sizes = np.bincount(labels.ravel())[1:]
+            order = np.argsort(sizes)[::-1]
+            if sizes[order[1]] >= KEEP_FRACTION * sizes.sum():
+                return labels == order[0] + 1, labels == order[1] + 1
+        eroded = ndimage.binary_erosion(eroded)
+        if not eroded.any():
+            return None
+    return None
+
+
+def _centroid_x(region: np.ndarray, work: sitk.Image) -> float:
+    index = np.array(ndimage.center_of_mass(region))[::-1]  # (x, y, z)
+    return work.TransformContinuousIndexToPhysicalPoint(index.tolist())[0]
+
+
+def _fill_each_lung(lungs: np.ndarray, sides: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Close and fill holes per lung (per axial slice as well, so a dense region enclosed in-plane
+    is lung even when it reaches the next slice's surface); returns labels 0/1/2."""
+    radius = np.maximum(1, np.round(CLOSING_RADIUS_MM / spacing)).astype(int)
+    ball = _ellipsoid(radius)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    filled = np.zeros(lungs.shape, bool)
+    for side in (RIGHT, LEFT):
+        lung = lungs & (sides == side)
+        if not lung.any():
+            continue
+        padded = np.pad(lung, [(r, r) for r in radius])  # closing must not erode lungs cut by the volume edge
+        closed = ndimage.binary_closing(padded, ball)[tuple(slice(r, -r) for r in radius)]
+        filled |= ndimage.binary_fill_holes(closed, in_plane)
+    return np.where(filled, sides, 0).astype(np.uint8)
+
+
+def _ellipsoid(radius) -> np.ndarray:
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    return sum((g / r) ** 2 for g, r in zip(grid, radius)) <= 1.0
+
+
+# --- back to the CT grid -------------------------------------------------------------------------
+
+
+def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) -> sitk.Image:
+    """Bring each lung back onto the CT grid. Voxels deep inside the low-resolution lung keep it
+    (so dense lesions stay in); in the boundary band (partial overlap after linear interpolation)
+    a voxel is lung only if it is air-like in the full-resolution CT, which gives a sharp edge."""
+    hu = sitk.GetArrayViewFromImage(ct)
+    out = np.zeros(hu.shape, np.uint8)
+    (x0, y0, z0), (x1, y1, z1) = (map(int, corner) for corner in _full_resolution_box(labels, work, ct))
+    region = ct[x0:x1, y0:y1, z0:z1]  # the reference grid for resampling; sitk indexes (x, y, z)
+    air = hu[z0:z1, y0:y1, x0:x1] < AIR_HU
+    view = out[z0:z1, y0:y1, x0:x1]
+    for side in (RIGHT, LEFT):
+        level = sitk.GetImageFromArray((labels == side).astype(np.uint8) * 200)
+        level.CopyInformation(work)
+        up = sitk.GetArrayFromImage(sitk.Resample(level, region, sitk.Transform(), sitk.sitkLinear, 0, sitk.sitkUInt8))
+        view[(up >= 199) | ((up > 0) & air)] = side  # 200 = all interpolation neighbours inside
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(ct)
+    return result
+
+
+def _full_resolution_box(labels: np.ndarray, work: sitk.Image, ct: sitk.Image):
+    """Index box (x, y, z) start/stop on the CT grid covering the lungs plus one working voxel."""
+    zs, ys, xs = [np.flatnonzero(labels.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+    lo = np.array([xs[0], ys[0], zs[0]]) - 1.0
+    hi = np.array([xs[-1], ys[-1], zs[-1]]) + 1.0
+    corners = [[(lo, hi)[bx][0], (lo, hi)[by][1], (lo, hi)[bz][2]] for bx in (0, 1) for by in (0, 1) for bz in (0, 1)]
+    index = np.array([ct.TransformPhysicalPointToContinuousIndex(work.TransformContinuousIndexToPhysicalPoint(c))
+                      for c in corners])
+    size = np.array(ct.GetSize())
+    start = np.clip(np.floor(index.min(axis=0)).astype(int), 0, size)
+    stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, 0, size)
+    return start, stop
