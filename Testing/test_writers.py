@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,8 @@ def test_segmentation_bytes_are_deterministic(tmp_path):
     write_segmentation(image, tmp_path / "a.seg.nrrd", NAMES, COLORS)
     write_segmentation(image, tmp_path / "b.seg.nrrd", NAMES, COLORS)
     assert (tmp_path / "a.seg.nrrd").read_bytes() == (tmp_path / "b.seg.nrrd").read_bytes()
+    header = (tmp_path / "a.seg.nrrd").read_bytes()[:1024]
+    assert not re.search(rb"\d{4}-\d\d-\d\d \d\d:\d\d", header), "no write time in the header"
 
 
 def test_missing_colour_is_refused(tmp_path):

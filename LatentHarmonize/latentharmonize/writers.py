@@ -7,6 +7,7 @@ higher levels cost seconds on a full-size CT for a few percent of size.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,17 @@ def write_segmentation(labels: sitk.Image, path, names: dict, colors: dict,
         "segments": segment_entries(names, colors, labels.GetSize()),
     }
     slicerio.write_segmentation(str(path), segmentation, compression_level=compression_level)
+    _blank_write_time(path)
+
+
+def _blank_write_time(path) -> None:
+    """Blank the write-time comment pynrrd puts in the header, in place (same length), for stable bytes."""
+    with open(path, "r+b") as fh:
+        head = fh.read(1024)
+        stamp = re.search(rb"# on [^\n]*\(GMT\)\.\n", head)
+        if stamp:
+            fh.seek(stamp.start())
+            fh.write(b"#" + b" " * (stamp.end() - stamp.start() - 2) + b"\n")
 
 
 def write_volume(image: sitk.Image, path, compression_level: int = COMPRESSION_LEVEL) -> None:
