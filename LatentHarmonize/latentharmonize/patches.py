@@ -21,6 +21,7 @@ import torch
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, MapTransform, RandFlipd, RandomizableTransform, RandRotate90d
 
+from .clusters import PROFILE_KEYS, patch_statistics
 from .errors import InputError
 from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid
 from .networks import PATCH_SIZE, SLICES, STRIDE
@@ -36,7 +37,6 @@ DEFAULT_SPEC = {
     "outside_fill_hu": -850.0,  # normal lung: the chest wall must not drive border patches
     "min_lung_fraction": 0.5,  # of a centre's cell for the centre to count as lung
 }
-HU_STATS = ("mean_hu", "sd_hu", "low_attenuation", "high_attenuation")
 
 
 def resolve_spec(spec: dict | None) -> dict:
@@ -115,13 +115,6 @@ def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: dict) -> np
     return np.ascontiguousarray(windows[pos[:, 0], s * pos[:, 1], s * pos[:, 2]])
 
 
-def hu_statistics(hu_patches: np.ndarray) -> dict:
-    """Per-patch HU profile used to name clusters: mean, SD (texture), fraction < -950 and > -500 HU."""
-    flat = hu_patches.reshape(len(hu_patches), -1)
-    return {"mean_hu": flat.mean(1), "sd_hu": flat.std(1), "low_attenuation": (flat < -950).mean(1),
-            "high_attenuation": (flat > -500).mean(1)}
-
-
 # ----------------------------------------------------------------------------- training samples
 @dataclass
 class Scan:
@@ -145,7 +138,7 @@ class PairedPatches:
     point: np.ndarray  # [n] int, global id of the physical point
     scan: np.ndarray  # [n] int, index of the scan the row comes from
     keys: np.ndarray  # [n, 3] int64 physical micrometres of the centre
-    stats: dict = field(default_factory=dict)  # HU_STATS -> [n]
+    stats: dict = field(default_factory=dict)  # clusters.PROFILE_KEYS -> [n], HU profile of the centre slice
     truth: np.ndarray | None = None  # [n] int tissue label at the centre, when scans carry truth
 
     def __len__(self) -> int:
@@ -205,6 +198,20 @@ def sample_paired_patches(scans: list, per_patient: int, spec: dict | None = Non
     return _concat_rows(parts)
 
 
+def concat_samples(parts: list) -> PairedPatches:
+    """Join samples drawn separately (e.g. patient by patient); point and scan ids are renumbered to stay unique."""
+    if not parts:
+        raise InputError("No patches were sampled: the cohort has no scans.")
+    rows, point_base, scan_base = [], 0, 0
+    for part in parts:
+        rows.append({"patches": part.patches, "patient": part.patient, "acquisition": part.acquisition,
+                     "point": part.point + point_base, "scan": part.scan + scan_base, "keys": part.keys,
+                     "stats": part.stats, **({} if part.truth is None else {"truth": part.truth})})
+        point_base += int(part.point.max()) + 1
+        scan_base += int(part.scan.max()) + 1
+    return _concat_rows(rows)
+
+
 def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarray, point_ids: np.ndarray,
                   spec: dict) -> dict:
     filled = np.where(scan.lung, scan.hu, np.float32(spec["outside_fill_hu"]))
@@ -214,7 +221,7 @@ def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarra
             "patient": np.full(len(positions), str(scan.patient), dtype=object),
             "acquisition": np.full(len(positions), str(scan.acquisition), dtype=object),
             "point": point_ids, "scan": np.full(len(positions), index), "keys": keys,
-            "stats": hu_statistics(raw[:, spec["slices"] // 2])}
+            "stats": patch_statistics(raw[:, spec["slices"] // 2])}
     if scan.truth is not None:
         c = (spec["patch_size"] - 1) // 2
         z, y, x = positions[:, 0] + spec["slices"] // 2, spec["stride"] * positions[:, 1] + c, spec["stride"] * positions[:, 2] + c
@@ -224,7 +231,7 @@ def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarra
 
 def _concat_rows(parts: list) -> PairedPatches:
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("patches", "patient", "acquisition", "point", "scan", "keys")}
-    stats = {k: np.concatenate([p["stats"][k] for p in parts]) for k in HU_STATS}
+    stats = {k: np.concatenate([p["stats"][k] for p in parts]) for k in PROFILE_KEYS}
     truth = np.concatenate([p["truth"] for p in parts]) if all("truth" in p for p in parts) else None
     return PairedPatches(stats=stats, truth=truth, **cat)
 

@@ -1,0 +1,69 @@
+"""Training: checkpoints and --resume reproduce an uninterrupted run; a short real run yields a loadable bundle."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentharmonize.errors import InputError, OutputError
+from latentharmonize.patches import sample_paired_patches
+from latentharmonize.train import TrainConfig, fit_encoder, train
+
+from test_patches import patient_scans
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return sample_paired_patches(patient_scans("a") + patient_scans("b"), per_patient=48, seed=0)
+
+
+def weights(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_resume_reproduces_an_uninterrupted_run(samples, tmp_path, kind):
+    config = TrainConfig(encoder=kind, latent_dim=6, width=8, batch_size=32)
+    fp = {"run": "x"}
+    straight, hist, done = fit_encoder(samples, config, CPU, 2, None, tmp_path / "a", fp, resume=False)
+    assert done == 2 and len(hist) == 2
+    fit_encoder(samples, config, CPU, 1, None, tmp_path / "b", fp, resume=False)
+    resumed, hist_b, done_b = fit_encoder(samples, config, CPU, 2, None, tmp_path / "b", fp, resume=True)
+    assert done_b == 2 and hist_b == hist
+    for key, value in weights(straight).items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert (tmp_path / "b" / "state.safetensors").exists() and (tmp_path / "b" / "state.json").exists()
+
+
+def test_resume_refuses_other_settings_and_damaged_checkpoints(samples, tmp_path):
+    config = TrainConfig(latent_dim=6, width=8, batch_size=32)
+    fit_encoder(samples, config, CPU, 1, None, tmp_path, {"seed": 0}, resume=False)
+    with pytest.raises(InputError, match="different settings"):
+        fit_encoder(samples, config, CPU, 2, None, tmp_path, {"seed": 1}, resume=True)
+    blob = (tmp_path / "state.safetensors").read_bytes()
+    (tmp_path / "state.safetensors").write_bytes(blob[:-10])
+    with pytest.raises(InputError, match="damaged"):
+        fit_encoder(samples, config, CPU, 2, None, tmp_path, {"seed": 0}, resume=True)
+
+
+def test_time_budget_stops_training(samples, tmp_path):
+    config = TrainConfig(latent_dim=6, width=8, batch_size=8)
+    _, hist, done = fit_encoder(samples, config, CPU, None, 1e-4, tmp_path, {}, resume=False)
+    assert done == 0 and len(hist) == 1  # stopped inside the first epoch, checkpoint still written
+    assert (tmp_path / "state.json").exists()
+
+
+def test_bad_options_are_refused_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="--encoder"):
+        train(tmp_path / "none.csv", tmp_path / "m", encoder="gan")
+    with pytest.raises(InputError, match="either --epochs or --max-minutes"):
+        train(tmp_path / "none.csv", tmp_path / "m", epochs=2, max_minutes=1.0)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text("{}")
+    with pytest.raises(OutputError, match="--overwrite"):
+        train(tmp_path / "none.csv", tmp_path / "m")
