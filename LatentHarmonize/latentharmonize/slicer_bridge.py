@@ -128,14 +128,15 @@ def kill_process_tree(pid: int) -> int:
         parent = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return 0
-    procs = parent.children(recursive=True) + [parent]
-    for proc in procs:
+    children = parent.children(recursive=True)
+    for proc in children + [parent]:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=5)
-    return len(procs)
+    # only the descendants are waited for: the direct child is reaped by its owner, which keeps its exit status
+    psutil.wait_procs(children, timeout=5)
+    return len(children) + 1
 
 
 # --------------------------------------------------------------------------------------------- dependencies

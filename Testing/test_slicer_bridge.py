@@ -1,0 +1,404 @@
+"""The Slicer module's exchange with the backend, tested without Slicer on a small phantom-like chest CT.
+
+Analyze outputs are written with the backend's own writers (writers.py, composition.py), in the documented format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from latentharmonize import analyze, slicer_bridge as bridge, writers
+from latentharmonize.composition import composition_table, composition_to_json
+from latentharmonize.errors import InputError, OutputError
+from latentharmonize.progress import Progress
+
+MODULE_DIR = Path(bridge.__file__).resolve().parents[1]
+NAMES = {1: "normal", 2: "emphysema", 3: "ground_glass"}
+COLORS = {1: (0.0, 0.45, 0.7), 2: (0.9, 0.62, 0.0), 3: (0.0, 0.62, 0.45)}
+# oblique-free but flipped, anisotropic geometry, as Slicer gives for a typical axial CT (IJK -> RAS)
+IJK_TO_RAS = np.array([[-0.8, 0.0, 0.0, 120.0],
+                       [0.0, -0.9, 0.0, 95.0],
+                       [0.0, 0.0, 2.5, -210.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+
+
+def _phantom(shape=(10, 24, 32), seed=0):
+    """Chest-like CT [k, j, i]: air outside, soft-tissue body, two lungs (-850 HU) with emphysema and ground glass."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.indices(shape)
+    body = ((i - 15.5) / 15) ** 2 + ((j - 11.5) / 11) ** 2 < 1
+    right = ((i - 9) / 5.5) ** 2 + ((j - 11.5) / 8) ** 2 < 1
+    left = ((i - 22) / 5.5) ** 2 + ((j - 11.5) / 8) ** 2 < 1
+    ct = np.where(body, 40, -1000).astype(np.float64)
+    ct[right | left] = -850
+    emphysema = right & (k < 4)
+    ground_glass = left & (j > 13)
+    ct[emphysema] = -960
+    ct[ground_glass] = -550
+    ct = np.round(ct + rng.normal(0, 15, shape)).astype(np.int16)
+    lungs = np.zeros(shape, np.uint8)
+    lungs[right] = 1
+    lungs[left] = 2
+    labels = np.where(lungs > 0, 1, 0).astype(np.uint8)
+    labels[emphysema] = 2
+    labels[ground_glass] = 3
+    return ct, lungs, labels
+
+
+@pytest.fixture()
+def outputs(tmp_path):
+    """An analyze output folder for input 'chest', written with the backend's writers."""
+    ct, lungs, labels = _phantom()
+    ct_path = bridge.write_input_volume(ct, IJK_TO_RAS, tmp_path / "input" / "chest.nrrd")
+    ct_image = sitk.ReadImage(str(ct_path))
+
+    def like_ct(array, pixel):
+        image = sitk.GetImageFromArray(array.astype(pixel))
+        image.CopyInformation(ct_image)
+        return image
+
+    out = tmp_path / "out"
+    out.mkdir()
+    label_image, lung_image = like_ct(labels, np.uint8), like_ct(lungs, np.uint8)
+    writers.write_segmentation(label_image, out / "chest.seg.nrrd", NAMES, COLORS)
+    writers.write_volume(label_image, out / "chest_clusters.nrrd")
+    writers.write_volume(like_ct(np.where(lungs > 0, 0.8, 0.0), np.float32), out / "chest_confidence.nrrd")
+    writers.write_volume(lung_image, out / "chest_lungs.nrrd")
+    table = composition_table(label_image, ct_image, lung_image, NAMES)
+    writers.write_composition(table, out / "composition.csv", out / "composition.json",
+                              composition_to_json(table, NAMES, COLORS, model_id="abc123"))
+    return {"ct": ct, "lungs": lungs, "labels": labels, "ct_path": ct_path, "out": out, "table": table}
+
+
+# ------------------------------------------------------------------------------------------- command and process
+
+def test_command_is_accepted_by_the_analyze_cli(tmp_path):
+    command = bridge.build_analyze_command("/opt/Slicer/bin/PythonSlicer", tmp_path / "chest.nrrd", tmp_path / "out",
+                                           mask_path=tmp_path / "mask.nrrd", model_dir=tmp_path / "bundle", device="GPU")
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "latentharmonize", "analyze"]
+    parser = __import__("argparse").ArgumentParser()
+    analyze.add_arguments(parser)
+    args = parser.parse_args(command[4:])
+    assert (args.ct, args.out, args.mask, args.model) == (str(tmp_path / "chest.nrrd"), str(tmp_path / "out"),
+                                                          str(tmp_path / "mask.nrrd"), str(tmp_path / "bundle"))
+    assert args.device == "cuda" and args.progress_lines
+
+    minimal = parser.parse_args(bridge.build_analyze_command("py", "a.nrrd", "o", device="CPU")[4:])
+    assert minimal.mask is None and minimal.model is None and minimal.device == "cpu"
+
+
+def test_device_choices_and_missing_python():
+    assert [bridge.device_argument(c) for c in ("auto", "CPU", "GPU", "cuda")] == ["auto", "cpu", "cuda", "cuda"]
+    with pytest.raises(InputError, match="Unknown device"):
+        bridge.device_argument("TPU")
+    with pytest.raises(InputError, match="PythonSlicer was not found"):
+        bridge.build_analyze_command(None, "a.nrrd", "out")
+
+
+def test_environment_makes_the_module_folder_importable(tmp_path):
+    """A Python that ignores site-packages (-S) still imports latentharmonize from the module folder."""
+    env = dict(os.environ)
+    env.update(bridge.backend_environment(MODULE_DIR, inherited_pythonpath=str(tmp_path)))
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), str(tmp_path)]
+    out = subprocess.run([sys.executable, "-S", "-c", "import latentharmonize; print(latentharmonize.__file__)"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).parent == MODULE_DIR / "latentharmonize"
+
+
+def test_names_match_what_analyze_writes(tmp_path):
+    name = bridge.safe_volume_name("CT chest (2)/ä")
+    assert name == "CT_chest_2" and bridge.safe_volume_name("***") == "volume"
+    assert analyze.input_name(tmp_path / f"{name}.nrrd") == name
+    paths = bridge.AnalysisOutputs(tmp_path, name)
+    expected = analyze.output_names(name)
+    for kind, path in [("segmentation", paths.segmentation), ("labels", paths.clusters), ("confidence", paths.confidence),
+                       ("lungs", paths.lungs), ("composition_csv", paths.composition_csv),
+                       ("composition_json", paths.composition_json), ("report", paths.report_html)]:
+        assert path.name == expected[kind]
+
+
+def test_progress_lines_and_failure_message():
+    import io
+
+    stream = io.StringIO()
+    progress = Progress(machine=True, stream=stream)
+    progress(12.4, "load", "reading  CT")
+    progress(55, "encode", "slab 3/8")
+    log = bridge.BackendLog()
+    lines = ["Loading bundle"] + stream.getvalue().splitlines() + ["latentharmonize analyze: error: No lung found in a.nrrd."]
+    events = [log.feed(line + "\n") for line in lines]
+    assert [(e.percent, e.stage, e.message) for e in events if e] == [(12, "load", "reading CT"), (55, "encode", "slab 3/8")]
+    assert log.lines == ["Loading bundle", "latentharmonize analyze: error: No lung found in a.nrrd."]
+    assert log.failure_message(2) == "No lung found in a.nrrd."
+
+    crashed = bridge.BackendLog(keep=3)
+    for line in ["LH-PROGRESS 40 encode x", "a", "b", "c", "Traceback: boom"]:
+        crashed.feed(line)
+    message = crashed.failure_message(1)
+    assert "during 'encode'" in message and "exit code 1" in message
+    assert message.endswith("b\nc\nTraceback: boom") and "\na\n" not in message
+
+
+def test_cancel_kills_the_whole_process_tree():
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            "print(c.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    assert bridge.kill_process_tree(parent.pid) == 2
+    assert parent.wait(timeout=10) != 0
+    deadline = time.time() + 10
+    while _alive(child_pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child_pid)
+    assert bridge.kill_process_tree(parent.pid) == 0  # already gone: nothing to do
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+def test_missing_inputs_explains_each_problem(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    assert bridge.missing_inputs(False, "") == ["Select an input CT volume.", "Select a model bundle folder."]
+    assert "does not exist" in bridge.missing_inputs(True, tmp_path / "nope")[0]
+    assert "is empty" in bridge.missing_inputs(True, bundle)[0]
+    (bundle / "manifest.json").write_text("{}")
+    assert bridge.missing_inputs(True, bundle) == []
+    assert bridge.missing_inputs(True, bundle, mask_segmentation_set=True, mask_segment_id="") == [
+        "Select the lung segment of the mask segmentation, or clear the mask."]
+    assert bridge.missing_inputs(True, bundle, mask_segmentation_set=True, mask_segment_id="Segment_1") == []
+
+
+def test_input_volume_round_trip_keeps_voxels_and_geometry(tmp_path):
+    ct, _, _ = _phantom()
+    path = bridge.write_input_volume(ct, IJK_TO_RAS, tmp_path / "ct.nrrd")
+    image = sitk.ReadImage(str(path))
+    assert image.GetPixelID() == sitk.sitkInt16
+    # Slicer's RAS frame is ITK's LPS with x and y negated: voxel (i, j, k) lands on the same physical point
+    i, j, k = 5, 7, 3
+    ras = IJK_TO_RAS @ [i, j, k, 1]
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((i, j, k)), [-ras[0], -ras[1], ras[2]])
+    back = bridge.read_volume_array(path)
+    np.testing.assert_array_equal(back.array, ct)
+    np.testing.assert_allclose(back.ijk_to_ras, IJK_TO_RAS)
+
+    fractional = bridge.write_input_volume(ct + 0.5, IJK_TO_RAS, tmp_path / "f.nrrd")
+    assert sitk.ReadImage(str(fractional)).GetPixelID() == sitk.sitkFloat32
+
+
+def test_input_volume_and_mask_are_validated(tmp_path):
+    ct, lungs, _ = _phantom()
+    bad = ct.astype(float)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        bridge.write_input_volume(bad, IJK_TO_RAS, tmp_path / "bad.nrrd")
+    with pytest.raises(InputError, match="3D"):
+        bridge.write_input_volume(ct[0], IJK_TO_RAS, tmp_path / "flat.nrrd")
+    with pytest.raises(InputError, match="empty"):
+        bridge.write_mask(np.zeros_like(lungs), IJK_TO_RAS, tmp_path / "m.nrrd")
+    mask = sitk.ReadImage(str(bridge.write_mask(lungs * 7, IJK_TO_RAS, tmp_path / "m.nrrd")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), (lungs > 0).astype(np.uint8))
+
+
+def test_mask_written_by_the_bridge_is_accepted_by_the_backend(tmp_path):
+    from latentharmonize.io import read_mask
+
+    ct, lungs, _ = _phantom()
+    ct_image = sitk.ReadImage(str(bridge.write_input_volume(ct, IJK_TO_RAS, tmp_path / "ct.nrrd")))
+    mask = read_mask(bridge.write_mask(lungs > 0, IJK_TO_RAS, tmp_path / "mask.nrrd"), ct_image)
+    assert set(np.unique(sitk.GetArrayFromImage(mask))) == {0, 1, 2}
+
+
+def test_requirements_file_parses_and_spares_slicer_packages():
+    from packaging.requirements import Requirement
+
+    reqs = bridge.read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
+    names = {Requirement(r).name.lower() for r in reqs}
+    assert {"monai", "scikit-learn", "pandas", "slicerio"} <= names
+    assert not names & {"torch", "simpleitk", "vtk", "numpy"}  # Slicer's own builds or the PyTorch extension
+    assert bridge.missing_requirements(reqs) == []  # this environment runs the backend, so it has them all
+
+
+def test_missing_requirements_compares_versions():
+    from importlib.metadata import PackageNotFoundError
+
+    installed = {"pandas": "2.2.0", "monai": "1.2.0"}
+
+    def version_of(name):
+        if name not in installed:
+            raise PackageNotFoundError(name)
+        return installed[name]
+
+    assert bridge.missing_requirements(["pandas>=2.0", "monai>=1.3", "slicerio"], version_of) == ["monai>=1.3", "slicerio"]
+
+
+# ------------------------------------------------------------------------------------------- reading outputs
+
+def test_locate_outputs_finds_the_run_and_names_missing_files(outputs):
+    found = bridge.locate_outputs(outputs["out"])
+    assert found.name == "chest" and found.segmentation.is_file()
+    outputs["out"].joinpath("chest_lungs.nrrd").unlink()
+    with pytest.raises(OutputError, match="chest_lungs.nrrd"):
+        bridge.locate_outputs(outputs["out"], "chest")
+
+
+def test_segment_definitions_come_from_the_seg_nrrd(outputs):
+    definitions = bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd")
+    assert bridge.cluster_names(definitions) == NAMES
+    for label, color in bridge.cluster_colors(definitions).items():
+        np.testing.assert_allclose(color, COLORS[label], atol=1e-6)
+    assert len({d.segment_id for d in definitions}) == 3 and all(d.segment_id for d in definitions)
+    with pytest.raises(OutputError, match="Run Analyze again"):
+        bridge.read_segment_definitions(outputs["out"] / "composition.csv")
+
+
+def test_label_and_confidence_volumes_match_the_input_grid(outputs):
+    labels = bridge.read_volume_array(outputs["out"] / "chest_clusters.nrrd")
+    confidence = bridge.read_volume_array(outputs["out"] / "chest_confidence.nrrd")
+    np.testing.assert_array_equal(labels.array, outputs["labels"])
+    np.testing.assert_allclose(labels.ijk_to_ras, IJK_TO_RAS)
+    np.testing.assert_allclose(confidence.ijk_to_ras, IJK_TO_RAS)
+    assert confidence.array.dtype == np.float32 and confidence.array.max() == pytest.approx(0.8)
+
+
+def test_table_columns_and_summary(outputs):
+    table = bridge.read_composition(outputs["out"] / "composition.csv")
+    columns = dict(bridge.table_columns(table))
+    assert list(columns) == ["Region", "Label", "Cluster", "Fraction (%)", "Volume (mL)", "Mean (HU)", "SD (HU)"]
+    assert columns["Region"].dtype.kind == "U" and columns["Fraction (%)"].dtype == np.float64
+    whole = table.region == "whole"
+    np.testing.assert_allclose(columns["Fraction (%)"][whole.to_numpy()].sum(), 100.0, rtol=1e-5)
+    voxel_ml = np.prod(np.linalg.norm(IJK_TO_RAS[:3, :3], axis=0)) / 1000
+    np.testing.assert_allclose(columns["Volume (mL)"][whole.to_numpy()].sum(), (outputs["lungs"] > 0).sum() * voxel_ml,
+                               rtol=1e-5)
+    summary = bridge.whole_lung_summary(table)
+    counts = np.bincount(outputs["labels"][outputs["lungs"] > 0], minlength=4)
+    assert [s[0] for s in summary] == list(np.argsort(-counts[1:]) + 1)
+    assert summary[0][2] == pytest.approx(100 * counts.max() / counts.sum(), rel=1e-5)
+
+
+def test_composition_csv_with_foreign_columns_is_refused(tmp_path):
+    path = tmp_path / "composition.csv"
+    pd.DataFrame({"region": ["whole"], "fraction": [1.0]}).to_csv(path, index=False)
+    with pytest.raises(OutputError, match="lacks the columns"):
+        bridge.read_composition(path)
+
+
+# ------------------------------------------------------------------------------------------- QC edits
+
+def test_merging_two_clusters_adds_their_fractions(outputs):
+    before = outputs["table"].set_index(["region", "label"])
+    merged = bridge.merge_clusters(outputs["labels"], [3], 2)
+    assert not (merged == 3).any() and (merged == 2).sum() == np.isin(outputs["labels"], [2, 3]).sum()
+    names = bridge.cluster_names(bridge.merge_definitions(
+        bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd"), [3]))
+    assert names == {1: "normal", 2: "emphysema"}
+    after = bridge.recompute_composition(merged, outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd", names)
+    after = after.set_index(["region", "label"])
+    for region in ("whole", "right", "left", "upper", "middle", "lower"):
+        if (region, 2) not in after.index:
+            continue
+        assert after.loc[(region, 2), "fraction"] == pytest.approx(
+            before.loc[(region, 2), "fraction"] + before.loc[(region, 3), "fraction"], abs=1e-12)
+        assert after.loc[(region, 1), "fraction"] == pytest.approx(before.loc[(region, 1), "fraction"])
+    assert (after.loc["whole", "fraction"].sum()) == pytest.approx(1.0)
+    assert 3 not in after.loc["whole"].index
+
+
+def test_recompute_without_edits_reproduces_the_analyze_table(outputs):
+    again = bridge.recompute_composition(outputs["labels"], outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd", NAMES)
+    pd.testing.assert_frame_equal(again, outputs["table"])
+    with pytest.raises(InputError, match="export the segments in the CT's geometry"):
+        bridge.recompute_composition(outputs["labels"][:, :-1], outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd",
+                                     NAMES)
+
+
+def test_erased_voxels_become_unlabelled(outputs):
+    """An eraser stroke in the Segment Editor: those lung voxels count as 'unlabelled', fractions still sum to 1."""
+    masks = [(label, outputs["labels"] == label) for label in NAMES]
+    masks[0] = (1, masks[0][1] & (np.indices(outputs["labels"].shape)[0] > 2))
+    edited = bridge.labels_from_masks(masks)
+    table = bridge.recompute_composition(edited, outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd", NAMES)
+    whole = table[table.region == "whole"].set_index("label")
+    erased = ((outputs["labels"] == 1) & (np.indices(outputs["labels"].shape)[0] <= 2)).sum()
+    assert whole.loc[0, "name"] == "unlabelled"
+    assert whole.loc[0, "fraction"] == pytest.approx(erased / (outputs["lungs"] > 0).sum())
+    assert whole.fraction.sum() == pytest.approx(1.0)
+
+
+def test_labels_from_masks_round_trip_and_overlap_order(outputs):
+    labels = outputs["labels"]
+    masks = [(label, labels == label) for label in (1, 2, 3)]
+    np.testing.assert_array_equal(bridge.labels_from_masks(masks), labels)
+    everywhere = np.ones_like(labels, dtype=bool)
+    first_wins = bridge.labels_from_masks([(2, labels == 2), (1, everywhere)])
+    assert (first_wins[labels == 2] == 2).all() and (first_wins[labels != 2] == 1).all()
+    assert not bridge.labels_from_masks([], shape=(2, 3, 4)).any()
+    with pytest.raises(InputError, match="expected"):
+        bridge.labels_from_masks([(1, everywhere), (2, everywhere[:1])])
+    with pytest.raises(InputError, match="1..255"):
+        bridge.labels_from_masks([(256, everywhere)])
+
+
+def test_segment_labels_keep_known_and_number_new_segments():
+    known = {"Segment_1": 1, "Segment_3": 3, "Removed": 2}
+    labels = bridge.assign_segment_labels(["Segment_1", "Segment_3", "drawn_a", "drawn_b"], known)
+    assert labels == {"Segment_1": 1, "Segment_3": 3, "drawn_a": 4, "drawn_b": 5}
+
+
+def test_rename_and_merge_validation(outputs):
+    definitions = bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd")
+    renamed = bridge.rename_cluster(definitions, 3, "  GGO   left ")
+    assert bridge.cluster_names(renamed) == {1: "normal", 2: "emphysema", 3: "GGO left"}
+    assert [d.color for d in renamed] == [d.color for d in definitions]
+    with pytest.raises(InputError, match="already named"):
+        bridge.rename_cluster(definitions, 3, "normal")
+    with pytest.raises(InputError, match="cannot be empty"):
+        bridge.rename_cluster(definitions, 3, "   ")
+    with pytest.raises(InputError, match="no cluster with label 9"):
+        bridge.rename_cluster(definitions, 9, "x")
+    with pytest.raises(InputError, match="at least one cluster other than the target"):
+        bridge.merge_clusters(outputs["labels"], [2], 2)
+    with pytest.raises(InputError, match="label 0"):
+        bridge.merge_clusters(outputs["labels"], [0], 2)
+
+
+def test_largest_region_center_picks_the_bigger_blob():
+    mask = np.zeros((6, 20, 20), bool)
+    mask[1:3, 2:4, 2:4] = True          # small blob
+    mask[2:5, 10:16, 12:18] = True      # large blob: centre voxel (k, j, i) ~ (3, 13, 15)
+    center = bridge.largest_region_center(mask, IJK_TO_RAS)
+    k, j, i = 3, 13, 15
+    np.testing.assert_allclose(center, (IJK_TO_RAS @ [i, j, k, 1])[:3], atol=np.abs(IJK_TO_RAS[:3, :3]).max())
+    assert bridge.largest_region_center(np.zeros((2, 2, 2)), IJK_TO_RAS) is None
+
+
+def test_export_composition_writes_csv_and_json(outputs, tmp_path):
+    definitions = bridge.rename_cluster(bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd"), 1, "healthy")
+    found = bridge.locate_outputs(outputs["out"], "chest")
+    names = bridge.cluster_names(definitions)
+    table = bridge.recompute_composition(outputs["labels"], outputs["ct_path"], found.lungs, names)
+    bridge.export_composition(table, names, bridge.cluster_colors(definitions), tmp_path / "c.csv", tmp_path / "c.json",
+                              model_id=bridge.read_model_id(found))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c.csv"), pd.read_csv(outputs["out"] / "composition.csv")
+                                  .assign(name=lambda t: t.name.replace("normal", "healthy")))
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["model_sha256"] == "abc123"
+    assert [c["name"] for c in doc["clusters"]] == ["healthy", "emphysema", "ground_glass"]
