@@ -50,7 +50,6 @@ from .progress import Progress
 REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic")
 PAPER_GAIN_PERCENT = {"ari": 19.01, "nmi": 16.85, "dice": 12.39}
 FIGURES = ("consistency.png", "label_maps.png", "km.png", "latent_pca.png", "traversals.png")
-OUTPUTS = ("metrics.json", "report.html", *FIGURES)
 CLINICAL = ("time", "event", "age", "sex", "fvc")
 
 
@@ -422,24 +421,32 @@ def plot_consistency(cons: dict, probe_acc: dict, path) -> None:
     _save(fig, path)
 
 
-def plot_label_maps(scans: List[ScanLatents], truth_names: bool, path) -> None:
-    """Cluster labels of one patient on its middle lattice slice: rows = representations, columns = acquisitions."""
+def plot_label_maps(scans: List[ScanLatents], with_truth: bool, path) -> None:
+    """Cluster labels of one patient on one axial lattice plane: rows = representations, columns = acquisitions.
+
+    Points are placed by their physical keys, so a pixel is the same place in every column; within a row a colour is
+    one cluster (the clusters of a representation are shared by all scans).
+    """
     from matplotlib.colors import ListedColormap
 
     from .clusters import PALETTE
 
-    reps = ["entangled", "rotated"] + (["truth"] if truth_names else [])
-    z = int(np.median(scans[0].positions[:, 0]))
-    fig = _figure(2.2 * len(scans), 2.2 * len(reps))
-    colours = ["#ffffff"] + [tuple(c) for c in PALETTE][:16]
+    reps = ["entangled", "rotated"] + (["truth"] if with_truth else [])
+    plane = int(np.median(scans[0].keys[:, 2]))
+    keys = np.concatenate([s.keys for s in scans])
+    steps = [np.diff(np.unique(keys[:, a])) for a in (0, 1)]
+    step = int(min(d[d > 0].min() if (d > 0).any() else 1 for d in steps))
+    lo = keys[:, :2].min(axis=0)
+    shape = ((keys[:, 1].max() - lo[1]) // step + 1, (keys[:, 0].max() - lo[0]) // step + 1)
+    colours = ["#ffffff"] + list(PALETTE)
     cmap = ListedColormap(colours)
-    shape = np.max(np.concatenate([s.positions for s in scans]), axis=0)[1:] + 1
+    fig = _figure(2.2 * len(scans), 2.2 * len(reps))
     for r, rep in enumerate(reps):
         for c, s in enumerate(scans):
             image = np.zeros(shape, dtype=np.int64)
-            sel = s.positions[:, 0] == z
+            sel = s.keys[:, 2] == plane
             values = s.truth if rep == "truth" else s.labels[rep]
-            image[s.positions[sel, 1], s.positions[sel, 2]] = values[sel]
+            image[(s.keys[sel, 1] - lo[1]) // step, (s.keys[sel, 0] - lo[0]) // step] = values[sel]
             ax = fig.add_subplot(len(reps), len(scans), r * len(scans) + c + 1)
             ax.imshow(image, cmap=cmap, vmin=0, vmax=len(colours) - 1, interpolation="nearest")
             ax.set_xticks([])
@@ -448,7 +455,8 @@ def plot_label_maps(scans: List[ScanLatents], truth_names: bool, path) -> None:
                 ax.set_title(s.acquisition, fontsize=8)
             if c == 0:
                 ax.set_ylabel(rep, fontsize=8)
-    fig.suptitle(f"Patient {scans[0].patient}: cluster labels per acquisition (colours matched per row only by chance)", fontsize=8)
+    fig.suptitle(f"Patient {scans[0].patient}, axial plane z = {plane / 1000:.1f} mm: same colour = same cluster within a row",
+                 fontsize=8)
     _save(fig, path)
 
 
@@ -530,7 +538,7 @@ def _ci(m: dict, key: str) -> str:
     return f"{m[key]:.3f} <small>({lo:.3f}–{hi:.3f})</small>"
 
 
-def render_report(metrics: dict, staged) -> str:
+def render_report(metrics: dict, staged, figures: List[str]) -> str:
     cons, probe_acc = metrics["consistency"], metrics["probe"]
     cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"), f"{probe_acc[n]:.3f}"] for n, m in cons.items()]
     gains = metrics["relative_gain"]
@@ -541,7 +549,7 @@ def render_report(metrics: dict, staged) -> str:
                   str(len(m["features"]))] for n, m in metrics["survival"].items()]
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
     figures = "".join(f"<h3>{html.escape(name[:-4].replace('_', ' '))}</h3><img alt='{name}' src='{_uri(staged.path(name))}'>"
-                      for name in FIGURES)
+                      for name in figures)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>LatentHarmonize evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
@@ -590,10 +598,11 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     progress = progress or Progress(quiet=True)
     cfg = EvalConfig.for_run(seed, quick, device)
     t0 = time.perf_counter()
-    staged = StagedOutput(out_dir, OUTPUTS, overwrite=overwrite)  # refuse existing results before any work
+    eval_rows = _select_patients(read_cohort(cohort_csv), cfg.max_eval_patients)
+    figures = [f for f in FIGURES if f != "km.png" or {"time", "event"} <= set(eval_rows.columns)]
+    staged = StagedOutput(out_dir, ["metrics.json", "report.html", *figures], overwrite=overwrite)  # refuse early
     bundle = load_bundle(model)
     encoders = Encoders(bundle, load_bundle(unoranic) if unoranic else None, device)
-    eval_rows = _select_patients(read_cohort(cohort_csv), cfg.max_eval_patients)
     train_rows = _select_patients(read_cohort(_training_cohort_path(bundle, train_cohort)), cfg.max_train_patients)
     overlap = set(map(str, eval_rows["image"])) & set(map(str, train_rows["image"]))
     if overlap:
@@ -645,13 +654,13 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
         plot_consistency(metrics["consistency"], metrics["probe"], staged.path("consistency.png"))
         example = next(v for v in _by_patient(evals).values() if len(v) >= 2)
         plot_label_maps(example, all(s.truth is not None for s in example), staged.path("label_maps.png"))
-        metrics["km"] = plot_km(table, risks, staged.path("km.png")) if risks else {}
+        metrics["km"] = plot_km(table, risks, staged.path("km.png")) if "km.png" in figures else {}
         plot_latent_pca(evals, bundle, cfg.probe_samples, seed, staged.path("latent_pca.png"))
         metrics["traversal_sd"] = plot_traversals(bundle, train, rows, staged.path("traversals.png"))
         metrics["timings_s"] = {"encode": round(t_encode, 1), "total": round(time.perf_counter() - t0, 1)}
         staged.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
-        staged.path("report.html").write_text(render_report(metrics, staged), encoding="utf-8")
-    progress(100, "done", f"wrote {', '.join(OUTPUTS)}")
+        staged.path("report.html").write_text(render_report(metrics, staged, figures), encoding="utf-8")
+    progress(100, "done", f"wrote metrics.json, report.html and {len(figures)} figures to {out_dir}")
     return metrics
 
 

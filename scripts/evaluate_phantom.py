@@ -1,0 +1,110 @@
+"""Reproduce the README's evaluation table on the project's phantom.
+
+Steps: generate a held-out test cohort (patients never seen in training; another seed), take the model bundle
+(default: the bundled default model; if there is none, train one on a generated training cohort), train a small
+unORANIC bundle on the training cohort for that baseline, run ``latentharmonize evaluate``, and copy
+``metrics.json``, the figures and a Markdown table into ``--out`` (default ``docs/results``).
+
+    .venv/bin/python scripts/evaluate_phantom.py --work /tmp/lh-eval
+    .venv/bin/python scripts/evaluate_phantom.py --work /tmp/lh-eval --quick     # smoke run, minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from latentharmonize.errors import LatentHarmonizeError
+from latentharmonize.evaluate import FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary
+from latentharmonize.progress import Progress
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_SEED_OFFSET = 1000  # test patients come from another seed than any training cohort
+
+
+def _cohort(folder: Path, n_patients: int, seed: int) -> Path:
+    from latentharmonize.phantom import generate_cohort
+
+    csv = folder / "cohort.csv"
+    if not csv.exists():
+        generate_cohort(folder, n_patients=n_patients, seed=seed)
+    return csv
+
+
+def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed: int, progress) -> Path:
+    from latentharmonize.train import train
+
+    if not (path / "manifest.json").exists():
+        train(cohort_csv, path, seed=seed, epochs=epochs, encoder=encoder, progress=progress)
+    return path
+
+
+def markdown_table(metrics: dict) -> str:
+    """The README table: consistency (with CIs), truth ARI, probe and C-index per representation, gains vs paper."""
+    cons, probe, surv, truth = metrics["consistency"], metrics["probe"], metrics["survival"], metrics["truth_agreement"]
+    lines = ["| representation | ARI | NMI | Dice | ARI vs truth | acquisition probe | survival C-index |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ci(m, k):
+        return f"{m[k]:.3f} ({m[k + '_ci'][0]:.3f}–{m[k + '_ci'][1]:.3f})"
+    for name, m in cons.items():
+        c = surv.get(name)
+        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | "
+                     f"{truth[name]['ari']:.3f} | {probe[name]:.3f} | {c['c_index']:.3f} |" if c else "| – |")
+    lines.append(f"| chance | | | | | {probe['chance']:.3f} | |")
+    for name in ("hu_thresholds", "true_composition"):
+        if name in surv:
+            lines.append(f"| {name} | | | | | | {surv[name]['c_index']:.3f} |")
+    gains = metrics["relative_gain"]["rotated_vs_entangled_percent"]
+    lines += ["", "| rotated vs entangled | ARI | NMI | Dice |", "|---|---|---|---|",
+              "| this phantom | " + " | ".join(f"{gains[m]:+.2f} %" for m in PAPER_GAIN_PERCENT) + " |",
+              "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for cohorts, bundles and the run")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where metrics.json and figures go")
+    parser.add_argument("--model", type=Path, help="bundle to evaluate (default: the bundled default model)")
+    parser.add_argument("--train-cohort", type=Path, help="training cohort CSV (default: generate one)")
+    parser.add_argument("--train-patients", type=int, default=12)
+    parser.add_argument("--test-patients", type=int, default=8)
+    parser.add_argument("--unoranic-epochs", type=int, default=None, help="epochs of the unORANIC baseline (default: train's)")
+    parser.add_argument("--no-unoranic", action="store_true", help="skip the unORANIC baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    progress = Progress()
+    try:
+        from latentharmonize.bundle import default_bundle_path
+
+        train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, args.seed)
+        test_csv = _cohort(args.work / "test", args.test_patients, args.seed + TEST_SEED_OFFSET)
+        model = args.model or default_bundle_path()
+        if not (Path(model) / "manifest.json").exists():
+            print(f"No bundle at {model}: training one on {train_csv}")
+            model = _bundle(args.work / "model", train_csv, "ae", None, args.seed, progress)
+        unoranic = None if args.no_unoranic else _bundle(args.work / "unoranic", train_csv, "unoranic",
+                                                         args.unoranic_epochs, args.seed, progress)
+        metrics = evaluate(test_csv, args.work / "eval", model=model, train_cohort=train_csv, unoranic=unoranic,
+                           seed=args.seed, quick=args.quick, overwrite=True, progress=progress)
+    except LatentHarmonizeError as err:
+        print(f"evaluate_phantom: error: {err}", file=sys.stderr)
+        return err.exit_code
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ["metrics.json", *FIGURES]:
+        if (args.work / "eval" / name).exists():
+            shutil.copyfile(args.work / "eval" / name, args.out / name)
+    table = markdown_table(metrics)
+    (args.out / "table.md").write_text(table)
+    print(format_summary(metrics))
+    print(table)
+    print(json.dumps(metrics["goal"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
