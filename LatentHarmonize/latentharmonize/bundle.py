@@ -1,0 +1,378 @@
+"""Model bundle: one folder holding everything ``analyze`` needs, with no pickled code.
+
+::
+
+    MODEL_DIR/
+      manifest.json         format version, patch spec, encoder, rotation, clusters (names, colours),
+                            training summary, probe accuracy, SHA-256 of every other file
+      encoder.safetensors   encoder + decoder weights (safetensors)
+      arrays.safetensors    rotation matrix, latent mean, singular values, probe curve, centroids
+
+The manifest's own SHA-256 (``ModelBundle.sha256``) identifies the model in analysis records.
+Loading verifies the format version, that every listed file is present and matches its checksum,
+and that the arrays agree with the manifest; anything else is refused with a ``BundleError``.
+The format is described for users in ``docs/model-bundle.md``.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .atomic import StagedOutput, atomic_write_bytes
+from .clusters import TissueClusters, default_colors
+from .errors import BundleError, InputError
+from .rotation import LatentRotation
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER_FILE = "encoder.safetensors"
+ARRAYS_FILE = "arrays.safetensors"
+DATA_FILES = (ENCODER_FILE, ARRAYS_FILE)
+# keys of the patch spec that analyze/evaluate read (see patches.DEFAULT_SPEC)
+SPEC_KEYS = ("patch_size", "slices", "stride", "spacing", "margin_mm", "hu_window", "outside_fill_hu")
+MANIFEST_SECTIONS = {"name": str, "created": str, "latentharmonize_version": str, "encoder": dict, "patch_spec": dict,
+                     "rotation": dict, "clusters": dict, "training": dict, "probe": dict, "files": dict}
+
+
+def default_bundle_path() -> Path:
+    """``<repo>/LatentHarmonize/Resources/Models/default``, the bundle ``analyze`` uses without ``--model``."""
+    return Path(__file__).resolve().parents[1] / "Resources" / "Models" / "default"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_bytes(manifest: Mapping) -> bytes:
+    """Canonical manifest serialisation (sorted keys), so equal manifests give equal bytes and hashes."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _today() -> str:
+    """ISO date of creation: from SOURCE_DATE_EPOCH when set (reproducible builds), else today (UTC)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch else _dt.datetime.now(_dt.timezone.utc)
+    return moment.date().isoformat()
+
+
+def _jsonable(value):
+    """numpy scalars/arrays and tuples -> plain JSON types (manifest sections come from many places)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _check_names_colors(names: Sequence[str], colors: Sequence, k: int) -> tuple:
+    """Validated (names, colors) lists of length ``k``; InputError says what is wrong."""
+    names = [str(n).strip() for n in names]
+    if len(names) != k:
+        raise InputError(f"Need {k} cluster names, got {len(names)}.")
+    if any(not n for n in names) or len(set(names)) != k:
+        raise InputError(f"Cluster names must be non-empty and unique, got {names}.")
+    checked = []
+    for label, c in enumerate(colors, start=1):
+        try:
+            rgb = tuple(float(v) for v in c)
+        except (TypeError, ValueError):
+            rgb = ()
+        if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
+            raise InputError(f"Colour of cluster {label} must be three floats (r, g, b) in 0..1, got {c!r}.")
+        checked.append(rgb)
+    if len(checked) != k:
+        raise InputError(f"Need {k} cluster colours, got {len(checked)}.")
+    return names, checked
+
+
+@dataclass
+class ModelBundle:
+    """A trained model: manifest, encoder weights, fitted rotation and clusters.
+
+    Build one with :meth:`create` (training) or :func:`load_bundle`; write it with :func:`save_bundle`.
+    """
+
+    manifest: dict
+    encoder_state: dict
+    rotation: LatentRotation
+    clusters: TissueClusters
+    path: Optional[Path] = None
+    _file_sha256: Optional[str] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def create(cls, *, name: str, encoder_config: Mapping, encoder_state: Mapping, spec: Mapping,
+               rotation: LatentRotation, clusters: TissueClusters, names: Sequence[str],
+               colors: Optional[Sequence] = None, training: Optional[Mapping] = None,
+               probe: Optional[Mapping] = None, created: Optional[str] = None) -> "ModelBundle":
+        """Assemble a bundle from training results.
+
+        ``encoder_config`` is the network's ``config`` (``kind`` plus the keyword arguments of
+        ``networks.build_model``, including ``latent_dim``); ``encoder_state`` its ``state_dict()``;
+        ``spec`` the patch spec; ``names`` one name per cluster label 1..K (``colors`` default to
+        :func:`clusters.default_colors`); ``training`` a cohort/run summary; ``probe`` the
+        acquisition probe accuracies (e.g. ``{"entangled": .., "biological": .., "chance": ..}``).
+        """
+        config = _jsonable(dict(encoder_config))
+        kind = config.pop("kind", None)
+        if not isinstance(kind, str) or "latent_dim" not in config:
+            raise InputError("encoder_config needs 'kind' and 'latent_dim' (use the network's .config).")
+        _, rot_meta = rotation.export_state()
+        _, cl_meta = clusters.export_state()
+        k = cl_meta["k"]
+        names, colors = _check_names_colors(names, default_colors(names) if colors is None else colors, k)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": str(name),
+            "created": created or _today(),
+            "latentharmonize_version": __version__,
+            "encoder": {"kind": kind, "latent_dim": int(config["latent_dim"]), "config": config},
+            "patch_spec": _jsonable(dict(spec)),
+            "rotation": _jsonable(rot_meta),
+            "clusters": {**_jsonable(cl_meta), "labels": list(range(1, k + 1)), "names": names,
+                         "colors": [list(c) for c in colors]},
+            "training": _jsonable(dict(training or {})),
+            "probe": _jsonable(dict(probe or {})),
+            "files": {},
+        }
+        state = {str(key): value for key, value in encoder_state.items()}
+        bundle = cls(manifest=manifest, encoder_state=state, rotation=rotation, clusters=clusters)
+        bundle.manifest["files"] = {fname: _sha256(data) for fname, data in bundle._payload().items()}
+        _validate(bundle)
+        return bundle
+
+    # ------------------------------------------------------------------ views
+    @property
+    def names(self) -> dict:
+        c = self.manifest["clusters"]
+        return {int(label): str(n) for label, n in zip(c["labels"], c["names"])}
+
+    @property
+    def colors(self) -> dict:
+        c = self.manifest["clusters"]
+        return {int(label): tuple(float(v) for v in rgb) for label, rgb in zip(c["labels"], c["colors"])}
+
+    @property
+    def spec(self) -> dict:
+        return copy.deepcopy(self.manifest["patch_spec"])
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of manifest.json (as stored on disk for a loaded bundle): the model's identity."""
+        return self._file_sha256 or _sha256(_manifest_bytes(self.manifest))
+
+    def encoder(self, device="cpu"):
+        """The trained network (``networks.build_model``) with its weights, in eval mode on ``device``."""
+        from .networks import build_model
+
+        enc = self.manifest["encoder"]
+        try:
+            model = build_model(enc["kind"], **enc["config"])
+        except (TypeError, ValueError, InputError) as exc:
+            raise BundleError(f"This LatentHarmonize cannot build the bundle's encoder {enc['kind']!r} with "
+                              f"{enc['config']}: {exc}. Update LatentHarmonize or retrain the model.") from exc
+        try:
+            model.load_state_dict(self.encoder_state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"The encoder weights in the bundle do not fit the {enc['kind']!r} network: "
+                              f"{str(exc).splitlines()[0]}. The bundle is damaged or from another version.") from exc
+        return model.to(device).eval()
+
+    def decoder(self, device="cpu"):
+        """The network part that maps a latent [B, latent_dim] back to a patch (for latent traversals)."""
+        model = self.encoder(device)
+        return model.anatomy_decoder if hasattr(model, "anatomy_decoder") else model.decoder
+
+    # ---------------------------------------------------------- serialisation
+    def _arrays(self) -> dict:
+        rot_arrays, _ = self.rotation.export_state()
+        cl_arrays, _ = self.clusters.export_state()
+        arrays = {f"rotation.{k}": v for k, v in rot_arrays.items()}
+        arrays.update({f"clusters.{k}": v for k, v in cl_arrays.items()})
+        return {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
+
+    def _payload(self) -> dict:
+        """Bytes of the data files, in a deterministic serialisation."""
+        from safetensors.numpy import save as save_arrays
+        from safetensors.torch import save as save_tensors
+
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.encoder_state.items()}
+        return {ENCODER_FILE: save_tensors(tensors), ARRAYS_FILE: save_arrays(self._arrays())}
+
+
+def _validate(bundle: ModelBundle) -> None:
+    """Consistency of manifest, arrays and weights; BundleError naming the first problem."""
+    m = bundle.manifest
+    d = int(m["encoder"]["latent_dim"])
+    rot = bundle.rotation
+    if rot.rotation_.shape != (d, d):
+        raise BundleError(f"The rotation is {rot.rotation_.shape} but the encoder's latent size is {d}.")
+    if int(m["rotation"].get("n_technical", -1)) != rot.n_technical_:
+        raise BundleError("The manifest's n_technical disagrees with the stored rotation.")
+    cl = bundle.clusters
+    if cl.centroids_.shape[1] != d - rot.n_technical_:
+        raise BundleError(f"The centroids have {cl.centroids_.shape[1]} dimensions but the biological subspace has "
+                          f"{d - rot.n_technical_}.")
+    c = m["clusters"]
+    k = cl.n_clusters_
+    if not (int(c.get("k", -1)) == k and list(c.get("labels", [])) == list(range(1, k + 1))
+            and len(c.get("names", [])) == k and len(c.get("colors", [])) == k):
+        raise BundleError(f"The manifest's clusters section (k, labels, names, colors) does not describe the "
+                          f"{k} stored centroids.")
+    missing = [key for key in SPEC_KEYS if key not in m["patch_spec"]]
+    if missing:
+        raise BundleError(f"The patch spec lacks {missing}.")
+
+
+def save_bundle(bundle: ModelBundle, out_dir, overwrite: bool = False) -> Path:
+    """Write ``bundle`` into the folder ``out_dir`` and return that path.
+
+    The files are staged in a hidden folder inside ``out_dir`` and moved into place with
+    ``os.replace``, manifest last, so an interrupted save never leaves a bundle that loads with
+    mismatched files (it is refused by its checksums). Other files in the folder (e.g. training
+    checkpoints) are left alone. An existing bundle is refused unless ``overwrite``.
+    """
+    payload = bundle._payload()
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["files"] = {fname: _sha256(data) for fname, data in payload.items()}
+    manifest_bytes = _manifest_bytes(manifest)
+    out = Path(out_dir)
+    with StagedOutput(out, [*DATA_FILES, MANIFEST], overwrite=overwrite) as staged:
+        for fname, data in payload.items():
+            staged.path(fname).write_bytes(data)
+        staged.path(MANIFEST).write_bytes(manifest_bytes)
+    bundle.manifest = manifest
+    bundle.path = out
+    bundle._file_sha256 = _sha256(manifest_bytes)
+    return out
+
+
+# ------------------------------------------------------------------------- loading
+def _read_manifest(folder: Path) -> tuple:
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{folder} is not a model bundle: it has no {MANIFEST}. Give the folder written by "
+                          "`latentharmonize train`.")
+    raw = mpath.read_bytes()
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is damaged. Restore it or retrain.") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} must hold a JSON object; the bundle is damaged.")
+    return manifest, raw
+
+
+def _check_manifest(manifest: dict, folder: Path) -> None:
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError(f"{folder / MANIFEST} has no integer format_version; it is not a LatentHarmonize bundle "
+                          "or is damaged.")
+    if version != FORMAT_VERSION:
+        hint = ("it was made by a newer LatentHarmonize; update LatentHarmonize" if version > FORMAT_VERSION
+                else "retrain the model with this version")
+        raise BundleError(f"Model bundle {folder} has format version {version}, but this LatentHarmonize "
+                          f"({__version__}) reads version {FORMAT_VERSION}: {hint}.")
+    wrong = [f"{key} ({kind.__name__})" for key, kind in MANIFEST_SECTIONS.items()
+             if not isinstance(manifest.get(key), kind)]
+    enc = manifest.get("encoder", {})
+    if isinstance(enc, dict) and not (isinstance(enc.get("kind"), str) and isinstance(enc.get("config"), dict)
+                                      and isinstance(enc.get("latent_dim"), int)):
+        wrong.append("encoder.kind/latent_dim/config")
+    if wrong:
+        raise BundleError(f"{folder / MANIFEST} is malformed: missing or wrong type: {', '.join(wrong)}. "
+                          "Restore the bundle or retrain.")
+
+
+def _read_verified(folder: Path, files: dict, fname: str) -> bytes:
+    if fname not in files:
+        raise BundleError(f"{folder / MANIFEST} does not list {fname}; the bundle is incomplete.")
+    expected = files[fname]
+    if not (isinstance(expected, str) and re.fullmatch(r"[0-9a-f]{64}", expected)):
+        raise BundleError(f"{folder / MANIFEST} gives no valid SHA-256 for {fname}; the bundle is damaged.")
+    path = folder / fname
+    if not path.is_file():
+        raise BundleError(f"Model bundle {folder} is missing {fname}. Copy the whole bundle folder, or retrain.")
+    data = path.read_bytes()
+    if _sha256(data) != expected:
+        raise BundleError(f"{path} does not match the checksum in {MANIFEST} (modified or truncated file). "
+                          "Restore the bundle from its source or retrain; it is not safe to use.")
+    return data
+
+
+def load_bundle(path=None) -> ModelBundle:
+    """Load and verify a model bundle folder (default: :func:`default_bundle_path`)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_arrays
+    from safetensors.torch import load as load_tensors
+
+    folder = Path(path) if path is not None else default_bundle_path()
+    if folder.is_file() and folder.name == MANIFEST:
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "The default model bundle is not installed" if path is None else "No model bundle folder"
+        raise BundleError(f"{where} at {folder}. Pass --model with a folder written by `latentharmonize train`"
+                          + (", or run scripts/train_default_model.sh to build the default." if path is None else "."))
+    manifest, raw = _read_manifest(folder)
+    _check_manifest(manifest, folder)
+    blobs = {fname: _read_verified(folder, manifest["files"], fname) for fname in DATA_FILES}
+    try:
+        state = load_tensors(blobs[ENCODER_FILE])
+        arrays = load_arrays(blobs[ARRAYS_FILE])
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"Cannot read the weights/arrays of {folder} ({exc}); the bundle is damaged.") from exc
+    try:
+        rotation = LatentRotation.from_state(
+            {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("rotation.")}, manifest["rotation"])
+        clusters = TissueClusters.from_state(
+            {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("clusters.")}, manifest["clusters"])
+    except (KeyError, TypeError, ValueError, InputError) as exc:
+        raise BundleError(f"The rotation/cluster arrays of {folder} are inconsistent with its manifest ({exc}).") from exc
+    bundle = ModelBundle(manifest=manifest, encoder_state=state, rotation=rotation, clusters=clusters,
+                         path=folder, _file_sha256=_sha256(raw))
+    _validate(bundle)
+    return bundle
+
+
+def set_cluster_names(path, names=None, colors=None) -> ModelBundle:
+    """Edit cluster names and/or colours of the bundle at ``path``; returns the reloaded bundle.
+
+    ``names``/``colors`` are a list for all labels 1..K or a dict ``{label: value}`` for some of
+    them; a colour is (r, g, b) floats in 0..1. The bundle is verified first, and manifest.json is
+    rewritten atomically with fresh checksums (the model's SHA-256 changes with it).
+    """
+    bundle = load_bundle(path)
+    c = bundle.manifest["clusters"]
+    k = len(c["labels"])
+
+    def merged(current: list, update, what: str) -> list:
+        if update is None:
+            return list(current)
+        if isinstance(update, Mapping):
+            bad = [lab for lab in update if not (isinstance(lab, (int, np.integer)) and 1 <= int(lab) <= k)]
+            if bad:
+                raise InputError(f"Unknown cluster label(s) {bad} for {what}; labels are 1..{k}.")
+            return [update.get(lab, cur) for lab, cur in zip(range(1, k + 1), current)]
+        return list(update)
+
+    new_names, new_colors = _check_names_colors(merged(c["names"], names, "names"),
+                                                merged(c["colors"], colors, "colors"), k)
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["clusters"]["names"] = new_names
+    manifest["clusters"]["colors"] = [list(rgb) for rgb in new_colors]
+    manifest["files"] = {fname: _sha256((bundle.path / fname).read_bytes()) for fname in DATA_FILES}
+    atomic_write_bytes(bundle.path / MANIFEST, _manifest_bytes(manifest))
+    return load_bundle(bundle.path)
