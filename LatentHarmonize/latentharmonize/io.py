@@ -29,6 +29,7 @@ AIR_BELOW_HU = -500.0
 MIN_AIR_FRACTION = 0.001
 TISSUE_ABOVE_HU = -200.0
 MIN_TISSUE_FRACTION = 0.001
+SERIES_UID_TAG = "0020|000e"
 _SAMPLE_VOXELS = 2_000_000  # statistics are taken on a regular subsample of at most this many voxels
 
 
@@ -147,8 +148,8 @@ def _read_any(path: Path, what: str) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(f"{path} is not an image that can be read ({_itk_reason(exc)}). "
                          f"Give a {what} as {SUPPORTED}.") from exc
-    if reader.GetImageIO() == "GDCMImageIO":
-        return _read_dicom_series_of_file(path)
+    if reader.HasMetaDataKey(SERIES_UID_TAG):  # a DICOM file: read the whole series it belongs to
+        return _read_series(path.parent, reader.GetMetaData(SERIES_UID_TAG).strip())
     try:
         return reader.Execute()
     except RuntimeError as exc:
@@ -165,16 +166,6 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series: {listed}. Pick one: give the path of "
                          "any one file of the wanted series instead of the folder, or put that series in its own folder.")
     return _read_series(folder, series[0])
-
-
-def _read_dicom_series_of_file(file: Path) -> sitk.Image:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(file))
-    reader.ReadImageInformation()
-    uid = reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
-    if not uid:
-        raise InputError(f"DICOM file {file} has no SeriesInstanceUID; give its folder instead.")
-    return _read_series(file.parent, uid)
 
 
 def _read_series(folder: Path, uid: str) -> sitk.Image:
