@@ -207,8 +207,8 @@ def fit_rotation(latents: np.ndarray, samples: PairedPatches, n_technical, seed:
     y = samples.acquisition.astype(str)
     rotation = LatentRotation(n_technical=n_technical, random_state=seed)
     rotation.fit(latents, y, pairs=pairs if len(pairs) else None)
-    probe = {"chance": chance_level(y), "before": rotation.probe_accuracy(latents, y, space="entangled"),
-             "after": rotation.probe_accuracy(latents, y, space="biological")}
+    probe = {"chance": chance_level(y), "entangled": rotation.probe_accuracy(latents, y, space="entangled"),
+             "biological": rotation.probe_accuracy(latents, y, space="biological")}
     return rotation, probe
 
 
@@ -264,12 +264,25 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         "probe": probe, "n_technical": int(rotation.n_technical_), "k": int(tissue.n_clusters_),
         "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(profiles, start=1)},
         "cluster_names": {int(k): n for k, n in enumerate(names, start=1)},
-        "ari_vs_truth": _ari_vs_truth(labels, samples), "train_seconds": round(time.monotonic() - t0, 1),
+        "cluster_profiles": profiles, "ari_vs_truth": _ari_vs_truth(labels, samples),
     }
     progress(90, "save", f"writing the model bundle to {out_dir}")
-    save_trained_bundle(out_dir, model, spec, rotation, tissue, names, colors, profiles, summary, overwrite)
+    save_trained_bundle(out_dir, model, spec, rotation, tissue, names, colors, summary, overwrite)
     progress(100, "done", f"bundle saved in {out_dir}")
-    return summary
+    return {**summary, "train_seconds": round(time.monotonic() - t0, 1)}  # timing kept out of the bundle: bytes stay reproducible
+
+
+def save_trained_bundle(out_dir: Path, model, spec: dict, rotation, tissue, names: list, colors: list,
+                        summary: dict, overwrite: bool):
+    """Assemble the model bundle (manifest, weights, rotation, centroids) and write it atomically."""
+    from .bundle import ModelBundle, save_bundle
+
+    training = {k: v for k, v in summary.items() if k != "probe"}
+    bundle = ModelBundle.create(name=out_dir.resolve().name, encoder_config=model.config,
+                                encoder_state=model.state_dict(), spec=spec, rotation=rotation, clusters=tissue,
+                                names=names, colors=colors, training=training, probe=summary["probe"])
+    save_bundle(bundle, out_dir, overwrite=overwrite)
+    return bundle
 
 
 def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient, latent_dim,
@@ -322,7 +335,7 @@ def format_summary(summary: dict) -> str:
         f"({summary['train_seconds']} s): {summary['n_patients']} patients, {summary['n_scans']} scans, "
         f"{summary['n_patches']} patches, {summary['n_pairs']} cross-acquisition pairs.",
         f"Reconstruction error: RMSE {summary['reconstruction_rmse_hu']:.1f} HU (MSE {summary['reconstruction_mse']:.5f}).",
-        f"Acquisition probe accuracy: {probe['before']:.3f} before rotation, {probe['after']:.3f} on the biological "
+        f"Acquisition probe accuracy: {probe['entangled']:.3f} before rotation, {probe['biological']:.3f} on the biological "
         f"coordinates (chance {probe['chance']:.3f}); {summary['n_technical']} technical dimensions removed.",
         f"{summary['k']} tissue clusters:",
     ]
