@@ -62,6 +62,7 @@ def test_recovers_planted_subspace_and_probe_drops_to_chance(planted, use_pairs)
     assert spread < 0.05 * bio.std()
     # the probe curve recorded during fit falls from "detectable" to chance at the chosen k
     assert rot.probe_curve_[0] > chance + 0.5 and rot.probe_curve_[-1] <= chance + rot.tolerance
+    assert (rot.probe_entangled_, rot.probe_biological_) == (rot.probe_curve_[0], rot.probe_curve_[-1])
 
 
 def test_rotation_is_orthogonal_and_transform_consistent(planted):
@@ -126,6 +127,7 @@ def test_state_round_trip(planted):
     back = LatentRotation.from_state(arrays, meta)
     np.testing.assert_array_equal(back.transform(X), rot.transform(X))
     assert back.n_technical_ == 3 and back.method_ == "paired"
+    assert back.probe_biological_ == rot.probe_biological_ < 0.3
 
 
 def test_chance_level():

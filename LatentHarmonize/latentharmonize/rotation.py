@@ -171,6 +171,19 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         Rows (stratified random subset) the probe uses, to keep it fast on dense latents.
     random_state : int
         Seed of every random choice (probe subsets and folds).
+
+    Attributes
+    ----------
+    rotation_ : [d, d] orthogonal matrix, technical columns first.
+    technical_basis_ : [d, n_technical_] its technical columns.
+    n_technical_ : number of technical dimensions.
+    mean_ : [d] latent mean removed before rotating.
+    method_ : "paired" or "labels".
+    singular_values_ : spectrum of the first model (paired difference model or class means).
+    direction_sources_ : per technical direction, "paired", "labels" or "inlp".
+    probe_curve_ : with "auto", probe accuracy on the complement after 0, 1, ... directions.
+    probe_entangled_, probe_biological_ : grouped cross-validated probe accuracy on the fitted
+        latents before and after rotation; chance_ : the chance level.
     """
 
     def __init__(self, n_technical="auto", method="auto", alpha=1.0, tolerance=0.05, max_technical=None,
@@ -251,6 +264,11 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         self._set_rotation(Xc, _fix_signs(basis))
         self.direction_sources_ = sources
         self.probe_curve_ = np.asarray(curve, dtype=np.float64)
+        if curve:
+            self.probe_entangled_, self.probe_biological_ = curve[0], curve[-1]
+        else:
+            self.probe_entangled_ = self._probe(Xc[rows], y[rows], probe_groups)
+            self.probe_biological_ = self._probe(self.biological(X)[rows], y[rows], probe_groups)
         return self
 
     def _resolve_method(self, pairs) -> str:
@@ -396,7 +414,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         arrays = {"rotation": self.rotation_, "mean": self.mean_, "singular_values": self.singular_values_,
                   "probe_curve": self.probe_curve_}
         meta = {"method": self.method_, "n_technical": int(self.n_technical_), "latent_dim": int(self.rotation_.shape[0]),
-                "chance": float(self.chance_), "direction_sources": list(self.direction_sources_),
+                "chance": float(self.chance_), "probe_entangled": float(self.probe_entangled_),
+                "probe_biological": float(self.probe_biological_), "direction_sources": list(self.direction_sources_),
                 "params": {k: v for k, v in self.get_params().items()}}
         return arrays, meta
 
@@ -420,5 +439,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         rot.n_features_in_ = d
         rot.method_ = str(meta["method"])
         rot.chance_ = float(meta.get("chance", np.nan))
+        rot.probe_entangled_ = float(meta.get("probe_entangled", np.nan))
+        rot.probe_biological_ = float(meta.get("probe_biological", np.nan))
         rot.direction_sources_ = list(meta.get("direction_sources", []))
         return rot
