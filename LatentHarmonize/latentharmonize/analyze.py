@@ -204,6 +204,39 @@ def _versions() -> dict:
             "torch": torch.__version__, "monai": monai.__version__, "SimpleITK": sitk.Version.VersionString()}
 
 
+class _Timer:
+    """Wall time per stage, in the order the stages ran."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+
+    def summary(self) -> dict:
+        return dict(self.seconds, total=round(sum(self.seconds.values()), 3))
+
+
+@dataclass
+class _Computed:
+    """Everything the pipeline computed for one scan, before anything is written."""
+
+    ct: sitk.Image
+    lungs: sitk.Image
+    hu: np.ndarray
+    dense: object
+    labels_n: np.ndarray
+    conf_n: np.ndarray
+    labels: sitk.Image
+    confidence: sitk.Image
+    table: pd.DataFrame
+    composition_json: str
+    record: dict
+
+
 def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=False, progress=None,
             write_report=True) -> AnalysisResult:
     """Analyse one chest CT into ``out_dir`` (see docs/analyze.md for the files written).
@@ -212,122 +245,116 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     automatic segmentation); ``device``: ``auto``, ``cpu`` or ``cuda``; ``overwrite``: replace earlier results;
     ``progress``: a :class:`~latentharmonize.progress.Progress` (or any ``(percent, stage, message)`` callable);
     ``write_report``: also write the QC pictures, surfaces and ``report.html`` (batch runs may skip them).
-    Nothing is written unless the whole run succeeds.
+    Files are staged in a hidden folder of ``out_dir`` and published only when the whole run succeeds.
     """
     from .bundle import load_bundle
-    from .io import image_sha256, read_ct
     from .patches import resolve_device
-
-    timings: dict = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
-        clock = now
+    from .writers import write_json
 
     ct_path = Path(ct_path)
     name = input_name(ct_path)
     files = output_names(name, write_report)
-    staged = StagedOutput(out_dir, files.values(), overwrite=overwrite)  # refuses collisions, unwritable folders
-    bundle = load_bundle(model)
-    torch_device = resolve_device(device)
-    load = _scaled(progress, "load")
-    load(0, message=f"reading {ct_path.name}")
+    timer = _Timer()
+    # Entering the stage first refuses collisions and unwritable folders before any heavy work.
+    with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged:
+        bundle = load_bundle(model)
+        done = _compute(ct_path, bundle, mask, resolve_device(device), progress, timer)
+        done.record["outputs"] = files
+        _write_outputs(staged, files, done, bundle, progress)
+        timer.lap("write")
+        if write_report:
+            _write_qc_and_report(staged, files, name, done, bundle, progress)
+            timer.lap("qc_report")
+        done.record["timings_s"] = timer.summary()
+        write_json(done.record, staged.path(files["record"]))
+    if progress is not None:
+        progress(100, "done", f"results in {out_dir}")
+    return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, done.table, done.record)
+
+
+def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _Computed:
+    """The pipeline from CT file to label map and composition (nothing written)."""
+    from .composition import composition_table, composition_to_json
+    from .grid import to_model_grid
+    from .io import image_sha256, read_ct
+    from .lungmask import lung_volumes_ml
+    from .patches import encode_dense
+
+    _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
     ct = read_ct(ct_path)
     check_geometry(ct)
-    input_sha = image_sha256(ct_path)
-    lap("load")
+    timer.lap("load")
 
     lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
-    lap("mask")
-
-    from .grid import to_model_grid
-    from .patches import encode_dense
+    timer.lap("mask")
 
     _scaled(progress, "grid")(0, message="resampling onto the model grid")
     spec = bundle.spec
     hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
                                         align_px=(spec["stride"], spec["stride"], 1))
-    lap("grid")
+    timer.lap("grid")
 
     with _deterministic_torch():
-        dense = encode_dense(bundle.encoder(torch_device), hu, lung_grid, grid, spec, torch_device,
+        dense = encode_dense(bundle.encoder(device), hu, lung_grid, grid, spec, device,
                              progress=_scaled(progress, "encode"))
     if len(dense.latents) == 0:
         raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
-    lap("encode")
+    timer.lap("encode")
 
     _scaled(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
     labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs)
-    lap("cluster")
-
-    from .composition import composition_table, composition_to_json
-    from .lungmask import lung_volumes_ml
+    timer.lap("cluster")
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
     table = composition_table(labels, ct, lungs, bundle.names)
     volumes = lung_volumes_ml(lungs)
     composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
-    lap("composition")
+    timer.lap("composition")
 
     record = {
-        "input": str(ct_path), "input_sha256": input_sha, "model_sha256": bundle.sha256,
-        "model_name": bundle.manifest.get("name"), "device": str(torch_device), "seed": 0,
-        "mask": mask_source, "n_patches": int(len(dense.latents)), "lung_volumes_ml": volumes,
+        "input": str(ct_path), "input_sha256": image_sha256(ct_path), "model_sha256": bundle.sha256,
+        "model_name": bundle.manifest.get("name"), "device": str(device), "seed": 0, "mask": mask_source,
+        "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
-        "versions": _versions(), "outputs": files,
+        "versions": _versions(),
     }
-    with staged:
-        _write_outputs(staged, files, labels, confidence, lungs, table, composition_json, bundle, progress)
-        lap("write")
-        if write_report:
-            _write_qc_and_report(staged, files, name, ct, labels, confidence, lungs, hu, dense, labels_n, conf_n,
-                                 spec, json.loads(composition_json), bundle, record, progress)
-            lap("qc_report")
-        record["timings_s"] = dict(timings, total=round(sum(timings.values()), 3))
-        from .writers import write_json
-        write_json(record, staged.path(files["record"]))
-    if progress is not None:
-        progress(100, "done", f"results in {out_dir}")
-    return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, table, record)
+    return _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
 
 
-def _write_outputs(staged, files, labels, confidence, lungs, table, composition_json, bundle, progress) -> None:
+def _write_outputs(staged, files, done: _Computed, bundle, progress) -> None:
     from .writers import write_composition, write_segmentation, write_volume
 
     step = _scaled(progress, "write")
     step(0, message="segmentation and maps")
-    write_segmentation(labels, staged.path(files["segmentation"]), bundle.names, bundle.colors)
-    write_volume(labels, staged.path(files["labels"]))
-    write_volume(confidence, staged.path(files["confidence"]))
-    write_volume(sitk.Cast(lungs, sitk.sitkUInt8), staged.path(files["lungs"]))
+    write_segmentation(done.labels, staged.path(files["segmentation"]), bundle.names, bundle.colors)
+    write_volume(done.labels, staged.path(files["labels"]))
+    write_volume(done.confidence, staged.path(files["confidence"]))
+    write_volume(sitk.Cast(done.lungs, sitk.sitkUInt8), staged.path(files["lungs"]))
     step(90, message="composition table")
-    write_composition(table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
-                      composition_json)
+    write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
+                      done.composition_json)
 
 
-def _write_qc_and_report(staged, files, name, ct, labels, confidence, lungs, hu, dense, labels_n, conf_n, spec,
-                         composition, bundle, record, progress) -> None:
+def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, progress) -> None:
     from . import render
     from .report import build_report
 
     qc = _scaled(progress, "qc")
     qc(0, message="QC montage")
-    dv = render.display_volumes(ct, labels, confidence, lungs)
+    dv = render.display_volumes(done.ct, done.labels, done.confidence, done.lungs)
     render.render_montage(dv, bundle.names, bundle.colors, staged.path(files["montage"]))
     qc(30, message="exemplar patches")
-    render.render_gallery(_gallery(hu, dense, labels_n, conf_n, spec), bundle.names, bundle.colors,
-                          staged.path(files["gallery"]))
+    gallery = _gallery(done.hu, done.dense, done.labels_n, done.conf_n, bundle.spec)
+    render.render_gallery(gallery, bundle.names, bundle.colors, staged.path(files["gallery"]))
     qc(50, message="3D view of the cluster surfaces")
     surface = render.cluster_surfaces(dv.labels, dv.spacing, dv.origin)
     render.write_vtp(surface, staged.path(files["surfaces"]))
-    whole = composition["regions"]["whole"]
-    largest = max(whole, key=lambda e: e["fraction"])["label"]
+    composition = json.loads(done.composition_json)
+    largest = max(composition["regions"]["whole"], key=lambda e: e["fraction"])["label"]
     render.render_3d(surface, bundle.colors, staged.path(files["view3d"]), translucent_label=largest)
+
     _scaled(progress, "report")(0, message="report.html")
-    volumes = record["lung_volumes_ml"]
+    record, volumes = done.record, done.record["lung_volumes_ml"]
     details = {"input": Path(record["input"]).name, "model": f"{record['model_name']} ({bundle.sha256[:12]})",
                "lung volume": f"{volumes['total']:.0f} mL (right {volumes['right']:.0f}, left {volumes['left']:.0f})",
                "patches": record["n_patches"]}

@@ -1,0 +1,257 @@
+"""End-to-end ``analyze`` on a small synthetic chest phantom, its outputs, determinism and every refusal."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from latentharmonize.analyze import STAGES, analyze, check_geometry, input_name, output_names
+from latentharmonize.cli import main as cli_main
+from latentharmonize.errors import InputError, NoLungFoundError, OutputError
+from latentharmonize.io import image_sha256
+
+CLUSTER_NAMES = ["low attenuation", "normal-appearing", "dense"]
+
+
+def synthetic_chest(seed: int = 0, size=(112, 112, 36), spacing=(2.8, 2.8, 5.0), lungs: bool = True) -> sitk.Image:
+    """A small chest CT in HU: body ellipse, two lung ellipsoids with an emphysema-like (-960 HU) apex of the right
+    lung and a denser (-600 HU) base of the left lung, noise. 313 x 313 x 180 mm."""
+    rng = np.random.default_rng(seed)
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size[::-1], spacing[::-1])]
+    z, y, x = np.meshgrid(*axes, indexing="ij")
+    hu = np.full(x.shape, -1000.0, np.float32)
+    hu[(x / 140) ** 2 + (y / 100) ** 2 < 1] = 40.0
+    if lungs:
+        lung = (((np.abs(x) - 60) / 45) ** 2 + (y / 65) ** 2 + (z / 75) ** 2 < 1)
+        hu[lung] = -850.0
+        hu[lung & (z > 25) & (x < 0)] = -960.0
+        hu[lung & (z < -30) & (x > 0)] = -600.0
+    hu += rng.normal(0, 25, size=hu.shape).astype(np.float32)
+    image = sitk.GetImageFromArray(np.round(hu).astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(tuple(-(n - 1) / 2 * s for n, s in zip(size, spacing)))
+    return image
+
+
+def _write(image: sitk.Image, path: Path) -> Path:
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Path:
+    return _write(synthetic_chest(), tmp_path_factory.mktemp("scan") / "chest.nrrd")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, scan) -> Path:
+    """A tiny untrained bundle built with the project's own APIs: seeded encoder, rotation fitted to a made-up
+    two-acquisition split, three k-means clusters on the biological coordinates of this scan's patches."""
+    from latentharmonize.bundle import ModelBundle, save_bundle
+    from latentharmonize.clusters import TissueClusters
+    from latentharmonize.grid import to_model_grid
+    from latentharmonize.io import read_ct
+    from latentharmonize.lungmask import segment_lungs
+    from latentharmonize.networks import build_model
+    from latentharmonize.patches import DEFAULT_SPEC, encode_dense
+    from latentharmonize.rotation import LatentRotation
+
+    ct = read_ct(scan)
+    hu, lung, grid = to_model_grid(ct, segment_lungs(ct), align_px=(4, 4, 1))
+    model = build_model("ae", seed=0)
+    dense = encode_dense(model, hu, lung, grid, DEFAULT_SPEC)
+    rows = np.random.default_rng(0).choice(len(dense.latents), size=min(1500, len(dense.latents)), replace=False)
+    latents = dense.latents[np.sort(rows)]
+    acquisition = np.where(dense.positions[np.sort(rows), 2] % 2 == 0, "a", "b")
+    rotation = LatentRotation(n_technical=1, method="labels", random_state=0).fit(latents, acquisition)
+    clusters = TissueClusters(n_clusters=3, random_state=0).fit(rotation.biological(latents))
+    bundle = ModelBundle.create(name="test-tiny", encoder_config=model.config, encoder_state=model.state_dict(),
+                                spec=DEFAULT_SPEC, rotation=rotation, clusters=clusters, names=CLUSTER_NAMES,
+                                created="2026-01-01")
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(bundle, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, scan, bundle_dir):
+    events = []
+    out = tmp_path_factory.mktemp("run1")
+    result = analyze(scan, out, model=bundle_dir, device="cpu", progress=lambda p, s, m="": events.append((p, s)))
+    return result, events
+
+
+def test_outputs_are_complete_and_published(first_run):
+    result, _ = first_run
+    expected = set(output_names("chest").values())
+    assert {p.name for p in result.out_dir.iterdir()} == expected  # no staging folder left behind
+    assert set(result.files) == set(output_names("chest"))
+
+
+def test_labels_only_inside_the_lungs_and_everywhere_inside(first_run):
+    result, _ = first_run
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
+    lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["lungs"])))
+    confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["confidence"])))
+    assert set(np.unique(lungs)) == {0, 1, 2}
+    assert not labels[lungs == 0].any()
+    assert labels[lungs > 0].min() >= 1 and labels.max() <= 3
+    assert (confidence[lungs == 0] == 0).all() and 0 <= confidence.min() and confidence.max() <= 1
+
+
+def test_composition_fractions_sum_to_one(first_run):
+    result, _ = first_run
+    table = pd.read_csv(result.files["composition_csv"])
+    assert set(table.region) == {"whole", "right", "left", "upper", "middle", "lower"}
+    np.testing.assert_allclose(table.groupby("region").fraction.sum(), 1.0, atol=1e-5)
+    doc = json.loads(result.files["composition_json"].read_text())
+    assert [c["name"] for c in doc["clusters"]] == CLUSTER_NAMES
+    whole = table[table.region == "whole"]
+    assert doc["lung_volumes_ml"]["total"] == pytest.approx(whole.volume_ml.sum(), rel=1e-4)
+
+
+def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bundle_dir):
+    from latentharmonize.bundle import load_bundle
+
+    result, _ = first_run
+    bundle = load_bundle(bundle_dir)
+    seg = slicerio.read_segmentation(str(result.files["segmentation"]))
+    assert [s["name"] for s in seg["segments"]] == CLUSTER_NAMES
+    assert [s["labelValue"] for s in seg["segments"]] == [1, 2, 3]
+    for s in seg["segments"]:
+        np.testing.assert_allclose(s["color"], bundle.colors[s["labelValue"]], atol=1e-6)
+    ct = sitk.ReadImage(str(scan))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
+    np.testing.assert_array_equal(seg["voxels"], labels.T)
+    corner = np.array([5, 7, 3, 1.0])
+    np.testing.assert_allclose((seg["ijkToLPS"] @ corner)[:3], ct.TransformContinuousIndexToPhysicalPoint(corner[:3].tolist()))
+
+
+def test_record_identifies_input_and_model(first_run, scan, bundle_dir):
+    from latentharmonize.bundle import load_bundle
+
+    result, _ = first_run
+    record = json.loads(result.files["record"].read_text())
+    assert record["input_sha256"] == image_sha256(scan)
+    assert record["model_sha256"] == load_bundle(bundle_dir).sha256
+    assert record["mask"] == "automatic" and record["n_patches"] > 100
+    assert set(record["timings_s"]) >= {"load", "mask", "encode", "write", "qc_report", "total"}
+
+
+def test_progress_is_monotonic_and_follows_the_documented_stages(first_run):
+    _, events = first_run
+    percents = [p for p, _ in events]
+    assert percents == sorted(percents) and percents[-1] == 100
+    stages = list(dict.fromkeys(s for _, s in events))
+    assert stages == [s for s in list(STAGES) + ["done"] if s in stages]
+    assert {"load", "mask", "encode", "write", "report", "done"} <= set(stages)
+
+
+def test_cli_gives_identical_outputs_and_progress_lines(first_run, scan, bundle_dir, tmp_path, capsys):
+    result, _ = first_run
+    code = cli_main(["analyze", str(scan), "--out", str(tmp_path), "--model", str(bundle_dir), "--device", "cpu",
+                     "--progress-lines"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(re.match(r"^LH-PROGRESS \d{1,3} \w+", line) for line in lines)
+    for name in output_names("chest").values():
+        if name != "analysis.json":  # holds timings
+            assert (tmp_path / name).read_bytes() == (result.out_dir / name).read_bytes(), name
+
+
+def test_existing_outputs_are_refused_without_overwrite(first_run, scan, bundle_dir):
+    result, _ = first_run
+    before = {p.name: p.read_bytes() for p in result.out_dir.iterdir()}
+    with pytest.raises(OutputError, match="--overwrite"):
+        analyze(scan, result.out_dir, model=bundle_dir, device="cpu")
+    assert {p.name: p.read_bytes() for p in result.out_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("stage", ["encode", "write", "report"])
+def test_interruption_leaves_nothing(scan, bundle_dir, tmp_path, stage):
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def interrupt(percent, current, message=""):
+        if current == stage:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze(scan, tmp_path, model=bundle_dir, device="cpu", progress=interrupt)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def _bad_scan(kind: str, folder: Path) -> Path:
+    path = folder / f"{kind}.nrrd"
+    if kind == "not_an_image":
+        path.write_text("this is not an image")
+        return path
+    if kind == "mr_like":
+        image = sitk.Cast(sitk.RescaleIntensity(synthetic_chest(), 0, 1200), sitk.sitkInt16)
+    elif kind == "no_lung":
+        image = synthetic_chest(lungs=False)
+    elif kind == "coarse_pixels":
+        image = synthetic_chest(size=(80, 80, 36), spacing=(4.0, 4.0, 5.0))
+    elif kind == "thick_slices":
+        image = synthetic_chest(size=(112, 112, 20), spacing=(2.8, 2.8, 8.0))
+    else:  # small_fov
+        image = synthetic_chest(size=(40, 40, 36), spacing=(2.8, 2.8, 5.0))
+    return _write(image, path)
+
+
+@pytest.mark.parametrize("kind, error, words", [
+    ("not_an_image", InputError, "not an image"),
+    ("mr_like", InputError, "Hounsfield"),
+    ("no_lung", NoLungFoundError, "lung"),
+    ("coarse_pixels", InputError, "In-plane pixel spacing"),
+    ("thick_slices", InputError, "Slice spacing"),
+    ("small_fov", InputError, "field of view"),
+])
+def test_bad_inputs_are_refused_with_nothing_written(kind, error, words, bundle_dir, tmp_path):
+    source = _bad_scan(kind, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(error, match=words):
+        analyze(source, out, model=bundle_dir, device="cpu")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_unwritable_output_folder(scan, bundle_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError):
+        analyze(scan, blocker, model=bundle_dir, device="cpu")
+    with pytest.raises(OutputError):
+        analyze(scan, "/proc/latentharmonize-test-out", model=bundle_dir, device="cpu")
+
+
+def test_mask_on_another_grid_and_cli_error_message(scan, bundle_dir, tmp_path, capsys):
+    mask = synthetic_chest(size=(100, 100, 36))
+    _write(sitk.Cast(mask < -500, sitk.sitkUInt8), tmp_path / "mask.nrrd")
+    code = cli_main(["analyze", str(scan), "--out", str(tmp_path / "out"), "--model", str(bundle_dir),
+                     "--mask", str(tmp_path / "mask.nrrd")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "latentharmonize analyze: error:" in err and "grid" in err and "Traceback" not in err
+
+
+def test_geometry_check_accepts_ordinary_chest_ct():
+    image = sitk.Image([200, 200, 120], sitk.sitkUInt8)
+    image.SetSpacing((1.8, 1.8, 2.5))
+    check_geometry(image)
+    image.SetDirection((1, 0, 0, 0, 0, -1, 0, 1, 0))  # coronal acquisition: slices along y, z in-plane
+    image.SetSpacing((1.8, 5.0, 1.8))
+    check_geometry(image)
+    image.SetSpacing((1.8, 5.0, 4.0))  # now the in-plane (x, z) pixels are too coarse
+    with pytest.raises(InputError, match="In-plane"):
+        check_geometry(image)
+
+
+def test_input_names():
+    assert input_name("/data/p1/scan.nii.gz") == "scan"
+    assert input_name("/data/p1/ct.nrrd") == "ct"
+    assert input_name("/data/dicom_series/") == "dicom_series"
