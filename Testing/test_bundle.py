@@ -150,6 +150,13 @@ def test_set_cluster_names(saved):
         set_cluster_names(saved, {1: "p"})
 
 
+def test_probe_defaults_to_the_rotation_measurement(fitted):
+    b = make_bundle(fitted, probe=None)
+    rot = fitted[1]
+    assert b.manifest["probe"] == {"entangled": rot.probe_entangled_, "biological": rot.probe_biological_,
+                                   "chance": rot.chance_}
+
+
 def test_create_validates_inputs(fitted):
     with pytest.raises(InputError, match="Need 3 cluster names"):
         make_bundle(fitted, names=["a", "b"])

@@ -124,7 +124,8 @@ class ModelBundle:
         ``networks.build_model``, including ``latent_dim``); ``encoder_state`` its ``state_dict()``;
         ``spec`` the patch spec; ``names`` one name per cluster label 1..K (``colors`` default to
         :func:`clusters.default_colors`); ``training`` a cohort/run summary; ``probe`` the
-        acquisition probe accuracies (e.g. ``{"entangled": .., "biological": .., "chance": ..}``).
+        acquisition probe accuracies ``{"entangled": .., "biological": .., "chance": ..}`` (default:
+        those the rotation measured while fitting).
         """
         config = _jsonable(dict(encoder_config))
         kind = config.pop("kind", None)
@@ -145,7 +146,9 @@ class ModelBundle:
             "clusters": {**_jsonable(cl_meta), "labels": list(range(1, k + 1)), "names": names,
                          "colors": [list(c) for c in colors]},
             "training": _jsonable(dict(training or {})),
-            "probe": _jsonable(dict(probe or {})),
+            "probe": _jsonable(dict(probe if probe is not None else {
+                "entangled": rotation.probe_entangled_, "biological": rotation.probe_biological_,
+                "chance": rotation.chance_})),
             "files": {},
         }
         state = {str(key): value for key, value in encoder_state.items()}
