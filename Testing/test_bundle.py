@@ -139,6 +139,7 @@ def test_set_cluster_names(saved):
     assert after.colors[3] == (1.0, 0.0, 0.5) and after.colors[1] == before.colors[1]
     assert after.sha256 != before.sha256  # names are part of the model's identity
     assert set_cluster_names(saved, ["x", "y", "z"]).names == {1: "x", 2: "y", 3: "z"}
+    assert set_cluster_names(saved, {"1": "w"}).names[1] == "w"  # labels as read from JSON
     with pytest.raises(InputError, match="unique"):
         set_cluster_names(saved, {1: "y"})
     with pytest.raises(InputError, match="Unknown cluster label"):

@@ -112,6 +112,12 @@ def test_inlp_removes_acquisition_signal_the_pairs_do_not_show():
     assert rot.probe_accuracy(X, y, space="entangled", groups=loc) > 0.9
 
 
+def test_pair_subset_still_recovers_the_subspace(planted):
+    X, y, pairs, tech, _ = planted
+    rot = LatentRotation(n_technical=3, max_pairs=300).fit(X, y, pairs=pairs)
+    assert np.max(subspace_angles(rot.technical_basis_, tech)) < 0.1
+
+
 def test_deterministic_for_a_seed(planted):
     X, y, pairs, _, _ = planted
     a = LatentRotation(random_state=1).fit(X, y, pairs=pairs)

@@ -364,11 +364,12 @@ def set_cluster_names(path, names=None, colors=None) -> ModelBundle:
     def merged(current: list, update, what: str) -> list:
         if update is None:
             return list(current)
-        if isinstance(update, Mapping):
-            bad = [lab for lab in update if not (isinstance(lab, (int, np.integer)) and 1 <= int(lab) <= k)]
+        if isinstance(update, Mapping):  # labels may be ints or digit strings (from JSON or a GUI)
+            by_label = {int(lab) if str(lab).strip().isdigit() else lab: v for lab, v in update.items()}
+            bad = [lab for lab in by_label if not (isinstance(lab, int) and 1 <= lab <= k)]
             if bad:
                 raise InputError(f"Unknown cluster label(s) {bad} for {what}; labels are 1..{k}.")
-            return [update.get(lab, cur) for lab, cur in zip(range(1, k + 1), current)]
+            return [by_label.get(lab, cur) for lab, cur in zip(range(1, k + 1), current)]
         return list(update)
 
     new_names, new_colors = _check_names_colors(merged(c["names"], names, "names"),

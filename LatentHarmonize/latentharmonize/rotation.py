@@ -169,6 +169,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         Folds of the cross-validated probe.
     probe_samples : int
         Rows (stratified random subset) the probe uses, to keep it fast on dense latents.
+    max_pairs : int
+        Pairs (random subset) the paired difference model is fitted on, to bound its memory.
     random_state : int
         Seed of every random choice (probe subsets and folds).
 
@@ -187,7 +189,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, n_technical="auto", method="auto", alpha=1.0, tolerance=0.05, max_technical=None,
-                 spectrum_floor=0.1, cv=5, probe_samples=4000, random_state=0):
+                 spectrum_floor=0.1, cv=5, probe_samples=4000, max_pairs=20000, random_state=0):
         self.n_technical = n_technical
         self.method = method
         self.alpha = alpha
@@ -196,6 +198,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         self.spectrum_floor = spectrum_floor
         self.cv = cv
         self.probe_samples = probe_samples
+        self.max_pairs = max_pairs
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fitting
@@ -225,6 +228,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         probe_groups = None if groups is None else groups[rows]
 
         if method == "paired":
+            if len(pairs) > self.max_pairs:
+                pairs = pairs[np.sort(rng.choice(len(pairs), self.max_pairs, replace=False))]
             weights = self._difference_model(Xc, y, pairs)
             source = "paired"
         else:
