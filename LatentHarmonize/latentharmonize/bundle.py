@@ -328,7 +328,7 @@ def load_bundle(path=None) -> ModelBundle:
     if not folder.is_dir():
         where = "The default model bundle is not installed" if path is None else "No model bundle folder"
         raise BundleError(f"{where} at {folder}. Pass --model with a folder written by `latentharmonize train`"
-                          + (", or run scripts/train_default_model.sh to build the default." if path is None else "."))
+                          + (", or build the default with `python scripts/train_default_bundle.py`." if path is None else "."))
     manifest, raw = _read_manifest(folder)
     _check_manifest(manifest, folder)
     blobs = {fname: _read_verified(folder, manifest["files"], fname) for fname in DATA_FILES}
