@@ -78,3 +78,116 @@ def test_gains_and_goal_check():
     assert goal["rotated_beats_baselines"] == {"combat": False}
     assert goal["probe_near_chance"] is True
     assert goal["survival_rotated_beats"] == {"entangled": True, "hu_thresholds": False}
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny cohort
+def _write_scan(folder, patient, acquisition, blocks, rng):
+    """A small chest-like CT: air, a body wall, a lung box of 8 x 8 px tissue blocks; mask and truth beside it."""
+    import SimpleITK as sitk
+    from scipy.ndimage import gaussian_filter
+
+    shape = (14, 56, 56)
+    truth = np.zeros(shape, np.uint8)
+    truth[1:13, 8:48, 8:48] = np.kron(blocks, np.ones((8, 8), np.uint8))[None]
+    hu = np.full(shape, -1000.0)
+    hu[:, 3:53, 3:53] = 40.0
+    means = {1: -850.0, 2: -960.0, 4: -700.0}
+    noise = rng.normal(size=shape)
+    if acquisition == "soft":
+        noise, offset = gaussian_filter(noise, 1.0) * 25.0, 0.0
+    else:
+        noise, offset = noise * 45.0, 30.0
+    for label, mean in means.items():
+        hu[truth == label] = mean + offset + noise[truth == label]
+    lung = (truth > 0).astype(np.uint8)
+    lung[:, :, 28:] *= 2  # left lung
+    paths = {}
+    for name, array, kind in (("image", hu.astype(np.int16), "ct"), ("mask", lung, "mask"), ("truth", truth, "truth")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((1.25, 1.25, 2.5))
+        paths[name] = folder / f"{patient}_{acquisition}_{kind}.nrrd"
+        sitk.WriteImage(image, str(paths[name]))
+    return {k: v.name for k, v in paths.items()}
+
+
+def _write_cohort(folder, n_patients, seed):
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        emphysema = 0.1 + 0.5 * rng.random()
+        blocks = rng.choice([1, 2, 4], size=(5, 5), p=[0.8 - emphysema, emphysema, 0.2]).astype(np.uint8)
+        time, event = rng.exponential(1.0 / np.exp(3 * emphysema)), int(rng.random() < 0.8)
+        for acq in ("soft", "sharp"):
+            paths = _write_scan(folder, f"s{seed}p{p}", acq, blocks, rng)
+            rows.append({**paths, "patient": f"s{seed}p{p}", "acquisition": acq, "time": time, "event": event,
+                         "age": 60 + p, "sex": "MF"[p % 2], "frac_normal": float(np.mean(blocks == 1)),
+                         "frac_emphysema": float(np.mean(blocks == 2)), "frac_reticulation": float(np.mean(blocks == 4))})
+    pd.DataFrame(rows).to_csv(folder / "cohort.csv", index=False)
+    return folder / "cohort.csv"
+
+
+def _tiny_bundle(folder, kind, cohort_csv):
+    """A bundle with an untrained tiny encoder, and a rotation and clusters fitted on its latents of the cohort."""
+    from latentharmonize.bundle import ModelBundle, save_bundle
+    from latentharmonize.clusters import TissueClusters
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.evaluate import _load_volumes
+    from latentharmonize.networks import build_model
+    from latentharmonize.patches import encode_dense, resolve_spec
+    from latentharmonize.rotation import LatentRotation
+
+    spec = resolve_spec(None)
+    model = build_model(kind, seed=len(kind), latent_dim=6, width=8)
+    latents, acquisitions = [], []
+    for _, row in read_cohort(cohort_csv).iterrows():
+        hu, lung, grid, _, _ = _load_volumes(row, spec)
+        dense = encode_dense(model, hu, lung, grid, spec)
+        latents.append(dense.latents)
+        acquisitions += [row["acquisition"]] * len(dense.latents)
+    X = np.concatenate(latents)
+    rotation = LatentRotation(n_technical=1, method="labels").fit(X, np.array(acquisitions))
+    clusters = TissueClusters(n_clusters=3, random_state=0).fit(rotation.biological(X))
+    bundle = ModelBundle.create(name=f"tiny-{kind}", encoder_config=model.config, encoder_state=model.state_dict(),
+                                spec=spec, rotation=rotation, clusters=clusters, names=["a", "b", "c"])
+    save_bundle(bundle, folder)
+    return folder
+
+
+def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
+    import json
+
+    from latentharmonize.cli import main
+    from latentharmonize.evaluate import FIGURES, REPRESENTATIONS
+
+    train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
+    test_csv = _write_cohort(tmp_path / "test", 3, seed=2)
+    model = _tiny_bundle(tmp_path / "model", "ae", train_csv)
+    unoranic = _tiny_bundle(tmp_path / "unoranic", "unoranic", train_csv)
+    out = tmp_path / "eval"
+    args = ["evaluate", str(test_csv), "--model", str(model), "--train-cohort", str(train_csv),
+            "--unoranic", str(unoranic), "--out", str(out), "--quick"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["consistency"]) == set(REPRESENTATIONS)
+    for name in REPRESENTATIONS:
+        m = metrics["consistency"][name]
+        for key in ("ari", "nmi", "dice"):
+            assert -1.0 <= m[key] <= 1.0 and m[f"{key}_ci"][0] <= m[key] <= m[f"{key}_ci"][1]
+        assert m["n_patients"] == 3
+        assert 0.0 <= metrics["truth_agreement"][name]["nmi"] <= 1.0
+        assert 0.0 <= metrics["probe"][name] <= 1.0
+    assert metrics["probe"]["chance"] == pytest.approx(0.5, abs=0.05)
+    assert set(metrics["survival"]) == set(REPRESENTATIONS) | {"hu_thresholds", "true_composition"}
+    assert all(0.0 <= s["c_index"] <= 1.0 and s["n"] == 7 for s in metrics["survival"].values())
+    assert metrics["skipped"] == {}
+    assert set(metrics["relative_gain"]["rotated_vs_entangled_percent"]) == {"ari", "nmi", "dice"}
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == len(FIGURES)
+    assert main(args) == 2  # existing results are not overwritten
+    with pytest.raises(Exception, match="also training scans"):
+        from latentharmonize.evaluate import evaluate
+        evaluate(train_csv, tmp_path / "again", model=model, train_cohort=train_csv, quick=True)

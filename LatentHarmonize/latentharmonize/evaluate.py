@@ -339,8 +339,11 @@ def patient_profiles(scans: List[ScanLatents], names, n_clusters: int) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int) -> tuple:
-    """Cross-validated Cox C-index of each representation's composition, densitometry and true composition."""
+def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> tuple:
+    """Cross-validated Cox C-index of each representation's composition, densitometry and true composition.
+
+    A feature set the Cox model cannot be fitted on (too few events, no convergence) is recorded in ``skipped``.
+    """
     from .survival import cross_validated_c_index, cross_validated_risk
     from .tissue import TISSUES
 
@@ -357,8 +360,11 @@ def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int) -> t
         feature_sets["true_composition"] = truth[1:]  # normal lung is the reference
     out, risks = {}, {}
     for name, cols in feature_sets.items():
-        out[name] = cross_validated_c_index(table, cols, seed=seed, n_boot=n_boot)
-        risks[name] = cross_validated_risk(table, cols, seed=seed)
+        try:
+            out[name] = cross_validated_c_index(table, cols, seed=seed, n_boot=n_boot)
+            risks[name] = cross_validated_risk(table, cols, seed=seed)
+        except InputError as err:
+            skipped[f"survival:{name}"] = str(err)
     return out, risks
 
 
@@ -380,7 +386,7 @@ def goal_check(metrics: dict) -> dict:
         "probe_near_chance": bool(metrics["probe"]["rotated"] <= metrics["probe"]["chance"] + 0.05),
     }
     surv = metrics.get("survival", {})
-    if surv:
+    if "rotated" in surv:
         out["survival_rotated_beats"] = {k: bool(surv["rotated"]["c_index"] > surv[k]["c_index"])
                                          for k in ("entangled", "hu_thresholds") if k in surv}
     return out
@@ -432,7 +438,8 @@ def plot_label_maps(scans: List[ScanLatents], with_truth: bool, path) -> None:
     from .clusters import PALETTE
 
     reps = ["entangled", "rotated"] + (["truth"] if with_truth else [])
-    plane = int(np.median(scans[0].keys[:, 2]))
+    planes, counts = np.unique(scans[0].keys[:, 2], return_counts=True)
+    plane = int(planes[counts.argmax()])  # the axial plane with the most lung
     keys = np.concatenate([s.keys for s in scans])
     steps = [np.diff(np.unique(keys[:, a])) for a in (0, 1)]
     step = int(min(d[d > 0].min() if (d > 0).any() else 1 for d in steps))
@@ -455,7 +462,7 @@ def plot_label_maps(scans: List[ScanLatents], with_truth: bool, path) -> None:
                 ax.set_title(s.acquisition, fontsize=8)
             if c == 0:
                 ax.set_ylabel(rep, fontsize=8)
-    fig.suptitle(f"Patient {scans[0].patient}, axial plane z = {plane / 1000:.1f} mm: same colour = same cluster within a row",
+    fig.suptitle(f"Patient {scans[0].patient}, z = {plane / 1000:.1f} mm (colour = cluster of that row)",
                  fontsize=8)
     _save(fig, path)
 
@@ -519,6 +526,8 @@ def plot_traversals(bundle, train: List[ScanLatents], rows, path, steps=(-3, -2,
 def plot_km(table: pd.DataFrame, risks: dict, path) -> dict:
     from .survival import plot_km_by_risk
 
+    if "rotated" not in risks:  # no Cox model could be fitted: one curve of all patients
+        return plot_km_by_risk(table["time"], table["event"], np.zeros(len(table)), path, title="Kaplan-Meier (no risk model)")
     return plot_km_by_risk(table["time"], table["event"], risks["rotated"], path, title="Kaplan-Meier by risk (rotated composition)")
 
 
@@ -640,7 +649,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
     table = patient_profiles(train + evals, names, n_clusters)
-    metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot)
+    metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
     metrics["relative_gain"] = relative_gains(metrics["consistency"])
     metrics["goal"] = goal_check(metrics)
     metrics.update({

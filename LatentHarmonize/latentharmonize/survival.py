@@ -80,10 +80,15 @@ def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: s
 
 def _fit_cox(data: pd.DataFrame, time_col: str, event_col: str, penalizer: float):
     from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # lifelines warns on low-variance columns; the penalty handles them
-        return CoxPHFitter(penalizer=penalizer).fit(data, duration_col=time_col, event_col=event_col)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lifelines warns on low-variance columns; the penalty handles them
+            return CoxPHFitter(penalizer=penalizer).fit(data, duration_col=time_col, event_col=event_col)
+    except ConvergenceError as exc:
+        raise InputError(f"The Cox model did not converge on {len(data)} patients ({str(exc).splitlines()[0]}). "
+                         "Use more patients, fewer features or a larger --penalizer.") from None
 
 
 def _usable_features(data: pd.DataFrame, features: Sequence[str]) -> List[str]:
@@ -94,16 +99,17 @@ def _usable_features(data: pd.DataFrame, features: Sequence[str]) -> List[str]:
 def cross_validated_risk(df: pd.DataFrame, features: Sequence[str], time_col: str = "time", event_col: str = "event",
                          n_splits: int = 5, penalizer: float = 0.1, seed: int = 0) -> np.ndarray:
     """Out-of-fold Cox log partial hazards: each patient's risk comes from a model that never saw them."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     data = _check_survival_table(df, features, time_col, event_col)
     n_events, n_censored = int(data[event_col].sum()), int((1 - data[event_col]).sum())
-    n_splits = min(n_splits, n_events, n_censored if n_censored else n_splits)  # each fold holds both outcomes
+    n_splits = min(n_splits, n_events)
     if n_splits < 2:
-        raise InputError(f"Cross-validation needs at least two events and two folds; got {len(data)} patients, "
-                         f"{int(data[event_col].sum())} events.")
+        raise InputError(f"Cross-validation needs at least two events; got {len(data)} patients, {n_events} events.")
     risk = np.zeros(len(data))
-    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    # stratify on the event so every fold holds events, when there are enough censored patients to spread too
+    splitter = StratifiedKFold if n_censored >= n_splits else KFold
+    folds = splitter(n_splits=n_splits, shuffle=True, random_state=seed)
     for train, test in folds.split(data, data[event_col]):
         usable = _usable_features(data.iloc[train], features)
         if not usable:
