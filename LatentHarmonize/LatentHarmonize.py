@@ -180,7 +180,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode) -> None:
+    def setParameterNode(self, inputParameterNode: "LatentHarmonizeParameterNode") -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -262,7 +262,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setFormat(f"{event.stage}: %p%")
         slicer.util.showStatusMessage(f"LatentHarmonize: {event.message or event.stage}", 3000)
 
-    def onAnalysisFinished(self, run, returncode: int) -> None:
+    def onAnalysisFinished(self, run: "AnalysisRun", returncode: int) -> None:
         self._run = None
         self._checkCanApply()
         if run.cancelled:
@@ -353,8 +353,8 @@ class AnalysisRun:
     behaviour from a reader thread and a QTimer that polls its queue on the main thread.
     """
 
-    def __init__(self, command, environment, runFolder, name, inputVolume, onLog=None, onProgress=None,
-                 onFinished=None) -> None:
+    def __init__(self, command, environment, runFolder, name, inputVolume: "vtkMRMLScalarVolumeNode", onLog=None,
+                 onProgress=None, onFinished=None) -> None:
         self.command = command
         self.environment = environment
         self.runFolder = runFolder
@@ -384,12 +384,12 @@ class AnalysisRun:
 
     def start(self) -> None:
         logging.info("LatentHarmonize backend: %s", " ".join(shlex.quote(str(a)) for a in self.command))
-        launch = slicer.util.launchConsoleProcess
-        if "blocking" in inspect.signature(launch).parameters:
-            self.process = launch(self.command, updateEnvironment=self.environment, blocking=False,
-                                  logCallback=self._onLine, completedCallback=self._onCompleted)
+        if "blocking" in inspect.signature(slicer.util.launchConsoleProcess).parameters:  # Slicer >= 5.12
+            self.process = slicer.util.launchConsoleProcess(self.command, updateEnvironment=self.environment,
+                                                            blocking=False, logCallback=self._onLine,
+                                                            completedCallback=self._onCompleted)
             return
-        self.process = launch(self.command, updateEnvironment=self.environment)
+        self.process = slicer.util.launchConsoleProcess(self.command, updateEnvironment=self.environment)
         threading.Thread(target=self._readOutput, daemon=True).start()
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -437,7 +437,8 @@ class AnalysisRun:
 class LatentHarmonizeResults:
     """Nodes created from one analysis, plus the composition table (pandas) they show."""
 
-    def __init__(self, segmentation, table, confidence, composition) -> None:
+    def __init__(self, segmentation: "vtkMRMLSegmentationNode", table: "vtkMRMLTableNode",
+                 confidence: "vtkMRMLScalarVolumeNode", composition) -> None:
         self.segmentation = segmentation
         self.table = table
         self.confidence = confidence
@@ -451,7 +452,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.dependenciesChecked = False
 
-    def getParameterNode(self):
+    def getParameterNode(self) -> "LatentHarmonizeParameterNode":
         return LatentHarmonizeParameterNode(super().getParameterNode())
 
     # --- dependencies
@@ -531,7 +532,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         """Segmentation, composition table and confidence map of a finished run, placed beside the input."""
         b = bridge()
         outputs = b.locate_outputs(run.outputFolder, run.name)
-        inputVolume = run.inputVolume
+        inputVolume: "vtkMRMLScalarVolumeNode" = run.inputVolume
         segmentation: "vtkMRMLSegmentationNode" = slicer.util.loadSegmentation(str(outputs.segmentation))
         segmentation.SetName(slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} clusters"))
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)

@@ -1,0 +1,815 @@
+"""Static checks of the 3D Slicer module, which cannot run here (Slicer is not installable on the build machines).
+
+(a) every Slicer/MRML/VTK call of LatentHarmonize.py exists in the reference API list (Testing/data/slicer_api.json),
+    with a small, cited supplement and an explicit Qt/ctk allowlist; (b) widgets and parameter names agree with the
+    .ui file; (c) CMakeLists.txt ships every file the module needs; (d) the module compiles for Python 3.9 and, in
+    plain Python, fails only on ``import slicer``.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import json
+import pathlib
+import queue
+import re
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "LatentHarmonize"
+MODULE_FILE = MODULE_DIR / "LatentHarmonize.py"
+BRIDGE_FILE = MODULE_DIR / "latentharmonize" / "slicer_bridge.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "LatentHarmonize.ui"
+API = json.loads((ROOT / "Testing" / "data" / "slicer_api.json").read_text())
+
+# Slicer classes the reference list does not cover, limited to what the module uses. Each entry was read in the
+# Slicer source at the reference commit (file named in "source"); "base" completes the inheritance chains.
+SUPPLEMENT = {
+    "vtkMRMLTransformableNode": {"base": "vtkMRMLStorableNode", "source": "Libs/MRML/Core/vtkMRMLTransformableNode.h"},
+    "vtkMRMLStorableNode": {"base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLStorableNode.h"},
+    "vtkMRMLDisplayNode": {"base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLDisplayNode.h"},
+    "vtkSlicerModuleLogic": {"source": "Base/Logic/vtkSlicerModuleLogic.h"},
+    "vtkMRMLSubjectHierarchyNode": {
+        "base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLSubjectHierarchyNode.h",
+        "methods": {"GetSubjectHierarchyNode": "static (vtkMRMLScene* scene) -> vtkMRMLSubjectHierarchyNode*",
+                    "GetItemByDataNode": "(vtkMRMLNode* dataNode) -> vtkIdType",
+                    "GetItemParent": "(vtkIdType itemID) -> vtkIdType",
+                    "SetItemParent": "(vtkIdType itemID, vtkIdType parentItemID, bool enableCircularCheck=true)"}},
+    "vtkMRMLSliceNode": {
+        "base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLSliceNode.h",
+        "methods": {"JumpAllSlices": "static (vtkMRMLScene* scene, double r, double a, double s, int jumpMode, "
+                                     "int viewGroup=-1, vtkMRMLSliceNode* exclude=nullptr)"},
+        "enums": ["DefaultJumpSlice", "CenteredJumpSlice", "OffsetJumpSlice"]},
+    "vtkSlicerApplicationLogic": {
+        "source": "Base/Logic/vtkSlicerApplicationLogic.h (also listed in slicer.app_selected)",
+        "methods": {"GetSelectionNode": "() -> vtkMRMLSelectionNode*", "PropagateTableSelection": "()"}},
+    "vtkMRMLSelectionNode": {"base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLSelectionNode.h",
+                             "methods": {"SetActiveTableID": "(const char* id)"}},
+    "vtkSlicerTablesLogic": {"source": "Modules/Loadable/Tables/Logic/vtkSlicerTablesLogic.h",
+                             "methods": {"GetLayoutWithTable": "static (int currentLayout) -> int"}},
+    # VTK core classes (module ``vtk``), methods of vtkAbstractArray / vtkStringArray / vtkDoubleArray
+    "vtkMatrix4x4": {"source": "VTK Common/Core/vtkMatrix4x4.h"},
+    "vtkStringArray": {"source": "VTK Common/Core/vtkStringArray.h",
+                       "methods": {"SetName": "(const char*)", "InsertNextValue": "(vtkStdString) -> vtkIdType"}},
+    "vtkDoubleArray": {"source": "VTK Common/Core/vtkDoubleArray.h",
+                       "methods": {"SetName": "(const char*)", "InsertNextValue": "(double) -> vtkIdType"}},
+    "vtkCommand": {"source": "VTK Common/Core/vtkCommand.h", "enums": ["ModifiedEvent"]},
+}
+VTK_CLASSES = {"vtkMatrix4x4", "vtkStringArray", "vtkDoubleArray", "vtkCommand"}
+# Scripted/loadable modules reached through slicer.modules.<name> and the object their logic() returns
+SLICER_MODULES = {"segmentations": "vtkSlicerSegmentationsModuleLogic", "tables": "vtkSlicerTablesLogic",
+                  "segmenteditor": None}
+# The PyTorch extension's PyTorchUtils (fepegar/SlicerPyTorch, PyTorchUtils/PyTorchUtils.py), as documented in
+# slicer-conventions.md section 3.1
+PYTORCHUTILS_METHODS = {"torchInstalled", "installTorch", "getDevice", "torch"}
+# Qt/ctk/qMRML widget methods (PythonQt, lowerCamelCase): not in the reference list, allowed by name. Each is a
+# documented slot/method of the widget it is called on in LatentHarmonize.py:
+QT_METHODS = {
+    "connect",                      # QObject signal connection (PythonQt)
+    "addWidget",                    # QLayout (self.layout)
+    "setMRMLScene",                 # qMRMLWidget
+    "setValue", "setFormat",        # QProgressBar
+    "appendPlainText",              # QPlainTextEdit (log)
+    "setInterval", "start", "stop",  # QTimer
+    "setCurrentNode", "currentNode", "setCurrentSegmentID", "currentSegmentID",  # qMRMLSegmentSelectorWidget
+    "setSegmentationNode", "selectedSegmentIDs",  # qMRMLSegmentsTableView, qMRMLSegmentEditorWidget
+    "setSourceVolumeNode",          # qMRMLSegmentEditorWidget (Slicer >= 5.4)
+    "widgetRepresentation", "self",  # qSlicerAbstractCoreModule widget; PythonQt self() of a scripted widget
+    "layoutManager", "setLayout",   # qSlicerApplication / qSlicerLayoutManager
+}
+QT_NAMES = {"QTimer"}
+# Python and numpy methods on plain values (lists, dicts, strings, paths, queues, threads, processes, arrays)
+PYTHON_METHODS = set().union(*(dir(t) for t in (str, list, dict, set, tuple, pathlib.Path, queue.Queue,
+                                                 threading.Thread, subprocess.Popen, np.ndarray)))
+STDLIB_MODULES = set(sys.stdlib_module_names)
+
+
+# ------------------------------------------------------------------------------------------- the API model
+
+def _class_table() -> dict:
+    classes = {}
+    for name, spec in API["cpp_classes"].items():
+        classes[name] = {"base": spec.get("base"), "methods": dict(spec.get("methods", {})),
+                         "enums": {v for values in spec.get("enums", {}).values() for v in values}}
+    for name, spec in SUPPLEMENT.items():
+        entry = classes.setdefault(name, {"base": spec.get("base"), "methods": {}, "enums": set()})
+        entry["methods"].update(spec.get("methods", {}))
+        entry["enums"] |= set(spec.get("enums", []))
+    return classes
+
+
+CLASSES = _class_table()
+
+
+def _chain(cls: str):
+    while cls in CLASSES:
+        yield CLASSES[cls]
+        cls = CLASSES[cls]["base"]
+
+
+def _method(cls: str, name: str):
+    return next((c["methods"][name] for c in _chain(cls) if name in c["methods"]), None)
+
+
+def _has_member(cls: str, name: str) -> bool:
+    return any(name in c["methods"] or name in c["enums"] for c in _chain(cls))
+
+
+def _returned_class(signature) -> str | None:
+    for sig in signature if isinstance(signature, list) else [signature]:
+        m = re.search(r"->\s*(?:const\s+)?(\w+)\s*\*", sig)
+        if m and m.group(1) in CLASSES:
+            return m.group(1)
+    return None
+
+
+def _python_params(signature: str):
+    """Parameter names of a Python signature string; None if it takes **kwargs (anything goes)."""
+    sig = re.sub(r"^@\w+\s*", "", signature.strip())
+    fn = ast.parse(f"def f{sig}: pass").body[0]
+    if fn.args.kwarg is not None:
+        return None
+    args = fn.args
+    return [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+
+
+UTIL = {**API["slicer.util"]["functions"], **{k: v["methods"].get("__init__", "(*args)")
+                                             for k, v in API["slicer.util"]["classes"].items()}}
+PACKAGING = API["slicer.packaging"]["functions"]
+APP_MEMBERS = {n for member in API["slicer.app_selected"]["members"] for n in re.findall(r"(?:^|/)(\w+)", member)}
+SLM_CLASSES = API["slicer.ScriptedLoadableModule"]["classes"]
+PNW_EXPORTS = {n for names in API["slicer.parameterNodeWrapper"]["exports_by_submodule"].values() for n in names}
+PNW_INSTANCE = {re.match(r"\w+", s).group(0) for s in API["slicer.parameterNodeWrapper"]["wrapped_instance_api"]}
+SEGSTATS = API["SegmentStatistics"]["SegmentStatisticsLogic"]
+SAMPLEDATA = API["SampleData"]["module_functions"]
+UTIL_RETURNS = {"loadSegmentation": "vtkMRMLSegmentationNode", "loadVolume": "vtkMRMLScalarVolumeNode",
+                "addVolumeFromArray": "vtkMRMLScalarVolumeNode", "downloadSample": "vtkMRMLScalarVolumeNode"}
+BASE_METHODS = {  # methods inherited from Slicer's Python base classes and the Python ones they build on
+    "ScriptedLoadableModule": set(SLM_CLASSES["ScriptedLoadableModule"]["methods"]),
+    "ScriptedLoadableModuleWidget": set(SLM_CLASSES["ScriptedLoadableModuleWidget"]["methods"]),
+    "ScriptedLoadableModuleLogic": set(SLM_CLASSES["ScriptedLoadableModuleLogic"]["methods"]),
+    "ScriptedLoadableModuleTest": set(SLM_CLASSES["ScriptedLoadableModuleTest"]["methods"])
+                                  | {m for m in dir(__import__("unittest").TestCase) if not m.startswith("__")},
+    "VTKObservationMixin": set(API["slicer.util"]["classes"]["VTKObservationMixin"]["methods"]),
+}
+
+
+def _bridge_names() -> tuple:
+    tree = ast.parse(BRIDGE_FILE.read_text())
+    functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    members = {m.name for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body
+               if isinstance(m, ast.FunctionDef)}
+    members |= {t.target.id for c in tree.body if isinstance(c, ast.ClassDef) for t in c.body
+                if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)}
+    members |= {a.attr for a in ast.walk(tree) if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name)
+                and a.value.id == "self"}
+    return functions, members
+
+
+BRIDGE_FUNCTIONS, BRIDGE_MEMBERS = _bridge_names()
+
+
+# ------------------------------------------------------------------------------------------- the checker
+
+class SlicerApiChecker:
+    """Resolves each attribute call of a module to a receiver type and checks it against the API model.
+
+    Types: ``cls:X`` (instance of a C++/VTK class), ``classobj:X`` (the class itself), ``mod:C`` (instance of a class
+    of the checked file), ``ns:...`` (a namespace such as slicer.util), ``pn`` (parameter node wrapper), ``py:X``
+    (a documented Python class of another module). Variables get types from annotations (string annotations with a
+    class name are the way to type a local, e.g. ``display: "vtkMRMLSegmentationDisplayNode" = ...``), from node
+    factories (``AddNewNodeByClass("vtkMRMLTableNode")``) and from return types in the API list. Calls of
+    UpperCamelCase (VTK/MRML) methods on receivers of unknown type are errors, so a misspelt MRML method cannot hide
+    behind an untyped variable.
+    """
+
+    def __init__(self, source: str):
+        self.tree = ast.parse(source)
+        self.errors: list = []
+        self.resolved: set = set()  # (class or namespace, method) of every call checked against the API list
+        self.imports: dict = {}
+        self.module_classes = {c.name: c for c in self.tree.body if isinstance(c, ast.ClassDef)}
+        self.class_attrs: dict = {name: {} for name in self.module_classes}
+        self.parameter_fields: dict = {}
+        self._collect_imports()
+        self._collect_parameter_node()
+
+    # --- collection
+
+    def _collect_imports(self) -> None:
+        for node in self.tree.body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    self.imports[alias.asname or alias.name] = f"ns:{alias.name}"
+            elif isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    self._check_import(node.module, alias.name, node.lineno)
+                    local = alias.asname or alias.name
+                    if node.module == "slicer" and alias.name in CLASSES:
+                        self.imports[local] = f"classobj:{alias.name}"
+                    else:
+                        self.imports[local] = f"ns:{node.module}.{alias.name}"
+
+    def _check_import(self, module: str, name: str, line: int) -> None:
+        known = {"slicer": set(CLASSES), "slicer.util": set(UTIL), "slicer.ScriptedLoadableModule": set(SLM_CLASSES),
+                 "slicer.parameterNodeWrapper": PNW_EXPORTS, "slicer.i18n": set(API["slicer.i18n"]["functions"])}
+        if module in known and name not in known[module]:
+            self.errors.append(f"line {line}: 'from {module} import {name}': {name} is not in the API list")
+
+    def _collect_parameter_node(self) -> None:
+        for cls in self.module_classes.values():
+            if any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in cls.decorator_list):
+                for stmt in cls.body:
+                    if isinstance(stmt, ast.AnnAssign):
+                        self.parameter_fields[stmt.target.id] = stmt.annotation
+
+    # --- types
+
+    def annotation_type(self, ann) -> str | None:
+        if ann is None:
+            return None
+        name = ann.value if isinstance(ann, ast.Constant) and isinstance(ann.value, str) else (
+            ann.id if isinstance(ann, ast.Name) else ann.attr if isinstance(ann, ast.Attribute) else None)
+        if name in CLASSES:
+            return f"cls:{name}"
+        if name in self.module_classes:
+            return "pn" if self._is_parameter_node(name) else f"mod:{name}"
+        return None
+
+    def _is_parameter_node(self, cls: str) -> bool:
+        return any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper"
+                   for d in self.module_classes[cls].decorator_list)
+
+    def typeof(self, expr, env: dict, cls: str | None):
+        if isinstance(expr, ast.Name):
+            if expr.id in env:
+                return env[expr.id]
+            if expr.id in self.module_classes:
+                return f"classdef:{expr.id}"
+            return self.imports.get(expr.id)
+        if isinstance(expr, ast.Attribute):
+            return self._attribute_type(self.typeof(expr.value, env, cls), expr.attr, expr, env, cls)
+        if isinstance(expr, ast.Call):
+            return self._call_type(expr, env, cls)
+        return None
+
+    def _attribute_type(self, base, attr: str, expr, env, cls):
+        if base == "ns:slicer":
+            if attr in ("util", "packaging", "modules", "app"):
+                return f"ns:slicer.{attr}"
+            if attr == "mrmlScene":
+                return "cls:vtkMRMLScene"
+            return f"classobj:{attr}" if attr in CLASSES else None
+        if base == "ns:slicer.modules":
+            return f"slicermodule:{attr}"
+        if base == "ns:vtk" and attr in VTK_CLASSES:
+            return f"classobj:{attr}"
+        if base == "ns:qt" and attr in QT_NAMES:
+            return f"qtclass:{attr}"
+        if base == "self" and cls:
+            return self.class_attrs[cls].get(attr)
+        if base and base.startswith("mod:"):
+            return self.class_attrs[base[4:]].get(attr)
+        if base and base.startswith("ns:") and base[3:].split(".")[0] in STDLIB_MODULES:
+            return f"{base}.{attr}"
+        if base == "pn":
+            return self.annotation_type(self.parameter_fields.get(attr))
+        return None
+
+    def _call_type(self, call, env, cls):
+        func = call.func
+        if isinstance(func, ast.Name):
+            if func.id == "super":
+                return f"super:{cls}"
+            if func.id == "bridge":
+                return "ns:bridge"
+            if func.id in self.module_classes:
+                return "pn" if self._is_parameter_node(func.id) else f"mod:{func.id}"
+            return None
+        if not isinstance(func, ast.Attribute):
+            return None
+        base, m = self.typeof(func.value, env, cls), func.attr
+        if base is None:
+            return None
+        kind, _, name = base.partition(":")
+        if kind in ("cls", "classobj"):
+            if name == "vtkMRMLScene" and m in ("AddNewNodeByClass", "GetFirstNodeByClass", "CreateNodeByClass") \
+                    and call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value in CLASSES:
+                return f"cls:{call.args[0].value}"
+            signature = _method(name, m)
+            returned = _returned_class(signature) if signature else None
+            return f"cls:{returned}" if returned else None
+        if base == "ns:vtk" and m in VTK_CLASSES:
+            return f"cls:{m}"
+        if base == "ns:slicer.util":
+            return f"cls:{UTIL_RETURNS[m]}" if m in UTIL_RETURNS else None
+        if kind == "slicermodule" and m == "logic" and SLICER_MODULES.get(name):
+            return f"cls:{SLICER_MODULES[name]}"
+        if base == "ns:slicer.app" and m == "applicationLogic":
+            return "cls:vtkSlicerApplicationLogic"
+        if base == "ns:SegmentStatistics" and m == "SegmentStatisticsLogic":
+            return "py:SegmentStatisticsLogic"
+        if base == "py:SegmentStatisticsLogic" and m == "getParameterNode":
+            return "cls:vtkMRMLScriptedModuleNode"
+        if base == "ns:PyTorchUtils" and m == "PyTorchUtilsLogic":
+            return "py:PyTorchUtilsLogic"
+        if base == "ns:SampleData" and m in UTIL_RETURNS:
+            return f"cls:{UTIL_RETURNS[m]}"
+        if kind == "mod":
+            method = self._module_method(name, m)
+            return self.annotation_type(method.returns) if method is not None else None
+        if kind == "super" and m == "getParameterNode":
+            return "cls:vtkMRMLScriptedModuleNode"
+        return None
+
+    def _module_method(self, cls: str, name: str):
+        node = self.module_classes.get(cls)
+        if node is None:
+            return None
+        for stmt in node.body:
+            if isinstance(stmt, ast.FunctionDef) and stmt.name == name:
+                return stmt
+        return None
+
+    def _module_members(self, cls: str) -> set:
+        node = self.module_classes[cls]
+        members = {s.name for s in node.body if isinstance(s, ast.FunctionDef)}
+        members |= set(self.class_attrs[cls])
+        for base in node.bases:
+            base_name = base.id if isinstance(base, ast.Name) else None
+            if base_name in self.module_classes:
+                members |= self._module_members(base_name)
+            members |= BASE_METHODS.get(base_name, set())
+        return members
+
+    # --- environments
+
+    def function_env(self, fn, cls: str | None) -> dict:
+        env = {}
+        args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+        for i, arg in enumerate(args):
+            if i == 0 and cls and arg.arg == "self" and not any(
+                    isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list):
+                env["self"] = "self"
+            elif arg.annotation is not None:
+                env[arg.arg] = self.annotation_type(arg.annotation)
+        for node in ast.walk(fn):  # imports inside the function (SegmentStatistics, PyTorchUtils, SampleData...)
+            if isinstance(node, ast.Import):
+                env.update({a.asname or a.name: f"ns:{a.name}" for a in node.names})
+        assignments = sorted((n for n in ast.walk(fn) if isinstance(n, (ast.Assign, ast.AnnAssign))),
+                             key=lambda n: (n.lineno, n.col_offset))
+        for node in assignments:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                env[node.target.id] = self.annotation_type(node.annotation)
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                env.setdefault(node.targets[0].id, self.typeof(node.value, env, cls))
+        return env
+
+    def _collect_class_attrs(self) -> None:
+        for _ in range(2):  # attribute types may depend on other attributes: settle in two passes
+            for cls, node in self.module_classes.items():
+                for fn in (s for s in node.body if isinstance(s, ast.FunctionDef)):
+                    env = self.function_env(fn, cls)
+                    for assign in ast.walk(fn):
+                        targets = assign.targets if isinstance(assign, ast.Assign) else (
+                            [assign.target] if isinstance(assign, ast.AnnAssign) else [])
+                        for target in targets:
+                            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                                    and target.value.id == "self":
+                                value = self.annotation_type(assign.annotation) if isinstance(assign, ast.AnnAssign) \
+                                    else self.typeof(assign.value, env, cls)
+                                if value or target.attr not in self.class_attrs[cls]:
+                                    self.class_attrs[cls][target.attr] = value
+
+    # --- checks
+
+    def check(self) -> list:
+        self._collect_class_attrs()
+        for cls, node in self.module_classes.items():
+            for fn in (s for s in node.body if isinstance(s, ast.FunctionDef)):
+                self._check_function(fn, cls)
+        for fn in (s for s in self.tree.body if isinstance(s, ast.FunctionDef)):
+            self._check_function(fn, None)
+        return self.errors
+
+    def _check_function(self, fn, cls) -> None:
+        env = self.function_env(fn, cls)
+        calls = set()
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                calls.add(id(node.func))
+                self._check_call(node, env, cls)
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and id(node) not in calls and node.attr[:1].isupper():
+                base = self.typeof(node.value, env, cls)
+                if base and base.split(":")[0] in ("cls", "classobj") and not _has_member(base.split(":")[1], node.attr):
+                    self.errors.append(f"line {node.lineno}: {base.split(':')[1]} has no member {node.attr}")
+
+    def _check_call(self, call, env, cls) -> None:
+        m, line = call.func.attr, call.lineno
+        base = self.typeof(call.func.value, env, cls)
+        kind, _, name = (base or "").partition(":")
+        error = None
+        if kind in ("cls", "classobj") or base in ("slicer.util", "ns:slicer.packaging", "py:SegmentStatisticsLogic"):
+            self.resolved.add((name or base, m))
+        if base is None:
+            if m[:1].isupper():
+                error = f"{m}() is called on a receiver of unknown type: annotate it with its MRML/VTK class"
+            elif m not in QT_METHODS | PYTHON_METHODS | BRIDGE_MEMBERS:
+                error = f"{m}() is neither a known Slicer call nor in the Qt/ctk allowlist"
+        elif base.startswith("ns:") and base[3:].split(".")[0] in STDLIB_MODULES:
+            return
+        elif base in ("slicer.util", "ns:slicer.packaging"):
+            table = UTIL if base == "ns:slicer.util" else PACKAGING
+            if m not in table:
+                error = f"{base[3:]}.{m} is not in the API list"
+            else:
+                params = _python_params(table[m])
+                bad = [k.arg for k in call.keywords if k.arg and params is not None and k.arg not in params]
+                if bad:
+                    error = f"{base[3:]}.{m} has no parameter {', '.join(bad)}"
+        elif base == "ns:slicer.app":
+            if m not in APP_MEMBERS:
+                error = f"slicer.app.{m} is not in the API list"
+        elif base == "ns:slicer":
+            error = f"slicer.{m}() is not a known class or function"
+        elif kind in ("cls", "classobj"):
+            if not _has_member(name, m):
+                error = f"{name} has no method {m}"
+        elif kind == "slicermodule":
+            if name not in SLICER_MODULES:
+                error = f"slicer.modules.{name} is not a module this extension relies on"
+            elif m not in ("logic", "widgetRepresentation"):
+                error = f"slicer.modules.{name}.{m}() is not a module method"
+        elif kind == "mod":
+            if m not in self._module_members(name):
+                error = f"{name} has no method {m}"
+        elif kind == "super":
+            bases = [b.id for b in self.module_classes[name].bases if isinstance(b, ast.Name)]
+            if not any(m in BASE_METHODS.get(b, set()) for b in bases):
+                error = f"no base class of {name} has {m}"
+        elif base == "self":
+            if m not in self._module_members(cls):
+                error = f"{cls} has no method {m}"
+        elif base == "pn":
+            if m not in PNW_INSTANCE:
+                error = f"parameter node wrapper has no method {m}"
+        elif base == "py:SegmentStatisticsLogic":
+            if m not in SEGSTATS:
+                error = f"SegmentStatisticsLogic has no method {m}"
+        elif base == "py:PyTorchUtilsLogic":
+            if m not in PYTORCHUTILS_METHODS:
+                error = f"PyTorchUtilsLogic has no method {m}"
+        elif base == "ns:SampleData":
+            if m not in SAMPLEDATA:
+                error = f"SampleData.{m} is not in the API list"
+        elif base == "ns:SegmentStatistics":
+            if m != "SegmentStatisticsLogic":
+                error = f"SegmentStatistics.{m} is not used by the reference API"
+        elif base == "ns:PyTorchUtils":
+            if m != "PyTorchUtilsLogic":
+                error = f"PyTorchUtils.{m} is not documented"
+        elif base == "ns:bridge":
+            if m not in BRIDGE_FUNCTIONS:
+                error = f"slicer_bridge has no function {m}"
+        elif base == "ns:vtk":
+            if m not in VTK_CLASSES:
+                error = f"vtk.{m} is not in the allowlist"
+        elif base == "ns:qt":
+            if m not in QT_NAMES:
+                error = f"qt.{m} is not in the Qt allowlist"
+        elif kind == "qtclass":
+            error = f"{name}.{m}() is not in the Qt allowlist"
+        if error:
+            self.errors.append(f"line {line}: {error}")
+
+
+def check_source(source: str) -> list:
+    return SlicerApiChecker(source).check()
+
+
+@pytest.fixture(scope="module")
+def module_source() -> str:
+    return MODULE_FILE.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- (a) API calls
+
+def test_every_slicer_call_of_the_module_is_in_the_api_list(module_source):
+    checker = SlicerApiChecker(module_source)
+    assert checker.check() == []
+    # the calls that matter were resolved to their classes, not skipped as unknown
+    assert {("vtkSlicerSegmentationsModuleLogic", "SetSegmentStatus"), ("vtkMRMLSegmentationDisplayNode", "SetOpacity2DFill"),
+            ("vtkMRMLTableNode", "AddColumn"), ("vtkMRMLSubjectHierarchyNode", "SetItemParent"),
+            ("vtkMRMLSliceNode", "JumpAllSlices"), ("vtkSegment", "SetColor"), ("vtkMRMLScene", "AddNewNodeByClass"),
+            ("vtkMRMLSegmentationNode", "SetReferenceImageGeometryParameterFromVolumeNode"),
+            ("vtkSlicerTablesLogic", "GetLayoutWithTable"), ("vtkMRMLScriptedModuleNode", "SetParameter"),
+            ("slicer.util", "launchConsoleProcess"), ("slicer.util", "arrayFromSegmentBinaryLabelmap"),
+            ("slicer.packaging", "pip_ensure"), ("SegmentStatisticsLogic", "exportToCSVFile")} <= checker.resolved
+    assert len(checker.resolved) > 60
+
+
+GOOD_SNIPPET = '''
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+class Logic(ScriptedLoadableModuleLogic):
+    def show(self, volume: "vtkMRMLScalarVolumeNode"):
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "clusters")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        volume.GetIJKToRASMatrix(vtk.vtkMatrix4x4())
+        display: "vtkMRMLSegmentationDisplayNode" = segmentation.GetDisplayNode()
+        display.SetOpacity2DFill(0.5)
+        segment = segmentation.GetSegmentation().GetSegment("Segment_1")
+        slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(segment, slicer.vtkSlicerSegmentationsModuleLogic.Flagged)
+        slicer.util.launchConsoleProcess(["x"], blocking=False, completedCallback=print)
+        column = vtk.vtkStringArray()
+        column.SetName("Region")
+        return self.getParameterNode()
+'''
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("display.SetOpacity2DFill(0.5)", "display.SetOpacty2DFill(0.5)"),
+    ("segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)",
+     "segmentation.SetReferenceGeometryFromVolume(volume)"),
+    ('segment = segmentation.GetSegmentation().GetSegment("Segment_1")',
+     'segment = segmentation.GetSegmentation().GetSegmnt("Segment_1")'),
+    ("slicer.vtkSlicerSegmentationsModuleLogic.Flagged)", "slicer.vtkSlicerSegmentationsModuleLogic.Flaged)"),
+    ("blocking=False, completedCallback=print", "blocking=False, onDone=print"),
+    ('slicer.util.launchConsoleProcess(["x"]', 'slicer.util.launchProcess(["x"]'),
+    ('column.SetName("Region")', 'column.SetTitle("Region")'),
+    ("return self.getParameterNode()", "return self.getParameterNod()"),
+    ('display: "vtkMRMLSegmentationDisplayNode" = segmentation.GetDisplayNode()',
+     "display = segmentation.GetDisplayNode()"),  # untyped display node: its MRML calls cannot be checked
+    ("def show(self, volume: \"vtkMRMLScalarVolumeNode\"):", "def show(self, volume):"),
+])
+def test_checker_catches_misspelt_or_unverifiable_calls(mistake, message):
+    assert check_source(GOOD_SNIPPET) == []
+    broken = GOOD_SNIPPET.replace(mistake, message)
+    assert broken != GOOD_SNIPPET
+    assert check_source(broken), f"the checker accepted: {message}"
+
+
+def test_supplement_only_adds_what_the_reference_lacks():
+    """The cited supplement must not shadow or contradict the reference list."""
+    for name, spec in SUPPLEMENT.items():
+        reference = API["cpp_classes"].get(name, {}).get("methods", {})
+        assert not set(spec.get("methods", {})) & set(reference), f"{name}: supplement repeats reference methods"
+        assert spec.get("source"), f"{name}: cite where the method was checked"
+
+
+# ------------------------------------------------------------------------------------------- (b) UI and parameters
+
+def _ui_widgets() -> tuple:
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    bound = {}
+    for w in root.iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[w.get("name")] = prop.find("string").text
+    return root, widgets, bound
+
+
+def _ui_uses(source: str) -> set:
+    return {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Attribute) and n.value.attr == "ui"
+            and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui(module_source):
+    root, widgets, _ = _ui_widgets()
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    used = _ui_uses(module_source)
+    assert "applyButton" in used and "progressBar" in used and "statusLabel" in used
+    assert used - set(widgets) == set()
+
+
+def test_parameter_names_match_fields_and_widget_types(module_source):
+    _, widgets, bound = _ui_widgets()
+    fields = SlicerApiChecker(module_source).parameter_fields
+    assert set(bound.values()) <= set(fields), "a SlicerParameterName has no parameter-node field"
+    assert len(set(bound.values())) == len(bound), "two widgets bound to one parameter"
+    # which annotation each widget class can represent (guiConnectors.py, listed in the reference API)
+    accepts = {"qMRMLNodeComboBox": lambda a: a.startswith("vtkMRML"), "QComboBox": lambda a: a in ("str", "Choice"),
+               "ctkPathLineEdit": lambda a: a == "pathlib.Path", "ctkDirectoryButton": lambda a: a == "pathlib.Path",
+               "ctkSliderWidget": lambda a: a in ("float", "int"), "QCheckBox": lambda a: a == "bool"}
+    for widget, field in bound.items():
+        annotation = ast.unparse(fields[field])
+        kind = "Choice" if "Choice" in annotation else annotation.replace("Annotated[", "").split(",")[0].strip("]")
+        assert accepts[widgets[widget]](kind), f"{widget} ({widgets[widget]}) cannot show {field}: {annotation}"
+
+
+def test_node_selectors_list_the_parameter_node_type(module_source):
+    root, widgets, bound = _ui_widgets()
+    fields = SlicerApiChecker(module_source).parameter_fields
+    for w in root.iter("widget"):
+        if w.get("class") == "qMRMLNodeComboBox" and w.get("name") in bound:
+            types = [s.text for p in w.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+            assert types == [ast.unparse(fields[bound[w.get("name")]])]
+
+
+def test_every_mrml_widget_gets_the_scene():
+    root, widgets, _ = _ui_widgets()
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert receivers == {name for name, cls in widgets.items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+
+
+def test_connected_signals_exist_on_their_widgets(module_source):
+    _, widgets, _ = _ui_widgets()
+    signals = {"QPushButton": {"clicked(bool)", "toggled(bool)"},
+               "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "currentSegmentChanged(QString)"}}
+    for node in ast.walk(ast.parse(module_source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect":
+            owner = node.func.value
+            if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Attribute) and owner.value.attr == "ui":
+                signal = node.args[0].value
+                assert signal in signals[widgets[owner.attr]], f"{owner.attr} has no signal {signal}"
+
+
+def test_analyze_button_state_is_driven_by_the_bridge(module_source):
+    """Apply's enabled state and tooltip come from slicer_bridge.missing_inputs, the Cancel text while running."""
+    tree = ast.parse(module_source)
+    check = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_checkCanApply")
+    text = ast.unparse(check)
+    assert "missing_inputs" in text and "applyButton.toolTip" in text and "_('Cancel')" in text
+
+
+# ------------------------------------------------------------------------------------------- (c) CMake lists
+
+def _cmake_set(text: str, variable: str) -> list:
+    m = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    return m.group(1).split() if m else []
+
+
+def _cmake_globs(text: str) -> dict:
+    globs = {}
+    for kind, variable, body in re.findall(r"file\((GLOB(?:_RECURSE)?)\s+(\w+)\s+(.*?)\)", text, re.S):
+        patterns = [t for t in body.split() if t not in ("RELATIVE", "CONFIGURE_DEPENDS", "${CMAKE_CURRENT_SOURCE_DIR}")]
+        globs[variable] = (kind, patterns)
+    return globs
+
+
+def _expand(entries: list, text: str) -> set:
+    globs = _cmake_globs(text)
+    files = set()
+    for entry in entries:
+        entry = entry.replace("${MODULE_NAME}", "LatentHarmonize")
+        m = re.fullmatch(r"\$\{(\w+)\}", entry)
+        if m:
+            kind, patterns = globs[m.group(1)]
+            for pattern in patterns:
+                found = MODULE_DIR.rglob(pattern) if kind == "GLOB_RECURSE" else MODULE_DIR.glob(pattern)
+                files |= {p.relative_to(MODULE_DIR).as_posix() for p in found if p.is_file()}
+        else:
+            files.add(entry)
+    return files
+
+
+def _needed_files() -> set:
+    """Files Slicer needs at run time: everything in the module folder but tests, build files and caches."""
+    skipped = ("Testing/", "__pycache__/", ".egg-info/")
+    return {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*")
+            if p.is_file() and p.name != "CMakeLists.txt" and p.suffix != ".pyc"
+            and not any(s in p.relative_to(MODULE_DIR).as_posix() + "/" for s in skipped)
+            and not any(part.endswith(".egg-info") for part in p.parts)}
+
+
+def test_cmake_lists_every_file_the_module_needs():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = _expand(_cmake_set(text, "MODULE_PYTHON_SCRIPTS"), text)
+    resources = _expand(_cmake_set(text, "MODULE_PYTHON_RESOURCES"), text)
+    listed = scripts | resources
+    assert {"LatentHarmonize.py", "latentharmonize/__init__.py", "latentharmonize/slicer_bridge.py",
+            "latentharmonize/analyze.py", "latentharmonize/__main__.py"} <= scripts
+    assert {"Resources/Icons/LatentHarmonize.png", "Resources/UI/LatentHarmonize.ui",
+            "Resources/requirements.txt"} <= resources
+    missing_on_disk = sorted(f for f in listed if not (MODULE_DIR / f).is_file())
+    assert missing_on_disk == [], "listed but absent (CMake configure would fail)"
+    assert sorted(_needed_files() - listed) == [], "needed at run time but not installed by CMake"
+    assert not {f for f in resources if f.endswith(".py")}, "Python files belong in MODULE_PYTHON_SCRIPTS"
+    assert "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_model_bundle_glob_covers_the_default_bundle_folder():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    kind, patterns = _cmake_globs(text)["LATENTHARMONIZE_MODEL_FILES"]
+    assert patterns == ["Resources/Models/default/*"]
+    source = MODULE_FILE.read_text()
+    assert 'DEFAULT_MODEL = MODULE_DIR / "Resources" / "Models" / "default"' in source
+
+
+def test_in_slicer_test_script_is_registered():
+    testing = (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(Python)" in testing
+    python = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    script = re.search(r"slicer_add_python_test\(SCRIPT (\S+)", python).group(1)
+    assert (MODULE_DIR / "Testing" / "Python" / script).is_file()
+
+
+def test_extension_metadata_and_icons():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    meta = dict(re.findall(r'set\((EXTENSION_\w+)\s+"?([^")]*)"?\)', text))
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL"):
+        assert meta.get(key, "").strip(), f"{key} is empty"
+    assert "PyTorch" in meta["EXTENSION_DEPENDS"].split()
+    assert re.search(r"add_subdirectory\(LatentHarmonize\)", text)
+    assert text.index("find_package(Slicer REQUIRED)") < text.index("add_subdirectory(LatentHarmonize)")
+    assert meta["EXTENSION_ICONURL"].endswith("/Resources/LatentHarmonize.png")
+    top, module = ROOT / "Resources" / "LatentHarmonize.png", MODULE_DIR / "Resources" / "Icons" / "LatentHarmonize.png"
+    assert top.read_bytes() == module.read_bytes()
+    icon = sitk.ReadImage(str(top))
+    assert icon.GetSize() == (128, 128) and icon.GetNumberOfComponentsPerPixel() == 4
+    alpha = sitk.GetArrayFromImage(icon)[..., 3]
+    assert 0.2 < (alpha > 0).mean() < 0.9  # a shape on a transparent background
+
+
+def test_reference_api_copy_is_the_shared_reference():
+    shared = Path("/work/shared/reference/slicer_api.json")
+    if not shared.exists():
+        pytest.skip("shared reference folder not mounted on this machine")
+    assert json.loads(shared.read_text()) == API
+
+
+# ------------------------------------------------------------------------------------------- (d) import and compile
+
+@pytest.mark.parametrize("path", [MODULE_FILE, BRIDGE_FILE, MODULE_DIR / "Testing" / "Python" / "LatentHarmonizeBridgeTest.py"])
+def test_sources_compile_for_python_3_9(path):
+    ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+    compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def test_plain_python_import_fails_only_on_slicer(tmp_path):
+    """Outside Slicer the first non-standard import is ``slicer``; nothing before it may fail or do work."""
+    probe = ("import json, runpy, sys\n"
+             "try:\n"
+             f"    runpy.run_path({str(MODULE_FILE)!r}, run_name='LatentHarmonize')\n"
+             "except BaseException as exc:\n"
+             "    print(json.dumps([type(exc).__name__, getattr(exc, 'name', None)]))\n"
+             "else:\n"
+             "    print(json.dumps(['no error', None]))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["ModuleNotFoundError", "slicer"]
+
+
+def test_module_level_imports_are_light(module_source):
+    """Heavy or optional packages (torch, monai, pandas, the backend) are imported only where used."""
+    tree = ast.parse(module_source)
+    top = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top += [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            top.append(node.module.split(".")[0])
+    first_slicer = top.index("slicer")
+    assert all(name in STDLIB_MODULES for name in top[:first_slicer])
+    assert set(top[first_slicer:]) <= {"slicer", "qt", "ctk", "vtk"}
+
+
+def test_dependencies_are_installed_only_on_analyze(module_source):
+    """pip and PyTorch installs live in the logic's dependency step, reached from Analyze and the self-test only."""
+    tree = ast.parse(module_source)
+    installers = {"pip_install", "pip_ensure", "installTorch"}
+    owners = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+              for n in ast.walk(fn) if isinstance(n, ast.Attribute) and n.attr in installers}
+    assert owners == {"ensureDependencies", "_ensureTorch"}
+    callers = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+               for n in ast.walk(fn) if isinstance(n, ast.Attribute) and n.attr == "ensureDependencies"}
+    assert callers == {"onApplyButton", "test_AnalyzeCTChest"}
+    assert "SKIP_PACKAGES" in ast.unparse(next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                                               and f.name == "ensureDependencies"))
+
+
+def test_module_defines_the_slicer_classes(module_source):
+    tree = ast.parse(module_source)
+    bases = {c.name: [ast.unparse(b) for b in c.bases] for c in tree.body if isinstance(c, ast.ClassDef)}
+    assert bases["LatentHarmonize"] == ["ScriptedLoadableModule"]
+    assert bases["LatentHarmonizeWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert bases["LatentHarmonizeLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["LatentHarmonizeTest"] == ["ScriptedLoadableModuleTest"]
+    test_class = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "LatentHarmonizeTest")
+    assert "downloadSample('CTChest')" in ast.unparse(test_class)
+    assert "CTChest" in {s["sampleName"] for s in API["SampleData"]["builtin_samples_General_category"]}
+
+
+def test_backend_runs_as_a_module_with_progress_lines(module_source):
+    """The command comes from the bridge (python -m latentharmonize analyze --progress-lines), run non-blocking."""
+    tree = ast.parse(module_source)
+    start = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "start")
+    text = ast.unparse(start)
+    assert "blocking=False" in text and "threading.Thread" in text and "QTimer" in text
+    assert "build_analyze_command" in module_source and "backend_environment" in module_source
+    assert "kill_process_tree" in module_source
+    assert builtins  # the checker's PYTHON_METHODS come from builtins' types
