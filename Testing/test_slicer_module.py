@@ -418,7 +418,7 @@ class SlicerApiChecker:
         base = self.typeof(call.func.value, env, cls)
         kind, _, name = (base or "").partition(":")
         error = None
-        if kind in ("cls", "classobj") or base in ("slicer.util", "ns:slicer.packaging", "py:SegmentStatisticsLogic"):
+        if kind in ("cls", "classobj") or base in ("ns:slicer.util", "ns:slicer.packaging", "py:SegmentStatisticsLogic"):
             self.resolved.add((name or base, m))
         if base is None:
             if m[:1].isupper():
@@ -427,7 +427,7 @@ class SlicerApiChecker:
                 error = f"{m}() is neither a known Slicer call nor in the Qt/ctk allowlist"
         elif base.startswith("ns:") and base[3:].split(".")[0] in STDLIB_MODULES:
             return
-        elif base in ("slicer.util", "ns:slicer.packaging"):
+        elif base in ("ns:slicer.util", "ns:slicer.packaging"):
             table = UTIL if base == "ns:slicer.util" else PACKAGING
             if m not in table:
                 error = f"{base[3:]}.{m} is not in the API list"
