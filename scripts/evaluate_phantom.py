@@ -1,8 +1,9 @@
 """Reproduce the README's evaluation table on the project's phantom.
 
-Steps: generate a held-out test cohort (patients never seen in training; another seed), take the model bundle
-(default: the bundled default model; if there is none, train one on a generated training cohort), train a small
-unORANIC bundle on the training cohort for that baseline, run ``latentharmonize evaluate``, and copy
+Steps: take the model bundle (default: the bundled default model) and regenerate the phantom cohort it was trained
+on from the seed and size in its manifest (if there is no bundle, generate a training cohort and train one); generate
+a held-out test cohort from another seed (patients never seen in training); train an unORANIC bundle on the training
+cohort for that baseline; run ``latentharmonize evaluate``, and copy
 ``metrics.json``, the figures and a Markdown table into ``--out`` (default ``docs/results``).
 
     .venv/bin/python scripts/evaluate_phantom.py --work /tmp/lh-eval
@@ -33,6 +34,16 @@ def _cohort(folder: Path, n_patients: int, seed: int) -> Path:
     return csv
 
 
+def _bundle_training_cohort(model, folder: Path) -> Path:
+    """Regenerate the phantom cohort a bundle was trained on, from the seed and size its manifest records."""
+    from latentharmonize.bundle import load_bundle
+
+    training = load_bundle(model).manifest["training"]
+    if "seed" not in training or "n_patients" not in training:
+        raise SystemExit(f"The bundle {model} does not record its training seed and size; give --train-cohort.")
+    return _cohort(folder, int(training["n_patients"]), int(training["seed"]))
+
+
 def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed: int, progress) -> Path:
     from latentharmonize.train import train
 
@@ -50,9 +61,9 @@ def markdown_table(metrics: dict) -> str:
     def ci(m, k):
         return f"{m[k]:.3f} ({m[k + '_ci'][0]:.3f}–{m[k + '_ci'][1]:.3f})"
     for name, m in cons.items():
-        c = surv.get(name)
-        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | "
-                     f"{truth[name]['ari']:.3f} | {probe[name]:.3f} | {c['c_index']:.3f} |" if c else "| – |")
+        c_index = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
+        truth_ari = f"{truth[name]['ari']:.3f}" if name in truth else "–"
+        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | {truth_ari} | {probe[name]:.3f} | {c_index} |")
     lines.append(f"| chance | | | | | {probe['chance']:.3f} | |")
     for name in ("hu_thresholds", "true_composition"):
         if name in surv:
@@ -69,26 +80,32 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for cohorts, bundles and the run")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where metrics.json and figures go")
     parser.add_argument("--model", type=Path, help="bundle to evaluate (default: the bundled default model)")
-    parser.add_argument("--train-cohort", type=Path, help="training cohort CSV (default: generate one)")
-    parser.add_argument("--train-patients", type=int, default=12)
+    parser.add_argument("--train-cohort", type=Path,
+                        help="training cohort CSV (default: regenerate the bundle's own phantom training cohort)")
+    parser.add_argument("--train-patients", type=int, default=10, help="training patients when a bundle is trained here")
     parser.add_argument("--test-patients", type=int, default=8)
-    parser.add_argument("--unoranic-epochs", type=int, default=None, help="epochs of the unORANIC baseline (default: train's)")
+    parser.add_argument("--unoranic-epochs", type=int, default=None, help="epochs of the unORANIC baseline (default: those of the evaluated bundle)")
     parser.add_argument("--no-unoranic", action="store_true", help="skip the unORANIC baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     progress = Progress()
     try:
-        from latentharmonize.bundle import default_bundle_path
+        from latentharmonize.bundle import default_bundle_path, load_bundle
 
-        train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, args.seed)
-        test_csv = _cohort(args.work / "test", args.test_patients, args.seed + TEST_SEED_OFFSET)
         model = args.model or default_bundle_path()
-        if not (Path(model) / "manifest.json").exists():
+        if (Path(model) / "manifest.json").exists():
+            train_csv = args.train_cohort or _bundle_training_cohort(model, args.work / "train")
+            trained = load_bundle(model).manifest["training"]
+            seed, epochs = int(trained.get("seed", args.seed)), trained.get("epochs")
+        else:
+            seed, epochs = args.seed, None
+            train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, seed)
             print(f"No bundle at {model}: training one on {train_csv}")
-            model = _bundle(args.work / "model", train_csv, "ae", None, args.seed, progress)
+            model = _bundle(args.work / "model", train_csv, "ae", None, seed, progress)
+        test_csv = _cohort(args.work / "test", args.test_patients, seed + TEST_SEED_OFFSET)
         unoranic = None if args.no_unoranic else _bundle(args.work / "unoranic", train_csv, "unoranic",
-                                                         args.unoranic_epochs, args.seed, progress)
+                                                         args.unoranic_epochs or epochs, seed, progress)
         metrics = evaluate(test_csv, args.work / "eval", model=model, train_cohort=train_csv, unoranic=unoranic,
                            seed=args.seed, quick=args.quick, overwrite=True, progress=progress)
     except LatentHarmonizeError as err:

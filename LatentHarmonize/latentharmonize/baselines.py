@@ -172,11 +172,12 @@ class HarmonyHarmonizer(BaseEstimator):
     def transform(self, X, batch) -> np.ndarray:
         check_is_fitted(self, "corrections_")
         X, batch = _check_latents(X, batch, self.n_features_in_)
-        W = self.corrections_[_check_known_batches(batch, self.batches_, "Harmony")]  # [n, clusters, features]
-        corrected = X
-        for _ in range(self.n_refine):
-            R = self._soft_assign(corrected)
-            corrected = X - np.einsum("nk,nkd->nd", R, W)
+        index = _check_known_batches(batch, self.batches_, "Harmony")
+        corrected = X.copy()
+        for b in np.unique(index):  # one acquisition at a time: R [n, clusters] @ W [clusters, features]
+            rows = index == b
+            for _ in range(self.n_refine):
+                corrected[rows] = X[rows] - self._soft_assign(corrected[rows]) @ self.corrections_[b]
         return corrected
 
 

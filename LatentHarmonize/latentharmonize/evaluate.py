@@ -135,9 +135,11 @@ class Encoders:
     """The bundle encoder (and the optional unORANIC anatomy encoder) with their patch specs."""
 
     def __init__(self, bundle, unoranic=None, device: str = "cpu"):
+        from .patches import resolve_device
+
         self.bundle = bundle
         self.unoranic = unoranic
-        self.device = device
+        self.device = resolve_device(device)
         self.model = bundle.encoder(device)
         self.unoranic_model = unoranic.encoder(device) if unoranic is not None else None
 
@@ -241,9 +243,10 @@ def assign_clusters(funcs: Dict[str, Callable], scans: List[ScanLatents], train:
 
 # ----------------------------------------------------------------------------- measurements
 def _by_patient(scans: List[ScanLatents]) -> Dict[str, List[ScanLatents]]:
+    """Scans grouped per patient; keys are ``split:patient`` since two cohorts may reuse patient ids."""
     out: Dict[str, List[ScanLatents]] = {}
     for s in scans:
-        out.setdefault(s.patient, []).append(s)
+        out.setdefault(f"{s.split}:{s.patient}", []).append(s)
     return {p: sorted(v, key=lambda s: s.acquisition) for p, v in sorted(out.items())}
 
 
