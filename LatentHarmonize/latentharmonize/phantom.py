@@ -81,12 +81,12 @@ FRACTION_RANGES = {
 }
 
 # --- survival: Weibull proportional hazards on the true composition and age (time in years) ----------------------
-LOG_HAZARD_PER_FRACTION = {"honeycombing": 9.0, "reticulation": 6.0, "emphysema": 4.0, "ground_glass": 2.0,
-                           "consolidation": 2.0}
+LOG_HAZARD_PER_FRACTION = {"honeycombing": 14.0, "reticulation": 9.0, "emphysema": 6.0, "ground_glass": 3.0,
+                           "consolidation": 3.0}   # e.g. 10 % honeycombing: hazard ratio 4
 LOG_HAZARD_PER_YEAR_OF_AGE = 0.04       # hazard ratio 1.5 per decade
 WEIBULL_SHAPE = 1.3
-WEIBULL_SCALE_YEARS = 6.0               # healthy 65-year-old
-CENSORING_YEARS = (1.0, 9.0)            # uniform follow-up, independent of everything else
+WEIBULL_SCALE_YEARS = 10.0              # healthy 65-year-old
+CENSORING_YEARS = (1.0, 8.0)            # uniform follow-up, independent of everything else: ~30 % censored
 
 
 @dataclass

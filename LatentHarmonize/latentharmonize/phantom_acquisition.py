@@ -38,9 +38,9 @@ class Kernel:
 # emphysema index (% lung voxels < -950 HU) of the paired soft/sharp reconstructions reproduces the kernel effect
 # of the field notes (5.4 % B30f vs 15.3 % B50f on the same scans); see docs/phantom.md for the measured values.
 KERNELS = {
-    "soft": Kernel(fc=0.32, edge=0.0, noise_sd=14.0),
+    "soft": Kernel(fc=0.32, edge=0.0, noise_sd=17.0),
     "standard": Kernel(fc=0.45, edge=0.5, noise_sd=24.0),
-    "sharp": Kernel(fc=0.65, edge=1.2, noise_sd=55.0),
+    "sharp": Kernel(fc=0.65, edge=1.2, noise_sd=52.0),
 }
 
 # HU' = scale * HU + offset (field notes: vendor calibration shifts HU by a few tens). Vendors are anonymous.
@@ -88,21 +88,20 @@ def thickness_average(volume: np.ndarray, dz: float, thickness: float) -> np.nda
     """Average ``volume`` [z, y, x] (slices ``dz`` mm) over contiguous slabs of ``thickness`` mm along z.
 
     The slabs tile the volume's z extent from its lower edge; each output slice is the exact mean over its slab of
-    the piecewise-constant input (fractional slices weighted by overlap).
+    the piecewise-constant input (fractional slices weighted by their overlap).
     """
     if thickness < dz - 1e-6:
         raise InputError(f"Slice thickness {thickness} mm is thinner than the phantom's fine grid ({dz} mm); "
                          f"choose a thickness of at least {dz} mm.")
     n_out = int(np.floor(volume.shape[0] * dz / thickness + 1e-6))
-    if abs(thickness - dz) < 1e-6:
-        return volume[:n_out]
-    cumulative = np.zeros((volume.shape[0] + 1,) + volume.shape[1:], dtype=np.float64)
-    np.cumsum(volume, axis=0, dtype=np.float64, out=cumulative[1:])
-    pos = np.arange(n_out + 1) * thickness / dz
-    i0 = np.minimum(np.floor(pos).astype(int), volume.shape[0] - 1)
-    frac = (pos - i0)[:, None, None]
-    edges = cumulative[i0] + frac * (cumulative[i0 + 1] - cumulative[i0])
-    return ((edges[1:] - edges[:-1]) * (dz / thickness)).astype(np.float32)
+    out = np.zeros((n_out,) + volume.shape[1:], dtype=np.float32)
+    edges = np.arange(volume.shape[0] + 1) * dz
+    for j in range(n_out):
+        lo, hi = j * thickness, (j + 1) * thickness
+        overlap = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None) / thickness
+        for i in np.nonzero(overlap > 1e-9)[0]:
+            out[j] += np.float32(overlap[i]) * volume[i]
+    return out
 
 
 def reconstruct(hu: np.ndarray, spacing, noise_seed: int, settings, slab: int = 16) -> list:

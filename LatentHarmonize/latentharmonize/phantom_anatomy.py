@@ -29,15 +29,26 @@ DISC_HU = 90.0
 CSF_HU = 20.0
 
 # --- lung parenchyma HU per tissue (field notes section 2) -----------------------------------------------------
-NORMAL_HU = -880.0          # + up to 25 HU gravity gradient towards posterior (dependent) lung
-EMPH_HOLE_HU = -990.0       # emphysematous air spaces (< -950)
-EMPH_WALL_HU = -915.0       # rarefied parenchyma between the holes
+NORMAL_HU = -905.0          # parenchyma between visible vessels; + 15-35 HU gravity gradient to posterior
+EMPH_HOLE_HU = -995.0       # emphysematous air spaces (< -950)
+EMPH_WALL_HU = -935.0       # rarefied parenchyma between the holes
 GGO_HU_RANGE = (-650.0, -480.0)   # per-patient ground-glass level (field notes: -700..-300)
 RETIC_BG_HU = -790.0
 RETIC_LINE_HU = -150.0
 HONEY_CYST_HU = -975.0      # cysts about -950 and below
 HONEY_WALL_HU = -60.0       # thick fibrous walls
 CONSOL_HU = 30.0            # field notes: 0..+50
+
+# documented median HU of each tissue region in a soft-kernel, vendor-A acquisition (checked by the tests);
+# medians sit below the means because vessels are a bright minority of voxels
+TISSUE_MEDIAN_HU = {
+    "normal": (-900, -850),
+    "emphysema": (-1000, -945),
+    "ground_glass": (-700, -400),
+    "reticulation": (-720, -540),
+    "honeycombing": (-850, -550),
+    "consolidation": (-20, 60),
+}
 
 SLAB = 24  # slices rendered at a time
 
@@ -208,8 +219,8 @@ def grow_tree(plan: BodyPlan, root, directions, r0, r_min: float, targets: np.nd
               step: float, max_generations: int = 16) -> Tubes:
     """Grow a branching tree inside the lung, one generation at a time for all branches (vectorised).
 
-    Each branch is 8-13 radii (+1.5-3 mm) long and splits into a major (0.78-0.9 r, 5-25 deg) and a minor (0.6-0.75 r,
-    30-50 deg) child, roughly Murray's law. Each child also leans towards a random point of the lung (``targets``),
+    Each branch is 8-13 radii (+1.5-3 mm) long and splits into a major (0.85-0.93 r, 5-25 deg) and a minor (0.7-0.8 r,
+    30-50 deg) child, close to Murray's law. Each child also leans towards a random point of the lung (``targets``),
     which spreads the tree through the whole lung as real vessels reach every part of it.
     A branch that would leave the lung is halved, and dropped if its end is still outside.
     """
@@ -232,7 +243,7 @@ def grow_tree(plan: BodyPlan, root, directions, r0, r_min: float, targets: np.nd
         tubes = tubes + segments_to_tubes(p, end, r, step)
         perp = _perpendicular(d, rng)
         children_d, children_r = [], []
-        for sign, ang, scale in ((1.0, (5, 25), (0.78, 0.9)), (-1.0, (30, 50), (0.6, 0.75))):
+        for sign, ang, scale in ((1.0, (5, 25), (0.85, 0.93)), (-1.0, (30, 50), (0.7, 0.8))):
             theta = np.deg2rad(rng.uniform(*ang, len(r)))[:, None]
             toward = targets[rng.integers(0, len(targets), len(r))] - end
             toward /= np.maximum(np.linalg.norm(toward, axis=1, keepdims=True), 1e-6)
@@ -312,10 +323,10 @@ def airway_and_vessel_tubes(plan: BodyPlan, grid: FineGrid, rng: np.random.Gener
         lobar = np.array([[0.3 * lat, 0.1, 1.0], [lat, 0.0, 0.25], [0.6 * lat, -0.7, -0.5], [0.5 * lat, 0.6, -0.9],
                           [0.9 * lat, 0.2, -0.6]]) + rng.normal(0, 0.12, (5, 3))
         targets = lung_points(plan, side, 2000, rng)
-        bronchi += grow_tree(plan, hilum, lobar, 0.4 * rt, 1.0, targets, rng, step, max_generations=5)
+        bronchi += grow_tree(plan, hilum, lobar, 0.4 * rt, 1.1, targets, rng, step, max_generations=4)
         for offset in ([0, -0.06 * Bc, 0.03 * H], [0.05 * lat * Ac, 0.08 * Bc, -0.08 * H]):  # arteries, veins
-            vessels += grow_tree(plan, hilum + offset, _root_directions(lat, 8, rng),
-                                 0.25 * rt * rng.uniform(0.7, 1.0, 8), 0.35, targets, rng, step)
+            vessels += grow_tree(plan, hilum + offset, _root_directions(lat, 16, rng),
+                                 0.17 * rt * rng.uniform(0.7, 1.0, 16), 0.35, targets, rng, step)
     # unenhanced great vessels: aorta (ascending, arch, descending) and pulmonary trunk to both hila
     hx, hy, hz, _, _, hc = _heart(plan)
     yv, rv = _vertebra(plan)

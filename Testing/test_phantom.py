@@ -1,0 +1,210 @@
+"""Chest CT phantom: cohort files and table, determinism, acquisition factors, tissue HU and texture, survival."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from lifelines.utils import concordance_index
+from scipy import ndimage
+
+from latentharmonize import phantom as ph
+from latentharmonize.cli import main
+from latentharmonize.errors import InputError, OutputError
+from latentharmonize.phantom_acquisition import VENDORS
+from latentharmonize.phantom_anatomy import LIVER_HU, TISSUE_MEDIAN_HU
+from latentharmonize.tissue import TISSUE_LABELS, TISSUES
+
+SEED = 1  # patients 0, 1, 2 are the emphysema, fibrosis and inflammatory phenotypes: all six tissues
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom") / "cohort"
+    table = ph.generate_cohort(out, 3, SEED)
+    return out, table
+
+
+@pytest.fixture(scope="module")
+def patient():
+    return ph.make_patient(1, SEED)
+
+
+def _array(image):
+    return sitk.GetArrayFromImage(image).astype(np.float64)
+
+
+def _liver_core(patient):
+    """Voxels of the uniform liver, eroded so that kernel blur from neighbouring organs does not reach them."""
+    hu = sitk.GetArrayFromImage(patient.hu)
+    return ndimage.binary_erosion(hu == LIVER_HU, iterations=5)
+
+
+def test_cohort_files_and_table(cohort):
+    out, table = cohort
+    written = pd.read_csv(out / "cohort.csv")
+    expected = ["image", "patient", "acquisition", "truth", "time", "event", "kernel", "vendor", "dose", "thickness"]
+    expected += [f"frac_{t}" for t in TISSUES] + ["age", "sex", "fvc"]
+    assert set(expected) <= set(written.columns)
+    assert len(written) == 3 * len(ph.DEFAULT_ACQUISITIONS) == len(table)
+    assert sorted(written.patient.unique()) == ["P000", "P001", "P002"]
+    for row in written.itertuples():
+        assert not row.image.startswith("/") and (out / row.image).is_file()
+        assert (out / row.truth).is_file()
+        assert row.image == f"{row.patient}/{row.acquisition}.nrrd"
+    image = sitk.ReadImage(str(out / written.image[0]))
+    assert image.GetPixelID() == sitk.sitkInt16
+    assert sitk.ReadImage(str(out / written.truth[0])).GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(written[[f"frac_{t}" for t in TISSUES]].sum(axis=1), 1.0, atol=1e-5)
+    assert ph.is_phantom_cohort(out)
+
+
+def test_patient_is_deterministic_and_independent_of_cohort_size(cohort, patient):
+    out, _ = cohort
+    assert np.array_equal(_array(patient.truth), _array(sitk.ReadImage(str(out / "P001" / "truth.nrrd"))))
+    sharp = ph.acquire(patient, ph.DEFAULT_ACQUISITIONS[1])
+    assert np.array_equal(_array(sharp), _array(sitk.ReadImage(str(out / "P001" / "a_sharp_thin.nrrd"))))
+    other = sitk.ReadImage(str(out / "P000" / "truth.nrrd"))
+    assert not np.array_equal(_array(patient.truth), _array(other))
+
+
+def test_acquisitions_share_the_patient_frame(cohort):
+    out, table = cohort
+    truth = sitk.ReadImage(str(out / "P002" / "truth.nrrd"))
+    z_extent = truth.GetOrigin()[2] - truth.GetSpacing()[2] / 2, truth.GetSpacing()[2] * truth.GetSize()[2]
+    for acq in ph.DEFAULT_ACQUISITIONS:
+        image = sitk.ReadImage(str(out / "P002" / f"{acq.name}.nrrd"))
+        assert image.GetSpacing()[:2] == truth.GetSpacing()[:2] and image.GetOrigin()[:2] == truth.GetOrigin()[:2]
+        assert image.GetSpacing()[2] == pytest.approx(acq.thickness_mm)
+        assert image.GetOrigin()[2] - acq.thickness_mm / 2 == pytest.approx(z_extent[0])
+        assert image.GetSize()[2] * acq.thickness_mm == pytest.approx(z_extent[1])
+        assert image.GetDirection() == truth.GetDirection()
+
+
+def test_soft_and_sharp_share_anatomy_and_noise(patient):
+    soft, sharp = (_array(im) for im in ph.acquire_all(patient, ph.DEFAULT_ACQUISITIONS[:2]))
+    core = _liver_core(patient)
+    n_soft, n_sharp = soft[core] - LIVER_HU, sharp[core] - LIVER_HU
+    assert abs(n_soft.mean()) < 3 and abs(n_sharp.mean()) < 6          # same anatomy, zero-mean noise
+    assert n_sharp.std() > 2 * n_soft.std()                             # sharp kernels are noisier
+    assert np.corrcoef(n_soft, n_sharp)[0, 1] > 0.3                     # one raw scan: correlated noise
+    other_patient = ph.make_patient(0, SEED)
+    other = _array(ph.acquire(other_patient, ph.DEFAULT_ACQUISITIONS[0]))
+    both = core & _liver_core(other_patient)
+    assert abs(np.corrcoef(soft[both], other[both])[0, 1]) < 0.1       # another patient: independent noise
+    # noise power spectrum shape: soft noise is smoother (low frequency), sharp noise anti-correlated (ramp, high f)
+    pairs = core & np.roll(core, 1, 2)
+    lag1 = [np.corrcoef(v[pairs], np.roll(v, 1, 2)[pairs])[0, 1] for v in (soft, sharp)]
+    assert lag1[0] > 0.05 and lag1[1] < -0.1
+    lungs = sitk.GetArrayFromImage(patient.truth) > 0
+    assert 100 * (sharp[lungs] < -950).mean() > 100 * (soft[lungs] < -950).mean() + 2   # kernel inflates the EI
+
+
+def test_vendor_calibration_and_dose(patient):
+    base = ph.Acquisition("base", "standard", "A", 100.0, 1.25)
+    vendor_b = ph.Acquisition("vendor_b", "standard", "B", 100.0, 1.25)
+    low_dose = ph.Acquisition("low", "standard", "A", 25.0, 1.25)
+    a, b, low = (_array(im) for im in ph.acquire_all(patient, [base, vendor_b, low_dose]))
+    core = _liver_core(patient)
+    scale, offset = VENDORS["B"]
+    assert (b[core] - a[core]).mean() == pytest.approx((scale - 1) * LIVER_HU + offset, abs=1.0)
+    assert (low[core] - LIVER_HU).std() / (a[core] - LIVER_HU).std() == pytest.approx(2.0, rel=0.05)
+
+
+def test_thickness_averages_thin_slices(patient):
+    thin, thick = ph.acquire_all(patient, [ph.Acquisition("thin", "sharp", "C", 100.0, 1.25),
+                                           ph.Acquisition("thick", "sharp", "C", 100.0, 5.0)])
+    thin, thick = _array(thin), _array(thick)
+    assert thick.shape[0] * 4 == thin.shape[0]
+    groups = thin.reshape(-1, 4, *thin.shape[1:])
+    unclipped = groups.min(axis=1) > -1000        # air outside the body is clipped at -1024 in both
+    np.testing.assert_allclose(thick[unclipped], groups.mean(axis=1)[unclipped], atol=1.0)
+    assert unclipped.mean() > 0.3
+    with pytest.raises(InputError, match="thinner"):
+        ph.acquire(patient, ph.Acquisition("too_thin", "soft", "A", 100.0, 0.5))
+
+
+def test_every_tissue_present_with_documented_hu_and_distinct_texture(cohort):
+    out, table = cohort
+    values = {t: [] for t in TISSUES}
+    gradient = {t: [] for t in TISSUES}
+    for pid in ("P000", "P001", "P002"):
+        truth = _array(sitk.ReadImage(str(out / pid / "truth.nrrd")))
+        soft = _array(sitk.ReadImage(str(out / pid / "a_soft_thin.nrrd")))
+        grad = np.sqrt(sum(g ** 2 for g in np.gradient(soft, axis=(1, 2))))
+        for t in TISSUES:
+            region = ndimage.binary_erosion(truth == TISSUE_LABELS[t], iterations=1)
+            values[t].append(soft[region])
+            gradient[t].append(grad[region])
+    for t in TISSUES:
+        v = np.concatenate(values[t])
+        assert v.size > 200, f"{t} missing from the truth"
+        lo, hi = TISSUE_MEDIAN_HU[t]
+        assert lo <= np.median(v) <= hi, f"{t}: median {np.median(v):.0f} HU outside [{lo}, {hi}]"
+    g = {t: np.median(np.concatenate(gradient[t])) for t in TISSUES}
+    # reticulation and honeycombing have about the mean HU of ground-glass but far more structure
+    assert g["reticulation"] > 1.5 * g["ground_glass"] and g["honeycombing"] > 1.5 * g["ground_glass"]
+    assert g["consolidation"] < g["reticulation"]
+
+
+def test_survival_columns_are_sane(cohort):
+    _, table = cohort
+    per_patient = table.groupby("patient")[["time", "event", "age", "sex", "fvc"] + [f"frac_{t}" for t in TISSUES]]
+    assert (per_patient.nunique() == 1).all().all()      # patient-level columns agree across acquisitions
+    assert (table.time > 0).all() and set(table.event) <= {0, 1}
+    assert table.age.between(40, 88).all() and set(table.sex) <= {"M", "F"} and table.fvc.between(25, 130).all()
+
+
+def test_true_composition_predicts_survival():
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        fractions = dict.fromkeys(TISSUES, 0.0)
+        fractions.update(ph.draw_fractions(ph.phenotype_of(i, 0), rng))
+        age = float(rng.normal(66, 8))
+        rows.append((ph.log_hazard(fractions, age),) + ph.draw_outcome(fractions, age, rng))
+    risk, time, event = map(np.asarray, zip(*rows))
+    assert 0.15 < 1 - event.mean() < 0.45                                  # about 30 % censored
+    assert concordance_index(time, -risk, event) > 0.68
+    assert abs(concordance_index(time, rng.normal(size=len(time)), event) - 0.5) < 0.08
+
+
+def test_refuses_foreign_folder_and_existing_cohort(tmp_path, cohort):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not a phantom cohort"):
+        ph.generate_cohort(foreign, 1, 0)
+    with pytest.raises(OutputError, match="overwrite"):
+        ph.generate_cohort(cohort[0], 1, SEED)
+    assert main(["phantom", str(foreign), "--patients", "1", "--acquisitions", "a_soft_thin", "--overwrite",
+                 "--quiet"]) == 0
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert (foreign / "P000" / "a_soft_thin.nrrd").is_file() and not (foreign / "P000" / "a_sharp_thin.nrrd").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="a/b", kernel="soft", vendor="A", dose_mAs=100, thickness_mm=1.25), "letters"),
+    (dict(name="x", kernel="blurry", vendor="A", dose_mAs=100, thickness_mm=1.25), "kernel"),
+    (dict(name="x", kernel="soft", vendor="Z", dose_mAs=100, thickness_mm=1.25), "vendor"),
+    (dict(name="x", kernel="soft", vendor="A", dose_mAs=0, thickness_mm=1.25), "dose_mAs"),
+])
+def test_bad_acquisitions_are_refused(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        ph.Acquisition(**kwargs)
+
+
+def test_bad_cohort_arguments_are_refused(tmp_path):
+    with pytest.raises(InputError, match="positive"):
+        ph.generate_cohort(tmp_path / "a", 0, 0)
+    with pytest.raises(InputError, match="Unknown acquisition"):
+        ph.generate_cohort(tmp_path / "b", 1, 0, acquisitions=["nope"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_true_composition_of_rendered_patients_predicts_survival():
+    patients = [ph.make_patient(i, 0) for i in range(60)]
+    risk = [ph.log_hazard(p.fractions, p.age) for p in patients]
+    c = concordance_index([p.time for p in patients], -np.asarray(risk), [p.event for p in patients])
+    assert c > 0.65
