@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from latentharmonize import analyze, slicer_bridge as bridge, writers
+from latentharmonize import analyze, bundle as bundle_module, slicer_bridge as bridge, writers
 from latentharmonize.composition import composition_table, composition_to_json
 from latentharmonize.errors import InputError, OutputError
 from latentharmonize.progress import Progress
@@ -114,6 +114,19 @@ def test_environment_makes_the_module_folder_importable(tmp_path):
     assert Path(out.stdout.strip()).parent == MODULE_DIR / "latentharmonize"
 
 
+def test_importing_the_bridge_stays_light():
+    """Slicer imports the bridge for the GUI before the backend's dependencies are installed."""
+    code = ("import sys, latentharmonize.slicer_bridge; "
+            "print(sorted(m for m in ('pandas', 'torch', 'monai', 'sklearn', 'slicerio', 'scipy', 'matplotlib', "
+            "'psutil', 'latentharmonize.composition', 'latentharmonize.bundle') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bundle_marker_is_the_bundle_manifest():
+    assert bridge.BUNDLE_MANIFEST == bundle_module.MANIFEST
+
+
 def test_names_match_what_analyze_writes(tmp_path):
     name = bridge.safe_volume_name("CT chest (2)/ä")
     assert name == "CT_chest_2" and bridge.safe_volume_name("***") == "volume"
@@ -178,8 +191,8 @@ def test_missing_inputs_explains_each_problem(tmp_path):
     bundle.mkdir()
     assert bridge.missing_inputs(False, "") == ["Select an input CT volume.", "Select a model bundle folder."]
     assert "does not exist" in bridge.missing_inputs(True, tmp_path / "nope")[0]
-    assert "is empty" in bridge.missing_inputs(True, bundle)[0]
-    (bundle / "manifest.json").write_text("{}")
+    assert "is not a model bundle (it has no manifest.json)" in bridge.missing_inputs(True, bundle)[0]
+    (bundle / bundle_module.MANIFEST).write_text("{}")
     assert bridge.missing_inputs(True, bundle) == []
     assert bridge.missing_inputs(True, bundle, mask_segmentation_set=True, mask_segment_id="") == [
         "Select the lung segment of the mask segmentation, or clear the mask."]
@@ -402,3 +415,102 @@ def test_export_composition_writes_csv_and_json(outputs, tmp_path):
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["model_sha256"] == "abc123"
     assert [c["name"] for c in doc["clusters"]] == ["healthy", "emphysema", "ground_glass"]
+
+
+# ------------------------------------------------------------------------------------------- with the real backend
+
+def _chest_ct(size=(88, 72, 28), spacing=(3.0, 3.0, 5.0), seed=1) -> sitk.Image:
+    """A small chest CT (HU) as Slicer would hand it over: body, two lungs with an emphysematous apex on the right
+    and a denser base on the left, noise. LPS origin at the volume centre."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size[::-1], spacing[::-1])], indexing="ij")
+    hu = np.where((x / 130) ** 2 + (y / 95) ** 2 < 1, 40.0, -1000.0)
+    lung = ((np.abs(x) - 58) / 42) ** 2 + (y / 62) ** 2 + (z / 68) ** 2 < 1
+    hu[lung] = -850.0
+    hu[lung & (z > 20) & (x < 0)] = -960.0
+    hu[lung & (z < -25) & (x > 0)] = -600.0
+    image = sitk.GetImageFromArray(np.round(hu + rng.normal(0, 25, hu.shape)).astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin(tuple(-(n - 1) / 2 * s for n, s in zip(size, spacing)))
+    return image
+
+
+@pytest.fixture(scope="module")
+def backend_case(tmp_path_factory):
+    """What the module hands the backend for a scan: input written by the bridge, and a tiny untrained bundle."""
+    from latentharmonize.bundle import ModelBundle, save_bundle
+    from latentharmonize.clusters import TissueClusters
+    from latentharmonize.grid import to_model_grid
+    from latentharmonize.lungmask import segment_lungs
+    from latentharmonize.networks import build_model
+    from latentharmonize.patches import DEFAULT_SPEC, encode_dense
+    from latentharmonize.rotation import LatentRotation
+
+    folder = tmp_path_factory.mktemp("slicer_run")
+    ct = _chest_ct()
+    ijk_to_ras = bridge.ijk_to_ras_matrix(ct)  # as slicer.util.arrayFromVTKMatrix(GetIJKToRASMatrix) gives it
+    name = bridge.safe_volume_name("CT chest")
+    input_path = bridge.write_input_volume(sitk.GetArrayFromImage(ct), ijk_to_ras, folder / "input" / f"{name}.nrrd")
+
+    hu, lung, grid = to_model_grid(ct, segment_lungs(ct), align_px=(4, 4, 1))
+    model = build_model("ae", seed=0)
+    dense = encode_dense(model, hu, lung, grid, DEFAULT_SPEC)
+    rotation = LatentRotation(n_technical=1, method="labels", random_state=0).fit(
+        dense.latents, np.where(dense.positions[:, 2] % 2 == 0, "a", "b"))
+    clusters = TissueClusters(n_clusters=3, random_state=0).fit(rotation.biological(dense.latents))
+    bundle = ModelBundle.create(name="slicer-test", encoder_config=model.config, encoder_state=model.state_dict(),
+                                spec=DEFAULT_SPEC, rotation=rotation, clusters=clusters,
+                                names=["low attenuation", "normal-appearing", "dense"], created="2026-01-01")
+    save_bundle(bundle, folder / "bundle")
+    return {"folder": folder, "input": input_path, "name": name, "ijk_to_ras": ijk_to_ras,
+            "array": sitk.GetArrayFromImage(ct), "bundle": folder / "bundle"}
+
+
+def _start_backend(case, out_dir):
+    """Start analyze exactly as the module does (command and environment from the bridge), stderr merged."""
+    command = bridge.build_analyze_command(sys.executable, case["input"], out_dir, model_dir=case["bundle"], device="CPU")
+    env = dict(os.environ)
+    env.update(bridge.backend_environment(MODULE_DIR, os.environ.get("PYTHONPATH")))
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_backend_run_through_the_bridge_end_to_end(backend_case):
+    out_dir = backend_case["folder"] / "out"
+    process = _start_backend(backend_case, out_dir)
+    log = bridge.BackendLog()
+    events = [e for e in (log.feed(line) for line in process.stdout) if e is not None]
+    returncode = process.wait(timeout=300)
+    assert returncode == 0, log.failure_message(returncode)
+    percents = [e.percent for e in events]
+    assert percents == sorted(percents) and percents[-1] == 100 and len({e.stage for e in events}) >= 3
+
+    outputs = bridge.locate_outputs(out_dir)
+    assert outputs.name == backend_case["name"]
+    definitions = bridge.read_segment_definitions(outputs.segmentation)
+    assert [d.name for d in definitions] == ["low attenuation", "normal-appearing", "dense"]
+    labels = bridge.read_volume_array(outputs.clusters)
+    np.testing.assert_allclose(labels.ijk_to_ras, backend_case["ijk_to_ras"], atol=1e-6)
+    assert labels.array.shape == backend_case["array"].shape
+    confidence = bridge.read_volume_array(outputs.confidence).array
+    assert confidence.min() >= 0 and confidence.max() <= 1
+
+    # the table shown after loading and the one recomputed from the unedited segments agree
+    shown = bridge.read_composition(outputs.composition_csv)
+    recomputed = bridge.recompute_composition(labels.array, backend_case["input"], outputs.lungs,
+                                              bridge.cluster_names(definitions))
+    pd.testing.assert_frame_equal(recomputed, shown, check_exact=False, rtol=1e-5, check_dtype=False)
+    assert bridge.read_model_id(outputs)
+
+
+@pytest.mark.slow
+def test_cancel_stops_the_backend_and_leaves_no_outputs(backend_case):
+    out_dir = backend_case["folder"] / "cancelled"
+    process = _start_backend(backend_case, out_dir)
+    log = bridge.BackendLog()
+    for line in process.stdout:
+        if log.feed(line) is not None:  # cancel as soon as the analysis reports progress
+            break
+    assert bridge.kill_process_tree(process.pid) >= 1
+    assert process.wait(timeout=30) != 0
+    published = [p.name for p in out_dir.glob("*") if not p.name.startswith(".")] if out_dir.exists() else []
+    assert published == []

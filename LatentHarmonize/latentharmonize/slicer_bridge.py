@@ -30,6 +30,8 @@ from .progress import ProgressEvent, parse_progress_line
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 # Sign flip between LPS (ITK, backend files) and RAS (Slicer scene)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# File that marks a model bundle folder (bundle.MANIFEST; not imported here: bundle.py needs the full dependencies)
+BUNDLE_MANIFEST = "manifest.json"
 _ERROR_LINE = re.compile(r"^latentharmonize \w+: error: (.*)$")
 
 
@@ -80,8 +82,9 @@ def missing_inputs(has_input_volume: bool, model_dir, mask_segmentation_set: boo
         problems.append("Select a model bundle folder.")
     elif not Path(model_dir).is_dir():
         problems.append(f"The model bundle folder {model_dir} does not exist.")
-    elif not any(Path(model_dir).iterdir()):
-        problems.append(f"The model bundle folder {model_dir} is empty; train a model or use the bundled one.")
+    elif not (Path(model_dir) / BUNDLE_MANIFEST).is_file():
+        problems.append(f"{model_dir} is not a model bundle (it has no {BUNDLE_MANIFEST}); select a trained bundle "
+                        "folder, such as the bundled Resources/Models/default.")
     if mask_segmentation_set and not mask_segment_id:
         problems.append("Select the lung segment of the mask segmentation, or clear the mask.")
     return problems
