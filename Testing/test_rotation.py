@@ -12,7 +12,7 @@ from latentharmonize.errors import InputError
 from latentharmonize.rotation import LatentRotation, chance_level
 
 
-def planted_latents(n_locations=150, d=10, k=3, n_acq=4, seed=0, noise=0.05):
+def planted_latents(n_locations=150, d=10, k=3, n_acq=4, seed=0, noise=0.05, offset_scale=1.5):
     """Latents of ``n_locations`` patches each seen under ``n_acq`` acquisitions.
 
     A random orthonormal basis splits R^d into a technical subspace (first ``k`` columns), where each
@@ -26,7 +26,7 @@ def planted_latents(n_locations=150, d=10, k=3, n_acq=4, seed=0, noise=0.05):
     centres = rng.normal(scale=3.0, size=(5, d - k))
     biology = centres[rng.integers(0, 5, n_locations)] + rng.normal(scale=0.5, size=(n_locations, d - k))
     baseline = rng.normal(scale=0.5, size=(n_locations, k))
-    offsets = rng.normal(scale=1.5, size=(n_acq, k))
+    offsets = rng.normal(scale=offset_scale, size=(n_acq, k))
     gains = rng.uniform(0.5, 2.0, size=(n_acq, k))
     rows, labels = [], []
     for a in range(n_acq):
@@ -80,6 +80,17 @@ def test_rotation_is_orthogonal_and_transform_consistent(planted):
     # biological axes are ordered by variance
     var = rot.biological(X).var(axis=0)
     assert np.all(np.diff(var) <= 1e-9)
+
+
+def test_auto_keeps_significant_paired_directions_a_probe_cannot_see():
+    """Acquisitions that only rescale the technical coordinates leave the means equal (probe at
+    chance from the start), yet change every paired latent: auto still removes them."""
+    X, y, pairs, tech, loc = planted_latents(offset_scale=0.0, seed=2)
+    rot = LatentRotation().fit(X, y, pairs=pairs)
+    assert abs(rot.probe_curve_[0] - chance_level(y)) < 0.06
+    assert rot.n_technical_ == rot.n_significant_ == 3 and rot.direction_sources_ == ["paired"] * 3
+    assert np.max(subspace_angles(rot.technical_basis_, tech)) < 0.05
+    assert rot.noise_floor_ < 0.2 * rot.singular_values_[2]
 
 
 def test_too_few_dimensions_leave_acquisition_signal(planted):

@@ -12,7 +12,11 @@ How the technical directions are found (in this order, one direction at a time):
    effect, ``c[y_i] - c[y_j] + (B[y_i] - B[y_j]) x_mean`` (an offset plus a gain acting on the
    pair's mean latent, the multivariate analogue of ComBat's location/scale). Paired differences
    hold no biology, so every output direction of that model is technical; the right singular
-   vectors of its weight matrix, strongest first, are the candidate directions.
+   vectors of its weight matrix, strongest first, are the candidate directions. A direction is
+   kept when its singular value exceeds the noise floor: the largest singular value of the same
+   model fitted to its own residuals with random signs (a wild bootstrap, ``n_permutations``
+   draws; one sign per physical location, since pairs sharing a row share its noise), i.e. the
+   weights that noise alone produces at this sample size.
    ``method="labels"`` (no pairs): the nearest-class-mean classifier of the acquisition, a linear
    classifier whose coefficients are the acquisition means; the right singular vectors of its
    centred, size-weighted coefficients span the differences between acquisition means. Why not
@@ -22,13 +26,13 @@ How the technical directions are found (in this order, one direction at a time):
    acquisition means equal in the complement, which is exactly the condition under which no linear
    probe beats a constant predictor (linear guardedness, Belrose et al. 2023, LEACE).
 2. Removing only a model's strongest directions can leave acquisition signal behind (effects the
-   paired model misses, acquisitions that were never paired). When the candidates are used up
-   (singular value below ``spectrum_floor`` times the largest), the class-mean classifier is
-   re-fitted on the remaining complement and its directions are removed next, one at a time:
-   iterative nullspace projection (INLP, Ravfogel et al. 2020).
-3. ``n_technical="auto"`` stops at the smallest number of directions whose complement drops a
-   cross-validated logistic-regression probe of the acquisition to chance (within ``tolerance``);
-   an int takes exactly that many directions. The probe's folds never split a group (rows joined
+   paired model misses, acquisitions that were never paired). When the candidates are used up,
+   the class-mean classifier is re-fitted on the remaining complement and its directions are
+   removed next, one at a time: iterative nullspace projection (INLP, Ravfogel et al. 2020).
+3. ``n_technical="auto"`` keeps every significant paired direction (they carry technical
+   *variance* that changes clusters even when a linear probe cannot see it), then continues until
+   a cross-validated logistic-regression probe of the acquisition on the complement is at chance
+   (within ``tolerance``); an int takes exactly that many directions, in the same order. The probe's folds never split a group (rows joined
    by pairs are one physical location; ``groups`` may give patient ids): near-duplicate rows of
    one location in both training and test folds would bias the accuracy.
 
@@ -129,6 +133,12 @@ def _pair_groups(pairs, n: int):
     return connected_components(graph, directed=False)[1]
 
 
+def _nonzero_directions(vt: np.ndarray, s: np.ndarray, source: str) -> list:
+    """Right singular vectors with a non-zero singular value (at least the first), strongest first."""
+    keep = np.flatnonzero(s > 1e-12 * s[0]) if s[0] > 0 else [0]
+    return [(vt[i], source) for i in keep]
+
+
 def _fix_signs(basis: np.ndarray) -> np.ndarray:
     """Flip each column so that its largest-magnitude entry is positive (SVD signs are arbitrary)."""
     if basis.shape[1] == 0:
@@ -162,9 +172,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         How far above chance (accuracy points) the probe may stay for "auto".
     max_technical : int or None
         Upper bound for "auto" (default: half the latent size).
-    spectrum_floor : float
-        Candidate directions whose singular value is below this fraction of the largest are
-        treated as noise; INLP re-fits take over from there.
+    n_permutations : int
+        Sign-flipped residual fits of the paired model that set its noise floor.
     cv : int
         Folds of the cross-validated probe.
     probe_samples : int
@@ -182,6 +191,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
     mean_ : [d] latent mean removed before rotating.
     method_ : "paired" or "labels".
     singular_values_ : spectrum of the first model (paired difference model or class means).
+    noise_floor_ : paired: largest singular value fitted to sign-flipped residuals (else 0).
+    n_significant_ : paired directions above the noise floor (0 for "labels").
     direction_sources_ : per technical direction, "paired", "labels" or "inlp".
     probe_curve_ : with "auto", probe accuracy on the complement after 0, 1, ... directions.
     probe_entangled_, probe_biological_ : grouped cross-validated probe accuracy on the fitted
@@ -189,13 +200,13 @@ class LatentRotation(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, n_technical="auto", method="auto", alpha=1.0, tolerance=0.05, max_technical=None,
-                 spectrum_floor=0.1, cv=5, probe_samples=4000, max_pairs=20000, random_state=0):
+                 n_permutations=20, cv=5, probe_samples=4000, max_pairs=20000, random_state=0):
         self.n_technical = n_technical
         self.method = method
         self.alpha = alpha
         self.tolerance = tolerance
         self.max_technical = max_technical
-        self.spectrum_floor = spectrum_floor
+        self.n_permutations = n_permutations
         self.cv = cv
         self.probe_samples = probe_samples
         self.max_pairs = max_pairs
@@ -230,13 +241,11 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         if method == "paired":
             if len(pairs) > self.max_pairs:
                 pairs = pairs[np.sort(rng.choice(len(pairs), self.max_pairs, replace=False))]
-            weights = self._difference_model(Xc, y, pairs)
-            source = "paired"
+            queue = self._paired_directions(Xc, y, pairs, rng)
         else:
-            weights = self._class_mean_weights(Xc, y)
-            source = "labels"
-        _, self.singular_values_, vt = svd(weights, full_matrices=False)
-        queue = self._significant(vt, self.singular_values_, source)
+            _, self.singular_values_, vt = svd(self._class_mean_weights(Xc, y), full_matrices=False)
+            self.noise_floor_, self.n_significant_ = 0.0, 0
+            queue = _nonzero_directions(vt, self.singular_values_, "labels")
 
         basis = np.zeros((d, 0))
         sources, curve = [], []
@@ -245,15 +254,14 @@ class LatentRotation(TransformerMixin, BaseEstimator):
                 complement = _complement(basis, d)
                 acc = self._probe(Xc[rows] @ complement, y[rows], probe_groups)
                 curve.append(acc)
-                if acc <= self.chance_ + self.tolerance:
+                if acc <= self.chance_ + self.tolerance and basis.shape[1] >= min(self.n_significant_, k_max):
                     break
             if basis.shape[1] >= k_max:
                 break
-            if not queue:  # INLP: re-fit the classifier on what is left and remove its top directions
+            if not queue:  # INLP: re-fit the class-mean classifier on what is left, remove its directions
                 complement = _complement(basis, d)
-                w = self._class_mean_weights(Xc @ complement, y)
-                _, s, vt = svd(w, full_matrices=False)
-                queue = self._significant(vt @ complement.T, s, "inlp")
+                _, s, vt = svd(self._class_mean_weights(Xc @ complement, y), full_matrices=False)
+                queue = _nonzero_directions(vt @ complement.T, s, "inlp")
             v, src = queue.pop(0)
             v = v - basis @ (basis.T @ v)
             norm = np.linalg.norm(v)
@@ -303,13 +311,25 @@ class LatentRotation(TransformerMixin, BaseEstimator):
             raise InputError(f"max_technical must be an integer in 0..{d - 1}, got {self.max_technical!r}.")
         return int(k)
 
-    def _significant(self, vt: np.ndarray, s: np.ndarray, source: str) -> list:
-        """Candidate directions (strongest first) above the noise floor; always at least the top one."""
-        keep = np.flatnonzero(s >= self.spectrum_floor * s[0]) if s[0] > 0 else [0]
-        return [(vt[i], source) for i in keep]
+    def _paired_directions(self, Xc: np.ndarray, y: np.ndarray, pairs: np.ndarray, rng) -> list:
+        """Significant right singular vectors of the paired difference model, strongest first."""
+        features, diff = self._difference_design(Xc, y, pairs)
+        weights = self._ridge(features, diff)
+        _, self.singular_values_, vt = svd(weights, full_matrices=False)
+        residual = diff - features @ weights
+        location = _pair_groups(pairs, len(Xc))[pairs[:, 0]]
+        flips = (rng.choice([-1.0, 1.0], size=location.max() + 1)[location, None] for _ in range(self.n_permutations))
+        self.noise_floor_ = max((svd(self._ridge(features, residual * f), compute_uv=False)[0] for f in flips),
+                                default=0.0)
+        keep = np.flatnonzero(self.singular_values_ > self.noise_floor_)
+        self.n_significant_ = int(keep.size)
+        return [(vt[i], "paired") for i in keep]
 
-    def _difference_model(self, Xc: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        """Ridge weights [p, d] of the paired difference on per-acquisition offset + gain features."""
+    def _ridge(self, features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return Ridge(alpha=self.alpha, fit_intercept=False).fit(features, targets).coef_.T
+
+    def _difference_design(self, Xc: np.ndarray, y: np.ndarray, pairs: np.ndarray) -> tuple:
+        """(features [m, p], paired differences [m, d]) of the per-acquisition offset + gain model."""
         classes = np.unique(y)
         codes = np.searchsorted(classes, y)
         onehot = np.eye(classes.size)
@@ -318,9 +338,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         pair_mean = 0.5 * (Xc[pairs[:, 0]] + Xc[pairs[:, 1]])
         pair_mean /= np.sqrt(np.mean(Xc ** 2)) + 1e-12  # gain features on the scale of the offsets
         gain = (e[:, :, None] * pair_mean[:, None, :]).reshape(len(pairs), -1)
-        features = np.hstack([e, gain])
-        model = Ridge(alpha=self.alpha, fit_intercept=False).fit(features, diff)
-        return model.coef_.T
+        return np.hstack([e, gain]), diff
 
     @staticmethod
     def _class_mean_weights(Z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -421,6 +439,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         meta = {"method": self.method_, "n_technical": int(self.n_technical_), "latent_dim": int(self.rotation_.shape[0]),
                 "chance": float(self.chance_), "probe_entangled": float(self.probe_entangled_),
                 "probe_biological": float(self.probe_biological_), "direction_sources": list(self.direction_sources_),
+                "noise_floor": float(self.noise_floor_), "n_significant": int(self.n_significant_),
                 "params": {k: v for k, v in self.get_params().items()}}
         return arrays, meta
 
@@ -447,4 +466,6 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         rot.probe_entangled_ = float(meta.get("probe_entangled", np.nan))
         rot.probe_biological_ = float(meta.get("probe_biological", np.nan))
         rot.direction_sources_ = list(meta.get("direction_sources", []))
+        rot.noise_floor_ = float(meta.get("noise_floor", 0.0))
+        rot.n_significant_ = int(meta.get("n_significant", 0))
         return rot
