@@ -252,6 +252,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.startAnalysis(pn.inputVolume, pn.maskSegmentation, pn.maskSegmentID, pn.modelPath,
                                                  pn.device, onLog=self.addLog, onProgress=self.onProgress,
                                                  onFinished=self.onAnalysisFinished)
+            self.addLog(_("Working folder: {folder}").format(folder=self._run.runFolder))
             self._checkCanApply()
 
     def addLog(self, text: str) -> None:
@@ -691,12 +692,20 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         segmentation.SetAttribute(SEGMENT_LABELS_ATTRIBUTE, json.dumps(labels))
         return target
 
+    @staticmethod
+    def analysisOutputs(segmentation: "vtkMRMLSegmentationNode"):
+        """The backend outputs a result segmentation was loaded from (needed to recompute and export)."""
+        folder = segmentation.GetAttribute(OUTPUT_FOLDER_ATTRIBUTE)
+        if not folder or not segmentation.GetAttribute(INPUT_PATH_ATTRIBUTE):
+            raise ValueError(_("{name} was not produced by LatentHarmonize in this session: run Analyze first.")
+                             .format(name=segmentation.GetName()))
+        return bridge().locate_outputs(folder, segmentation.GetAttribute(NAME_ATTRIBUTE))
+
     def recomputeComposition(self, segmentation: "vtkMRMLSegmentationNode", referenceVolume, table=None):
         """Composition of the edited segmentation, with the backend's code; refreshes ``table`` if given."""
+        outputs = self.analysisOutputs(segmentation)
         labels = self.segmentLabels(segmentation)
         names = {d.label: d.name for d in self.currentDefinitions(segmentation)}
-        outputs = bridge().locate_outputs(segmentation.GetAttribute(OUTPUT_FOLDER_ATTRIBUTE),
-                                          segmentation.GetAttribute(NAME_ATTRIBUTE))
         composition = bridge().recompute_composition(self.labelMap(segmentation, referenceVolume, labels),
                                                      segmentation.GetAttribute(INPUT_PATH_ATTRIBUTE),
                                                      outputs.lungs, names)
@@ -728,9 +737,9 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         b = bridge()
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        name = segmentation.GetAttribute(NAME_ATTRIBUTE) or b.safe_volume_name(segmentation.GetName())
+        outputs = self.analysisOutputs(segmentation)
+        name = outputs.name
         definitions = self.currentDefinitions(segmentation)
-        outputs = b.locate_outputs(segmentation.GetAttribute(OUTPUT_FOLDER_ATTRIBUTE), name)
         composition = self.recomputeComposition(segmentation, volume)
         written = [folder / f"{name}_composition.csv", folder / f"{name}_composition.json",
                    folder / f"{name}_segment_statistics.csv", folder / f"{name}.seg.nrrd"]
