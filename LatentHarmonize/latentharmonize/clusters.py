@@ -53,14 +53,16 @@ WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproduci
 PROFILE_KEYS = ("mean_hu", "sd_hu", "frac_below_950", "frac_above_700")
 # Thresholds of the naming rules (HU and voxel fractions), from typical lung CT values: normal
 # parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50.
+# Sharp kernels put up to a third of normal-lung voxels below -950 HU, and vessels raise a normal
+# patch's SD to ~200 HU, hence the fairly strict low-attenuation rule and the mean-HU gate before SD.
 NAMING_THRESHOLDS = {
-    "dense_mean_hu": -300.0,          # mean above: dense / consolidation-like
     "honeycomb_low_frac": 0.2,        # air-cyst voxels (< -950) at least this share ...
     "honeycomb_high_frac": 0.2,       # ... and wall voxels (> -700) at least this share: honeycomb-like
-    "emphysema_low_frac": 0.3,        # share of voxels < -950 at least this: low attenuation
-    "emphysema_mean_hu": -900.0,      # or mean at most this
+    "dense_mean_hu": -300.0,          # mean at least this: dense / consolidation-like
+    "emphysema_low_frac": 0.35,       # share of voxels < -950 at least this: low attenuation
+    "emphysema_mean_hu": -930.0,      # or mean at most this
     "elevated_mean_hu": -780.0,       # mean above (and below dense): ground-glass-like or reticular
-    "reticular_sd_hu": 120.0,         # heterogeneous elevated density (SD at least this): reticular
+    "reticular_sd_hu": 150.0,         # heterogeneous elevated density (SD at least this): reticular
 }
 
 
@@ -265,10 +267,10 @@ def cluster_profiles(labels, stats: Mapping[str, np.ndarray], n_clusters: int) -
 
 def _name_one(p: Mapping[str, float]) -> str:
     t = NAMING_THRESHOLDS
-    if p["mean_hu"] >= t["dense_mean_hu"]:
-        return DENSE
     if p["frac_below_950"] >= t["honeycomb_low_frac"] and p["frac_above_700"] >= t["honeycomb_high_frac"]:
         return HONEYCOMB
+    if p["mean_hu"] >= t["dense_mean_hu"]:
+        return DENSE
     if p["frac_below_950"] >= t["emphysema_low_frac"] or p["mean_hu"] <= t["emphysema_mean_hu"]:
         return LOW_ATTENUATION
     if p["mean_hu"] > t["elevated_mean_hu"]:
@@ -279,10 +281,11 @@ def _name_one(p: Mapping[str, float]) -> str:
 def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
     """A unique descriptive name per cluster profile (dicts with the keys of ``PROFILE_KEYS``).
 
-    Deterministic rules, first match wins: mean HU >= -300 dense / consolidation-like; both air-cyst
-    (< -950) and wall (> -700) voxels >= 20 % honeycomb-like; >= 30 % voxels < -950 or mean <= -900
-    low attenuation / emphysema-like; mean > -780 reticular when SD >= 120 HU, else ground-glass-like;
-    otherwise normal-appearing lung. A name that repeats gets " 2", " 3"... in label order.
+    Deterministic rules (``NAMING_THRESHOLDS``), first match wins: both air-cyst (< -950) and wall
+    (> -700) voxels >= 20 % honeycomb-like; mean HU >= -300 dense / consolidation-like; >= 35 %
+    voxels < -950 or mean <= -930 low attenuation / emphysema-like; mean > -780 reticular when
+    SD >= 150 HU, else ground-glass-like; otherwise normal-appearing lung. A name that repeats gets
+    " 2", " 3"... in label order.
     """
     names, seen = [], {}
     for i, p in enumerate(profiles):
