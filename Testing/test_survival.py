@@ -99,7 +99,8 @@ def test_survival_cli_writes_report(tmp_path):
                              "age": np.random.default_rng(5).normal(65, 8, 80), "sex": np.where(np.arange(80) % 2, "F", "M")})
     clinical.to_csv(tmp_path / "clinical.csv", index=False)
     out = tmp_path / "report"
-    args = [str(tmp_path / "composition.csv"), "--clinical", str(tmp_path / "clinical.csv"), "--out", str(out)]
+    args = [str(tmp_path / "composition.csv"), "--clinical", str(tmp_path / "clinical.csv"), "--out", str(out),
+            "--bootstrap", "100"]
     assert main(["survival", *args]) == 0
     for name in ("report.html", "hazard_ratios.csv", "km.png", "metrics.json"):
         assert (out / name).stat().st_size > 0

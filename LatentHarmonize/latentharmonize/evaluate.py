@@ -347,7 +347,7 @@ def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skip
 
     A feature set the Cox model cannot be fitted on (too few events, no convergence) is recorded in ``skipped``.
     """
-    from .survival import cross_validated_c_index, cross_validated_risk
+    from .survival import c_index_with_ci, cross_validated_risk
     from .tissue import TISSUES
 
     if not {"time", "event"} <= set(table.columns):
@@ -364,8 +364,9 @@ def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skip
     out, risks = {}, {}
     for name, cols in feature_sets.items():
         try:
-            out[name] = cross_validated_c_index(table, cols, seed=seed, n_boot=n_boot)
             risks[name] = cross_validated_risk(table, cols, seed=seed)
+            out[name] = {**c_index_with_ci(table["time"], table["event"], risks[name], n_boot=n_boot, seed=seed),
+                         "features": cols}
         except InputError as err:
             skipped[f"survival:{name}"] = str(err)
     return out, risks

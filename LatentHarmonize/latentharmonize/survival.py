@@ -285,13 +285,13 @@ model that did not see them), 95 % bootstrap confidence interval over patients (
 
 def survival_report(table: pd.DataFrame, features: Sequence[str], covariates: Sequence[str], out_dir,
                     time_col: str = "time", event_col: str = "event", penalizer: float = 0.1, n_splits: int = 5,
-                    seed: int = 0, overwrite: bool = False) -> dict:
+                    seed: int = 0, n_boot: int = 1000, overwrite: bool = False) -> dict:
     """Fit and cross-validate composition, clinical and combined Cox models; write the report files."""
     table, covariate_columns = encode_covariates(table, covariates)
     models = {"composition": list(features)}
     if covariate_columns:
         models.update({"clinical": covariate_columns, "composition+clinical": [*features, *covariate_columns]})
-    results = {name: cross_validated_c_index(table, cols, time_col, event_col, n_splits, penalizer, seed)
+    results = {name: cross_validated_c_index(table, cols, time_col, event_col, n_splits, penalizer, seed, n_boot)
                for name, cols in models.items()}
     best = models["composition+clinical" if covariate_columns else "composition"]
     risk = cross_validated_risk(table, best, time_col, event_col, n_splits, penalizer, seed)
@@ -332,6 +332,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--penalizer", type=float, default=0.1, help="Cox ridge penalty (default 0.1)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the C-index CI (default 1000)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing report files")
 
 
@@ -344,8 +345,10 @@ def run(args) -> int:
         covariates = [c for c in DEFAULT_COVARIATES if c in table.columns]
     else:
         covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
+    if args.bootstrap < 1:
+        raise InputError(f"--bootstrap must be at least 1, got {args.bootstrap}.")
     metrics = survival_report(table, features, covariates, args.out, args.time_col, args.event_col,
-                              args.penalizer, args.folds, args.seed, args.overwrite)
+                              args.penalizer, args.folds, args.seed, args.bootstrap, args.overwrite)
     for name, m in metrics["models"].items():
         print(f"{name:22s} C-index {m['c_index']:.3f} (95% CI {m['c_index_ci'][0]:.3f}-{m['c_index_ci'][1]:.3f})")
     print(f"wrote {', '.join(OUTPUTS)} to {args.out}")
