@@ -350,14 +350,14 @@ def airway_and_vessel_tubes(plan: BodyPlan, grid: FineGrid, rng: np.random.Gener
 
 @dataclass(frozen=True)
 class Lattice:
-    """A coarse regular lattice covering the fine grid, for smooth random fields (values at ``axes``)."""
+    """A coarse regular lattice covering fine-grid axes, for smooth random fields (values at ``axes``)."""
 
     axes: tuple  # (z, y, x) 1D coordinates mm
 
     @staticmethod
-    def covering(grid: FineGrid, spacing: float) -> "Lattice":
+    def covering(fine_axes: tuple, spacing: float) -> "Lattice":
         axes = []
-        for a in grid.axes():
+        for a in fine_axes:
             n = int(np.ceil((a[-1] - a[0]) / spacing)) + 2
             axes.append(a[0] - spacing / 2.0 + spacing * np.arange(n))
         return Lattice(tuple(axes))
@@ -391,10 +391,10 @@ def bandpass_field(lattice: Lattice, rng: np.random.Generator, wavelength_mm: fl
 
 
 class Upsampler:
-    """Separable linear interpolation from a coarse lattice to slabs of the fine grid."""
+    """Separable linear interpolation from a coarse lattice to slabs of fine-grid axes."""
 
-    def __init__(self, lattice: Lattice, grid: FineGrid):
-        self._w = [self._weights(src, dst) for src, dst in zip(lattice.axes, grid.axes())]
+    def __init__(self, lattice: Lattice, fine_axes: tuple):
+        self._w = [self._weights(src, dst) for src, dst in zip(lattice.axes, fine_axes)]
 
     @staticmethod
     def _weights(src, dst):
@@ -529,25 +529,38 @@ def _paint_bones(hu, plan: BodyPlan, x, y, z, q, s) -> None:
     hu[np.broadcast_to(r_canal < 0.55 * rv, hu.shape)] = CSF_HU
 
 
+def lung_box(plan: BodyPlan, grid: FineGrid) -> tuple:
+    """In-plane index slices (y, x) of the box holding the thoracic cavity: lung work is done only there."""
+    _, ya, xa = grid.axes()
+    ys = np.nonzero(np.abs(ya - plan.yc) <= 1.06 * plan.Bc)[0]
+    xs = np.nonzero(np.abs(xa) <= 1.06 * plan.Ac)[0]
+    return slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+
+
 def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fractions: dict,
                    ggo_level: float) -> tuple:
     """HU (float32) and truth labels (uint8, tissue label in the lung, 0 elsewhere) on the fine grid."""
     k = grid.shape[2] * grid.spacing[0] / 358.0
     tubes = airway_and_vessel_tubes(plan, grid, rng)
     occ = {name: splat_tubes(t, grid) for name, t in tubes.items()}
-    coarse = Lattice.covering(grid, 4.0)
+    za, ya, xa = grid.axes()
+    by, bx = lung_box(plan, grid)
+    box_axes = (za, ya[by], xa[bx])
+    coarse = Lattice.covering(box_axes, 4.0)
     scores, lung_c = tissue_scores(plan, coarse, rng, k)
     thresholds = claim_thresholds(scores, lung_c, fractions)
     smooth = gaussian_field(coarse, rng, 10.0)
-    texture = Lattice.covering(grid, 2.0 if min(grid.spacing) >= 1.0 else 1.5)
+    texture = Lattice.covering(box_axes, 2.0 if min(grid.spacing) >= 1.0 else 1.5)
     tex_fine, tex_coarse = bandpass_field(texture, rng, 7.0), bandpass_field(texture, rng, 12.0)
-    up_c, up_t = Upsampler(coarse, grid), Upsampler(texture, grid)
+    up_c, up_t = Upsampler(coarse, box_axes), Upsampler(texture, box_axes)
 
-    za, ya, xa = grid.axes()
     y2, x2 = ya[:, None], xa[None, :]
-    wall = _chest_wall(plan, x2, y2, tex_fine[tex_fine.shape[0] // 2, :, :][np.ix_(up_t._w[1][0], up_t._w[2][0])])
+    wall_texture = ndimage.gaussian_filter(rng.standard_normal(grid.shape[1:]).astype(np.float32),
+                                           1.5 / grid.spacing[0])
+    wall = _chest_wall(plan, x2, y2, wall_texture / wall_texture.std())
     q2 = np.sqrt(_ellipse(x2, y2, plan.Ac, plan.Bc, plan.yc))
-    dependent = (plan.gravity_hu * np.clip(0.5 + 0.5 * (y2 - plan.yc) / plan.Bc, 0, 1)).astype(np.float32)
+    yb, xb = ya[by][:, None], xa[bx][None, :]
+    dependent = (plan.gravity_hu * np.clip(0.5 + 0.5 * (yb - plan.yc) / plan.Bc, 0, 1)).astype(np.float32)
     diaphragm = diaphragm_z(plan, x2, y2)
     hx, hy, hz, ha, hb, hc = _heart(plan)
     heart2 = _ellipse(x2 - hx, y2, ha, hb, hy)
@@ -563,8 +576,6 @@ def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fra
         s = cavity_scale(plan, z)
         h = np.repeat(wall[None], z.shape[0], axis=0)
         cavity = q2[None] < s
-        side = lung_side(plan, x2[None], y2[None], z)
-        lung = side > 0
         # mediastinum and abdomen: fat with heart, oesophagus; liver/spleen below the diaphragm
         h[cavity] = FAT_HU
         organ = (heart2[None] + ((z - hz) / hc) ** 2 < 1) | esophagus[None]
@@ -572,20 +583,22 @@ def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fra
         below = cavity & (z < diaphragm[None])
         h[below] = np.where(np.broadcast_to(liver_side, h.shape), LIVER_HU, MUSCLE_HU)[below]
         _paint_bones(h, plan, x2[None], y2[None], z, q2[None], s)
-        # lung tissue
+        # lung tissue, inside the cavity box only (hb is a view into h)
+        hb = h[:, by, bx]
+        lung = lung_side(plan, xb[None], yb[None], z) > 0
         lab = np.where(lung, TISSUE_LABELS["normal"], 0).astype(np.uint8)
         for name in reversed(CLAIM_ORDER):
             if np.isfinite(thresholds[name]):
                 lab[lung & (up_c(scores[name], zs) >= thresholds[name])] = TISSUE_LABELS[name]
         parenchyma = lung_hu(lab, up_t(tex_fine, zs), up_t(tex_coarse, zs), up_c(smooth, zs),
                              np.broadcast_to(dependent, lab.shape), ggo_level)
-        h[lung] = parenchyma[lung]
-        # vessels and airways on top, blended by partial-volume occupancy
-        v = occ["vessels"][zs] * (vessel_visibility(lab) / 255.0)
-        h += (MUSCLE_HU - h) * v
-        h += (MUSCLE_HU - h) * (occ["wall"][zs] / 255.0)
-        h += (AIR_HU - h) * (occ["lumen"][zs] / 255.0)
-        lab[occ["large_lumen"][zs] > 127] = 0
+        hb[lung] = parenchyma[lung]
+        # vessels and airways (all inside the cavity) on top, blended by partial-volume occupancy
+        v = occ["vessels"][zs, by, bx] * (vessel_visibility(lab) / 255.0)
+        hb += (MUSCLE_HU - hb) * v
+        hb += (MUSCLE_HU - hb) * (occ["wall"][zs, by, bx] / 255.0)
+        hb += (AIR_HU - hb) * (occ["lumen"][zs, by, bx] / 255.0)
+        lab[occ["large_lumen"][zs, by, bx] > 127] = 0
         hu[zs] = h
-        labels[zs] = lab
+        labels[zs, by, bx] = lab
     return hu, labels
