@@ -813,3 +813,257 @@ def test_backend_runs_as_a_module_with_progress_lines(module_source):
     assert "build_analyze_command" in module_source and "backend_environment" in module_source
     assert "kill_process_tree" in module_source
     assert builtins  # the checker's PYTHON_METHODS come from builtins' types
+
+
+# ------------------------------------------------------------------------------------------- the logic with stubs
+# Slicer itself cannot run here, but the module's process handling and dependency steps are plain Python around a
+# few Slicer calls. With minimal stand-ins for those calls they run for real: a real backend-like child process,
+# real threads and queues, real files.
+
+import importlib.util
+import os
+import time
+import types
+
+
+class _FakeTimer:
+    """qt.QTimer stand-in: the test fires ``timeout()`` by calling ``fire``."""
+
+    created: list = []
+
+    def __init__(self):
+        self.callback, self.active = None, False
+        _FakeTimer.created.append(self)
+
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def connect(self, signal, callback):
+        assert signal == "timeout()"
+        self.callback = callback
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def fire(self):
+        if self.active:
+            self.callback()
+
+
+def _popen(args, updateEnvironment=None):
+    env = dict(os.environ)
+    env.update(updateEnvironment or {})
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _launch_before_5_12(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None):
+    return _popen(args, updateEnvironment)
+
+
+def _launch_5_12(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None, blocking=True, logCallback=None,
+                 completedCallback=None):
+    """Like Slicer 5.12: a reader thread delivers lines and the exit code (here without the QTimer hop)."""
+    proc = _popen(args, updateEnvironment)
+
+    def read():
+        for line in proc.stdout:
+            logCallback(line.rstrip())
+        completedCallback(proc.wait())
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def _load_module(monkeypatch, launch=_launch_before_5_12, packaging=None, torch_installed=True, calls=None):
+    """Import LatentHarmonize.py against stand-ins for slicer and qt (vtk is the real one)."""
+    calls = calls if calls is not None else []
+    slicer = types.ModuleType("slicer")
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
+    util.launchConsoleProcess = launch
+    util.confirmOkCancelDisplay = lambda text, *a, **k: calls.append(("confirm", text)) or True
+    util.pip_install = lambda requirements, **k: calls.append(("pip_install", requirements))
+    util.arrayFromVTKMatrix = lambda m: np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+    slicer.util = util
+    if packaging is not None:
+        slicer.packaging = packaging
+    for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
+        setattr(slicer, name, type(name, (), {}))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr, i18n.translate = (lambda text: text), (lambda context, text: text)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(slm, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+    qt = types.ModuleType("qt")
+    qt.QTimer = _FakeTimer
+    torch_utils = types.ModuleType("PyTorchUtils")
+
+    class PyTorchUtilsLogic:
+        def torchInstalled(self):
+            return torch_installed
+
+        def installTorch(self, **kwargs):
+            calls.append(("installTorch", kwargs))
+
+    torch_utils.PyTorchUtilsLogic = PyTorchUtilsLogic
+    for name, module in {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
+                         "slicer.ScriptedLoadableModule": slm, "qt": qt, "PyTorchUtils": torch_utils}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("LatentHarmonize_under_test", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _backend_script(lines, sleep=0.0, code=0):
+    """A child process that talks like the backend: progress lines and log lines, then an exit code."""
+    body = "; ".join(f"print({line!r}, flush=True)" for line in lines)
+    return [sys.executable, "-c", f"import time; {body}; time.sleep({sleep}); raise SystemExit({code})"]
+
+
+def _wait(condition, timeout=30.0, tick=None):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        if tick:
+            tick()
+        time.sleep(0.02)
+    assert condition(), "timed out"
+
+
+@pytest.mark.parametrize("launch", [_launch_before_5_12, _launch_5_12], ids=["slicer<5.12", "slicer>=5.12"])
+def test_analysis_run_streams_progress_and_reports_completion(monkeypatch, tmp_path, launch):
+    module = _load_module(monkeypatch, launch)
+    _FakeTimer.created.clear()
+    seen = {"progress": [], "log": [], "finished": []}
+    command = _backend_script(["loading bundle", "LH-PROGRESS 10 load reading", "LH-PROGRESS 100 write done"])
+    run = module.AnalysisRun(command, {}, tmp_path, "chest", None, onLog=seen["log"].append,
+                             onProgress=lambda e: seen["progress"].append((e.percent, e.stage)),
+                             onFinished=lambda job, code: seen["finished"].append((job, code)))
+    run.start()
+    timer = _FakeTimer.created[0] if _FakeTimer.created else None
+    assert (timer is None) == (launch is _launch_5_12)  # 5.12 reads the output itself; older ones get our poll
+    _wait(lambda: seen["finished"], tick=timer.fire if timer else None)
+    assert seen["progress"] == [(10, "load"), (100, "write")]
+    assert seen["log"] == ["loading bundle"]
+    assert seen["finished"] == [(run, 0)] and not run.cancelled
+    assert run.inputPath == tmp_path / "input" / "chest.nrrd" and run.outputFolder == tmp_path / "out"
+
+
+def test_analysis_run_failure_keeps_the_backend_message(monkeypatch, tmp_path):
+    module = _load_module(monkeypatch)
+    _FakeTimer.created.clear()
+    finished = []
+    command = _backend_script(["LH-PROGRESS 5 load reading", "latentharmonize analyze: error: No lung found."], code=2)
+    run = module.AnalysisRun(command, {}, tmp_path, "chest", None, onFinished=lambda job, code: finished.append(code))
+    run.start()
+    _wait(lambda: finished, tick=_FakeTimer.created[0].fire)
+    assert finished == [2] and run.log.failure_message(2) == "No lung found."
+
+
+def test_cancel_ends_the_backend_and_still_reports(monkeypatch, tmp_path):
+    module = _load_module(monkeypatch)
+    _FakeTimer.created.clear()
+    progress, finished = [], []
+    run = module.AnalysisRun(_backend_script(["LH-PROGRESS 20 encode slab"], sleep=60), {}, tmp_path, "chest", None,
+                             onProgress=progress.append, onFinished=lambda job, code: finished.append(code))
+    run.start()
+    timer = _FakeTimer.created[0]
+    _wait(lambda: progress, tick=timer.fire)
+    started = time.time()
+    run.cancel()
+    _wait(lambda: finished, tick=timer.fire)
+    assert run.cancelled and finished[0] != 0 and time.time() - started < 10
+    run.cancel()  # a second Cancel after the end does nothing
+
+
+class _FakeVolume:
+    def __init__(self, name, ijk_to_ras):
+        self.name, self.ijk_to_ras = name, ijk_to_ras
+
+    def GetName(self):
+        return self.name
+
+    def GetIJKToRASMatrix(self, matrix):
+        for i in range(4):
+            for j in range(4):
+                matrix.SetElement(i, j, self.ijk_to_ras[i][j])
+
+
+def test_start_analysis_writes_the_input_and_launches_the_bridge_command(monkeypatch, tmp_path):
+    launched = []
+
+    def launch(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None):
+        launched.append((args, updateEnvironment))
+        return _popen([sys.executable, "-c", "pass"])
+
+    module = _load_module(monkeypatch, launch)
+    ct = (np.arange(3 * 4 * 5).reshape(3, 4, 5) - 900).astype(np.int16)
+    ijk_to_ras = [[-0.7, 0, 0, 10.0], [0, -0.7, 0, 20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]]
+    module.slicer.util.arrayFromVolume = lambda node: ct
+    module.slicer.util.tempDirectory = lambda key: str(tmp_path / key)
+    module.slicer.util.startupEnvironment = lambda: {"PYTHONPATH": "/opt/extra"}
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "pythonSlicerExecutable", staticmethod(lambda: "/s/PythonSlicer"))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+
+    logic = module.LatentHarmonizeLogic()
+    run = logic.startAnalysis(_FakeVolume("CT chest", ijk_to_ras), modelPath=bundle, device="GPU")
+    (args, env), = launched
+    written = tmp_path / "LatentHarmonize" / "input" / "CT_chest.nrrd"
+    assert args == ["/s/PythonSlicer", "-m", "latentharmonize", "analyze", str(written), "--out",
+                    str(tmp_path / "LatentHarmonize" / "out"), "--progress-lines", "--model", str(bundle),
+                    "--device", "cuda"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), "/opt/extra"]
+    image = sitk.ReadImage(str(written))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct)
+    np.testing.assert_allclose(image.GetOrigin(), (-10.0, -20.0, -30.0))
+    assert run.inputPath == written
+
+    with pytest.raises(ValueError, match="Select an input CT volume"):
+        logic.startAnalysis(None, modelPath=bundle)
+
+
+def test_dependencies_use_pip_ensure_when_slicer_has_it(monkeypatch, tmp_path):
+    ensured = []
+    packaging = types.SimpleNamespace(load_requirements=lambda path: ["monai>=1.3"],
+                                      pip_ensure=lambda reqs, **kwargs: ensured.append((reqs, kwargs)))
+    module = _load_module(monkeypatch, packaging=packaging)
+    logic = module.LatentHarmonizeLogic()
+    logic.ensureDependencies()
+    logic.ensureDependencies()  # checked once per session
+    assert ensured == [(["monai>=1.3"], {"skip_packages": ["SimpleITK", "torch", "vtk"], "prompt_install": True,
+                                         "requester": "LatentHarmonize"})]
+
+
+def test_dependencies_fall_back_to_pip_install_after_confirmation(monkeypatch, tmp_path):
+    calls = []
+    module = _load_module(monkeypatch, calls=calls, torch_installed=False)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("pandas>=2.0\nno-such-package-for-latentharmonize>=1.0  # missing\n")
+    monkeypatch.setattr(module, "REQUIREMENTS", requirements)
+    module.LatentHarmonizeLogic().ensureDependencies()
+    kinds = [c[0] for c in calls]
+    assert kinds == ["confirm", "installTorch", "confirm", "pip_install"]
+    assert calls[1][1] == {"askConfirmation": False, "torchVersionRequirement": ">=2.1"}
+    assert calls[3][1] == "'no-such-package-for-latentharmonize>=1.0'"  # only what is missing, shell-quoted
+
+    declined = _load_module(monkeypatch, calls=[])
+    declined.slicer.util.confirmOkCancelDisplay = lambda *a, **k: False
+    monkeypatch.setattr(declined, "REQUIREMENTS", requirements)
+    with pytest.raises(RuntimeError, match="Installation declined"):
+        declined.LatentHarmonizeLogic().ensureDependencies()
+
+
+def test_missing_pytorch_extension_is_explained(monkeypatch):
+    module = _load_module(monkeypatch)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails like an absent extension
+    with pytest.raises(RuntimeError, match="Install 'PyTorch' from the Extensions Manager"):
+        module.LatentHarmonizeLogic().ensureDependencies()
