@@ -137,6 +137,14 @@ def test_no_lung_found_in_abdomen(chest):
         segment_lungs(image)
 
 
+def test_rejects_bad_arguments(chest):
+    ct, _, _ = chest
+    with pytest.raises(InputError, match="min_lung_ml"):
+        segment_lungs(ct, min_lung_ml=0)
+    with pytest.raises(InputError, match="3D scalar CT"):
+        segment_lungs(ct[:, :, 10])
+
+
 def test_split_left_right_on_touching_mask():
     _, truth, _ = synthetic_chest(seed=2, touching=True)
     binary = sitk.Cast(truth > 0, sitk.sitkUInt8)
@@ -180,3 +188,28 @@ def test_full_size_speed_and_accuracy():
     print(f"segment_lungs on 512x512x300: {elapsed:.2f} s")
     _check_segmentation(mask, truth, parts)
     assert elapsed < 8.0
+
+
+@pytest.mark.parametrize("patient_index", [0, 2])  # healthy, fibrosis (dense subpleural tissue)
+def test_phantom_lungs_match_truth(patient_index):
+    phantom = pytest.importorskip("latentharmonize.phantom")
+    patient = phantom.make_patient(patient_index, seed=0)
+    thick = next(a for a in phantom.DEFAULT_ACQUISITIONS if a.thickness_mm >= 2.5)
+    for ct in phantom.acquire_all(patient, [phantom.DEFAULT_ACQUISITIONS[0], thick]):
+        truth = sitk.Resample(patient.truth, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        mask = segment_lungs(ct)
+        labels, lung = _arr(mask), _arr(truth) > 0
+        volume_error = lung_volumes_ml(mask)["total"] - np.count_nonzero(lung) * np.prod(ct.GetSpacing()) / 1000.0
+        print(f"phantom patient {patient_index}, {ct.GetSpacing()[2]} mm slices: Dice {dice(labels > 0, lung):.4f}, "
+              f"volume error {volume_error:+.1f} mL")
+        assert dice(labels > 0, lung) > 0.95
+        assert abs(volume_error) < 0.06 * np.count_nonzero(lung) * np.prod(ct.GetSpacing()) / 1000.0
+        x = _physical_x(mask)
+        assert np.mean(x[labels == 1] < 0) > 0.95 and np.mean(x[labels == 2] > 0) > 0.95, "right is -x, left +x"
+
+
+def _physical_x(image):
+    """LPS x (mm) of every voxel, [z, y, x] array (the phantom has an identity direction)."""
+    assert image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    x = image.GetOrigin()[0] + image.GetSpacing()[0] * np.arange(image.GetSize()[0])
+    return np.broadcast_to(x, image.GetSize()[::-1])

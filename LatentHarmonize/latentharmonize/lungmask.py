@@ -5,14 +5,16 @@ about 2 mm voxels and reoriented to LPS; the result is brought back to the CT's 
 the boundary is refined at full resolution. Steps:
 
 1. air = HU below ``AIR_HU``; air connected to the in-plane image border is outside the body;
-2. the trachea and main bronchi are tracked from the top slice down (a small midline air region
-   whose cross-section follows slice to slice) and removed; tracking of a branch stops where its
-   cross-section explodes, i.e. where it opens into a lung;
+2. the trachea and main bronchi are tracked from the top slice down (a small midline region of
+   pure air whose cross-section follows slice to slice) and removed; tracking of a branch stops
+   where its cross-section explodes, i.e. where it opens into a lung;
 3. components too small to be a lung (bowel gas, air in the table) are dropped;
 4. the lungs are split into right (1) and left (2) by physical LPS x (the patient's left is +x);
    lungs that touch are eroded until they separate, then grown back to their nearest seed;
-5. each lung is closed and its holes filled per axial slice, so vessels, nodules and
-   consolidation inside the lung are part of the mask.
+5. each lung is closed with a 12 mm ball and its holes are filled per axial slice, so vessels,
+   nodules, consolidation and subpleural fibrosis are part of the mask;
+6. back on the CT grid, voxels deep inside the working mask are lung whatever their HU, and in the
+   boundary band only air-like voxels are, so the edge is as sharp as the CT.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .errors import InputError, NoLungFoundError
 
 AIR_HU = -400.0               # between lung (about -850 HU) and fat/soft tissue (-100..+60 HU)
 WORK_SPACING_MM = 2.0         # voxel size of the working copy
-CLOSING_RADIUS_MM = 5.0       # fills concavities such as subpleural consolidation and vessels at the surface
+CLOSING_RADIUS_MM = 12.0      # rolling ball: takes in subpleural consolidation, fibrosis and juxtapleural nodules
 MIN_LUNG_ML = 100.0           # less air than this inside the body means no lung in the scan
 KEEP_FRACTION = 0.1           # an air component smaller than this fraction of the largest is not lung
 TRACHEA_AREA_MM2 = (30.0, 1000.0)  # cross-section of an adult trachea is about 80..700 mm^2
@@ -40,6 +42,8 @@ def segment_lungs(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> sitk.Imag
     least ``min_lung_ml`` mL (e.g. an abdomen-only scan or a phantom without lungs).
     """
     _check_ct(ct)
+    if not min_lung_ml > 0:
+        raise InputError(f"min_lung_ml must be a positive volume in mL, got {min_lung_ml!r}.")
     work = _work_copy(ct)
     hu = sitk.GetArrayViewFromImage(work)
     spacing = np.array(work.GetSpacing()[::-1])  # (z, y, x) mm
@@ -47,7 +51,7 @@ def segment_lungs(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> sitk.Imag
     outside = _outside_air(air)
     midline = _centre_x_index(~outside)
     candidates = air & ~outside
-    candidates &= ~_track_airways(candidates, spacing, midline)
+    candidates &= ~_track_airways(candidates, hu, spacing, midline)
     lungs = _keep_lung_components(candidates, spacing, min_lung_ml)
     sides = _side_map(lungs, work, midline_x=_physical_x(work, midline))
     labels = _fill_each_lung(lungs, sides, spacing)
@@ -124,26 +128,33 @@ def _outside_air(air: np.ndarray) -> np.ndarray:
     return np.isin(labels, border_ids)
 
 
-def _track_airways(candidates: np.ndarray, spacing: np.ndarray, midline: float) -> np.ndarray:
-    """Trachea and main bronchi: follow a midline air region from the top slice down, slice by
-    slice, keeping the 2D components that overlap the airway of the slice above; a component
-    whose area explodes past EXPLODE_FACTOR x the trachea's area is lung and ends its branch."""
+def _track_airways(candidates: np.ndarray, hu: np.ndarray, spacing: np.ndarray, midline: float) -> np.ndarray:
+    """Trachea and main bronchi: follow the airway lumen from the top slice down, slice by slice,
+    keeping the 2D lumen components that overlap the airway of the slice above; a component whose
+    area explodes past EXPLODE_FACTOR x the trachea's area has opened into a lung and ends its branch.
+
+    The lumen (pure air) is told from lung (air mixed with tissue) by a threshold halfway between
+    the trachea's and the lung's median HU, so an airway touching a lung at this resolution stays
+    separate. The result is grown by one voxel to take the partial-volume rim of the lumen too.
+    """
     pixel_mm2 = spacing[1] * spacing[2]
     airways = np.zeros_like(candidates)
     seed_z, seed = _find_trachea(candidates, pixel_mm2, midline)
     if seed is None:
         return airways  # scan starts below the carina, or no trachea visible: nothing to remove
+    lumen = candidates & (hu < (np.median(hu[seed_z][seed]) + np.median(hu[candidates])) / 2.0)
+    current = seed & lumen[seed_z]
     limit = EXPLODE_FACTOR * seed.sum()
-    airways[seed_z], current = seed, seed
+    airways[seed_z] = current
     for z in range(seed_z - 1, -1, -1):
-        labels, _ = ndimage.label(candidates[z])
+        labels, _ = ndimage.label(lumen[z])
         touched = np.unique(labels[current & (labels > 0)])
         areas = np.bincount(labels.ravel())
         branch = np.isin(labels, touched[areas[touched] <= limit])
         if not branch.any():
             break
         airways[z], current = branch, branch
-    return airways
+    return ndimage.binary_dilation(airways) & candidates
 
 
 def _find_trachea(candidates: np.ndarray, pixel_mm2: float, midline: float):
@@ -181,24 +192,29 @@ def _keep_lung_components(candidates: np.ndarray, spacing: np.ndarray, min_lung_
 
 
 def _side_map(lungs: np.ndarray, work: sitk.Image, midline_x: float) -> np.ndarray:
-    """Side (1 right, 2 left) for every voxel of the working grid: the side of the nearest lung seed.
+    """Side (1 right, 2 left) of every voxel in the lungs' bounding box (0 outside it): the side of
+    the nearest lung seed.
 
     Seeds are the lungs eroded until two sizeable components appear; with a single lung every
     voxel gets that lung's side, from its centroid against ``midline_x``.
     """
-    seeds = _two_seeds(lungs)
+    box = _bounding_box(lungs)
+    offset = [s.start for s in box]
+    sides = np.zeros(lungs.shape, np.uint8)
+    seeds = _two_seeds(lungs[box])
     if seeds is None:
-        side = LEFT if _centroid_x(lungs, work) > midline_x else RIGHT
-        return np.full(lungs.shape, side, np.uint8)
+        sides[box] = LEFT if _centroid_x(lungs[box], work, offset) > midline_x else RIGHT
+        return sides
     first, second = seeds
-    first_is_right = _centroid_x(first, work) < _centroid_x(second, work)
-    seed_labels = np.zeros(lungs.shape, np.uint8)
+    first_is_right = _centroid_x(first, work, offset) < _centroid_x(second, work, offset)
+    seed_labels = np.zeros(first.shape, np.uint8)
     seed_labels[first] = RIGHT if first_is_right else LEFT
     seed_labels[second] = LEFT if first_is_right else RIGHT
     spacing = np.array(work.GetSpacing()[::-1])
     nearest = ndimage.distance_transform_edt(seed_labels == 0, sampling=spacing,
                                              return_distances=False, return_indices=True)
-    return seed_labels[tuple(nearest)]
+    sides[box] = seed_labels[tuple(nearest)]
+    return sides
 
 
 def _two_seeds(lungs: np.ndarray):
@@ -217,32 +233,40 @@ def _two_seeds(lungs: np.ndarray):
     return None
 
 
-def _centroid_x(region: np.ndarray, work: sitk.Image) -> float:
-    index = np.array(ndimage.center_of_mass(region))[::-1]  # (x, y, z)
+def _centroid_x(region: np.ndarray, work: sitk.Image, offset) -> float:
+    """Physical x of the centroid of ``region``, a crop of the working grid starting at ``offset`` (z, y, x)."""
+    index = (np.array(ndimage.center_of_mass(region)) + offset)[::-1]  # (x, y, z)
     return work.TransformContinuousIndexToPhysicalPoint(index.tolist())[0]
 
 
 def _fill_each_lung(lungs: np.ndarray, sides: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Close and fill holes per lung (per axial slice as well, so a dense region enclosed in-plane
-    is lung even when it reaches the next slice's surface); returns labels 0/1/2."""
-    radius = np.maximum(1, np.round(CLOSING_RADIUS_MM / spacing)).astype(int)
-    ball = _ellipsoid(radius)
+    """Close each lung with a ball of CLOSING_RADIUS_MM and fill its holes per axial slice (a dense
+    region enclosed in-plane is lung even where it reaches the next slice's surface); returns labels 0/1/2."""
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    margin = np.ceil(CLOSING_RADIUS_MM / spacing).astype(int) + 1
     filled = np.zeros(lungs.shape, bool)
     for side in (RIGHT, LEFT):
         lung = lungs & (sides == side)
         if not lung.any():
             continue
-        padded = np.pad(lung, [(r, r) for r in radius])  # closing must not erode lungs cut by the volume edge
-        closed = ndimage.binary_closing(padded, ball)[tuple(slice(r, -r) for r in radius)]
-        filled |= ndimage.binary_fill_holes(closed, in_plane)
+        box = _bounding_box(lung)
+        # padding keeps the closing from eroding a lung cut by the volume edge
+        padded = np.pad(lung[box], [(m, m) for m in margin])
+        closed = _closing(padded, CLOSING_RADIUS_MM, spacing)[tuple(slice(m, -m) for m in margin)]
+        filled[box] |= ndimage.binary_fill_holes(closed, in_plane)
     return np.where(filled, sides, 0).astype(np.uint8)
 
 
-def _ellipsoid(radius) -> np.ndarray:
-    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
-    return sum((g / r) ** 2 for g, r in zip(grid, radius)) <= 1.0
+def _closing(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Morphological closing with a Euclidean ball in mm, via two distance transforms (cost independent of the radius)."""
+    dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+    return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+
+
+def _bounding_box(mask: np.ndarray) -> tuple:
+    return tuple(slice(int(idx[0]), int(idx[-1]) + 1)
+                 for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
 
 
 # --- back to the CT grid -------------------------------------------------------------------------
@@ -262,7 +286,7 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
         level = sitk.GetImageFromArray((labels == side).astype(np.uint8) * 200)
         level.CopyInformation(work)
         up = sitk.GetArrayFromImage(sitk.Resample(level, region, sitk.Transform(), sitk.sitkLinear, 0, sitk.sitkUInt8))
-        view[(up >= 199) | ((up > 0) & air)] = side  # 200 = all interpolation neighbours inside
+        view[(up >= 199) | ((up > 0) & air)] = side  # 200: every interpolation neighbour is inside
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(ct)
     return result
@@ -270,9 +294,9 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
 
 def _full_resolution_box(labels: np.ndarray, work: sitk.Image, ct: sitk.Image):
     """Index box (x, y, z) start/stop on the CT grid covering the lungs plus one working voxel."""
-    zs, ys, xs = [np.flatnonzero(labels.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
-    lo = np.array([xs[0], ys[0], zs[0]]) - 1.0
-    hi = np.array([xs[-1], ys[-1], zs[-1]]) + 1.0
+    z, y, x = _bounding_box(labels > 0)
+    lo = np.array([x.start, y.start, z.start]) - 1.0
+    hi = np.array([x.stop, y.stop, z.stop], float)  # one past the last lung voxel
     corners = [[(lo, hi)[bx][0], (lo, hi)[by][1], (lo, hi)[bz][2]] for bx in (0, 1) for by in (0, 1) for bz in (0, 1)]
     index = np.array([ct.TransformPhysicalPointToContinuousIndex(work.TransformContinuousIndexToPhysicalPoint(c))
                       for c in corners])
