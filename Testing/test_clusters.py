@@ -86,8 +86,8 @@ def profile(mean, sd, low, high):
 
 
 def test_name_clusters_from_crafted_profiles():
-    profiles = [profile(-960, 40, 0.6, 0.0), profile(-850, 60, 0.05, 0.05), profile(-550, 60, 0.0, 0.9),
-                profile(-650, 200, 0.02, 0.5), profile(-250, 450, 0.3, 0.65), profile(-50, 80, 0.0, 1.0),
+    profiles = [profile(-960, 40, 0.6, 0.0), profile(-850, 60, 0.05, 0.05), profile(-550, 160, 0.0, 0.9),
+                profile(-700, 170, 0.02, 0.4), profile(-250, 450, 0.3, 0.65), profile(-50, 80, 0.0, 1.0),
                 profile(-905, 110, 0.3, 0.02)]  # the last: normal lung through a sharp kernel
     assert name_clusters(profiles) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE,
                                        NORMAL + " 2"]

@@ -53,8 +53,10 @@ WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproduci
 PROFILE_KEYS = ("mean_hu", "sd_hu", "frac_below_950", "frac_above_700")
 # Thresholds of the naming rules (HU and voxel fractions), from typical lung CT values: normal
 # parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50.
-# Sharp kernels put up to a third of normal-lung voxels below -950 HU, and vessels raise a normal
-# patch's SD to ~200 HU, hence the fairly strict low-attenuation rule and the mean-HU gate before SD.
+# Sharp kernels put up to a third of normal-lung voxels below -950 HU, hence the fairly strict
+# low-attenuation rule. Ground glass raises most of the parenchyma above -700 HU, reticulation only
+# a network of lines (a minority of voxels): voxel shares separate them better than the SD, which
+# the kernel and dose change as much as the tissue does.
 NAMING_THRESHOLDS = {
     "honeycomb_low_frac": 0.2,        # air-cyst voxels (< -950) at least this share ...
     "honeycomb_high_frac": 0.2,       # ... and wall voxels (> -700) at least this share: honeycomb-like
@@ -62,7 +64,7 @@ NAMING_THRESHOLDS = {
     "emphysema_low_frac": 0.35,       # share of voxels < -950 at least this: low attenuation
     "emphysema_mean_hu": -930.0,      # or mean at most this
     "elevated_mean_hu": -780.0,       # mean above (and below dense): ground-glass-like or reticular
-    "reticular_sd_hu": 150.0,         # heterogeneous elevated density (SD at least this): reticular
+    "ground_glass_high_frac": 0.5,    # elevated mean and most voxels > -700: ground-glass-like, else reticular
 }
 
 
@@ -274,7 +276,7 @@ def _name_one(p: Mapping[str, float]) -> str:
     if p["frac_below_950"] >= t["emphysema_low_frac"] or p["mean_hu"] <= t["emphysema_mean_hu"]:
         return LOW_ATTENUATION
     if p["mean_hu"] > t["elevated_mean_hu"]:
-        return RETICULAR if p["sd_hu"] >= t["reticular_sd_hu"] else GROUND_GLASS
+        return GROUND_GLASS if p["frac_above_700"] >= t["ground_glass_high_frac"] else RETICULAR
     return NORMAL
 
 
@@ -283,9 +285,9 @@ def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
 
     Deterministic rules (``NAMING_THRESHOLDS``), first match wins: both air-cyst (< -950) and wall
     (> -700) voxels >= 20 % honeycomb-like; mean HU >= -300 dense / consolidation-like; >= 35 %
-    voxels < -950 or mean <= -930 low attenuation / emphysema-like; mean > -780 reticular when
-    SD >= 150 HU, else ground-glass-like; otherwise normal-appearing lung. A name that repeats gets
-    " 2", " 3"... in label order.
+    voxels < -950 or mean <= -930 low attenuation / emphysema-like; mean > -780 ground-glass-like
+    when >= 50 % voxels > -700, else reticular; otherwise normal-appearing lung. A name that repeats
+    gets " 2", " 3"... in label order. ``sd_hu`` is reported in profiles but no rule uses it.
     """
     names, seen = [], {}
     for i, p in enumerate(profiles):
