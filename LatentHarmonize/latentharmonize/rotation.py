@@ -47,10 +47,10 @@ import warnings
 
 import numpy as np
 from scipy.linalg import null_space, svd
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.linear_model import LogisticRegression, Ridge
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -247,29 +247,10 @@ class LatentRotation(TransformerMixin, BaseEstimator):
             self.noise_floor_, self.n_significant_ = 0.0, 0
             queue = _nonzero_directions(vt, self.singular_values_, "labels")
 
-        basis = np.zeros((d, 0))
-        sources, curve = [], []
-        while True:
-            if k_fixed is None:
-                complement = _complement(basis, d)
-                acc = self._probe(Xc[rows] @ complement, y[rows], probe_groups)
-                curve.append(acc)
-                if acc <= self.chance_ + self.tolerance and basis.shape[1] >= min(self.n_significant_, k_max):
-                    break
-            if basis.shape[1] >= k_max:
-                break
-            if not queue:  # INLP: re-fit the class-mean classifier on what is left, remove its directions
-                complement = _complement(basis, d)
-                _, s, vt = svd(self._class_mean_weights(Xc @ complement, y), full_matrices=False)
-                queue = _nonzero_directions(vt @ complement.T, s, "inlp")
-            v, src = queue.pop(0)
-            v = v - basis @ (basis.T @ v)
-            norm = np.linalg.norm(v)
-            if norm < 1e-8:
-                continue
-            basis = np.column_stack([basis, v / norm])
-            sources.append(src)
+        def probe(basis):
+            return self._probe(Xc[rows] @ _complement(basis, d), y[rows], probe_groups)
 
+        basis, sources, curve = self._select_directions(Xc, y, queue, k_fixed, k_max, probe)
         if k_fixed is None and curve[-1] > self.chance_ + self.tolerance:
             warnings.warn(f"The acquisition probe is still {curve[-1]:.2f} (chance {self.chance_:.2f}) after removing "
                           f"{basis.shape[1]} technical dimensions (max_technical); acquisition signal remains in the "
@@ -283,6 +264,33 @@ class LatentRotation(TransformerMixin, BaseEstimator):
             self.probe_entangled_ = self._probe(Xc[rows], y[rows], probe_groups)
             self.probe_biological_ = self._probe(self.biological(X)[rows], y[rows], probe_groups)
         return self
+
+    def _select_directions(self, Xc, y, queue: list, k_fixed, k_max: int, probe) -> tuple:
+        """Technical basis [d, k], source of each direction, and (auto) the probe after 0..k directions.
+
+        Directions come from ``queue`` (strongest first), then from INLP re-fits on the complement.
+        "auto" stops once the significant paired directions are in and ``probe`` is at chance.
+        """
+        d = Xc.shape[1]
+        basis = np.zeros((d, 0))
+        sources, curve = [], []
+        while True:
+            if k_fixed is None:
+                curve.append(probe(basis))
+                if curve[-1] <= self.chance_ + self.tolerance and basis.shape[1] >= min(self.n_significant_, k_max):
+                    break
+            if basis.shape[1] >= k_max:
+                break
+            if not queue:  # INLP: re-fit the class-mean classifier on what is left, remove its directions
+                complement = _complement(basis, d)
+                _, s, vt = svd(self._class_mean_weights(Xc @ complement, y), full_matrices=False)
+                queue = _nonzero_directions(vt @ complement.T, s, "inlp")
+            v, src = queue.pop(0)
+            v = v - basis @ (basis.T @ v)
+            if np.linalg.norm(v) > 1e-8:
+                basis = np.column_stack([basis, v / np.linalg.norm(v)])
+                sources.append(src)
+        return basis, sources, curve
 
     def _resolve_method(self, pairs) -> str:
         if self.method not in METHODS:
