@@ -646,8 +646,9 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
     def segmentLabels(self, segmentation: "vtkMRMLSegmentationNode") -> dict:
         """Cluster label of every segment (segments drawn by the user get new labels)."""
         known = json.loads(segmentation.GetAttribute(SEGMENT_LABELS_ATTRIBUTE) or "{}")
+        original = [d.label for d in bridge().read_segment_definitions(self.analysisOutputs(segmentation).segmentation)]
         segmentIDs = list(segmentation.GetSegmentation().GetSegmentIDs())
-        return bridge().assign_segment_labels(segmentIDs, known)
+        return bridge().assign_segment_labels(segmentIDs, known, reserved=original)
 
     def currentDefinitions(self, segmentation: "vtkMRMLSegmentationNode") -> list:
         """The clusters as they are now in the scene (after renames, merges and edits)."""

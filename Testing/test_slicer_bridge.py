@@ -374,6 +374,9 @@ def test_segment_labels_keep_known_and_number_new_segments():
     known = {"Segment_1": 1, "Segment_3": 3, "Removed": 2}
     labels = bridge.assign_segment_labels(["Segment_1", "Segment_3", "drawn_a", "drawn_b"], known)
     assert labels == {"Segment_1": 1, "Segment_3": 3, "drawn_a": 4, "drawn_b": 5}
+    # a cluster merged away (label 4 of the original analysis) is not reused for a new segment
+    assert bridge.assign_segment_labels(["Segment_1", "new"], {"Segment_1": 1}, reserved=[1, 2, 3, 4]) == {
+        "Segment_1": 1, "new": 5}
 
 
 def test_rename_and_merge_validation(outputs):

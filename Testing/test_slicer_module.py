@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib.util
 import json
+import os
 import pathlib
 import queue
 import re
 import subprocess
 import sys
 import threading
+import time
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_slicer_bridge import IJK_TO_RAS, outputs  # noqa: F401  (the fixture is reused for QC and export)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "LatentHarmonize"
@@ -820,11 +825,6 @@ def test_backend_runs_as_a_module_with_progress_lines(module_source):
 # few Slicer calls. With minimal stand-ins for those calls they run for real: a real backend-like child process,
 # real threads and queues, real files.
 
-import importlib.util
-import os
-import time
-import types
-
 
 class _FakeTimer:
     """qt.QTimer stand-in: the test fires ``timeout()`` by calling ``fire``."""
@@ -1067,3 +1067,160 @@ def test_missing_pytorch_extension_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails like an absent extension
     with pytest.raises(RuntimeError, match="Install 'PyTorch' from the Extensions Manager"):
         module.LatentHarmonizeLogic().ensureDependencies()
+
+
+# QC and export against a stand-in segmentation node holding numpy masks, on analyze outputs written by the
+# backend's writers (fixture ``outputs`` of test_slicer_bridge.py)
+
+
+class _FakeSegment:
+    def __init__(self, name, color):
+        self.name, self.color = name, tuple(color)
+
+    def GetName(self):
+        return self.name
+
+    def SetName(self, name):
+        self.name = name
+
+    def GetColor(self):
+        return self.color
+
+    def SetColor(self, r, g, b):
+        self.color = (r, g, b)
+
+
+class _FakeSegmentationNode:
+    """Segments as boolean masks on the CT grid; attributes as a dict."""
+
+    def __init__(self, name, masks):
+        self.name, self.masks, self.attributes = name, dict(masks), {}
+        self.segments = {sid: _FakeSegment(f"Label_{i}", (0.5, 0.5, 0.5)) for i, sid in enumerate(masks)}
+
+    def GetName(self):
+        return self.name
+
+    def GetID(self):
+        return "vtkMRMLSegmentationNode1"
+
+    def GetAttribute(self, key):
+        return self.attributes.get(key)
+
+    def SetAttribute(self, key, value):
+        self.attributes[key] = value
+
+    def GetSegmentation(self):
+        node = self
+        return types.SimpleNamespace(GetSegment=lambda sid: node.segments.get(sid),
+                                     GetSegmentIDs=lambda: tuple(node.segments))
+
+    def RemoveSegment(self, sid):
+        del self.segments[sid], self.masks[sid]
+
+
+def _qc_module(monkeypatch, ct, events):
+    module = _load_module(monkeypatch)
+    util = module.slicer.util
+    util.arrayFromVolume = lambda volume: ct
+    util.arrayFromSegmentBinaryLabelmap = lambda seg, sid, ref: seg.masks[sid].astype(np.uint8)
+
+    def update(array, seg, sid, ref):
+        seg.masks[sid] = np.asarray(array) > 0
+
+    util.updateSegmentBinaryLabelmapFromArray = update
+    util.saveNode = lambda node, path: events.append(("save", path)) or Path(path).write_text("seg") or True
+    module.slicer.vtkSlicerSegmentationsModuleLogic = types.SimpleNamespace(
+        Flagged=3, Completed=2, SetSegmentStatus=lambda segment, status: events.append(("status", segment.name, status)))
+    module.slicer.mrmlScene = types.SimpleNamespace(AddNewNodeByClass=lambda cls, name: (cls, name))
+    module.slicer.vtkMRMLSliceNode = types.SimpleNamespace(
+        CenteredJumpSlice=1, JumpAllSlices=lambda scene, r, a, s, mode: events.append(("jump", (r, a, s), mode)))
+    return module
+
+
+def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
+    from latentharmonize import slicer_bridge as bridge
+
+    events = []
+    module = _qc_module(monkeypatch, outputs["ct"], events)
+    logic = module.LatentHarmonizeLogic()
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "ijkToRAS", staticmethod(lambda volume: IJK_TO_RAS))
+    volume = object()
+    definitions = bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd")
+    labels = outputs["labels"]
+    segmentation = _FakeSegmentationNode("chest clusters", {d.segment_id: labels == d.label for d in definitions})
+    segmentation.attributes.update({module.OUTPUT_FOLDER_ATTRIBUTE: str(outputs["out"]), module.NAME_ATTRIBUTE: "chest",
+                                    module.INPUT_PATH_ATTRIBUTE: str(outputs["ct_path"])})
+    ids = {d.label: d.segment_id for d in definitions}
+
+    # loading: names, colours and the segment -> label map come from the .seg.nrrd
+    logic.applySegmentDefinitions(segmentation, definitions)
+    assert {s.name for s in segmentation.segments.values()} == {"normal", "emphysema", "ground_glass"}
+    assert logic.segmentLabels(segmentation) == {ids[1]: 1, ids[2]: 2, ids[3]: 3}
+
+    # status and jump
+    logic.setClusterStatus(segmentation, [ids[2]], module.slicer.vtkSlicerSegmentationsModuleLogic.Flagged)
+    center = logic.jumpToLargestRegion(segmentation, ids[2], volume)
+    assert ("status", "emphysema", 3) in events and ("jump", center, 1) in events
+    k, j, i = np.argwhere(labels == 2).mean(axis=0)
+    np.testing.assert_allclose(center, (IJK_TO_RAS @ [i, j, k, 1])[:3], atol=2.5)
+
+    # rename, then merge ground glass into emphysema: the composition adds up
+    logic.renameCluster(segmentation, ids[3], "GGO")
+    with pytest.raises(Exception, match="already named"):
+        logic.renameCluster(segmentation, ids[3], "normal")
+    before = outputs["table"].set_index(["region", "label"])
+    assert logic.mergeClusters(segmentation, [ids[2], ids[3]], volume) == ids[2]
+    assert ids[3] not in segmentation.segments and segmentation.masks[ids[2]].sum() == np.isin(labels, [2, 3]).sum()
+    after = logic.recomputeComposition(segmentation, volume).set_index(["region", "label"])
+    assert after.loc[("whole", 2), "fraction"] == pytest.approx(
+        before.loc[("whole", 2), "fraction"] + before.loc[("whole", 3), "fraction"])
+    assert set(after.loc["whole"].index) == {1, 2}
+
+    # a segment painted in the Segment Editor (which overwrites other segments) becomes a new cluster
+    drawn = np.zeros_like(labels, dtype=bool)
+    drawn[:, :, 4:9] = True
+    for sid in segmentation.masks:
+        segmentation.masks[sid] = segmentation.masks[sid] & ~drawn
+    segmentation.masks["drawn"] = drawn
+    segmentation.segments["drawn"] = _FakeSegment("vessel", (1, 0, 0))
+    whole = logic.recomputeComposition(segmentation, volume).query("region == 'whole'").set_index("label")
+    lung = outputs["lungs"] > 0
+    assert whole.loc[4, "name"] == "vessel"
+    assert 0 < whole.loc[4, "fraction"] == pytest.approx((drawn & lung).sum() / lung.sum())
+    assert whole.fraction.sum() == pytest.approx(1.0)
+
+    # export: composition of the edited clusters, statistics of all segments, the .seg.nrrd
+    stats_module = types.ModuleType("SegmentStatistics")
+    parameters = {}
+
+    class SegmentStatisticsLogic:
+        def getParameterNode(self):
+            return types.SimpleNamespace(SetParameter=parameters.__setitem__)
+
+        def computeStatistics(self):
+            events.append(("stats", dict(parameters)))
+
+        def exportToTable(self, table):
+            events.append(("table", table))
+
+        def exportToCSVFile(self, path):
+            Path(path).write_text("Segment,volume\n")
+
+    stats_module.SegmentStatisticsLogic = SegmentStatisticsLogic
+    monkeypatch.setitem(sys.modules, "SegmentStatistics", stats_module)
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "placeBeside", staticmethod(lambda node, reference: None))
+    written = logic.exportResults(segmentation, types.SimpleNamespace(GetID=lambda: "vtkMRMLScalarVolumeNode1"),
+                                  tmp_path / "export")
+    assert [p.name for p in written] == ["chest_composition.csv", "chest_composition.json",
+                                         "chest_segment_statistics.csv", "chest.seg.nrrd"]
+    assert all(p.is_file() for p in written)
+    assert parameters["visibleSegmentsOnly"] == "False"  # hidden clusters are measured too
+    doc = json.loads(written[1].read_text())
+    assert [c["name"] for c in doc["clusters"]] == ["normal", "emphysema", "vessel"] and doc["model_sha256"] == "abc123"
+
+
+def test_qc_on_a_foreign_segmentation_says_to_run_analyze(monkeypatch, outputs):
+    module = _qc_module(monkeypatch, outputs["ct"], [])
+    foreign = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1})
+    with pytest.raises(ValueError, match="run Analyze first"):
+        module.LatentHarmonizeLogic().recomputeComposition(foreign, object())

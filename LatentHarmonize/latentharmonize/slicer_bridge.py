@@ -424,10 +424,14 @@ def merge_definitions(definitions: Sequence[SegmentDefinition], sources: Iterabl
     return [d for d in definitions if d.label not in dropped]
 
 
-def assign_segment_labels(segment_ids: Sequence[str], known: dict) -> dict:
-    """Label value of every segment: ``known`` ones keep theirs, segments added in the editor get new labels."""
+def assign_segment_labels(segment_ids: Sequence[str], known: dict, reserved: Iterable[int] = ()) -> dict:
+    """Label value of every segment: ``known`` ones keep theirs, segments added in the editor get new labels.
+
+    New labels never reuse a ``known`` or ``reserved`` one (pass the analysis' original labels), so a cluster merged
+    away does not come back under another name.
+    """
     labels = {sid: int(known[sid]) for sid in segment_ids if sid in known}
-    next_label = max(list(labels.values()) + [0]) + 1
+    next_label = max([int(v) for v in known.values()] + [int(r) for r in reserved] + [0]) + 1
     for sid in segment_ids:
         if sid not in labels:
             if next_label > 255:
