@@ -43,9 +43,9 @@ def read_ct(path) -> sitk.Image:
     path = Path(path)
     image = _read_any(path, "CT")
     image = _as_3d_scalar(image, path)
-    _check_finite_and_varied(image, path)
-    _check_hounsfield(image, path)
-    return _as_ct_pixel_type(image)
+    minimum, maximum = _finite_range(image, path)
+    _check_hounsfield(image, path, f"intensities {minimum:g} .. {maximum:g}")
+    return _as_ct_pixel_type(image, minimum, maximum)
 
 
 def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
@@ -60,7 +60,7 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
     path = Path(path)
     mask = _as_3d_scalar(_read_any(path, "mask"), path)
     if not same_geometry(mask, reference, tol=tol):
-        raise InputError(f"Mask {path} does not lie on the CT's voxel grid: {_geometry_difference(mask, reference)}. "
+        raise InputError(f"Mask {path} does not lie on the CT's voxel grid: {_geometry_difference(mask, reference, tol)}. "
                          "Resample the mask onto the CT (e.g. in 3D Slicer: Resample Scalar/Vector/DWI Volume "
                          "with the CT as reference and nearest-neighbour interpolation), then try again.")
     labels = sitk.GetArrayViewFromImage(mask)
@@ -207,21 +207,21 @@ def _as_3d_scalar(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
-def _check_finite_and_varied(image: sitk.Image, path: Path) -> None:
+def _finite_range(image: sitk.Image, path: Path) -> tuple:
+    """(min, max) of a volume holding finite, not all equal values (NaN propagates through min/max)."""
     values = sitk.GetArrayViewFromImage(image)
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
+    minimum, maximum = float(values.min()), float(values.max())
+    if not (np.isfinite(minimum) and np.isfinite(maximum)):
         bad = int(np.count_nonzero(~np.isfinite(values)))
         raise InputError(f"{path} contains {bad} NaN or infinite voxel values; a CT must hold finite HU everywhere. "
                          "Replace them (e.g. by -1000 HU outside the field of view) and try again.")
-    minimum, maximum = _min_max(image)
     if minimum == maximum:
         raise InputError(f"{path} is constant (every voxel is {minimum:g}); it holds no image. Check the export.")
+    return minimum, maximum
 
 
-def _check_hounsfield(image: sitk.Image, path: Path) -> None:
+def _check_hounsfield(image: sitk.Image, path: Path, shown: str) -> None:
     sample = _subsample(image)
-    minimum, maximum = _min_max(image)
-    shown = f"intensities {minimum:g} .. {maximum:g}"
     if np.mean(sample < AIR_BELOW_HU) < MIN_AIR_FRACTION:
         raise InputError(f"{path} does not look like a CT in Hounsfield units ({shown}): it has no air or lung "
                          f"(values below {AIR_BELOW_HU:g} HU), which every chest CT has. MR, PET or normalised images "
@@ -239,18 +239,11 @@ def _subsample(image: sitk.Image) -> np.ndarray:
     return values[::step, ::step, ::step]
 
 
-def _min_max(image: sitk.Image) -> tuple:
-    f = sitk.MinimumMaximumImageFilter()
-    f.Execute(image)
-    return f.GetMinimum(), f.GetMaximum()
-
-
-def _as_ct_pixel_type(image: sitk.Image) -> sitk.Image:
+def _as_ct_pixel_type(image: sitk.Image, minimum: float, maximum: float) -> sitk.Image:
     if image.GetPixelID() in (sitk.sitkInt16, sitk.sitkFloat32):
         return image
-    values = sitk.GetArrayViewFromImage(image)
-    minimum, maximum = _min_max(image)
-    fits_int16 = values.dtype.kind in "iu" and -32768 <= minimum and maximum <= 32767
+    integer = sitk.GetArrayViewFromImage(image).dtype.kind in "iu"
+    fits_int16 = integer and -32768 <= minimum and maximum <= 32767
     return sitk.Cast(image, sitk.sitkInt16 if fits_int16 else sitk.sitkFloat32)
 
 
@@ -268,12 +261,12 @@ def _order_sides(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return sitk.Cast(swapped, sitk.sitkUInt8)
 
 
-def _geometry_difference(a: sitk.Image, b: sitk.Image) -> str:
+def _geometry_difference(a: sitk.Image, b: sitk.Image, tol: float) -> str:
     if a.GetSize() != b.GetSize():
         return f"size {a.GetSize()} vs CT {b.GetSize()}"
     for name in ("Spacing", "Origin", "Direction"):
         va, vb = getattr(a, f"Get{name}")(), getattr(b, f"Get{name}")()
-        if not _close(va, vb, 1e-3, name != "Direction"):
+        if not _close(va, vb, tol, name != "Direction"):
             return f"{name.lower()} {_fmt(va)} vs CT {_fmt(vb)}"
     return "geometry differs"
 
