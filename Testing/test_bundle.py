@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from latentharmonize import bundle as bundle_mod
-from latentharmonize.bundle import (ARRAYS_FILE, ENCODER_FILE, FORMAT_VERSION, MANIFEST, ModelBundle, default_bundle_path,
-                                    load_bundle, save_bundle, set_cluster_names)
+from latentharmonize.bundle import (ARRAYS_FILE, ENCODER_FILE, FORMAT_VERSION, MANIFEST, ModelBundle,
+                                    default_bundle_path, load_bundle, save_bundle, set_cluster_names)
 from latentharmonize.clusters import TissueClusters
 from latentharmonize.errors import BundleError, InputError, OutputError
 from latentharmonize.rotation import LatentRotation

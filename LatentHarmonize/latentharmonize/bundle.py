@@ -326,9 +326,12 @@ def load_bundle(path=None) -> ModelBundle:
     if folder.is_file() and folder.name == MANIFEST:
         folder = folder.parent
     if not folder.is_dir():
-        where = "The default model bundle is not installed" if path is None else "No model bundle folder"
-        raise BundleError(f"{where} at {folder}. Pass --model with a folder written by `latentharmonize train`"
-                          + (", or build the default with `python scripts/train_default_bundle.py`." if path is None else "."))
+        if path is None:
+            raise BundleError(f"The default model bundle is not installed at {folder}. Pass --model with a folder "
+                              "written by `latentharmonize train`, or build the default with "
+                              "`python scripts/train_default_bundle.py`.")
+        raise BundleError(f"No model bundle folder at {folder}. Pass --model with a folder written by "
+                          "`latentharmonize train`.")
     manifest, raw = _read_manifest(folder)
     _check_manifest(manifest, folder)
     blobs = {fname: _read_verified(folder, manifest["files"], fname) for fname in DATA_FILES}
@@ -343,7 +346,8 @@ def load_bundle(path=None) -> ModelBundle:
         clusters = TissueClusters.from_state(
             {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("clusters.")}, manifest["clusters"])
     except (KeyError, TypeError, ValueError, InputError) as exc:
-        raise BundleError(f"The rotation/cluster arrays of {folder} are inconsistent with its manifest ({exc}).") from exc
+        raise BundleError(f"The rotation/cluster arrays of {folder} are inconsistent with its manifest ({exc}); "
+                          "the bundle is damaged.") from exc
     bundle = ModelBundle(manifest=manifest, encoder_state=state, rotation=rotation, clusters=clusters,
                          path=folder, _file_sha256=_sha256(raw))
     _validate(bundle)

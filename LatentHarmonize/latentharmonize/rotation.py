@@ -32,9 +32,10 @@ How the technical directions are found (in this order, one direction at a time):
 3. ``n_technical="auto"`` keeps every significant paired direction (they carry technical
    *variance* that changes clusters even when a linear probe cannot see it), then continues until
    a cross-validated logistic-regression probe of the acquisition on the complement is at chance
-   (within ``tolerance``); an int takes exactly that many directions, in the same order. The probe's folds never split a group (rows joined
-   by pairs are one physical location; ``groups`` may give patient ids): near-duplicate rows of
-   one location in both training and test folds would bias the accuracy.
+   (within ``tolerance``); an int takes exactly that many directions, in the same order. The
+   probe's folds never split a group (rows joined by pairs are one physical location; ``groups``
+   may give patient ids): near-duplicate rows of one location in both training and test folds
+   would bias the accuracy.
 
 The biological basis is the orthogonal complement, ordered by the variance of the data inside it
 (a PCA of the complement), and each column's sign is fixed so its largest entry is positive,
@@ -444,7 +445,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "rotation_")
         arrays = {"rotation": self.rotation_, "mean": self.mean_, "singular_values": self.singular_values_,
                   "probe_curve": self.probe_curve_}
-        meta = {"method": self.method_, "n_technical": int(self.n_technical_), "latent_dim": int(self.rotation_.shape[0]),
+        meta = {"method": self.method_, "n_technical": int(self.n_technical_),
+                "latent_dim": int(self.rotation_.shape[0]),
                 "chance": float(self.chance_), "probe_entangled": float(self.probe_entangled_),
                 "probe_biological": float(self.probe_biological_), "direction_sources": list(self.direction_sources_),
                 "noise_floor": float(self.noise_floor_), "n_significant": int(self.n_significant_),
