@@ -108,6 +108,27 @@ def test_any_direction_matrix(chest, orientation):
     _check_segmentation(mask, truth_o, parts_o)
 
 
+def test_oblique_direction(chest):
+    """The chest resampled onto a grid rotated 25 degrees about z (an oblique direction matrix)."""
+    ct, truth, parts = chest
+    grid = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    grid.SetSpacing(ct.GetSpacing())
+    grid.SetDirection(sitk.VersorTransform((0, 0, 1), np.deg2rad(25.0)).GetMatrix())
+    centre = [(s - 1) / 2.0 for s in ct.GetSize()]
+    shift = np.subtract(ct.TransformContinuousIndexToPhysicalPoint(centre),
+                        grid.TransformContinuousIndexToPhysicalPoint(centre))
+    grid.SetOrigin(tuple(np.add(grid.GetOrigin(), shift)))
+
+    def onto_grid(image, interpolator, default, pixel):
+        return sitk.Resample(image, grid, sitk.Transform(), interpolator, default, pixel)
+
+    ct_o = onto_grid(ct, sitk.sitkLinear, -1000, sitk.sitkInt16)
+    truth_o = onto_grid(truth, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    parts_o = {k: _arr(onto_grid(_as_image(v, ct), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)).astype(bool)
+               for k, v in parts.items()}
+    _check_segmentation(segment_lungs(ct_o), truth_o, parts_o)
+
+
 def _as_image(array, reference):
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(reference)

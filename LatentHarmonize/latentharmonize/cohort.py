@@ -101,8 +101,8 @@ def _numeric(table: pd.DataFrame, column: str, csv_path: Path) -> pd.Series:
     bad = given & values.isna()
     if bad.any():
         examples = ", ".join(repr(v) for v in table.loc[bad, column].head(SHOW))
-        raise InputError(f"Cohort table {csv_path}: column '{column}' must be numeric; row(s) {_rows(table.index[bad])} "
-                         f"hold {examples}.")
+        raise InputError(f"Cohort table {csv_path}: column '{column}' must be numeric; "
+                         f"row(s) {_rows(table.index[bad])} hold {examples}.")
     return values
 
 

@@ -60,7 +60,8 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
     path = Path(path)
     mask = _as_3d_scalar(_read_any(path, "mask"), path)
     if not same_geometry(mask, reference, tol=tol):
-        raise InputError(f"Mask {path} does not lie on the CT's voxel grid: {_geometry_difference(mask, reference, tol)}. "
+        difference = _geometry_difference(mask, reference, tol)
+        raise InputError(f"Mask {path} does not lie on the CT's voxel grid: {difference}. "
                          "Resample the mask onto the CT (e.g. in 3D Slicer: Resample Scalar/Vector/DWI Volume "
                          "with the CT as reference and nearest-neighbour interpolation), then try again.")
     labels = sitk.GetArrayViewFromImage(mask)
@@ -153,7 +154,8 @@ def _read_any(path: Path, what: str) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{path} could not be read: {_itk_reason(exc)}. The file may be truncated or corrupt.") from exc
+        raise InputError(f"{path} could not be read: {_itk_reason(exc)}. "
+                         "The file may be truncated or corrupt.") from exc
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -164,7 +166,8 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     if len(series) > 1:
         listed = "; ".join(_describe_series(folder, uid) for uid in series[:8])
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series: {listed}. Pick one: give the path of "
-                         "any one file of the wanted series instead of the folder, or put that series in its own folder.")
+                         "any one file of the wanted series instead of the folder, or put that series in its own "
+                         "folder.")
     return _read_series(folder, series[0])
 
 

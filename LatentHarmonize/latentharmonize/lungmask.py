@@ -186,7 +186,8 @@ def _keep_lung_components(candidates: np.ndarray, spacing: np.ndarray, min_lung_
     if volumes.max() < min_lung_ml:
         found = f"the largest air region inside the body is {volumes.max():.0f} mL" if n else "no air inside the body"
         raise NoLungFoundError(f"No lung found: {found} (a lung holds at least {min_lung_ml:g} mL below "
-                               f"{AIR_HU:g} HU). Check that this is a chest CT covering the lungs, or give a lung mask.")
+                               f"{AIR_HU:g} HU). Check that this is a chest CT covering the lungs, "
+                               "or give a lung mask.")
     keep = 1 + np.flatnonzero(volumes >= KEEP_FRACTION * volumes.max())
     return np.isin(labels, keep)
 
@@ -259,7 +260,7 @@ def _fill_each_lung(lungs: np.ndarray, sides: np.ndarray, spacing: np.ndarray) -
 
 
 def _closing(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Morphological closing with a Euclidean ball in mm, via two distance transforms (cost independent of the radius)."""
+    """Closing with a Euclidean ball of ``radius_mm``, via two distance transforms (cost independent of the radius)."""
     dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
     return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
 
