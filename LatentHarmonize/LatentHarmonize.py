@@ -213,7 +213,8 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problems = bridge().missing_inputs(pn.inputVolume is not None, pn.modelPath,
                                            pn.maskSegmentation is not None, pn.maskSegmentID)
         self.ui.applyButton.enabled = not problems
-        self.ui.applyButton.toolTip = "\n".join(problems) if problems else _("Cluster the lung tissue of the input volume")
+        ready = _("Cluster the lung tissue of the input volume")
+        self.ui.applyButton.toolTip = "\n".join(problems) if problems else ready
 
     def _updateResultsDisplay(self) -> None:
         pn = self._parameterNode
@@ -273,7 +274,8 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if returncode != 0:
             message = run.log.failure_message(returncode)
             self.addLog(message)
-            slicer.util.errorDisplay(_("The analysis failed.") + "\n\n" + message, detailedText="\n".join(run.log.lines))
+            slicer.util.errorDisplay(_("The analysis failed.") + "\n\n" + message,
+                                     detailedText="\n".join(run.log.lines))
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
             results = self.logic.loadResults(run)
@@ -656,7 +658,8 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         definitions = []
         for segmentID, label in self.segmentLabels(segmentation).items():
             segment: "vtkSegment" = segments.GetSegment(segmentID)
-            definitions.append(bridge().SegmentDefinition(label, segment.GetName(), tuple(segment.GetColor()), segmentID))
+            definitions.append(bridge().SegmentDefinition(label, segment.GetName(), tuple(segment.GetColor()),
+                                                          segmentID))
         return definitions
 
     def renameCluster(self, segmentation: "vtkMRMLSegmentationNode", segmentID: str, newName: str) -> None:

@@ -512,7 +512,8 @@ def test_every_slicer_call_of_the_module_is_in_the_api_list(module_source):
     checker = SlicerApiChecker(module_source)
     assert checker.check() == []
     # the calls that matter were resolved to their classes, not skipped as unknown
-    assert {("vtkSlicerSegmentationsModuleLogic", "SetSegmentStatus"), ("vtkMRMLSegmentationDisplayNode", "SetOpacity2DFill"),
+    assert {("vtkSlicerSegmentationsModuleLogic", "SetSegmentStatus"),
+            ("vtkMRMLSegmentationDisplayNode", "SetOpacity2DFill"),
             ("vtkMRMLTableNode", "AddColumn"), ("vtkMRMLSubjectHierarchyNode", "SetItemParent"),
             ("vtkMRMLSliceNode", "JumpAllSlices"), ("vtkSegment", "SetColor"), ("vtkMRMLScene", "AddNewNodeByClass"),
             ("vtkMRMLSegmentationNode", "SetReferenceImageGeometryParameterFromVolumeNode"),
@@ -750,7 +751,8 @@ def test_reference_api_copy_is_the_shared_reference():
 
 # ------------------------------------------------------------------------------------------- (d) import and compile
 
-@pytest.mark.parametrize("path", [MODULE_FILE, BRIDGE_FILE, MODULE_DIR / "Testing" / "Python" / "LatentHarmonizeBridgeTest.py"])
+@pytest.mark.parametrize("path", [MODULE_FILE, BRIDGE_FILE,
+                                  MODULE_DIR / "Testing" / "Python" / "LatentHarmonizeBridgeTest.py"])
 def test_sources_compile_for_python_3_9(path):
     ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
     compile(path.read_text(encoding="utf-8"), str(path), "exec")
@@ -913,8 +915,9 @@ def _load_module(monkeypatch, launch=_launch_before_5_12, packaging=None, torch_
             calls.append(("installTorch", kwargs))
 
     torch_utils.PyTorchUtilsLogic = PyTorchUtilsLogic
-    for name, module in {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-                         "slicer.ScriptedLoadableModule": slm, "qt": qt, "PyTorchUtils": torch_utils}.items():
+    stand_ins = {"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
+                 "slicer.ScriptedLoadableModule": slm, "qt": qt, "PyTorchUtils": torch_utils}
+    for name, module in stand_ins.items():
         monkeypatch.setitem(sys.modules, name, module)
     spec = importlib.util.spec_from_file_location("LatentHarmonize_under_test", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
@@ -1224,3 +1227,89 @@ def test_qc_on_a_foreign_segmentation_says_to_run_analyze(monkeypatch, outputs):
     foreign = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1})
     with pytest.raises(ValueError, match="run Analyze first"):
         module.LatentHarmonizeLogic().recomputeComposition(foreign, object())
+
+
+class _FakeTable:
+    def __init__(self):
+        self.columns, self.modifying = [], 0
+
+    def StartModify(self):
+        self.modifying += 1
+        return 0
+
+    def EndModify(self, was_modified):
+        self.modifying -= 1
+
+    def RemoveAllColumns(self):
+        self.columns = []
+
+    def AddColumn(self, column):
+        self.columns.append(column)
+
+
+def test_load_results_builds_segmentation_table_and_confidence(monkeypatch, outputs):
+    from latentharmonize import slicer_bridge as bridge
+
+    module = _qc_module(monkeypatch, outputs["ct"], [])
+    definitions = bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd")
+    made = {}
+
+    class LoadedSegmentation(_FakeSegmentationNode):
+        opacity = None
+
+        def SetName(self, name):
+            self.name = name
+
+        def SetReferenceImageGeometryParameterFromVolumeNode(self, volume):
+            made["geometry_from"] = volume
+
+        def GetReferenceImageGeometryReferenceRole(self):
+            return "referenceImageGeometryRef"
+
+        def SetNodeReferenceID(self, role, node_id):
+            made["reference"] = (role, node_id)
+
+        def CreateDefaultDisplayNodes(self):
+            pass
+
+        def GetDisplayNode(self):
+            return types.SimpleNamespace(SetOpacity2DFill=lambda value: made.__setitem__("opacity", value))
+
+    def load_segmentation(path):
+        made["loaded"] = path
+        return LoadedSegmentation("chest", {d.segment_id: outputs["labels"] == d.label for d in definitions})
+
+    util = module.slicer.util
+    util.loadSegmentation = load_segmentation
+    util.vtkMatrixFromArray = lambda array: ("matrix", np.asarray(array))
+    util.addVolumeFromArray = lambda array, ijk_to_ras, name: made.setdefault("confidence", (array, ijk_to_ras, name))
+    module.slicer.mrmlScene = types.SimpleNamespace(
+        GenerateUniqueName=lambda name: name, AddNewNodeByClass=lambda cls, name: made.setdefault("table", _FakeTable()))
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "placeBeside",
+                        staticmethod(lambda node, ref: made.setdefault("placed", []).append(node)))
+    volume = types.SimpleNamespace(GetName=lambda: "CT chest", GetID=lambda: "vtkMRMLScalarVolumeNode1")
+    run = module.AnalysisRun([], {}, outputs["out"].parent, "chest", volume)
+    monkeypatch.setattr(module.AnalysisRun, "outputFolder", property(lambda self: outputs["out"]))
+    monkeypatch.setattr(module.AnalysisRun, "inputPath", property(lambda self: outputs["ct_path"]))
+
+    results = module.LatentHarmonizeLogic().loadResults(run)
+    segmentation = results.segmentation
+    assert made["loaded"] == str(outputs["out"] / "chest.seg.nrrd") and segmentation.name == "CT chest clusters"
+    assert made["reference"] == ("referenceImageGeometryRef", "vtkMRMLScalarVolumeNode1") and made["opacity"] == 0.5
+    assert {s.name: s.color for s in segmentation.segments.values()} == {d.name: d.color for d in definitions}
+    assert segmentation.attributes[module.INPUT_PATH_ATTRIBUTE] == str(outputs["ct_path"])
+
+    array, (_, matrix), name = made["confidence"]
+    assert name == "CT chest confidence" and array.shape == outputs["ct"].shape
+    np.testing.assert_allclose(matrix, IJK_TO_RAS, atol=1e-6)
+
+    table = made["table"]
+    assert table.modifying == 0
+    titles = [c.GetName() for c in table.columns]
+    assert titles == ["Region", "Label", "Cluster", "Fraction (%)", "Volume (mL)", "Mean (HU)", "SD (HU)"]
+    rows = table.columns[0].GetNumberOfValues()
+    assert rows == len(outputs["table"])
+    fractions = [table.columns[3].GetValue(r) for r in range(rows)]
+    np.testing.assert_allclose(fractions, outputs["table"].fraction * 100, rtol=1e-5)
+    assert [table.columns[2].GetValue(r) for r in range(rows)] == list(outputs["table"].name)
+    assert len(made["placed"]) == 3
