@@ -34,8 +34,8 @@ MIN_CRANIOCAUDAL_MM = 20.0
 GALLERY_PER_CLUSTER = 8
 
 # Progress: stage -> (start, end) percent of the whole run.
-STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 74),
-          "labelmap": (74, 82), "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
+STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 82),
+          "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
 
 
 @dataclass
@@ -128,30 +128,45 @@ def nearest_valid_index(valid: np.ndarray, sampling) -> tuple:
                                                return_indices=True))
 
 
-def _lung_box(lungs: sitk.Image) -> tuple:
-    """Index start (x, y, z) and size of the lungs' bounding box in the CT."""
+@dataclass
+class CtLookup:
+    """For every lung voxel of a CT (inside the lungs' bounding box ``region``), the flat index of its nearest
+    lattice point (-1 beyond the lattice). Built once, it maps any lattice map onto the CT by indexing."""
+
+    shape: tuple
+    region: tuple
+    inside: np.ndarray
+    index: np.ndarray
+
+    def scatter(self, lattice_values: np.ndarray, reference: sitk.Image) -> sitk.Image:
+        """Image on the CT grid holding ``lattice_values`` (any lattice-shaped array) at lung voxels, 0 elsewhere."""
+        flat = lattice_values.ravel()
+        box = np.zeros(self.inside.shape, dtype=flat.dtype)
+        box[self.inside] = np.where(self.index >= 0, flat[np.maximum(self.index, 0)], 0)
+        full = np.zeros(self.shape, dtype=flat.dtype)
+        full[self.region] = box
+        image = sitk.GetImageFromArray(full)
+        image.CopyInformation(reference)
+        return image
+
+
+def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
+    """Nearest-neighbour map from the CT's lung voxels to lattice points: one SimpleITK resample of an index image
+    over the lungs' bounding box only, so the cost follows the lungs, not the scan."""
+    from .grid import lattice_to_image
+
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(lungs > 0, sitk.sitkUInt8))
     box = stats.GetBoundingBox(1)
-    return box[:3], box[3:]
-
-
-def lattice_to_ct(values: np.ndarray, lattice, ct: sitk.Image, lungs: sitk.Image, box) -> sitk.Image:
-    """Nearest-neighbour resample of a lattice map onto the CT grid, only over the lung box; zero outside the lung."""
-    from .grid import lattice_to_image
-
-    start, size = box
-    source = lattice_to_image(values, lattice)
-    origin = ct.TransformIndexToPhysicalPoint([int(v) for v in start])
-    crop = sitk.Resample(source, [int(v) for v in size], sitk.Transform(), sitk.sitkNearestNeighbor, origin,
-                         ct.GetSpacing(), ct.GetDirection(), 0.0, source.GetPixelID())
-    full = np.zeros(sitk.GetArrayViewFromImage(lungs).shape, dtype=values.dtype)
-    region = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start[::-1], size[::-1]))
+    start, size = [int(v) for v in box[:3]], [int(v) for v in box[3:]]
+    index = lattice_to_image(np.arange(int(np.prod(lattice.shape)), dtype=np.int32).reshape(lattice.shape), lattice)
+    crop = sitk.Resample(index, size, sitk.Transform(), sitk.sitkNearestNeighbor,
+                         ct.TransformIndexToPhysicalPoint(start), ct.GetSpacing(), ct.GetDirection(), -1.0,
+                         sitk.sitkInt32)
+    region = tuple(slice(s, s + n) for s, n in zip(start[::-1], size[::-1]))
     inside = sitk.GetArrayViewFromImage(lungs)[region] > 0
-    full[region] = np.where(inside, sitk.GetArrayViewFromImage(crop), 0)
-    image = sitk.GetImageFromArray(full)
-    image.CopyInformation(ct)
-    return image
+    return CtLookup(tuple(sitk.GetArrayViewFromImage(lungs).shape), region, inside,
+                    sitk.GetArrayViewFromImage(crop)[inside])
 
 
 def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
@@ -178,9 +193,8 @@ def _cluster_maps(dense, bundle, ct, lungs) -> tuple:
     valid[pos], lab[pos], conf[pos] = True, labels_n, conf_n
     nearest = nearest_valid_index(valid, tuple(lattice.spacing[::-1]))
     lab, conf = lab[nearest], conf[nearest]
-    box = _lung_box(lungs)
-    return (labels_n, conf_n, lattice_to_ct(lab, lattice, ct, lungs, box),
-            lattice_to_ct(conf, lattice, ct, lungs, box))
+    lookup = ct_lookup(lattice, ct, lungs)
+    return labels_n, conf_n, lookup.scatter(lab, ct), lookup.scatter(conf, ct)
 
 
 def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
@@ -205,19 +219,26 @@ def _versions() -> dict:
 
 
 class _Timer:
-    """Wall time per stage, in the order the stages ran."""
+    """Wall and CPU time (all threads) per stage. CPU time tells how much work a stage is when the machine is
+    shared: on an otherwise idle machine its wall time is about its CPU time divided by the cores it uses."""
 
     def __init__(self):
-        self.seconds: dict = {}
-        self._last = time.perf_counter()
+        self.wall: dict = {}
+        self.cpu: dict = {}
+        self._last = (time.perf_counter(), time.process_time())
 
     def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = round(now - self._last, 3)
+        now = (time.perf_counter(), time.process_time())
+        self.wall[stage] = round(now[0] - self._last[0], 3)
+        self.cpu[stage] = round(now[1] - self._last[1], 3)
         self._last = now
 
+    @staticmethod
+    def _with_total(seconds: dict) -> dict:
+        return dict(seconds, total=round(sum(seconds.values()), 3))
+
     def summary(self) -> dict:
-        return dict(self.seconds, total=round(sum(self.seconds.values()), 3))
+        return {"timings_s": self._with_total(self.wall), "cpu_s": self._with_total(self.cpu)}
 
 
 @dataclass
@@ -265,7 +286,7 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
         if write_report:
             _write_qc_and_report(staged, files, name, done, bundle, progress)
             timer.lap("qc_report")
-        done.record["timings_s"] = timer.summary()
+        done.record.update(timer.summary())
         write_json(done.record, staged.path(files["record"]))
     if progress is not None:
         progress(100, "done", f"results in {out_dir}")
@@ -274,10 +295,9 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
 
 def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _Computed:
     """The pipeline from CT file to label map and composition (nothing written)."""
-    from .composition import composition_table, composition_to_json
+    from .composition import composition_table, composition_to_json, lung_volumes_from_table
     from .grid import to_model_grid
     from .io import image_sha256, read_ct
-    from .lungmask import lung_volumes_ml
     from .patches import encode_dense
 
     _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
@@ -307,7 +327,7 @@ def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _C
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
     table = composition_table(labels, ct, lungs, bundle.names)
-    volumes = lung_volumes_ml(lungs)
+    volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
     composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
     timer.lap("composition")
 
@@ -347,7 +367,7 @@ def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, prog
     gallery = _gallery(done.hu, done.dense, done.labels_n, done.conf_n, bundle.spec)
     render.render_gallery(gallery, bundle.names, bundle.colors, staged.path(files["gallery"]))
     qc(50, message="3D view of the cluster surfaces")
-    surface = render.cluster_surfaces(dv.labels, dv.spacing, dv.origin)
+    surface = render.cluster_surfaces(*render.coarsen_labels(dv.labels, dv.spacing), dv.origin)
     render.write_vtp(surface, staged.path(files["surfaces"]))
     composition = json.loads(done.composition_json)
     largest = max(composition["regions"]["whole"], key=lambda e: e["fraction"])["label"]

@@ -108,16 +108,19 @@ def montage_tiles(dv: DisplayVolumes, lut: np.ndarray, n_axial: int = 6, n_coron
 
 
 def _mosaic(tiles: list, columns: int, pad: int = 4) -> tuple:
-    """Paste RGB tiles into one image; returns the image and each tile's top-left corner."""
-    h = max(t.shape[0] for t in tiles)
-    w = max(t.shape[1] for t in tiles)
-    rows = -(-len(tiles) // columns)
-    canvas = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), np.uint8)
-    corners = []
-    for i, tile in enumerate(tiles):
-        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        canvas[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
-        corners.append((top, left))
+    """Paste RGB tiles row by row (each row as tall as its tallest tile); returns the image and tile corners."""
+    rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+    heights = [max(t.shape[0] for t in row) for row in rows]
+    width = max(sum(t.shape[1] for t in row) + pad * (len(row) + 1) for row in rows)
+    canvas = np.zeros((sum(heights) + pad * (len(rows) + 1), width, 3), np.uint8)
+    corners, top = [], pad
+    for row, height in zip(rows, heights):
+        left = pad
+        for tile in row:
+            canvas[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
+            corners.append((top, left))
+            left += tile.shape[1] + pad
+        top += height + pad
     return canvas, corners
 
 
@@ -190,33 +193,51 @@ def render_gallery(gallery: dict, names: dict, colors: dict, path, zoom: int = 4
     _save_figure(image, path, notes, [])
 
 
-def _vtk_offscreen_window():
-    """A VTK render window that draws off-screen (EGL when there is no X display)."""
+def _vtk():
+    """The VTK classes used here, imported from their modules (importing ``vtk`` itself loads all of VTK)."""
     if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    import vtk
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # off-screen without X
+    import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL render window)
+    from types import SimpleNamespace
 
-    window = vtk.vtkRenderWindow()
-    window.SetOffScreenRendering(1)
-    return window
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersCore import vtkPolyDataNormals, vtkThreshold, vtkWindowedSincPolyDataFilter
+    from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
+    from vtkmodules.vtkFiltersGeometry import vtkGeometryFilter
+    from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
+    from vtkmodules.vtkRenderingCore import (vtkActor, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow,
+                                             vtkWindowToImageFilter)
+
+    return SimpleNamespace(**{c.__name__: c for c in (
+        vtkImageData, vtkPolyDataNormals, vtkThreshold, vtkWindowedSincPolyDataFilter, vtkDiscreteFlyingEdges3D,
+        vtkGeometryFilter,
+        vtkXMLPolyDataWriter, vtkActor, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow, vtkWindowToImageFilter)},
+        numpy_support=numpy_support)
 
 
-def cluster_surfaces(labels: np.ndarray, spacing: float, origin: tuple, smooth_iterations: int = 15):
-    """vtkPolyData of each cluster's boundary surface (point scalars ``label``), physical LPS mm."""
-    import vtk
-    from vtk.util.numpy_support import numpy_to_vtk
+def coarsen_labels(labels: np.ndarray, spacing: float, max_size: int = 96) -> tuple:
+    """Nearest-neighbour subsampling of a label volume to at most ``max_size`` voxels per axis (for surfaces)."""
+    step = max(1, int(np.ceil(max(labels.shape) / max_size)))
+    return np.ascontiguousarray(labels[::step, ::step, ::step]), spacing * step
 
+
+def cluster_surfaces(labels: np.ndarray, spacing: float, origin: tuple, smooth_iterations: int = 12):
+    """vtkPolyData of each cluster's boundary surface (point scalars ``label``), physical LPS mm.
+
+    ``labels`` [z, y, x] on an isotropic axis-aligned grid with voxel [0, 0, 0] at ``origin``.
+    """
+    vtk = _vtk()
     image = vtk.vtkImageData()
     image.SetDimensions(labels.shape[2], labels.shape[1], labels.shape[0])
     image.SetSpacing(spacing, spacing, spacing)
     image.SetOrigin(*origin)
-    scalars = numpy_to_vtk(np.ascontiguousarray(labels).ravel(), deep=True)
+    scalars = vtk.numpy_support.numpy_to_vtk(np.ascontiguousarray(labels).ravel(), deep=True)
     scalars.SetName("label")
     image.GetPointData().SetScalars(scalars)
-    present = [int(v) for v in np.unique(labels) if v > 0]
     contour = vtk.vtkDiscreteFlyingEdges3D()
     contour.SetInputData(image)
-    for i, value in enumerate(present):
+    for i, value in enumerate(int(v) for v in np.unique(labels) if v > 0):
         contour.SetValue(i, value)
     contour.ComputeScalarsOn()
     last = contour
@@ -237,14 +258,14 @@ def cluster_surfaces(labels: np.ndarray, spacing: float, origin: tuple, smooth_i
 
 
 def write_vtp(surface, path) -> None:
-    """Write surfaces as a binary, compressed VTK XML PolyData file (any VTK viewer, Slicer: LPS)."""
-    import vtk
-
-    writer = vtk.vtkXMLPolyDataWriter()
+    """Write surfaces as binary VTK XML PolyData (LZ4-compressed: fast); any VTK viewer, Slicer reads it as LPS."""
+    writer = _vtk().vtkXMLPolyDataWriter()
     writer.SetFileName(str(path))
     writer.SetInputData(surface)
     writer.SetDataModeToBinary()
-    writer.Write()
+    writer.SetCompressorTypeToLZ4()
+    if not writer.Write():
+        raise OSError(f"VTK could not write {path}")
 
 
 def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: int | None = None) -> np.ndarray:
@@ -252,10 +273,9 @@ def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: i
 
     ``translucent_label`` (usually the largest cluster) is drawn at low opacity so the others show through.
     """
-    import vtk
-    from vtk.util.numpy_support import vtk_to_numpy
-
-    window = _vtk_offscreen_window()
+    vtk = _vtk()
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
     window.SetSize(size, size)
     renderer = vtk.vtkRenderer()
     renderer.SetBackground(0.0, 0.0, 0.0)
@@ -263,7 +283,7 @@ def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: i
     for label, rgb in sorted(colors.items()):
         select = vtk.vtkThreshold()
         select.SetInputData(surface)
-        select.SetInputArrayToProcess(0, 0, 0, vtk.vtkDataObject.FIELD_ASSOCIATION_POINTS, "label")
+        select.SetInputArrayToProcess(0, 0, 0, 0, "label")  # point data
         select.SetLowerThreshold(label - 0.5)
         select.SetUpperThreshold(label + 0.5)
         geometry = vtk.vtkGeometryFilter()
@@ -289,7 +309,7 @@ def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: i
     grab.Update()
     shot = grab.GetOutput()
     w, h, _ = shot.GetDimensions()
-    rgb = vtk_to_numpy(shot.GetPointData().GetScalars())[:, :3].reshape(h, w, 3)[::-1].copy()
+    rgb = vtk.numpy_support.vtk_to_numpy(shot.GetPointData().GetScalars())[:, :3].reshape(h, w, 3)[::-1].copy()
     window.Finalize()
     import matplotlib.image
 

@@ -23,7 +23,7 @@ REGION_ORDER = ("whole", "right", "left", "upper", "middle", "lower")
 
 def _pack(array: np.ndarray) -> str:
     """uint8 array -> base64 of its zlib-compressed C-order bytes."""
-    return base64.b64encode(zlib.compress(np.ascontiguousarray(array, dtype=np.uint8).tobytes(), 6)).decode("ascii")
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(array, dtype=np.uint8).tobytes(), 1)).decode("ascii")
 
 
 def _hex(rgb) -> str:
