@@ -277,9 +277,12 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("The analysis failed.") + "\n\n" + message,
                                      detailedText="\n".join(run.log.lines))
             return
+        pn = self._parameterNode
+        if pn is None:  # the scene was closed while the analysis ran
+            self.addLog(_("The scene was closed; results are in {folder}.").format(folder=run.outputFolder))
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
             results = self.logic.loadResults(run)
-            pn = self._parameterNode
             pn.resultSegmentation = results.segmentation
             pn.compositionTable = results.table
             pn.confidenceVolume = results.confidence
