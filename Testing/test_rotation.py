@@ -65,6 +65,19 @@ def test_recovers_planted_subspace_and_probe_drops_to_chance(planted, use_pairs)
     assert (rot.probe_entangled_, rot.probe_biological_) == (rot.probe_curve_[0], rot.probe_curve_[-1])
 
 
+def test_leace_finds_nothing_left_to_erase(planted):
+    """Cross-check with LEACE (concept-erasure): its erasure is driven by the covariance between the
+    features and the one-hot acquisition, which must vanish on the biological coordinates."""
+    torch = pytest.importorskip("torch")
+    leace = pytest.importorskip("concept_erasure")
+    X, y, _, _, loc = planted
+    rot = LatentRotation(method="labels").fit(X, y, groups=loc)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(y)).double()
+    cross = {space: leace.LeaceFitter.fit(torch.from_numpy(Z), onehot).sigma_xz.abs().max().item()
+             for space, Z in (("entangled", X), ("biological", rot.biological(X)))}
+    assert cross["entangled"] > 0.1 and cross["biological"] < 1e-9
+
+
 def test_rotation_is_orthogonal_and_transform_consistent(planted):
     X, y, pairs, _, _ = planted
     rot = LatentRotation(n_technical=2).fit(X, y, pairs=pairs)
