@@ -1,6 +1,8 @@
 """Chest CT phantom: cohort files and table, determinism, acquisition factors, tissue HU and texture, survival."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,7 @@ from scipy import ndimage
 
 from latentharmonize import phantom as ph
 from latentharmonize.cli import main
+from latentharmonize.cohort import read_cohort
 from latentharmonize.errors import InputError, OutputError
 from latentharmonize.phantom_acquisition import VENDORS
 from latentharmonize.phantom_anatomy import LIVER_HU, TISSUE_MEDIAN_HU
@@ -57,6 +60,8 @@ def test_cohort_files_and_table(cohort):
     assert sitk.ReadImage(str(out / written.truth[0])).GetPixelID() == sitk.sitkUInt8
     np.testing.assert_allclose(written[[f"frac_{t}" for t in TISSUES]].sum(axis=1), 1.0, atol=1e-5)
     assert ph.is_phantom_cohort(out)
+    resolved = read_cohort(out / "cohort.csv")         # the cohort table contract used by train/evaluate/batch
+    assert all(Path(p).is_file() for p in resolved.image)
 
 
 def test_patient_is_deterministic_and_independent_of_cohort_size(cohort, patient):

@@ -33,14 +33,14 @@ class Kernel:
     noise_sd: float
 
 
-# MTF: soft ~ Siemens B30f / GE SOFT-STANDARD (MTF50 ~ 3-4 lp/cm), standard ~ B40f-B45f, sharp ~ B50f-B60f / GE LUNG
-# with overshoot (MTF50 ~ 6-7 lp/cm): typical published values, approximate. Noise SDs are calibrated so the
+# MTF50: soft 3.4 lp/cm (~ Siemens B30f, GE STANDARD), standard 4.8 lp/cm (~ B40f-B45f), sharp 6.6 lp/cm with 13 %
+# overshoot (~ B50f-B60f, GE LUNG): approximate typical published values, not measurements. Noise SDs are calibrated so the
 # emphysema index (% lung voxels < -950 HU) of the paired soft/sharp reconstructions reproduces the kernel effect
 # of the field notes (5.4 % B30f vs 15.3 % B50f on the same scans); see docs/phantom.md for the measured values.
 KERNELS = {
-    "soft": Kernel(fc=0.32, edge=0.0, noise_sd=17.0),
-    "standard": Kernel(fc=0.45, edge=0.5, noise_sd=24.0),
-    "sharp": Kernel(fc=0.65, edge=1.2, noise_sd=52.0),
+    "soft": Kernel(fc=0.34, edge=0.0, noise_sd=18.0),
+    "standard": Kernel(fc=0.34, edge=0.5, noise_sd=24.0),
+    "sharp": Kernel(fc=0.36, edge=1.2, noise_sd=48.0),
 }
 
 # HU' = scale * HU + offset (field notes: vendor calibration shifts HU by a few tens). Vendors are anonymous.
@@ -120,10 +120,11 @@ def reconstruct(hu: np.ndarray, spacing, noise_seed: int, settings, slab: int = 
     out = [np.empty(hu.shape, dtype=np.float32) for _ in settings]
     for z0 in range(0, hu.shape[0], slab):
         zs = slice(z0, min(hu.shape[0], z0 + slab))
-        anatomy = fft.rfft2(hu[zs])
-        noise = fft.rfft2(np.stack([shared_noise(hu.shape, noise_seed, z) for z in range(zs.start, zs.stop)]))
+        anatomy = fft.rfft2(hu[zs], workers=-1)
+        noise = np.stack([shared_noise(hu.shape, noise_seed, z) for z in range(zs.start, zs.stop)])
+        noise = fft.rfft2(noise, workers=-1)
         for (m, h), volume in zip(filters, out):
-            volume[zs] = fft.irfft2(anatomy * m + noise * h, s=shape_yx)
+            volume[zs] = fft.irfft2(anatomy * m + noise * h, s=shape_yx, workers=-1)
     results = []
     for (kernel_name, vendor, dose, thickness), volume in zip(settings, out):
         scale, offset = VENDORS[vendor]
