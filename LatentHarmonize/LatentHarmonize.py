@@ -674,13 +674,14 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
     def labelMap(self, segmentation: "vtkMRMLSegmentationNode", referenceVolume: "vtkMRMLScalarVolumeNode",
                  labels: dict):
         """The segments as one label map in the input's voxel grid, with the clusters' label values."""
-        masks = []
-        for segmentID, label in labels.items():
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, referenceVolume)
-            if mask is not None:
-                masks.append((label, mask))
+        def masks():  # one segment at a time: a full-size CT holds ~100 MB per mask
+            for segmentID, label in labels.items():
+                mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, referenceVolume)
+                if mask is not None:
+                    yield label, mask
+
         shape = slicer.util.arrayFromVolume(referenceVolume).shape
-        return bridge().labels_from_masks(masks, shape=shape)
+        return bridge().labels_from_masks(masks(), shape=shape)
 
     def mergeClusters(self, segmentation: "vtkMRMLSegmentationNode", segmentIDs, referenceVolume) -> str:
         """Merge the selected clusters into the first selected one; returns the kept segment ID."""

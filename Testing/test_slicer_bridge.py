@@ -360,6 +360,9 @@ def test_labels_from_masks_round_trip_and_overlap_order(outputs):
     labels = outputs["labels"]
     masks = [(label, labels == label) for label in (1, 2, 3)]
     np.testing.assert_array_equal(bridge.labels_from_masks(masks), labels)
+    np.testing.assert_array_equal(bridge.labels_from_masks(iter(masks)), labels)  # a generator works too
+    with pytest.raises(InputError, match="no segments"):
+        bridge.labels_from_masks([])
     everywhere = np.ones_like(labels, dtype=bool)
     first_wins = bridge.labels_from_masks([(2, labels == 2), (1, everywhere)])
     assert (first_wins[labels == 2] == 2).all() and (first_wins[labels != 2] == 1).all()

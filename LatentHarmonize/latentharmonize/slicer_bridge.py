@@ -441,20 +441,24 @@ def assign_segment_labels(segment_ids: Sequence[str], known: dict, reserved: Ite
     return labels
 
 
-def labels_from_masks(masks: Sequence, shape: Optional[tuple] = None) -> np.ndarray:
-    """A UInt8 label map from ``[(label, mask), ...]`` (segments after editing); earlier entries win overlaps."""
-    if not masks and shape is None:
-        raise InputError("There are no segments to build a label map from.")
-    shape = tuple(shape or np.asarray(masks[0][1]).shape)
-    labels = np.zeros(shape, dtype=np.uint8)
-    for label, mask in reversed(list(masks)):
-        mask = np.asarray(mask)
-        if mask.shape != shape:
-            raise InputError(f"Segment {label} has shape {mask.shape}, expected {shape}: export all segments "
+def labels_from_masks(masks: Iterable, shape: Optional[tuple] = None) -> np.ndarray:
+    """A UInt8 label map from ``(label, mask)`` pairs (segments after editing); earlier pairs win overlaps.
+
+    ``masks`` may be a generator, so only one full-size mask is held at a time.
+    """
+    labels = None if shape is None else np.zeros(tuple(shape), dtype=np.uint8)
+    for label, mask in masks:
+        mask = np.asarray(mask) != 0
+        if labels is None:
+            labels = np.zeros(mask.shape, dtype=np.uint8)
+        if mask.shape != labels.shape:
+            raise InputError(f"Segment {label} has shape {mask.shape}, expected {labels.shape}: export all segments "
                              "in the geometry of the input volume.")
         if not 0 < int(label) <= 255:
             raise InputError(f"Cluster labels are 1..255, got {label}.")
-        labels[mask != 0] = int(label)
+        labels[mask & (labels == 0)] = int(label)
+    if labels is None:
+        raise InputError("There are no segments to build a label map from.")
     return labels
 
 
