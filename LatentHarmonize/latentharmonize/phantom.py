@@ -49,9 +49,11 @@ class Acquisition:
         if not isinstance(self.name, str) or not _SAFE_NAME.match(self.name):
             raise InputError(f"Acquisition name {self.name!r} must be letters, digits, '_' or '-' (it names a file).")
         if self.kernel not in KERNELS:
-            raise InputError(f"Unknown kernel {self.kernel!r} in acquisition {self.name!r}; use one of {sorted(KERNELS)}.")
+            raise InputError(f"Unknown kernel {self.kernel!r} in acquisition {self.name!r}; "
+                             f"use one of {sorted(KERNELS)}.")
         if self.vendor not in VENDORS:
-            raise InputError(f"Unknown vendor {self.vendor!r} in acquisition {self.name!r}; use one of {sorted(VENDORS)}.")
+            raise InputError(f"Unknown vendor {self.vendor!r} in acquisition {self.name!r}; "
+                             f"use one of {sorted(VENDORS)}.")
         for label, value in (("dose_mAs", self.dose_mAs), ("thickness_mm", self.thickness_mm)):
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
                 raise InputError(f"Acquisition {self.name!r}: {label} must be a positive number, got {value!r}.")
@@ -239,14 +241,16 @@ def _check_outdir(outdir: Path, overwrite: bool) -> None:
     if outdir.is_dir() and not overwrite and not is_phantom_cohort(outdir):
         foreign = [p.name for p in outdir.iterdir() if not p.name.startswith(STAGING_PREFIX)]
         if foreign:
-            raise OutputError(f"{outdir} is not empty and is not a phantom cohort (it holds {', '.join(sorted(foreign)[:5])}). "
+            shown = ", ".join(sorted(foreign)[:5])
+            raise OutputError(f"{outdir} is not empty and is not a phantom cohort (it holds {shown}). "
                               "Choose an empty or new folder, or pass --overwrite to write into it anyway.")
 
 
 def cohort_row(patient: Patient, acq: Acquisition) -> dict:
     row = {"image": f"{patient.patient_id}/{acq.name}.nrrd", "patient": patient.patient_id, "acquisition": acq.name,
            "truth": f"{patient.patient_id}/truth.nrrd", "time": patient.time, "event": patient.event,
-           "kernel": acq.kernel, "vendor": acq.vendor, "dose": float(acq.dose_mAs), "thickness": float(acq.thickness_mm)}
+           "kernel": acq.kernel, "vendor": acq.vendor, "dose": float(acq.dose_mAs),
+           "thickness": float(acq.thickness_mm)}
     row.update({f"frac_{name}": round(float(patient.fractions[name]), 6) for name in TISSUES})
     row.update({"age": patient.age, "sex": patient.sex, "fvc": patient.fvc, "phenotype": patient.phenotype})
     return row

@@ -34,9 +34,9 @@ class Kernel:
 
 
 # MTF50: soft 3.4 lp/cm (~ Siemens B30f, GE STANDARD), standard 4.8 lp/cm (~ B40f-B45f), sharp 6.6 lp/cm with 13 %
-# overshoot (~ B50f-B60f, GE LUNG): approximate typical published values, not measurements. Noise SDs are calibrated so the
-# emphysema index (% lung voxels < -950 HU) of the paired soft/sharp reconstructions reproduces the kernel effect
-# of the field notes (5.4 % B30f vs 15.3 % B50f on the same scans); see docs/phantom.md for the measured values.
+# overshoot (~ B50f-B60f, GE LUNG): approximate typical published values, not measurements. Noise SDs are
+# calibrated so the emphysema index (% lung voxels < -950 HU) of the paired soft/sharp reconstructions reproduces
+# the kernel effect of the field notes (5.4 % B30f vs 15.3 % B50f on the same scans); see docs/phantom.md.
 KERNELS = {
     "soft": Kernel(fc=0.34, edge=0.0, noise_sd=18.0),
     "standard": Kernel(fc=0.34, edge=0.5, noise_sd=24.0),

@@ -135,6 +135,11 @@ def draw_body_plan(grid: FineGrid, rng: np.random.Generator, male: bool) -> Body
 
 # --- analytic shapes ------------------------------------------------------------------------------------------
 
+def _ellipse(x, y, a, b, y0):
+    """Normalised squared radius of an axis-aligned ellipse centred at (0, y0): < 1 inside."""
+    return (x / a) ** 2 + ((y - y0) / b) ** 2
+
+
 def cavity_scale(plan: BodyPlan, z):
     """Cross-section scale of the thoracic cavity with height: wider base, dome-shaped apex, 0 above it."""
     w = np.clip(plan.w(np.asarray(z, dtype=np.float64)), 0.0, None)
@@ -157,7 +162,7 @@ def diaphragm_z(plan: BodyPlan, x, y):
     """Height of the diaphragm surface: two domes, higher centrally, lowest in the posterior recesses."""
     out = np.full(np.broadcast(x, y).shape, plan.z_base)
     for side, top in zip((-1.0, 1.0), plan.dome):
-        q = ((x - side * 0.5 * plan.Ac) / (0.8 * plan.Ac)) ** 2 + ((y - plan.yc + 0.15 * plan.Bc) / (1.05 * plan.Bc)) ** 2
+        q = _ellipse(x - side * 0.5 * plan.Ac, y, 0.8 * plan.Ac, 1.05 * plan.Bc, plan.yc - 0.15 * plan.Bc)
         out = np.maximum(out, plan.z_base + (top - plan.z_base) * np.clip(1.0 - q, 0.0, 1.0) ** 0.6)
     return out
 
@@ -381,7 +386,8 @@ def gaussian_field(lattice: Lattice, rng: np.random.Generator, sigma_mm: float) 
 def bandpass_field(lattice: Lattice, rng: np.random.Generator, wavelength_mm: float, rel_width: float = 0.35):
     """Random field whose power sits in a shell around 1/wavelength: blobs and cells of about half a wavelength."""
     noise = rng.standard_normal(lattice.shape).astype(np.float32)
-    freqs = [fft.fftfreq(n, lattice.spacing) for n in lattice.shape[:2]] + [fft.rfftfreq(lattice.shape[2], lattice.spacing)]
+    freqs = [fft.fftfreq(n, lattice.spacing) for n in lattice.shape[:2]]
+    freqs.append(fft.rfftfreq(lattice.shape[2], lattice.spacing))
     fz, fy, fx = np.meshgrid(*freqs, indexing="ij", sparse=True)
     f = np.sqrt(fz ** 2 + fy ** 2 + fx ** 2)
     f0 = 1.0 / wavelength_mm
@@ -416,9 +422,10 @@ class Upsampler:
 CLAIM_ORDER = ("honeycombing", "reticulation", "consolidation", "emphysema", "ground_glass")
 
 
-def tissue_scores(plan: BodyPlan, lattice: Lattice, rng: np.random.Generator, scale_k: float) -> dict:
-    """Spatial propensity of each disease on the coarse lattice: smooth random fields plus anatomical priors.
+def tissue_scores(plan: BodyPlan, lattice: Lattice, rng: np.random.Generator, scale_k: float) -> tuple:
+    """(scores, lung): propensity of each disease on the coarse lattice, and the lattice's lung mask.
 
+    Scores are smooth random fields plus anatomical priors.
     Fibrosis (reticulation, honeycombing) is basal and subpleural, emphysema apical, consolidation dependent
     (posterior) and basal, ground-glass patchy and near fibrosis. Region size ~ a few cm (field sigma 12-18 mm).
     """
@@ -490,10 +497,6 @@ def vessel_visibility(labels: np.ndarray) -> np.ndarray:
 
 # --- rendering ----------------------------------------------------------------------------------------------------
 
-def _ellipse(x, y, a, b, y0):
-    return (x / a) ** 2 + ((y - y0) / b) ** 2
-
-
 def _chest_wall(plan: BodyPlan, x, y, tex2d) -> np.ndarray:
     """z-independent HU of air, skin, subcutaneous fat and chest-wall muscle (the cavity is painted later)."""
     hu = np.full(np.broadcast(x, y).shape, AIR_HU, dtype=np.float32)
@@ -513,7 +516,8 @@ def _paint_bones(hu, plan: BodyPlan, x, y, z, q, s) -> None:
     rib = band & (np.sin(2 * np.pi * phase) > 0.3) & ~((np.abs(x) < 0.15 * plan.Ac) & (y < plan.yc))
     hu[rib] = RIB_HU
     w = plan.w(z)
-    sternum = (_ellipse(x, y, 0.1 * plan.Ac, 0.6 * plan.rib, plan.yc - plan.Bc - 0.5 * plan.rib) < 1) & (w > 0.15) & (w < 0.9)
+    sternum = _ellipse(x, y, 0.1 * plan.Ac, 0.6 * plan.rib, plan.yc - plan.Bc - 0.5 * plan.rib) < 1
+    sternum = sternum & (w > 0.15) & (w < 0.9)
     hu[np.broadcast_to(sternum, hu.shape)] = RIB_HU - 200.0
     yv, rv = _vertebra(plan)
     r_body = np.sqrt(x ** 2 + (y - yv) ** 2)
