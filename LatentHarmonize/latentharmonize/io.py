@@ -65,13 +65,12 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
                          "Resample the mask onto the CT (e.g. in 3D Slicer: Resample Scalar/Vector/DWI Volume "
                          "with the CT as reference and nearest-neighbour interpolation), then try again.")
     labels = sitk.GetArrayViewFromImage(mask)
-    values = np.unique(labels)
-    if not np.all(np.isfinite(values)):
+    low, high = labels.min(), labels.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise InputError(f"Mask {path} contains NaN or infinite values; a mask must hold integer labels.")
-    nonzero = values[values != 0]
-    if nonzero.size == 0:
+    if low == high == 0:
         raise InputError(f"Mask {path} is empty (all voxels are 0); nonzero voxels must mark the lungs.")
-    if set(nonzero.tolist()) == {1, 2}:
+    if labels.dtype.kind in "iu" and low >= 0 and high == 2 and (labels == 1).any():  # labels are exactly {1, 2}
         return _order_sides(sitk.Cast(mask, sitk.sitkUInt8), reference)
     binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
     binary.CopyInformation(reference)

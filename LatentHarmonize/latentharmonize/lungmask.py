@@ -64,25 +64,28 @@ def split_left_right(mask: sitk.Image) -> sitk.Image:
     Sides come from physical LPS x; lungs that touch are separated by erosion and grown back.
     A single lung is assigned to the side of the image centre it lies on.
     """
-    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
-    factors = _shrink_factors(binary)
-    work = sitk.DICOMOrient(sitk.BinShrink(binary, factors), "LPS")  # mean of 0/1: > 0 keeps thin parts
-    lungs = sitk.GetArrayViewFromImage(work) > 0
-    if not lungs.any():
+    lung = sitk.GetArrayViewFromImage(mask) != 0
+    if not lung.any():
         raise InputError("The lung mask is empty; nonzero voxels must mark the lungs.")
+    binary = sitk.GetImageFromArray(lung.view(np.uint8))
+    binary.CopyInformation(mask)
+    work = sitk.DICOMOrient(sitk.BinShrink(binary, _shrink_factors(binary)), "LPS")  # mean > 0 keeps thin parts
     centre = [(s - 1) / 2.0 for s in mask.GetSize()]
-    sides = _side_map(lungs, work, midline_x=mask.TransformContinuousIndexToPhysicalPoint(centre)[0])
-    side_image = sitk.GetImageFromArray(sides)
-    side_image.CopyInformation(work)
-    full = sitk.Resample(side_image, binary, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.Cast(full * binary, sitk.sitkUInt8)
+    sides = _side_map(sitk.GetArrayViewFromImage(work) > 0, work,
+                      midline_x=mask.TransformContinuousIndexToPhysicalPoint(centre)[0])
+    out = np.zeros(lung.shape, np.uint8)
+    box, region = _lung_region(sides, work, mask)
+    out[box] = _resample_array(sides, work, region, sitk.sitkNearestNeighbor) * lung[box]
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(mask)
+    return result
 
 
 def lung_volumes_ml(mask: sitk.Image) -> dict:
     """Volume of each lung in mL: ``{"right": ..., "left": ..., "total": ...}`` (labels 1 and 2)."""
-    counts = np.bincount(sitk.GetArrayViewFromImage(mask).ravel(), minlength=3)
+    labels = sitk.GetArrayViewFromImage(mask)
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    right, left = counts[RIGHT] * voxel_ml, counts[LEFT] * voxel_ml
+    right, left = (np.count_nonzero(labels == side) * voxel_ml for side in (RIGHT, LEFT))
     return {"right": right, "left": left, "total": right + left}
 
 
@@ -279,29 +282,35 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
     a voxel is lung only if it is air-like in the full-resolution CT, which gives a sharp edge."""
     hu = sitk.GetArrayViewFromImage(ct)
     out = np.zeros(hu.shape, np.uint8)
-    (x0, y0, z0), (x1, y1, z1) = (map(int, corner) for corner in _full_resolution_box(labels, work, ct))
-    region = ct[x0:x1, y0:y1, z0:z1]  # the reference grid for resampling; sitk indexes (x, y, z)
-    air = hu[z0:z1, y0:y1, x0:x1] < AIR_HU
-    view = out[z0:z1, y0:y1, x0:x1]
+    box, region = _lung_region(labels, work, ct)
+    air = hu[box] < AIR_HU
+    view = out[box]
     for side in (RIGHT, LEFT):
-        level = sitk.GetImageFromArray((labels == side).astype(np.uint8) * 200)
-        level.CopyInformation(work)
-        up = sitk.GetArrayFromImage(sitk.Resample(level, region, sitk.Transform(), sitk.sitkLinear, 0, sitk.sitkUInt8))
+        up = _resample_array((labels == side).astype(np.uint8) * 200, work, region, sitk.sitkLinear)
         view[(up >= 199) | ((up > 0) & air)] = side  # 200: every interpolation neighbour is inside
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(ct)
     return result
 
 
-def _full_resolution_box(labels: np.ndarray, work: sitk.Image, ct: sitk.Image):
-    """Index box (x, y, z) start/stop on the CT grid covering the lungs plus one working voxel."""
+def _resample_array(values: np.ndarray, work: sitk.Image, region: sitk.Image, interpolator) -> np.ndarray:
+    """UInt8 ``values`` on the working grid, resampled onto the grid of ``region``; [z, y, x] array."""
+    image = sitk.GetImageFromArray(values)
+    image.CopyInformation(work)
+    return sitk.GetArrayFromImage(sitk.Resample(image, region, sitk.Transform(), interpolator, 0, sitk.sitkUInt8))
+
+
+def _lung_region(labels: np.ndarray, work: sitk.Image, full: sitk.Image) -> tuple:
+    """The part of the full-resolution grid covering the lungs plus one working voxel: numpy slices
+    (z, y, x) and the matching sub-image, whose geometry serves as the resampling reference."""
     z, y, x = _bounding_box(labels > 0)
     lo = np.array([x.start, y.start, z.start]) - 1.0
     hi = np.array([x.stop, y.stop, z.stop], float)  # one past the last lung voxel
     corners = [[(lo, hi)[bx][0], (lo, hi)[by][1], (lo, hi)[bz][2]] for bx in (0, 1) for by in (0, 1) for bz in (0, 1)]
-    index = np.array([ct.TransformPhysicalPointToContinuousIndex(work.TransformContinuousIndexToPhysicalPoint(c))
+    index = np.array([full.TransformPhysicalPointToContinuousIndex(work.TransformContinuousIndexToPhysicalPoint(c))
                       for c in corners])
-    size = np.array(ct.GetSize())
+    size = np.array(full.GetSize())
     start = np.clip(np.floor(index.min(axis=0)).astype(int), 0, size)
     stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, 0, size)
-    return start, stop
+    (x0, y0, z0), (x1, y1, z1) = start.tolist(), stop.tolist()
+    return (slice(z0, z1), slice(y0, y1), slice(x0, x1)), full[x0:x1, y0:y1, z0:z1]  # sitk indexes (x, y, z)
