@@ -17,6 +17,7 @@ cluster (fraction of the whole lung, 0..1). Input, model and output paths must b
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -38,6 +39,10 @@ FAILURE_COLUMNS = ["patient", "acquisition", "image", "error_type", "message"]
 COMPOSITION_NAME = "composition.csv"
 FAILURES_NAME = "failures.csv"
 SCAN_RECORD = "analysis.json"
+# Modules analyze imports on first use (torch, MONAI, scikit-learn, VTK...): a worker imports them as it starts.
+ANALYSIS_STACK = ("latentharmonize.analyze", "latentharmonize.bundle", "latentharmonize.patches",
+                  "latentharmonize.lungmask", "latentharmonize.composition", "latentharmonize.writers",
+                  "latentharmonize.render", "latentharmonize.report")
 MEMORY_PER_WORKER_GB = 4.0  # peak memory of one full-size analyze on CPU, rounded up
 
 AnalyzeFn = Callable[..., object]
@@ -104,7 +109,8 @@ def read_cohort_tables(cohort_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
     from .cohort import read_cohort
 
     cohort = read_cohort(cohort_csv).reset_index(drop=True)
-    raw = pd.read_csv(cohort_csv, dtype=str, keep_default_na=False)
+    raw = pd.read_csv(cohort_csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    raw.columns = [str(c).strip() for c in raw.columns]
     if len(raw) != len(cohort):
         raise InputError(f"{cohort_csv}: cohort validation kept {len(cohort)} of {len(raw)} rows; fix the table.")
     return cohort, raw
@@ -129,33 +135,39 @@ def plan_scans(cohort: pd.DataFrame, out_dir) -> list[ScanTask]:
 
 # ---------------------------------------------------------------- per scan (runs on a worker)
 
-def is_finished(out_dir, input_sha256: str, model_sha256: str) -> bool:
-    """True when ``out_dir`` holds a complete analysis of this input by this model."""
+def mask_source(mask: Optional[str]) -> str:
+    """How analyze records the lung mask it used in analysis.json."""
+    return "automatic" if mask is None else str(mask)
+
+
+def is_finished(out_dir, input_sha256: str, model_sha256: str, mask: Optional[str] = None) -> bool:
+    """True when ``out_dir`` holds a complete analysis of this input, by this model, with this lung mask."""
     import json
 
-    record_path = Path(out_dir) / SCAN_RECORD
-    if not (record_path.is_file() and (Path(out_dir) / COMPOSITION_NAME).is_file()):
-        return False
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+        record = json.loads((Path(out_dir) / SCAN_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return record.get("input_sha256") == input_sha256 and record.get("model_sha256") == model_sha256
+    outputs = record.get("outputs") or {}
+    return (record.get("input_sha256") == input_sha256 and record.get("model_sha256") == model_sha256
+            and record.get("mask") == mask_source(mask) and COMPOSITION_NAME in outputs.values()
+            and all((Path(out_dir) / name).is_file() for name in outputs.values()))
 
 
-def process_scan(task: ScanTask, model: Optional[str], model_sha256: str, device: str,
-                 analyze_fn: Optional[AnalyzeFn] = None) -> ScanOutcome:
+def process_scan(task: ScanTask, model: Optional[str], model_sha256: str, device: str = "auto",
+                 write_report: bool = True, analyze_fn: Optional[AnalyzeFn] = None) -> ScanOutcome:
     """Analyse one scan unless already done; errors become a ``failed`` outcome instead of stopping the batch."""
     t0 = time.perf_counter()
     try:
         from .io import image_sha256
 
-        if is_finished(task.out_dir, image_sha256(task.image), model_sha256):
+        if is_finished(task.out_dir, image_sha256(task.image), model_sha256, task.mask):
             return ScanOutcome(task.index, "skipped", time.perf_counter() - t0)
         if analyze_fn is None:
             from .analyze import analyze as analyze_fn
         # overwrite: whatever is in the folder is stale or half-published by a killed worker.
-        analyze_fn(task.image, task.out_dir, model=model, mask=task.mask, device=device, overwrite=True)
+        analyze_fn(task.image, task.out_dir, model=model, mask=task.mask, device=device, overwrite=True,
+                   write_report=write_report)
         return ScanOutcome(task.index, "analyzed", time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - any scan error is recorded, the batch goes on
         return ScanOutcome(task.index, "failed", time.perf_counter() - t0, type(exc).__name__, _one_line(exc))
@@ -167,6 +179,15 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- Dask
 
+def dask_setup(worker) -> None:
+    """Dask preload hook (``preload=["latentharmonize.batch"]``): import the analysis stack before the worker
+    joins, so no scan waits on a cold worker, and a worker restarted after a crash only takes work once ready."""
+    import importlib
+
+    for module in ANALYSIS_STACK:
+        importlib.import_module(module)
+
+
 def default_workers(threads_per_worker: int = 1, memory_per_worker_gb: float = MEMORY_PER_WORKER_GB) -> int:
     """Worker processes that fit this machine: limited by CPU cores and by memory for one scan each."""
     import psutil
@@ -177,16 +198,17 @@ def default_workers(threads_per_worker: int = 1, memory_per_worker_gb: float = M
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: Optional[str] = None, workers: Optional[int] = None,
-                threads_per_worker: int = 1) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A client on an existing scheduler (``tcp://host:port``) or on a local cluster of worker processes."""
+def dask_client(scheduler: Optional[str] = None, workers: Optional[int] = None, threads_per_worker: int = 1,
+                timeout: str = "30s") -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client on an existing scheduler (``tcp://host:port``, connecting within ``timeout``) or on a local
+    cluster of worker processes."""
     import logging
 
     from distributed import Client, LocalCluster
 
     if scheduler:
         try:
-            client = Client(scheduler, timeout="30s")
+            client = Client(scheduler, timeout=timeout)
         except OSError as exc:
             raise InputError(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Check --scheduler "
                              f"(tcp://host:port) and that the scheduler is running.") from exc
@@ -196,8 +218,10 @@ def dask_client(scheduler: Optional[str] = None, workers: Optional[int] = None,
     if workers is not None and workers < 1 or threads_per_worker < 1:
         raise InputError("--workers and --threads-per-worker must be at least 1.")
     n_workers = workers or default_workers(threads_per_worker)
+    # preload: a worker imports the analysis stack before it joins, so no task waits on a cold (re)started worker.
     with LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      dashboard_address=":0", silence_logs=logging.ERROR, preload=[__name__]) as cluster, \
+            Client(cluster) as client:
         yield client
 
 
@@ -210,7 +234,8 @@ def client_session(client=None, scheduler: Optional[str] = None, workers: Option
 
 
 def run_scans(client, tasks: list[ScanTask], model: Optional[str], model_sha256: str, device: str = "auto",
-              analyze_fn: Optional[AnalyzeFn] = None, progress: Optional[Progress] = None) -> list[ScanOutcome]:
+              write_report: bool = True, analyze_fn: Optional[AnalyzeFn] = None,
+              progress: Optional[Progress] = None) -> list[ScanOutcome]:
     """Submit one task per scan and collect the outcomes as they finish (order of ``tasks``).
 
     A task whose workers keep dying (Dask gives up after ``distributed.scheduler.allowed-failures`` retries)
@@ -219,7 +244,7 @@ def run_scans(client, tasks: list[ScanTask], model: Optional[str], model_sha256:
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex[:8]
-    futures = {client.submit(process_scan, task, model, model_sha256, device, analyze_fn,
+    futures = {client.submit(process_scan, task, model, model_sha256, device, write_report, analyze_fn,
                              key=f"latentharmonize-scan-{run_id}-{task.index}", pure=False): task for task in tasks}
     outcomes: dict[int, ScanOutcome] = {}
     try:
@@ -248,7 +273,7 @@ def scan_profile(out_dir) -> dict:
     """One scan's row: lung volume and fraction of the whole lung per cluster, from its composition.csv."""
     table = pd.read_csv(Path(out_dir) / COMPOSITION_NAME)
     whole = table[table["region"] == "whole"].sort_values("label")
-    profile = {"lung_volume_ml": float(whole["volume_ml"].sum())}
+    profile = {"lung_volume_ml": round(float(whole["volume_ml"].sum()), 3)}
     for row in whole.itertuples(index=False):
         profile[fraction_column(row.label, row.name)] = float(row.fraction)
     return profile
@@ -317,6 +342,97 @@ def sample_cohort_patches(cohort_csv, config, spec: dict, client=None, scheduler
     return concat_samples(parts), cohort
 
 
+@functools.lru_cache(maxsize=2)
+def _worker_bundle(model: str):
+    """The bundle loaded once per worker process (and verified then), not once per scan."""
+    from .bundle import load_bundle
+
+    return load_bundle(model)
+
+
+def _encode_scan(row: pd.Series, model: str, device: str):
+    """Worker side: one scan on the model grid, densely encoded by the bundle's encoder."""
+    from .patches import encode_dense, resolve_device
+    from .train import load_scan
+
+    bundle = _worker_bundle(model)
+    scan = load_scan(row, bundle.spec)
+    torch_device = resolve_device(device)
+    return encode_dense(bundle.encoder(torch_device), scan.hu, scan.lung, scan.grid, bundle.spec, torch_device)
+
+
+def encode_cohort(cohort_csv, model=None, device: str = "auto", client=None, scheduler: Optional[str] = None,
+                  workers: Optional[int] = None, progress: Optional[Progress] = None) -> dict:
+    """Dense latents of every scan of a cohort, one Dask task per scan: ``{(patient, acquisition): DenseLatents}``.
+
+    Each worker reads its scan, finds the lungs (or reads the ``mask`` column), resamples onto the model grid and
+    encodes every valid patch with the bundle's encoder (``patches.encode_dense``); only latents travel back.
+    """
+    from .cohort import read_cohort
+
+    model_path, _ = model_identity(model)
+    cohort = read_cohort(cohort_csv)
+    keys = list(zip(cohort["patient"].astype(str), cohort["acquisition"].astype(str)))
+    with client_session(client, scheduler, workers) as active:
+        futures = [active.submit(_encode_scan, row, model_path, device, pure=False) for _, row in cohort.iterrows()]
+        latents = {}
+        for n, (key, future) in enumerate(zip(keys, futures)):
+            latents[key] = future.result()
+            if progress is not None:
+                progress(100.0 * (n + 1) / len(keys), "encode", f"{key[0]}/{key[1]}: {len(latents[key].latents)} patches")
+    return latents
+
+
+# ---------------------------------------------------------------- benchmark
+
+def phantom_benchmark_cohort(folder, n_scans: int, seed: int = 0, full: bool = False) -> Path:
+    """Write a phantom cohort with at least ``n_scans`` scans and a ``bench.csv`` listing exactly ``n_scans``."""
+    from .phantom import DEFAULT_ACQUISITIONS, generate_cohort
+
+    if n_scans < 1:
+        raise InputError(f"n_scans must be at least 1, got {n_scans}.")
+    folder = Path(folder)
+    table = generate_cohort(folder, math.ceil(n_scans / len(DEFAULT_ACQUISITIONS)), seed, full=full)
+    atomic_write_text(folder / "bench.csv", table.head(n_scans).to_csv(index=False))
+    return folder / "bench.csv"
+
+
+def benchmark(n_scans: int = 4, workers=(1, 2), model=None, cohort_csv=None, full: bool = False, seed: int = 0,
+              device: str = "cpu", write_report: bool = False, workdir=None, verbose: bool = True) -> dict:
+    """Scans per minute of ``batch`` on local clusters of 1, 2, ... worker processes (1 thread each).
+
+    The cohort is ``cohort_csv`` (all its scans) or the first ``n_scans`` scans of a new phantom cohort. Each worker count gets a
+    fresh cluster whose workers import the analysis stack before the clock starts; the time covers submitting every
+    scan to the last result (model loading, reading, analysis, writing), not cluster start-up, which is reported
+    apart. Returns ``{"n_scans", "cohort", "by_workers": {workers: {"seconds", "scans_per_minute",
+    "startup_s"}}, "speedup"}`` (speedup: scans per minute with the most workers over the fewest).
+    """
+    cohort_csv_given = cohort_csv is not None
+    with tempfile.TemporaryDirectory(prefix="latentharmonize-bench-", dir=workdir) as tmp:
+        cohort_csv = cohort_csv or phantom_benchmark_cohort(Path(tmp) / "cohort", n_scans, seed, full)
+        by_workers = {}
+        for n_workers in workers:
+            t0 = time.perf_counter()
+            with dask_client(workers=n_workers) as client:  # workers preload the analysis stack
+                startup = time.perf_counter() - t0
+                summary = run_batch(cohort_csv, Path(tmp) / f"out-{n_workers}", model=model, device=device,
+                                    write_report=write_report, client=client)
+            if summary.failed:
+                first = next(o for o in summary.outcomes if o.status == "failed")
+                raise LatentHarmonizeError(f"Benchmark scan failed ({first.error_type}: {first.message}); "
+                                           "fix it with `latentharmonize analyze` on that scan first.")
+            by_workers[int(n_workers)] = {"seconds": round(summary.seconds, 2),
+                                          "scans_per_minute": round(summary.scans_per_minute, 2),
+                                          "startup_s": round(startup, 2)}
+            if verbose:
+                print(f"batch benchmark: {n_workers} worker(s): {summary.analyzed} scans in {summary.seconds:.1f} s "
+                      f"= {summary.scans_per_minute:.2f} scans/min (cluster start-up {startup:.1f} s)", flush=True)
+    rates = [by_workers[w]["scans_per_minute"] for w in sorted(by_workers)]
+    source = "cohort" if cohort_csv_given else ("full phantom" if full else "small phantom")
+    return {"n_scans": int(summary.n_scans), "cohort": source, "by_workers": by_workers,
+            "speedup": round(rates[-1] / rates[0], 2) if rates[0] > 0 else float("nan")}
+
+
 # ---------------------------------------------------------------- entry points
 
 def model_identity(model=None) -> tuple[str, str]:
@@ -328,11 +444,12 @@ def model_identity(model=None) -> tuple[str, str]:
 
 
 def run_batch(cohort_csv, out_dir, model=None, scheduler: Optional[str] = None, workers: Optional[int] = None,
-              threads_per_worker: int = 1, device: str = "auto", client=None,
+              threads_per_worker: int = 1, device: str = "auto", write_report: bool = True, client=None,
               analyze_fn: Optional[AnalyzeFn] = None, progress: Optional[Progress] = None) -> BatchSummary:
     """Analyse every scan of ``cohort_csv`` into ``out_dir`` on Dask; write composition.csv and failures.csv.
 
     ``client``: an existing ``distributed.Client`` (otherwise one is made from ``scheduler``/``workers``).
+    ``write_report``: also write each scan's QC pictures, surfaces and report.html (as analyze does).
     ``analyze_fn`` replaces :func:`latentharmonize.analyze.analyze` (same signature), e.g. for tests.
     """
     out_dir = Path(out_dir).resolve()
@@ -341,7 +458,7 @@ def run_batch(cohort_csv, out_dir, model=None, scheduler: Optional[str] = None, 
     model_path, model_sha = model_identity(model)
     t0 = time.perf_counter()
     with client_session(client, scheduler, workers, threads_per_worker) as active:
-        outcomes = run_scans(active, tasks, model_path, model_sha, device, analyze_fn, progress)
+        outcomes = run_scans(active, tasks, model_path, model_sha, device, write_report, analyze_fn, progress)
     seconds = time.perf_counter() - t0
     composition = aggregate_compositions(raw, tasks, outcomes, out_dir)
     failures = failures_table(raw, tasks, outcomes)
@@ -365,13 +482,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="scans analysed at once per worker process (default 1)")
     parser.add_argument("--device", default="auto", help="torch device for each worker: auto, cpu, cuda (default auto)")
+    parser.add_argument("--no-report", dest="write_report", action="store_false",
+                        help="skip each scan's QC pictures, surfaces and report.html (faster)")
     parser.add_argument("--progress", action="store_true", help="print machine-readable LH-PROGRESS lines")
 
 
 def run(args) -> int:
     progress = Progress(machine=args.progress)
     summary = run_batch(args.cohort, args.out, model=args.model, scheduler=args.scheduler, workers=args.workers,
-                        threads_per_worker=args.threads_per_worker, device=args.device, progress=progress)
+                        threads_per_worker=args.threads_per_worker, device=args.device,
+                        write_report=args.write_report, progress=progress)
     print(summary.describe())
     print(f"composition: {summary.composition_csv}")
     if summary.failed:
