@@ -182,10 +182,13 @@ def test_refuses_foreign_folder_and_existing_cohort(tmp_path, cohort):
         ph.generate_cohort(foreign, 1, 0)
     with pytest.raises(OutputError, match="overwrite"):
         ph.generate_cohort(cohort[0], 1, SEED)
-    assert main(["phantom", str(foreign), "--patients", "1", "--acquisitions", "a_soft_thin", "--overwrite",
-                 "--quiet"]) == 0
+    assert main(["phantom", str(foreign), "--patients", "1", "--seed", str(SEED), "--acquisitions", "a_soft_thin",
+                 "--overwrite", "--quiet"]) == 0
     assert (foreign / "notes.txt").read_text() == "keep me"
-    assert (foreign / "P000" / "a_soft_thin.nrrd").is_file() and not (foreign / "P000" / "a_sharp_thin.nrrd").exists()
+    assert not (foreign / "P000" / "a_sharp_thin.nrrd").exists()
+    # same seed, same bytes, whether the cohort has 1 or 3 patients
+    for name in ("a_soft_thin.nrrd", "truth.nrrd"):
+        assert (foreign / "P000" / name).read_bytes() == (cohort[0] / "P000" / name).read_bytes()
 
 
 @pytest.mark.parametrize("kwargs, message", [
