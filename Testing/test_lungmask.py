@@ -135,6 +135,17 @@ def _as_image(array, reference):
     return image
 
 
+def test_airway_open_to_outside_air(chest):
+    """In scans reaching the face the airway joins the outside air (nose, mouth); the lungs stay inside."""
+    ct, truth, parts = chest
+    hu = _arr(ct)
+    nz, ny, nx = hu.shape
+    hu[-3:, : ny // 2, nx // 2 - 3: nx // 2 + 4] = -1000  # top slices: channel from the trachea to the front
+    opened = sitk.GetImageFromArray(hu)
+    opened.CopyInformation(ct)
+    _check_segmentation(segment_lungs(opened), truth, parts)
+
+
 def test_touching_lungs_are_split():
     ct, truth, _ = synthetic_chest(seed=1, touching=True)
     true = _arr(truth)

@@ -122,9 +122,12 @@ def _centre_x_index(region: np.ndarray) -> float:
 
 
 def _outside_air(air: np.ndarray) -> np.ndarray:
-    """Air connected to the in-plane (x/y) border. The top and bottom faces are not seeds: the
-    trachea leaves the volume through the top slice and must not count as outside."""
-    labels, _ = ndimage.label(air)
+    """Air connected to the image border within its own axial slice. Connectivity is in-plane only:
+    the trachea leaves the volume through the top slice, and in scans reaching the face the airway
+    joins the outside air through the nose and mouth; neither may turn the lungs into 'outside'."""
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(air, in_plane)
     faces = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
                             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
     border_ids = np.unique(faces[faces > 0])
