@@ -255,3 +255,15 @@ def test_input_names():
     assert input_name("/data/p1/scan.nii.gz") == "scan"
     assert input_name("/data/p1/ct.nrrd") == "ct"
     assert input_name("/data/dicom_series/") == "dicom_series"
+
+
+@pytest.mark.slow
+def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
+    from latentharmonize.bench import benchmark, format_report
+
+    figures = benchmark(model=bundle_dir, device="cpu", workdir=tmp_path, scan=scan)
+    run, enc = figures["analyze"], figures["encoding"]
+    assert run["peak_rss_gb"] > 0 and run["cpu_s"] > 0 and run["wall_s"] > 0
+    assert enc["patches"] == run["record"]["n_patches"] and enc["naive_patches_measured"] > 0
+    text = format_report(figures)
+    assert "patches/s" in text and "peak RSS" in text and "given scan" in text
