@@ -69,6 +69,17 @@ def test_missing_required_column(study):
         read_cohort(_csv(study, "image,patient,kernel\nscans/p1_soft.nrrd,1,B30f\n"))
 
 
+def test_semicolon_separated_file_gets_a_hint(study):
+    with pytest.raises(InputError, match="seems to use ';' between columns"):
+        read_cohort(_csv(study, "image;patient;acquisition\nscans/p1_soft.nrrd;1;soft\n"))
+
+
+def test_spreadsheet_byte_order_mark(study):
+    path = study / "excel.csv"
+    path.write_bytes("image,patient,acquisition\nscans/p1_soft.nrrd,1,soft\n".encode("utf-8-sig"))
+    assert list(read_cohort(path).columns) == ["image", "patient", "acquisition"]
+
+
 def test_empty_required_cell(study):
     with pytest.raises(InputError, match=r"'patient' is empty in row\(s\) 3"):
         read_cohort(_csv(study, "image,patient,acquisition\nscans/p1_soft.nrrd,1,soft\nscans/p1_sharp.nrrd,,sharp\n"))

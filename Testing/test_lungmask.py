@@ -165,8 +165,15 @@ def test_no_lung_found_in_abdomen(chest):
     abdomen[28:31, 95:105, 95:105] = -1000  # a few mL of bowel gas
     image = sitk.GetImageFromArray(abdomen)
     image.CopyInformation(ct)
-    with pytest.raises(NoLungFoundError, match="No lung found"):
+    with pytest.raises(NoLungFoundError, match="No lung found: the largest air region .* is [0-9]+ mL"):
         segment_lungs(image)
+
+
+def test_no_lung_found_without_air(chest):
+    ct, _, _ = chest
+    water = sitk.Cast(ct * 0, sitk.sitkInt16)  # a water phantom filling the field of view
+    with pytest.raises(NoLungFoundError, match="no air inside the body"):
+        segment_lungs(water)
 
 
 def test_rejects_bad_arguments(chest):

@@ -45,7 +45,8 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
                          f"with at least the columns {', '.join(REQUIRED)}.")
     try:
         # patient and acquisition are identifiers: keep "007" as "007", not 7
-        table = pd.read_csv(csv_path, dtype={"patient": str, "acquisition": str}, skipinitialspace=True)
+        table = pd.read_csv(csv_path, dtype={"patient": str, "acquisition": str}, skipinitialspace=True,
+                            encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports often start with a BOM
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"Cohort table {csv_path} is not a readable CSV file ({exc}).") from exc
     table.columns = [str(c).strip() for c in table.columns]
@@ -57,8 +58,10 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
 def _check_required(table: pd.DataFrame, csv_path: Path) -> None:
     missing = [c for c in REQUIRED if c not in table]
     if missing:
+        hint = " The file seems to use ';' between columns: save it as comma-separated." \
+            if len(table.columns) == 1 and ";" in table.columns[0] else ""
         raise InputError(f"Cohort table {csv_path} lacks the column(s) {', '.join(missing)} "
-                         f"(found: {', '.join(table.columns)}). Required: {', '.join(REQUIRED)}.")
+                         f"(found: {', '.join(table.columns)}). Required: {', '.join(REQUIRED)}.{hint}")
     for column in REQUIRED:
         empty = table[column].isna() | (table[column].astype(str).str.strip() == "")
         if empty.any():

@@ -51,6 +51,8 @@ def segment_lungs(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> sitk.Imag
     outside = _outside_air(air)
     midline = _centre_x_index(~outside)
     candidates = air & ~outside
+    if not candidates.any():
+        raise _no_lung("there is no air inside the body", min_lung_ml)
     candidates &= ~_track_airways(candidates, hu, spacing, midline)
     lungs = _keep_lung_components(candidates, spacing, min_lung_ml)
     sides = _side_map(lungs, work, midline_x=_physical_x(work, midline))
@@ -186,16 +188,19 @@ def _find_trachea(candidates: np.ndarray, pixel_mm2: float, midline: float):
 
 
 def _keep_lung_components(candidates: np.ndarray, spacing: np.ndarray, min_lung_ml: float) -> np.ndarray:
-    labels, n = ndimage.label(candidates)
+    labels, _ = ndimage.label(candidates)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     volumes = np.bincount(labels.ravel(), minlength=2)[1:] * voxel_ml
     if volumes.max() < min_lung_ml:
-        found = f"the largest air region inside the body is {volumes.max():.0f} mL" if n else "no air inside the body"
-        raise NoLungFoundError(f"No lung found: {found} (a lung holds at least {min_lung_ml:g} mL below "
-                               f"{AIR_HU:g} HU). Check that this is a chest CT covering the lungs, "
-                               "or give a lung mask.")
+        raise _no_lung(f"the largest air region inside the body, airways aside, is {volumes.max():.0f} mL",
+                       min_lung_ml)
     keep = 1 + np.flatnonzero(volumes >= KEEP_FRACTION * volumes.max())
     return np.isin(labels, keep)
+
+
+def _no_lung(found: str, min_lung_ml: float) -> NoLungFoundError:
+    return NoLungFoundError(f"No lung found: {found} (a lung holds at least {min_lung_ml:g} mL below {AIR_HU:g} HU). "
+                            "Check that this is a chest CT covering the lungs, or give a lung mask.")
 
 
 def _side_map(lungs: np.ndarray, work: sitk.Image, midline_x: float) -> np.ndarray:
