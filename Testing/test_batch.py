@@ -148,6 +148,21 @@ def test_a_corrupt_scan_is_recorded_and_the_others_succeed(first_run, cohort_csv
     assert pd.read_csv(out / "composition.csv")["patient"].tolist() == ["P000", "P000", "P001", "P001"]
 
 
+def test_finished_means_same_input_model_mask_and_every_output_present(tmp_path):
+    outputs = {"composition_csv": "composition.csv", "record": "analysis.json", "labels": "x_clusters.nrrd"}
+    record = {"input_sha256": "in", "model_sha256": "model", "mask": "automatic", "outputs": outputs}
+    (tmp_path / "analysis.json").write_text(json.dumps(record))
+    (tmp_path / "composition.csv").write_text("region\n")
+    assert not batch.is_finished(tmp_path, "in", "model")  # x_clusters.nrrd never published
+    (tmp_path / "x_clusters.nrrd").write_bytes(b"")
+    assert batch.is_finished(tmp_path, "in", "model")
+    assert not batch.is_finished(tmp_path, "other input", "model")
+    assert not batch.is_finished(tmp_path, "in", "other model")
+    assert not batch.is_finished(tmp_path, "in", "model", mask="/data/mask.nrrd")
+    assert not batch.is_finished(tmp_path, "in", "model", with_report=True)  # analysed without its QC report
+    assert not batch.is_finished(tmp_path / "missing", "in", "model")
+
+
 def test_colliding_output_folders_are_refused(tmp_path):
     cohort = pd.DataFrame({"patient": ["P 1", "P_1"], "acquisition": ["a", "a"], "image": ["x", "y"]})
     with pytest.raises(InputError, match="both map to"):
@@ -194,6 +209,9 @@ def killable_analyze(control: str, victim: str, ct_path, out_dir, **kwargs):
     with open(control / "attempts.log", "a") as log:
         log.write(f"{ct_path} {os.getpid()} {time.time():.2f}\n")
     if str(ct_path) == victim and not (control / "killed").exists():
+        half_written = Path(out_dir) / ".latentharmonize-staging-killed"  # as if killed while publishing
+        half_written.mkdir(parents=True)
+        (half_written / "partial.nrrd").write_bytes(b"NRRD")
         (control / "victim.tmp").write_text(str(os.getpid()))
         os.replace(control / "victim.tmp", control / "victim.pid")
         time.sleep(300)
@@ -229,6 +247,7 @@ def test_a_worker_killed_mid_scan_loses_and_duplicates_nothing(tmp_path, cohort_
     assert sorted(zip(table["patient"], table["acquisition"])) == sorted(
         (p, a) for p in ("P000", "P001") for a in ACQUISITIONS)
     assert len(list(out.glob("*/*/analysis.json"))) == 4
+    assert not list(out.glob("*/*/.latentharmonize-staging-*"))  # the killed worker's leftovers are gone
 
 
 @pytest.mark.slow  # starts its own cluster: ~20 s of worker start-up on 2 busy cores

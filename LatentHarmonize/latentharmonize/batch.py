@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -30,7 +31,7 @@ from typing import Callable, Iterator, Optional
 
 import pandas as pd
 
-from .atomic import atomic_write_text
+from .atomic import STAGING_PREFIX, atomic_write_text
 from .errors import InputError, LatentHarmonizeError
 from .progress import Progress
 
@@ -140,8 +141,10 @@ def mask_source(mask: Optional[str]) -> str:
     return "automatic" if mask is None else str(mask)
 
 
-def is_finished(out_dir, input_sha256: str, model_sha256: str, mask: Optional[str] = None) -> bool:
-    """True when ``out_dir`` holds a complete analysis of this input, by this model, with this lung mask."""
+def is_finished(out_dir, input_sha256: str, model_sha256: str, mask: Optional[str] = None,
+                with_report: bool = False) -> bool:
+    """True when ``out_dir`` holds a complete analysis of this input, by this model, with this lung mask (and,
+    if ``with_report``, its QC report)."""
     import json
 
     try:
@@ -151,7 +154,14 @@ def is_finished(out_dir, input_sha256: str, model_sha256: str, mask: Optional[st
     outputs = record.get("outputs") or {}
     return (record.get("input_sha256") == input_sha256 and record.get("model_sha256") == model_sha256
             and record.get("mask") == mask_source(mask) and COMPOSITION_NAME in outputs.values()
+            and (not with_report or "report" in outputs)
             and all((Path(out_dir) / name).is_file() for name in outputs.values()))
+
+
+def remove_stale_staging(out_dir) -> None:
+    """Delete hidden staging folders that a worker killed while writing left in a scan folder."""
+    for stale in Path(out_dir).glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def process_scan(task: ScanTask, model: Optional[str], model_sha256: str, device: str = "auto",
@@ -161,11 +171,13 @@ def process_scan(task: ScanTask, model: Optional[str], model_sha256: str, device
     try:
         from .io import image_sha256
 
-        if is_finished(task.out_dir, image_sha256(task.image), model_sha256, task.mask):
+        if is_finished(task.out_dir, image_sha256(task.image), model_sha256, task.mask, write_report):
             return ScanOutcome(task.index, "skipped", time.perf_counter() - t0)
         if analyze_fn is None:
             from .analyze import analyze as analyze_fn
-        # overwrite: whatever is in the folder is stale or half-published by a killed worker.
+        # Dask runs a scan's task again only once its previous worker is gone, so leftovers are not in use;
+        # overwrite: whatever is in the folder is stale, or half-published by a killed worker.
+        remove_stale_staging(task.out_dir)
         analyze_fn(task.image, task.out_dir, model=model, mask=task.mask, device=device, overwrite=True,
                    write_report=write_report)
         return ScanOutcome(task.index, "analyzed", time.perf_counter() - t0)
@@ -407,6 +419,8 @@ def benchmark(n_scans: int = 4, workers=(1, 2), model=None, cohort_csv=None, ful
     apart. Returns ``{"n_scans", "cohort", "by_workers": {workers: {"seconds", "scans_per_minute",
     "startup_s"}}, "speedup"}`` (speedup: scans per minute with the most workers over the fewest).
     """
+    if not workers or any(int(w) < 1 for w in workers):
+        raise InputError(f"workers must list worker counts of at least 1, got {workers!r}.")
     cohort_csv_given = cohort_csv is not None
     with tempfile.TemporaryDirectory(prefix="latentharmonize-bench-", dir=workdir) as tmp:
         cohort_csv = cohort_csv or phantom_benchmark_cohort(Path(tmp) / "cohort", n_scans, seed, full)
