@@ -153,8 +153,11 @@ def test_file_that_is_not_an_image(tmp_path):
 
 def test_folder_without_dicom(tmp_path):
     (tmp_path / "readme.txt").write_text("hello")
-    with pytest.raises(InputError, match="no DICOM series"):
+    with pytest.raises(InputError, match=r"no DICOM series.*\)\.$"):
         read_ct(tmp_path)
+    _dicom_chest(tmp_path / "study" / "series1")
+    with pytest.raises(InputError, match=r"subfolders \(series1\): give the folder that directly holds the slices"):
+        read_ct(tmp_path / "study")
 
 
 @pytest.mark.parametrize("shape", [(30, 30), (1, 30, 30)], ids=["2d", "single-slice"])

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+from .lungmask import split_left_right
 
 SUPPORTED = ".nrrd, .nii, .nii.gz, .mha, .mhd or a DICOM series folder"
 WRITABLE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -55,8 +56,6 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
     (ordered so that 1 is the patient's right, 2 the left); any other mask is binarised and split
     into right (1) and left (2) with :func:`latentharmonize.lungmask.split_left_right`.
     """
-    from .lungmask import split_left_right  # lungmask imports io helpers; import lazily
-
     path = Path(path)
     mask = _as_3d_scalar(_read_any(path, "mask"), path)
     if not same_geometry(mask, reference, tol=tol):
@@ -72,9 +71,8 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
         raise InputError(f"Mask {path} is empty (all voxels are 0); nonzero voxels must mark the lungs.")
     if labels.dtype.kind in "iu" and low >= 0 and high == 2 and (labels == 1).any():  # labels are exactly {1, 2}
         return _order_sides(sitk.Cast(mask, sitk.sitkUInt8), reference)
-    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
-    binary.CopyInformation(reference)
-    return split_left_right(binary)
+    mask.CopyInformation(reference)  # equal within tol: use the CT's exact geometry
+    return split_left_right(mask)
 
 
 def write_image(image: sitk.Image, path, compress: bool = True) -> Path:
@@ -160,8 +158,11 @@ def _read_any(path: Path, what: str) -> sitk.Image:
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        hint = (f" It has subfolders ({', '.join(subfolders[:5])}): give the folder that directly holds the slices."
+                if subfolders else "")
         raise InputError(f"Folder {folder} holds no DICOM series. Give a folder of DICOM files or an image file "
-                         f"({SUPPORTED}).")
+                         f"({SUPPORTED}).{hint}")
     if len(series) > 1:
         listed = "; ".join(_describe_series(folder, uid) for uid in series[:8])
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series: {listed}. Pick one: give the path of "
