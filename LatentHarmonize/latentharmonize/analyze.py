@@ -143,9 +143,9 @@ class CtLookup:
         flat = lattice_values.ravel()
         box = np.zeros(self.inside.shape, dtype=flat.dtype)
         box[self.inside] = np.where(self.index >= 0, flat[np.maximum(self.index, 0)], 0)
-        full = np.zeros(self.shape, dtype=flat.dtype)
-        full[self.region] = box
-        image = sitk.GetImageFromArray(full)
+        lower = [r.start for r in self.region[::-1]]
+        upper = [n - r.stop for n, r in zip(self.shape[::-1], self.region[::-1])]
+        image = sitk.ConstantPad(sitk.GetImageFromArray(box), lower, upper, 0)  # padding in C++, no full numpy copy
         image.CopyInformation(reference)
         return image
 
