@@ -96,7 +96,16 @@ def write_dicom_series(folder, stored, spacing, origin, row_dir, col_dir, slope,
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = plane.astype("<i2").tobytes()
-        ds.save_as(folder / f"{prefix}{k:03d}.dcm", enforce_file_format=True)
+        _save(ds, folder / f"{prefix}{k:03d}.dcm")
+
+
+def _save(ds, path):
+    """A standard DICOM file (preamble and file meta) with pydicom 3, or 2.x as pyproject allows."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:  # pydicom < 3
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)
 
 
 def _dicom_chest(folder, series_uid="1.2.826.0.1.3680043.8.498.7.1", slope=0.5, intercept=-1024.0):
