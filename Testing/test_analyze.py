@@ -239,6 +239,29 @@ def test_mask_on_another_grid_and_cli_error_message(scan, bundle_dir, tmp_path, 
     assert "latentharmonize analyze: error:" in err and "grid" in err and "Traceback" not in err
 
 
+def test_lung_voxels_take_the_cluster_of_the_nearest_valid_patch_centre():
+    from latentharmonize.analyze import ct_lookup, nearest_valid_index
+    from latentharmonize.grid import ModelGrid
+
+    lattice = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(5.0, 5.0, 2.5), shape=(1, 1, 4))  # centres x = 0, 5, 10, 15
+    valid = np.array([[[True, False, False, True]]])
+    values = np.array([[[1, 0, 0, 2]]], np.uint8)
+    filled = values[nearest_valid_index(valid, (2.5, 5.0, 5.0))]
+    assert filled.ravel().tolist() == [1, 1, 2, 2]
+    ct = sitk.Image([20, 3, 1], sitk.sitkInt16)  # x = -1.5 .. 17.5 mm, 1 mm voxels
+    ct.SetOrigin((-1.5, -1.0, 0.0))
+    lungs = sitk.Image([20, 3, 1], sitk.sitkUInt8)
+    lungs.CopyInformation(ct)
+    for i in range(2, 20):
+        lungs[i, 1, 0] = 1
+    labels = sitk.GetArrayFromImage(ct_lookup(lattice, ct, lungs).scatter(filled, ct))[0]
+    x = -1.5 + np.arange(20)
+    expected = np.where(x < 7.5, 1, 2)  # nearest lattice point, then its nearest valid centre
+    expected[:2] = 0  # not lung
+    np.testing.assert_array_equal(labels[1], expected)
+    assert not labels[0].any() and not labels[2].any()
+
+
 def test_geometry_check_accepts_ordinary_chest_ct():
     image = sitk.Image([200, 200, 120], sitk.sitkUInt8)
     image.SetSpacing((1.8, 1.8, 2.5))

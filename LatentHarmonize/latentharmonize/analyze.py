@@ -131,7 +131,7 @@ def nearest_valid_index(valid: np.ndarray, sampling) -> tuple:
 @dataclass
 class CtLookup:
     """For every lung voxel of a CT (inside the lungs' bounding box ``region``), the flat index of its nearest
-    lattice point (-1 beyond the lattice). Built once, it maps any lattice map onto the CT by indexing."""
+    lattice point. Built once, it maps any lattice map onto the CT by indexing."""
 
     shape: tuple
     region: tuple
@@ -142,7 +142,7 @@ class CtLookup:
         """Image on the CT grid holding ``lattice_values`` (any lattice-shaped array) at lung voxels, 0 elsewhere."""
         flat = lattice_values.ravel()
         box = np.zeros(self.inside.shape, dtype=flat.dtype)
-        box[self.inside] = np.where(self.index >= 0, flat[np.maximum(self.index, 0)], 0)
+        box[self.inside] = flat[self.index]
         lower = [r.start for r in self.region[::-1]]
         upper = [n - r.stop for n, r in zip(self.shape[::-1], self.region[::-1])]
         image = sitk.ConstantPad(sitk.GetImageFromArray(box), lower, upper, 0)  # padding in C++, no full numpy copy
@@ -160,9 +160,14 @@ def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
     box = stats.GetBoundingBox(1)
     start, size = [int(v) for v in box[:3]], [int(v) for v in box[3:]]
     index = lattice_to_image(np.arange(int(np.prod(lattice.shape)), dtype=np.int32).reshape(lattice.shape), lattice)
-    crop = sitk.Resample(index, size, sitk.Transform(), sitk.sitkNearestNeighbor,
-                         ct.TransformIndexToPhysicalPoint(start), ct.GetSpacing(), ct.GetDirection(), -1.0,
-                         sitk.sitkInt32)
+    resample = sitk.ResampleImageFilter()
+    resample.SetSize(size)
+    resample.SetOutputOrigin(ct.TransformIndexToPhysicalPoint(start))
+    resample.SetOutputSpacing(ct.GetSpacing())
+    resample.SetOutputDirection(ct.GetDirection())
+    resample.SetInterpolator(sitk.sitkNearestNeighbor)
+    resample.SetUseNearestNeighborExtrapolator(True)  # lung voxels beyond the last centre take the nearest one
+    crop = resample.Execute(index)
     region = tuple(slice(s, s + n) for s, n in zip(start[::-1], size[::-1]))
     inside = sitk.GetArrayViewFromImage(lungs)[region] > 0
     return CtLookup(tuple(sitk.GetArrayViewFromImage(lungs).shape), region, inside,
