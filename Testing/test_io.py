@@ -141,6 +141,15 @@ def test_dicom_folder_with_two_series_asks_to_pick(tmp_path):
     assert picked.GetSize() == (24, 20, 10), "one file of a series selects that series"
 
 
+def test_dicom_series_with_a_missing_slice(tmp_path):
+    for k, z in enumerate([0.0, 2.5, 5.0, 10.0]):  # the slice at 7.5 mm is missing
+        plane = np.where(np.arange(24) < 12, -1000, 40).astype(np.int16)[None, None, :].repeat(20, axis=1)
+        write_dicom_series(tmp_path / "gap", plane, (1, 1, 2.5), (0, 0, z), np.array([1.0, 0, 0]),
+                           np.array([0, 1.0, 0]), 1.0, 0.0, "1.2.826.0.1.3680043.8.498.7.3", prefix=f"s{k}_")
+    with pytest.raises(InputError, match=r"unevenly spaced \(gaps from 2.5 to 5 mm\)"):
+        read_ct(tmp_path / "gap")
+
+
 # --- bad inputs ----------------------------------------------------------------------------------
 
 

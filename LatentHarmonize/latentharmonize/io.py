@@ -175,10 +175,30 @@ def _read_series(folder: Path, uid: str) -> sitk.Image:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)  # GDCM sorts by position; rescale slope/intercept are applied on read
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"DICOM series {uid} in {folder} could not be read: {_itk_reason(exc)}.") from exc
+    _check_even_slices(reader, image, f"DICOM series {uid} in {folder}")
+    return image
+
+
+def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, what: str) -> None:
+    """ITK spreads slices evenly between the first and the last; with a missing slice or mixed
+    positions the volume would be silently distorted, so refuse it."""
+    key = "0020|0032"  # ImagePositionPatient
+    count = len(reader.GetFileNames())
+    if count < 3 or not all(reader.HasMetaDataKey(i, key) for i in range(count)):
+        return
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    heights = sorted(float(np.dot(normal, [float(v) for v in reader.GetMetaData(i, key).split("\\")]))
+                     for i in range(count))
+    gaps = np.diff(heights)
+    if gaps.max() - gaps.min() > 0.1 * abs(np.median(gaps)) + 1e-3:
+        raise InputError(f"The slices of {what} are unevenly spaced (gaps from {gaps.min():.3g} to {gaps.max():.3g} "
+                         "mm): slices are missing or two acquisitions are mixed, and the volume would be distorted. "
+                         "Export the complete series again, or convert it to NRRD in 3D Slicer (which resamples).")
 
 
 def _describe_series(folder: Path, uid: str) -> str:
