@@ -290,3 +290,25 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     assert enc["patches"] == run["record"]["n_patches"] and enc["naive_patches_measured"] > 0
     text = format_report(figures)
     assert "patches/s" in text and "peak RSS" in text and "given scan" in text
+
+
+def test_sigterm_leaves_nothing(scan, bundle_dir, tmp_path):
+    """A GUI's Cancel (SIGTERM) during the run: the process exits 130 and publishes nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "latentharmonize", "analyze", str(scan), "--out", str(out), "--model",
+               str(bundle_dir), "--device", "cpu", "--progress-lines"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until the run is under way
+        if " encode " in line:
+            break
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    time.sleep(0.1)
+    assert not out.exists() or list(out.iterdir()) == []

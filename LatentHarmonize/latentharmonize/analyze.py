@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,9 +338,10 @@ def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _C
     composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
     timer.lap("composition")
 
-    record = {
+    record = {  # analyze has no random step; "seed" is the one the model was trained with
         "input": str(ct_path), "input_sha256": image_sha256(ct_path), "model_sha256": bundle.sha256,
-        "model_name": bundle.manifest.get("name"), "device": str(device), "seed": 0, "mask": mask_source,
+        "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
+        "device": str(device), "mask": mask_source,
         "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
@@ -402,7 +405,17 @@ def add_arguments(parser) -> None:
                         help="print machine-readable 'LH-PROGRESS <percent> <stage> <message>' lines (for the GUI)")
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (a GUI's Cancel, a batch scheduler) like Ctrl-C, so the staging folder is cleaned up."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args) -> int:
+    _interrupt_on_sigterm()
     progress = Progress(machine=args.progress_lines, quiet=args.quiet)
     result = analyze(args.ct, args.out, model=args.model, mask=args.mask, device=args.device,
                      overwrite=args.overwrite, progress=progress)
