@@ -98,12 +98,15 @@ def _slice_positions(present: np.ndarray, count: int) -> list:
 
 
 def montage_tiles(dv: DisplayVolumes, lut: np.ndarray, n_axial: int = 6, n_coronal: int = 3) -> list:
-    """(title, RGB tile) pairs: axial slices (radiological view) then coronal slices (superior up)."""
+    """(title, RGB tile) pairs: axial slices (radiological view) then coronal slices (superior up), titled with
+    their physical LPS position in mm."""
     tiles = []
     for z in _slice_positions(dv.labels.any(axis=(1, 2)), n_axial):
-        tiles.append((f"axial {z}", overlay(dv.gray[z], dv.labels[z], lut)))
+        title = f"axial z {dv.origin[2] + z * dv.spacing:.0f} mm"
+        tiles.append((title, overlay(dv.gray[z], dv.labels[z], lut)))
     for y in _slice_positions(dv.labels.any(axis=(0, 2)), n_coronal):
-        tiles.append((f"coronal {y}", overlay(dv.gray[::-1, y], dv.labels[::-1, y], lut)))
+        title = f"coronal y {dv.origin[1] + y * dv.spacing:.0f} mm"
+        tiles.append((title, overlay(dv.gray[::-1, y], dv.labels[::-1, y], lut)))
     return tiles
 
 
@@ -126,9 +129,7 @@ def _mosaic(tiles: list, columns: int, pad: int = 4) -> tuple:
 
 def _save_figure(image: np.ndarray, path, annotations: list, legend: list, scale: float = 1.0) -> None:
     """Save ``image`` at 1:1 pixels (times ``scale``) with text annotations and a colour legend below."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.patches import Patch
 
     dpi = 100
