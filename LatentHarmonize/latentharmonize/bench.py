@@ -152,7 +152,9 @@ def format_report(figures: dict) -> str:
                 if enc["naive_extrapolated"] else "")
              + f"-> dense is {enc['speedup']:.0f}x faster ({enc['speedup_cpu']:.0f}x in CPU time)"]
     if "batch" in figures:
-        lines.append(f"batch: {json.dumps(figures['batch'], default=str)}")
+        rates = "; ".join(f"{w} worker(s) {v['scans_per_minute']:.1f} scans/min"
+                          for w, v in figures["batch"]["by_workers"].items())
+        lines.append(f"batch ({figures['batch']['n_scans']} scans): {rates}; speedup {figures['batch']['speedup']:.2f}x")
     return "\n".join(lines)
 
 
@@ -170,12 +172,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir, scan=args.scan)
     if args.batch:
-        from . import batch
+        from .batch import benchmark as batch_benchmark
 
-        if not hasattr(batch, "benchmark"):
-            print("batch.benchmark is not available in this version; skipping the batch benchmark.", file=sys.stderr)
-        else:
-            figures["batch"] = batch.benchmark(n_scans=4, workers=(1, 2))
+        figures["batch"] = batch_benchmark(n_scans=4, workers=(1, 2), model=args.model, full=args.full,
+                                           device=args.device, workdir=args.workdir, verbose=False)
     print(format_report(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
