@@ -256,12 +256,12 @@ def run_scans(client, tasks: list[ScanTask], model: Optional[str], model_sha256:
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex[:8]
-    futures = {client.submit(process_scan, task, model, model_sha256, device, write_report, analyze_fn,
+    pending = {client.submit(process_scan, task, model, model_sha256, device, write_report, analyze_fn,
                              key=f"latentharmonize-scan-{run_id}-{task.index}", pure=False): task for task in tasks}
     outcomes: dict[int, ScanOutcome] = {}
     try:
-        for future in as_completed(futures):
-            task = futures[future]
+        for future in as_completed(list(pending)):
+            task = pending.pop(future)  # released once collected: a worker lost later costs no recomputation
             try:
                 outcome = future.result()
             except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: record it, keep collecting
@@ -271,7 +271,7 @@ def run_scans(client, tasks: list[ScanTask], model: Optional[str], model_sha256:
                 progress(100.0 * len(outcomes) / len(tasks), "batch",
                          f"{len(outcomes)}/{len(tasks)} {task.patient}/{task.acquisition} {outcome.status}")
     finally:
-        client.cancel(list(futures))
+        client.cancel(list(pending))  # interrupted: stop the scans not started yet
     return [outcomes[t.index] for t in tasks]
 
 
@@ -495,7 +495,8 @@ def add_arguments(parser) -> None:
                         help="worker processes of the local cluster (default: as many as CPU cores and memory allow)")
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="scans analysed at once per worker process (default 1)")
-    parser.add_argument("--device", default="auto", help="torch device for each worker: auto, cpu, cuda (default auto)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="torch device of each worker (default auto: CUDA when the worker has it)")
     parser.add_argument("--no-report", dest="write_report", action="store_false",
                         help="skip each scan's QC pictures, surfaces and report.html (faster)")
     parser.add_argument("--progress", action="store_true", help="print machine-readable LH-PROGRESS lines")
