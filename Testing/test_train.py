@@ -67,3 +67,36 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
     (tmp_path / "m" / "manifest.json").write_text("{}")
     with pytest.raises(OutputError, match="--overwrite"):
         train(tmp_path / "none.csv", tmp_path / "m")
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom_cohort(tmp_path_factory) -> Path:
+    from latentharmonize.phantom import generate_cohort
+
+    folder = tmp_path_factory.mktemp("cohort")
+    generate_cohort(folder, n_patients=2, seed=5, acquisitions=["a_soft_thin", "c_sharp_thick"])
+    return folder / "cohort.csv"
+
+
+def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort, tmp_path, capsys):
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+
+    out = tmp_path / "model"
+    code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "3",
+                 "--patches-per-patient", "60", "--latent-dim", "8", "--device", "cpu", "--seed", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Acquisition probe accuracy" in printed and "3 tissue clusters" in printed and "ARI" in printed
+    bundle = load_bundle(out)
+    assert bundle.manifest["encoder"]["kind"] == "ae" and bundle.manifest["encoder"]["latent_dim"] == 8
+    assert len(bundle.names) == 3 and bundle.rotation.rotation_.shape == (8, 8)
+    training = bundle.manifest["training"]
+    assert training["n_patients"] == 2 and training["n_pairs"] == 120 and training["epochs"] == 1
+    assert 0.0 <= bundle.manifest["probe"]["biological"] <= 1.0
+    assert (out / ".checkpoints" / "state.json").exists()
+    # the bundle's encoder works on a patch and matches the stored spec
+    patch = torch.rand(2, 3, bundle.spec["patch_size"], bundle.spec["patch_size"])
+    assert bundle.encoder("cpu").encode(patch).shape == (2, 8)
+    # refusing to overwrite happens before any training
+    assert main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1"]) == OutputError.exit_code
