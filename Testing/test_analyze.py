@@ -20,8 +20,8 @@ CLUSTER_NAMES = ["low attenuation", "normal-appearing", "dense"]
 
 
 def synthetic_chest(seed: int = 0, size=(112, 112, 36), spacing=(2.8, 2.8, 5.0), lungs: bool = True) -> sitk.Image:
-    """A small chest CT in HU: body ellipse, two lung ellipsoids with an emphysema-like (-960 HU) apex of the right
-    lung and a denser (-600 HU) base of the left lung, noise. 313 x 313 x 180 mm."""
+    """A tiny chest CT in HU for the refusal tests, whose size and spacing are easy to vary: body ellipse, two lung
+    ellipsoids with an emphysema-like (-960 HU) apex and a denser (-600 HU) base, noise. 313 x 313 x 180 mm."""
     rng = np.random.default_rng(seed)
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size[::-1], spacing[::-1])]
     z, y, x = np.meshgrid(*axes, indexing="ij")
@@ -46,7 +46,11 @@ def _write(image: sitk.Image, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory) -> Path:
-    return _write(synthetic_chest(), tmp_path_factory.mktemp("scan") / "chest.nrrd")
+    """One acquisition of the project's small phantom patient (192 x 192 x 112 voxels of 1.25 mm)."""
+    from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
+
+    image = acquire(make_patient(0, seed=0), DEFAULT_ACQUISITIONS[0])
+    return _write(image, tmp_path_factory.mktemp("scan") / "chest.nrrd")
 
 
 @pytest.fixture(scope="module")
