@@ -169,6 +169,17 @@ def test_cli_gives_identical_outputs_and_progress_lines(first_run, scan, bundle_
             assert (tmp_path / name).read_bytes() == (result.out_dir / name).read_bytes(), name
 
 
+def test_given_lung_mask_is_used(first_run, scan, bundle_dir, tmp_path):
+    result, _ = first_run
+    lungs = sitk.ReadImage(str(result.files["lungs"]))
+    left_only = sitk.Cast(lungs == 2, sitk.sitkUInt8)  # a binary mask of one lung
+    _write(left_only, tmp_path / "mask.nrrd")
+    masked = analyze(scan, tmp_path / "out", model=bundle_dir, device="cpu", mask=tmp_path / "mask.nrrd")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(masked.files["labels"])))
+    assert masked.record["mask"] == str(tmp_path / "mask.nrrd")
+    np.testing.assert_array_equal(labels > 0, sitk.GetArrayFromImage(left_only) > 0)
+
+
 def test_existing_outputs_are_refused_without_overwrite(first_run, scan, bundle_dir):
     result, _ = first_run
     before = {p.name: p.read_bytes() for p in result.out_dir.iterdir()}
