@@ -169,12 +169,15 @@ def test_cli_gives_identical_outputs_and_progress_lines(first_run, scan, bundle_
             assert (tmp_path / name).read_bytes() == (result.out_dir / name).read_bytes(), name
 
 
-def test_given_lung_mask_is_used(first_run, scan, bundle_dir, tmp_path):
+def test_given_lung_mask_is_used_and_report_can_be_skipped(first_run, scan, bundle_dir, tmp_path):
     result, _ = first_run
     lungs = sitk.ReadImage(str(result.files["lungs"]))
     left_only = sitk.Cast(lungs == 2, sitk.sitkUInt8)  # a binary mask of one lung
     _write(left_only, tmp_path / "mask.nrrd")
-    masked = analyze(scan, tmp_path / "out", model=bundle_dir, device="cpu", mask=tmp_path / "mask.nrrd")
+    masked = analyze(scan, tmp_path / "out", model=bundle_dir, device="cpu", mask=tmp_path / "mask.nrrd",
+                     write_report=False)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == set(output_names("chest", write_report=False).values())
+    assert "report.html" not in output_names("chest", write_report=False).values()
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(masked.files["labels"])))
     assert masked.record["mask"] == str(tmp_path / "mask.nrrd")
     np.testing.assert_array_equal(labels > 0, sitk.GetArrayFromImage(left_only) > 0)
