@@ -346,3 +346,13 @@ def test_sigterm_leaves_nothing(scan, bundle_dir, tmp_path):
     assert process.returncode == 130, err
     time.sleep(0.1)
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_cuda_without_a_gpu_is_refused_before_work(scan, bundle_dir, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(InputError, match="CUDA"):
+        analyze(scan, tmp_path / "out", model=bundle_dir, device="cuda")
+    assert list((tmp_path / "out").iterdir()) == []
