@@ -251,7 +251,7 @@ def test_bad_inputs_are_refused_with_nothing_written(kind, error, words, bundle_
     out = tmp_path / "out"
     with pytest.raises(error, match=words):
         analyze(source, out, model=bundle_dir, device="cpu")
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()
 
 
 def test_unwritable_output_folder(scan, bundle_dir, tmp_path):
@@ -345,7 +345,7 @@ def test_sigterm_leaves_nothing(scan, bundle_dir, tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     time.sleep(0.1)
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()
 
 
 def test_cuda_without_a_gpu_is_refused_before_work(scan, bundle_dir, tmp_path):
@@ -355,4 +355,4 @@ def test_cuda_without_a_gpu_is_refused_before_work(scan, bundle_dir, tmp_path):
         pytest.skip("this machine has a CUDA GPU")
     with pytest.raises(InputError, match="CUDA"):
         analyze(scan, tmp_path / "out", model=bundle_dir, device="cuda")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()

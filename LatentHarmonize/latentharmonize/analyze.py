@@ -283,18 +283,24 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     name = input_name(ct_path)
     files = output_names(name, write_report)
     timer = _Timer()
-    # Entering the stage first refuses collisions and unwritable folders before any heavy work.
-    with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged:
-        bundle = load_bundle(model)
-        done = _compute(ct_path, bundle, mask, resolve_device(device), progress, timer)
-        done.record["outputs"] = files
-        _write_outputs(staged, files, done, bundle, progress)
-        timer.lap("write")
-        if write_report:
-            _write_qc_and_report(staged, files, name, done, bundle, progress)
-            timer.lap("qc_report")
-        done.record.update(timer.summary())
-        write_json(done.record, staged.path(files["record"]))
+    created = not Path(out_dir).exists()
+    try:
+        # Entering the stage first refuses collisions and unwritable folders before any heavy work.
+        with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged:
+            bundle = load_bundle(model)
+            done = _compute(ct_path, bundle, mask, resolve_device(device), progress, timer)
+            done.record["outputs"] = files
+            _write_outputs(staged, files, done, bundle, progress)
+            timer.lap("write")
+            if write_report:
+                _write_qc_and_report(staged, files, name, done, bundle, progress)
+                timer.lap("qc_report")
+            done.record.update(timer.summary())
+            write_json(done.record, staged.path(files["record"]))
+    except BaseException:
+        if created and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
+            Path(out_dir).rmdir()  # a failed run leaves no trace, not even the folder it made
+        raise
     if progress is not None:
         progress(100, "done", f"results in {out_dir}")
     return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, done.table, done.record)
