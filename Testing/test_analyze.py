@@ -16,9 +16,6 @@ from latentharmonize.cli import main as cli_main
 from latentharmonize.errors import InputError, NoLungFoundError, OutputError
 from latentharmonize.io import image_sha256
 
-CLUSTER_NAMES = ["low attenuation", "normal-appearing", "dense"]
-
-
 def synthetic_chest(seed: int = 0, size=(112, 112, 36), spacing=(2.8, 2.8, 5.0), lungs: bool = True) -> sitk.Image:
     """A tiny chest CT in HU for the refusal tests, whose size and spacing are easy to vary: body ellipse, two lung
     ellipsoids with an emphysema-like (-960 HU) apex and a denser (-600 HU) base, noise. 313 x 313 x 180 mm."""
@@ -54,33 +51,18 @@ def scan(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, scan) -> Path:
-    """A tiny untrained bundle built with the project's own APIs: seeded encoder, rotation fitted to a made-up
-    two-acquisition split, three k-means clusters on the biological coordinates of this scan's patches."""
-    from latentharmonize.bundle import ModelBundle, save_bundle
-    from latentharmonize.clusters import TissueClusters
-    from latentharmonize.grid import to_model_grid
-    from latentharmonize.io import read_ct
-    from latentharmonize.lungmask import segment_lungs
-    from latentharmonize.networks import build_model
-    from latentharmonize.patches import DEFAULT_SPEC, encode_dense
-    from latentharmonize.rotation import LatentRotation
+def bundle_dir() -> Path:
+    """The model bundle shipped with the extension (what `analyze` uses without --model)."""
+    from latentharmonize.bundle import default_bundle_path
 
-    ct = read_ct(scan)
-    hu, lung, grid = to_model_grid(ct, segment_lungs(ct), align_px=(4, 4, 1))
-    model = build_model("ae", seed=0)
-    dense = encode_dense(model, hu, lung, grid, DEFAULT_SPEC)
-    rows = np.random.default_rng(0).choice(len(dense.latents), size=min(1500, len(dense.latents)), replace=False)
-    latents = dense.latents[np.sort(rows)]
-    acquisition = np.where(dense.positions[np.sort(rows), 2] % 2 == 0, "a", "b")
-    rotation = LatentRotation(n_technical=1, method="labels", random_state=0).fit(latents, acquisition)
-    clusters = TissueClusters(n_clusters=3, random_state=0).fit(rotation.biological(latents))
-    bundle = ModelBundle.create(name="test-tiny", encoder_config=model.config, encoder_state=model.state_dict(),
-                                spec=DEFAULT_SPEC, rotation=rotation, clusters=clusters, names=CLUSTER_NAMES,
-                                created="2026-01-01")
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_bundle(bundle, out)
-    return out
+    return default_bundle_path()
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    from latentharmonize.bundle import load_bundle
+
+    return load_bundle(bundle_dir)
 
 
 @pytest.fixture(scope="module")
@@ -98,36 +80,34 @@ def test_outputs_are_complete_and_published(first_run):
     assert set(result.files) == set(output_names("chest"))
 
 
-def test_labels_only_inside_the_lungs_and_everywhere_inside(first_run):
+def test_labels_only_inside_the_lungs_and_everywhere_inside(first_run, bundle):
     result, _ = first_run
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
     lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["lungs"])))
     confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["confidence"])))
     assert set(np.unique(lungs)) == {0, 1, 2}
     assert not labels[lungs == 0].any()
-    assert labels[lungs > 0].min() >= 1 and labels.max() <= 3
+    assert labels[lungs > 0].min() >= 1 and labels.max() <= len(bundle.names)
     assert (confidence[lungs == 0] == 0).all() and 0 <= confidence.min() and confidence.max() <= 1
 
 
-def test_composition_fractions_sum_to_one(first_run):
+def test_composition_fractions_sum_to_one(first_run, bundle):
     result, _ = first_run
     table = pd.read_csv(result.files["composition_csv"])
     assert set(table.region) == {"whole", "right", "left", "upper", "middle", "lower"}
     np.testing.assert_allclose(table.groupby("region").fraction.sum(), 1.0, atol=1e-5)
     doc = json.loads(result.files["composition_json"].read_text())
-    assert [c["name"] for c in doc["clusters"]] == CLUSTER_NAMES
+    assert [c["name"] for c in doc["clusters"]] == [bundle.names[k] for k in sorted(bundle.names)]
+    assert doc["model_sha256"] == bundle.sha256
     whole = table[table.region == "whole"]
     assert doc["lung_volumes_ml"]["total"] == pytest.approx(whole.volume_ml.sum(), rel=1e-4)
 
 
-def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bundle_dir):
-    from latentharmonize.bundle import load_bundle
-
+def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bundle):
     result, _ = first_run
-    bundle = load_bundle(bundle_dir)
     seg = slicerio.read_segmentation(str(result.files["segmentation"]))
-    assert [s["name"] for s in seg["segments"]] == CLUSTER_NAMES
-    assert [s["labelValue"] for s in seg["segments"]] == [1, 2, 3]
+    assert [s["labelValue"] for s in seg["segments"]] == sorted(bundle.names)
+    assert [s["name"] for s in seg["segments"]] == [bundle.names[k] for k in sorted(bundle.names)]
     for s in seg["segments"]:
         np.testing.assert_allclose(s["color"], bundle.colors[s["labelValue"]], atol=1e-6)
     ct = sitk.ReadImage(str(scan))
@@ -137,13 +117,11 @@ def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bun
     np.testing.assert_allclose((seg["ijkToLPS"] @ corner)[:3], ct.TransformContinuousIndexToPhysicalPoint(corner[:3].tolist()))
 
 
-def test_record_identifies_input_and_model(first_run, scan, bundle_dir):
-    from latentharmonize.bundle import load_bundle
-
+def test_record_identifies_input_and_model(first_run, scan, bundle):
     result, _ = first_run
     record = json.loads(result.files["record"].read_text())
     assert record["input_sha256"] == image_sha256(scan)
-    assert record["model_sha256"] == load_bundle(bundle_dir).sha256
+    assert record["model_sha256"] == bundle.sha256
     assert record["mask"] == "automatic" and record["n_patches"] > 100
     assert set(record["timings_s"]) >= {"load", "mask", "encode", "write", "qc_report", "total"}
 
@@ -159,8 +137,7 @@ def test_progress_is_monotonic_and_follows_the_documented_stages(first_run):
 
 def test_cli_gives_identical_outputs_and_progress_lines(first_run, scan, bundle_dir, tmp_path, capsys):
     result, _ = first_run
-    code = cli_main(["analyze", str(scan), "--out", str(tmp_path), "--model", str(bundle_dir), "--device", "cpu",
-                     "--progress-lines"])
+    code = cli_main(["analyze", str(scan), "--out", str(tmp_path), "--device", "cpu", "--progress-lines"])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(re.match(r"^LH-PROGRESS \d{1,3} \w+", line) for line in lines)
