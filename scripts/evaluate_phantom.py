@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-cohort", type=Path,
                         help="training cohort CSV (default: regenerate the bundle's own phantom training cohort)")
     parser.add_argument("--train-patients", type=int, default=10, help="training patients when a bundle is trained here")
-    parser.add_argument("--test-patients", type=int, default=8)
+    parser.add_argument("--test-patients", type=int, default=20)
     parser.add_argument("--unoranic-epochs", type=int, default=None, help="epochs of the unORANIC baseline (default: those of the evaluated bundle)")
     parser.add_argument("--no-unoranic", action="store_true", help="skip the unORANIC baseline")
     parser.add_argument("--seed", type=int, default=0)
