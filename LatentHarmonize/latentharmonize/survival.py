@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import re
 import warnings
