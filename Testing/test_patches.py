@@ -9,8 +9,8 @@ import torch
 from latentharmonize.grid import to_model_grid
 from latentharmonize.networks import build_model
 from latentharmonize.patches import (DEFAULT_SPEC, Scan, encode_dense, encode_patches_naive, normalize_hu,
-                                     patch_lattice, point_keys, sample_paired_patches, training_dataset,
-                                     valid_centres)
+                                     patch_lattice, point_keys, sample_paired_patches, valid_centres)
+from latentharmonize.training_data import training_dataset
 
 torch.set_num_threads(1)
 

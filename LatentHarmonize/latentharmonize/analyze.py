@@ -218,11 +218,10 @@ def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
 
 
 def _versions() -> dict:
-    import monai
     import torch
 
     return {"latentharmonize": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "monai": monai.__version__, "SimpleITK": sitk.Version.VersionString()}
+            "torch": torch.__version__, "SimpleITK": sitk.Version.VersionString()}
 
 
 class _Timer:
@@ -406,6 +405,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mask", default=None, help="lung mask on the CT's grid (default: automatic segmentation)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the encoder")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    parser.add_argument("--no-report", action="store_true",
+                        help="write only the maps and tables: no QC pictures, surfaces or report.html (faster)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--progress-lines", action="store_true",
                         help="print machine-readable 'LH-PROGRESS <percent> <stage> <message>' lines (for the GUI)")
@@ -425,12 +426,13 @@ def run(args) -> int:
     started = time.perf_counter()
     progress = Progress(machine=args.progress_lines, quiet=args.quiet)
     result = analyze(args.ct, args.out, model=args.model, mask=args.mask, device=args.device,
-                     overwrite=args.overwrite, progress=progress)
+                     overwrite=args.overwrite, progress=progress, write_report=not args.no_report)
     if not args.quiet and not args.progress_lines:
         whole = result.composition[result.composition.region == "whole"]
         print(f"Lung volume {result.record['lung_volumes_ml']['total']:.0f} mL; composition of the whole lung:")
         for row in whole.itertuples():
             print(f"  {row.label:>2} {row.name:<40} {100 * row.fraction:5.1f} %  {row.volume_ml:8.1f} mL")
-        print(f"Results in {result.out_dir} (open report.html in a browser, or the .seg.nrrd in 3D Slicer); "
+        opened = "open the .seg.nrrd in 3D Slicer" if args.no_report else "open report.html in a browser, or the .seg.nrrd in 3D Slicer"
+        print(f"Results in {result.out_dir} ({opened}); "
               f"{time.perf_counter() - started:.1f} s.")
     return 0

@@ -1,4 +1,7 @@
-"""2.5D lung patches: normalisation, paired training samples (MONAI pipeline) and dense encoding.
+"""2.5D lung patches: normalisation, paired training samples and dense encoding.
+
+The MONAI training dataset built from the samples is in ``training_data`` (kept apart so that ``analyze`` does
+not pay for importing MONAI).
 
 A patch is 3 adjacent axial slices x 16 x 16 px of the model grid. The encoder has an in-plane stride of 4 px, so
 patch centres form a *lattice*: centre (k, i, j) is the patch on grid slices k..k+2 whose top-left pixel is
@@ -18,8 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from monai.data import Dataset
-from monai.transforms import Compose, EnsureTyped, MapTransform, RandFlipd, RandomizableTransform, RandRotate90d
 
 from .clusters import PROFILE_KEYS, patch_statistics
 from .errors import InputError
@@ -234,34 +235,6 @@ def _concat_rows(parts: list) -> PairedPatches:
     stats = {k: np.concatenate([p["stats"][k] for p in parts]) for k in PROFILE_KEYS}
     truth = np.concatenate([p["truth"] for p in parts]) if all("truth" in p for p in parts) else None
     return PairedPatches(stats=stats, truth=truth, **cat)
-
-
-class RandAcquisitionPaird(RandomizableTransform, MapTransform):
-    """Pick two different acquisitions of one sampled point as ``x`` and ``x_pair`` (the same one twice when the
-    patient has a single acquisition)."""
-
-    def __init__(self, patches: np.ndarray):
-        RandomizableTransform.__init__(self, prob=1.0)
-        MapTransform.__init__(self, keys=["rows"])
-        self.patches = patches
-
-    def __call__(self, data: dict) -> dict:
-        rows = data["rows"]
-        a, b = (self.R.choice(len(rows), size=2, replace=False) if len(rows) > 1 else (0, 0))
-        return {"x": self.patches[rows[a]], "x_pair": self.patches[rows[b]]}
-
-
-def training_dataset(samples: PairedPatches, seed: int = 0) -> Dataset:
-    """MONAI dataset of paired views with shared random flips / 90-degree turns (tissue has no orientation)."""
-    views = ["x", "x_pair"]
-    transform = Compose([
-        RandAcquisitionPaird(samples.patches),
-        RandFlipd(views, prob=0.5, spatial_axis=0),
-        RandFlipd(views, prob=0.5, spatial_axis=1),
-        RandRotate90d(views, prob=0.5, spatial_axes=(0, 1)),
-        EnsureTyped(views, data_type="tensor", dtype=torch.float32, track_meta=False),
-    ]).set_random_state(seed=seed)
-    return Dataset([{"rows": rows} for rows in samples.rows_by_point()], transform=transform)
 
 
 # ----------------------------------------------------------------------------- dense encoding

@@ -31,7 +31,8 @@ from .errors import InputError, OutputError
 from .grid import resample_onto, to_model_grid
 from .networks import MODEL_KINDS, build_model
 from .patches import (PairedPatches, Scan, autocast_for, concat_samples, resolve_device, resolve_spec,
-                      sample_paired_patches, training_dataset)
+                      sample_paired_patches)
+from .training_data import training_dataset
 from .progress import Progress
 
 CHECKPOINT_DIR = ".checkpoints"
