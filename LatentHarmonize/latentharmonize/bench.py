@@ -36,10 +36,10 @@ def make_scan(path, full: bool, seed: int = 0) -> dict:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_analyze_child(scan, out_dir, model=None, device: str = "auto") -> dict:
+def run_analyze_child(scan, out_dir, model=None, device: str = "auto", report: bool = True) -> dict:
     """Run ``analyze`` in a child process; wall time, peak RSS (GB) and the run record it wrote."""
     command = [sys.executable, "-m", "latentharmonize", "analyze", str(scan), "--out", str(out_dir),
-               "--device", device, "--overwrite", "--quiet"]
+               "--device", device, "--overwrite", "--quiet"] + ([] if report else ["--no-report"])
     if model:
         command += ["--model", str(model)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -106,7 +106,8 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None, seed: int = 0, scan=None) -> dict:
+def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None, seed: int = 0, scan=None,
+              report: bool = True) -> dict:
     """Time ``analyze`` on a phantom scan made for the purpose (or on ``scan``) and compare dense with naive
     encoding. Returns the figures."""
     from .analyze import input_name
@@ -117,7 +118,8 @@ def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None
         if scan is None:
             scan = Path(tmp) / "bench_scan.nrrd"
             figures["scan"] = make_scan(scan, full, seed)
-        figures["analyze"] = run_analyze_child(scan, out, model, device)
+        figures["analyze"] = run_analyze_child(scan, out, model, device, report)
+        figures["analyze"]["report"] = report
         record = figures["analyze"]["record"]
         figures.setdefault("scan", {"size": record["ct"]["size"], "spacing": record["ct"]["spacing"]})
         figures["encoding"] = compare_naive(scan, out / f"{input_name(scan)}_lungs.nrrd", model, device)
@@ -140,7 +142,7 @@ def format_report(figures: dict) -> str:
              f"device used: {record['device']}",
              f"scan: {'x'.join(map(str, scan['size']))} voxels, spacing {scan['spacing']} mm "
              + (f"(phantom made in {scan['seconds']} s)" if scan.get("seconds") else "(given scan)"),
-             f"analyze (separate process, incl. start-up): {run['wall_s']:.1f} s wall (target <= {TARGET_WALL_S:g} s), "
+             f"analyze{'' if run.get('report', True) else ' --no-report'} (separate process, incl. start-up): {run['wall_s']:.1f} s wall (target <= {TARGET_WALL_S:g} s), "
              f"{run['cpu_s']:.1f} s CPU, load average {run['load_average']} on {m['cores']} cores; "
              f"peak RSS {run['peak_rss_gb']:.2f} GB (target <= {TARGET_RSS_GB:g} GB)",
              "CPU s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["cpu_s"])),
@@ -165,12 +167,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
     parser.add_argument("--batch", action="store_true", help="also benchmark cohort analysis on Dask (batch.benchmark)")
     parser.add_argument("--scan", default=None, help="benchmark on this CT instead of a phantom scan")
+    parser.add_argument("--no-report", action="store_true",
+                        help="time analyze without the QC pictures and report.html (analyze --no-report)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--workdir", default=None, help="where to put the temporary phantom and outputs")
 
 
 def run(args) -> int:
-    figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir, scan=args.scan)
+    figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir, scan=args.scan,
+                        report=not args.no_report)
     if args.batch:
         from .batch import benchmark as batch_benchmark
 
