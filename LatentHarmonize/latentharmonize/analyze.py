@@ -25,6 +25,7 @@ from scipy import ndimage
 from . import __version__
 from .atomic import StagedOutput
 from .errors import InputError, NoLungFoundError
+from .outputs import output_names
 from .progress import Progress
 
 # Geometry the model can read (see check_geometry); typical chest CT: 0.6-0.9 mm pixels, 0.6-5 mm slices.
@@ -58,18 +59,6 @@ def input_name(ct_path) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)] or "scan"
     return name or "scan"
-
-
-def output_names(name: str, write_report: bool = True) -> dict:
-    """Output file names by kind, for an input named ``name``."""
-    files = {"segmentation": f"{name}.seg.nrrd", "labels": f"{name}_clusters.nrrd",
-             "confidence": f"{name}_confidence.nrrd", "lungs": f"{name}_lungs.nrrd",
-             "composition_csv": "composition.csv", "composition_json": "composition.json",
-             "record": "analysis.json"}
-    if write_report:
-        files.update({"montage": "qc_montage.png", "gallery": "qc_gallery.png", "view3d": "qc_3d.png",
-                      "surfaces": "clusters.vtp", "report": "report.html"})
-    return files
 
 
 def _scaled(progress, stage: str):

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 from .atomic import atomic_write_text
 from .errors import InputError, OutputError
+from .outputs import output_names
 from .progress import ProgressEvent, parse_progress_line
 
 # Device choices offered in the GUI and the backend's --device value for each
@@ -263,38 +264,21 @@ def largest_region_center(mask_kji: np.ndarray, ijk_to_ras) -> Optional[tuple]:
 
 @dataclass(frozen=True)
 class AnalysisOutputs:
-    """Paths of the files ``analyze`` writes for an input named ``name`` (see docs/architecture.md)."""
+    """Paths of the files ``analyze`` writes for an input named ``name`` (names from ``outputs.output_names``)."""
 
     out_dir: Path
     name: str
 
-    @property
-    def segmentation(self) -> Path:
-        return self.out_dir / f"{self.name}.seg.nrrd"
+    def _path(self, kind: str) -> Path:
+        return self.out_dir / output_names(self.name)[kind]
 
-    @property
-    def clusters(self) -> Path:
-        return self.out_dir / f"{self.name}_clusters.nrrd"
-
-    @property
-    def confidence(self) -> Path:
-        return self.out_dir / f"{self.name}_confidence.nrrd"
-
-    @property
-    def lungs(self) -> Path:
-        return self.out_dir / f"{self.name}_lungs.nrrd"
-
-    @property
-    def composition_csv(self) -> Path:
-        return self.out_dir / "composition.csv"
-
-    @property
-    def composition_json(self) -> Path:
-        return self.out_dir / "composition.json"
-
-    @property
-    def report_html(self) -> Path:
-        return self.out_dir / "report.html"
+    segmentation = property(lambda self: self._path("segmentation"))
+    clusters = property(lambda self: self._path("labels"))
+    confidence = property(lambda self: self._path("confidence"))
+    lungs = property(lambda self: self._path("lungs"))
+    composition_csv = property(lambda self: self._path("composition_csv"))
+    composition_json = property(lambda self: self._path("composition_json"))
+    report_html = property(lambda self: self._path("report"))
 
     def required(self) -> list:
         """The files the Slicer module loads."""
