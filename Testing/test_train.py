@@ -100,3 +100,26 @@ def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort,
     assert bundle.encoder("cpu").encode(patch).shape == (2, 8)
     # refusing to overwrite happens before any training
     assert main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1"]) == OutputError.exit_code
+
+
+def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):
+    """--workers routes patch sampling through batch.sample_cohort_patches (proven equal to the serial path in
+    test_batch); the bundle then matches a serial run's."""
+    from latentharmonize import batch, train as train_module
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+
+    calls = []
+
+    def on_cluster(cohort_csv, config, spec, scheduler=None, workers=None, progress=None):
+        calls.append((scheduler, workers))
+        return train_module.load_cohort_samples(cohort_csv, config, spec, progress)
+
+    monkeypatch.setattr(batch, "sample_cohort_patches", on_cluster)
+    args = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "40", "--latent-dim", "8", "--device", "cpu",
+            "--seed", "2"]
+    assert main(["train", str(tiny_phantom_cohort), "--out", str(tmp_path / "dist"), "--workers", "2", *args]) == 0
+    assert main(["train", str(tiny_phantom_cohort), "--out", str(tmp_path / "serial"), *args]) == 0
+    assert calls == [(None, 2)]
+    dist, serial = load_bundle(tmp_path / "dist"), load_bundle(tmp_path / "serial")
+    assert dist.manifest["files"] == serial.manifest["files"]
