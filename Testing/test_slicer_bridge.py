@@ -175,6 +175,19 @@ def test_cancel_kills_the_whole_process_tree():
     assert bridge.kill_process_tree(parent.pid) == 0  # already gone: nothing to do
 
 
+def test_cancel_lets_the_backend_clean_up_before_killing(tmp_path):
+    """Cancel sends SIGTERM first: analyze turns it into a KeyboardInterrupt and removes its staging folder."""
+    marker = tmp_path / "cleaned"
+    code = ("import pathlib, signal, sys, time\n"
+            "def stop(*_):\n"
+            f"    pathlib.Path({str(marker)!r}).write_text('x'); sys.exit(3)\n"
+            "signal.signal(signal.SIGTERM, stop); print('ready', flush=True); time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    assert bridge.kill_process_tree(process.pid) == 1
+    assert process.wait(timeout=10) == 3 and marker.read_text() == "x"
+
+
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -518,5 +531,5 @@ def test_cancel_stops_the_backend_and_leaves_no_outputs(backend_case):
             break
     assert bridge.kill_process_tree(process.pid) >= 1
     assert process.wait(timeout=30) != 0
-    published = [p.name for p in out_dir.glob("*") if not p.name.startswith(".")] if out_dir.exists() else []
-    assert published == []
+    left = [p.name for p in out_dir.glob("*")] if out_dir.exists() else []
+    assert left == []  # no results and no staging folder: the backend cleaned up on SIGTERM

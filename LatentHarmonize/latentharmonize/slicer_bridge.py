@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -121,8 +122,12 @@ class BackendLog:
         return f"The analysis stopped{stage} with exit code {returncode}. Last output:\n{tail}"
 
 
-def kill_process_tree(pid: int) -> int:
-    """Terminate a process and all its descendants (Cancel); returns how many processes were signalled."""
+def kill_process_tree(pid: int, grace_s: float = 5.0) -> int:
+    """Stop a process and all its descendants (Cancel); returns how many processes were signalled.
+
+    SIGTERM first, so ``analyze`` can remove its staging folder (it treats SIGTERM like Ctrl-C); whatever is still
+    running after ``grace_s`` is killed.
+    """
     try:
         import psutil
     except ImportError:  # psutil is in requirements.txt; without it only the direct child can be stopped
@@ -135,12 +140,32 @@ def kill_process_tree(pid: int) -> int:
     children = parent.children(recursive=True)
     for proc in children + [parent]:
         try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    # the descendants are waited for; the direct child is only watched, since its owner reaps it and keeps its
+    # exit status
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    deadline = time.monotonic() + grace_s
+    while _running(parent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for proc in alive + ([parent] if _running(parent) else []):
+        try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    # only the descendants are waited for: the direct child is reaped by its owner, which keeps its exit status
-    psutil.wait_procs(children, timeout=5)
+    psutil.wait_procs(alive, timeout=5)
     return len(children) + 1
+
+
+def _running(proc) -> bool:
+    """True while ``proc`` (a psutil.Process) runs; an exited child waiting to be reaped counts as stopped."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # --------------------------------------------------------------------------------------------- dependencies
