@@ -6,9 +6,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from latentharmonize.errors import InputError
 from latentharmonize.grid import to_model_grid
 from latentharmonize.networks import build_model
-from latentharmonize.patches import (DEFAULT_SPEC, Scan, encode_dense, encode_patches_naive, normalize_hu,
+from latentharmonize.patches import (DEFAULT_SPEC, DenseLatents, Scan, aggregate_context, encode_dense,
+                                     encode_patches_naive, normalize_hu, resolve_spec,
                                      patch_lattice, point_keys, sample_paired_patches, valid_centres)
 from latentharmonize.training_data import training_dataset
 
@@ -124,3 +126,25 @@ def test_dense_encoding_refuses_mismatched_inputs():
     model = build_model("ae", latent_dim=4, width=8)
     with pytest.raises(Exception, match="one shape"):
         encode_dense(model, scan.hu[:-1], scan.lung, scan.grid)
+
+
+def test_context_averages_valid_in_plane_neighbours_only():
+    positions = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 5, 5], [1, 0, 0]])
+    latents = np.array([[1.0], [2.0], [6.0], [10.0], [100.0]], np.float32)
+    dense = DenseLatents(latents=latents, positions=positions, lattice=None)
+    same = aggregate_context(dense, 0)
+    assert same is dense
+    out = aggregate_context(dense, 1).latents[:, 0]
+    # (0,0,0) sees itself and its two valid neighbours; (0,0,1) too; the lone point and the other slice stay put
+    np.testing.assert_allclose(out, [3.0, 3.0, 3.0, 10.0, 100.0], rtol=1e-6)
+    with pytest.raises(InputError, match="context_radius"):
+        resolve_spec({"context_radius": -1})
+
+
+def test_dense_encoding_applies_the_spec_context():
+    scan = patient_scans()[1]
+    model = build_model("ae", seed=0, latent_dim=8, width=8)
+    plain = encode_dense(model, scan.hu, scan.lung, scan.grid)
+    with_context = encode_dense(model, scan.hu, scan.lung, scan.grid, {"context_radius": 1})
+    np.testing.assert_allclose(with_context.latents, aggregate_context(plain, 1).latents, atol=1e-6)
+    assert not np.allclose(with_context.latents, plain.latents)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .clusters import PROFILE_KEYS, patch_statistics
 from .errors import InputError
@@ -37,6 +38,9 @@ DEFAULT_SPEC = {
     "hu_window": [-1100.0, 300.0],
     "outside_fill_hu": -850.0,  # normal lung: the chest wall must not drive border patches
     "min_lung_fraction": 0.5,  # of a centre's cell for the centre to count as lung
+    # In-plane lattice steps whose latents are averaged into each one (0: the patch alone). Tissue type is a
+    # regional property; averaging neighbours damps what one 20 mm patch happens to hold (a vessel, a border).
+    "context_radius": 0,
 }
 
 
@@ -47,6 +51,8 @@ def resolve_spec(spec: dict | None) -> dict:
     wrong = {k: merged[k] for k, v in fixed.items() if int(merged[k]) != v}
     if wrong:
         raise InputError(f"Patch spec {wrong} does not match the encoder ({fixed}); the model bundle is inconsistent.")
+    if int(merged["context_radius"]) < 0:
+        raise InputError(f"context_radius must be 0 or more lattice steps, got {merged['context_radius']}.")
     lo, hi = merged["hu_window"]
     if not lo < hi:
         raise InputError(f"hu_window must be [low, high] with low < high, got {merged['hu_window']}.")
@@ -276,8 +282,29 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
             if progress is not None:
                 progress(100.0 * (b + 1) / n_batches, "encode", f"slab batch {b + 1}/{n_batches}")
     d = model.latent_dim
-    return DenseLatents(latents=np.concatenate(latents or [np.zeros((0, d), np.float32)]),
-                        positions=np.concatenate(positions or [np.zeros((0, 3), np.int64)]), lattice=lattice)
+    dense = DenseLatents(latents=np.concatenate(latents or [np.zeros((0, d), np.float32)]),
+                         positions=np.concatenate(positions or [np.zeros((0, 3), np.int64)]), lattice=lattice)
+    return aggregate_context(dense, int(spec["context_radius"]))
+
+
+def aggregate_context(dense: DenseLatents, radius: int) -> DenseLatents:
+    """Replace each latent by the mean of the valid latents within ``radius`` lattice steps in-plane (same slice).
+
+    Means are linear, so the rotation and cluster models see the same kind of vector as without context.
+    """
+    if radius <= 0 or len(dense.latents) == 0:
+        return dense
+    lo = dense.positions.min(axis=0)
+    local = dense.positions - lo  # work on the positions' bounding box only
+    shape = tuple(local.max(axis=0) + 1)
+    z, y, x = local.T
+    field = np.zeros(shape + (dense.latents.shape[1],), np.float64)
+    count = np.zeros(shape, np.float64)
+    field[z, y, x], count[z, y, x] = dense.latents, 1.0
+    size = 2 * radius + 1
+    sums = ndimage.uniform_filter(field, size=(1, size, size, 1), mode="constant")
+    counts = ndimage.uniform_filter(count, size=(1, size, size), mode="constant")
+    return replace(dense, latents=(sums[z, y, x] / counts[z, y, x][:, None]).astype(np.float32))
 
 
 def _encode_slab_batch(model, hu, lung, valid, ks, spec, device) -> tuple[np.ndarray, np.ndarray]:
@@ -312,5 +339,5 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
             patches = extract_patches(volume, positions[start: start + batch_size], spec)
             out.append(model.encode(torch.from_numpy(patches).to(device)).float().cpu().numpy())
     latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
-    return DenseLatents(latents=latents.astype(np.float32), positions=positions.astype(np.int64),
-                        lattice=patch_lattice(grid, spec))
+    return aggregate_context(DenseLatents(latents=latents.astype(np.float32), positions=positions.astype(np.int64),
+                                          lattice=patch_lattice(grid, spec)), int(spec["context_radius"]))

@@ -30,8 +30,8 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import InputError, OutputError
 from .grid import resample_onto, to_model_grid
 from .networks import MODEL_KINDS, build_model
-from .patches import (PairedPatches, Scan, autocast_for, concat_samples, resolve_device, resolve_spec,
-                      sample_paired_patches)
+from .patches import (PairedPatches, Scan, autocast_for, concat_samples, encode_dense, point_keys, resolve_device,
+                      resolve_spec, sample_paired_patches)
 from .training_data import training_dataset
 from .progress import Progress
 
@@ -199,6 +199,30 @@ def encode_rows(model, patches: np.ndarray, device: torch.device, batch: int = 1
     return np.concatenate(latents), sq / patches.size
 
 
+def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: torch.device,
+                    progress: Progress | None = None) -> np.ndarray:
+    """Latents of the sampled rows exactly as ``analyze`` will see them: each scan is encoded densely, with the
+    spec's context aggregation, and every row takes the latent at its physical point.
+
+    Scans are visited in the order ``load_cohort_samples`` numbered them (patients by first appearance, then rows).
+    """
+    out = np.zeros((len(samples), model.latent_dim), np.float32)
+    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
+    index = 0
+    for patient in patients:
+        for _, row in cohort[cohort["patient"].astype(str) == patient].iterrows():
+            scan = load_scan(row, spec)
+            dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
+            where = {key: n for n, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}
+            rows = np.flatnonzero(samples.scan == index)
+            out[rows] = dense.latents[[where[key] for key in map(tuple, samples.keys[rows].tolist())]]
+            index += 1
+        if progress is not None:
+            progress(70 + 8 * (patients.index(patient) + 1) / len(patients), "rotate",
+                     f"patient {patient}: dense latents with context")
+    return out
+
+
 # ----------------------------------------------------------------------------- post-hoc fits
 def fit_rotation(latents: np.ndarray, samples: PairedPatches, n_technical, seed: int) -> tuple:
     """Fit the latent rotation (paired when the cohort has pairs) and measure the acquisition probe."""
@@ -231,7 +255,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
           encoder: str = "ae", clusters: int | None = None, n_technical="auto", device: str = "auto",
           resume: bool = False, overwrite: bool = False, per_patient: int = 400, latent_dim: int = 24,
           batch_size: int = 128, progress: Progress | None = None, scheduler: str | None = None,
-          workers: int | None = None) -> dict:
+          workers: int | None = None, context_radius: int = 1) -> dict:
     """Train a model bundle from a cohort table into ``out_dir``; returns the training summary.
 
     With ``scheduler`` (an existing Dask cluster's address) or ``workers`` (a local Dask cluster of that size), the
@@ -243,7 +267,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
     torch_device = resolve_device(device)
-    spec = resolve_spec(None)
+    spec = resolve_spec({"context_radius": context_radius})
     t0 = time.monotonic()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(torch_device.type == "cpu")
@@ -264,6 +288,8 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
                                            _fingerprint(config, cohort_csv), resume, progress)
         progress(70, "rotate", "encoding patches with the frozen encoder")
         latents, mse = encode_rows(model, samples.patches, torch_device)
+        if spec["context_radius"] > 0:
+            latents = context_latents(model, cohort, samples, spec, torch_device, progress)
         rotation, probe = fit_rotation(latents, samples, n_technical, seed)
         progress(80, "cluster", f"{rotation.n_technical_} technical dimensions; clustering the biological ones")
         tissue, labels, profiles, names, colors = fit_clusters(rotation.biological(latents), samples, clusters, seed)
@@ -374,6 +400,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
     parser.add_argument("--patches-per-patient", type=int, default=400, help="sampled lung points per patient")
     parser.add_argument("--latent-dim", type=int, default=24, help="latent size (default 24)")
+    parser.add_argument("--context-radius", type=int, default=1,
+                        help="lattice steps (5 mm) of neighbouring latents averaged into each one before the rotation "
+                             "and clusters (default 1: a 15 mm neighbourhood; 0: the patch alone)")
     parser.add_argument("--scheduler", default=None,
                         help="sample the cohort's patches on this Dask cluster (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None,
@@ -389,7 +418,7 @@ def run(args) -> int:
                     encoder=args.encoder, clusters=args.clusters, n_technical=n_technical, device=args.device,
                     resume=args.resume, overwrite=args.overwrite, per_patient=args.patches_per_patient,
                     latent_dim=args.latent_dim, progress=Progress(machine=args.progress),
-                    scheduler=args.scheduler, workers=args.workers)
+                    scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius)
     print(format_summary(summary))
     return 0
 
