@@ -209,7 +209,7 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
     out = np.zeros((len(samples), model.latent_dim), np.float32)
     patients = list(dict.fromkeys(cohort["patient"].astype(str)))
     index = 0
-    for patient in patients:
+    for n, patient in enumerate(patients):
         for _, row in cohort[cohort["patient"].astype(str) == patient].iterrows():
             scan = load_scan(row, spec)
             dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
@@ -218,7 +218,7 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
             out[rows] = dense.latents[[where[key] for key in map(tuple, samples.keys[rows].tolist())]]
             index += 1
         if progress is not None:
-            progress(70 + 8 * (patients.index(patient) + 1) / len(patients), "rotate",
+            progress(70 + 8 * (n + 1) / len(patients), "rotate",
                      f"patient {patient}: dense latents with context")
     return out
 
