@@ -12,6 +12,7 @@ Contract (a CSV file):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -20,6 +21,12 @@ from .errors import InputError
 REQUIRED = ("image", "patient", "acquisition")
 PATH_COLUMNS = ("image", "mask", "truth")
 SHOW = 5  # how many offending rows or files an error message lists
+
+
+def optional_path(row: pd.Series, column: str) -> Optional[str]:
+    """The path in an optional column of one cohort row, or None where the column is absent or empty."""
+    value = row[column] if column in row.index else None
+    return str(value) if isinstance(value, (str, Path)) and str(value).strip() else None
 
 
 def read_cohort(csv_path) -> pd.DataFrame:

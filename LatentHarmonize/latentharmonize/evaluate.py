@@ -40,7 +40,6 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 
 from .atomic import StagedOutput
 from .errors import InputError
@@ -89,41 +88,20 @@ class ScanLatents:
 
 
 # ----------------------------------------------------------------------------- loading and encoding
-def _read_label_image(path) -> sitk.Image:
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"Cannot read the truth label map {path}: {str(exc).strip().splitlines()[-1]}") from None
-
-
-def _path_in(row: pd.Series, column: str) -> Optional[str]:
-    """The path in an optional cohort column, or None where the column is absent or empty."""
-    value = row[column] if column in row.index else None
-    return str(value) if isinstance(value, (str, Path)) and str(value).strip() else None
-
-
 def _load_volumes(row: pd.Series, spec: dict):
     """One cohort row on the model grid: HU, lung, grid, truth (or None), and densitometry of the native CT."""
-    from .grid import resample_onto, to_model_grid
-    from .io import read_ct, read_mask
-    from .lungmask import segment_lungs
     from .survival import hu_threshold_features
+    from .train import read_scan, scan_on_grid
 
-    ct = read_ct(row["image"])
-    mask_path, truth_path = _path_in(row, "mask"), _path_in(row, "truth")
-    lungs = read_mask(mask_path, ct) if mask_path else segment_lungs(ct)
-    hu, lung, grid = to_model_grid(ct, lungs, spec["spacing"], spec["margin_mm"], align_px=(spec["stride"], spec["stride"], 1))
-    truth = None
-    if truth_path:
-        truth = resample_onto(sitk.Cast(_read_label_image(truth_path), sitk.sitkUInt8), grid, nearest=True, default=0)
-    return hu, lung, grid, truth, hu_threshold_features(ct, lungs)
+    ct, lungs = read_scan(row)
+    scan = scan_on_grid(row, ct, lungs, spec)
+    return scan.hu, scan.lung, scan.grid, scan.truth, hu_threshold_features(ct, lungs)
 
 
 def _truth_at_centres(truth: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
-    """Truth label at the centre pixel of each patch (slice k + 1, pixel stride * i + 7)."""
-    c = (spec["patch_size"] - 1) // 2
-    z = positions[:, 0] + spec["slices"] // 2
-    return truth[z, spec["stride"] * positions[:, 1] + c, spec["stride"] * positions[:, 2] + c].astype(np.int64)
+    from .patches import centre_pixels
+
+    return truth[centre_pixels(positions, spec)].astype(np.int64)
 
 
 def _clinical(row: pd.Series) -> Dict[str, object]:

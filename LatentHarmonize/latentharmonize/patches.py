@@ -114,6 +114,14 @@ def point_keys(lattice: ModelGrid, positions: np.ndarray) -> np.ndarray:
     return np.round(lattice.index_to_physical(positions) * 1000.0).astype(np.int64)
 
 
+def centre_pixels(positions: np.ndarray, spec: dict) -> tuple:
+    """(z, y, x) model-grid indices of the centre pixel of each patch at lattice ``positions`` (slice k + 1, pixel
+    stride * i + 7), e.g. to read a tissue truth label per patch."""
+    c = (spec["patch_size"] - 1) // 2
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+    return pos[:, 0] + spec["slices"] // 2, spec["stride"] * pos[:, 1] + c, spec["stride"] * pos[:, 2] + c
+
+
 def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
     """Patches [m, 3, 16, 16] of ``volume`` at lattice positions [m, 3] (z, y, x)."""
     p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
@@ -230,9 +238,7 @@ def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarra
             "point": point_ids, "scan": np.full(len(positions), index), "keys": keys,
             "stats": patch_statistics(raw[:, spec["slices"] // 2])}
     if scan.truth is not None:
-        c = (spec["patch_size"] - 1) // 2
-        z, y, x = positions[:, 0] + spec["slices"] // 2, spec["stride"] * positions[:, 1] + c, spec["stride"] * positions[:, 2] + c
-        rows["truth"] = scan.truth[z, y, x].astype(np.int64)
+        rows["truth"] = scan.truth[centre_pixels(positions, spec)].astype(np.int64)
     return rows
 
 

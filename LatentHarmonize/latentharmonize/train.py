@@ -75,20 +75,38 @@ def load_cohort_samples(cohort_csv, config: TrainConfig, spec: dict, progress: P
     return concat_samples(parts), cohort
 
 
-def load_scan(row, spec: dict) -> Scan:
-    """One cohort row on the model grid: CT, lung mask (given or automatic) and, if present, tissue truth."""
+def read_scan(row) -> tuple:
+    """The CT of one cohort row and its lung mask (the row's ``mask``, else segmented automatically)."""
+    from .cohort import optional_path
     from .io import read_ct, read_mask
     from .lungmask import segment_lungs
 
     ct = read_ct(row["image"])
-    has_mask = "mask" in row.index and isinstance(row["mask"], (str, Path)) and str(row["mask"]).strip()
-    lungs = read_mask(row["mask"], ct) if has_mask else segment_lungs(ct)
+    mask = optional_path(row, "mask")
+    return ct, (read_mask(mask, ct) if mask else segment_lungs(ct))
+
+
+def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: dict) -> Scan:
+    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
+    from .cohort import optional_path
+
     hu, lung, grid = to_model_grid(ct, lungs, spec["spacing"], spec["margin_mm"],
                                    align_px=(spec["stride"], spec["stride"], 1))
-    truth = None
-    if "truth" in row.index and isinstance(row["truth"], (str, Path)) and str(row["truth"]).strip():
-        truth = resample_onto(sitk.ReadImage(str(row["truth"])), grid, nearest=True, default=0)
+    truth_path = optional_path(row, "truth")
+    truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
     return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
+
+
+def load_scan(row, spec: dict) -> Scan:
+    """One cohort row on the model grid (:func:`read_scan`, then :func:`scan_on_grid`)."""
+    return scan_on_grid(row, *read_scan(row), spec)
+
+
+def _read_truth(path) -> sitk.Image:
+    try:
+        return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkUInt8)
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read the truth label map {path}: {str(exc).strip().splitlines()[-1]}") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
