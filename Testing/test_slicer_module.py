@@ -464,37 +464,28 @@ class SlicerApiChecker:
         elif base == "self":
             if m not in self._module_members(cls):
                 error = f"{cls} has no method {m}"
-        elif base == "pn":
-            if m not in PNW_INSTANCE:
-                error = f"parameter node wrapper has no method {m}"
-        elif base == "py:SegmentStatisticsLogic":
-            if m not in SEGSTATS:
-                error = f"SegmentStatisticsLogic has no method {m}"
-        elif base == "py:PyTorchUtilsLogic":
-            if m not in PYTORCHUTILS_METHODS:
-                error = f"PyTorchUtilsLogic has no method {m}"
-        elif base == "ns:SampleData":
-            if m not in SAMPLEDATA:
-                error = f"SampleData.{m} is not in the API list"
-        elif base == "ns:SegmentStatistics":
-            if m != "SegmentStatisticsLogic":
-                error = f"SegmentStatistics.{m} is not used by the reference API"
-        elif base == "ns:PyTorchUtils":
-            if m != "PyTorchUtilsLogic":
-                error = f"PyTorchUtils.{m} is not documented"
-        elif base == "ns:bridge":
-            if m not in BRIDGE_FUNCTIONS:
-                error = f"slicer_bridge has no function {m}"
-        elif base == "ns:vtk":
-            if m not in VTK_CLASSES:
-                error = f"vtk.{m} is not in the allowlist"
-        elif base == "ns:qt":
-            if m not in QT_NAMES:
-                error = f"qt.{m} is not in the Qt allowlist"
+        elif base in KNOWN_MEMBERS:
+            allowed, message = KNOWN_MEMBERS[base]
+            if m not in allowed:
+                error = message.format(m=m)
         elif kind == "qtclass":
             error = f"{name}.{m}() is not in the Qt allowlist"
         if error:
             self.errors.append(f"line {line}: {error}")
+
+
+# receivers whose callable members are a fixed list: base -> (allowed names, error message)
+KNOWN_MEMBERS = {
+    "pn": (PNW_INSTANCE, "parameter node wrapper has no method {m}"),
+    "py:SegmentStatisticsLogic": (SEGSTATS, "SegmentStatisticsLogic has no method {m}"),
+    "py:PyTorchUtilsLogic": (PYTORCHUTILS_METHODS, "PyTorchUtilsLogic has no method {m}"),
+    "ns:SampleData": (SAMPLEDATA, "SampleData.{m} is not in the API list"),
+    "ns:SegmentStatistics": ({"SegmentStatisticsLogic"}, "SegmentStatistics.{m} is not used by the reference API"),
+    "ns:PyTorchUtils": ({"PyTorchUtilsLogic"}, "PyTorchUtils.{m} is not documented"),
+    "ns:bridge": (BRIDGE_FUNCTIONS, "slicer_bridge has no function {m}"),
+    "ns:vtk": (VTK_CLASSES, "vtk.{m} is not in the allowlist"),
+    "ns:qt": (QT_NAMES, "qt.{m} is not in the Qt allowlist"),
+}
 
 
 def check_source(source: str) -> list:
