@@ -80,6 +80,36 @@ def test_zones_follow_physical_z_not_slice_index():
     assert upper.volume_ml.sum() == pytest.approx((lungs[lung_slices[top]] > 0).sum() * 0.8 * 0.9 * 2.0 / 1000)
 
 
+def test_oblique_scan_other_mask_values_and_wide_label_type_match_brute_force():
+    """The combined-index computation against per-region masks, on the general case: z depends on every index,
+    a mask value that is neither lung side, an Int16 label map with negative and unknown labels."""
+    labels, hu, lungs = _scan(seed=3)
+    lungs[3:5, 3:6, 2:5] = 7  # counts for the whole lung and the zones only
+    labels = labels.astype(np.int16)
+    labels[lungs > 0] = np.random.default_rng(4).integers(-2, 6, size=int((lungs > 0).sum()))
+    c, s = np.cos(0.4), np.sin(0.4)
+    oblique = (c, 0.0, s, s * s, c, -s * c, -s * c, s, c * c)  # rotation about y, then x
+    images = [_image(a, direction=oblique) for a in (labels, hu, lungs)]
+    table = composition_table(*images, NAMES)
+
+    inside = lungs > 0
+    index = np.argwhere(inside)
+    z = np.array([images[0].TransformIndexToPhysicalPoint([int(i) for i in k[::-1]])[2] for k in index])
+    t = (z - z.min()) / (z.max() - z.min())
+    lab = np.where(np.isin(labels[inside], list(NAMES)), labels[inside], 0)
+    side, values = lungs[inside], hu[inside].astype(float)
+    regions = {"whole": np.ones(len(z), bool), "right": side == 1, "left": side == 2,
+               "upper": t >= 2 / 3, "middle": (t >= 1 / 3) & (t < 2 / 3), "lower": t < 1 / 3}
+    assert len(table) == sum(len(set(lab[m]) | set(NAMES)) for m in regions.values())
+    for row in table.itertuples():
+        m = regions[row.region]
+        sel = m & (lab == row.label)
+        assert row.name == NAMES.get(row.label, "unlabelled")
+        np.testing.assert_allclose([row.fraction, row.volume_ml], [sel.sum() / m.sum(), sel.sum() * 0.8 * 0.9 * 2 / 1000])
+        if sel.any():
+            np.testing.assert_allclose([row.mean_hu, row.sd_hu], [values[sel].mean(), values[sel].std()], rtol=1e-9)
+
+
 def test_unlabelled_lung_voxels_and_empty_clusters():
     labels, hu, lungs = _scan()
     labels[labels == 3] = 0  # erased in an editor: lung voxels without a cluster

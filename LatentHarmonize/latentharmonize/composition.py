@@ -19,6 +19,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .errors import InputError
+from .grid import mask_box
 
 REGIONS = ("whole", "right", "left", "upper", "middle", "lower")
 COLUMNS = ["region", "label", "name", "fraction", "volume_ml", "mean_hu", "sd_hu"]
@@ -36,39 +37,41 @@ def _check_same_grid(reference: sitk.Image, other: sitk.Image, what: str) -> Non
                          f"{reference.GetSize()}, spacing, origin or direction differ). Resample it onto the label map first.")
 
 
-def _lung_bounding_box(lung: np.ndarray) -> tuple:
-    """Index slices of the smallest box holding every lung voxel (array order z, y, x)."""
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(lung.any(axis=others))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def _physical_z(image: sitk.Image, box: tuple) -> np.ndarray:
-    """Physical z (mm) of every voxel centre inside ``box``, float32 [z, y, x] (any direction matrix)."""
+    """Physical z (mm) of the voxel centres inside ``box``, float32, broadcastable to the box's [z, y, x] shape:
+    an axis along which z does not change (the in-plane axes of an axial scan) keeps length 1."""
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     step = direction[2] * spacing  # z change per index step along x, y, z
-    zi = (np.arange(box[2].start, box[2].stop) * step[0]).astype(np.float32)
-    zj = (np.arange(box[1].start, box[1].stop) * step[1]).astype(np.float32)
-    zk = (np.arange(box[0].start, box[0].stop) * step[2] + image.GetOrigin()[2]).astype(np.float32)
-    return zk[:, None, None] + zj[None, :, None] + zi[None, None, :]
+    k = np.arange(box[0].start, box[0].stop) if step[2] else np.zeros(1)
+    z = (k * step[2] + image.GetOrigin()[2]).astype(np.float32)[:, None, None]
+    if step[1]:
+        z = z + (np.arange(box[1].start, box[1].stop) * step[1]).astype(np.float32)[None, :, None]
+    if step[0]:
+        z = z + (np.arange(box[2].start, box[2].stop) * step[0]).astype(np.float32)[None, None, :]
+    return z
 
 
-def _region_masks(side: np.ndarray, z: np.ndarray) -> dict:
-    """Boolean masks over the lung voxels for each region."""
-    z_min, z_max = float(z.min()), float(z.max())
+def _thirds(image: sitk.Image, box: tuple, inside: np.ndarray) -> np.ndarray:
+    """Zone of every lung voxel (``inside`` the box): 0 lower, 1 middle, 2 upper third of the lungs' z extent.
+    Computed once per distinct z (per slice of an axial scan), then spread over the lung voxels."""
+    z = _physical_z(image, box)
+    constant = tuple(a for a in range(3) if z.shape[a] == 1)  # axes along which z does not change
+    occupied = inside.any(axis=constant, keepdims=True) if constant else inside
+    lung_z = z[np.broadcast_to(occupied, z.shape)]
+    z_min, z_max = float(lung_z.min()), float(lung_z.max())
     t = (z - z_min) / (z_max - z_min) if z_max > z_min else np.full(z.shape, 0.5, dtype=np.float32)
-    return {
-        "whole": np.ones(side.shape, dtype=bool),
-        "right": side == RIGHT_LUNG,
-        "left": side == LEFT_LUNG,
-        "upper": t >= 2.0 / 3.0,
-        "middle": (t >= 1.0 / 3.0) & (t < 2.0 / 3.0),
-        "lower": t < 1.0 / 3.0,
-    }
+    zone = (t >= 1.0 / 3.0).astype(np.uint8) + (t >= 2.0 / 3.0)
+    return np.broadcast_to(zone, inside.shape)[inside]
+
+
+def _known_labels(lab: np.ndarray, known: list) -> np.ndarray:
+    """UInt8 labels with every value not in ``known`` (labels 1..255) set to 0, unlabelled."""
+    if lab.dtype == np.uint8:
+        table = np.zeros(256, np.uint8)
+        table[known] = known
+        return table[lab]
+    return np.where(np.isin(lab, known), lab, 0).astype(np.uint8)
 
 
 def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, names: dict) -> pd.DataFrame:
@@ -86,35 +89,43 @@ def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, nam
     _check_same_grid(labels, ct, "CT")
     _check_same_grid(labels, lungs, "lung mask")
     lung_all = sitk.GetArrayViewFromImage(lungs)
-    if not lung_all.any():
+    box = mask_box(lung_all)
+    if box is None:
         raise InputError("The lung mask is empty, so there is no lung to measure. Check the mask or segment the lungs again.")
-    box = _lung_bounding_box(lung_all != 0)
-    side = np.asarray(lung_all[box])
+    side = lung_all[box]
     inside = side != 0
     side = side[inside]
-    lab = np.asarray(sitk.GetArrayViewFromImage(labels)[box])[inside].astype(np.int64)
-    hu = np.asarray(sitk.GetArrayViewFromImage(ct)[box])[inside].astype(np.float64)
-    z = _physical_z(labels, box)[inside]
-
     known = sorted(int(k) for k in names)
-    lab[~np.isin(lab, known)] = 0  # unlabelled lung voxels keep fractions summing to 1
+    lab = _known_labels(sitk.GetArrayViewFromImage(labels)[box][inside], known)
+    hu = sitk.GetArrayViewFromImage(ct)[box][inside].astype(np.float64)
+
+    # One set of bincounts over a combined (side, zone, label) cell index gives every region at once: a region is a
+    # sum of cells. HU sums are taken about the whole-lung mean, so the variances suffer no cancellation.
+    group = _thirds(labels, box, inside)  # 3 * side + zone, side 0 for other non-zero mask values
+    group[side == RIGHT_LUNG] += 3 * RIGHT_LUNG
+    group[side == LEFT_LUNG] += 3 * LEFT_LUNG
+    cell = group.astype(np.intp)
+    cell *= 256
+    cell += lab
+    centre = hu.mean()
+    hu -= centre
+    count, lin, sq = (np.bincount(cell, weights=w, minlength=9 * 256).reshape(3, 3, 256)
+                      for w in (None, hu, np.square(hu)))
+    every = slice(None)
+    cells = {"whole": (every, every), "right": (RIGHT_LUNG, every), "left": (LEFT_LUNG, every),
+             "upper": (every, 2), "middle": (every, 1), "lower": (every, 0)}  # (side, zone) of each region
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     rows = []
-    for region, mask in _region_masks(side, z).items():
-        n_region = int(mask.sum())
+    for region in REGIONS:
+        n_r, lin_r, sq_r = (a[cells[region]].reshape(-1, 256).sum(axis=0) for a in (count, lin, sq))
+        n_region = int(n_r.sum())
         if n_region == 0:
             continue
-        lab_r, hu_r = lab[mask], hu[mask]
-        count = np.bincount(lab_r, minlength=256)
-        total = np.bincount(lab_r, weights=hu_r, minlength=256)
-        shift = hu_r - (total.sum() / n_region)  # centred sums avoid cancellation in the variance
-        sq = np.bincount(lab_r, weights=shift * shift, minlength=256)
-        lin = np.bincount(lab_r, weights=shift, minlength=256)
-        shown = known + ([0] if count[0] else [])
+        shown = known + ([0] if n_r[0] else [])
         for label in shown:
-            n = int(count[label])
-            mean = total[label] / n if n else math.nan
-            var = max(sq[label] / n - (lin[label] / n) ** 2, 0.0) if n else math.nan
+            n = int(n_r[label])
+            mean = centre + lin_r[label] / n if n else math.nan
+            var = max(sq_r[label] / n - (lin_r[label] / n) ** 2, 0.0) if n else math.nan
             rows.append((region, label, str(names[label]) if label else UNLABELLED, n / n_region, n * voxel_ml,
                          mean, math.sqrt(var) if n else math.nan))
     return pd.DataFrame(rows, columns=COLUMNS)

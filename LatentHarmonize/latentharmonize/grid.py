@@ -56,15 +56,32 @@ def _validate_spacing(spacing) -> tuple:
     return spacing
 
 
+def mask_box(mask: np.ndarray):
+    """Index slices (z, y, x) of the smallest box holding every nonzero voxel of a [z, y, x] array, or None when
+    there is none. Numpy projections: a fraction of the cost of a label-statistics filter on a full-size CT."""
+    zy = mask.any(axis=2)
+    zs, ys = np.flatnonzero(zy.any(axis=1)), np.flatnonzero(zy.any(axis=0))
+    if zs.size == 0:
+        return None
+    z, y = slice(int(zs[0]), int(zs[-1]) + 1), slice(int(ys[0]), int(ys[-1]) + 1)
+    xs = np.flatnonzero(mask[z, y].any(axis=(0, 1)))
+    return z, y, slice(int(xs[0]), int(xs[-1]) + 1)
+
+
+def lung_voxels(lungs: sitk.Image) -> np.ndarray:
+    """Array [z, y, x] whose nonzero voxels are the lung (label > 0): a view of an unsigned mask, no copy.
+    The view is only valid while ``lungs`` lives."""
+    values = sitk.GetArrayViewFromImage(lungs)
+    return values if values.dtype.kind in "ub" else values > 0
+
+
 def lung_bounding_box_mm(lungs: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Physical (x, y, z) min and max of the lung voxel centres, for any direction matrix."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(lungs > 0, sitk.sitkUInt8))
-    if not stats.HasLabel(1):
+    box = mask_box(lung_voxels(lungs))
+    if box is None:
         raise NoLungFoundError("The lung mask is empty: no voxel is labelled lung. Check the mask, or let "
                                "LatentHarmonize segment the lungs automatically.")
-    box = stats.GetBoundingBox(1)  # (x, y, z) start, then (x, y, z) size
-    lo, hi = box[:3], [box[i] + box[i + 3] - 1 for i in range(3)]
+    lo, hi = [b.start for b in box[::-1]], [b.stop - 1 for b in box[::-1]]  # (x, y, z)
     corners = [(x, y, z) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
     points = np.array([lungs.TransformIndexToPhysicalPoint(c) for c in corners])
     return points.min(axis=0), points.max(axis=0)
@@ -107,8 +124,11 @@ def to_model_grid(ct: sitk.Image, lungs: sitk.Image, spacing=DEFAULT_SPACING,
         raise InputError("to_model_grid needs a 3D CT and a 3D lung mask.")
     lo, hi = lung_bounding_box_mm(lungs)
     grid = grid_for_box(lo, hi, spacing, margin_mm, align_px)
-    hu = resample_onto(sitk.Cast(ct, sitk.sitkFloat32), grid, nearest=False, default=AIR_HU).astype(np.float32)
-    lung = resample_onto(sitk.Cast(lungs, sitk.sitkUInt8), grid, nearest=True, default=0) > 0
+    # The linear interpolator works in double whatever the input type, so an Int16 CT needs no float copy.
+    hu = resample_onto(ct, grid, nearest=False, default=AIR_HU)
+    if lungs.GetPixelID() != sitk.sitkUInt8:
+        lungs = sitk.Cast(lungs, sitk.sitkUInt8)
+    lung = resample_onto(lungs, grid, nearest=True, default=0) > 0
     return hu, lung, grid
 
 
