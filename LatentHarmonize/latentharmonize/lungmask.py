@@ -76,8 +76,8 @@ def split_left_right(mask: sitk.Image) -> sitk.Image:
     sides = _side_map(sitk.GetArrayViewFromImage(work) > 0, work,
                       midline_x=mask.TransformContinuousIndexToPhysicalPoint(centre)[0])
     out = np.zeros(lung.shape, np.uint8)
-    box, region = _lung_region(sides, work, mask)
-    out[box] = _resample_array(sides, work, region, sitk.sitkNearestNeighbor) * lung[box]
+    box = _lung_region(sides, work, mask)
+    out[box] = _resample_array(sides, work, mask, box, sitk.sitkNearestNeighbor) * lung[box]
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(mask)
     return result
@@ -290,27 +290,35 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
     a voxel is lung only if it is air-like in the full-resolution CT, which gives a sharp edge."""
     hu = sitk.GetArrayViewFromImage(ct)
     out = np.zeros(hu.shape, np.uint8)
-    box, region = _lung_region(labels, work, ct)
-    air = hu[box] < AIR_HU
-    view = out[box]
-    for side in (RIGHT, LEFT):
-        up = _resample_array((labels == side).astype(np.uint8) * 200, work, region, sitk.sitkLinear)
-        view[(up >= 199) | ((up > 0) & air)] = side  # 200: every interpolation neighbour is inside
+    for side in (RIGHT, LEFT):  # each lung over its own box only: about half the voxels of a box around both
+        lung = labels == side
+        if not lung.any():
+            continue
+        box = _lung_region(lung, work, ct)
+        up = _resample_array(lung.view(np.uint8) * 200, work, ct, box, sitk.sitkLinear)
+        out[box][(up >= 199) | ((up > 0) & (hu[box] < AIR_HU))] = side  # 200: every interpolation neighbour is inside
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(ct)
     return result
 
 
-def _resample_array(values: np.ndarray, work: sitk.Image, region: sitk.Image, interpolator) -> np.ndarray:
-    """UInt8 ``values`` on the working grid, resampled onto the grid of ``region``; [z, y, x] array."""
+def _resample_array(values: np.ndarray, work: sitk.Image, full: sitk.Image, box: tuple, interpolator) -> np.ndarray:
+    """UInt8 ``values`` on the working grid, resampled onto the voxels ``box`` (z, y, x slices) of the grid of
+    ``full``; [z, y, x] array. The output geometry is set directly, so no voxels of ``full`` are copied."""
     image = sitk.GetImageFromArray(values)
     image.CopyInformation(work)
-    return sitk.GetArrayFromImage(sitk.Resample(image, region, sitk.Transform(), interpolator, 0, sitk.sitkUInt8))
+    resample = sitk.ResampleImageFilter()
+    resample.SetSize([b.stop - b.start for b in box[::-1]])
+    resample.SetOutputOrigin(full.TransformIndexToPhysicalPoint([b.start for b in box[::-1]]))
+    resample.SetOutputSpacing(full.GetSpacing())
+    resample.SetOutputDirection(full.GetDirection())
+    resample.SetInterpolator(interpolator)
+    resample.SetOutputPixelType(sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resample.Execute(image))
 
 
 def _lung_region(labels: np.ndarray, work: sitk.Image, full: sitk.Image) -> tuple:
-    """The part of the full-resolution grid covering the lungs plus one working voxel: numpy slices
-    (z, y, x) and the matching sub-image, whose geometry serves as the resampling reference."""
+    """The part of the full-resolution grid covering the lungs plus one working voxel: numpy slices (z, y, x)."""
     z, y, x = _bounding_box(labels > 0)
     lo = np.array([x.start, y.start, z.start]) - 1.0
     hi = np.array([x.stop, y.stop, z.stop], float)  # one past the last lung voxel
@@ -321,4 +329,4 @@ def _lung_region(labels: np.ndarray, work: sitk.Image, full: sitk.Image) -> tupl
     start = np.clip(np.floor(index.min(axis=0)).astype(int), 0, size)
     stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, 0, size)
     (x0, y0, z0), (x1, y1, z1) = start.tolist(), stop.tolist()
-    return (slice(z0, z1), slice(y0, y1), slice(x0, x1)), full[x0:x1, y0:y1, z0:z1]  # sitk indexes (x, y, z)
+    return slice(z0, z1), slice(y0, y1), slice(x0, x1)
