@@ -2,31 +2,36 @@
 
 Pipeline: read CT -> lung mask (automatic, or the user's) -> model grid -> dense latents -> biological coordinates ->
 cluster labels with confidence -> label map on the CT's own grid (each lung voxel takes the cluster of its nearest
-valid patch centre) -> composition -> outputs. Every check that can fail on the user's input (output folder, model
-bundle, CT geometry) runs before the heavy work, and all files are published atomically at the end, so an error or a
+valid patch centre) -> composition -> outputs. The model is loaded in a worker thread while the CT is read and its
+lungs segmented. Every check that can fail on the user's input (output folder, CT geometry, model bundle, device)
+runs before the model grid and the encoding, and all files are published atomically at the end, so an error or a
 Ctrl-C leaves the output folder as it was. See docs/analyze.md for the outputs and the progress line format.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import SimpleITK as sitk
-from scipy import ndimage
 
 from . import __version__
 from .atomic import StagedOutput
 from .errors import InputError, NoLungFoundError
 from .outputs import output_names
 from .progress import Progress
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Geometry the model can read (see check_geometry); typical chest CT: 0.6-0.9 mm pixels, 0.6-5 mm slices.
 MAX_INPLANE_SPACING_MM = 3.0
@@ -39,6 +44,8 @@ GALLERY_PER_CLUSTER = 8
 # Progress: stage -> (start, end) percent of the whole run.
 STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 82),
           "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
+# Timed laps of analysis.json, in run order; "model" is the wait, if any, for the model loaded in the background.
+LAPS = ("load", "mask", "model", "grid", "encode", "cluster", "composition", "write", "qc_report")
 
 
 @dataclass
@@ -113,6 +120,8 @@ def _deterministic_torch():
 def nearest_valid_index(valid: np.ndarray, sampling) -> tuple:
     """For every lattice point, the index of its nearest valid point (physical distance, ``sampling`` mm):
     ``values[nearest_valid_index(valid, s)]`` fills the whole lattice with nearest-valid values."""
+    from scipy import ndimage
+
     if valid.all():
         return tuple(np.indices(valid.shape))
     return tuple(ndimage.distance_transform_edt(~valid, sampling=sampling, return_distances=False,
@@ -131,12 +140,9 @@ class CtLookup:
 
     def scatter(self, lattice_values: np.ndarray, reference: sitk.Image) -> sitk.Image:
         """Image on the CT grid holding ``lattice_values`` (any lattice-shaped array) at lung voxels, 0 elsewhere."""
-        flat = lattice_values.ravel()
-        box = np.zeros(self.inside.shape, dtype=flat.dtype)
-        box[self.inside] = flat[self.index]
-        lower = [r.start for r in self.region[::-1]]
-        upper = [n - r.stop for n, r in zip(self.shape[::-1], self.region[::-1])]
-        image = sitk.ConstantPad(sitk.GetImageFromArray(box), lower, upper, 0)  # padding in C++, no full numpy copy
+        full = np.zeros(self.shape, dtype=lattice_values.dtype)  # pages outside the lungs are never written
+        full[self.region][self.inside] = lattice_values.ravel()[self.index]
+        image = sitk.GetImageFromArray(full)
         image.CopyInformation(reference)
         return image
 
@@ -144,12 +150,11 @@ class CtLookup:
 def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
     """Nearest-neighbour map from the CT's lung voxels to lattice points: one SimpleITK resample of an index image
     over the lungs' bounding box only, so the cost follows the lungs, not the scan."""
-    from .grid import lattice_to_image
+    from .grid import lattice_to_image, lung_voxels, mask_box
 
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(lungs > 0, sitk.sitkUInt8))
-    box = stats.GetBoundingBox(1)
-    start, size = [int(v) for v in box[:3]], [int(v) for v in box[3:]]
+    lung = lung_voxels(lungs)
+    region = mask_box(lung)
+    start, size = [r.start for r in region[::-1]], [r.stop - r.start for r in region[::-1]]
     index = lattice_to_image(np.arange(int(np.prod(lattice.shape)), dtype=np.int32).reshape(lattice.shape), lattice)
     resample = sitk.ResampleImageFilter()
     resample.SetSize(size)
@@ -159,10 +164,8 @@ def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
     resample.SetInterpolator(sitk.sitkNearestNeighbor)
     resample.SetUseNearestNeighborExtrapolator(True)  # lung voxels beyond the last centre take the nearest one
     crop = resample.Execute(index)
-    region = tuple(slice(s, s + n) for s, n in zip(start[::-1], size[::-1]))
-    inside = sitk.GetArrayViewFromImage(lungs)[region] > 0
-    return CtLookup(tuple(sitk.GetArrayViewFromImage(lungs).shape), region, inside,
-                    sitk.GetArrayViewFromImage(crop)[inside])
+    inside = lung[region] != 0
+    return CtLookup(tuple(lung.shape), region, inside, sitk.GetArrayViewFromImage(crop)[inside])
 
 
 def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
@@ -263,8 +266,7 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     ``write_report``: also write the QC pictures, surfaces and ``report.html`` (batch runs may skip them).
     Files are staged in a hidden folder of ``out_dir`` and published only when the whole run succeeds.
     """
-    from .bundle import load_bundle
-    from .patches import resolve_device
+    from .io import image_sha256
     from .writers import write_json
 
     ct_path = Path(ct_path)
@@ -274,11 +276,15 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     created = not Path(out_dir).exists()
     try:
         # Entering the stage first refuses collisions and unwritable folders before any heavy work.
-        with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged:
-            bundle = load_bundle(model)
-            done = _compute(ct_path, bundle, mask, resolve_device(device), progress, timer)
+        with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged, _workers() as pool:
+            # The model side (bundle checks, the PyTorch import, the encoder) and the input's hash run in worker
+            # threads while the scan is read and its lungs segmented, which mostly happens in C++ outside the GIL.
+            model_ready = pool.submit(_load_model, model, device)
+            input_hash = pool.submit(image_sha256, ct_path)
+            done, bundle = _compute(ct_path, model_ready, mask, progress, timer)
+            done.record["input_sha256"] = input_hash.result()
             done.record["outputs"] = files
-            _write_outputs(staged, files, done, bundle, progress)
+            _write_outputs(pool, staged, files, done, bundle, progress)
             timer.lap("write")
             if write_report:
                 _write_qc_and_report(staged, files, name, done, bundle, progress)
@@ -294,12 +300,34 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, done.table, done.record)
 
 
-def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _Computed:
-    """The pipeline from CT file to label map and composition (nothing written)."""
-    from .composition import composition_table, composition_to_json, lung_volumes_from_table
-    from .grid import to_model_grid
-    from .io import image_sha256, read_ct
-    from .patches import encode_dense
+@contextlib.contextmanager
+def _workers():
+    """Worker threads for the run. On the way out, queued tasks are dropped and running ones awaited, so nothing
+    is still writing into the staging folder when it is removed."""
+    pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 1)), thread_name_prefix="latentharmonize")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_model(model, device) -> tuple:
+    """The model side of a run: the bundle (verified), the device and the encoder on it."""
+    from .bundle import load_bundle
+    from .patches import resolve_device
+
+    bundle = load_bundle(model)
+    device = resolve_device(device)
+    return bundle, device, bundle.encoder(device)
+
+
+def _compute(ct_path: Path, model_ready, mask, progress, timer: _Timer) -> tuple:
+    """The pipeline from CT file to label map and composition (nothing written); ``model_ready`` is the future of
+    :func:`_load_model`. Returns the computed results and the model bundle.
+
+    Modules are imported where they are first needed: the worker thread imports the model's (PyTorch among them)
+    meanwhile, and importing one of them here first would wait for it."""
+    from .io import read_ct
 
     _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
     ct = read_ct(ct_path)
@@ -309,6 +337,12 @@ def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _C
     lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
     timer.lap("mask")
 
+    bundle, device, encoder = model_ready.result()  # a bad bundle or device is refused here, before the encoding
+    timer.lap("model")  # what is left of loading the model once the lungs are segmented
+
+    from .grid import to_model_grid
+    from .patches import encode_dense
+
     _scaled(progress, "grid")(0, message="resampling onto the model grid")
     spec = bundle.spec
     hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
@@ -316,7 +350,7 @@ def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _C
     timer.lap("grid")
 
     with _deterministic_torch():
-        dense = encode_dense(bundle.encoder(device), hu, lung_grid, grid, spec, device,
+        dense = encode_dense(encoder, hu, lung_grid, grid, spec, device,
                              progress=_scaled(progress, "encode"))
     if len(dense.latents) == 0:
         raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
@@ -326,6 +360,8 @@ def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _C
     labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs)
     timer.lap("cluster")
 
+    from .composition import composition_table, composition_to_json, lung_volumes_from_table
+
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
     table = composition_table(labels, ct, lungs, bundle.names)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
@@ -333,28 +369,35 @@ def _compute(ct_path: Path, bundle, mask, device, progress, timer: _Timer) -> _C
     timer.lap("composition")
 
     record = {  # analyze has no random step; "seed" is the one the model was trained with
-        "input": str(ct_path), "input_sha256": image_sha256(ct_path), "model_sha256": bundle.sha256,
+        "input": str(ct_path), "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
         "device": str(device), "mask": mask_source,
         "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
     }
-    return _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
+    computed = _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
+    return computed, bundle
 
 
-def _write_outputs(staged, files, done: _Computed, bundle, progress) -> None:
+def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> None:
     from .writers import write_composition, write_segmentation, write_volume
 
     step = _scaled(progress, "write")
     step(0, message="segmentation and maps")
-    write_segmentation(done.labels, staged.path(files["segmentation"]), bundle.names, bundle.colors)
-    write_volume(done.labels, staged.path(files["labels"]))
-    write_volume(done.confidence, staged.path(files["confidence"]))
-    write_volume(sitk.Cast(done.lungs, sitk.sitkUInt8), staged.path(files["lungs"]))
+    lungs = done.lungs if done.lungs.GetPixelID() == sitk.sitkUInt8 else sitk.Cast(done.lungs, sitk.sitkUInt8)
+    # Writing is mostly gzip compression in C (zlib, ITK), outside the GIL: the files are written side by side,
+    # the largest first.
+    writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), bundle.names,
+                          bundle.colors),
+              pool.submit(write_volume, done.confidence, staged.path(files["confidence"])),
+              pool.submit(write_volume, done.labels, staged.path(files["labels"])),
+              pool.submit(write_volume, lungs, staged.path(files["lungs"]))]
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
                       done.composition_json)
+    for write in writes:
+        write.result()
 
 
 def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, progress) -> None:

@@ -128,9 +128,9 @@ def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None
 
 def _in_pipeline_order(timings: dict) -> list:
     """(stage, seconds) pairs in the order analyze runs them (analysis.json stores keys sorted)."""
-    from .analyze import STAGES
+    from .analyze import LAPS
 
-    order = [*STAGES, "qc_report", "total"]
+    order = [*LAPS, "total"]
     return sorted(timings.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 
 
