@@ -41,13 +41,10 @@ def window_to_uint8(hu: np.ndarray, window=LUNG_WINDOW) -> np.ndarray:
 
 def _display_grid(lungs: sitk.Image, max_size: int) -> sitk.Image:
     """Reference image: isotropic axial grid over the lung bounding box plus a margin."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(lungs > 0, sitk.sitkUInt8))
-    box = stats.GetBoundingBox(1)
-    lo, hi = box[:3], [box[i] + box[i + 3] - 1 for i in range(3)]
-    corners = np.array([lungs.TransformIndexToPhysicalPoint((x, y, z))
-                        for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    start, stop = corners.min(axis=0) - MARGIN_MM, corners.max(axis=0) + MARGIN_MM
+    from .grid import lung_bounding_box_mm
+
+    lo, hi = lung_bounding_box_mm(lungs)
+    start, stop = lo - MARGIN_MM, hi + MARGIN_MM
     spacing = max(float((stop - start).max()) / max_size, min(lungs.GetSpacing()))
     size = [int(np.ceil(e / spacing)) + 1 for e in stop - start]
     reference = sitk.Image(size, sitk.sitkUInt8)
