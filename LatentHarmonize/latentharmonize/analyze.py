@@ -33,6 +33,12 @@ from .progress import Progress
 if TYPE_CHECKING:
     import pandas as pd
 
+# PyTorch's OpenMP threads spin while they wait for work. When other programs keep the cores busy (3D Slicer itself,
+# another analysis), spinning threads hold each other up: on the shared 2-core CPU the encoding took 1-3.4 s instead
+# of 0.5 s. Waiting passively costs about 0.2 s there when the machine is idle (0.3 -> 0.5 s). OpenMP reads this when
+# PyTorch loads, which analyze does later; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Geometry the model can read (see check_geometry); typical chest CT: 0.6-0.9 mm pixels, 0.6-5 mm slices.
 MAX_INPLANE_SPACING_MM = 3.0
 MAX_SLICE_SPACING_MM = 6.0
@@ -267,7 +273,6 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     Files are staged in a hidden folder of ``out_dir`` and published only when the whole run succeeds.
     """
     from .io import image_sha256
-    from .writers import write_json
 
     ct_path = Path(ct_path)
     name = input_name(ct_path)
@@ -281,15 +286,19 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
             # threads while the scan is read and its lungs segmented, which mostly happens in C++ outside the GIL.
             model_ready = pool.submit(_load_model, model, device)
             input_hash = pool.submit(image_sha256, ct_path)
+            later_stages = pool.submit(_after, model_ready, _import_later_stages, write_report)
             done, bundle = _compute(ct_path, model_ready, mask, progress, timer)
             done.record["input_sha256"] = input_hash.result()
             done.record["outputs"] = files
             _write_outputs(pool, staged, files, done, bundle, progress)
             timer.lap("write")
             if write_report:
+                later_stages.result()  # the QC's imports are done before it changes the environment for VTK
                 _write_qc_and_report(staged, files, name, done, bundle, progress)
                 timer.lap("qc_report")
             done.record.update(timer.summary())
+            from .writers import write_json
+
             write_json(done.record, staged.path(files["record"]))
     except BaseException:
         if created and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
@@ -309,6 +318,23 @@ def _workers():
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _after(first, task, *args):
+    """Run ``task(*args)`` once the future ``first`` has succeeded (nothing if it failed: its waiter reports that)."""
+    if first.exception() is None:
+        task(*args)
+
+
+def _import_later_stages(write_report: bool) -> None:
+    """Import the modules of the stages after the encoding (pandas for the composition and the writers; matplotlib
+    and VTK for the QC pictures) in a worker thread, while the main thread computes."""
+    from . import composition, writers  # noqa: F401
+
+    if write_report:
+        from .render import preload_libraries
+
+        preload_libraries()
 
 
 def _load_model(model, device) -> tuple:

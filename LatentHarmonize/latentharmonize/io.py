@@ -16,7 +16,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
-from .lungmask import split_left_right
 
 SUPPORTED = ".nrrd, .nii, .nii.gz, .mha, .mhd or a DICOM series folder"
 WRITABLE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -71,6 +70,8 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
         raise InputError(f"Mask {path} is empty (all voxels are 0); nonzero voxels must mark the lungs.")
     if labels.dtype.kind in "iu" and low >= 0 and high == 2 and (labels == 1).any():  # labels are exactly {1, 2}
         return _order_sides(sitk.Cast(mask, sitk.sitkUInt8), reference)
+    from .lungmask import split_left_right  # SciPy: imported only when a mask needs splitting
+
     mask.CopyInformation(reference)  # equal within tol: use the CT's exact geometry
     return split_left_right(mask)
 
