@@ -136,18 +136,17 @@ def nearest_valid_index(valid: np.ndarray, sampling) -> tuple:
 
 @dataclass
 class CtLookup:
-    """For every lung voxel of a CT (inside the lungs' bounding box ``region``), the flat index of its nearest
-    lattice point. Built once, it maps any lattice map onto the CT by indexing."""
+    """For every lung voxel of a CT, its flat index in the CT's [z, y, x] array (``voxels``) and the flat index of
+    its nearest lattice point (``index``). Built once, it maps any lattice map onto the CT by indexing."""
 
     shape: tuple
-    region: tuple
-    inside: np.ndarray
+    voxels: np.ndarray
     index: np.ndarray
 
     def scatter(self, lattice_values: np.ndarray, reference: sitk.Image) -> sitk.Image:
         """Image on the CT grid holding ``lattice_values`` (any lattice-shaped array) at lung voxels, 0 elsewhere."""
         full = np.zeros(self.shape, dtype=lattice_values.dtype)  # pages outside the lungs are never written
-        full[self.region][self.inside] = lattice_values.ravel()[self.index]
+        np.put(full, self.voxels, lattice_values.ravel()[self.index])
         image = sitk.GetImageFromArray(full)
         image.CopyInformation(reference)
         return image
@@ -170,8 +169,13 @@ def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
     resample.SetInterpolator(sitk.sitkNearestNeighbor)
     resample.SetUseNearestNeighborExtrapolator(True)  # lung voxels beyond the last centre take the nearest one
     crop = resample.Execute(index)
-    inside = lung[region] != 0
-    return CtLookup(tuple(lung.shape), region, inside, sitk.GetArrayViewFromImage(crop)[inside])
+    in_box = np.flatnonzero(lung[region] != 0)
+    # flat CT index of a lung voxel = where its row of the box starts in the CT array + its place in that row
+    z, y, x = region
+    row_start = np.ravel_multi_index(np.ix_(np.arange(z.start, z.stop), np.arange(y.start, y.stop), [x.start]),
+                                     lung.shape).ravel()
+    row, column = np.divmod(in_box, x.stop - x.start)
+    return CtLookup(tuple(lung.shape), row_start[row] + column, sitk.GetArrayViewFromImage(crop).ravel()[in_box])
 
 
 def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
