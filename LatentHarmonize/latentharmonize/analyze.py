@@ -2,10 +2,11 @@
 
 Pipeline: read CT -> lung mask (automatic, or the user's) -> model grid -> dense latents -> biological coordinates ->
 cluster labels with confidence -> label map on the CT's own grid (each lung voxel takes the cluster of its nearest
-valid patch centre) -> composition -> outputs. The model is loaded in a worker thread while the CT is read and its
-lungs segmented. Every check that can fail on the user's input (output folder, CT geometry, model bundle, device)
-runs before the model grid and the encoding, and all files are published atomically at the end, so an error or a
-Ctrl-C leaves the output folder as it was. See docs/analyze.md for the outputs and the progress line format.
+valid patch centre) -> composition -> outputs. The CT is read in a worker thread while the model loads, and the
+volumes are compressed in worker threads while the QC pictures are drawn. Every check that can fail on the user's
+input (output folder, model bundle, device, CT geometry) runs before the heavy work, and all files are published
+atomically at the end, so an error or a Ctrl-C leaves the output folder as it was. See docs/analyze.md for the
+outputs and the progress line format.
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ GALLERY_PER_CLUSTER = 8
 # Progress: stage -> (start, end) percent of the whole run.
 STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 82),
           "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
-# Timed laps of analysis.json, in run order; "model" is the wait, if any, for the model loaded in the background.
-LAPS = ("load", "mask", "model", "grid", "encode", "cluster", "composition", "write", "qc_report")
+# Timed laps of analysis.json (wall time of the main thread), in run order. The scan is read while the model loads
+# ("load" is what is left of it), and the volumes are written while the QC pictures are drawn ("write" is the rest).
+LAPS = ("model", "load", "mask", "grid", "encode", "cluster", "composition", "qc_report", "write")
 
 
 @dataclass
@@ -286,20 +288,25 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     try:
         # Entering the stage first refuses collisions and unwritable folders before any heavy work.
         with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged, _workers() as pool:
-            # The model side (bundle checks, the PyTorch import, the encoder) and the input's hash run in worker
-            # threads while the scan is read and its lungs segmented, which mostly happens in C++ outside the GIL.
-            model_ready = pool.submit(_load_model, model, device)
+            # Worker threads read and hash the scan (C++ and hashlib, outside the GIL) while this thread loads the
+            # model, which is mostly importing Python modules (PyTorch, scikit-learn). Model errors still come first.
+            _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
+            ct_read = pool.submit(_read_scan, ct_path)
             input_hash = pool.submit(image_sha256, ct_path)
-            later_stages = pool.submit(_after, model_ready, _import_later_stages, write_report)
-            done, bundle = _compute(ct_path, model_ready, mask, progress, timer)
+            bundle, device, encoder = _load_model(model, device)
+            timer.lap("model")
+            ct = ct_read.result()
+            timer.lap("load")  # what is left of reading the scan once the model is loaded
+            done = _compute(ct_path, ct, bundle, device, encoder, mask, progress, timer)
             done.record["input_sha256"] = input_hash.result()
             done.record["outputs"] = files
-            _write_outputs(pool, staged, files, done, bundle, progress)
-            timer.lap("write")
-            if write_report:
-                later_stages.result()  # the QC's imports are done before it changes the environment for VTK
+            writes = _write_outputs(pool, staged, files, done, bundle, progress)
+            if write_report:  # the volumes are compressed in the worker threads meanwhile
                 _write_qc_and_report(staged, files, name, done, bundle, progress)
                 timer.lap("qc_report")
+            for write in writes:
+                write.result()
+            timer.lap("write")  # what is left of writing the volumes after the QC
             done.record.update(timer.summary())
             from .writers import write_json
 
@@ -324,21 +331,13 @@ def _workers():
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _after(first, task, *args):
-    """Run ``task(*args)`` once the future ``first`` has succeeded (nothing if it failed: its waiter reports that)."""
-    if first.exception() is None:
-        task(*args)
+def _read_scan(ct_path: Path) -> sitk.Image:
+    """The CT, read and checked (in a worker thread)."""
+    from .io import read_ct
 
-
-def _import_later_stages(write_report: bool) -> None:
-    """Import the modules of the stages after the encoding (pandas for the composition and the writers; matplotlib
-    and VTK for the QC pictures) in a worker thread, while the main thread computes."""
-    from . import composition, writers  # noqa: F401
-
-    if write_report:
-        from .render import preload_libraries
-
-        preload_libraries()
+    ct = read_ct(ct_path)
+    check_geometry(ct)
+    return ct
 
 
 def _load_model(model, device) -> tuple:
@@ -351,27 +350,14 @@ def _load_model(model, device) -> tuple:
     return bundle, device, bundle.encoder(device)
 
 
-def _compute(ct_path: Path, model_ready, mask, progress, timer: _Timer) -> tuple:
-    """The pipeline from CT file to label map and composition (nothing written); ``model_ready`` is the future of
-    :func:`_load_model`. Returns the computed results and the model bundle.
-
-    Modules are imported where they are first needed: the worker thread imports the model's (PyTorch among them)
-    meanwhile, and importing one of them here first would wait for it."""
-    from .io import read_ct
-
-    _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
-    ct = read_ct(ct_path)
-    check_geometry(ct)
-    timer.lap("load")
+def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progress, timer: _Timer) -> _Computed:
+    """The pipeline from the CT to label map and composition (nothing written)."""
+    from .composition import composition_table, composition_to_json, lung_volumes_from_table
+    from .grid import to_model_grid
+    from .patches import encode_dense
 
     lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
     timer.lap("mask")
-
-    bundle, device, encoder = model_ready.result()  # a bad bundle or device is refused here, before the encoding
-    timer.lap("model")  # what is left of loading the model once the lungs are segmented
-
-    from .grid import to_model_grid
-    from .patches import encode_dense
 
     _scaled(progress, "grid")(0, message="resampling onto the model grid")
     spec = bundle.spec
@@ -390,8 +376,6 @@ def _compute(ct_path: Path, model_ready, mask, progress, timer: _Timer) -> tuple
     labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs)
     timer.lap("cluster")
 
-    from .composition import composition_table, composition_to_json, lung_volumes_from_table
-
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
     table = composition_table(labels, ct, lungs, bundle.names)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
@@ -406,11 +390,11 @@ def _compute(ct_path: Path, model_ready, mask, progress, timer: _Timer) -> tuple
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
     }
-    computed = _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
-    return computed, bundle
+    return _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
 
 
-def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> None:
+def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> list:
+    """Write the tables, and start writing the segmentation and maps in ``pool``; returns those writes' futures."""
     from .writers import write_composition, write_segmentation, write_volume
 
     step = _scaled(progress, "write")
@@ -426,8 +410,7 @@ def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> No
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
                       done.composition_json)
-    for write in writes:
-        write.result()
+    return writes
 
 
 def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, progress) -> None:

@@ -191,20 +191,6 @@ def render_gallery(gallery: dict, names: dict, colors: dict, path, zoom: int = 4
     _save_figure(image, path, notes, [])
 
 
-def preload_libraries() -> None:
-    """Import the matplotlib and VTK modules the pictures use, ahead of the first picture (analyze does this in a
-    worker thread while it computes). The OpenGL module is left to :func:`_vtk`, which first sets its environment."""
-    import matplotlib.figure  # noqa: F401
-    import matplotlib.image  # noqa: F401
-    import matplotlib.patches  # noqa: F401
-    import vtkmodules.util.numpy_support  # noqa: F401
-    import vtkmodules.vtkFiltersCore  # noqa: F401
-    import vtkmodules.vtkFiltersGeneral  # noqa: F401
-    import vtkmodules.vtkFiltersGeometry  # noqa: F401
-    import vtkmodules.vtkIOXML  # noqa: F401
-    import vtkmodules.vtkRenderingCore  # noqa: F401
-
-
 def _vtk():
     """The VTK classes used here, imported from their modules (importing ``vtk`` itself loads all of VTK)."""
     if not os.environ.get("DISPLAY"):
