@@ -210,6 +210,25 @@ def test_bad_cohort_arguments_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_multi_site_cohort_scans_each_patient_once(tmp_path, cohort):
+    out, full = cohort
+    table = ph.generate_cohort(tmp_path / "sites", 3, SEED, acquisitions_per_patient=1)
+    assert len(table) == 3 and table.patient.is_unique
+    assert set(table.acquisition) <= {a.name for a in ph.DEFAULT_ACQUISITIONS}
+    same = full.merge(table, on=["patient", "acquisition"], suffixes=("", "_site"))
+    assert len(same) == 3  # the same patients, outcomes and images as in the full cohort with this seed
+    assert (same.time == same.time_site).all()
+    for row in table.itertuples():
+        assert np.array_equal(_array(sitk.ReadImage(str(tmp_path / "sites" / row.image))),
+                              _array(sitk.ReadImage(str(out / row.image))))
+    draws = ph.scanned_acquisitions(list(ph.DEFAULT_ACQUISITIONS), 200, 2, seed=5)
+    assert all(len(d) == 2 and d[0] != d[1] for d in draws)
+    assert len({a.name for d in draws for a in d}) == len(ph.DEFAULT_ACQUISITIONS)  # every site is drawn
+    assert draws == ph.scanned_acquisitions(list(ph.DEFAULT_ACQUISITIONS), 200, 2, seed=5)
+    with pytest.raises(InputError, match="acquisitions-per-patient"):
+        ph.generate_cohort(tmp_path / "bad", 1, 0, acquisitions_per_patient=0)
+
+
 @pytest.mark.slow
 def test_true_composition_of_rendered_patients_predicts_survival():
     patients = [ph.make_patient(i, 0) for i in range(60)]

@@ -256,16 +256,34 @@ def cohort_row(patient: Patient, acq: Acquisition) -> dict:
     return row
 
 
+def scanned_acquisitions(acqs: list, n_patients: int, per_patient: Optional[int], seed: int) -> list:
+    """Acquisitions of each patient: all of them, or a seeded draw of ``per_patient`` distinct ones (a multi-site
+    cohort, where each patient was scanned wherever they happened to be; the order of ``acqs`` is kept)."""
+    if per_patient is None or per_patient >= len(acqs):
+        return [list(acqs)] * n_patients
+    if isinstance(per_patient, bool) or not isinstance(per_patient, (int, np.integer)) or per_patient < 1:
+        raise InputError(f"--acquisitions-per-patient must be a positive integer, got {per_patient!r}.")
+    rng = np.random.default_rng([int(seed), 7])
+    return [[acqs[i] for i in sorted(rng.choice(len(acqs), size=per_patient, replace=False))]
+            for _ in range(n_patients)]
+
+
 def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full: bool = False,
-                    overwrite: bool = False, progress: Optional[Progress] = None) -> pd.DataFrame:
-    """Write a phantom cohort to ``outdir`` and return its table (also written as ``cohort.csv``)."""
+                    overwrite: bool = False, progress: Optional[Progress] = None,
+                    acquisitions_per_patient: Optional[int] = None) -> pd.DataFrame:
+    """Write a phantom cohort to ``outdir`` and return its table (also written as ``cohort.csv``).
+
+    With ``acquisitions_per_patient``, each patient is scanned under only that many of the acquisitions (drawn
+    with the seed); patients are the same as in the full cohort with the same seed.
+    """
     if isinstance(n_patients, bool) or not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
         raise InputError(f"--patients must be a positive integer, got {n_patients!r}.")
     acqs = _resolve_acquisitions(acquisitions)
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
     ids = [patient_id(i) for i in range(n_patients)]
-    names = [f"{p}/{a.name}.nrrd" for p in ids for a in acqs] + [f"{p}/truth.nrrd" for p in ids]
+    scanned = scanned_acquisitions(acqs, n_patients, acquisitions_per_patient, seed)
+    names = [f"{p}/{a.name}.nrrd" for p, own in zip(ids, scanned) for a in own] + [f"{p}/truth.nrrd" for p in ids]
     names += ["cohort.csv", "phantom.json"]
     rows = []
     with StagedOutput(outdir, names, overwrite=overwrite) as staged:
@@ -274,13 +292,14 @@ def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full:
                 progress(100.0 * i / n_patients, "phantom", f"patient {pid} ({i + 1}/{n_patients})")
             patient = make_patient(i, seed, full=full)
             sitk.WriteImage(patient.truth, str(staged.path(f"{pid}/truth.nrrd")), True, 1)
-            for acq, image in zip(acqs, acquire_all(patient, acqs)):
+            for acq, image in zip(scanned[i], acquire_all(patient, scanned[i])):
                 sitk.WriteImage(image, str(staged.path(f"{pid}/{acq.name}.nrrd")), True, 1)
                 rows.append(cohort_row(patient, acq))
         table = pd.DataFrame(rows)
         table.to_csv(staged.path("cohort.csv"), index=False)
         meta = {"generator": GENERATOR, "version": __version__, "seed": int(seed), "patients": int(n_patients),
-                "full": bool(full), "acquisitions": [asdict(a) for a in acqs]}
+                "full": bool(full), "acquisitions": [asdict(a) for a in acqs],
+                "acquisitions_per_patient": acquisitions_per_patient}
         staged.path("phantom.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     if progress is not None:
         progress(100.0, "phantom", f"wrote {n_patients} patients x {len(acqs)} acquisitions to {outdir}")
@@ -296,6 +315,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--acquisitions", nargs="+", metavar="NAME", default=None,
                         help="acquisitions to simulate (default all: "
                              + ", ".join(a.name for a in DEFAULT_ACQUISITIONS) + ")")
+    parser.add_argument("--acquisitions-per-patient", type=int, default=None, metavar="N",
+                        help="scan each patient under only N of the acquisitions, drawn with the seed "
+                             "(a multi-site cohort; default: every patient under all of them)")
     parser.add_argument("--full", action="store_true",
                         help="full-size scans (512 x 512 x 300, 0.7 mm in-plane) instead of the small 192 x 192 x 112")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in the output folder")
@@ -307,7 +329,8 @@ def run(args) -> int:
     progress = Progress(machine=args.progress_lines, quiet=args.quiet)
     t0 = time.perf_counter()
     table = generate_cohort(args.outdir, args.patients, args.seed, acquisitions=args.acquisitions, full=args.full,
-                            overwrite=args.overwrite, progress=progress)
+                            overwrite=args.overwrite, progress=progress,
+                            acquisitions_per_patient=args.acquisitions_per_patient)
     if not args.quiet and not args.progress_lines:
         print(f"{len(table)} scans of {args.patients} patients in {time.perf_counter() - t0:.1f} s; "
               f"table: {Path(args.outdir) / 'cohort.csv'}")
