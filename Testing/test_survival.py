@@ -113,3 +113,16 @@ def test_survival_cli_writes_report(tmp_path):
     assert (out / "km.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert main(["survival", *args]) == 2  # refuses to overwrite without --overwrite
+
+
+def test_c_index_ci_skips_resamples_without_a_comparable_pair():
+    from latentharmonize.survival import c_index_with_ci
+
+    # one event, at the longest time: many resamples hold no pair where the earlier patient had the event
+    time, event, risk = [1.0, 2.0, 3.0, 4.0], [0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ZeroDivisionError):
+        c_index_with_ci(time, event, risk, n_boot=0)  # the point estimate itself has no pair either
+    time, event = [1.0, 2.0, 3.0, 4.0, 5.0], [1, 0, 0, 0, 1]
+    out = c_index_with_ci(time, event, [0.5, 0.1, 0.2, 0.3, 0.4], n_boot=200, seed=0)
+    assert out["c_index"] == 1.0 and out["n_events"] == 2
+    assert out["c_index_ci"][0] <= out["c_index_ci"][1] <= 1.0

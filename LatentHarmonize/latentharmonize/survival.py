@@ -128,8 +128,10 @@ def c_index_with_ci(time, event, risk, n_boot: int = 1000, seed: int = 0) -> Dic
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, time.size, time.size)
-        if event[idx].sum() > 0 and np.unique(time[idx]).size > 1:
+        try:
             boots.append(concordance_index(time[idx], -risk[idx], event[idx]))
+        except ZeroDivisionError:  # a resample without one comparable pair (small cohorts): it has no C to give
+            continue
     low, high = np.quantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
     return {"c_index": c, "c_index_ci": [float(low), float(high)], "n": int(time.size), "n_events": int(event.sum())}
 
