@@ -191,3 +191,28 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     with pytest.raises(Exception, match="also training scans"):
         from latentharmonize.evaluate import evaluate
         evaluate(train_csv, tmp_path / "again", model=model, train_cohort=train_csv, quick=True)
+
+
+def test_evaluate_survival_on_a_separate_cohort(tmp_path):
+    import json
+
+    from latentharmonize.evaluate import evaluate
+
+    train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
+    test_csv = _write_cohort(tmp_path / "test", 2, seed=2)
+    survival_csv = _write_cohort(tmp_path / "survival", 6, seed=3)
+    model = _tiny_bundle(tmp_path / "model", "ae", train_csv)
+    metrics = evaluate(test_csv, tmp_path / "eval", model=model, train_cohort=train_csv, quick=True,
+                       survival_cohort=survival_csv)
+    assert metrics["n_survival_patients"] == 6 and str(survival_csv) in metrics["survival_population"]
+    assert all(s["n"] == 6 for s in metrics["survival"].values())
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_survival_patients"] == 6
+
+    import pandas as pd
+    no_outcome = survival_csv.parent / "no_outcome.csv"  # image paths are relative to the table
+    pd.read_csv(survival_csv).drop(columns=["time", "event"]).to_csv(no_outcome, index=False)
+    with pytest.raises(Exception, match="no time and event"):
+        evaluate(test_csv, tmp_path / "e2", model=model, train_cohort=train_csv, quick=True, survival_cohort=no_outcome)
+    with pytest.raises(Exception, match="survival scans are also training scans"):
+        evaluate(test_csv, tmp_path / "e3", model=model, train_cohort=train_csv, quick=True, survival_cohort=train_csv)
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()

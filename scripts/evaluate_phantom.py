@@ -2,7 +2,8 @@
 
 Steps: take the model bundle (default: the bundled default model) and regenerate the phantom cohort it was trained
 on from the seed and size in its manifest (if there is no bundle, generate a training cohort and train one); generate
-a held-out test cohort from another seed (patients never seen in training); train an unORANIC bundle on the training
+a held-out test cohort from another seed (patients never seen in training) and a multi-site survival cohort
+from a third (each patient scanned once, under a randomly drawn acquisition); train an unORANIC bundle on the training
 cohort for that baseline; run ``latentharmonize evaluate``, and copy
 ``metrics.json``, the figures and a Markdown table into ``--out`` (default ``docs/results``).
 
@@ -23,14 +24,15 @@ from latentharmonize.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED_OFFSET = 1000  # test patients come from another seed than any training cohort
+SURVIVAL_SEED_OFFSET = 2000  # and the survival cohort from a third
 
 
-def _cohort(folder: Path, n_patients: int, seed: int) -> Path:
+def _cohort(folder: Path, n_patients: int, seed: int, per_patient: int | None = None) -> Path:
     from latentharmonize.phantom import generate_cohort
 
     csv = folder / "cohort.csv"
     if not csv.exists():
-        generate_cohort(folder, n_patients=n_patients, seed=seed)
+        generate_cohort(folder, n_patients=n_patients, seed=seed, acquisitions_per_patient=per_patient)
     return csv
 
 
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
                         help="training cohort CSV (default: regenerate the bundle's own phantom training cohort)")
     parser.add_argument("--train-patients", type=int, default=10, help="training patients when a bundle is trained here")
     parser.add_argument("--test-patients", type=int, default=20)
+    parser.add_argument("--survival-patients", type=int, default=240,
+                        help="patients of the multi-site survival cohort, each scanned once under a random "
+                             "acquisition (0: survival on the training and test patients instead)")
     parser.add_argument("--unoranic-epochs", type=int, default=None, help="epochs of the unORANIC baseline (default: those of the evaluated bundle)")
     parser.add_argument("--no-unoranic", action="store_true", help="skip the unORANIC baseline")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,8 +111,13 @@ def main(argv=None) -> int:
         test_csv = _cohort(args.work / "test", args.test_patients, seed + TEST_SEED_OFFSET)
         unoranic = None if args.no_unoranic else _bundle(args.work / "unoranic", train_csv, "unoranic",
                                                          args.unoranic_epochs or epochs, seed, progress)
+        survival_csv = None
+        if args.survival_patients > 0:
+            survival_csv = _cohort(args.work / f"survival{args.survival_patients}", args.survival_patients,
+                                   seed + SURVIVAL_SEED_OFFSET, per_patient=1)
         metrics = evaluate(test_csv, args.work / "eval", model=model, train_cohort=train_csv, unoranic=unoranic,
-                           seed=args.seed, quick=args.quick, overwrite=True, progress=progress)
+                           seed=args.seed, quick=args.quick, overwrite=True, progress=progress,
+                           survival_cohort=survival_csv)
     except LatentHarmonizeError as err:
         print(f"evaluate_phantom: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -19,8 +19,10 @@ are then labelled and compared:
    split a patient), and chance;
 4. survival: per-patient composition (fraction of patches per cluster, averaged over the patient's
    scans) -> penalised Cox, cross-validated C-index; HU densitometry (LAA950, HAA700, MLD, Perc15)
-   and, on the phantom, the true composition as upper bound. Survival uses the patients of both
-   cohorts: the clusters and harmonizers never see the outcome, and the Cox model is cross-validated;
+   and, on the phantom, the true composition as upper bound. Survival uses ``--survival-cohort`` when given
+   (e.g. a multi-site cohort, each patient scanned once on whatever scanner: the situation where harmonization
+   matters), else the patients of both cohorts: the clusters and harmonizers never see the outcome, and the
+   Cox model is cross-validated;
 5. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
    acquisition before and after rotation, decoded traversals along the top technical and
    biological directions.
@@ -61,13 +63,14 @@ class EvalConfig:
     n_boot: int = 1000
     max_train_patients: Optional[int] = None
     max_eval_patients: Optional[int] = None
+    max_survival_patients: Optional[int] = None
     device: str = "cpu"
 
     @classmethod
     def for_run(cls, seed: int, quick: bool, device: str = "cpu") -> "EvalConfig":
         if quick:  # a smoke run: few patients and latents, enough to exercise every step
             return cls(seed=seed, quick=True, train_latents=3000, probe_samples=1500, n_boot=200,
-                       max_train_patients=4, max_eval_patients=3, device=device)
+                       max_train_patients=4, max_eval_patients=3, max_survival_patients=8, device=device)
         return cls(seed=seed, device=device)
 
 
@@ -580,8 +583,13 @@ def _training_cohort_path(bundle, train_cohort) -> Path:
 
 
 def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, seed: int = 0, quick: bool = False,
-             overwrite: bool = False, device: str = "cpu", progress: Progress | None = None) -> dict:
-    """Run the whole evaluation and write ``metrics.json``, ``report.html`` and figures to ``out_dir``."""
+             overwrite: bool = False, device: str = "cpu", progress: Progress | None = None,
+             survival_cohort=None) -> dict:
+    """Run the whole evaluation and write ``metrics.json``, ``report.html`` and figures to ``out_dir``.
+
+    ``survival_cohort``: a cohort CSV (with time and event) whose patients the survival comparison uses instead of
+    the training and evaluation patients; it must share no scan with the training cohort.
+    """
     from .baselines import HistogramMatcher
     from .bundle import load_bundle
     from .cohort import read_cohort
@@ -590,15 +598,23 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     cfg = EvalConfig.for_run(seed, quick, device)
     t0 = time.perf_counter()
     eval_rows = _select_patients(read_cohort(cohort_csv), cfg.max_eval_patients)
-    figures = [f for f in FIGURES if f != "km.png" or {"time", "event"} <= set(eval_rows.columns)]
+    surv_rows = None
+    if survival_cohort is not None:
+        surv_rows = _select_patients(read_cohort(survival_cohort), cfg.max_survival_patients)
+        if not {"time", "event"} <= set(surv_rows.columns):
+            raise InputError(f"The survival cohort {survival_cohort} has no time and event columns; add them "
+                             "(years to death or censoring, and 1 = death observed, 0 = censored).")
+    outcomes = surv_rows if surv_rows is not None else eval_rows
+    figures = [f for f in FIGURES if f != "km.png" or {"time", "event"} <= set(outcomes.columns)]
     staged = StagedOutput(out_dir, ["metrics.json", "report.html", *figures], overwrite=overwrite)  # refuse early
     bundle = load_bundle(model)
     encoders = Encoders(bundle, load_bundle(unoranic) if unoranic else None, device)
     train_rows = _select_patients(read_cohort(_training_cohort_path(bundle, train_cohort)), cfg.max_train_patients)
-    overlap = set(map(str, eval_rows["image"])) & set(map(str, train_rows["image"]))
-    if overlap:
-        raise InputError(f"{len(overlap)} evaluation scans are also training scans (e.g. {sorted(overlap)[0]}); "
-                         "evaluate on patients not used in training.")
+    for what, rows in (("evaluation", eval_rows), ("survival", surv_rows)):
+        overlap = set() if rows is None else set(map(str, rows["image"])) & set(map(str, train_rows["image"]))
+        if overlap:
+            raise InputError(f"{len(overlap)} {what} scans are also training scans (e.g. {sorted(overlap)[0]}); "
+                             "evaluate on patients not used in training.")
 
     train: List[ScanLatents] = []
     samples = []
@@ -615,13 +631,17 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     for i, (_, row) in enumerate(eval_rows.iterrows()):
         evals.append(_encode_row(row, "eval", encoders, matcher)[0])
         progress(40 + 15 * (i + 1) / len(eval_rows), "encode", f"evaluation scan {i + 1}/{len(eval_rows)}")
+    survivors = []
+    for i, (_, row) in enumerate(() if surv_rows is None else surv_rows.iterrows()):
+        survivors.append(_encode_row(row, "survival", encoders, matcher)[0])
+        progress(55, "encode", f"survival scan {i + 1}/{len(surv_rows)}")
     t_encode = time.perf_counter() - t0
 
     rows = _training_rows(train, cfg.train_latents, seed)
     skipped: Dict[str, str] = {}
     funcs = representation_functions(bundle, train, rows, seed, set(train[0].latents), skipped)
     n_clusters = int(len(bundle.clusters.centroids_))
-    assign_clusters(funcs, train + evals, train, rows, n_clusters, seed, progress)
+    assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, seed, progress)
     names = list(funcs)
 
     metrics: dict = {
@@ -630,7 +650,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
         "probe": probe(evals, funcs, cfg.probe_samples, seed),
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
-    table = patient_profiles(train + evals, names, n_clusters)
+    table = patient_profiles(survivors or train + evals, names, n_clusters)
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
     metrics["relative_gain"] = relative_gains(metrics["consistency"])
     metrics["goal"] = goal_check(metrics)
@@ -638,7 +658,9 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
         "model": {"path": str(model or "default"), "sha256": bundle.sha256, "n_technical": int(bundle.rotation.n_technical_)},
         "n_clusters": n_clusters, "seed": seed, "quick": quick, "skipped": skipped,
         "n_train_scans": len(train), "n_eval_scans": len(evals), "n_eval_patients": len(_by_patient(evals)),
-        "n_survival_patients": int(len(table)), "survival_population": "training and evaluation patients (outcome-free clustering, cross-validated Cox)",
+        "n_survival_patients": int(len(table)),
+        "survival_population": (f"survival cohort {survival_cohort} ({len(survivors)} scans)" if survivors else
+                                "training and evaluation patients") + " (outcome-free clustering, cross-validated Cox)",
     })
     progress(85, "figures", "drawing figures")
     with staged:
@@ -662,6 +684,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-cohort", help="training cohort CSV the baselines and clusters are fitted on "
                                               "(default: the cohort recorded in the bundle)")
     parser.add_argument("--unoranic", help="bundle trained with --encoder unoranic, for the unoranic baseline")
+    parser.add_argument("--survival-cohort", help="cohort CSV with time and event whose patients the survival "
+                                                 "comparison uses (default: the training and evaluation patients)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="subsample patients and latents (smoke test, minutes)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -672,7 +696,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     metrics = evaluate(args.cohort, args.out, model=args.model, train_cohort=args.train_cohort, unoranic=args.unoranic,
                        seed=args.seed, quick=args.quick, overwrite=args.overwrite, device=args.device,
-                       progress=Progress(machine=args.machine_progress))
+                       progress=Progress(machine=args.machine_progress), survival_cohort=args.survival_cohort)
     print(format_summary(metrics))
     return 0
 
