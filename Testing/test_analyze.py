@@ -303,6 +303,22 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     assert "patches/s" in text and "peak RSS" in text and "given scan" in text
 
 
+def test_program_ends_with_every_line_printed_and_every_file_published(scan, bundle_dir, tmp_path):
+    """The program ends an analyze run without Python's teardown: piped output must still arrive in full."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "latentharmonize", "analyze", str(scan), "--out", str(out), "--model",
+               str(bundle_dir), "--device", "cpu", "--no-report"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # piped stdout is block-buffered
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith(f"Results in {out}")  # the summary, printed last
+    assert sorted(p.name for p in out.iterdir()) == sorted(output_names("chest", write_report=False).values())
+
+
 def test_sigterm_leaves_nothing(scan, bundle_dir, tmp_path):
     """A GUI's Cancel (SIGTERM) during the run: the process exits 130 and publishes nothing."""
     import os

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -33,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose process ends without Python's teardown once they return: their files are closed and published by
+# then, and with PyTorch and scikit-learn loaded the teardown alone took 0.7 s, freeing nothing the OS would not.
+QUICK_EXIT = {"analyze"}
+
+
 def main(argv=None) -> int:
+    """Run a command. ``argv`` None means the program's own command line, and then a command of
+    :data:`QUICK_EXIT` ends the process itself with its exit code instead of returning."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
@@ -45,13 +54,18 @@ def main(argv=None) -> int:
     module.add_arguments(sub)
     args = sub.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except LatentHarmonizeError as err:
         print(f"latentharmonize {name}: error: {err}", file=sys.stderr)
-        return err.exit_code
+        code = err.exit_code
     except KeyboardInterrupt:
         print(f"latentharmonize {name}: interrupted; no partial outputs were left.", file=sys.stderr)
-        return 130
+        code = 130
+    if own_process and name in QUICK_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
