@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # PyTorch's OpenMP threads spin while they wait for work. When other programs keep the cores busy (3D Slicer itself,
 # another analysis), spinning threads hold each other up: on the shared 2-core CPU the encoding took 1-3.4 s instead
-# of 0.5 s. Waiting passively costs about 0.2 s there when the machine is idle (0.3 -> 0.5 s). OpenMP reads this when
+# of 0.5 s. Waiting passively costs little when the machine is idle (0.27 -> 0.29 s there). OpenMP reads this when
 # PyTorch loads, which analyze does later; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

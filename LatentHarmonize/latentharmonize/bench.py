@@ -147,7 +147,8 @@ def format_report(figures: dict) -> str:
              f"peak RSS {run['peak_rss_gb']:.2f} GB (target <= {TARGET_RSS_GB:g} GB)",
              "CPU s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["cpu_s"])),
              "wall s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["timings_s"]))
-             + f"  (the rest, {run['wall_s'] - record['timings_s']['total']:.1f} s, is Python start-up and imports)",
+             + f"  (the rest, {run['wall_s'] - record['timings_s']['total']:.1f} s, is Python start-up before the "
+               "first lap; the model's imports are in 'model')",
              f"encoding: {enc['patches']} patches, dense {enc['dense_s']:.2f} s = {enc['dense_patches_per_s']:.0f} "
              f"patches/s; naive patch-by-patch {enc['naive_s_for_all']:.1f} s "
              + (f"(extrapolated from {enc['naive_patches_measured']} patches in {enc['naive_s_measured']:.1f} s) "
