@@ -279,6 +279,7 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     Files are staged in a hidden folder of ``out_dir`` and published only when the whole run succeeds.
     """
     from .io import image_sha256
+    from .writers import write_json
 
     ct_path = Path(ct_path)
     name = input_name(ct_path)
@@ -308,8 +309,6 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
                 write.result()
             timer.lap("write")  # what is left of writing the volumes after the QC
             done.record.update(timer.summary())
-            from .writers import write_json
-
             write_json(done.record, staged.path(files["record"]))
     except BaseException:
         if created and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir()):
