@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError, NoLungFoundError
+from .grid import mask_box
 
 AIR_HU = -400.0               # between lung (about -850 HU) and fat/soft tissue (-100..+60 HU)
 WORK_SPACING_MM = 2.0         # voxel size of the working copy
@@ -210,7 +211,7 @@ def _side_map(lungs: np.ndarray, work: sitk.Image, midline_x: float) -> np.ndarr
     Seeds are the lungs eroded until two sizeable components appear; with a single lung every
     voxel gets that lung's side, from its centroid against ``midline_x``.
     """
-    box = _bounding_box(lungs)
+    box = mask_box(lungs)
     offset = [s.start for s in box]
     sides = np.zeros(lungs.shape, np.uint8)
     seeds = _two_seeds(lungs[box])
@@ -262,7 +263,7 @@ def _fill_each_lung(lungs: np.ndarray, sides: np.ndarray, spacing: np.ndarray) -
         lung = lungs & (sides == side)
         if not lung.any():
             continue
-        box = _bounding_box(lung)
+        box = mask_box(lung)
         # padding keeps the closing from eroding a lung cut by the volume edge
         padded = np.pad(lung[box], [(m, m) for m in margin])
         closed = _closing(padded, CLOSING_RADIUS_MM, spacing)[tuple(slice(m, -m) for m in margin)]
@@ -274,11 +275,6 @@ def _closing(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndar
     """Closing with a Euclidean ball of ``radius_mm``, via two distance transforms (cost independent of the radius)."""
     dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
     return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-
-
-def _bounding_box(mask: np.ndarray) -> tuple:
-    return tuple(slice(int(idx[0]), int(idx[-1]) + 1)
-                 for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
 
 
 # --- back to the CT grid -------------------------------------------------------------------------
@@ -319,7 +315,7 @@ def _resample_array(values: np.ndarray, work: sitk.Image, full: sitk.Image, box:
 
 def _lung_region(labels: np.ndarray, work: sitk.Image, full: sitk.Image) -> tuple:
     """The part of the full-resolution grid covering the lungs plus one working voxel: numpy slices (z, y, x)."""
-    z, y, x = _bounding_box(labels > 0)
+    z, y, x = mask_box(labels > 0)
     lo = np.array([x.start, y.start, z.start]) - 1.0
     hi = np.array([x.stop, y.stop, z.stop], float)  # one past the last lung voxel
     corners = [[(lo, hi)[bx][0], (lo, hi)[by][1], (lo, hi)[bz][2]] for bx in (0, 1) for by in (0, 1) for bz in (0, 1)]
