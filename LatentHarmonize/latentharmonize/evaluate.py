@@ -627,14 +627,13 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     for i, (_, row) in enumerate(train_rows.iterrows()):  # the matched latents need the fitted reference
         train[i].latents["histogram_matching"] = _matched_latents(row, encoders, matcher)
         progress(30 + 10 * (i + 1) / len(train_rows), "encode", f"histogram-matched training scan {i + 1}/{len(train_rows)}")
-    evals = []
-    for i, (_, row) in enumerate(eval_rows.iterrows()):
-        evals.append(_encode_row(row, "eval", encoders, matcher)[0])
-        progress(40 + 15 * (i + 1) / len(eval_rows), "encode", f"evaluation scan {i + 1}/{len(eval_rows)}")
-    survivors = []
-    for i, (_, row) in enumerate(() if surv_rows is None else surv_rows.iterrows()):
-        survivors.append(_encode_row(row, "survival", encoders, matcher)[0])
-        progress(55, "encode", f"survival scan {i + 1}/{len(surv_rows)}")
+    held_out = [("eval", row) for _, row in eval_rows.iterrows()]
+    held_out += [] if surv_rows is None else [("survival", row) for _, row in surv_rows.iterrows()]
+    encoded = {"eval": [], "survival": []}
+    for i, (split, row) in enumerate(held_out):
+        encoded[split].append(_encode_row(row, split, encoders, matcher)[0])
+        progress(40 + 15 * (i + 1) / len(held_out), "encode", f"held-out scan {i + 1}/{len(held_out)} ({split})")
+    evals, survivors = encoded["eval"], encoded["survival"]
     t_encode = time.perf_counter() - t0
 
     rows = _training_rows(train, cfg.train_latents, seed)
