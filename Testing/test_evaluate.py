@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, consistency, goal_check, patient_profiles, probe,
-                                      relative_gains, truth_agreement)
+from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, consistency, consistency_per_patient, goal_check,
+                                      patient_profiles, probe, relative_gains, rotated_versus, truth_agreement)
 
 
 def _scan(patient, acquisition, keys, labels, truth=None, latents=None, time=1.0, event=1):
@@ -31,12 +31,36 @@ def test_consistency_compares_labels_at_common_points_only():
         noisy = np.where(rng.random(40) < 0.5, rng.integers(1, 4, 40), b_truth)
         b = _scan(f"p{p}", "b", _grid_keys(40, shift=5), {"stable": (b_truth % 3) + 7, "noisy": noisy})  # renamed labels
         scans += [a, b]
-    out = consistency(scans, ["stable", "noisy"], n_boot=100, seed=0)
+    out = consistency(consistency_per_patient(scans, ["stable", "noisy"]), n_boot=100, seed=0)
     assert out["stable"]["ari"] == pytest.approx(1.0)
     assert out["stable"]["dice"] == pytest.approx(1.0)
     assert out["noisy"]["ari"] < 0.7
     assert out["stable"]["n_patients"] == 3
     assert out["stable"]["mean_common_points"] == 35
+
+
+def test_rotated_versus_pairs_patients_and_judges_by_the_ci():
+    import pandas as pd
+
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.3, 0.7, 30)  # patients differ a lot; rotated is always a little better than "worse"
+    per_patient = {"rotated": [{"ari": b + 0.05, "nmi": b, "dice": b} for b in base],
+                   "worse": [{"ari": b, "nmi": b, "dice": b + 0.01 * rng.normal()} for b in base]}
+    time = np.arange(1.0, 41.0)
+    event = np.ones(40)
+    risks = {"rotated": -time + rng.normal(0, 3, 40), "reversed": time.copy()}  # reversed ranks every pair wrongly
+    versus = rotated_versus(per_patient, pd.DataFrame({"time": time, "event": event}), risks, n_boot=300, seed=0)
+    assert versus["worse"]["ari"]["difference"] == pytest.approx(0.05)
+    assert versus["worse"]["ari"]["ci"][0] > 0  # a clear paired gain although the two means' own CIs overlap
+    assert versus["worse"]["nmi"] == {"difference": 0.0, "ci": [0.0, 0.0]}
+    assert versus["reversed"]["c_index"]["difference"] > 0.8 and versus["reversed"]["c_index"]["ci"][0] > 0.5
+    goal = goal_check({"consistency": {"entangled": {"ari": 0.5, "nmi": 0.5, "dice": 0.5}, "rotated": {"ari": 0.6, "nmi": 0.6, "dice": 0.6}},
+                       "relative_gain": relative_gains({"entangled": {"ari": 0.5, "nmi": 0.5, "dice": 0.5},
+                                                        "rotated": {"ari": 0.6, "nmi": 0.6, "dice": 0.6}}),
+                       "probe": {"rotated": 0.5, "chance": 0.5}, "rotated_versus": versus})
+    assert goal["paired_verdict"]["worse"]["ari"] == "better"
+    assert goal["paired_verdict"]["worse"]["nmi"] == "tie"
+    assert goal["paired_verdict"]["reversed"]["c_index"] == "better"
 
 
 def test_truth_agreement_and_profiles():
@@ -184,9 +208,21 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert all(0.0 <= s["c_index"] <= 1.0 and s["n"] == 7 for s in metrics["survival"].values())
     assert metrics["skipped"] == {}
     assert set(metrics["relative_gain"]["rotated_vs_entangled_percent"]) == {"ari", "nmi", "dice"}
+    others = set(REPRESENTATIONS) - {"rotated"}
+    assert set(metrics["rotated_versus"]) == others | {"hu_thresholds", "true_composition"}
+    for other in others:
+        d = metrics["rotated_versus"][other]["nmi"]
+        assert d["difference"] == pytest.approx(metrics["consistency"]["rotated"]["nmi"] - metrics["consistency"][other]["nmi"])
+        d = metrics["rotated_versus"][other]["c_index"]
+        assert d["difference"] == pytest.approx(metrics["survival"]["rotated"]["c_index"] - metrics["survival"][other]["c_index"])
+        assert metrics["goal"]["paired_verdict"][other]["c_index"] in ("better", "worse", "tie")
     for name in FIGURES:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == len(FIGURES)
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == len(FIGURES)
+    assert "Rotated minus each other representation" in report
+    for other in others:  # one table row per other representation, its C-index difference printed as computed
+        assert f"{metrics['rotated_versus'][other]['c_index']['difference']:+.3f}" in report
     assert main(args) == 2  # existing results are not overwritten
     with pytest.raises(Exception, match="also training scans"):
         from latentharmonize.evaluate import evaluate

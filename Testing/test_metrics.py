@@ -6,7 +6,7 @@ import pytest
 
 from latentharmonize.errors import InputError
 from latentharmonize.metrics import (bootstrap_ci, label_agreement, matched_dice, mean_pairwise_agreement,
-                                     summarize)
+                                     paired_difference, summarize)
 
 
 def test_identical_up_to_permutation_scores_one():
@@ -70,3 +70,15 @@ def test_summarize_and_pairwise_agreement():
     assert summary["ari_ci"][0] <= summary["ari"] <= summary["ari_ci"][1]
     with pytest.raises(InputError, match="at least two"):
         mean_pairwise_agreement([same])
+
+
+def test_paired_difference_cancels_what_patients_share():
+    rng = np.random.default_rng(5)
+    shared = rng.uniform(0.2, 0.9, 25)
+    out = paired_difference(shared + 0.02, shared, seed=1)
+    assert out["difference"] == pytest.approx(0.02)
+    assert out["ci"] == pytest.approx([0.02, 0.02])
+    alone = bootstrap_ci(shared + 0.02, seed=1)
+    assert alone[0] < np.mean(shared)  # compared unpaired, the two means' CIs overlap
+    with pytest.raises(InputError, match="both sides"):
+        paired_difference([0.1, 0.2], [0.1])

@@ -126,3 +126,22 @@ def test_c_index_ci_skips_resamples_without_a_comparable_pair():
     out = c_index_with_ci(time, event, [0.5, 0.1, 0.2, 0.3, 0.4], n_boot=200, seed=0)
     assert out["c_index"] == 1.0 and out["n_events"] == 2
     assert out["c_index_ci"][0] <= out["c_index_ci"][1] <= 1.0
+
+
+def test_c_index_difference_is_paired():
+    from latentharmonize.survival import c_index_difference, c_index_with_ci
+
+    rng = np.random.default_rng(0)
+    time = rng.exponential(5.0, 80)
+    event = (rng.random(80) < 0.7).astype(float)
+    good = -time + rng.normal(0, 2.0, 80)
+    noisy = good + rng.normal(0, 0.5, 80)  # nearly the same ranking as good
+    out = c_index_difference(time, event, good, noisy, n_boot=300, seed=1)
+    separate = [c_index_with_ci(time, event, r, n_boot=300, seed=1) for r in (good, noisy)]
+    assert out["difference"] == pytest.approx(separate[0]["c_index"] - separate[1]["c_index"])
+    assert out["ci"][0] <= out["difference"] <= out["ci"][1]
+    # the paired CI is much narrower than either score's own CI: the patients they share cancel
+    assert out["ci"][1] - out["ci"][0] < 0.5 * (separate[0]["c_index_ci"][1] - separate[0]["c_index_ci"][0])
+    assert c_index_difference(time, event, good, good, n_boot=50)["ci"] == [0.0, 0.0]
+    with pytest.raises(InputError, match="one value per patient"):
+        c_index_difference(time, event, good, good[:-1])

@@ -45,7 +45,7 @@ import pandas as pd
 
 from .atomic import StagedOutput
 from .errors import InputError
-from .metrics import label_agreement, mean_pairwise_agreement, summarize
+from .metrics import METRICS, label_agreement, mean_pairwise_agreement, summarize
 from .progress import Progress
 
 REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic")
@@ -245,25 +245,51 @@ def _rows_of(query: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.array([lookup.get(tuple(k), -1) for k in query.tolist()], dtype=np.int64)
 
 
-def consistency(eval_scans: List[ScanLatents], names, n_boot: int, seed: int) -> tuple:
-    """Per representation: mean pairwise ARI/NMI/Dice across a patient's acquisitions, summarised over patients."""
+def consistency_per_patient(eval_scans: List[ScanLatents], names) -> Dict[str, list]:
+    """Per representation, one record per patient: mean pairwise ARI/NMI/Dice across the patient's acquisitions
+    at the lung locations they share (``common_points`` on every record)."""
     per_patient: Dict[str, list] = {n: [] for n in names}
-    n_points = []
     for patient, scans in _by_patient(eval_scans).items():
         if len(scans) < 2:
             continue
         rows = _common_rows(scans)
         if len(rows[0]) == 0:
             continue
-        n_points.append(len(rows[0]))
         for n in names:
-            per_patient[n].append(mean_pairwise_agreement([s.labels[n][r] for s, r in zip(scans, rows)]))
-    if not n_points:
+            record = mean_pairwise_agreement([s.labels[n][r] for s, r in zip(scans, rows)])
+            per_patient[n].append({**record, "common_points": float(len(rows[0]))})
+    if not per_patient[names[0]]:
         raise InputError("No evaluation patient has two acquisitions sharing lung locations; the evaluation cohort "
                          "needs each patient scanned under at least two acquisition settings.")
-    out = {n: summarize(per_patient[n], n_boot=n_boot, seed=seed) for n in names}
-    for n in names:
-        out[n]["mean_common_points"] = float(np.mean(n_points))
+    return per_patient
+
+
+def consistency(per_patient: Dict[str, list], n_boot: int, seed: int) -> dict:
+    """Mean and bootstrap CI over patients of each representation's consistency records."""
+    out = {}
+    for n, records in per_patient.items():
+        out[n] = summarize([{m: r[m] for m in METRICS} for r in records], n_boot=n_boot, seed=seed)
+        out[n]["mean_common_points"] = float(np.mean([r["common_points"] for r in records]))
+    return out
+
+
+def rotated_versus(per_patient: Dict[str, list], table: pd.DataFrame, risks: dict, n_boot: int, seed: int) -> dict:
+    """Rotated minus every other representation (and feature set), paired over the same patients, with 95 % CIs:
+    consistency ARI/NMI/Dice per evaluation patient, and survival C-index on the same bootstrap resamples.
+    A CI that contains 0 means this cohort cannot tell the two apart."""
+    from .metrics import paired_difference
+    from .survival import c_index_difference
+
+    out: Dict[str, dict] = {}
+    for other, records in per_patient.items():
+        if other != "rotated":
+            out[other] = {m: paired_difference([r[m] for r in per_patient["rotated"]], [r[m] for r in records],
+                                               n_boot=n_boot, seed=seed) for m in METRICS}
+    if "rotated" in risks:
+        for other, risk in risks.items():
+            if other != "rotated":
+                out.setdefault(other, {})["c_index"] = c_index_difference(
+                    table["time"], table["event"], risks["rotated"], risk, n_boot=n_boot, seed=seed)
     return out
 
 
@@ -374,7 +400,17 @@ def goal_check(metrics: dict) -> dict:
     if "rotated" in surv:
         out["survival_rotated_beats"] = {k: bool(surv["rotated"]["c_index"] > surv[k]["c_index"])
                                          for k in ("entangled", "hu_thresholds") if k in surv}
+    versus = metrics.get("rotated_versus", {})
+    if versus:
+        out["paired_verdict"] = {other: {m: paired_verdict(d["ci"]) for m, d in diffs.items()}
+                                 for other, diffs in versus.items()}
     return out
+
+
+def paired_verdict(ci) -> str:
+    """'better' or 'worse' when the 95 % CI of rotated minus other excludes 0, else 'tie' (this cohort cannot tell)."""
+    low, high = ci
+    return "better" if low > 0 else "worse" if high < 0 else "tie"
 
 
 # ----------------------------------------------------------------------------- figures
@@ -532,6 +568,23 @@ def _ci(m: dict, key: str) -> str:
     return f"{m[key]:.3f} <small>({lo:.3f}–{hi:.3f})</small>"
 
 
+VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
+
+
+def versus_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the 'rotated minus other' table: per other representation, each metric's paired difference, its
+    95 % CI and the verdict (the README and the HTML report show the same text)."""
+    rows = []
+    for other, diffs in metrics.get("rotated_versus", {}).items():
+        cells = [other]
+        for m in VERSUS_COLUMNS:
+            d = diffs.get(m)
+            cells.append("" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) "
+                                              f"{paired_verdict(d['ci'])}")
+        rows.append(cells)
+    return rows
+
+
 def render_report(metrics: dict, staged, figures: List[str]) -> str:
     cons, probe_acc = metrics["consistency"], metrics["probe"]
     cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"), f"{probe_acc[n]:.3f}"] for n, m in cons.items()]
@@ -558,6 +611,9 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <h2>Rotated over entangled: relative gain</h2>{_table(gain_rows, ['metric', 'this run', 'paper'])}
 <h2>Agreement with the phantom truth</h2>{_table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
 <h2>Survival: cross-validated Cox C-index</h2>{_table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
+<h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
+<p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
+{_table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
 <h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
 {'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
 <h2>Figures</h2>{figures}
@@ -643,14 +699,16 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, seed, progress)
     names = list(funcs)
 
+    per_patient = consistency_per_patient(evals, names)
     metrics: dict = {
-        "consistency": consistency(evals, names, cfg.n_boot, seed),
+        "consistency": consistency(per_patient, cfg.n_boot, seed),
         "truth_agreement": truth_agreement(evals, names, cfg.n_boot, seed),
         "probe": probe(evals, funcs, cfg.probe_samples, seed),
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
     table = patient_profiles(survivors or train + evals, names, n_clusters)
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
+    metrics["rotated_versus"] = rotated_versus(per_patient, table, risks, cfg.n_boot, seed)
     metrics["relative_gain"] = relative_gains(metrics["consistency"])
     metrics["goal"] = goal_check(metrics)
     metrics.update({

@@ -71,6 +71,18 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, lev
     return float(low), float(high)
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Dict[str, object]:
+    """Mean of ``a - b`` over patients measured both ways, with the bootstrap 95 % CI of that mean.
+
+    Pairing removes what the patients share (some patients are harder for every method), so a difference can be
+    clear even when the two methods' own CIs overlap, or a tie even when one mean is higher.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise InputError(f"Paired values need one value per patient on both sides; got {a.size} and {b.size}.")
+    return {"difference": float(np.mean(a - b)), "ci": list(bootstrap_ci(a - b, n_boot=n_boot, seed=seed))}
+
+
 def summarize(per_patient: Iterable[Dict[str, float]], n_boot: int = 2000, seed: int = 0) -> Dict[str, object]:
     """Mean and bootstrap 95 % CI over patients of each metric found in the per-patient records.
 
