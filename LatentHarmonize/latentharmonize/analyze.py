@@ -269,13 +269,15 @@ class _Computed:
 
 
 def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=False, progress=None,
-            write_report=True) -> AnalysisResult:
+            write_report=True, model_loader=None) -> AnalysisResult:
     """Analyse one chest CT into ``out_dir`` (see docs/analyze.md for the files written).
 
     ``model``: model bundle folder (default: the bundled model); ``mask``: lung mask file on the CT's grid (default:
     automatic segmentation); ``device``: ``auto``, ``cpu`` or ``cuda``; ``overwrite``: replace earlier results;
     ``progress``: a :class:`~latentharmonize.progress.Progress` (or any ``(percent, stage, message)`` callable);
-    ``write_report``: also write the QC pictures, surfaces and ``report.html`` (batch runs may skip them).
+    ``write_report``: also write the QC pictures, surfaces and ``report.html`` (batch runs may skip them);
+    ``model_loader``: a ``(model, device) -> (bundle, device, encoder)`` callable used instead of :func:`load_model`
+    (a resident worker passes its cache of the loaded model).
     Files are staged in a hidden folder of ``out_dir`` and published only when the whole run succeeds.
     """
     from .io import image_sha256
@@ -294,7 +296,7 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
             _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
             ct_read = pool.submit(_read_scan, ct_path)
             input_hash = pool.submit(image_sha256, ct_path)
-            bundle, device, encoder = _load_model(model, device)
+            bundle, device, encoder = (model_loader or load_model)(model, device)
             timer.lap("model")
             ct = ct_read.result()
             timer.lap("load")  # what is left of reading the scan once the model is loaded
@@ -339,7 +341,7 @@ def _read_scan(ct_path: Path) -> sitk.Image:
     return ct
 
 
-def _load_model(model, device) -> tuple:
+def load_model(model, device) -> tuple:
     """The model side of a run: the bundle (verified), the device and the encoder on it."""
     from .bundle import load_bundle
     from .patches import resolve_device
