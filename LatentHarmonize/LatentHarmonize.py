@@ -1,10 +1,10 @@
 """LatentHarmonize: scanner-invariant lung tissue clusters from chest CT, inside 3D Slicer.
 
 The module is a thin shell around the ``latentharmonize`` backend (the sub-package next to this file). The analysis
-runs in a separate ``PythonSlicer`` process, so the GUI stays responsive and Cancel can stop it; every number shown
-to the user comes from ``latentharmonize.slicer_bridge``, which is tested outside Slicer.
+runs in a separate ``PythonSlicer`` process, so the GUI stays responsive and Cancel can stop it. That process (the
+backend worker) stays loaded between Analyze clicks, so only the first pays for importing PyTorch and loading the
+model. Every number shown to the user comes from ``latentharmonize.slicer_bridge``, which is tested outside Slicer.
 """
-import inspect
 import json
 import logging
 import os
@@ -12,6 +12,7 @@ import pathlib
 import queue
 import shlex
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -155,6 +156,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._run is not None:
             self._run.cancel()
+        self.logic.stopWorker()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -168,6 +170,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self.logic.stopWorker()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -352,55 +355,58 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class AnalysisRun:
-    """One backend process: streams its output without blocking the GUI, reports progress, can be cancelled.
-
-    Slicer >= 5.12 reads the output itself (``launchConsoleProcess(blocking=False)``); older releases get the same
-    behaviour from a reader thread and a QTimer that polls its queue on the main thread.
+class BackendWorker:
+    """The resident backend process (``latentharmonize worker``), started on the first Analyze. It imports the
+    libraries and loads the model once and then analyzes one request after another, so later clicks skip seconds of
+    start-up. A thread reads its output; a QTimer hands each line to the running analysis on the main thread.
     """
 
-    def __init__(self, command, environment, runFolder, name, inputVolume: "vtkMRMLScalarVolumeNode", onLog=None,
-                 onProgress=None, onFinished=None) -> None:
-        self.command = command
-        self.environment = environment
-        self.runFolder = runFolder
-        self.name = name
-        self.inputVolume = inputVolume
-        self.onLog = onLog
-        self.onProgress = onProgress
-        self.onFinished = onFinished
-        self.log = bridge().BackendLog()
+    def __init__(self, launch) -> None:
+        self.launch = launch
         self.process = None
-        self.cancelled = False
-        self.returncode = None
+        self.run = None
+        self.idleSince = time.time()
         self._queue = queue.Queue()
         self._timer = None
-        self._startTime = time.time()
-
-    @property
-    def inputPath(self) -> pathlib.Path:
-        return self.runFolder / "input" / f"{self.name}.nrrd"
-
-    @property
-    def outputFolder(self) -> pathlib.Path:
-        return self.runFolder / "out"
-
-    def elapsed(self) -> float:
-        return time.time() - self._startTime
 
     def start(self) -> None:
-        logging.info("LatentHarmonize backend: %s", " ".join(shlex.quote(str(a)) for a in self.command))
-        if "blocking" in inspect.signature(slicer.util.launchConsoleProcess).parameters:  # Slicer >= 5.12
-            self.process = slicer.util.launchConsoleProcess(self.command, updateEnvironment=self.environment,
-                                                            blocking=False, logCallback=self._onLine,
-                                                            completedCallback=self._onCompleted)
-            return
-        self.process = slicer.util.launchConsoleProcess(self.command, updateEnvironment=self.environment)
+        logging.info("LatentHarmonize backend: %s", " ".join(shlex.quote(a) for a in self.launch.command))
+        environment = slicer.util.startupEnvironment()
+        environment.update(dict(self.launch.environment))
+        options = {}
+        if os.name == "nt":  # no console window, as slicer.util.launchConsoleProcess does
+            options["startupinfo"] = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)
+        # launchConsoleProcess gives the process no stdin, which carries the requests
+        self.process = subprocess.Popen(list(self.launch.command), env=environment, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                                        errors="replace", **options)
         threading.Thread(target=self._readOutput, daemon=True).start()
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._poll)
         self._timer.start()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def submit(self, run: "AnalysisRun") -> None:
+        self.run = run
+        try:
+            self.process.stdin.write(run.request)
+            self.process.stdin.flush()
+        except OSError:  # the worker has just ended: the end of its output completes the run
+            logging.warning("LatentHarmonize backend: the worker ended before taking the request")
+
+    def stop(self) -> None:
+        """End the worker's input: it finishes the analysis it is running, if any, and exits."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        """Stop the worker and all its children now (Cancel); the next Analyze starts a fresh one."""
+        bridge().kill_process_tree(self.process.pid)
 
     def _readOutput(self) -> None:
         """Background thread: only reads the pipe; all GUI work happens in _poll on the main thread."""
@@ -416,28 +422,76 @@ class AnalysisRun:
                 return
             if line is None:
                 self._timer.stop()
-                self._onCompleted(self.process.wait())
+                self._finishRun(self.process.wait())
                 return
-            self._onLine(line)
+            if self.run is None:
+                logging.info("LatentHarmonize backend: %s", line.rstrip())
+            elif self.run.feed(line):
+                self._finishRun(None)
 
-    def _onLine(self, line: str) -> None:
+    def _finishRun(self, workerReturncode) -> None:
+        run = self.run
+        self.run = None
+        self.idleSince = time.time()
+        if run is not None:
+            run.complete(workerReturncode)
+
+
+class AnalysisRun:
+    """One Analyze: its working folder, its request to the backend worker, progress, completion and Cancel."""
+
+    def __init__(self, worker: BackendWorker, request: str, runFolder, name,
+                 inputVolume: "vtkMRMLScalarVolumeNode", onLog=None, onProgress=None, onFinished=None) -> None:
+        self.worker = worker
+        self.request = request
+        self.runFolder = runFolder
+        self.name = name
+        self.inputVolume = inputVolume
+        self.onLog = onLog
+        self.onProgress = onProgress
+        self.onFinished = onFinished
+        self.log = bridge().BackendLog()
+        self.cancelled = False
+        self.returncode = None
+        self._startTime = time.time()
+
+    @property
+    def inputPath(self) -> pathlib.Path:
+        return self.runFolder / "input" / f"{self.name}.nrrd"
+
+    @property
+    def outputFolder(self) -> pathlib.Path:
+        return self.runFolder / "out"
+
+    def elapsed(self) -> float:
+        return time.time() - self._startTime
+
+    def start(self) -> None:
+        self.worker.submit(self)
+
+    def feed(self, line: str) -> bool:
+        """One line of the worker's output; True when it was this analysis' result line."""
         event = self.log.feed(line)
+        if self.log.result is not None:
+            return True
         if event is not None:
             if self.onProgress:
                 self.onProgress(event)
         elif self.onLog:
             self.onLog(line.rstrip())
+        return False
 
-    def _onCompleted(self, returncode: int) -> None:
-        self.returncode = returncode
+    def complete(self, workerReturncode=None) -> None:
+        """The result line arrived, or the worker ended (``workerReturncode``) without one."""
+        self.returncode = self.log.returncode(workerReturncode)
         if self.onFinished:
-            self.onFinished(self, returncode)
+            self.onFinished(self, self.returncode)
 
     def cancel(self) -> None:
-        """Kill the backend and all its children; the completion callback still fires."""
-        if self.process is not None and self.returncode is None:
+        """Kill the worker and all its children; the completion callback still fires."""
+        if self.returncode is None:
             self.cancelled = True
-            bridge().kill_process_tree(self.process.pid)
+            self.worker.kill()
 
 
 class LatentHarmonizeResults:
@@ -457,6 +511,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.dependenciesChecked = False
+        self.worker = None
 
     def getParameterNode(self) -> "LatentHarmonizeParameterNode":
         return LatentHarmonizeParameterNode(super().getParameterNode())
@@ -511,7 +566,8 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
     def startAnalysis(self, inputVolume: "vtkMRMLScalarVolumeNode", maskSegmentation=None, maskSegmentID="",
                       modelPath=DEFAULT_MODEL, device="auto", onLog=None, onProgress=None,
                       onFinished=None) -> AnalysisRun:
-        """Write the input (and mask) to a temporary folder and start the backend; returns the running job."""
+        """Write the input (and mask) to a temporary folder and send it to the backend worker (started when none
+        can take it); returns the running job."""
         b = bridge()
         problems = b.missing_inputs(inputVolume is not None, modelPath, maskSegmentation is not None, maskSegmentID)
         if problems:
@@ -525,12 +581,30 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         if maskSegmentation is not None and maskSegmentID:
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(maskSegmentation, maskSegmentID, inputVolume)
             maskPath = b.write_mask(mask, ijkToRAS, runFolder / "input" / "lung_mask.nrrd")
-        command = b.build_analyze_command(self.pythonSlicerExecutable(), inputPath, runFolder / "out", maskPath,
-                                          modelPath, device)
+        command = b.build_worker_command(self.pythonSlicerExecutable())
         environment = b.backend_environment(MODULE_DIR, slicer.util.startupEnvironment().get("PYTHONPATH"))
-        run = AnalysisRun(command, environment, runFolder, name, inputVolume, onLog, onProgress, onFinished)
+        worker = self.backendWorker(b.worker_launch(command, environment, MODULE_DIR))
+        request = b.worker_request(inputPath, runFolder / "out", maskPath, modelPath, device)
+        run = AnalysisRun(worker, request, runFolder, name, inputVolume, onLog, onProgress, onFinished)
         run.start()
         return run
+
+    def backendWorker(self, launch) -> BackendWorker:
+        """The running backend worker if it can take a request started with ``launch``, else a fresh one."""
+        worker = self.worker
+        if worker is not None and bridge().can_reuse_worker(worker.launch, launch, worker.alive(),
+                                                            worker.run is not None, time.time() - worker.idleSince):
+            return worker
+        self.stopWorker()
+        self.worker = BackendWorker(launch)
+        self.worker.start()
+        return self.worker
+
+    def stopWorker(self) -> None:
+        """Let the backend worker exit once the analysis it runs, if any, is done (scene close, module cleanup)."""
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
 
     # --- results in the scene
 
@@ -782,16 +856,11 @@ class LatentHarmonizeTest(ScriptedLoadableModuleTest):
         logic = LatentHarmonizeLogic()
         logic.ensureDependencies(confirm=False)
 
-        self.delayDisplay("Analyzing (background process)")
-        finished = {}
-        run = logic.startAnalysis(volume, onLog=logging.info,
-                                  onFinished=lambda job, returncode: finished.update(returncode=returncode))
-        deadline = time.time() + 3600
-        while "returncode" not in finished and time.time() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        self.assertIn("returncode", finished, "the analysis did not finish within an hour")
-        self.assertEqual(finished["returncode"], 0, run.log.failure_message(finished["returncode"]))
+        self.delayDisplay("Analyzing (background process), twice: the second run reuses the backend worker")
+        run = self.analyze(logic, volume)
+        worker = logic.worker
+        again = self.analyze(logic, volume)
+        self.assertIs(again.worker, worker)
 
         results = logic.loadResults(run)
         segmentIDs = list(results.segmentation.GetSegmentation().GetSegmentIDs())
@@ -817,4 +886,18 @@ class LatentHarmonizeTest(ScriptedLoadableModuleTest):
         exportFolder = pathlib.Path(slicer.util.tempDirectory("LatentHarmonizeTest"))
         for path in logic.exportResults(results.segmentation, volume, exportFolder):
             self.assertTrue(os.path.getsize(path) > 0, f"{path} is empty")
+        logic.stopWorker()
         self.delayDisplay("Test passed")
+
+    def analyze(self, logic: "LatentHarmonizeLogic", volume: "vtkMRMLScalarVolumeNode") -> AnalysisRun:
+        """One Analyze, waited for while Slicer keeps processing events; fails the test unless it succeeded."""
+        finished = {}
+        run = logic.startAnalysis(volume, onLog=logging.info,
+                                  onFinished=lambda job, returncode: finished.update(returncode=returncode))
+        deadline = time.time() + 3600
+        while "returncode" not in finished and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertIn("returncode", finished, "the analysis did not finish within an hour")
+        self.assertEqual(finished["returncode"], 0, run.log.failure_message(finished["returncode"]))
+        return run

@@ -81,18 +81,23 @@ def outputs(tmp_path):
 
 # ------------------------------------------------------------------------------------------- command and process
 
-def test_command_is_accepted_by_the_analyze_cli(tmp_path):
-    command = bridge.build_analyze_command("/opt/Slicer/bin/PythonSlicer", tmp_path / "chest.nrrd", tmp_path / "out",
-                                           mask_path=tmp_path / "mask.nrrd", model_dir=tmp_path / "bundle", device="GPU")
-    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "latentharmonize", "analyze"]
-    parser = __import__("argparse").ArgumentParser()
-    analyze.add_arguments(parser)
-    args = parser.parse_args(command[4:])
-    assert (args.ct, args.out, args.mask, args.model) == (str(tmp_path / "chest.nrrd"), str(tmp_path / "out"),
-                                                          str(tmp_path / "mask.nrrd"), str(tmp_path / "bundle"))
-    assert args.device == "cuda" and args.progress_lines
+def test_worker_command_and_request_are_what_the_worker_reads(tmp_path):
+    from latentharmonize import worker
 
-    minimal = parser.parse_args(bridge.build_analyze_command("py", "a.nrrd", "o", device="CPU")[4:])
+    command = bridge.build_worker_command("/opt/Slicer/bin/PythonSlicer", idle_timeout_s=90)
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "latentharmonize", "worker"]
+    parser = __import__("argparse").ArgumentParser()
+    worker.add_arguments(parser)
+    assert parser.parse_args(command[4:]).idle_timeout == 90
+    assert parser.parse_args(bridge.build_worker_command("py")[4:]).idle_timeout == bridge.WORKER_IDLE_TIMEOUT_S
+
+    line = bridge.worker_request(tmp_path / "chest.nrrd", tmp_path / "out", mask_path=tmp_path / "mask.nrrd",
+                                 model_dir=tmp_path / "bundle", device="GPU", request_id=4)
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert worker.parse_request(line) == worker.Request(
+        str(tmp_path / "chest.nrrd"), str(tmp_path / "out"), mask=str(tmp_path / "mask.nrrd"),
+        model=str(tmp_path / "bundle"), device="cuda", overwrite=False, report=True, id=4)
+    minimal = worker.parse_request(bridge.worker_request("a.nrrd", "o", mask_path="", model_dir=None, device="CPU"))
     assert minimal.mask is None and minimal.model is None and minimal.device == "cpu"
 
 
@@ -101,7 +106,29 @@ def test_device_choices_and_missing_python():
     with pytest.raises(InputError, match="Unknown device"):
         bridge.device_argument("TPU")
     with pytest.raises(InputError, match="PythonSlicer was not found"):
-        bridge.build_analyze_command(None, "a.nrrd", "out")
+        bridge.build_worker_command(None)
+
+
+def test_worker_is_reused_only_when_it_can_take_the_request(tmp_path):
+    package = tmp_path / "latentharmonize"
+    package.mkdir()
+    (package / "analyze.py").write_text("A = 1\n")
+    launch = bridge.worker_launch(["py", "-m", "latentharmonize", "worker"], {"PYTHONPATH": "/m"}, tmp_path)
+    assert bridge.worker_launch(["py", "-m", "latentharmonize", "worker"], {"PYTHONPATH": "/m"}, tmp_path) == launch
+    assert bridge.can_reuse_worker(launch, launch, alive=True, busy=False, idle_s=5.0)
+    assert not bridge.can_reuse_worker(None, launch, alive=True, busy=False, idle_s=5.0)
+    assert not bridge.can_reuse_worker(launch, launch, alive=False, busy=False, idle_s=5.0)  # ended, or cancelled
+    assert not bridge.can_reuse_worker(launch, launch, alive=True, busy=True, idle_s=5.0)
+    # idle for nearly its timeout: it may be exiting just as the request arrives
+    timeout = bridge.WORKER_IDLE_TIMEOUT_S
+    assert bridge.can_reuse_worker(launch, launch, True, False, idle_s=timeout - bridge.WORKER_REUSE_MARGIN_S - 1)
+    assert not bridge.can_reuse_worker(launch, launch, True, False, idle_s=timeout - bridge.WORKER_REUSE_MARGIN_S)
+    other_python = bridge.worker_launch(["py3", "-m", "latentharmonize", "worker"], {"PYTHONPATH": "/m"}, tmp_path)
+    other_path = bridge.worker_launch(["py", "-m", "latentharmonize", "worker"], {"PYTHONPATH": "/n"}, tmp_path)
+    (package / "analyze.py").write_text("A = 22\n")  # the backend was edited: the next Analyze runs the new code
+    edited = bridge.worker_launch(["py", "-m", "latentharmonize", "worker"], {"PYTHONPATH": "/m"}, tmp_path)
+    for wanted in (other_python, other_path, edited):
+        assert not bridge.can_reuse_worker(launch, wanted, alive=True, busy=False, idle_s=5.0)
 
 
 def test_environment_makes_the_module_folder_importable(tmp_path):
@@ -159,6 +186,27 @@ def test_progress_lines_and_failure_message():
     message = crashed.failure_message(1)
     assert "during 'encode'" in message and "exit code 1" in message
     assert message.endswith("b\nc\nTraceback: boom") and "\na\n" not in message
+
+
+def test_the_worker_result_line_decides_the_outcome():
+    from latentharmonize.worker import WorkerResult, format_result_line
+
+    done = bridge.BackendLog()
+    assert done.feed("LH-PROGRESS 100 done results in /x\n").percent == 100
+    assert done.feed(format_result_line(WorkerResult(True, 1, out="/x", seconds=2.0)) + "\n") is None
+    assert done.result.ok and done.returncode() == 0 and done.lines == []  # the result line is not log output
+
+    failed = bridge.BackendLog()
+    failed.feed("Loading bundle")
+    failed.feed(format_result_line(WorkerResult(False, 1, error="No lung found in a.nrrd.", error_type="NoLungFoundError",
+                                                exit_code=2)))
+    assert failed.returncode() == 2 and failed.failure_message(2) == "No lung found in a.nrrd."
+
+    # the worker ended (crashed, killed) before answering: its exit code, and never success
+    died = bridge.BackendLog()
+    died.feed("LH-PROGRESS 40 encode slab 2/5")
+    assert died.returncode(-9) == -9 and "exit code -9" in died.failure_message(-9)
+    assert bridge.BackendLog().returncode(0) != 0
 
 
 def test_cancel_kills_the_whole_process_tree():
@@ -486,20 +534,31 @@ def backend_case(tmp_path_factory):
 
 
 def _start_backend(case, out_dir):
-    """Start analyze exactly as the module does (command and environment from the bridge), stderr merged."""
-    command = bridge.build_analyze_command(sys.executable, case["input"], out_dir, model_dir=case["bundle"], device="CPU")
+    """Start the worker exactly as the module does (command, environment and request from the bridge), stderr merged,
+    and send it the analysis of the case."""
     env = dict(os.environ)
     env.update(bridge.backend_environment(MODULE_DIR, os.environ.get("PYTHONPATH")))
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(bridge.build_worker_command(sys.executable), env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process.stdin.write(bridge.worker_request(case["input"], out_dir, model_dir=case["bundle"], device="CPU"))
+    process.stdin.flush()
+    return process
 
 
 def test_backend_run_through_the_bridge_end_to_end(backend_case):
     out_dir = backend_case["folder"] / "out"
     process = _start_backend(backend_case, out_dir)
     log = bridge.BackendLog()
-    events = [e for e in (log.feed(line) for line in process.stdout) if e is not None]
-    returncode = process.wait(timeout=300)
-    assert returncode == 0, log.failure_message(returncode)
+    events = []
+    for line in process.stdout:
+        event = log.feed(line)
+        if event is not None:
+            events.append(event)
+        if log.result is not None:
+            break
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0
+    assert log.returncode() == 0, log.failure_message(log.returncode())
     percents = [e.percent for e in events]
     assert percents == sorted(percents) and percents[-1] == 100 and len({e.stage for e in events}) >= 3
 
@@ -530,6 +589,9 @@ def test_cancel_stops_the_backend_and_leaves_no_outputs(backend_case):
         if log.feed(line) is not None:  # cancel as soon as the analysis reports progress
             break
     assert bridge.kill_process_tree(process.pid) >= 1
-    assert process.wait(timeout=30) != 0
+    assert process.wait(timeout=30) == 130
+    for line in process.stdout.read().splitlines():  # the worker reported the interrupted request before exiting
+        log.feed(line)
+    assert log.result.error_type == "Cancelled" and log.returncode() == 130
     left = [p.name for p in out_dir.glob("*")] if out_dir.exists() else []
     assert left == []  # no results and no staging folder: the backend cleaned up on SIGTERM

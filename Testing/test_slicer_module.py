@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -91,9 +92,10 @@ QT_METHODS = {
     "layoutManager", "setLayout",   # qSlicerApplication / qSlicerLayoutManager
 }
 QT_NAMES = {"QTimer"}
-# Python and numpy methods on plain values (lists, dicts, strings, paths, queues, threads, processes, arrays)
+# Python and numpy methods on plain values (lists, dicts, strings, paths, queues, threads, processes and their pipes,
+# arrays)
 PYTHON_METHODS = set().union(*(dir(t) for t in (str, list, dict, set, tuple, pathlib.Path, queue.Queue,
-                                                 threading.Thread, subprocess.Popen, np.ndarray)))
+                                                 threading.Thread, subprocess.Popen, io.TextIOWrapper, np.ndarray)))
 STDLIB_MODULES = set(sys.stdlib_module_names)
 
 
@@ -509,7 +511,7 @@ def test_every_slicer_call_of_the_module_is_in_the_api_list(module_source):
             ("vtkMRMLSliceNode", "JumpAllSlices"), ("vtkSegment", "SetColor"), ("vtkMRMLScene", "AddNewNodeByClass"),
             ("vtkMRMLSegmentationNode", "SetReferenceImageGeometryParameterFromVolumeNode"),
             ("vtkSlicerTablesLogic", "GetLayoutWithTable"), ("vtkMRMLScriptedModuleNode", "SetParameter"),
-            ("slicer.util", "launchConsoleProcess"), ("slicer.util", "arrayFromSegmentBinaryLabelmap"),
+            ("slicer.util", "startupEnvironment"), ("slicer.util", "arrayFromSegmentBinaryLabelmap"),
             ("slicer.packaging", "pip_ensure"), ("SegmentStatisticsLogic", "exportToCSVFile")} <= checker.resolved
     assert len(checker.resolved) > 60
 
@@ -802,13 +804,15 @@ def test_module_defines_the_slicer_classes(module_source):
     assert "CTChest" in {s["sampleName"] for s in API["SampleData"]["builtin_samples_General_category"]}
 
 
-def test_backend_runs_as_a_module_with_progress_lines(module_source):
-    """The command comes from the bridge (python -m latentharmonize analyze --progress-lines), run non-blocking."""
+def test_backend_runs_as_a_resident_worker_with_progress_lines(module_source):
+    """The command and requests come from the bridge (python -m latentharmonize worker); its output is read by a
+    thread and handed over on the main thread by a QTimer; Cancel kills the worker's process tree."""
     tree = ast.parse(module_source)
     start = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "start")
     text = ast.unparse(start)
-    assert "blocking=False" in text and "threading.Thread" in text and "QTimer" in text
-    assert "build_analyze_command" in module_source and "backend_environment" in module_source
+    assert "stdin=subprocess.PIPE" in text and "threading.Thread" in text and "QTimer" in text
+    assert "build_worker_command" in module_source and "backend_environment" in module_source
+    assert "worker_request" in module_source and "can_reuse_worker" in module_source
     assert "kill_process_tree" in module_source
     assert builtins  # the checker's PYTHON_METHODS come from builtins' types
 
@@ -846,37 +850,13 @@ class _FakeTimer:
             self.callback()
 
 
-def _popen(args, updateEnvironment=None):
-    env = dict(os.environ)
-    env.update(updateEnvironment or {})
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _launch_before_5_12(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None):
-    return _popen(args, updateEnvironment)
-
-
-def _launch_5_12(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None, blocking=True, logCallback=None,
-                 completedCallback=None):
-    """Like Slicer 5.12: a reader thread delivers lines and the exit code (here without the QTimer hop)."""
-    proc = _popen(args, updateEnvironment)
-
-    def read():
-        for line in proc.stdout:
-            logCallback(line.rstrip())
-        completedCallback(proc.wait())
-
-    threading.Thread(target=read, daemon=True).start()
-    return proc
-
-
-def _load_module(monkeypatch, launch=_launch_before_5_12, packaging=None, torch_installed=True, calls=None):
+def _load_module(monkeypatch, packaging=None, torch_installed=True, calls=None):
     """Import LatentHarmonize.py against stand-ins for slicer and qt (vtk is the real one)."""
     calls = calls if calls is not None else []
     slicer = types.ModuleType("slicer")
     util = types.ModuleType("slicer.util")
     util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
-    util.launchConsoleProcess = launch
+    util.startupEnvironment = lambda: dict(os.environ)
     util.confirmOkCancelDisplay = lambda text, *a, **k: calls.append(("confirm", text)) or True
     util.pip_install = lambda requirements, **k: calls.append(("pip_install", requirements))
     util.arrayFromVTKMatrix = lambda m: np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
@@ -916,10 +896,26 @@ def _load_module(monkeypatch, launch=_launch_before_5_12, packaging=None, torch_
     return module
 
 
-def _backend_script(lines, sleep=0.0, code=0):
-    """A child process that talks like the backend: progress lines and log lines, then an exit code."""
-    body = "; ".join(f"print({line!r}, flush=True)" for line in lines)
-    return [sys.executable, "-c", f"import time; {body}; time.sleep({sleep}); raise SystemExit({code})"]
+# A stand-in for the backend worker that talks its protocol: per request, a log line with the request, progress, and
+# the result line (an error for a CT named *nolung*); it exits without answering for *crash* and hangs for *slow*.
+FAKE_WORKER = """
+import json, sys, time
+from latentharmonize.worker import WorkerResult, format_result_line
+for line in sys.stdin:
+    request = json.loads(line)
+    print("request " + line.strip(), flush=True)
+    print("LH-PROGRESS 10 load reading", flush=True)
+    if "crash" in request["ct"]:
+        raise SystemExit(3)
+    if "slow" in request["ct"]:
+        time.sleep(60)
+    print("LH-PROGRESS 100 done results", flush=True)
+    if "nolung" in request["ct"]:
+        result = WorkerResult(False, request["id"], error="No lung found.", error_type="NoLungFoundError", exit_code=2)
+    else:
+        result = WorkerResult(True, request["id"], out=request["out"], seconds=0.1)
+    print(format_result_line(result), flush=True)
+"""
 
 
 def _wait(condition, timeout=30.0, tick=None):
@@ -931,49 +927,88 @@ def _wait(condition, timeout=30.0, tick=None):
     assert condition(), "timed out"
 
 
-@pytest.mark.parametrize("launch", [_launch_before_5_12, _launch_5_12], ids=["slicer<5.12", "slicer>=5.12"])
-def test_analysis_run_streams_progress_and_reports_completion(monkeypatch, tmp_path, launch):
-    module = _load_module(monkeypatch, launch)
-    _FakeTimer.created.clear()
-    seen = {"progress": [], "log": [], "finished": []}
-    command = _backend_script(["loading bundle", "LH-PROGRESS 10 load reading", "LH-PROGRESS 100 write done"])
-    run = module.AnalysisRun(command, {}, tmp_path, "chest", None, onLog=seen["log"].append,
-                             onProgress=lambda e: seen["progress"].append((e.percent, e.stage)),
-                             onFinished=lambda job, code: seen["finished"].append((job, code)))
-    run.start()
-    timer = _FakeTimer.created[0] if _FakeTimer.created else None
-    assert (timer is None) == (launch is _launch_5_12)  # 5.12 reads the output itself; older ones get our poll
-    _wait(lambda: seen["finished"], tick=timer.fire if timer else None)
-    assert seen["progress"] == [(10, "load"), (100, "write")]
-    assert seen["log"] == ["loading bundle"]
-    assert seen["finished"] == [(run, 0)] and not run.cancelled
-    assert run.inputPath == tmp_path / "input" / "chest.nrrd" and run.outputFolder == tmp_path / "out"
+@pytest.fixture()
+def fake_python(tmp_path) -> Path:
+    """An executable that runs FAKE_WORKER whatever its arguments (it stands in for PythonSlicer)."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    executable = tmp_path / "PythonSlicer"
+    executable.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    executable.chmod(0o755)
+    return executable
 
 
-def test_analysis_run_failure_keeps_the_backend_message(monkeypatch, tmp_path):
-    module = _load_module(monkeypatch)
-    _FakeTimer.created.clear()
+def _fake_worker(module, fake_python):
+    from latentharmonize import slicer_bridge as bridge
+
+    command = bridge.build_worker_command(fake_python)
+    worker = module.BackendWorker(bridge.worker_launch(command, {}, MODULE_DIR))
+    worker.start()
+    return worker
+
+
+def _analysis(module, worker, folder, ct="chest.nrrd", **callbacks):
+    from latentharmonize import slicer_bridge as bridge
+
     finished = []
-    command = _backend_script(["LH-PROGRESS 5 load reading", "latentharmonize analyze: error: No lung found."], code=2)
-    run = module.AnalysisRun(command, {}, tmp_path, "chest", None, onFinished=lambda job, code: finished.append(code))
+    run = module.AnalysisRun(worker, bridge.worker_request(folder / ct, folder / "out"), folder, "chest", None,
+                             onFinished=lambda job, code: finished.append(code), **callbacks)
     run.start()
-    _wait(lambda: finished, tick=_FakeTimer.created[0].fire)
-    assert finished == [2] and run.log.failure_message(2) == "No lung found."
+    return run, finished
 
 
-def test_cancel_ends_the_backend_and_still_reports(monkeypatch, tmp_path):
+def test_worker_serves_analyses_one_after_another(monkeypatch, tmp_path, fake_python):
     module = _load_module(monkeypatch)
-    _FakeTimer.created.clear()
-    progress, finished = [], []
-    run = module.AnalysisRun(_backend_script(["LH-PROGRESS 20 encode slab"], sleep=60), {}, tmp_path, "chest", None,
-                             onProgress=progress.append, onFinished=lambda job, code: finished.append(code))
-    run.start()
-    timer = _FakeTimer.created[0]
-    _wait(lambda: progress, tick=timer.fire)
+    worker = _fake_worker(module, fake_python)
+    progress, log = [], []
+    first, finished = _analysis(module, worker, tmp_path, onLog=log.append,
+                                onProgress=lambda e: progress.append((e.percent, e.stage)))
+    assert worker.run is first
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert finished == [0] and first.returncode == 0 and not first.cancelled and worker.run is None
+    assert progress == [(10, "load"), (100, "done")]
+    assert len(log) == 1 and json.loads(log[0][len("request "):])["ct"] == str(tmp_path / "chest.nrrd")
+    assert first.inputPath == tmp_path / "input" / "chest.nrrd" and first.outputFolder == tmp_path / "out"
+
+    pid = worker.process.pid
+    second, finished = _analysis(module, worker, tmp_path)
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert finished == [0] and worker.alive() and worker.process.pid == pid
+
+    worker.stop()  # end of input: the worker exits by itself
+    assert worker.process.wait(timeout=30) == 0
+
+
+def test_failed_analysis_keeps_the_backend_message_and_the_worker(monkeypatch, tmp_path, fake_python):
+    module = _load_module(monkeypatch)
+    worker = _fake_worker(module, fake_python)
+    run, finished = _analysis(module, worker, tmp_path, ct="nolung.nrrd")
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert finished == [2] and run.log.failure_message(2) == "No lung found."
+    _, finished = _analysis(module, worker, tmp_path)
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert finished == [0]
+    worker.stop()
+
+
+def test_worker_ending_without_an_answer_fails_the_analysis(monkeypatch, tmp_path, fake_python):
+    module = _load_module(monkeypatch)
+    worker = _fake_worker(module, fake_python)
+    run, finished = _analysis(module, worker, tmp_path, ct="crash.nrrd")
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert finished == [3] and "exit code 3" in run.log.failure_message(3) and not worker.alive()
+
+
+def test_cancel_kills_the_worker_and_still_reports(monkeypatch, tmp_path, fake_python):
+    module = _load_module(monkeypatch)
+    worker = _fake_worker(module, fake_python)
+    progress = []
+    run, finished = _analysis(module, worker, tmp_path, ct="slow.nrrd", onProgress=progress.append)
+    _wait(lambda: progress, tick=worker._timer.fire)
     started = time.time()
     run.cancel()
-    _wait(lambda: finished, tick=timer.fire)
-    assert run.cancelled and finished[0] != 0 and time.time() - started < 10
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert run.cancelled and finished[0] != 0 and not worker.alive() and time.time() - started < 10
     run.cancel()  # a second Cancel after the end does nothing
 
 
@@ -990,36 +1025,46 @@ class _FakeVolume:
                 matrix.SetElement(i, j, self.ijk_to_ras[i][j])
 
 
-def test_start_analysis_writes_the_input_and_launches_the_bridge_command(monkeypatch, tmp_path):
-    launched = []
-
-    def launch(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None):
-        launched.append((args, updateEnvironment))
-        return _popen([sys.executable, "-c", "pass"])
-
-    module = _load_module(monkeypatch, launch)
+def test_start_analysis_writes_the_input_and_keeps_one_worker(monkeypatch, tmp_path, fake_python):
+    module = _load_module(monkeypatch)
     ct = (np.arange(3 * 4 * 5).reshape(3, 4, 5) - 900).astype(np.int16)
     ijk_to_ras = [[-0.7, 0, 0, 10.0], [0, -0.7, 0, 20.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]]
     module.slicer.util.arrayFromVolume = lambda node: ct
-    module.slicer.util.tempDirectory = lambda key: str(tmp_path / key)
-    module.slicer.util.startupEnvironment = lambda: {"PYTHONPATH": "/opt/extra"}
-    monkeypatch.setattr(module.LatentHarmonizeLogic, "pythonSlicerExecutable", staticmethod(lambda: "/s/PythonSlicer"))
+    folders = iter(range(100))
+    module.slicer.util.tempDirectory = lambda key: str(tmp_path / f"{key}-{next(folders)}")
+    module.slicer.util.startupEnvironment = lambda: {**os.environ, "PYTHONPATH": "/opt/extra"}
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "pythonSlicerExecutable", staticmethod(lambda: str(fake_python)))
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "manifest.json").write_text("{}")
+    volume = _FakeVolume("CT chest", ijk_to_ras)
 
     logic = module.LatentHarmonizeLogic()
-    run = logic.startAnalysis(_FakeVolume("CT chest", ijk_to_ras), modelPath=bundle, device="GPU")
-    (args, env), = launched
-    written = tmp_path / "LatentHarmonize" / "input" / "CT_chest.nrrd"
-    assert args == ["/s/PythonSlicer", "-m", "latentharmonize", "analyze", str(written), "--out",
-                    str(tmp_path / "LatentHarmonize" / "out"), "--progress-lines", "--model", str(bundle),
-                    "--device", "cuda"]
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), "/opt/extra"]
+    assert logic.worker is None  # started on the first Analyze only
+    log, finished = [], []
+    run = logic.startAnalysis(volume, modelPath=bundle, device="GPU", onLog=log.append,
+                              onFinished=lambda job, code: finished.append(code))
+    worker = logic.worker
+    assert worker.launch.command == (str(fake_python), "-m", "latentharmonize", "worker", "--idle-timeout", "600")
+    assert dict(worker.launch.environment)["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), "/opt/extra"]
+    _wait(lambda: finished, tick=worker._timer.fire)
+    written = tmp_path / "LatentHarmonize-0" / "input" / "CT_chest.nrrd"
+    assert json.loads(log[0][len("request "):]) == {
+        "ct": str(written), "out": str(tmp_path / "LatentHarmonize-0" / "out"), "mask": None, "model": str(bundle),
+        "device": "cuda", "overwrite": False, "report": True, "id": None}
     image = sitk.ReadImage(str(written))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct)
     np.testing.assert_allclose(image.GetOrigin(), (-10.0, -20.0, -30.0))
-    assert run.inputPath == written
+    assert run.inputPath == written and finished == [0]
+
+    again = logic.startAnalysis(volume, modelPath=bundle)  # the next Analyze goes to the same process
+    assert again.worker is worker and again.runFolder == tmp_path / "LatentHarmonize-1"
+    _wait(lambda: again.returncode is not None, tick=worker._timer.fire)
+    again.worker.kill()  # as Cancel does: the next Analyze starts a fresh worker
+    fresh = logic.startAnalysis(volume, modelPath=bundle)
+    assert fresh.worker is not worker and fresh.worker.alive()
+    logic.stopWorker()  # scene close, module cleanup
+    assert logic.worker is None and fresh.worker.process.wait(timeout=30) == 0
 
     with pytest.raises(ValueError, match="Select an input CT volume"):
         logic.startAnalysis(None, modelPath=bundle)

@@ -27,6 +27,7 @@ from .atomic import atomic_write_text
 from .errors import InputError, OutputError
 from .outputs import output_names
 from .progress import ProgressEvent, parse_progress_line
+from .worker import WorkerResult, format_request, parse_result_line
 
 # Device choices offered in the GUI and the backend's --device value for each
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
@@ -35,6 +36,10 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # File that marks a model bundle folder (bundle.MANIFEST; not imported here: bundle.py needs the full dependencies)
 BUNDLE_MANIFEST = "manifest.json"
 _ERROR_LINE = re.compile(r"^latentharmonize \w+: error: (.*)$")
+# The module's backend worker exits after this long without a request, so it never holds memory for long
+WORKER_IDLE_TIMEOUT_S = 600.0
+# A worker idle for nearly that long may be exiting just as a request arrives: a fresh one is started instead
+WORKER_REUSE_MARGIN_S = 30.0
 
 
 # --------------------------------------------------------------------------------------------- backend command
@@ -47,25 +52,51 @@ def device_argument(choice: str) -> str:
     raise InputError(f"Unknown device {choice!r}; choose one of {', '.join(DEVICES)}.")
 
 
-def build_analyze_command(python_executable, input_path, out_dir, mask_path=None, model_dir=None,
-                          device: str = "auto") -> list:
-    """Argument list that runs ``analyze`` in a separate Python (Slicer's ``PythonSlicer``), with progress lines."""
+def build_worker_command(python_executable, idle_timeout_s: float = WORKER_IDLE_TIMEOUT_S) -> list:
+    """Argument list that starts the backend worker (``latentharmonize worker``) in a separate Python (Slicer's
+    ``PythonSlicer``); it analyzes the requests sent to its stdin one after another."""
     if not python_executable:
         raise InputError("No Python interpreter to run the backend: PythonSlicer was not found next to Slicer.")
-    command = [str(python_executable), "-m", "latentharmonize", "analyze", str(input_path),
-               "--out", str(out_dir), "--progress-lines"]
-    if mask_path:
-        command += ["--mask", str(mask_path)]
-    if model_dir:
-        command += ["--model", str(model_dir)]
-    command += ["--device", device_argument(device)]
-    return command
+    return [str(python_executable), "-m", "latentharmonize", "worker", "--idle-timeout", f"{idle_timeout_s:g}"]
+
+
+def worker_request(input_path, out_dir, mask_path=None, model_dir=None, device: str = "auto",
+                   request_id=None) -> str:
+    """The request line for one Analyze (a GUI device choice; each run has a fresh output folder, so nothing is
+    overwritten)."""
+    return format_request(input_path, out_dir, mask=mask_path or None, model=model_dir or None,
+                          device=device_argument(device), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """What a backend worker was started with: command, environment and the state of the backend's source files
+    (size and modification time of each), so that edits to the backend take effect on the next Analyze."""
+
+    command: tuple
+    environment: tuple
+    backend_files: tuple
+
+
+def worker_launch(command: Sequence[str], environment: dict, module_dir) -> WorkerLaunch:
+    package = Path(module_dir) / "latentharmonize"
+    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in package.glob("*.py")))
+    return WorkerLaunch(tuple(str(a) for a in command), tuple(sorted(environment.items())), files)
+
+
+def can_reuse_worker(running: Optional[WorkerLaunch], wanted: WorkerLaunch, alive: bool, busy: bool, idle_s: float,
+                     idle_timeout_s: float = WORKER_IDLE_TIMEOUT_S) -> bool:
+    """Whether the running worker can take the next request: still alive, not busy, started the way a new one
+    would be, and not about to exit for idleness."""
+    return (running == wanted and alive and not busy
+            and idle_s < idle_timeout_s - WORKER_REUSE_MARGIN_S)
 
 
 def backend_environment(module_dir, inherited_pythonpath: Optional[str] = None) -> dict:
-    """Environment updates so the child Python imports ``latentharmonize`` from the module folder, unbuffered."""
+    """Environment updates so the child Python imports ``latentharmonize`` from the module folder, unbuffered, and
+    talks UTF-8 on its pipes whatever the system's code page (file names in progress messages)."""
     paths = [str(Path(module_dir))] + [p for p in (inherited_pythonpath or "").split(os.pathsep) if p]
-    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1"}
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
 
 
 def safe_volume_name(name: str) -> str:
@@ -93,16 +124,22 @@ def missing_inputs(has_input_volume: bool, model_dir, mask_segmentation_set: boo
 
 
 class BackendLog:
-    """Reads the backend's output line by line: progress events out, everything kept for error reports."""
+    """Reads the backend's output for one analysis line by line: progress events out, the worker's result line
+    kept, everything else kept for error reports."""
 
     def __init__(self, keep: int = 200):
         self.keep = keep
         self.lines: list = []
         self.last_event: Optional[ProgressEvent] = None
+        self.result: Optional[WorkerResult] = None
 
     def feed(self, line: str) -> Optional[ProgressEvent]:
-        """Record one output line; return its progress event, or None for a log line."""
+        """Record one output line; return its progress event, or None for a log or result line."""
         line = line.rstrip("\r\n")
+        result = parse_result_line(line)
+        if result is not None:
+            self.result = result
+            return None
         event = parse_progress_line(line)
         if event is not None:
             self.last_event = event
@@ -111,8 +148,17 @@ class BackendLog:
             del self.lines[:-self.keep]
         return event
 
+    def returncode(self, worker_returncode: Optional[int] = None) -> int:
+        """The analysis' exit status: 0 on success, the error's exit code, or, when the worker ended without
+        answering, the worker's own exit code (never 0 then)."""
+        if self.result is not None:
+            return 0 if self.result.ok else (self.result.exit_code or 1)
+        return worker_returncode or 1
+
     def failure_message(self, returncode: int) -> str:
         """User-facing summary of a failed run: the backend's own error sentence, else the last log lines."""
+        if self.result is not None and self.result.error:
+            return self.result.error
         for line in reversed(self.lines):
             m = _ERROR_LINE.match(line.strip())
             if m:
