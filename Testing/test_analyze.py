@@ -296,11 +296,13 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     from latentharmonize.bench import benchmark, format_report
 
     figures = benchmark(model=bundle_dir, device="cpu", workdir=tmp_path, scan=scan)
-    run, enc = figures["analyze"], figures["encoding"]
+    run, enc, warm = figures["analyze"], figures["encoding"], figures["worker"]
     assert run["peak_rss_gb"] > 0 and run["cpu_s"] > 0 and run["wall_s"] > 0
     assert enc["patches"] == run["record"]["n_patches"] and enc["naive_patches_measured"] > 0
+    assert warm["record"]["n_patches"] == run["record"]["n_patches"] and warm["warm_s"] > 0
+    assert warm["cold_over_warm"] == round(run["wall_s"] / warm["warm_s"], 1)
     text = format_report(figures)
-    assert "patches/s" in text and "peak RSS" in text and "given scan" in text
+    assert "patches/s" in text and "peak RSS" in text and "given scan" in text and "warm" in text
 
 
 def test_program_ends_with_every_line_printed_and_every_file_published(scan, bundle_dir, tmp_path):
