@@ -265,6 +265,7 @@ def test_input_volume_round_trip_keeps_voxels_and_geometry(tmp_path):
     path = bridge.write_input_volume(ct, IJK_TO_RAS, tmp_path / "ct.nrrd")
     image = sitk.ReadImage(str(path))
     assert image.GetPixelID() == sitk.sitkInt16
+    assert b"encoding: raw" in path.read_bytes()[:1000]  # a scratch copy: no time spent compressing it
     # Slicer's RAS frame is ITK's LPS with x and y negated: voxel (i, j, k) lands on the same physical point
     i, j, k = 5, 7, 3
     ras = IJK_TO_RAS @ [i, j, k, 1]
