@@ -117,6 +117,7 @@ def test_bad_requests_get_error_results_and_leave_nothing(session):
     assert not (out / "missing").exists()
     existing, _, _ = answers["existing"]
     assert not existing.ok and existing.error_type == "OutputError" and "already holds results" in existing.error
+    assert '"overwrite": true' in existing.error  # says how to ask for it in the worker's own terms
     assert _contents(out / "first") == session["snapshots"]["first"]  # untouched, no staging folder left
     garbled, _, _ = answers["garbled"]
     assert not garbled.ok and garbled.id is None and "JSON" in garbled.error

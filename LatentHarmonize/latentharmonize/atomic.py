@@ -41,7 +41,9 @@ class StagedOutput:
         existing = [n for n in self.names if (self.out_dir / n).exists()]
         if existing and not overwrite:
             shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
-            raise OutputError(f"{self.out_dir} already holds results ({shown}). Use --overwrite to replace them, or choose another folder.")
+            raise OutputError(f"{self.out_dir} already holds results ({shown}). To replace them, ask to overwrite "
+                              "(--overwrite on the command line, overwrite=True in Python, \"overwrite\": true in a "
+                              "worker request), or choose another folder.")
 
     def __enter__(self) -> "StagedOutput":
         try:
