@@ -301,8 +301,10 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     assert enc["patches"] == run["record"]["n_patches"] and enc["naive_patches_measured"] > 0
     assert warm["record"]["n_patches"] == run["record"]["n_patches"] and warm["warm_s"] > 0
     assert warm["cold_over_warm"] == round(run["wall_s"] / warm["warm_s"], 1)
+    assert figures["preloaded"]["record"]["n_patches"] == run["record"]["n_patches"]
     text = format_report(figures)
     assert "patches/s" in text and "peak RSS" in text and "given scan" in text and "warm" in text
+    assert f"first request {figures['preloaded']['first_s']:.1f} s" in text
 
 
 def test_program_ends_with_every_line_printed_and_every_file_published(scan, bundle_dir, tmp_path):

@@ -239,3 +239,37 @@ def test_cache_key_follows_folder_contents_and_device(tmp_path):
     cache(bundle, "cpu")
     cache(bundle, "auto")  # 'auto' is the CPU here, or a GPU: reloaded only if it resolves to another device
     assert loads == (["cpu", "auto"] if torch.cuda.is_available() else ["cpu"])
+
+
+def test_warm_up_loads_the_model_once_for_the_first_request():
+    from latentharmonize.analyze import load_model
+    from latentharmonize.worker import warm_up
+
+    loads = []
+    cache = ModelCache(lambda model, device: loads.append(model) or load_model(model, device))
+    warm_up(cache, None, "cpu")
+    assert len(loads) == 1
+    bundle, device, encoder = cache(None, "cpu")  # what the first request asks for: no second load
+    assert len(loads) == 1 and str(device) == "cpu" and not encoder.training
+
+
+def test_failed_warm_up_is_logged_and_the_request_reports_the_error(capsys, tmp_path):
+    from latentharmonize.worker import warm_up
+
+    cache = ModelCache()
+    warm_up(cache, tmp_path / "nowhere", "cpu")
+    assert "preloading failed (BundleError" in capsys.readouterr().err
+    with pytest.raises(BundleError, match="No model bundle folder"):
+        cache(tmp_path / "nowhere", "cpu")
+
+
+def test_preloading_worker_answers_its_first_request_like_analyze(scans, one_shot, tmp_path):
+    process = _worker("--preload", "--preload-device", "cpu")
+    result, _, _ = _answer(process, format_request(scans[1], tmp_path / "second", device="cpu", report=False))
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0
+    assert result.ok
+    served = _contents(tmp_path / "second")
+    assert {k: v for k, v in served.items() if k != "analysis.json"} == \
+           {k: v for k, v in one_shot["second"].items() if k != "analysis.json"}
+    assert "preloading failed" not in process.stderr.read()

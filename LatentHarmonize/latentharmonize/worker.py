@@ -161,17 +161,45 @@ class ModelCache:
         self._load = load or load_model
         self._key = None
         self._loaded = None
+        self._lock = threading.Lock()  # a request waits for a preload of the same model instead of loading it twice
 
     def __call__(self, model, device) -> tuple:
         from .patches import resolve_device
 
-        fingerprint = bundle_fingerprint(model)
-        key = None if fingerprint is None else (fingerprint, str(resolve_device(device)))
-        if key is None or key != self._key:
-            self._key = self._loaded = None  # the old model is released before the new one loads
-            loaded = self._load(model, device)
-            self._key, self._loaded = key, loaded
-        return self._loaded
+        with self._lock:
+            fingerprint = bundle_fingerprint(model)
+            key = None if fingerprint is None else (fingerprint, str(resolve_device(device)))
+            if key is None or key != self._key:
+                self._key = self._loaded = None  # the old model is released before the new one loads
+                loaded = self._load(model, device)
+                self._key, self._loaded = key, loaded
+            return self._loaded
+
+
+def warm_up(models: ModelCache, model, device) -> None:
+    """Do before the first request what it would otherwise wait for: import the libraries of a whole run (the QC
+    pictures' matplotlib and VTK included), load the model into ``models`` and run the encoder once, which
+    initialises the GPU's libraries on CUDA. A failure is only logged: the first request meets it again and
+    reports it."""
+    try:
+        import numpy as np
+        import torch
+
+        from . import composition, lungmask, render, report, writers  # noqa: F401  (imported for their cost)
+        from .patches import autocast_for, extract_patches
+
+        render._vtk()
+        import matplotlib.figure  # noqa: F401
+        import matplotlib.image  # noqa: F401
+
+        bundle, device, encoder = models(model, device)
+        spec = bundle.spec
+        volume = np.zeros((spec["slices"], spec["patch_size"], spec["patch_size"]), np.float32)
+        with torch.inference_mode(), autocast_for(device):
+            encoder.encode(torch.from_numpy(extract_patches(volume, np.zeros((1, 3), np.int64), spec)).to(device))
+    except Exception as err:  # noqa: BLE001  (reported by the request that needs the model)
+        print(f"latentharmonize worker: preloading failed ({type(err).__name__}: {err}); the first request will "
+              "load the model itself.", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- serving
@@ -218,9 +246,14 @@ def handle(line: str, models: ModelCache) -> WorkerResult:
     return WorkerResult(True, request_id, out=request.out, seconds=round(time.perf_counter() - started, 3))
 
 
-def serve(stream, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> int:
-    """Answer the requests of ``stream`` until it ends or stays silent for ``idle_timeout_s``; returns 0."""
+def serve(stream, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, preload: Optional[tuple] = None) -> int:
+    """Answer the requests of ``stream`` until it ends or stays silent for ``idle_timeout_s``; returns 0.
+
+    ``preload``: ``(model, device)`` to :func:`warm_up` in the background while the first request is awaited.
+    """
     models = ModelCache()  # imports analyze first, which sets OMP_WAIT_POLICY before PyTorch loads
+    if preload is not None:
+        threading.Thread(target=warm_up, args=(models, *preload), name="latentharmonize-preload", daemon=True).start()
     incoming = _incoming(stream)
     while True:
         try:
@@ -240,6 +273,11 @@ def serve(stream, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
                         help="exit after this long without a request (default: %(default)g s)")
+    parser.add_argument("--preload", nargs="?", const="default", metavar="MODEL_DIR",
+                        help="load this model bundle (default: the bundled one) and the libraries while waiting for "
+                             "the first request, so that even the first is answered warm")
+    parser.add_argument("--preload-device", default="auto", choices=DEVICES,
+                        help="device for --preload (default: %(default)s); requests for another device reload")
 
 
 def run(args) -> int:
@@ -248,4 +286,7 @@ def run(args) -> int:
     if not args.idle_timeout > 0:
         raise InputError(f"--idle-timeout must be a positive number of seconds, got {args.idle_timeout:g}.")
     _interrupt_on_sigterm()
-    return serve(sys.stdin, args.idle_timeout)
+    preload = None
+    if args.preload is not None:
+        preload = (None if args.preload == "default" else args.preload, args.preload_device)
+    return serve(sys.stdin, args.idle_timeout, preload)
