@@ -161,6 +161,10 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        try:  # only saves time: opening the module must work whatever happens here
+            self.logic.prestartWorker(self._parameterNode.modelPath, self._parameterNode.device)
+        except Exception:
+            logging.exception("LatentHarmonize: could not start the backend in advance")
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -361,8 +365,9 @@ class BackendWorker:
     start-up. A thread reads its output; a QTimer hands each line to the running analysis on the main thread.
     """
 
-    def __init__(self, launch) -> None:
+    def __init__(self, launch, preload=()) -> None:
         self.launch = launch
+        self.preload = list(preload)  # extra options, not part of launch: a preloading worker serves any request
         self.process = None
         self.run = None
         self.idleSince = time.time()
@@ -370,14 +375,15 @@ class BackendWorker:
         self._timer = None
 
     def start(self) -> None:
-        logging.info("LatentHarmonize backend: %s", " ".join(shlex.quote(a) for a in self.launch.command))
+        command = [*self.launch.command, *self.preload]
+        logging.info("LatentHarmonize backend: %s", " ".join(shlex.quote(a) for a in command))
         environment = slicer.util.startupEnvironment()
         environment.update(dict(self.launch.environment))
         options = {}
         if os.name == "nt":  # no console window, as slicer.util.launchConsoleProcess does
             options["startupinfo"] = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)
         # launchConsoleProcess gives the process no stdin, which carries the requests
-        self.process = subprocess.Popen(list(self.launch.command), env=environment, stdin=subprocess.PIPE,
+        self.process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
                                         errors="replace", **options)
         threading.Thread(target=self._readOutput, daemon=True).start()
@@ -581,9 +587,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         if maskSegmentation is not None and maskSegmentID:
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(maskSegmentation, maskSegmentID, inputVolume)
             maskPath = b.write_mask(mask, ijkToRAS, runFolder / "input" / "lung_mask.nrrd")
-        command = b.build_worker_command(self.pythonSlicerExecutable())
-        environment = b.backend_environment(MODULE_DIR, slicer.util.startupEnvironment().get("PYTHONPATH"))
-        worker = self.backendWorker(b.worker_launch(command, environment, MODULE_DIR))
+        worker = self.backendWorker(self.workerLaunch())
         request = b.worker_request(inputPath, runFolder / "out", maskPath, modelPath, device)
         run = AnalysisRun(worker, request, runFolder, name, inputVolume, onLog, onProgress, onFinished)
         run.start()
@@ -599,6 +603,35 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         self.worker = BackendWorker(launch)
         self.worker.start()
         return self.worker
+
+    def dependenciesInstalled(self) -> bool:
+        """Whether PyTorch and the Python packages are already there (checked without asking or installing)."""
+        if self.dependenciesChecked:
+            return True
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            return False
+        if not PyTorchUtils.PyTorchUtilsLogic().torchInstalled():
+            return False
+        return not bridge().missing_requirements(bridge().read_requirements(REQUIREMENTS))
+
+    def prestartWorker(self, modelPath=DEFAULT_MODEL, device="auto") -> None:
+        """Start the backend worker when the module is opened, loading the model and libraries in the background,
+        so that even the first Analyze is answered warm. Nothing happens while a worker runs or before the
+        dependencies are installed (installing asks the user first, on Analyze)."""
+        if (self.worker is not None and self.worker.alive()) or not self.dependenciesInstalled():
+            return
+        self.stopWorker()
+        self.worker = BackendWorker(self.workerLaunch(), bridge().preload_arguments(modelPath, device))
+        self.worker.start()
+
+    def workerLaunch(self):
+        """How the backend worker starts: PythonSlicer runs ``latentharmonize worker`` from the module folder."""
+        b = bridge()
+        command = b.build_worker_command(self.pythonSlicerExecutable())
+        environment = b.backend_environment(MODULE_DIR, slicer.util.startupEnvironment().get("PYTHONPATH"))
+        return b.worker_launch(command, environment, MODULE_DIR)
 
     def stopWorker(self) -> None:
         """Let the backend worker exit once the analysis it runs, if any, is done (scene close, module cleanup)."""

@@ -596,3 +596,20 @@ def test_cancel_stops_the_backend_and_leaves_no_outputs(backend_case):
     assert log.result.error_type == "Cancelled" and log.returncode() == 130
     left = [p.name for p in out_dir.glob("*")] if out_dir.exists() else []
     assert left == []  # no results and no staging folder: the backend cleaned up on SIGTERM
+
+
+def test_preload_arguments_name_the_selected_bundle_or_the_default(tmp_path):
+    from latentharmonize.worker import add_arguments
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    assert bridge.preload_arguments(bundle, "CPU") == ["--preload", str(bundle), "--preload-device", "cpu"]
+    assert bridge.preload_arguments(tmp_path / "not-a-bundle", "auto")[:2] == ["--preload", "default"]
+    assert bridge.preload_arguments("", "GPU") == ["--preload", "default", "--preload-device", "cuda"]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the worker accepts what the module sends
+    args = parser.parse_args(bridge.preload_arguments(bundle, "GPU"))
+    assert (args.preload, args.preload_device) == (str(bundle), "cuda")

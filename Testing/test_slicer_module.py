@@ -1070,6 +1070,41 @@ def test_start_analysis_writes_the_input_and_keeps_one_worker(monkeypatch, tmp_p
         logic.startAnalysis(None, modelPath=bundle)
 
 
+def _logic_with_fake_python(monkeypatch, module, fake_python):
+    module.slicer.util.startupEnvironment = lambda: dict(os.environ)
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "pythonSlicerExecutable", staticmethod(lambda: str(fake_python)))
+    return module.LatentHarmonizeLogic()
+
+
+def test_opening_the_module_starts_a_preloading_worker_that_analyze_then_uses(monkeypatch, tmp_path, fake_python):
+    module = _load_module(monkeypatch)
+    logic = _logic_with_fake_python(monkeypatch, module, fake_python)
+    logic.prestartWorker(module.DEFAULT_MODEL, "GPU")
+    worker = logic.worker
+    assert worker.alive() and worker.preload == ["--preload", str(module.DEFAULT_MODEL), "--preload-device", "cuda"]
+    assert "--preload" not in worker.launch.command  # the launch an Analyze compares with stays the plain one
+    logic.prestartWorker(module.DEFAULT_MODEL, "GPU")  # opening the module again keeps the running worker
+    assert logic.worker is worker
+
+    module.slicer.util.arrayFromVolume = lambda node: np.full((3, 4, 5), -900, np.int16)
+    module.slicer.util.tempDirectory = lambda key: str(tmp_path / key)
+    volume = _FakeVolume("CT", [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    run = logic.startAnalysis(volume, modelPath=module.DEFAULT_MODEL)
+    assert run.worker is worker  # the first Analyze goes to the preloaded process
+    _wait(lambda: run.returncode is not None, tick=worker._timer.fire)
+    assert run.returncode == 0
+    logic.stopWorker()
+    assert worker.process.wait(timeout=30) == 0
+
+
+def test_no_worker_is_started_in_advance_before_pytorch_is_installed(monkeypatch, fake_python):
+    module = _load_module(monkeypatch, torch_installed=False)
+    logic = _logic_with_fake_python(monkeypatch, module, fake_python)
+    assert not logic.dependenciesInstalled()
+    logic.prestartWorker(module.DEFAULT_MODEL, "auto")
+    assert logic.worker is None  # installing asks the user; that waits for the first Analyze
+
+
 def test_dependencies_use_pip_ensure_when_slicer_has_it(monkeypatch, tmp_path):
     ensured = []
     packaging = types.SimpleNamespace(load_requirements=lambda path: ["monai>=1.3"],

@@ -60,6 +60,14 @@ def build_worker_command(python_executable, idle_timeout_s: float = WORKER_IDLE_
     return [str(python_executable), "-m", "latentharmonize", "worker", "--idle-timeout", f"{idle_timeout_s:g}"]
 
 
+def preload_arguments(model_dir, device: str = "auto") -> list:
+    """Worker options that load the selected model and the libraries before the first request (the module starts
+    the worker when it is opened). Without a usable bundle folder they preload the bundled default, since the
+    libraries are most of the wait."""
+    usable = bool(model_dir) and (Path(model_dir) / BUNDLE_MANIFEST).is_file()
+    return ["--preload", str(model_dir) if usable else "default", "--preload-device", device_argument(device)]
+
+
 def worker_request(input_path, out_dir, mask_path=None, model_dir=None, device: str = "auto",
                    request_id=None) -> str:
     """The request line for one Analyze (a GUI device choice; each run has a fresh output folder, so nothing is
