@@ -2,8 +2,8 @@
 
 The module is a thin shell around the ``latentharmonize`` backend (the sub-package next to this file). The analysis
 runs in a separate ``PythonSlicer`` process, so the GUI stays responsive and Cancel can stop it. That process (the
-backend worker) stays loaded between Analyze clicks, so only the first pays for importing PyTorch and loading the
-model. Every number shown to the user comes from ``latentharmonize.slicer_bridge``, which is tested outside Slicer.
+backend worker) is started when the module is opened, loads the model in the background and stays loaded between
+Analyze clicks, so no click waits for PyTorch and the model to load. Every number shown to the user comes from ``latentharmonize.slicer_bridge``, which is tested outside Slicer.
 """
 import json
 import logging
@@ -360,9 +360,9 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class BackendWorker:
-    """The resident backend process (``latentharmonize worker``), started on the first Analyze. It imports the
-    libraries and loads the model once and then analyzes one request after another, so later clicks skip seconds of
-    start-up. A thread reads its output; a QTimer hands each line to the running analysis on the main thread.
+    """The resident backend process (``latentharmonize worker``), started when the module is opened (or else on the
+    first Analyze). It imports the libraries and loads the model once and then analyzes one request after another,
+    so the clicks skip seconds of start-up. A thread reads its output; a QTimer hands each line to the running analysis on the main thread.
     """
 
     def __init__(self, launch, preload=()) -> None:
