@@ -161,19 +161,17 @@ class ModelCache:
         self._load = load or load_model
         self._key = None
         self._loaded = None
-        self._lock = threading.Lock()  # a request waits for a preload of the same model instead of loading it twice
 
     def __call__(self, model, device) -> tuple:
         from .patches import resolve_device
 
-        with self._lock:
-            fingerprint = bundle_fingerprint(model)
-            key = None if fingerprint is None else (fingerprint, str(resolve_device(device)))
-            if key is None or key != self._key:
-                self._key = self._loaded = None  # the old model is released before the new one loads
-                loaded = self._load(model, device)
-                self._key, self._loaded = key, loaded
-            return self._loaded
+        fingerprint = bundle_fingerprint(model)
+        key = None if fingerprint is None else (fingerprint, str(resolve_device(device)))
+        if key is None or key != self._key:
+            self._key = self._loaded = None  # the old model is released before the new one loads
+            loaded = self._load(model, device)
+            self._key, self._loaded = key, loaded
+        return self._loaded
 
 
 def warm_up(models: ModelCache, model, device) -> None:
@@ -252,8 +250,11 @@ def serve(stream, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, preload: Optio
     ``preload``: ``(model, device)`` to :func:`warm_up` in the background while the first request is awaited.
     """
     models = ModelCache()  # imports analyze first, which sets OMP_WAIT_POLICY before PyTorch loads
+    preloading = None
     if preload is not None:
-        threading.Thread(target=warm_up, args=(models, *preload), name="latentharmonize-preload", daemon=True).start()
+        preloading = threading.Thread(target=warm_up, args=(models, *preload), name="latentharmonize-preload",
+                                      daemon=True)
+        preloading.start()
     incoming = _incoming(stream)
     while True:
         try:
@@ -265,6 +266,9 @@ def serve(stream, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, preload: Optio
         if line is None:
             return 0
         if line.strip():
+            if preloading is not None:  # a request that arrives early waits for it: one thread imports and loads
+                preloading.join()
+                preloading = None
             print(format_result_line(handle(line, models)), flush=True)
 
 
