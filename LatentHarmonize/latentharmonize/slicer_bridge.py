@@ -27,7 +27,7 @@ from .atomic import atomic_write_text
 from .errors import InputError, OutputError
 from .outputs import output_names
 from .progress import ProgressEvent, parse_progress_line
-from .worker import WorkerResult, format_request, parse_result_line
+from .worker import DEFAULT_IDLE_TIMEOUT_S, WorkerResult, format_request, parse_result_line
 
 # Device choices offered in the GUI and the backend's --device value for each
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
@@ -36,8 +36,8 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # File that marks a model bundle folder (bundle.MANIFEST; not imported here: bundle.py needs the full dependencies)
 BUNDLE_MANIFEST = "manifest.json"
 _ERROR_LINE = re.compile(r"^latentharmonize \w+: error: (.*)$")
-# The module's backend worker exits after this long without a request, so it never holds memory for long
-WORKER_IDLE_TIMEOUT_S = 600.0
+# The module's backend worker exits after the worker's own idle timeout, so it never holds memory for long
+WORKER_IDLE_TIMEOUT_S = DEFAULT_IDLE_TIMEOUT_S
 # A worker idle for nearly that long may be exiting just as a request arrives: a fresh one is started instead
 WORKER_REUSE_MARGIN_S = 30.0
 
