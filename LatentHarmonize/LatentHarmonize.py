@@ -534,7 +534,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
             slicer.packaging.pip_ensure(requirements, skip_packages=SKIP_PACKAGES, prompt_install=confirm,
                                         requester="LatentHarmonize")
         else:
-            missing = bridge().missing_requirements(bridge().read_requirements(REQUIREMENTS))
+            missing = self.missingPackages()
             if missing:
                 question = _("LatentHarmonize needs these Python packages, which will now be installed:")
                 if confirm and not slicer.util.confirmOkCancelDisplay(question + "\n" + "\n".join(missing)):
@@ -614,7 +614,12 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
             return False
         if not PyTorchUtils.PyTorchUtilsLogic().torchInstalled():
             return False
-        return not bridge().missing_requirements(bridge().read_requirements(REQUIREMENTS))
+        return not self.missingPackages()
+
+    @staticmethod
+    def missingPackages() -> list:
+        """The backend's requirements that Slicer's Python lacks or has in too old a version."""
+        return bridge().missing_requirements(bridge().read_requirements(REQUIREMENTS))
 
     def prestartWorker(self, modelPath=DEFAULT_MODEL, device="auto") -> None:
         """Start the backend worker when the module is opened, loading the model and libraries in the background,
