@@ -78,10 +78,10 @@ def run_worker_child(scan, out_dir, model=None, device: str = "auto", report: bo
         started = time.perf_counter()
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
         try:
+            if preload_wait_s is not None:
+                time.sleep(preload_wait_s)
+                started = time.perf_counter()
             for n in range(1, requests + 1):
-                if n == 1 and preload_wait_s is not None:
-                    time.sleep(preload_wait_s)
-                    started = time.perf_counter()
                 if n > 1:
                     started = time.perf_counter()
                 process.stdin.write(format_request(scan, Path(out_dir) / f"request-{n}", model=model, device=device,
