@@ -45,7 +45,7 @@ import pandas as pd
 
 from .atomic import StagedOutput
 from .errors import InputError
-from .metrics import METRICS, label_agreement, mean_pairwise_agreement, summarize
+from .metrics import METRICS, label_agreement, mean_pairwise_agreement, paired_difference, summarize
 from .progress import Progress
 
 REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic")
@@ -277,7 +277,6 @@ def rotated_versus(per_patient: Dict[str, list], table: pd.DataFrame, risks: dic
     """Rotated minus every other representation (and feature set), paired over the same patients, with 95 % CIs:
     consistency ARI/NMI/Dice per evaluation patient, and survival C-index on the same bootstrap resamples.
     A CI that contains 0 means this cohort cannot tell the two apart."""
-    from .metrics import paired_difference
     from .survival import c_index_difference
 
     out: Dict[str, dict] = {}
