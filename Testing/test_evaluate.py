@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, consistency, consistency_per_patient, goal_check,
-                                      patient_profiles, probe, relative_gains, rotated_versus, truth_agreement)
+from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, assign_clusters, consistency, consistency_per_patient,
+                                      goal_check, patient_profiles, probe, relative_gains, rotated_versus, tissue_readout,
+                                      truth_agreement)
 
 
 def _scan(patient, acquisition, keys, labels, truth=None, latents=None, time=1.0, event=1):
@@ -88,6 +89,39 @@ def test_probe_detects_acquisition_signal():
     assert acc["chance"] == pytest.approx(0.5)
     assert acc["shifted"] > 0.9
     assert abs(acc["clean"] - 0.5) < 0.1
+
+
+def test_tissue_readout_tells_informative_from_blind_features():
+    """Features that encode the tissue read it out (and the outcome it drives); features that do not, read chance."""
+    from latentharmonize.progress import Progress
+
+    rng = np.random.default_rng(3)
+
+    def patient(name, split):
+        emphysema = rng.uniform(0.05, 0.6)
+        truth = np.where(rng.random(300) < emphysema, 2, 1)
+        informative = np.stack([truth + 0.3 * rng.normal(size=300), rng.normal(size=300)], axis=1)
+        time = float(np.exp(-4.0 * emphysema + 0.1 * rng.normal()))  # more emphysema, earlier death
+        scan = _scan(name, "a", _grid_keys(300), {}, truth=truth, latents=informative, time=time, event=1)
+        scan.split = split
+        scan.latents["blind"] = rng.normal(size=(300, 2))
+        return scan
+
+    train = [patient(f"t{i}", "train") for i in range(6)]
+    evals = [patient(f"e{i}", "eval") for i in range(60)]
+    funcs = {"informative": lambda s: s.latents["entangled"], "blind": lambda s: s.latents["blind"]}
+    rows = {i: np.arange(300) for i in range(len(train))}
+    skipped = {}
+    assign_clusters(funcs, train + evals, train, rows, n_clusters=2, seed=0, progress=Progress(quiet=True), skipped=skipped)
+    assert skipped == {}
+    table = patient_profiles(evals, list(funcs), n_clusters=2)
+    assert (table["readout:informative:frac_normal"] + table["readout:informative:frac_emphysema"]).to_numpy() == pytest.approx(1.0)
+    out = tissue_readout(evals, table, list(funcs), seed=0, n_boot=100, skipped=skipped)
+    assert out["chance"]["balanced_accuracy"] == pytest.approx(0.5)
+    assert out["informative"]["balanced_accuracy"] > 0.9
+    assert abs(out["blind"]["balanced_accuracy"] - 0.5) < 0.05
+    assert out["informative"]["c_index_ci"][0] > 0.8
+    assert out["blind"]["c_index"] < 0.65
 
 
 def test_gains_and_goal_check():
@@ -221,6 +255,11 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == len(FIGURES)
     assert "Rotated minus each other representation" in report
+    readout = metrics["tissue_readout"]
+    assert set(readout) == set(REPRESENTATIONS) | {"chance"}
+    for name in REPRESENTATIONS:
+        assert 0.0 <= readout[name]["balanced_accuracy"] <= 1.0 and 0.0 <= readout[name]["c_index"] <= 1.0
+        assert f"<td>{name}</td><td>{readout[name]['balanced_accuracy']:.3f}</td>" in report
     for other in others:  # one table row per other representation, its C-index difference printed as computed
         assert f"{metrics['rotated_versus'][other]['c_index']['difference']:+.3f}" in report
     assert main(args) == 2  # existing results are not overwritten

@@ -56,7 +56,7 @@ def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed
 
 def markdown_table(metrics: dict) -> str:
     """The README tables: consistency (with CIs), truth ARI, probe and C-index per representation, gains vs paper,
-    and rotated minus every other representation paired over patients."""
+    rotated minus every other representation paired over patients, and the tissue read-out where there is one."""
     cons, probe, surv, truth = metrics["consistency"], metrics["probe"], metrics["survival"], metrics["truth_agreement"]
     lines = ["| representation | ARI | NMI | Dice | ARI vs truth | acquisition probe | survival C-index |",
              "|---|---|---|---|---|---|---|"]
@@ -77,6 +77,16 @@ def markdown_table(metrics: dict) -> str:
               "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
     lines += ["", "| rotated minus | ARI | NMI | Dice | survival C-index |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in versus_rows(metrics)]
+    readout = metrics.get("tissue_readout", {})
+    if readout:
+        lines += ["", "| tissue read-out | tissue balanced accuracy | read-out composition C-index | cluster composition C-index |",
+                  "|---|---|---|---|"]
+        for name, m in readout.items():
+            if name != "chance":
+                c_index = f"{m['c_index']:.3f} ({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})" if "c_index" in m else "–"
+                cluster_c = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
+                lines.append(f"| {name} | {m['balanced_accuracy']:.3f} | {c_index} | {cluster_c} |")
+        lines.append(f"| chance | {readout['chance']['balanced_accuracy']:.3f} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,10 @@ are then labelled and compared:
    (e.g. a multi-site cohort, each patient scanned once on whatever scanner: the situation where harmonization
    matters), else the patients of both cohorts: the clusters and harmonizers never see the outcome, and the
    Cox model is cross-validated;
-5. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
+5. tissue read-out (phantom): a linear classifier of the true tissue, fitted on each representation's training
+   patches, labels the held-out patches; its balanced accuracy and the survival C-index of the compositions it
+   gives say how much tissue and outcome information the representation holds, whatever the clusters find;
+6. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
    acquisition before and after rotation, decoded traversals along the top technical and
    biological directions.
 
@@ -88,6 +91,7 @@ class ScanLatents:
     densitometry: Dict[str, float]
     clinical: Dict[str, object]
     labels: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> cluster label [n]
+    readout: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> read-out tissue label [n]
 
 
 # ----------------------------------------------------------------------------- loading and encoding
@@ -209,16 +213,41 @@ def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, 
     return {name: funcs[name] for name in REPRESENTATIONS if name in funcs}
 
 
+def fit_tissue_readout(features: np.ndarray, truth: np.ndarray, seed: int):
+    """Class-balanced logistic regression of the true tissue (labels > 0) on a representation's features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    lung = truth > 0
+    if len(np.unique(truth[lung])) < 2:
+        raise InputError("The training patches hold fewer than two true tissue classes; the tissue read-out needs more "
+                         "(diseased) training patients.")
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed))
+    return model.fit(features[lung], truth[lung])
+
+
 def assign_clusters(funcs: Dict[str, Callable], scans: List[ScanLatents], train: List[ScanLatents], rows,
-                    n_clusters: int, seed: int, progress: Progress) -> None:
-    """Fit one ``TissueClusters`` per representation on the training rows; label every scan with it."""
+                    n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
+    """Fit one ``TissueClusters`` per representation on the training rows and label every scan with it; where the
+    training scans carry the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
     from .clusters import TissueClusters
 
+    with_truth = all(s.truth is not None for s in train)
     for k, (name, f) in enumerate(funcs.items()):
         features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
         clusters = TissueClusters(n_clusters=n_clusters, random_state=seed).fit(features)
+        readout = None
+        if with_truth:
+            try:
+                readout = fit_tissue_readout(features, np.concatenate([train[i].truth[r] for i, r in rows.items()]), seed)
+            except InputError as err:
+                skipped["tissue_readout"] = str(err)
         for s in scans:
-            s.labels[name] = np.asarray(clusters.predict(f(s)))
+            scan_features = f(s)
+            s.labels[name] = np.asarray(clusters.predict(scan_features))
+            if readout is not None:
+                s.readout[name] = readout.predict(scan_features).astype(np.int64)
         progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} clusters")
 
 
@@ -333,40 +362,43 @@ def probe(eval_scans: List[ScanLatents], funcs: Dict[str, Callable], samples: in
     return out
 
 
+def _mean_fractions(label_maps: List[np.ndarray], n_labels: int) -> np.ndarray:
+    """Fraction of each label 1..n_labels per scan, averaged over the scans."""
+    return np.mean([np.bincount(labels, minlength=n_labels + 1)[1:n_labels + 1] / len(labels) for labels in label_maps], axis=0)
+
+
 def patient_profiles(scans: List[ScanLatents], names, n_clusters: int) -> pd.DataFrame:
-    """One row per patient: cluster fractions per representation (``<rep>:frac_<k>``), densitometry, clinical."""
+    """One row per patient: cluster fractions per representation (``<rep>:frac_<k>``), read-out tissue fractions
+    where there is a read-out (``readout:<rep>:frac_<tissue>``), densitometry, clinical."""
+    from .tissue import TISSUES
+
     rows = []
     for patient, group in _by_patient(scans).items():
         row: Dict[str, object] = {"patient": patient}
         row.update(group[0].clinical)
         for n in names:
-            fractions = np.mean([np.bincount(s.labels[n], minlength=n_clusters + 1)[1:] / len(s.labels[n]) for s in group], axis=0)
+            fractions = _mean_fractions([s.labels[n] for s in group], n_clusters)
             row.update({f"{n}:frac_{k + 1}": float(v) for k, v in enumerate(fractions)})
+            if all(n in s.readout for s in group):
+                fractions = _mean_fractions([s.readout[n] for s in group], len(TISSUES))
+                row.update({f"readout:{n}:frac_{t}": float(v) for t, v in zip(TISSUES, fractions)})
         for key in group[0].densitometry:
             row[key] = float(np.mean([s.densitometry[key] for s in group]))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> tuple:
-    """Cross-validated Cox C-index of each representation's composition, densitometry and true composition.
+def _without_reference(table: pd.DataFrame, cols: List[str]) -> List[str]:
+    """Composition columns minus the most abundant one (fractions sum to 1, so one is redundant)."""
+    reference = table[cols].mean().idxmax()
+    return [c for c in cols if c != reference]
 
-    A feature set the Cox model cannot be fitted on (too few events, no convergence) is recorded in ``skipped``.
-    """
+
+def _c_indices(table: pd.DataFrame, feature_sets: Dict[str, List[str]], seed: int, n_boot: int, skipped: dict) -> tuple:
+    """Cross-validated Cox C-index with CI per feature set, and the cross-validated risks; a feature set the Cox
+    model cannot be fitted on (too few events, no convergence) is recorded in ``skipped``."""
     from .survival import c_index_with_ci, cross_validated_risk
-    from .tissue import TISSUES
 
-    if not {"time", "event"} <= set(table.columns):
-        return {}, {}
-    feature_sets = {}
-    for n in names:
-        cols = [c for c in table.columns if c.startswith(f"{n}:frac_")]
-        reference = table[cols].mean().idxmax()  # fractions sum to 1: leave the most abundant out
-        feature_sets[n] = [c for c in cols if c != reference]
-    feature_sets["hu_thresholds"] = ["laa950", "haa700", "mld", "perc15"]
-    truth = [f"frac_{t}" for t in TISSUES if f"frac_{t}" in table.columns]
-    if truth:
-        feature_sets["true_composition"] = truth[1:]  # normal lung is the reference
     out, risks = {}, {}
     for name, cols in feature_sets.items():
         try:
@@ -376,6 +408,42 @@ def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skip
         except InputError as err:
             skipped[f"survival:{name}"] = str(err)
     return out, risks
+
+
+def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> tuple:
+    """Cross-validated Cox C-index of each representation's composition, densitometry and true composition."""
+    from .tissue import TISSUES
+
+    if not {"time", "event"} <= set(table.columns):
+        return {}, {}
+    feature_sets = {n: _without_reference(table, [c for c in table.columns if c.startswith(f"{n}:frac_")]) for n in names}
+    feature_sets["hu_thresholds"] = ["laa950", "haa700", "mld", "perc15"]
+    truth = [f"frac_{t}" for t in TISSUES if f"frac_{t}" in table.columns]
+    if truth:
+        feature_sets["true_composition"] = truth[1:]  # normal lung is the reference
+    return _c_indices(table, feature_sets, seed, n_boot, skipped)
+
+
+def tissue_readout(eval_scans: List[ScanLatents], table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> dict:
+    """Per representation: balanced accuracy of the tissue read-out on the evaluation patches (chance 1 / number of
+    tissues present) and the survival C-index of the tissue compositions it reads out. Empty without a read-out."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    names = [n for n in names if eval_scans and all(n in s.readout for s in eval_scans)]
+    if not names:
+        return {}
+    truth = np.concatenate([s.truth for s in eval_scans])
+    lung = truth > 0
+    out: Dict[str, dict] = {n: {"balanced_accuracy": float(balanced_accuracy_score(
+        truth[lung], np.concatenate([s.readout[n] for s in eval_scans])[lung]))} for n in names}
+    out["chance"] = {"balanced_accuracy": 1.0 / len(np.unique(truth[lung]))}
+    if {"time", "event"} <= set(table.columns):
+        feature_sets = {n: _without_reference(table, [c for c in table.columns if c.startswith(f"readout:{n}:frac_")])
+                        for n in names if f"readout:{n}:frac_normal" in table.columns}
+        c_indices, _ = _c_indices(table, feature_sets, seed, n_boot, skipped)
+        for n, c in c_indices.items():
+            out[n].update({"c_index": c["c_index"], "c_index_ci": c["c_index_ci"]})
+    return out
 
 
 def relative_gains(consistency_metrics: dict) -> dict:
@@ -593,6 +661,11 @@ def render_report(metrics: dict, staged, figures: List[str]) -> str:
     truth_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi")] for n, m in metrics["truth_agreement"].items()]
     surv_rows = [[html.escape(n), f"{m['c_index']:.3f} <small>({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})</small>",
                   str(len(m["features"]))] for n, m in metrics["survival"].items()]
+    readout = metrics.get("tissue_readout", {})
+    readout_rows = [[html.escape(n), f"{m['balanced_accuracy']:.3f}",
+                     f"{m['c_index']:.3f} <small>({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})</small>" if "c_index" in m else "–",
+                     f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
+                    for n, m in readout.items() if n != "chance"]
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
     figures = "".join(f"<h3>{html.escape(name[:-4].replace('_', ' '))}</h3><img alt='{name}' src='{_uri(staged.path(name))}'>"
                       for name in figures)
@@ -613,6 +686,11 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
 {_table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+<h2>Tissue read-out (phantom diagnostic)</h2>
+<p>A linear classifier of the true tissue, fitted on each representation's training patches: how much tissue and
+outcome information the representation holds, whatever its clusters find. Chance balanced accuracy:
+{readout.get('chance', {}).get('balanced_accuracy', float('nan')):.3f}.</p>
+{_table(readout_rows, ['representation', 'tissue balanced accuracy', 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No truth in the training cohort.</p>'}
 <h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
 {'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
 <h2>Figures</h2>{figures}
@@ -695,7 +773,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     skipped: Dict[str, str] = {}
     funcs = representation_functions(bundle, train, rows, seed, set(train[0].latents), skipped)
     n_clusters = int(len(bundle.clusters.centroids_))
-    assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, seed, progress)
+    assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, seed, progress, skipped)
     names = list(funcs)
 
     per_patient = consistency_per_patient(evals, names)
@@ -708,6 +786,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     table = patient_profiles(survivors or train + evals, names, n_clusters)
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
     metrics["rotated_versus"] = rotated_versus(per_patient, table, risks, cfg.n_boot, seed)
+    metrics["tissue_readout"] = tissue_readout(evals, table, names, seed, cfg.n_boot, skipped)
     metrics["relative_gain"] = relative_gains(metrics["consistency"])
     metrics["goal"] = goal_check(metrics)
     metrics.update({
