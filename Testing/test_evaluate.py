@@ -291,3 +291,20 @@ def test_evaluate_survival_on_a_separate_cohort(tmp_path):
     with pytest.raises(Exception, match="survival scans are also training scans"):
         evaluate(test_csv, tmp_path / "e3", model=model, train_cohort=train_csv, quick=True, survival_cohort=train_csv)
     assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
+
+
+def test_evaluate_without_truth_skips_the_truth_measurements(tmp_path):
+    """A real cohort has no voxel truth: no truth agreement, no tissue read-out, and the report says so."""
+    import pandas as pd
+
+    from latentharmonize.evaluate import evaluate
+
+    train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
+    test_csv = _write_cohort(tmp_path / "test", 2, seed=2)
+    model = _tiny_bundle(tmp_path / "model", "ae", train_csv)
+    for csv in (train_csv, test_csv):
+        pd.read_csv(csv).drop(columns=["truth"]).to_csv(csv, index=False)
+    metrics = evaluate(test_csv, tmp_path / "eval", model=model, train_cohort=train_csv, quick=True)
+    assert metrics["truth_agreement"] == {} and metrics["tissue_readout"] == {}
+    assert metrics["consistency"]["rotated"]["n_patients"] == 2
+    assert "No read-out" in (tmp_path / "eval" / "report.html").read_text()

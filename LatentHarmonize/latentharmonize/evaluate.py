@@ -690,7 +690,7 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <p>A linear classifier of the true tissue, fitted on each representation's training patches: how much tissue and
 outcome information the representation holds, whatever its clusters find. Chance balanced accuracy:
 {readout.get('chance', {}).get('balanced_accuracy', float('nan')):.3f}.</p>
-{_table(readout_rows, ['representation', 'tissue balanced accuracy', 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No truth in the training cohort.</p>'}
+{_table(readout_rows, ['representation', 'tissue balanced accuracy', 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No read-out: the training scans carry no truth, or it was not run (see below).</p>'}
 <h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
 {'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
 <h2>Figures</h2>{figures}
