@@ -316,15 +316,19 @@ def _read_verified(folder: Path, files: dict, fname: str) -> bytes:
     return data
 
 
+def bundle_folder(path=None) -> Path:
+    """The folder a ``--model`` argument names: the folder itself, its manifest's path, or None for the default."""
+    folder = Path(path) if path is not None else default_bundle_path()
+    return folder.parent if folder.is_file() and folder.name == MANIFEST else folder
+
+
 def load_bundle(path=None) -> ModelBundle:
     """Load and verify a model bundle folder (default: :func:`default_bundle_path`)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load as load_arrays
     from safetensors.torch import load as load_tensors
 
-    folder = Path(path) if path is not None else default_bundle_path()
-    if folder.is_file() and folder.name == MANIFEST:
-        folder = folder.parent
+    folder = bundle_folder(path)
     if not folder.is_dir():
         if path is None:
             raise BundleError(f"The default model bundle is not installed at {folder}. Pass --model with a folder "

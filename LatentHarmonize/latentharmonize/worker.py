@@ -32,7 +32,6 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Optional
 
 from .errors import Cancelled, InputError, LatentHarmonizeError
@@ -137,11 +136,9 @@ def parse_result_line(line: str) -> Optional[WorkerResult]:
 def bundle_fingerprint(model) -> Optional[tuple]:
     """(resolved folder, SHA-256 over its manifest and data files) of a model bundle, or None when the files cannot
     be read (loading the bundle then says why). Any edit of the bundle, even one loading would refuse, changes it."""
-    from .bundle import DATA_FILES, MANIFEST, default_bundle_path
+    from .bundle import DATA_FILES, MANIFEST, bundle_folder
 
-    folder = Path(model) if model is not None else default_bundle_path()
-    if folder.is_file() and folder.name == MANIFEST:  # load_bundle accepts the manifest's path too
-        folder = folder.parent
+    folder = bundle_folder(model)
     digest = hashlib.sha256()
     try:
         for name in (MANIFEST, *DATA_FILES):
