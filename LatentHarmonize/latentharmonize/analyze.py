@@ -157,18 +157,12 @@ class CtLookup:
 def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
     """Nearest-neighbour map from the CT's lung voxels to lattice points: one SimpleITK resample of an index image
     over the lungs' bounding box only, so the cost follows the lungs, not the scan."""
-    from .grid import lattice_to_image, lung_voxels, mask_box
+    from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
 
     lung = lung_voxels(lungs)
     region = mask_box(lung)
-    start, size = [r.start for r in region[::-1]], [r.stop - r.start for r in region[::-1]]
     index = lattice_to_image(np.arange(int(np.prod(lattice.shape)), dtype=np.int32).reshape(lattice.shape), lattice)
-    resample = sitk.ResampleImageFilter()
-    resample.SetSize(size)
-    resample.SetOutputOrigin(ct.TransformIndexToPhysicalPoint(start))
-    resample.SetOutputSpacing(ct.GetSpacing())
-    resample.SetOutputDirection(ct.GetDirection())
-    resample.SetInterpolator(sitk.sitkNearestNeighbor)
+    resample = box_resampler(ct, region, sitk.sitkNearestNeighbor)
     resample.SetUseNearestNeighborExtrapolator(True)  # lung voxels beyond the last centre take the nearest one
     crop = resample.Execute(index)
     in_box = np.flatnonzero(lung[region] != 0)

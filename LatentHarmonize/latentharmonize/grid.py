@@ -68,6 +68,18 @@ def mask_box(mask: np.ndarray):
     return z, y, slice(int(xs[0]), int(xs[-1]) + 1)
 
 
+def box_resampler(reference: sitk.Image, box: tuple, interpolator) -> sitk.ResampleImageFilter:
+    """A resampler onto the voxels ``box`` (z, y, x slices) of ``reference``'s grid. The output geometry is set
+    directly, so no voxel of ``reference`` is copied."""
+    resample = sitk.ResampleImageFilter()
+    resample.SetSize([b.stop - b.start for b in box[::-1]])
+    resample.SetOutputOrigin(reference.TransformIndexToPhysicalPoint([b.start for b in box[::-1]]))
+    resample.SetOutputSpacing(reference.GetSpacing())
+    resample.SetOutputDirection(reference.GetDirection())
+    resample.SetInterpolator(interpolator)
+    return resample
+
+
 def lung_voxels(lungs: sitk.Image) -> np.ndarray:
     """Array [z, y, x] whose nonzero voxels are the lung (label > 0): a view of an unsigned mask, no copy.
     The view is only valid while ``lungs`` lives."""

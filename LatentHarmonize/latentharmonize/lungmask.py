@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError, NoLungFoundError
-from .grid import mask_box
+from .grid import box_resampler, mask_box
 
 AIR_HU = -400.0               # between lung (about -850 HU) and fat/soft tissue (-100..+60 HU)
 WORK_SPACING_MM = 2.0         # voxel size of the working copy
@@ -300,15 +300,10 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
 
 def _resample_array(values: np.ndarray, work: sitk.Image, full: sitk.Image, box: tuple, interpolator) -> np.ndarray:
     """UInt8 ``values`` on the working grid, resampled onto the voxels ``box`` (z, y, x slices) of the grid of
-    ``full``; [z, y, x] array. The output geometry is set directly, so no voxels of ``full`` are copied."""
+    ``full``; [z, y, x] array."""
     image = sitk.GetImageFromArray(values)
     image.CopyInformation(work)
-    resample = sitk.ResampleImageFilter()
-    resample.SetSize([b.stop - b.start for b in box[::-1]])
-    resample.SetOutputOrigin(full.TransformIndexToPhysicalPoint([b.start for b in box[::-1]]))
-    resample.SetOutputSpacing(full.GetSpacing())
-    resample.SetOutputDirection(full.GetDirection())
-    resample.SetInterpolator(interpolator)
+    resample = box_resampler(full, box, interpolator)
     resample.SetOutputPixelType(sitk.sitkUInt8)
     return sitk.GetArrayFromImage(resample.Execute(image))
 
