@@ -83,7 +83,7 @@ def markdown_table(metrics: dict) -> str:
                   "|---|---|---|---|"]
         for name, m in readout.items():
             if name != "chance":
-                c_index = f"{m['c_index']:.3f} ({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})" if "c_index" in m else "–"
+                c_index = ci(m, "c_index") if "c_index" in m else "–"
                 cluster_c = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
                 lines.append(f"| {name} | {m['balanced_accuracy']:.3f} | {c_index} | {cluster_c} |")
         lines.append(f"| chance | {readout['chance']['balanced_accuracy']:.3f} | | |")

@@ -659,11 +659,10 @@ def render_report(metrics: dict, staged, figures: List[str]) -> str:
     gain_rows = [[m.upper(), f"{gains['rotated_vs_entangled_percent'][m]:+.2f} %", f"+{gains['paper_percent'][m]:.2f} %"]
                  for m in PAPER_GAIN_PERCENT]
     truth_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi")] for n, m in metrics["truth_agreement"].items()]
-    surv_rows = [[html.escape(n), f"{m['c_index']:.3f} <small>({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})</small>",
-                  str(len(m["features"]))] for n, m in metrics["survival"].items()]
+    surv_rows = [[html.escape(n), _ci(m, "c_index"), str(len(m["features"]))] for n, m in metrics["survival"].items()]
     readout = metrics.get("tissue_readout", {})
     readout_rows = [[html.escape(n), f"{m['balanced_accuracy']:.3f}",
-                     f"{m['c_index']:.3f} <small>({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})</small>" if "c_index" in m else "–",
+                     _ci(m, "c_index") if "c_index" in m else "–",
                      f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
                     for n, m in readout.items() if n != "chance"]
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
