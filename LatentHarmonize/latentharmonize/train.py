@@ -231,7 +231,7 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
         for _, row in cohort[cohort["patient"].astype(str) == patient].iterrows():
             scan = load_scan(row, spec)
             dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
-            where = {key: n for n, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}
+            where = {key: i for i, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}
             rows = np.flatnonzero(samples.scan == index)
             out[rows] = dense.latents[[where[key] for key in map(tuple, samples.keys[rows].tolist())]]
             index += 1
