@@ -599,10 +599,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         if worker is not None and bridge().can_reuse_worker(worker.launch, launch, worker.alive(),
                                                             worker.run is not None, time.time() - worker.idleSince):
             return worker
-        self.stopWorker()
-        self.worker = BackendWorker(launch)
-        self.worker.start()
-        return self.worker
+        return self._startWorker(launch)
 
     def dependenciesInstalled(self) -> bool:
         """Whether PyTorch and the Python packages are already there (checked without asking or installing)."""
@@ -627,9 +624,14 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         dependencies are installed (installing asks the user first, on Analyze)."""
         if (self.worker is not None and self.worker.alive()) or not self.dependenciesInstalled():
             return
+        self._startWorker(self.workerLaunch(), bridge().preload_arguments(modelPath, device))
+
+    def _startWorker(self, launch, preload=()) -> BackendWorker:
+        """Replace the backend worker by a fresh one started with ``launch`` (and ``preload`` options)."""
         self.stopWorker()
-        self.worker = BackendWorker(self.workerLaunch(), bridge().preload_arguments(modelPath, device))
+        self.worker = BackendWorker(launch, preload)
         self.worker.start()
+        return self.worker
 
     def workerLaunch(self):
         """How the backend worker starts: PythonSlicer runs ``latentharmonize worker`` from the module folder."""
