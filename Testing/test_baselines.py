@@ -120,3 +120,28 @@ def test_histogram_matching_maps_new_scan_onto_training_reference_within_lung():
     np.testing.assert_array_equal(as_array, hu)
     with pytest.raises(InputError, match="empty"):
         matcher.transform(ct, sitk.GetImageFromArray(np.zeros((6, 24, 24), np.uint8)))
+
+
+def test_patch_hu_statistics_summarise_only_the_lung_voxels_of_each_patch():
+    from latentharmonize.baselines import HU_STATISTIC_NAMES, patch_hu_statistics
+    from latentharmonize.patches import resolve_spec
+
+    spec = resolve_spec(None)
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 0, size=(5, 24, 24)).astype(np.float32)
+    lung = np.ones(hu.shape, bool)
+    lung[:, :, 12:] = False  # the right half is chest wall: it must not count
+    hu[~lung] = 500.0
+    positions = np.array([[0, 0, 0], [2, 1, 0]])
+    stats = patch_hu_statistics(hu, lung, positions, spec)
+    assert stats.shape == (2, len(HU_STATISTIC_NAMES))
+    for row, (k, i, j) in zip(stats, positions):
+        box = (slice(k, k + 3), slice(4 * i, 4 * i + 16), slice(4 * j, 4 * j + 16))
+        values = np.sort(hu[box][lung[box]])
+        expected_q = [values[int(np.rint(q / 100 * (values.size - 1)))] for q in (10, 25, 50, 75, 90)]
+        np.testing.assert_allclose(row[:5], expected_q)
+        np.testing.assert_allclose(row[5:], [np.mean(values < -950), np.mean(values > -700), np.mean(values > -300)],
+                                   rtol=1e-6)
+    assert stats[:, 4].max() < 0  # no chest-wall voxel (500 HU) reached the 90 % quantile
+    with pytest.raises(InputError, match="no lung voxel"):
+        patch_hu_statistics(hu, np.zeros(hu.shape, bool), positions, spec)

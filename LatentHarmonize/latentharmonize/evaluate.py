@@ -5,7 +5,10 @@ For every representation of the lung patches
 - ``entangled``: the encoder latent as it is; ``rotated``: its biological coordinates (bundle rotation);
 - ``combat``, ``harmony``, ``leace``: the entangled latent harmonized by :mod:`latentharmonize.baselines`;
 - ``histogram_matching``: the latent of the scan after lung histogram matching to the training scans;
-- ``unoranic``: the anatomy latent of a model trained with ``--encoder unoranic`` (``--unoranic DIR``),
+- ``unoranic``: the anatomy latent of a model trained with ``--encoder unoranic`` (``--unoranic DIR``);
+- ``hu_statistics``: no encoder at all, the standardised HU quantiles and threshold shares of each patch
+  (:func:`latentharmonize.baselines.patch_hu_statistics`), averaged over the same context as the latents: the
+  reference that says whether a learned representation finds more than the patch's histogram,
 
 tissue clusters are fitted the same way (``TissueClusters``, the bundle's K, same seed) on latents of
 the TRAINING scans, and every harmonizer is fitted on the training scans only; the held-out scans
@@ -39,7 +42,7 @@ import base64
 import html
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -51,7 +54,10 @@ from .errors import InputError
 from .metrics import METRICS, label_agreement, mean_pairwise_agreement, paired_difference, summarize
 from .progress import Progress
 
-REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic")
+REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic",
+                   "hu_statistics")
+# Compared and reported like the others, but not a harmonization baseline of the goal check.
+REFERENCE_REPRESENTATIONS = ("hu_statistics",)
 PAPER_GAIN_PERCENT = {"ari": 19.01, "nmi": 16.85, "dice": 12.39}
 FIGURES = ("consistency.png", "label_maps.png", "km.png", "latent_pca.png", "traversals.png")
 CLINICAL = ("time", "event", "age", "sex", "fvc")
@@ -86,7 +92,7 @@ class ScanLatents:
     split: str                      # "train" or "eval"
     keys: np.ndarray                # int64 [n, 3]: physical micrometres of each patch centre
     positions: np.ndarray           # int [n, 3] (z, y, x) lattice indices
-    latents: Dict[str, np.ndarray]  # source ("entangled", "histogram_matching", "unoranic") -> [n, d]
+    latents: Dict[str, np.ndarray]  # source ("entangled", "histogram_matching", "unoranic", "hu_statistics") -> [n, d]
     truth: Optional[np.ndarray]     # [n] phantom tissue label at each centre (0: none), or None
     densitometry: Dict[str, float]
     clinical: Dict[str, object]
@@ -142,13 +148,16 @@ class Encoders:
 
 def _encode_row(row: pd.Series, split: str, encoders: Encoders, matcher=None) -> tuple:
     """Encode one scan under every source; returns (ScanLatents, regular sample of its lung HU)."""
-    from .patches import point_keys
+    from .baselines import patch_hu_statistics
+    from .patches import aggregate_context, point_keys
 
     hu, lung, grid, truth, dens = _load_volumes(row, encoders.spec)
     dense = encoders.encode(hu, lung, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
-    latents = {"entangled": dense.latents}
+    statistics = replace(dense, latents=patch_hu_statistics(hu, lung, dense.positions, encoders.spec))
+    latents = {"entangled": dense.latents,
+               "hu_statistics": aggregate_context(statistics, int(encoders.spec["context_radius"])).latents}
     if encoders.unoranic is not None:
         latents["unoranic"] = _align_rows(encoders.encode(hu, lung, grid, "unoranic"), dense)
     if matcher is not None:
@@ -194,6 +203,8 @@ def _stack(scans: List[ScanLatents], rows: Dict[int, np.ndarray], source: str):
 
 def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, sources: set, skipped: dict) -> Dict[str, Callable]:
     """Fit every baseline on the training latents; each returned function maps (scan) -> features."""
+    from sklearn.preprocessing import StandardScaler
+
     from .baselines import ComBatHarmonizer, HarmonyHarmonizer, LeaceHarmonizer
 
     X, batch = _stack(train, rows, "entangled")
@@ -208,6 +219,9 @@ def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, 
     for source in ("histogram_matching", "unoranic"):
         if source in sources:
             funcs[source] = (lambda src: lambda s: s.latents[src])(source)
+    if "hu_statistics" in sources:  # quantiles in HU and shares in [0, 1]: put them on one scale for k-means
+        scaler = StandardScaler().fit(_stack(train, rows, "hu_statistics")[0])
+        funcs["hu_statistics"] = lambda s: scaler.transform(s.latents["hu_statistics"])
     if "unoranic" not in sources:
         skipped["unoranic"] = "no unORANIC bundle given (--unoranic DIR)"
     return {name: funcs[name] for name in REPRESENTATIONS if name in funcs}
@@ -456,7 +470,7 @@ def relative_gains(consistency_metrics: dict) -> dict:
 def goal_check(metrics: dict) -> dict:
     """The issue's goal, item by item: gains >= paper, rotated beats every baseline, probe near chance, survival."""
     cons, gains = metrics["consistency"], metrics["relative_gain"]["rotated_vs_entangled_percent"]
-    baselines = [n for n in cons if n not in ("entangled", "rotated")]
+    baselines = [n for n in cons if n not in ("entangled", "rotated", *REFERENCE_REPRESENTATIONS)]
     out = {
         "gain_at_least_paper": {m: bool(gains[m] >= PAPER_GAIN_PERCENT[m]) for m in PAPER_GAIN_PERCENT},
         "rotated_beats_baselines": {b: bool(all(cons["rotated"][m] > cons[b][m] for m in ("ari", "nmi", "dice")))
@@ -652,6 +666,10 @@ def versus_rows(metrics: dict) -> List[List[str]]:
     return rows
 
 
+_REFERENCE_NOTE = (" <i>hu_statistics</i> uses no encoder: the HU quantiles and threshold shares of each patch, the "
+                   "reference a learned representation has to beat.")
+
+
 def render_report(metrics: dict, staged, figures: List[str]) -> str:
     cons, probe_acc = metrics["consistency"], metrics["probe"]
     cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"), f"{probe_acc[n]:.3f}"] for n, m in cons.items()]
@@ -678,7 +696,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{
 seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.</p>
 <h2>Consistency across acquisitions (mean, 95 % bootstrap CI over patients) and acquisition probe</h2>
 {_table(cons_rows, ['representation', 'ARI', 'NMI', 'Dice', 'probe accuracy'])}
-<p>Probe chance level: {probe_acc['chance']:.3f}.</p>
+<p>Probe chance level: {probe_acc['chance']:.3f}.{_REFERENCE_NOTE if 'hu_statistics' in cons else ''}</p>
 <h2>Rotated over entangled: relative gain</h2>{_table(gain_rows, ['metric', 'this run', 'paper'])}
 <h2>Agreement with the phantom truth</h2>{_table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
 <h2>Survival: cross-validated Cox C-index</h2>{_table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
