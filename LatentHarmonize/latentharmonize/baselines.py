@@ -286,7 +286,5 @@ def patch_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray,
     ranked = np.sort(values, axis=1)  # NaN (not lung) sorts last
     ranks = np.rint(np.outer(n_lung - 1, np.asarray(HU_STATISTIC_QUANTILES) / 100.0)).astype(np.int64)
     quantiles = np.take_along_axis(ranked, ranks, axis=1)
-    with np.errstate(invalid="ignore"):
-        shares = [np.count_nonzero(test, axis=1) / n_lung
-                  for test in (values < -950, values > -700, values > -300)]
+    shares = [np.count_nonzero(test, axis=1) / n_lung for test in (values < -950, values > -700, values > -300)]
     return np.column_stack([quantiles, *shares]).astype(np.float32)
