@@ -219,9 +219,9 @@ def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, 
     for source in ("histogram_matching", "unoranic"):
         if source in sources:
             funcs[source] = (lambda src: lambda s: s.latents[src])(source)
-    if "hu_statistics" in sources:  # quantiles in HU and shares in [0, 1]: put them on one scale for k-means
-        scaler = StandardScaler().fit(_stack(train, rows, "hu_statistics")[0])
-        funcs["hu_statistics"] = lambda s: scaler.transform(s.latents["hu_statistics"])
+    # every scan has its HU statistics (_encode_row); quantiles in HU and shares in [0, 1]: one scale for k-means
+    scaler = StandardScaler().fit(_stack(train, rows, "hu_statistics")[0])
+    funcs["hu_statistics"] = lambda s: scaler.transform(s.latents["hu_statistics"])
     if "unoranic" not in sources:
         skipped["unoranic"] = "no unORANIC bundle given (--unoranic DIR)"
     return {name: funcs[name] for name in REPRESENTATIONS if name in funcs}
