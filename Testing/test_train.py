@@ -102,6 +102,23 @@ def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort,
     assert main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1"]) == OutputError.exit_code
 
 
+def test_low_attenuation_channel_option_reaches_the_bundle(tiny_phantom_cohort, tmp_path):
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+
+    out = tmp_path / "model"
+    code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
+                 "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--low-attenuation-channel"])
+    assert code == 0
+    bundle = load_bundle(out)
+    assert bundle.manifest["encoder"]["config"]["low_attenuation_hu"] == -950.0
+    model = bundle.encoder("cpu")
+    assert model.encoder.body[0].in_channels == 6
+    assert bundle.decoder("cpu")(torch.zeros(1, 6)).shape == (1, 3, 16, 16)
+    with pytest.raises(InputError, match="--low-attenuation-channel works with --encoder ae only"):
+        train(tiny_phantom_cohort, tmp_path / "v", encoder="vae", low_attenuation_channel=True)
+
+
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):
     """--workers routes patch sampling through batch.sample_cohort_patches (proven equal to the serial path in
     test_batch); the bundle then matches a serial run's."""

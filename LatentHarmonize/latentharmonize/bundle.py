@@ -195,9 +195,8 @@ class ModelBundle:
         return model.to(device).eval()
 
     def decoder(self, device="cpu"):
-        """The network part that maps a latent [B, latent_dim] back to a patch (for latent traversals)."""
-        model = self.encoder(device)
-        return model.anatomy_decoder if hasattr(model, "anatomy_decoder") else model.decoder
+        """Latents [B, latent_dim] -> patches [B, 3, 16, 16] (normalised intensities), for latent traversals."""
+        return self.encoder(device).decode
 
     # ---------------------------------------------------------- serialisation
     def _arrays(self) -> dict:

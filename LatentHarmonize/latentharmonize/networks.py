@@ -69,6 +69,30 @@ class PatchDecoder(nn.Module):
         return self.body(self.fc(z).view(-1, 2 * self.width, 4, 4))
 
 
+EMPHYSEMA_THRESHOLD_HU = -950.0  # the densitometric emphysema threshold (% low-attenuation area)
+
+
+class LowAttenuationChannels(nn.Module):
+    """Append to each slice a soft indicator of voxels below ``threshold_hu``: [B, S, H, W] -> [B, 2S, H, W].
+
+    Emphysematous air spaces lie about 90 HU below normal parenchyma, a few percent of the intensity window, so in
+    the intensity channels alone they hardly move the reconstruction error, while one vessel moves it by the whole
+    window; the autoencoder then spends its latent on vessels. Reconstructing this channel too makes it keep the
+    low-attenuation pattern. Elementwise, so dense slab encoding stays exact.
+    """
+
+    def __init__(self, hu_window, threshold_hu: float = EMPHYSEMA_THRESHOLD_HU, width_hu: float = 15.0):
+        super().__init__()
+        low, high = (float(v) for v in hu_window)
+        if not high > low:
+            raise InputError(f"hu_window must be [low, high] with low < high, got {list(hu_window)}.")
+        self.low, self.span, self.threshold, self.width = low, high - low, float(threshold_hu), float(width_hu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hu = self.low + self.span * x
+        return torch.cat([x, torch.sigmoid((self.threshold - hu) / self.width)], 1)
+
+
 def _training_views(batch: dict) -> torch.Tensor:
     """Both views of a paired batch as independent samples (single-view batches pass through)."""
     x = batch["x"]
@@ -88,6 +112,10 @@ class _PatchModel(nn.Module):
     def latent_dim(self) -> int:
         return int(self.config["latent_dim"])
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Patches [B, 3, 16, 16] (normalised intensities) decoded from latents [B, D], for latent traversals."""
+        return self.decoder(z)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent [B, D] of 3 x 16 x 16 patches."""
         if x.shape[-2:] != (PATCH_SIZE, PATCH_SIZE):
@@ -96,23 +124,41 @@ class _PatchModel(nn.Module):
 
 
 class AutoEncoder(_PatchModel):
+    """Plain autoencoder; with ``low_attenuation_hu`` (and the spec's ``hu_window``) it also encodes and
+    reconstructs ``LowAttenuationChannels``, weighted like the intensities."""
+
     kind = "ae"
 
-    def __init__(self, latent_dim: int = DEFAULT_LATENT_DIM, width: int = DEFAULT_WIDTH):
-        super().__init__(latent_dim=latent_dim, width=width)
-        self.encoder = PatchEncoder(latent_dim, width)
-        self.decoder = PatchDecoder(latent_dim, width)
+    def __init__(self, latent_dim: int = DEFAULT_LATENT_DIM, width: int = DEFAULT_WIDTH,
+                 low_attenuation_hu: float | None = None, hu_window=None):
+        extra = {} if low_attenuation_hu is None else {"low_attenuation_hu": float(low_attenuation_hu),
+                                                       "hu_window": [float(v) for v in hu_window]}
+        super().__init__(latent_dim=latent_dim, width=width, **extra)
+        self.channels = None if low_attenuation_hu is None else LowAttenuationChannels(hu_window, low_attenuation_hu)
+        n_channels = SLICES if self.channels is None else 2 * SLICES
+        self.encoder = PatchEncoder(latent_dim, width, in_channels=n_channels)
+        self.decoder = PatchDecoder(latent_dim, width, out_channels=n_channels)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.channels is None else self.channels(x)
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        return self.encoder(self._inputs(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)[:, :SLICES]
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encode(x))
+        return self.decode(self.encode(x))
 
     def loss(self, batch: dict) -> dict:
-        x = _training_views(batch)
-        recon = F.mse_loss(self.reconstruct(x), x)
-        return {"loss": recon, "recon": recon}
+        inputs = self._inputs(_training_views(batch))
+        out = self.decoder(self.encoder(inputs).flatten(1))
+        recon = F.mse_loss(out[:, :SLICES], inputs[:, :SLICES])
+        if self.channels is None:
+            return {"loss": recon, "recon": recon}
+        low = F.mse_loss(out[:, SLICES:], inputs[:, SLICES:])
+        return {"loss": recon + low, "recon": recon, "low_attenuation": low}
 
 
 class VariationalAutoEncoder(_PatchModel):
@@ -166,6 +212,9 @@ class UnoranicModel(_PatchModel):
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.anatomy_encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.anatomy_decoder(z)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         chars = self.characteristics_encoder(x).flatten(1)

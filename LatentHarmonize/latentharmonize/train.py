@@ -29,9 +29,9 @@ from tqdm import tqdm
 from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import InputError, OutputError
 from .grid import resample_onto, to_model_grid
-from .networks import MODEL_KINDS, build_model
-from .patches import (PairedPatches, Scan, autocast_for, concat_samples, encode_dense, point_keys, resolve_device,
-                      resolve_spec, sample_paired_patches)
+from .networks import EMPHYSEMA_THRESHOLD_HU, MODEL_KINDS, build_model
+from .patches import (DEFAULT_SPEC, PairedPatches, Scan, autocast_for, concat_samples, encode_dense, point_keys,
+                      resolve_device, resolve_spec, sample_paired_patches)
 from .training_data import training_dataset
 from .progress import Progress
 
@@ -50,9 +50,14 @@ class TrainConfig:
     per_patient: int = 400
     batch_size: int = 128
     lr: float = 2e-3
+    low_attenuation_hu: float | None = None  # ae only: also encode a channel of voxels below this HU
+    hu_window: tuple = tuple(DEFAULT_SPEC["hu_window"])
 
     def model_kwargs(self) -> dict:
-        return {"latent_dim": self.latent_dim, "width": self.width}
+        kwargs = {"latent_dim": self.latent_dim, "width": self.width}
+        if self.low_attenuation_hu is not None:
+            kwargs.update(low_attenuation_hu=self.low_attenuation_hu, hu_window=list(self.hu_window))
+        return kwargs
 
 
 # ----------------------------------------------------------------------------- data
@@ -273,14 +278,14 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
           encoder: str = "ae", clusters: int | None = None, n_technical="auto", device: str = "auto",
           resume: bool = False, overwrite: bool = False, per_patient: int = 400, latent_dim: int = 24,
           batch_size: int = 128, progress: Progress | None = None, scheduler: str | None = None,
-          workers: int | None = None, context_radius: int = 1) -> dict:
+          workers: int | None = None, context_radius: int = 1, low_attenuation_channel: bool = False) -> dict:
     """Train a model bundle from a cohort table into ``out_dir``; returns the training summary.
 
     With ``scheduler`` (an existing Dask cluster's address) or ``workers`` (a local Dask cluster of that size), the
     patches of a large cohort are read and sampled on the cluster, one task per patient, with the same result.
     """
     config, epochs = _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient,
-                                latent_dim, batch_size)
+                                latent_dim, batch_size, low_attenuation_channel)
     out_dir = Path(out_dir)
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
@@ -344,9 +349,11 @@ def save_trained_bundle(out_dir: Path, model, spec: dict, rotation, tissue, name
 
 
 def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient, latent_dim,
-               batch_size) -> tuple:
+               batch_size, low_attenuation_channel=False) -> tuple:
     if encoder not in MODEL_KINDS:
         raise InputError(f"--encoder must be one of {', '.join(MODEL_KINDS)}, got {encoder!r}.")
+    if low_attenuation_channel and encoder != "ae":
+        raise InputError(f"--low-attenuation-channel works with --encoder ae only, got {encoder!r}.")
     if epochs is not None and max_minutes is not None:
         raise InputError("Give either --epochs or --max-minutes, not both.")
     if epochs is None and max_minutes is None:
@@ -363,7 +370,8 @@ def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_pa
         if not isinstance(value, int) or value < 2:
             raise InputError(f"{name} must be an integer of at least 2, got {value!r}.")
     config = TrainConfig(encoder=encoder, seed=int(seed), latent_dim=latent_dim, per_patient=per_patient,
-                         batch_size=batch_size)
+                         batch_size=batch_size,
+                         low_attenuation_hu=EMPHYSEMA_THRESHOLD_HU if low_attenuation_channel else None)
     return config, epochs
 
 
@@ -421,6 +429,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--context-radius", type=int, default=1,
                         help="lattice steps (5 mm) of neighbouring latents averaged into each one before the rotation "
                              "and clusters (default 1: a 15 mm neighbourhood; 0: the patch alone)")
+    parser.add_argument("--low-attenuation-channel", action="store_true",
+                        help="ae only: also encode and reconstruct a channel of voxels below -950 HU, so the latent "
+                             "keeps emphysema (clusters match tissue better, at some cost in consistency; see "
+                             "docs/training.md)")
     parser.add_argument("--scheduler", default=None,
                         help="sample the cohort's patches on this Dask cluster (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None,
@@ -436,7 +448,8 @@ def run(args) -> int:
                     encoder=args.encoder, clusters=args.clusters, n_technical=n_technical, device=args.device,
                     resume=args.resume, overwrite=args.overwrite, per_patient=args.patches_per_patient,
                     latent_dim=args.latent_dim, progress=Progress(machine=args.progress),
-                    scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius)
+                    scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius,
+                    low_attenuation_channel=args.low_attenuation_channel)
     print(format_summary(summary))
     return 0
 
