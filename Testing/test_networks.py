@@ -92,5 +92,7 @@ def test_bad_inputs_are_refused():
     model = build_model("ae", latent_dim=4, width=8)
     with pytest.raises(ValueError, match="16 x 16"):
         model.encode(torch.zeros(1, 3, 20, 20))
+    with pytest.raises(InputError, match="needs the hu_window"):
+        build_model("ae", latent_dim=4, width=8, low_attenuation_hu=-950.0)
     with pytest.raises(InputError, match="paired"):
         build_model("unoranic", latent_dim=4, width=8).loss({"x": torch.zeros(2, 3, 16, 16)})

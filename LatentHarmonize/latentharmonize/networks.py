@@ -131,6 +131,8 @@ class AutoEncoder(_PatchModel):
 
     def __init__(self, latent_dim: int = DEFAULT_LATENT_DIM, width: int = DEFAULT_WIDTH,
                  low_attenuation_hu: float | None = None, hu_window=None):
+        if low_attenuation_hu is not None and hu_window is None:
+            raise InputError("low_attenuation_hu needs the hu_window the patches were normalised with.")
         extra = {} if low_attenuation_hu is None else {"low_attenuation_hu": float(low_attenuation_hu),
                                                        "hu_window": [float(v) for v in hu_window]}
         super().__init__(latent_dim=latent_dim, width=width, **extra)
