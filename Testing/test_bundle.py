@@ -113,7 +113,7 @@ def _flip_byte(path):
     (lambda f: _edit_manifest(f, lambda m: m.pop("patch_spec")), "malformed.*patch_spec"),
     (lambda f: _edit_manifest(f, lambda m: m["files"].pop(ARRAYS_FILE)), "does not list arrays"),
     (lambda f: _edit_manifest(f, lambda m: m["clusters"]["names"].pop()), "clusters section"),
-    (lambda f: _edit_manifest(f, lambda m: m["rotation"].update(n_technical=2)), "biological subspace has 4"),
+    (lambda f: _edit_manifest(f, lambda m: m["rotation"].update(n_technical=2)), "cluster features have 4"),
     (lambda f: (f / MANIFEST).write_text("{not json"), "not valid JSON"),
     (lambda f: (f / MANIFEST).write_text("[1, 2]"), "JSON object"),
 ])

@@ -193,3 +193,47 @@ def test_use_before_fit_and_wrong_width(planted):
         rot.transform(X[:, :5])
     with pytest.raises(InputError, match="space must be"):
         rot.probe_accuracy(X, y, space="latent")
+
+
+def test_cluster_features_without_a_weight_are_the_biological_coordinates(planted):
+    X, y, pairs, _, _ = planted
+    rot = LatentRotation(n_technical=3).fit(X, y, pairs=pairs)
+    np.testing.assert_array_equal(rot.cluster_features(X), rot.biological(X))
+    assert rot.n_cluster_features_ == 7
+
+
+def test_recentred_technical_coordinates_drop_a_scan_offset_and_keep_contrast_inside_the_scan(planted):
+    X, y, pairs, _, _ = planted
+    rot = LatentRotation(n_technical=3, technical_weight=0.5).fit(X, y, pairs=pairs)
+    assert rot.n_cluster_features_ == 10
+    tech = rot.technical_basis_
+    scan = X[y == 0]
+    shifted = scan + np.array([4.0, -2.0, 1.0]) @ tech.T  # the same scan under an acquisition offset
+    np.testing.assert_allclose(rot.cluster_features(shifted), rot.cluster_features(scan), atol=1e-9)
+    # a denser region inside one scan stays apart from the rest of that scan, scaled by the weight
+    denser = scan.copy()
+    denser[:20] += 3.0 * tech[:, 0]
+    moved = rot.cluster_features(denser)[:20, :3] - rot.cluster_features(scan)[:20, :3]
+    assert np.linalg.norm(moved, axis=1).mean() > 0.5 * 0.5 * 3.0
+    # rows of several scans: each scan is re-centred on its own median, as if it had been given alone
+    both = np.vstack([scan, shifted])
+    ids = np.repeat([0, 1], len(scan))
+    np.testing.assert_allclose(rot.cluster_features(both, scans=ids)[ids == 1], rot.cluster_features(shifted), atol=1e-9)
+    np.testing.assert_allclose(rot.cluster_features(both)[:, 3:], rot.biological(both))
+
+
+def test_technical_weight_survives_the_state_round_trip_and_old_states_drop_it(planted):
+    X, y, pairs, _, _ = planted
+    rot = LatentRotation(n_technical=3, technical_weight=0.3).fit(X, y, pairs=pairs)
+    arrays, meta = rot.export_state()
+    np.testing.assert_array_equal(LatentRotation.from_state(arrays, meta).cluster_features(X), rot.cluster_features(X))
+    del meta["params"]["technical_weight"]  # a bundle written before the weight existed
+    np.testing.assert_array_equal(LatentRotation.from_state(arrays, meta).cluster_features(X), rot.biological(X))
+
+
+@pytest.mark.parametrize("weight", [-0.1, float("nan"), "0.3", True])
+def test_bad_technical_weight_is_refused(planted, weight):
+    X, y, pairs, _, _ = planted
+    rot = LatentRotation(n_technical=3, technical_weight=weight).fit(X, y, pairs=pairs)
+    with pytest.raises(InputError, match="technical_weight must be"):
+        rot.cluster_features(X)

@@ -9,7 +9,7 @@ import torch
 
 from latentharmonize.errors import InputError, OutputError
 from latentharmonize.patches import sample_paired_patches
-from latentharmonize.train import TrainConfig, fit_encoder, train
+from latentharmonize.train import TECHNICAL_WEIGHTS, TrainConfig, fit_encoder, train
 
 from test_patches import patient_scans
 
@@ -94,6 +94,12 @@ def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort,
     training = bundle.manifest["training"]
     assert training["n_patients"] == 2 and training["n_pairs"] == 120 and training["epochs"] == 1
     assert 0.0 <= bundle.manifest["probe"]["biological"] <= 1.0
+    # the technical weight is the candidate whose clusters agree best across the training pairs
+    scores = training["technical_weight_pair_ari"]
+    assert set(scores) == {f"{w:g}" for w in TECHNICAL_WEIGHTS}
+    assert scores[f"{training['technical_weight']:g}"] == max(scores.values())
+    assert bundle.rotation.technical_weight == training["technical_weight"]
+    assert bundle.clusters.centroids_.shape[1] == bundle.rotation.n_cluster_features_
     assert (out / ".checkpoints" / "state.json").exists()
     # the bundle's encoder works on a patch and matches the stored spec
     patch = torch.rand(2, 3, bundle.spec["patch_size"], bundle.spec["patch_size"])

@@ -187,7 +187,7 @@ def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
 
 def _cluster_maps(dense, bundle, ct, lungs) -> tuple:
     """Cluster label and confidence per patch, then both maps on the CT grid."""
-    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.biological(dense.latents))
+    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.cluster_features(dense.latents))
     labels_n = np.asarray(labels_n, dtype=np.uint8)
     conf_n = np.asarray(conf_n, dtype=np.float32)
     lattice = dense.lattice

@@ -225,9 +225,9 @@ def _validate(bundle: ModelBundle) -> None:
     if int(m["rotation"].get("n_technical", -1)) != rot.n_technical_:
         raise BundleError("The manifest's n_technical disagrees with the stored rotation.")
     cl = bundle.clusters
-    if cl.centroids_.shape[1] != d - rot.n_technical_:
-        raise BundleError(f"The centroids have {cl.centroids_.shape[1]} dimensions but the biological subspace has "
-                          f"{d - rot.n_technical_}.")
+    if cl.centroids_.shape[1] != rot.n_cluster_features_:
+        raise BundleError(f"The centroids have {cl.centroids_.shape[1]} dimensions but the rotation's cluster features have "
+                          f"{rot.n_cluster_features_}.")
     c = m["clusters"]
     k = cl.n_clusters_
     if not (int(c.get("k", -1)) == k and list(c.get("labels", [])) == list(range(1, k + 1))

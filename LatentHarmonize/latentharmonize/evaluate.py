@@ -210,7 +210,7 @@ def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, 
     X, batch = _stack(train, rows, "entangled")
     funcs: Dict[str, Callable] = {
         "entangled": lambda s: s.latents["entangled"],
-        "rotated": lambda s: bundle.rotation.biological(s.latents["entangled"]),
+        "rotated": lambda s: bundle.rotation.cluster_features(s.latents["entangled"]),
     }
     harmonizers = {"combat": ComBatHarmonizer(), "harmony": HarmonyHarmonizer(random_state=seed), "leace": LeaceHarmonizer()}
     for name, h in harmonizers.items():
@@ -570,16 +570,17 @@ def plot_label_maps(scans: List[ScanLatents], with_truth: bool, path) -> None:
 
 
 def plot_latent_pca(eval_scans: List[ScanLatents], bundle, samples: int, seed: int, path) -> None:
-    """2-D PCA of held-out latents coloured by acquisition: entangled vs rotated biological coordinates."""
+    """2-D PCA of held-out latents coloured by acquisition: entangled vs the rotated coordinates clusters see."""
     from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(seed)
     share = max(samples // len(eval_scans), 1)
     picks = [np.sort(rng.choice(len(s.keys), size=min(share, len(s.keys)), replace=False)) for s in eval_scans]
     X = np.concatenate([s.latents["entangled"][p] for s, p in zip(eval_scans, picks)]).astype(np.float64)
+    rotated = np.concatenate([bundle.rotation.cluster_features(s.latents["entangled"])[p] for s, p in zip(eval_scans, picks)])
     acq = np.concatenate([np.full(len(p), s.acquisition) for s, p in zip(eval_scans, picks)])
     fig = _figure(9, 4)
-    for k, (title, Z) in enumerate((("entangled latent", X), ("rotated: biological coordinates", bundle.rotation.biological(X)))):
+    for k, (title, Z) in enumerate((("entangled latent", X), ("rotated coordinates the clusters see", rotated))):
         P = PCA(n_components=2, random_state=seed).fit_transform(Z)
         ax = fig.add_subplot(1, 2, k + 1)
         for a in np.unique(acq):

@@ -40,6 +40,16 @@ How the technical directions are found (in this order, one direction at a time):
 The biological basis is the orthogonal complement, ordered by the variance of the data inside it
 (a PCA of the complement), and each column's sign is fixed so its largest entry is positive,
 so the whole rotation is deterministic.
+
+What the tissue clusters see (``cluster_features``): the biological coordinates and, with
+``technical_weight > 0``, the technical ones re-centred on the scan's own median and scaled by that
+weight. Dropping the technical coordinates drops the biology they also hold: on CT the strongest
+technical direction is overall density (a vendor's HU calibration moves normal lung by about as much
+as emphysema does), so dropping it merges emphysema with normal lung. The median over one scan's lung
+is that scan's acquisition offset, since most lung is normal; subtracting it removes the scanner's
+shift with no acquisition label (so it works for a scanner never seen in training) and keeps the
+contrast between the scan's own tissues. ``technical_weight`` is chosen at training time (see
+``train.select_technical_weight``); 0 (the default, and what older bundles hold) drops them.
 """
 from __future__ import annotations
 
@@ -183,6 +193,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         Pairs (random subset) the paired difference model is fitted on, to bound its memory.
     random_state : int
         Seed of every random choice (probe subsets and folds).
+    technical_weight : float
+        Scale of the scan-re-centred technical coordinates in ``cluster_features`` (0: left out).
 
     Attributes
     ----------
@@ -201,7 +213,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, n_technical="auto", method="auto", alpha=1.0, tolerance=0.05, max_technical=None,
-                 n_permutations=20, cv=5, probe_samples=4000, max_pairs=20000, random_state=0):
+                 n_permutations=20, cv=5, probe_samples=4000, max_pairs=20000, random_state=0, technical_weight=0.0):
         self.n_technical = n_technical
         self.method = method
         self.alpha = alpha
@@ -212,6 +224,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         self.probe_samples = probe_samples
         self.max_pairs = max_pairs
         self.random_state = random_state
+        self.technical_weight = technical_weight
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y, pairs=None, groups=None):
@@ -385,6 +398,36 @@ class LatentRotation(TransformerMixin, BaseEstimator):
 
     def biological(self, X) -> np.ndarray:
         return self.transform(X)[:, self.n_technical_:]
+
+    @property
+    def n_cluster_features_(self) -> int:
+        """Width of ``cluster_features``: all coordinates with a technical weight, the biological ones without."""
+        check_is_fitted(self, "rotation_")
+        return self.rotation_.shape[0] if self._technical_weight() > 0 else self.rotation_.shape[0] - self.n_technical_
+
+    def cluster_features(self, X, scans=None) -> np.ndarray:
+        """What tissue clusters are fitted on and assigned from (see the module docstring).
+
+        ``X`` holds the lung latents of one scan; for rows of several scans give ``scans`` ([n] scan ids), and
+        each scan's technical coordinates are re-centred on that scan's own median.
+        """
+        weight = self._technical_weight()
+        if weight == 0:
+            return self.biological(X)
+        Z = self.transform(X)
+        scans = np.zeros(len(Z), np.int64) if scans is None else _check_groups(scans, len(Z))
+        technical = Z[:, :self.n_technical_]
+        for scan in np.unique(scans):
+            rows = scans == scan
+            technical[rows] -= np.median(technical[rows], axis=0)
+        Z[:, :self.n_technical_] = weight * technical
+        return Z
+
+    def _technical_weight(self) -> float:
+        w = self.technical_weight
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not np.isfinite(w) or w < 0:
+            raise InputError(f"technical_weight must be a finite number >= 0, got {w!r}.")
+        return float(w)
 
     def inverse_transform(self, Z) -> np.ndarray:
         """Latents back from rotated coordinates (for decoding latent traversals)."""

@@ -262,12 +262,42 @@ def fit_rotation(latents: np.ndarray, samples: PairedPatches, n_technical, seed:
     return rotation, probe
 
 
-def fit_clusters(biological: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
-    """k-means tissue clusters on the biological coordinates, named from the HU profile of their patches."""
+TECHNICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatches, n_clusters: int | None,
+                            seed: int, weights=TECHNICAL_WEIGHTS) -> tuple:
+    """Set ``rotation.technical_weight`` to the candidate whose k-means clusters agree best across acquisitions of
+    the same training points (ARI over the cross-acquisition pairs); returns (weight, {weight: ARI}).
+
+    Only training pairs are used: no outcome and no held-out scan. Each scan's technical coordinates are re-centred
+    on the median of its sampled points, which estimates the median over all its lung that ``analyze`` takes.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    from .clusters import TissueClusters
+
+    pairs = samples.pairs()
+    if rotation.n_technical_ == 0 or len(pairs) == 0:
+        rotation.set_params(technical_weight=0.0)
+        return 0.0, {}
+    scores = {}
+    for weight in weights:
+        rotation.set_params(technical_weight=float(weight))
+        labels = TissueClusters(n_clusters=n_clusters, random_state=seed).fit_predict(
+            rotation.cluster_features(latents, scans=samples.scan))
+        scores[float(weight)] = float(adjusted_rand_score(labels[pairs[:, 0]], labels[pairs[:, 1]]))
+    best = max(scores, key=lambda w: (scores[w], -w))  # ties: the smaller weight
+    rotation.set_params(technical_weight=best)
+    return best, scores
+
+
+def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
+    """k-means tissue clusters on the rotation's cluster features, named from the HU profile of their patches."""
     from .clusters import TissueClusters, cluster_profiles, default_colors, name_clusters
 
     clusters = TissueClusters(n_clusters=n_clusters, random_state=seed)
-    labels = clusters.fit_predict(biological, order_by=samples.stats["mean_hu"])
+    labels = clusters.fit_predict(features, order_by=samples.stats["mean_hu"])
     profiles = cluster_profiles(labels, samples.stats, clusters.n_clusters_)
     names = name_clusters(profiles)
     return clusters, labels, profiles, names, default_colors(names)
@@ -314,8 +344,11 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         if spec["context_radius"] > 0:
             latents = context_latents(model, cohort, samples, spec, torch_device, progress)
         rotation, probe = fit_rotation(latents, samples, n_technical, seed)
-        progress(80, "cluster", f"{rotation.n_technical_} technical dimensions; clustering the biological ones")
-        tissue, labels, profiles, names, colors = fit_clusters(rotation.biological(latents), samples, clusters, seed)
+        progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
+        weight, weight_scores = select_technical_weight(rotation, latents, samples, clusters, seed)
+        progress(80, "cluster", f"technical weight {weight:g}; clustering")
+        tissue, labels, profiles, names, colors = fit_clusters(rotation.cluster_features(latents, scans=samples.scan),
+                                                               samples, clusters, seed)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     summary = {
@@ -324,7 +357,8 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         "acquisitions": sorted(set(samples.acquisition.astype(str))), "n_patches": int(len(samples)),
         "n_pairs": int(len(samples.pairs())), "reconstruction_mse": mse,
         "reconstruction_rmse_hu": float(np.sqrt(mse) * np.diff(spec["hu_window"])[0]),
-        "probe": probe, "n_technical": int(rotation.n_technical_), "k": int(tissue.n_clusters_),
+        "probe": probe, "n_technical": int(rotation.n_technical_), "technical_weight": weight,
+        "technical_weight_pair_ari": {f"{w:g}": a for w, a in weight_scores.items()}, "k": int(tissue.n_clusters_),
         "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(profiles, start=1)},
         "cluster_names": {int(k): n for k, n in enumerate(names, start=1)},
         "cluster_profiles": profiles, "ari_vs_truth": _ari_vs_truth(labels, samples),
@@ -402,7 +436,9 @@ def format_summary(summary: dict) -> str:
         f"{summary['n_patches']} patches, {summary['n_pairs']} cross-acquisition pairs.",
         f"Reconstruction error: RMSE {summary['reconstruction_rmse_hu']:.1f} HU (MSE {summary['reconstruction_mse']:.5f}).",
         f"Acquisition probe accuracy: {probe['entangled']:.3f} before rotation, {probe['biological']:.3f} on the biological "
-        f"coordinates (chance {probe['chance']:.3f}); {summary['n_technical']} technical dimensions removed.",
+        f"coordinates (chance {probe['chance']:.3f}); {summary['n_technical']} technical dimensions "
+        + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters."
+           if summary.get("technical_weight") else "left out of the clusters."),
         f"{summary['k']} tissue clusters:",
     ]
     lines += [f"  {k}: {summary['cluster_names'][k]} ({n} patches)" for k, n in summary["cluster_sizes"].items()]
