@@ -125,6 +125,30 @@ def test_low_attenuation_channel_option_reaches_the_bundle(tiny_phantom_cohort, 
         train(tiny_phantom_cohort, tmp_path / "v", encoder="vae", low_attenuation_channel=True)
 
 
+def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_cohort, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from latentharmonize.analyze import analyze
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+    from latentharmonize.phantom_acquisition import VENDORS
+
+    out = tmp_path / "model"
+    code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
+                 "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--calibrate"])
+    assert code == 0
+    assert load_bundle(out).spec["calibration"] == "air_fat"
+    row = pd.read_csv(tiny_phantom_cohort).query("vendor == 'C'").iloc[0]
+    analyze(tiny_phantom_cohort.parent / row["image"], tmp_path / "analysis", model=out, device="cpu",
+            write_report=False)
+    record = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["hu_calibration"]
+    scale, offset = VENDORS["C"]
+    for hu in (-1000.0, -905.0):  # the measured map matches vendor C's over the lung range
+        assert record["scale"] * hu + record["offset"] == pytest.approx(scale * hu + offset, abs=3.0)
+
+
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):
     """--workers routes patch sampling through batch.sample_cohort_patches (proven equal to the serial path in
     test_batch); the bundle then matches a serial run's."""

@@ -347,6 +347,7 @@ def load_model(model, device) -> tuple:
 
 def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progress, timer: _Timer) -> _Computed:
     """The pipeline from the CT to label map and composition (nothing written)."""
+    from .calibration import calibrate_grid_hu
     from .composition import composition_table, composition_to_json, lung_volumes_from_table
     from .grid import to_model_grid
     from .patches import encode_dense
@@ -358,6 +359,7 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     spec = bundle.spec
     hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
                                         align_px=(spec["stride"], spec["stride"], 1))
+    hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec)
     timer.lap("grid")
 
     with _deterministic_torch():
@@ -381,6 +383,7 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
         "input": str(ct_path), "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
         "device": str(device), "mask": mask_source,
+        "hu_calibration": None if calibration is None else calibration.as_dict(),
         "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),

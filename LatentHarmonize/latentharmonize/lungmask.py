@@ -49,7 +49,7 @@ def segment_lungs(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> sitk.Imag
     hu = sitk.GetArrayViewFromImage(work)
     spacing = np.array(work.GetSpacing()[::-1])  # (z, y, x) mm
     air = hu < AIR_HU
-    outside = _outside_air(air)
+    outside = outside_air(air)
     midline = _centre_x_index(~outside)
     candidates = air & ~outside
     if not candidates.any():
@@ -124,7 +124,7 @@ def _centre_x_index(region: np.ndarray) -> float:
 # --- steps on the working copy (arrays are [z, y, x], z running inferior -> superior) ----------
 
 
-def _outside_air(air: np.ndarray) -> np.ndarray:
+def outside_air(air: np.ndarray) -> np.ndarray:
     """Air connected to the image border within its own axial slice. Connectivity is in-plane only:
     the trachea leaves the volume through the top slice, and in scans reaching the face the airway
     joins the outside air through the nose and mouth; neither may turn the lungs into 'outside'."""

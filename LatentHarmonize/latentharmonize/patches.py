@@ -41,6 +41,8 @@ DEFAULT_SPEC = {
     # In-plane lattice steps whose latents are averaged into each one (0: the patch alone). Tissue type is a
     # regional property; averaging neighbours damps what one 20 mm patch happens to hold (a vessel, a border).
     "context_radius": 0,
+    # Internal-reference HU calibration before encoding (calibration.py): None or "air_fat".
+    "calibration": None,
 }
 
 
@@ -53,6 +55,8 @@ def resolve_spec(spec: dict | None) -> dict:
         raise InputError(f"Patch spec {wrong} does not match the encoder ({fixed}); the model bundle is inconsistent.")
     if int(merged["context_radius"]) < 0:
         raise InputError(f"context_radius must be 0 or more lattice steps, got {merged['context_radius']}.")
+    if merged["calibration"] not in (None, "air_fat"):
+        raise InputError(f"calibration must be null or 'air_fat', got {merged['calibration']!r}.")
     lo, hi = merged["hu_window"]
     if not lo < hi:
         raise InputError(f"hu_window must be [low, high] with low < high, got {merged['hu_window']}.")

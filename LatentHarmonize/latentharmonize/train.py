@@ -27,6 +27,7 @@ from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .calibration import calibrate_grid_hu
 from .errors import InputError, OutputError
 from .grid import resample_onto, to_model_grid
 from .networks import EMPHYSEMA_THRESHOLD_HU, MODEL_KINDS, build_model
@@ -97,6 +98,7 @@ def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: dict) -> Scan:
 
     hu, lung, grid = to_model_grid(ct, lungs, spec["spacing"], spec["margin_mm"],
                                    align_px=(spec["stride"], spec["stride"], 1))
+    hu, _ = calibrate_grid_hu(hu, ct, lungs, spec)
     truth_path = optional_path(row, "truth")
     truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
     return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
@@ -308,7 +310,8 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
           encoder: str = "ae", clusters: int | None = None, n_technical="auto", device: str = "auto",
           resume: bool = False, overwrite: bool = False, per_patient: int = 400, latent_dim: int = 24,
           batch_size: int = 128, progress: Progress | None = None, scheduler: str | None = None,
-          workers: int | None = None, context_radius: int = 1, low_attenuation_channel: bool = False) -> dict:
+          workers: int | None = None, context_radius: int = 1, low_attenuation_channel: bool = False,
+          calibrate: bool = False) -> dict:
     """Train a model bundle from a cohort table into ``out_dir``; returns the training summary.
 
     With ``scheduler`` (an existing Dask cluster's address) or ``workers`` (a local Dask cluster of that size), the
@@ -320,7 +323,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
     torch_device = resolve_device(device)
-    spec = resolve_spec({"context_radius": context_radius})
+    spec = resolve_spec({"context_radius": context_radius, "calibration": "air_fat" if calibrate else None})
     t0 = time.monotonic()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(torch_device.type == "cpu")
@@ -469,6 +472,9 @@ def add_arguments(parser) -> None:
                         help="ae only: also encode and reconstruct a channel of voxels below -950 HU, so the latent "
                              "keeps emphysema (clusters match tissue better, at some cost in consistency; see "
                              "docs/training.md)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="calibrate each scan's HU on its own air and fat before encoding (in training and in every "
+                             "analysis with this bundle), so a vendor's HU offset cannot pass for a density change")
     parser.add_argument("--scheduler", default=None,
                         help="sample the cohort's patches on this Dask cluster (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None,
@@ -485,7 +491,7 @@ def run(args) -> int:
                     resume=args.resume, overwrite=args.overwrite, per_patient=args.patches_per_patient,
                     latent_dim=args.latent_dim, progress=Progress(machine=args.progress),
                     scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius,
-                    low_attenuation_channel=args.low_attenuation_channel)
+                    low_attenuation_channel=args.low_attenuation_channel, calibrate=args.calibrate)
     print(format_summary(summary))
     return 0
 
