@@ -56,7 +56,7 @@ class HUCalibration:
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         """Calibrated HU (float32): the inverse of the scan's ``scale * HU + offset``."""
-        return ((np.asarray(hu, dtype=np.float32) - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32)
+        return (np.asarray(hu, dtype=np.float32) - np.float32(self.offset)) / np.float32(self.scale)
 
     def as_dict(self) -> dict:
         return {**{k: round(v, 2) for k, v in asdict(self).items()}, "scale": round(self.scale, 5),

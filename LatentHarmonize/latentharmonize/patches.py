@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .calibration import METHODS as CALIBRATIONS
 from .clusters import PROFILE_KEYS, patch_statistics
 from .errors import InputError
 from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid
@@ -55,8 +56,8 @@ def resolve_spec(spec: dict | None) -> dict:
         raise InputError(f"Patch spec {wrong} does not match the encoder ({fixed}); the model bundle is inconsistent.")
     if int(merged["context_radius"]) < 0:
         raise InputError(f"context_radius must be 0 or more lattice steps, got {merged['context_radius']}.")
-    if merged["calibration"] not in (None, "air_fat"):
-        raise InputError(f"calibration must be null or 'air_fat', got {merged['calibration']!r}.")
+    if merged["calibration"] is not None and merged["calibration"] not in CALIBRATIONS:
+        raise InputError(f"calibration must be null or one of {CALIBRATIONS}, got {merged['calibration']!r}.")
     lo, hi = merged["hu_window"]
     if not lo < hi:
         raise InputError(f"hu_window must be [low, high] with low < high, got {merged['hu_window']}.")
