@@ -200,6 +200,7 @@ def test_cluster_features_without_a_weight_are_the_biological_coordinates(plante
     rot = LatentRotation(n_technical=3).fit(X, y, pairs=pairs)
     np.testing.assert_array_equal(rot.cluster_features(X), rot.biological(X))
     assert rot.n_cluster_features_ == 7
+    assert rot.probe_accuracy(X, y, space="clusters") == rot.probe_accuracy(X, y, space="biological")
 
 
 def test_recentred_technical_coordinates_drop_a_scan_offset_and_keep_contrast_inside_the_scan(planted):
@@ -220,6 +221,10 @@ def test_recentred_technical_coordinates_drop_a_scan_offset_and_keep_contrast_in
     ids = np.repeat([0, 1], len(scan))
     np.testing.assert_allclose(rot.cluster_features(both, scans=ids)[ids == 1], rot.cluster_features(shifted), atol=1e-9)
     np.testing.assert_allclose(rot.cluster_features(both)[:, 3:], rot.biological(both))
+    # per-acquisition offsets are what the re-centring removes: the probe on what the clusters see stays near chance
+    scans = y  # here each acquisition of the planted latents is one scan
+    assert rot.probe_accuracy(X, y, space="clusters", scans=scans) < rot.chance_ + 0.1
+    assert rot.probe_accuracy(X, y, space="technical") > 0.8  # chance 0.25
 
 
 def test_technical_weight_survives_the_state_round_trip_and_old_states_drop_it(planted):

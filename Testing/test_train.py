@@ -93,7 +93,7 @@ def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort,
     assert len(bundle.names) == 3 and bundle.rotation.rotation_.shape == (8, 8)
     training = bundle.manifest["training"]
     assert training["n_patients"] == 2 and training["n_pairs"] == 120 and training["epochs"] == 1
-    assert 0.0 <= bundle.manifest["probe"]["biological"] <= 1.0
+    assert 0.0 <= bundle.manifest["probe"]["biological"] <= 1.0 and 0.0 <= bundle.manifest["probe"]["clusters"] <= 1.0
     # the technical weight is the candidate whose clusters agree best across the training pairs
     scores = training["technical_weight_pair_ari"]
     assert set(scores) == {f"{w:g}" for w in TECHNICAL_WEIGHTS}

@@ -70,7 +70,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 from .errors import InputError
 
 METHODS = ("auto", "paired", "labels")
-SPACES = ("biological", "entangled", "technical")
+SPACES = ("biological", "clusters", "entangled", "technical")
 
 
 def chance_level(y) -> float:
@@ -436,10 +436,11 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         return Z @ self.rotation_.T + self.mean_
 
     # -------------------------------------------------------------------- probe
-    def probe_accuracy(self, X, y, space: str = "biological", cv=None, groups=None) -> float:
+    def probe_accuracy(self, X, y, space: str = "biological", cv=None, groups=None, scans=None) -> float:
         """Cross-validated accuracy of a linear probe predicting the acquisition ``y`` from one space.
 
-        ``space`` is "biological", "technical" or "entangled" (the latents before rotation).
+        ``space`` is "biological", "technical", "entangled" (the latents before rotation) or "clusters" (what
+        ``cluster_features`` gives, with ``scans`` as there).
         ``groups`` ([n] ids, e.g. patient or location) keeps each group inside one fold; pass them
         whenever one location appears under several acquisitions. Compare with :func:`chance_level`.
         """
@@ -449,7 +450,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         X = _check_latents(X)
         y = _check_labels(y, X.shape[0])
         Z = {"entangled": lambda: X - self.mean_, "technical": lambda: self.technical(X),
-             "biological": lambda: self.biological(X)}[space]()
+             "biological": lambda: self.biological(X), "clusters": lambda: self.cluster_features(X, scans)}[space]()
         groups = None if groups is None else _check_groups(groups, X.shape[0])
         rows = self._probe_subset(y, np.random.default_rng(self.random_state))
         return self._probe(Z[rows], y[rows], None if groups is None else groups[rows], cv)

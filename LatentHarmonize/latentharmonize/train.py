@@ -349,6 +349,8 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         rotation, probe = fit_rotation(latents, samples, n_technical, seed)
         progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
         weight, weight_scores = select_technical_weight(rotation, latents, samples, clusters, seed)
+        probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",
+                                                    groups=samples.point, scans=samples.scan)
         progress(80, "cluster", f"technical weight {weight:g}; clustering")
         tissue, labels, profiles, names, colors = fit_clusters(rotation.cluster_features(latents, scans=samples.scan),
                                                                samples, clusters, seed)
@@ -440,7 +442,8 @@ def format_summary(summary: dict) -> str:
         f"Reconstruction error: RMSE {summary['reconstruction_rmse_hu']:.1f} HU (MSE {summary['reconstruction_mse']:.5f}).",
         f"Acquisition probe accuracy: {probe['entangled']:.3f} before rotation, {probe['biological']:.3f} on the biological "
         f"coordinates (chance {probe['chance']:.3f}); {summary['n_technical']} technical dimensions "
-        + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters."
+        + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters "
+           f"(probe on what the clusters see: {probe['clusters']:.3f})."
            if summary.get("technical_weight") else "left out of the clusters."),
         f"{summary['k']} tissue clusters:",
     ]
