@@ -7,11 +7,11 @@ every chest CT holds (tracheal air, blood, fat); this does the same with two of 
 - **air**: voxels below -400 HU connected to the in-plane image border (outside the body), eroded away from the body
   surface. Scanners store HU from -1024, so air that a vendor calibrates below that is clipped: when more than half
   the air sits at the floor, its level is extrapolated from the upper quartiles of a normal fit (a censored normal);
-- **fat**: the mode of the HU histogram between -200 and -20 HU inside the body and away from the lungs (whose
-  fibrotic walls and lines also fall in that range); subcutaneous and mediastinal fat;
-  the mode, not the mean, so that muscle and partial-volume voxels do not pull it). Its candidates are the soft
-  tissue voxels (-250..50 HU) one pixel in from the edge of their region, so noise speckle inside muscle, whose
-  tails reach the fat range on sharp kernels, does not count.
+- **fat** (subcutaneous and mediastinal): the mode of the HU histogram between -200 and -20 HU inside the body and
+  away from the lungs, whose fibrotic walls and lines also fall in that range. The mode, not the mean, so that muscle
+  and partial-volume voxels do not pull it. Its candidates are the soft tissue voxels (-250..50 HU) one pixel in from
+  the edge of their region, so noise speckle inside muscle, whose tails reach the fat range on sharp kernels, does
+  not count.
 
 The linear map through both points is applied to the model-grid HU before encoding (``apply``). The references are
 found on every ``SLICE_STEP``-th slice: levels of large regions need no more.
