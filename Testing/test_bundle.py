@@ -114,6 +114,11 @@ def _flip_byte(path):
     (lambda f: _edit_manifest(f, lambda m: m["files"].pop(ARRAYS_FILE)), "does not list arrays"),
     (lambda f: _edit_manifest(f, lambda m: m["clusters"]["names"].pop()), "clusters section"),
     (lambda f: _edit_manifest(f, lambda m: m["rotation"].update(n_technical=2)), "cluster features have 4"),
+    (lambda f: _edit_manifest(f, lambda m: m["patch_spec"].update(densitometry={"weight": 1.0, "center": [0.0] * 8,
+                                                                                "scale": [1.0] * 8})),
+     r"with the patch densitometry, if any\) is 14"),
+    (lambda f: _edit_manifest(f, lambda m: m["patch_spec"].update(densitometry={"weight": 1.0})),
+     "patch spec is invalid: densitometry must be null"),
     (lambda f: (f / MANIFEST).write_text("{not json"), "not valid JSON"),
     (lambda f: (f / MANIFEST).write_text("[1, 2]"), "JSON object"),
 ])

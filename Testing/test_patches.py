@@ -121,6 +121,29 @@ def test_dense_encoding_equals_naive_and_keeps_lung_centres_only():
     assert np.all(((keys / [30.0, 25.0, 30.0]) ** 2).sum(-1) <= 1.2)
 
 
+def test_densitometry_spec_appends_the_scaled_patch_statistics_on_both_encoding_paths():
+    from latentharmonize.baselines import HU_STATISTIC_NAMES, patch_hu_statistics
+
+    scan = patient_scans()[1]
+    model = build_model("ae", seed=0, latent_dim=4, width=8)
+    n = len(HU_STATISTIC_NAMES)
+    center, scale = np.linspace(-900.0, 0.1, n), np.linspace(50.0, 0.2, n)
+    spec = resolve_spec({"densitometry": {"weight": 1.0, "center": center.tolist(), "scale": scale.tolist()}})
+    plain = encode_dense(model, scan.hu, scan.lung, scan.grid)
+    dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, slabs_per_batch=3)
+    naive = encode_patches_naive(model, scan.hu, scan.lung, scan.grid, spec, batch_size=64)
+    np.testing.assert_allclose(dense.latents, naive.latents, atol=1e-4)
+    assert dense.latents.shape == (len(plain.latents), 4 + n)
+    np.testing.assert_array_equal(dense.latents[:, :4], plain.latents)
+    expected = (patch_hu_statistics(scan.hu, scan.lung, dense.positions, spec) - center) / scale
+    np.testing.assert_allclose(dense.latents[:, 4:], expected, rtol=1e-5, atol=1e-5)
+    for bad in ({"weight": 1.0, "center": center.tolist()[:-1], "scale": scale.tolist()},
+                {"weight": 1.0, "center": center.tolist(), "scale": (-scale).tolist()},
+                {"weight": 0.0, "center": center.tolist(), "scale": scale.tolist()}, "yes"):
+        with pytest.raises(InputError, match="densitometry must be null"):
+            resolve_spec({"densitometry": bad})
+
+
 def test_dense_encoding_refuses_mismatched_inputs():
     scan = patient_scans()[1]
     model = build_model("ae", latent_dim=4, width=8)

@@ -149,6 +149,41 @@ def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_coh
         assert record["scale"] * hu + record["offset"] == pytest.approx(scale * hu + offset, abs=3.0)
 
 
+def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysis(tiny_phantom_cohort, tmp_path):
+    import json
+
+    from latentharmonize.analyze import analyze
+    from latentharmonize.baselines import HU_STATISTIC_NAMES
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.patches import encode_dense
+    from latentharmonize.train import load_scan
+
+    out = tmp_path / "model"
+    code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
+                 "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--densitometry", "2"])
+    assert code == 0
+    bundle = load_bundle(out)
+    entry = bundle.spec["densitometry"]
+    assert entry["weight"] == 2.0 and len(entry["center"]) == len(entry["scale"]) == len(HU_STATISTIC_NAMES)
+    n = 6 + len(HU_STATISTIC_NAMES)
+    assert bundle.rotation.rotation_.shape == (n, n) and bundle.manifest["training"]["densitometry"] == 2.0
+    # on a training scan the appended columns are centred, with twice the latent coordinates' mean SD
+    row = read_cohort(tiny_phantom_cohort).iloc[0]
+    scan = load_scan(row, bundle.spec)
+    dense = encode_dense(bundle.encoder("cpu"), scan.hu, scan.lung, scan.grid, bundle.spec).latents
+    appended = dense[:, 6:]
+    assert np.all(np.abs(appended.mean(axis=0)) < 1.5 * appended.std(axis=0).max())
+    ratio = appended.std(axis=0).mean() / dense[:, :6].std(axis=0).mean()
+    assert 1.0 < ratio < 3.0
+    analyze(row["image"], tmp_path / "analysis", model=out, device="cpu", write_report=False)
+    assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["n_patches"] > 0
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="--densitometry must be a positive weight"):
+            train(tiny_phantom_cohort, tmp_path / "bad", densitometry=bad)
+
+
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):
     """--workers routes patch sampling through batch.sample_cohort_patches (proven equal to the serial path in
     test_batch); the bundle then matches a serial run's."""

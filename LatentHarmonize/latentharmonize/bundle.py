@@ -218,10 +218,17 @@ class ModelBundle:
 def _validate(bundle: ModelBundle) -> None:
     """Consistency of manifest, arrays and weights; BundleError naming the first problem."""
     m = bundle.manifest
-    d = int(m["encoder"]["latent_dim"])
+    from .patches import n_features, resolve_spec
+
+    try:
+        spec = resolve_spec(m["patch_spec"])
+    except InputError as exc:
+        raise BundleError(f"The bundle's patch spec is invalid: {exc}") from None
+    d = n_features(int(m["encoder"]["latent_dim"]), spec)
     rot = bundle.rotation
     if rot.rotation_.shape != (d, d):
-        raise BundleError(f"The rotation is {rot.rotation_.shape} but the encoder's latent size is {d}.")
+        raise BundleError(f"The rotation is {rot.rotation_.shape} but the encoder's latent size (with the patch "
+                          f"densitometry, if any) is {d}.")
     if int(m["rotation"].get("n_technical", -1)) != rot.n_technical_:
         raise BundleError("The manifest's n_technical disagrees with the stored rotation.")
     cl = bundle.clusters

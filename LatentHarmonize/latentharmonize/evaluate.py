@@ -601,6 +601,7 @@ def plot_traversals(bundle, train: List[ScanLatents], rows, path, steps=(-3, -2,
     directions = {"technical 1": rot.rotation_[:, 0]} if rot.n_technical_ > 0 else {}
     directions["biological 1"] = rot.rotation_[:, rot.n_technical_]
     decoder = bundle.decoder("cpu")
+    latent_dim = int(bundle.manifest["encoder"]["latent_dim"])
     centre = np.median(X, axis=0)
     fig = _figure(1.3 * len(steps), 1.5 * len(directions))
     sds = {}
@@ -608,6 +609,7 @@ def plot_traversals(bundle, train: List[ScanLatents], rows, path, steps=(-3, -2,
         sd = float(np.std(X @ v))
         sds[name] = sd
         batch = np.stack([centre + t * sd * v for t in steps]).astype(np.float32)
+        batch = batch[:, :latent_dim]  # the decoder takes the encoder's latent, without appended densitometry
         with torch.inference_mode():
             patches = decoder(torch.from_numpy(batch)).numpy()
         window = bundle.spec["hu_window"]

@@ -44,6 +44,9 @@ DEFAULT_SPEC = {
     "context_radius": 0,
     # Internal-reference HU calibration before encoding (calibration.py): None or "air_fat".
     "calibration": None,
+    # Patch densitometry appended to each latent before the rotation (None, or "weight", "center", "scale": see
+    # densitometry_features); train --densitometry fits centre and scale on the training patches.
+    "densitometry": None,
 }
 
 
@@ -61,7 +64,54 @@ def resolve_spec(spec: dict | None) -> dict:
     lo, hi = merged["hu_window"]
     if not lo < hi:
         raise InputError(f"hu_window must be [low, high] with low < high, got {merged['hu_window']}.")
+    if merged["densitometry"] is not None:
+        _check_densitometry(merged["densitometry"])
     return merged
+
+
+def _check_densitometry(entry) -> None:
+    from .baselines import HU_STATISTIC_NAMES
+
+    n = len(HU_STATISTIC_NAMES)
+    ok = isinstance(entry, dict) and {"weight", "center", "scale"} <= set(entry)
+    if ok:
+        center, scale = (np.asarray(entry[k], dtype=float) for k in ("center", "scale"))
+        ok = (center.shape == scale.shape == (n,) and np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
+              and np.all(scale > 0) and np.isfinite(entry["weight"]) and entry["weight"] > 0)
+    if not ok:
+        raise InputError(f"densitometry must be null or a weight > 0 with {n} finite centres and {n} positive scales "
+                         f"(one per statistic {list(HU_STATISTIC_NAMES)}), got {entry!r}; the model bundle is "
+                         "damaged or was edited by hand.")
+
+
+def n_features(latent_dim: int, spec: dict) -> int:
+    """Length of the vectors the rotation sees: the encoder's latent plus the densitometry columns, if any."""
+    from .baselines import HU_STATISTIC_NAMES
+
+    return int(latent_dim) + (len(HU_STATISTIC_NAMES) if spec.get("densitometry") else 0)
+
+
+def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
+    """Each patch's HU quantiles and threshold shares (``baselines.patch_hu_statistics``) as ``(value - center) /
+    scale``, float32 [n, 8]: what the spec's ``densitometry`` appends to the latents.
+
+    The latent spends its few dimensions on vessels; emphysema is a shift of the voxel histogram the autoencoder
+    barely needs to reconstruct. Appending the histogram before the rotation lets the paired rotation take out
+    what the kernel and dose do to it (the emphysema index of a sharp kernel) and keep what the tissue does.
+    """
+    from .baselines import patch_hu_statistics
+
+    entry = spec["densitometry"]
+    raw = patch_hu_statistics(hu, lung, positions, spec)
+    return ((raw - np.asarray(entry["center"], np.float32)) / np.asarray(entry["scale"], np.float32)).astype(np.float32)
+
+
+def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: dict) -> np.ndarray:
+    if not spec.get("densitometry"):
+        return latents
+    if len(latents) == 0:
+        return np.zeros((0, n_features(latents.shape[1], spec)), np.float32)
+    return np.hstack([latents, densitometry_features(hu, lung, positions, spec)])
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -292,9 +342,10 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
             positions.append(pos)
             if progress is not None:
                 progress(100.0 * (b + 1) / n_batches, "encode", f"slab batch {b + 1}/{n_batches}")
-    d = model.latent_dim
-    dense = DenseLatents(latents=np.concatenate(latents or [np.zeros((0, d), np.float32)]),
-                         positions=np.concatenate(positions or [np.zeros((0, 3), np.int64)]), lattice=lattice)
+    latents = np.concatenate(latents or [np.zeros((0, model.latent_dim), np.float32)])
+    positions = np.concatenate(positions or [np.zeros((0, 3), np.int64)])
+    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec), positions=positions,
+                         lattice=lattice)
     return aggregate_context(dense, int(spec["context_radius"]))
 
 
@@ -350,5 +401,6 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
             patches = extract_patches(volume, positions[start: start + batch_size], spec)
             out.append(model.encode(torch.from_numpy(patches).to(device)).float().cpu().numpy())
     latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
-    return aggregate_context(DenseLatents(latents=latents.astype(np.float32), positions=positions.astype(np.int64),
+    latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec)
+    return aggregate_context(DenseLatents(latents=latents, positions=positions.astype(np.int64),
                                           lattice=patch_lattice(grid, spec)), int(spec["context_radius"]))

@@ -31,8 +31,8 @@ from .calibration import calibrate_grid_hu
 from .errors import InputError, OutputError
 from .grid import resample_onto, to_model_grid
 from .networks import EMPHYSEMA_THRESHOLD_HU, MODEL_KINDS, build_model
-from .patches import (DEFAULT_SPEC, PairedPatches, Scan, autocast_for, concat_samples, encode_dense, point_keys,
-                      resolve_device, resolve_spec, sample_paired_patches)
+from .patches import (DEFAULT_SPEC, PairedPatches, Scan, autocast_for, concat_samples, encode_dense, n_features,
+                      point_keys, resolve_device, resolve_spec, sample_paired_patches)
 from .training_data import training_dataset
 from .progress import Progress
 
@@ -231,7 +231,7 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
 
     Scans are visited in the order ``load_cohort_samples`` numbered them (patients by first appearance, then rows).
     """
-    out = np.zeros((len(samples), model.latent_dim), np.float32)
+    out = np.zeros((len(samples), n_features(model.latent_dim, spec)), np.float32)
     patients = list(dict.fromkeys(cohort["patient"].astype(str)))
     index = 0
     for n, patient in enumerate(patients):
@@ -246,6 +246,28 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
             progress(70 + 8 * (n + 1) / len(patients), "rotate",
                      f"patient {patient}: dense latents with context")
     return out
+
+
+def fit_densitometry(model, cohort, samples: PairedPatches, spec: dict, weight: float, device: torch.device,
+                     progress: Progress | None = None) -> tuple:
+    """The spec with a fitted ``densitometry`` entry, and the training rows' latents with its columns appended.
+
+    Each statistic is centred on its mean over the training rows and scaled so that its SD is ``weight`` times the
+    mean SD of the encoder's latent coordinates: at weight 1 the eight statistics weigh like eight latent
+    coordinates in the rotation and the clusters.
+    """
+    from .baselines import HU_STATISTIC_NAMES
+
+    n = len(HU_STATISTIC_NAMES)
+    raw_spec = {**spec, "densitometry": {"weight": float(weight), "center": [0.0] * n, "scale": [1.0] * n}}
+    latents = context_latents(model, cohort, samples, raw_spec, device, progress)  # statistics as they are
+    d = model.latent_dim
+    center = latents[:, d:].mean(axis=0)
+    sd = np.maximum(latents[:, d:].std(axis=0), 1e-6)  # a statistic constant over the training rows stays 0
+    scale = sd / (weight * latents[:, :d].std(axis=0).mean())
+    latents[:, d:] = (latents[:, d:] - center) / scale
+    entry = {"weight": float(weight), "center": [float(v) for v in center], "scale": [float(v) for v in scale]}
+    return resolve_spec({**spec, "densitometry": entry}), latents
 
 
 # ----------------------------------------------------------------------------- post-hoc fits
@@ -311,7 +333,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
           resume: bool = False, overwrite: bool = False, per_patient: int = 400, latent_dim: int = 24,
           batch_size: int = 128, progress: Progress | None = None, scheduler: str | None = None,
           workers: int | None = None, context_radius: int = 1, low_attenuation_channel: bool = False,
-          calibrate: bool = False) -> dict:
+          calibrate: bool = False, densitometry: float | None = None) -> dict:
     """Train a model bundle from a cohort table into ``out_dir``; returns the training summary.
 
     With ``scheduler`` (an existing Dask cluster's address) or ``workers`` (a local Dask cluster of that size), the
@@ -319,6 +341,9 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     """
     config, epochs = _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient,
                                 latent_dim, batch_size, low_attenuation_channel)
+    if densitometry is not None and (isinstance(densitometry, bool) or not isinstance(densitometry, (int, float))
+                                     or not np.isfinite(densitometry) or densitometry <= 0):
+        raise InputError(f"--densitometry must be a positive weight (1 is the usual choice), got {densitometry!r}.")
     out_dir = Path(out_dir)
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
@@ -344,7 +369,9 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
                                            _fingerprint(config, cohort_csv), resume, progress)
         progress(70, "rotate", "encoding patches with the frozen encoder")
         latents, mse = encode_rows(model, samples.patches, torch_device)
-        if spec["context_radius"] > 0:
+        if densitometry is not None:
+            spec, latents = fit_densitometry(model, cohort, samples, spec, densitometry, torch_device, progress)
+        elif spec["context_radius"] > 0:
             latents = context_latents(model, cohort, samples, spec, torch_device, progress)
         rotation, probe = fit_rotation(latents, samples, n_technical, seed)
         progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
@@ -367,6 +394,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(profiles, start=1)},
         "cluster_names": {int(k): n for k, n in enumerate(names, start=1)},
         "cluster_profiles": profiles, "ari_vs_truth": _ari_vs_truth(labels, samples),
+        **({"densitometry": float(densitometry)} if densitometry is not None else {}),
     }
     progress(90, "save", f"writing the model bundle to {out_dir}")
     save_trained_bundle(out_dir, model, spec, rotation, tissue, names, colors, summary, overwrite)
@@ -447,6 +475,9 @@ def format_summary(summary: dict) -> str:
            if summary.get("technical_weight") else "left out of the clusters."),
         f"{summary['k']} tissue clusters:",
     ]
+    if summary.get("densitometry"):
+        lines.insert(2, "Patch densitometry appended to the latents before the rotation, "
+                        f"weight {summary['densitometry']:g}.")
     lines += [f"  {k}: {summary['cluster_names'][k]} ({n} patches)" for k, n in summary["cluster_sizes"].items()]
     if summary["ari_vs_truth"] is not None:
         lines.append(f"Agreement with the phantom tissue truth: ARI {summary['ari_vs_truth']:.3f}.")
@@ -478,6 +509,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="calibrate each scan's HU on its own air and fat before encoding (in training and in every "
                              "analysis with this bundle), so a vendor's HU offset cannot pass for a density change")
+    parser.add_argument("--densitometry", type=float, nargs="?", const=1.0, default=None, metavar="WEIGHT",
+                        help="append each patch's HU quantiles and threshold shares to its latent before the rotation "
+                             "(weight 1 when given without a value): clusters follow tissue and survival better, at "
+                             "some cost in consistency across scanners; see docs/training.md")
     parser.add_argument("--scheduler", default=None,
                         help="sample the cohort's patches on this Dask cluster (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None,
@@ -494,7 +529,8 @@ def run(args) -> int:
                     resume=args.resume, overwrite=args.overwrite, per_patient=args.patches_per_patient,
                     latent_dim=args.latent_dim, progress=Progress(machine=args.progress),
                     scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius,
-                    low_attenuation_channel=args.low_attenuation_channel, calibrate=args.calibrate)
+                    low_attenuation_channel=args.low_attenuation_channel, calibrate=args.calibrate,
+                    densitometry=args.densitometry)
     print(format_summary(summary))
     return 0
 
