@@ -187,7 +187,7 @@ def _write_cohort(folder, n_patients, seed):
     return folder / "cohort.csv"
 
 
-def _tiny_bundle(folder, kind, cohort_csv):
+def _tiny_bundle(folder, kind, cohort_csv, spec=None):
     """A bundle with an untrained tiny encoder, and a rotation and clusters fitted on its latents of the cohort."""
     from latentharmonize.bundle import ModelBundle, save_bundle
     from latentharmonize.clusters import TissueClusters
@@ -197,7 +197,7 @@ def _tiny_bundle(folder, kind, cohort_csv):
     from latentharmonize.patches import encode_dense, resolve_spec
     from latentharmonize.rotation import LatentRotation
 
-    spec = resolve_spec(None)
+    spec = resolve_spec(spec)
     model = build_model(kind, seed=len(kind), latent_dim=6, width=8)
     latents, acquisitions = [], []
     for _, row in read_cohort(cohort_csv).iterrows():
@@ -212,6 +212,23 @@ def _tiny_bundle(folder, kind, cohort_csv):
                                 spec=spec, rotation=rotation, clusters=clusters, names=["a", "b", "c"])
     save_bundle(bundle, folder)
     return folder
+
+
+def test_traversals_of_a_densitometry_bundle_decode_the_encoder_part(tmp_path):
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.evaluate import Encoders, _encode_row, _training_rows, plot_traversals
+
+    train_csv = _write_cohort(tmp_path / "train", 2, seed=1)
+    entry = {"weight": 1.0, "center": [-800.0] * 5 + [0.2] * 3, "scale": [100.0] * 5 + [0.2] * 3}
+    bundle = load_bundle(_tiny_bundle(tmp_path / "model", "ae", train_csv, spec={"densitometry": entry}))
+    assert bundle.rotation.rotation_.shape == (14, 14)
+    encoders = Encoders(bundle)
+    scans = [_encode_row(row, "train", encoders)[0] for _, row in read_cohort(train_csv).iterrows()]
+    assert all(s.latents["entangled"].shape[1] == 14 for s in scans)
+    sds = plot_traversals(bundle, scans, _training_rows(scans, 200, 0), tmp_path / "traversals.png")
+    assert set(sds) == {"technical 1", "biological 1"} and all(sd > 0 for sd in sds.values())
+    assert (tmp_path / "traversals.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
