@@ -139,7 +139,9 @@ def test_densitometry_spec_appends_the_scaled_patch_statistics_on_both_encoding_
     np.testing.assert_allclose(dense.latents[:, 4:], expected, rtol=1e-5, atol=1e-5)
     for bad in ({"weight": 1.0, "center": center.tolist()[:-1], "scale": scale.tolist()},
                 {"weight": 1.0, "center": center.tolist(), "scale": (-scale).tolist()},
-                {"weight": 0.0, "center": center.tolist(), "scale": scale.tolist()}, "yes"):
+                {"weight": 0.0, "center": center.tolist(), "scale": scale.tolist()},
+                {"weight": "1", "center": center.tolist(), "scale": scale.tolist()},
+                {"weight": 1.0, "center": ["x"] * n, "scale": scale.tolist()}, "yes"):
         with pytest.raises(InputError, match="densitometry must be null"):
             resolve_spec({"densitometry": bad})
 

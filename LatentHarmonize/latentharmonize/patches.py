@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -75,9 +76,14 @@ def _check_densitometry(entry) -> None:
     n = len(HU_STATISTIC_NAMES)
     ok = isinstance(entry, dict) and {"weight", "center", "scale"} <= set(entry)
     if ok:
-        center, scale = (np.asarray(entry[k], dtype=float) for k in ("center", "scale"))
+        weight = entry["weight"]
+        try:
+            center, scale = (np.asarray(entry[k], dtype=float) for k in ("center", "scale"))
+        except (TypeError, ValueError):  # not numbers: reported below like any other malformed entry
+            center = scale = np.zeros(0)
         ok = (center.shape == scale.shape == (n,) and np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
-              and np.all(scale > 0) and np.isfinite(entry["weight"]) and entry["weight"] > 0)
+              and np.all(scale > 0) and isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+              and np.isfinite(weight) and weight > 0)
     if not ok:
         raise InputError(f"densitometry must be null or a weight > 0 with {n} finite centres and {n} positive scales "
                          f"(one per statistic {list(HU_STATISTIC_NAMES)}), got {entry!r}; the model bundle is "
