@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from latentharmonize.errors import InputError
-from latentharmonize.metrics import (bootstrap_ci, label_agreement, matched_dice, mean_pairwise_agreement,
-                                     paired_difference, summarize)
+from latentharmonize.metrics import (bootstrap_ci, icc_absolute_agreement, icc_with_ci, label_agreement, matched_dice,
+                                     mean_pairwise_agreement, paired_difference, summarize)
 
 
 def test_identical_up_to_permutation_scores_one():
@@ -82,3 +82,42 @@ def test_paired_difference_cancels_what_patients_share():
     assert alone[0] < np.mean(shared)  # compared unpaired, the two means' CIs overlap
     with pytest.raises(InputError, match="both sides"):
         paired_difference([0.1, 0.2], [0.1])
+
+
+# Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; their Table 4 gives ICC(2,1) = 0.29.
+SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]])
+
+
+def test_icc_absolute_agreement_matches_the_published_example():
+    assert icc_absolute_agreement(SHROUT_FLEISS) == pytest.approx(0.2898, abs=1e-4)
+
+
+def test_icc_absolute_agreement_punishes_a_shifted_acquisition():
+    rng = np.random.default_rng(0)
+    patients = rng.normal(size=(40, 1))
+    same = np.repeat(patients, 3, axis=1)
+    assert icc_absolute_agreement(same) == pytest.approx(1.0)
+    noisy = same + rng.normal(scale=0.5, size=same.shape)  # within-patient SD 0.5 vs between-patient SD 1
+    assert 0.6 < icc_absolute_agreement(noisy) < 0.9
+    shifted = same + np.array([0.0, 0.0, 2.0])  # one acquisition raises every patient's value by 2 SD
+    assert icc_absolute_agreement(shifted) < 0.5
+
+
+def test_icc_with_ci_is_paired_seeded_and_validated():
+    rng = np.random.default_rng(1)
+    patients = rng.normal(size=(30, 1))
+    matrices = {"good": patients + rng.normal(scale=0.2, size=(30, 4)),
+                "bad": patients + rng.normal(scale=1.5, size=(30, 4))}
+    summary, boots = icc_with_ci(matrices, n_boot=300, seed=2)
+    assert boots.shape == (300, 2)
+    for name, m in summary.items():
+        assert m["icc"] == pytest.approx(icc_absolute_agreement(matrices[name]))
+        assert m["icc_ci"][0] < m["icc"] < m["icc_ci"][1]
+    assert np.all(boots[:, 0] > boots[:, 1])  # the same patients in every resample: "good" wins each time
+    assert icc_with_ci(matrices, n_boot=300, seed=2)[0] == summary
+    with pytest.raises(InputError, match="at least 2"):
+        icc_absolute_agreement(np.ones((5, 1)))
+    with pytest.raises(InputError, match="finite"):
+        icc_absolute_agreement(np.array([[1.0, np.nan], [2.0, 2.0]]))
+    with pytest.raises(InputError, match="same patients"):
+        icc_with_ci({"a": np.ones((4, 2)), "b": np.ones((5, 2))})

@@ -4,6 +4,11 @@ Cluster labels are arbitrary names, so every metric here is invariant to a permu
 labels: ARI and NMI by construction (scikit-learn), Dice after matching the clusters of one map to
 those of the other with the Hungarian algorithm (scipy). Per-patient scores are summarised by
 their mean and a percentile bootstrap 95 % confidence interval over patients.
+
+For a number measured on every scan of a patient (a predicted risk), the agreement across acquisitions is the
+intraclass correlation ICC(A,1). It is computed here from the two-way ANOVA mean squares rather than with
+``pingouin.intraclass_corr``: that would bring statsmodels, seaborn and pandas-flavor into Slicer's Python for a
+formula of a few lines, and the bootstrap evaluates it thousands of times on resampled patients.
 """
 from __future__ import annotations
 
@@ -106,3 +111,54 @@ def mean_pairwise_agreement(labels: Sequence[np.ndarray]) -> Dict[str, float]:
         raise InputError(f"Pairwise agreement needs at least two label arrays; got {len(labels)}.")
     scores = [label_agreement(labels[i], labels[j]) for i in range(len(labels)) for j in range(i + 1, len(labels))]
     return {name: float(np.mean([s[name] for s in scores])) for name in METRICS}
+
+
+def _check_ratings(values) -> np.ndarray:
+    Y = np.asarray(values, dtype=float)
+    if Y.ndim != 2 or Y.shape[0] < 2 or Y.shape[1] < 2:
+        raise InputError(f"ICC needs a [patients, acquisitions] matrix with at least 2 of each; got shape {Y.shape}.")
+    if not np.all(np.isfinite(Y)):
+        raise InputError(f"ICC needs finite values; {int(np.sum(~np.isfinite(Y)))} of {Y.size} are not.")
+    return Y
+
+
+def _icc_a1(Y: np.ndarray) -> np.ndarray:
+    """ICC(A,1) of each matrix in the stack ``Y`` [..., n, k]; NaN where every value is equal (nothing to agree on)."""
+    n, k = Y.shape[-2:]
+    grand = Y.mean(axis=(-2, -1), keepdims=True)
+    rows, cols = Y.mean(axis=-1, keepdims=True), Y.mean(axis=-2, keepdims=True)
+    ms_rows = k * ((rows - grand) ** 2).sum(axis=(-2, -1)) / (n - 1)
+    ms_cols = n * ((cols - grand) ** 2).sum(axis=(-2, -1)) / (k - 1)
+    ms_error = ((Y - rows - cols + grand) ** 2).sum(axis=(-2, -1)) / ((n - 1) * (k - 1))
+    denominator = ms_rows + (k - 1) * ms_error + k * (ms_cols - ms_error) / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ms_rows - ms_error) / denominator, np.nan)
+
+
+def icc_absolute_agreement(values) -> float:
+    """ICC(A,1) of ``values`` [patients, acquisitions]: two-way random effects, absolute agreement, one measurement
+    (McGraw & Wong 1996; Shrout & Fleiss 1979 ICC(2,1)). 1 when every acquisition gives each patient the same value;
+    an acquisition that shifts everyone's value lowers it too, unlike the consistency ICC(C,1)."""
+    return float(_icc_a1(_check_ratings(values)))
+
+
+def icc_with_ci(matrices: Dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0) -> tuple:
+    """ICC(A,1) of each named [patients, acquisitions] matrix (same patients in the same rows) with a percentile
+    bootstrap 95 % CI over patients, and the bootstrap ICCs themselves [n_boot, len(matrices)] (the same resamples
+    for every matrix, so differences between them can be judged paired). Resamples where an ICC is undefined are
+    left out of its CI."""
+    names = list(matrices)
+    checked = [_check_ratings(matrices[n]) for n in names]
+    if len({m.shape for m in checked}) > 1:
+        raise InputError("Every ICC matrix needs the same patients and acquisitions; got shapes "
+                         f"{sorted({m.shape for m in checked})}.")
+    stack = np.stack(checked)
+    n = stack.shape[1]
+    rng = np.random.default_rng(seed)
+    boots = np.stack([_icc_a1(stack[:, rng.integers(0, n, n)]) for _ in range(n_boot)])
+    out = {}
+    for j, name in enumerate(names):
+        finite = boots[:, j][np.isfinite(boots[:, j])]
+        ci = [float(v) for v in np.quantile(finite, [0.025, 0.975])] if finite.size else [float("nan")] * 2
+        out[name] = {"icc": float(_icc_a1(stack[j])), "icc_ci": ci}
+    return out, boots
