@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from latentharmonize.cli import main
 from latentharmonize.errors import InputError
-from latentharmonize.survival import (composition_features, cross_validated_c_index, hazard_ratios,
+from latentharmonize.survival import (composition_features, cross_validated_c_index, fitted_risk, hazard_ratios,
                                       hu_threshold_features, patient_table)
 
 
@@ -41,6 +41,18 @@ def test_hazard_ratio_direction():
     assert hrs.loc["risk", "ci_low"] > 1.0
     assert hrs.loc["noise", "ci_low"] < 1.0 < hrs.loc["noise", "ci_high"]
     assert hazard_ratios(df, ["protective"]).iloc[0]["ci_high"] < 1.0
+
+
+def test_fitted_risk_scores_new_rows_with_the_fitted_model():
+    df = _cohort()
+    new = pd.DataFrame({"risk": [-1.0, 0.0, 2.0], "noise": [5.0, -5.0, 0.0]})
+    risk = fitted_risk(df, ["risk"], new)
+    assert risk[0] < risk[1] < risk[2]  # higher covariate, higher hazard
+    assert risk[2] - risk[1] == pytest.approx(2 * (risk[1] - risk[0]))  # linear in the covariate
+    with pytest.raises(InputError, match="lack the features"):
+        fitted_risk(df, ["risk", "noise"], new.drop(columns=["noise"]))
+    with pytest.raises(InputError, match="constant"):
+        fitted_risk(df.assign(flat=1.0), ["flat"], new.assign(flat=1.0))
 
 
 def test_survival_table_is_validated():

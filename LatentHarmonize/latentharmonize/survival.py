@@ -118,6 +118,21 @@ def cross_validated_risk(df: pd.DataFrame, features: Sequence[str], time_col: st
     return risk
 
 
+def fitted_risk(df: pd.DataFrame, features: Sequence[str], new: pd.DataFrame, time_col: str = "time",
+                event_col: str = "event", penalizer: float = 0.1) -> np.ndarray:
+    """Cox log partial hazards of the rows of ``new`` from one penalised Cox model fitted on all of ``df``: what a
+    deployed risk model says about new scans."""
+    data = _check_survival_table(df, features, time_col, event_col)
+    usable = _usable_features(data, features)
+    if not usable:
+        raise InputError(f"Every feature in {list(features)} is constant; no risk model can be fitted.")
+    missing = [f for f in usable if f not in new.columns]
+    if missing:
+        raise InputError(f"The new rows lack the features {missing} the risk model uses.")
+    cph = _fit_cox(data[[*usable, time_col, event_col]], time_col, event_col, penalizer)
+    return np.asarray(cph.predict_log_partial_hazard(new[usable])).ravel()
+
+
 def _bootstrap_c(time, event, risks: Sequence, n_boot: int, seed: int) -> np.ndarray:
     """Harrell's C of each risk vector on the same patient resamples: array [resamples, len(risks)].
 
