@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, assign_clusters, consistency, consistency_per_patient,
-                                      goal_check, patient_profiles, probe, relative_gains, rotated_versus, tissue_readout,
-                                      truth_agreement)
+                                      goal_check, patient_profiles, probe, relative_gains, risk_reproducibility,
+                                      rotated_versus, tissue_readout, truth_agreement)
 
 
 def _scan(patient, acquisition, keys, labels, truth=None, latents=None, time=1.0, event=1):
@@ -74,6 +74,46 @@ def test_truth_agreement_and_profiles():
     table = patient_profiles([s1, s2], ["r"], n_clusters=3)
     assert table.loc[0, "r:frac_1"] == pytest.approx(np.mean([3 / 6, 2 / 6]))
     assert table.loc[0, "laa950"] == 1.0 and table.loc[0, "time"] == 1.0
+
+
+def _labels_with_share(share, n, rng):
+    """n points, a ``share`` of them in cluster 2 (the one that carries the hazard), the rest in cluster 1."""
+    labels = np.ones(n, np.int64)
+    labels[rng.choice(n, int(round(share * n)), replace=False)] = 2
+    return labels
+
+
+def test_risk_reproducibility_separates_stable_from_acquisition_driven_risk():
+    rng = np.random.default_rng(3)
+    survivors = []
+    for p in range(80):  # hazard rises with the share of cluster 2; one scan per patient
+        share = rng.uniform(0.0, 0.5)
+        labels = _labels_with_share(share, 100, rng)
+        survivors.append(_scan(f"s{p}", "a", _grid_keys(100), {"rotated": labels, "entangled": labels.copy()},
+                               time=float(rng.exponential(1 / np.exp(6 * share))), event=1))
+    table = patient_profiles(survivors, ["rotated", "entangled"], n_clusters=2)
+    evals = []
+    for p in range(10):
+        labels = _labels_with_share(rng.uniform(0.0, 0.5), 100, rng)
+        for acquisition, inflation in (("a", 0.0), ("b", 0.0), ("c", 0.3)):
+            drifting = labels.copy()  # acquisition c moves 30 % of cluster-1 points into cluster 2
+            ones = np.flatnonzero(drifting == 1)
+            drifting[ones[:int(inflation * len(ones))]] = 2
+            evals.append(_scan(f"e{p}", acquisition, _grid_keys(100), {"rotated": labels, "entangled": drifting}))
+    skipped = {}
+    summary, data = risk_reproducibility(table, evals, ["rotated", "entangled"], 2, n_boot=200, seed=0, skipped=skipped)
+    assert summary["rotated"]["icc"] == pytest.approx(1.0)
+    assert summary["entangled"]["icc"] < 0.8
+    assert summary["rotated"]["acquisitions"] == ["a", "b", "c"] and summary["rotated"]["n_patients"] == 10
+    assert data["risks"]["entangled"].shape == (10, 3)
+    assert np.all(data["risks"]["entangled"][:, 2] > data["risks"]["entangled"][:, 0])  # c raises everyone's risk
+    versus = data["versus"]["entangled"]
+    assert versus["difference"] == pytest.approx(summary["rotated"]["icc"] - summary["entangled"]["icc"])
+    assert versus["ci"][0] > 0
+    assert "constant" in skipped["risk_reproducibility:hu_thresholds"]  # the test scans share one densitometry
+    skipped = {}
+    assert risk_reproducibility(table, evals[:6], ["rotated"], 2, n_boot=50, seed=0, skipped=skipped) == ({}, {})
+    assert "at least 3 evaluation patients" in skipped["risk_reproducibility"]
 
 
 def test_probe_detects_acquisition_signal():
@@ -272,6 +312,14 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == len(FIGURES)
     assert "Rotated minus each other representation" in report
+    repro = metrics["risk_reproducibility"]
+    assert set(repro) == set(REPRESENTATIONS) | {"hu_thresholds"}
+    for name, m in repro.items():
+        assert m["icc"] <= 1.0 and m["icc_ci"][0] <= m["icc_ci"][1] and m["n_patients"] == 3  # 3 patients: wide CI
+        if name != "rotated":
+            d = metrics["rotated_versus"][name]["risk_icc"]
+            assert d["difference"] == pytest.approx(repro["rotated"]["icc"] - m["icc"])
+            assert f"<td>{name}</td><td>{m['icc']:.3f}" in report
     readout = metrics["tissue_readout"]
     assert set(readout) == set(REPRESENTATIONS) | {"chance"}
     for name in REPRESENTATIONS:

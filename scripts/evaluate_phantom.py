@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from latentharmonize.errors import LatentHarmonizeError
-from latentharmonize.evaluate import FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, versus_rows
+from latentharmonize.evaluate import (FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, reproducibility_rows,
+                                      versus_rows)
 from latentharmonize.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,10 @@ def markdown_table(metrics: dict) -> str:
               "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
     lines += ["", "| rotated minus | ARI | NMI | Dice | survival C-index |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in versus_rows(metrics)]
+    repro = reproducibility_rows(metrics)
+    if repro:
+        lines += ["", "| risk reproducibility | risk ICC across acquisitions | rotated minus |", "|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in repro]
     readout = metrics.get("tissue_readout", {})
     if readout:
         lines += ["", "| tissue read-out | tissue balanced accuracy | read-out composition C-index | cluster composition C-index |",

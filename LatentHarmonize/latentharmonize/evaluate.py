@@ -59,8 +59,11 @@ REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histog
 # Compared and reported like the others, but not a harmonization baseline of the goal check.
 REFERENCE_REPRESENTATIONS = ("hu_statistics",)
 PAPER_GAIN_PERCENT = {"ari": 19.01, "nmi": 16.85, "dice": 12.39}
-FIGURES = ("consistency.png", "label_maps.png", "km.png", "latent_pca.png", "traversals.png")
+FIGURES = ("consistency.png", "label_maps.png", "km.png", "risk_reproducibility.png", "latent_pca.png",
+           "traversals.png")
+OUTCOME_FIGURES = ("km.png", "risk_reproducibility.png")  # drawn only when there are time and event columns
 CLINICAL = ("time", "event", "age", "sex", "fvc")
+HU_THRESHOLD_FEATURES = ("laa950", "haa700", "mld", "perc15")
 
 
 @dataclass
@@ -430,12 +433,80 @@ def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skip
 
     if not {"time", "event"} <= set(table.columns):
         return {}, {}
-    feature_sets = {n: _without_reference(table, [c for c in table.columns if c.startswith(f"{n}:frac_")]) for n in names}
-    feature_sets["hu_thresholds"] = ["laa950", "haa700", "mld", "perc15"]
+    feature_sets = survival_feature_sets(table, names)
     truth = [f"frac_{t}" for t in TISSUES if f"frac_{t}" in table.columns]
     if truth:
         feature_sets["true_composition"] = truth[1:]  # normal lung is the reference
     return _c_indices(table, feature_sets, seed, n_boot, skipped)
+
+
+def survival_feature_sets(table: pd.DataFrame, names) -> Dict[str, List[str]]:
+    """The Cox covariates of each representation (its cluster composition) and of the HU thresholds."""
+    feature_sets = {n: _without_reference(table, [c for c in table.columns if c.startswith(f"{n}:frac_")]) for n in names}
+    feature_sets["hu_thresholds"] = list(HU_THRESHOLD_FEATURES)
+    return feature_sets
+
+
+def scan_profiles(scans: List[ScanLatents], names, n_clusters: int) -> pd.DataFrame:
+    """One row per scan: its own cluster fractions per representation (``<rep>:frac_<k>``) and densitometry."""
+    rows = []
+    for s in scans:
+        row: Dict[str, object] = {"patient": s.patient, "acquisition": s.acquisition, **s.densitometry}
+        for n in names:
+            row.update({f"{n}:frac_{k + 1}": float(v) for k, v in enumerate(_mean_fractions([s.labels[n]], n_clusters))})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], names, n_clusters: int, n_boot: int,
+                         seed: int, skipped: dict) -> tuple:
+    """Does one patient get the same predicted risk whatever scanner or kernel imaged them?
+
+    Per feature set (each representation's composition, the HU thresholds): one penalised Cox model fitted on all of
+    ``table`` (the survival patients) scores every evaluation scan on its own, and the ICC(A,1) of those log risks
+    across the acquisitions that every evaluation patient has says how much of the spread is the patient and how
+    much the acquisition (1: acquisition changes nothing). Returns ({name: {"icc", "icc_ci", ...}},
+    {"risks": {name: [patients, acquisitions]}, "acquisitions", "versus": {other: rotated minus other}}).
+    """
+    from .metrics import icc_with_ci
+    from .survival import fitted_risk
+
+    if not {"time", "event"} <= set(table.columns):
+        return {}, {}
+    profiles = scan_profiles(eval_scans, names, n_clusters)
+    by_patient = profiles.groupby("patient")["acquisition"].apply(set)
+    shared = sorted(set.intersection(*by_patient)) if len(by_patient) else []
+    if len(by_patient) < 3 or len(shared) < 2:
+        skipped["risk_reproducibility"] = (f"needs at least 3 evaluation patients scanned under the same 2 or more "
+                                           f"acquisitions; got {len(by_patient)} patients sharing {len(shared)}.")
+        return {}, {}
+    profiles = profiles[profiles["acquisition"].isin(shared)]
+    risks = {}
+    for name, features in survival_feature_sets(table, names).items():
+        try:
+            risk = fitted_risk(table, features, profiles)
+        except InputError as err:
+            skipped[f"risk_reproducibility:{name}"] = str(err)
+            continue
+        matrix = pd.DataFrame({"p": profiles["patient"], "a": profiles["acquisition"], "r": risk}).pivot_table(
+            index="p", columns="a", values="r", aggfunc="mean")
+        risks[name] = matrix.loc[sorted(by_patient.index), shared].to_numpy()
+    if not risks:
+        return {}, {}
+    summary, boots = icc_with_ci(risks, n_boot=n_boot, seed=seed)
+    for m in summary.values():
+        m.update({"n_patients": len(by_patient), "acquisitions": shared})
+    order = list(risks)
+    versus = {}
+    if "rotated" in summary:
+        for j, other in enumerate(order):
+            if other != "rotated":
+                diff = boots[:, order.index("rotated")] - boots[:, j]
+                diff = diff[np.isfinite(diff)]
+                versus[other] = {"difference": summary["rotated"]["icc"] - summary[other]["icc"],
+                                 "ci": [float(v) for v in np.quantile(diff, [0.025, 0.975])] if diff.size
+                                 else [float("nan")] * 2}
+    return summary, {"risks": risks, "acquisitions": shared, "versus": versus}
 
 
 def tissue_readout(eval_scans: List[ScanLatents], table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> dict:
@@ -636,6 +707,44 @@ def plot_km(table: pd.DataFrame, risks: dict, path) -> dict:
     return plot_km_by_risk(table["time"], table["event"], risks["rotated"], path, title="Kaplan-Meier by risk (rotated composition)")
 
 
+def plot_risk_reproducibility(summary: dict, data: dict, path, reason: str = "") -> None:
+    """ICC of the predicted risk across acquisitions per feature set, and for entangled, rotated and the HU
+    thresholds each patient's risk under every acquisition (a patient's points should coincide). Without a
+    measurement, a figure that says why (``reason``)."""
+    if not summary:
+        fig = _figure(6, 1.5)
+        fig.text(0.5, 0.5, f"Risk reproducibility not measured: {reason}", ha="center", va="center", fontsize=8,
+                 wrap=True)
+        _save(fig, path)
+        return
+    names = list(summary)
+    shown = [n for n in ("entangled", "rotated", "hu_thresholds") if n in data["risks"]]
+    fig = _figure(3.2 * (1 + len(shown)), 3.6)
+    ax = fig.add_subplot(1, 1 + len(shown), 1)
+    icc = np.array([summary[n]["icc"] for n in names])
+    ci = np.array([summary[n]["icc_ci"] for n in names]).T
+    ax.bar(np.arange(len(names)), icc, yerr=np.abs(ci - icc), capsize=2, color="#777777")
+    ax.set_xticks(np.arange(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(min(0.0, float(np.nanmin(ci))), 1)
+    ax.set_title("Risk ICC across acquisitions (95 % CI)", fontsize=9)
+    for k, name in enumerate(shown):
+        risk = data["risks"][name]
+        z = (risk - risk.mean()) / (risk.std() or 1.0)
+        order = np.argsort(z.mean(axis=1))
+        ax = fig.add_subplot(1, 1 + len(shown), k + 2)
+        x = np.arange(len(order))
+        ax.vlines(x, z[order].min(axis=1), z[order].max(axis=1), color="#bbbbbb", lw=1)
+        for j, acquisition in enumerate(data["acquisitions"]):
+            ax.scatter(x, z[order, j], s=10, label=acquisition)
+        ax.set_title(f"{name}: ICC {summary[name]['icc']:.2f}", fontsize=9)
+        ax.set_xlabel("patient (by mean risk)", fontsize=8)
+        ax.set_ylabel("log risk (SD units)", fontsize=8)
+        ax.set_xticks([])
+    if shown:
+        fig.axes[1].legend(fontsize=6, markerscale=1.5)
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- report
 def _uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -669,6 +778,16 @@ def versus_rows(metrics: dict) -> List[List[str]]:
     return rows
 
 
+def reproducibility_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the risk-reproducibility table: ICC with CI, and rotated minus it (paired CI and verdict)."""
+    rows = []
+    for name, m in metrics.get("risk_reproducibility", {}).items():
+        d = metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc")
+        versus = "" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
+        rows.append([name, f"{m['icc']:.3f} ({m['icc_ci'][0]:.3f}–{m['icc_ci'][1]:.3f})", versus])
+    return rows
+
+
 _REFERENCE_NOTE = (" <i>hu_statistics</i> uses no encoder: the HU quantiles and threshold shares of each patch, the "
                    "reference a learned representation has to beat.")
 
@@ -686,6 +805,7 @@ def render_report(metrics: dict, staged, figures: List[str]) -> str:
                      _ci(m, "c_index") if "c_index" in m else "–",
                      f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
                     for n, m in readout.items() if n != "chance"]
+    repro_rows = reproducibility_rows(metrics)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
     figures = "".join(f"<h3>{html.escape(name[:-4].replace('_', ' '))}</h3><img alt='{name}' src='{_uri(staged.path(name))}'>"
                       for name in figures)
@@ -706,6 +826,11 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
 {_table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+<h2>Risk reproducibility across acquisitions</h2>
+<p>One penalised Cox model per feature set, fitted on the survival patients, scores each evaluation scan on its own;
+ICC(A,1) of the log risk over patients × acquisitions (1: the scanner changes nobody's risk). Paired: rotated minus
+the other on the same patient resamples.</p>
+{_table([[html.escape(c) for c in row] for row in repro_rows], ['features', 'risk ICC (95 % CI)', 'rotated minus']) if repro_rows else '<p>Not run (see below).</p>'}
 <h2>Tissue read-out (phantom diagnostic)</h2>
 <p>A linear classifier of the true tissue, fitted on each representation's training patches: how much tissue and
 outcome information the representation holds, whatever its clusters find. Chance balanced accuracy:
@@ -758,7 +883,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
             raise InputError(f"The survival cohort {survival_cohort} has no time and event columns; add them "
                              "(years to death or censoring, and 1 = death observed, 0 = censored).")
     outcomes = surv_rows if surv_rows is not None else eval_rows
-    figures = [f for f in FIGURES if f != "km.png" or {"time", "event"} <= set(outcomes.columns)]
+    figures = [f for f in FIGURES if f not in OUTCOME_FIGURES or {"time", "event"} <= set(outcomes.columns)]
     staged = StagedOutput(out_dir, ["metrics.json", "report.html", *figures], overwrite=overwrite)  # refuse early
     bundle = load_bundle(model)
     encoders = Encoders(bundle, load_bundle(unoranic) if unoranic else None, device)
@@ -807,6 +932,10 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
     metrics["rotated_versus"] = rotated_versus(per_patient, table, risks, cfg.n_boot, seed)
     metrics["tissue_readout"] = tissue_readout(evals, table, names, seed, cfg.n_boot, skipped)
+    metrics["risk_reproducibility"], reproducibility = risk_reproducibility(table, evals, names, n_clusters, cfg.n_boot,
+                                                                            seed, skipped)
+    for other, diff in reproducibility.get("versus", {}).items():
+        metrics["rotated_versus"].setdefault(other, {})["risk_icc"] = diff
     metrics["relative_gain"] = relative_gains(metrics["consistency"])
     metrics["goal"] = goal_check(metrics)
     metrics.update({
@@ -823,6 +952,9 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
         example = next(v for v in _by_patient(evals).values() if len(v) >= 2)
         plot_label_maps(example, all(s.truth is not None for s in example), staged.path("label_maps.png"))
         metrics["km"] = plot_km(table, risks, staged.path("km.png")) if "km.png" in figures else {}
+        if "risk_reproducibility.png" in figures:
+            plot_risk_reproducibility(metrics["risk_reproducibility"], reproducibility,
+                                      staged.path("risk_reproducibility.png"), skipped.get("risk_reproducibility", ""))
         plot_latent_pca(evals, bundle, cfg.probe_samples, seed, staged.path("latent_pca.png"))
         metrics["traversal_sd"] = plot_traversals(bundle, train, rows, staged.path("traversals.png"))
         metrics["timings_s"] = {"encode": round(t_encode, 1), "total": round(time.perf_counter() - t0, 1)}
@@ -866,6 +998,9 @@ def format_summary(metrics: dict) -> str:
     for k in ("hu_thresholds", "true_composition"):
         if k in metrics["survival"]:
             lines.append(f"{k:20s} {'':6s} {'':6s} {'':6s} {'':6s} {metrics['survival'][k]['c_index']:8.3f}")
+    icc = metrics.get("risk_reproducibility", {})
+    if icc:
+        lines.append("risk ICC across acquisitions: " + ", ".join(f"{n} {m['icc']:.3f}" for n, m in icc.items()))
     g = metrics["relative_gain"]["rotated_vs_entangled_percent"]
     lines.append("rotated vs entangled: " + ", ".join(f"{m.upper()} {g[m]:+.2f} % (paper +{PAPER_GAIN_PERCENT[m]:.2f} %)"
                                                       for m in PAPER_GAIN_PERCENT))
