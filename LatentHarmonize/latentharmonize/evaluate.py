@@ -468,7 +468,7 @@ def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], nam
     much the acquisition (1: acquisition changes nothing). Returns ({name: {"icc", "icc_ci", ...}},
     {"risks": {name: [patients, acquisitions]}, "acquisitions", "versus": {other: rotated minus other}}).
     """
-    from .metrics import icc_with_ci
+    from .metrics import icc_with_ci, percentile_ci
     from .survival import fitted_risk
 
     if not {"time", "event"} <= set(table.columns):
@@ -499,13 +499,10 @@ def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], nam
     order = list(risks)
     versus = {}
     if "rotated" in summary:
-        for j, other in enumerate(order):
-            if other != "rotated":
-                diff = boots[:, order.index("rotated")] - boots[:, j]
-                diff = diff[np.isfinite(diff)]
-                versus[other] = {"difference": summary["rotated"]["icc"] - summary[other]["icc"],
-                                 "ci": [float(v) for v in np.quantile(diff, [0.025, 0.975])] if diff.size
-                                 else [float("nan")] * 2}
+        rotated = boots[:, order.index("rotated")]
+        versus = {other: {"difference": summary["rotated"]["icc"] - summary[other]["icc"],
+                          "ci": percentile_ci(rotated - boots[:, j])}
+                  for j, other in enumerate(order) if other != "rotated"}
     return summary, {"risks": risks, "acquisitions": shared, "versus": versus}
 
 

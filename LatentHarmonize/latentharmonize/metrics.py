@@ -76,6 +76,14 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, lev
     return float(low), float(high)
 
 
+def percentile_ci(boots) -> list:
+    """Percentile 95 % interval of bootstrap values, ignoring resamples where the statistic was undefined (NaN);
+    NaN bounds when no resample gave one."""
+    boots = np.asarray(boots, dtype=float)
+    finite = boots[np.isfinite(boots)]
+    return [float(v) for v in np.quantile(finite, [0.025, 0.975])] if finite.size else [float("nan")] * 2
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Dict[str, object]:
     """Mean of ``a - b`` over patients measured both ways, with the bootstrap 95 % CI of that mean.
 
@@ -156,9 +164,5 @@ def icc_with_ci(matrices: Dict[str, np.ndarray], n_boot: int = 2000, seed: int =
     n = stack.shape[1]
     rng = np.random.default_rng(seed)
     boots = np.stack([_icc_a1(stack[:, rng.integers(0, n, n)]) for _ in range(n_boot)])
-    out = {}
-    for j, name in enumerate(names):
-        finite = boots[:, j][np.isfinite(boots[:, j])]
-        ci = [float(v) for v in np.quantile(finite, [0.025, 0.975])] if finite.size else [float("nan")] * 2
-        out[name] = {"icc": float(_icc_a1(stack[j])), "icc_ci": ci}
+    out = {name: {"icc": float(_icc_a1(stack[j])), "icc_ci": percentile_ci(boots[:, j])} for j, name in enumerate(names)}
     return out, boots

@@ -30,6 +30,7 @@ import pandas as pd
 
 from .atomic import StagedOutput
 from .errors import InputError
+from .metrics import percentile_ci
 
 CLUSTER_FRACTION = re.compile(r"^frac_\d+_")   # batch's per-cluster columns, e.g. frac_3_ground_glass
 DEFAULT_COVARIATES = ("age", "sex", "fvc")
@@ -151,10 +152,6 @@ def _bootstrap_c(time, event, risks: Sequence, n_boot: int, seed: int) -> np.nda
     return np.asarray(boots, dtype=float).reshape(-1, len(risks))
 
 
-def _percentile_ci(values: np.ndarray) -> List[float]:
-    return [float(v) for v in np.quantile(values, [0.025, 0.975])] if values.size else [float("nan")] * 2
-
-
 def c_index_with_ci(time, event, risk, n_boot: int = 1000, seed: int = 0) -> Dict[str, object]:
     """Harrell's C of risk scores (higher risk = earlier event) and a patient bootstrap 95 % CI."""
     from lifelines.utils import concordance_index
@@ -162,7 +159,7 @@ def c_index_with_ci(time, event, risk, n_boot: int = 1000, seed: int = 0) -> Dic
     time, event, risk = (np.asarray(v, dtype=float) for v in (time, event, risk))
     c = float(concordance_index(time, -risk, event))
     boots = _bootstrap_c(time, event, [risk], n_boot, seed)[:, 0]
-    return {"c_index": c, "c_index_ci": _percentile_ci(boots), "n": int(time.size), "n_events": int(event.sum())}
+    return {"c_index": c, "c_index_ci": percentile_ci(boots), "n": int(time.size), "n_events": int(event.sum())}
 
 
 def c_index_difference(time, event, risk_a, risk_b, n_boot: int = 1000, seed: int = 0) -> Dict[str, object]:
@@ -179,7 +176,7 @@ def c_index_difference(time, event, risk_a, risk_b, n_boot: int = 1000, seed: in
                          f"{event.shape}, {risk_a.shape}, {risk_b.shape}.")
     diff = float(concordance_index(time, -risk_a, event) - concordance_index(time, -risk_b, event))
     boots = _bootstrap_c(time, event, [risk_a, risk_b], n_boot, seed)
-    return {"difference": diff, "ci": _percentile_ci(boots[:, 0] - boots[:, 1]), "n": int(time.size)}
+    return {"difference": diff, "ci": percentile_ci(boots[:, 0] - boots[:, 1]), "n": int(time.size)}
 
 
 def cross_validated_c_index(df: pd.DataFrame, features: Sequence[str], time_col: str = "time", event_col: str = "event",
