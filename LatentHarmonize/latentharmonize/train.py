@@ -340,10 +340,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     patches of a large cohort are read and sampled on the cluster, one task per patient, with the same result.
     """
     config, epochs = _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient,
-                                latent_dim, batch_size, low_attenuation_channel)
-    if densitometry is not None and (isinstance(densitometry, bool) or not isinstance(densitometry, (int, float))
-                                     or not np.isfinite(densitometry) or densitometry <= 0):
-        raise InputError(f"--densitometry must be a positive weight (1 is the usual choice), got {densitometry!r}.")
+                                latent_dim, batch_size, low_attenuation_channel, densitometry)
     out_dir = Path(out_dir)
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
@@ -416,7 +413,7 @@ def save_trained_bundle(out_dir: Path, model, spec: dict, rotation, tissue, name
 
 
 def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient, latent_dim,
-               batch_size, low_attenuation_channel=False) -> tuple:
+               batch_size, low_attenuation_channel=False, densitometry=None) -> tuple:
     if encoder not in MODEL_KINDS:
         raise InputError(f"--encoder must be one of {', '.join(MODEL_KINDS)}, got {encoder!r}.")
     if low_attenuation_channel and encoder != "ae":
@@ -433,6 +430,9 @@ def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_pa
         raise InputError(f"--clusters must be at least 2 (or left out to choose K by stability), got {clusters}.")
     if n_technical != "auto" and (not isinstance(n_technical, int) or not 0 <= n_technical < latent_dim):
         raise InputError(f"--n-technical must be 'auto' or an integer in 0..{latent_dim - 1}, got {n_technical!r}.")
+    if densitometry is not None and (isinstance(densitometry, bool) or not isinstance(densitometry, (int, float))
+                                     or not np.isfinite(densitometry) or densitometry <= 0):
+        raise InputError(f"--densitometry must be a positive weight (1 is the usual choice), got {densitometry!r}.")
     for name, value in (("per_patient", per_patient), ("latent_dim", latent_dim), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 2:
             raise InputError(f"{name} must be an integer of at least 2, got {value!r}.")
