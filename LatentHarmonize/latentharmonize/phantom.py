@@ -302,7 +302,7 @@ def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full:
                 "acquisitions_per_patient": acquisitions_per_patient}
         staged.path("phantom.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     if progress is not None:
-        progress(100.0, "phantom", f"wrote {n_patients} patients x {len(acqs)} acquisitions to {outdir}")
+        progress(100.0, "phantom", f"wrote {n_patients} patients, {len(rows)} scans to {outdir}")
     return table
 
 
