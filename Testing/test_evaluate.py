@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, assign_clusters, consistency, consistency_per_patient,
-                                      goal_check, patient_profiles, probe, relative_gains, risk_reproducibility,
-                                      rotated_versus, tissue_readout, truth_agreement)
+                                      goal_check, outcome_redraws, patient_profiles, probe, relative_gains,
+                                      risk_reproducibility, rotated_versus, tissue_readout, truth_agreement)
 
 
 def _scan(patient, acquisition, keys, labels, truth=None, latents=None, time=1.0, event=1):
@@ -116,6 +116,31 @@ def test_risk_reproducibility_separates_stable_from_acquisition_driven_risk():
     assert "at least 3 evaluation patients" in skipped["risk_reproducibility"]
 
 
+def test_outcome_redraws_tell_a_true_risk_from_noise():
+    """Fresh phantom outcomes for the same patients: the true hazard's ranking leads noise in nearly every draw."""
+    import pandas as pd
+
+    from latentharmonize.phantom import log_hazard
+    from latentharmonize.tissue import TISSUES
+
+    rng = np.random.default_rng(0)
+    disease = rng.uniform(0, 0.15, (300, len(TISSUES) - 1))
+    table = pd.DataFrame(np.column_stack([1 - disease.sum(1), disease]), columns=[f"frac_{t}" for t in TISSUES])
+    table["age"] = rng.normal(66, 8, 300)
+    truth = np.array([log_hazard(dict(zip(TISSUES, row)), 65.0) for row in table[[f"frac_{t}" for t in TISSUES]].to_numpy()])
+    risks = {"rotated": truth, "entangled": rng.normal(size=300), "inverted": -truth}
+    out = outcome_redraws(table, risks, n_draws=40, seed=1)
+    c = out["c_index"]
+    assert out["n_draws"] == 40 and set(c) == set(risks)
+    assert c["rotated"]["mean"] > 0.6 and abs(c["entangled"]["mean"] - 0.5) < 0.03
+    assert c["inverted"]["mean"] == pytest.approx(1 - c["rotated"]["mean"], abs=0.01)  # ties aside, C(-r) = 1 - C(r)
+    assert c["rotated"]["sd"] > 0  # the draws differ
+    assert out["rotated_ahead_share"] == {"entangled": 1.0, "inverted": 1.0}
+    assert outcome_redraws(table, risks, n_draws=40, seed=1) == out  # seeded
+    assert outcome_redraws(table.drop(columns=["age"]), risks, n_draws=40, seed=1) == {}  # not a phantom table
+    assert outcome_redraws(table, {"entangled": truth}, n_draws=40, seed=1) == {}
+
+
 def test_probe_detects_acquisition_signal():
     rng = np.random.default_rng(1)
     scans = []
@@ -222,7 +247,8 @@ def _write_cohort(folder, n_patients, seed):
             paths = _write_scan(folder, f"s{seed}p{p}", acq, blocks, rng)
             rows.append({**paths, "patient": f"s{seed}p{p}", "acquisition": acq, "time": time, "event": event,
                          "age": 60 + p, "sex": "MF"[p % 2], "frac_normal": float(np.mean(blocks == 1)),
-                         "frac_emphysema": float(np.mean(blocks == 2)), "frac_reticulation": float(np.mean(blocks == 4))})
+                         "frac_emphysema": float(np.mean(blocks == 2)), "frac_reticulation": float(np.mean(blocks == 4)),
+                         "frac_ground_glass": 0.0, "frac_honeycombing": 0.0, "frac_consolidation": 0.0})
     pd.DataFrame(rows).to_csv(folder / "cohort.csv", index=False)
     return folder / "cohort.csv"
 
@@ -325,6 +351,11 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     for name in REPRESENTATIONS:
         assert 0.0 <= readout[name]["balanced_accuracy"] <= 1.0 and 0.0 <= readout[name]["c_index"] <= 1.0
         assert f"<td>{name}</td><td>{readout[name]['balanced_accuracy']:.3f}</td>" in report
+    redraws = metrics["survival_redraws"]
+    assert redraws["n_draws"] == 30 and set(redraws["c_index"]) == set(metrics["survival"])
+    assert set(redraws["rotated_ahead_share"]) == set(metrics["survival"]) - {"rotated"}
+    assert all(0.0 <= v <= 1.0 for v in redraws["rotated_ahead_share"].values())
+    assert f"<td>true_composition</td><td>{redraws['c_index']['true_composition']['mean']:.3f} ± " in report
     for other in others:  # one table row per other representation, its C-index difference printed as computed
         assert f"{metrics['rotated_versus'][other]['c_index']['difference']:+.3f}" in report
     assert main(args) == 2  # existing results are not overwritten

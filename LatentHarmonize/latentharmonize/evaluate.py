@@ -73,6 +73,7 @@ class EvalConfig:
     train_latents: int = 20000     # training latents (all scans together) that clusters and harmonizers are fitted on
     probe_samples: int = 4000      # held-out latents the acquisition probe uses
     n_boot: int = 1000
+    outcome_draws: int = 300       # phantom only: fresh outcomes drawn for the survival patients (outcome_redraws)
     max_train_patients: Optional[int] = None
     max_eval_patients: Optional[int] = None
     max_survival_patients: Optional[int] = None
@@ -81,7 +82,7 @@ class EvalConfig:
     @classmethod
     def for_run(cls, seed: int, quick: bool, device: str = "cpu") -> "EvalConfig":
         if quick:  # a smoke run: few patients and latents, enough to exercise every step
-            return cls(seed=seed, quick=True, train_latents=3000, probe_samples=1500, n_boot=200,
+            return cls(seed=seed, quick=True, train_latents=3000, probe_samples=1500, n_boot=200, outcome_draws=30,
                        max_train_patients=4, max_eval_patients=3, max_survival_patients=8, device=device)
         return cls(seed=seed, device=device)
 
@@ -506,6 +507,37 @@ def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], nam
     return summary, {"risks": risks, "acquisitions": shared, "versus": versus}
 
 
+def outcome_redraws(table: pd.DataFrame, risks: Dict[str, np.ndarray], n_draws: int, seed: int) -> dict:
+    """Phantom only: is a C-index lead the representation or the luck of one outcome draw?
+
+    The phantom's outcome is a random draw from a known hazard of each patient's true composition and age, so fresh
+    outcomes can be drawn for the same patients (``phantom.draw_outcome``). Each feature set's risks stay as they
+    are (cross-validated on the one observed outcome); per draw, Harrell's C of every feature set is recomputed.
+    Returns the expected C-index and its SD over draws per feature set, and the share of draws in which rotated is
+    ahead of each other one. Empty when the table lacks the phantom's true fractions and age, or has no rotated risk.
+    """
+    from lifelines.utils import concordance_index
+
+    from .phantom import draw_outcome
+    from .tissue import TISSUES
+
+    truth = [f"frac_{t}" for t in TISSUES]
+    if "rotated" not in risks or not {*truth, "age"} <= set(table.columns) or n_draws < 1:
+        return {}
+    fractions = [dict(zip(TISSUES, row)) for row in table[truth].to_numpy(dtype=float)]
+    ages = table["age"].to_numpy(dtype=float)
+    rng = np.random.default_rng(seed)
+    names = list(risks)
+    c = np.empty((n_draws, len(names)))
+    for d in range(n_draws):
+        outcomes = np.array([draw_outcome(f, a, rng) for f, a in zip(fractions, ages)])
+        c[d] = [concordance_index(outcomes[:, 0], -risks[n], outcomes[:, 1]) for n in names]
+    rotated = c[:, names.index("rotated")]
+    return {"n_draws": int(n_draws),
+            "c_index": {n: {"mean": float(c[:, j].mean()), "sd": float(c[:, j].std())} for j, n in enumerate(names)},
+            "rotated_ahead_share": {n: float(np.mean(rotated > c[:, j])) for j, n in enumerate(names) if n != "rotated"}}
+
+
 def tissue_readout(eval_scans: List[ScanLatents], table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> dict:
     """Per representation: balanced accuracy of the tissue read-out on the evaluation patches (chance 1 / number of
     tissues present) and the survival C-index of the tissue compositions it reads out. Empty without a read-out."""
@@ -785,6 +817,14 @@ def reproducibility_rows(metrics: dict) -> List[List[str]]:
     return rows
 
 
+def redraw_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the outcome-redraw table: expected C-index ± SD over fresh outcome draws, and how often rotated leads."""
+    redraws = metrics.get("survival_redraws", {})
+    ahead = redraws.get("rotated_ahead_share", {})
+    return [[name, f"{m['mean']:.3f} ± {m['sd']:.3f}", f"{100 * ahead[name]:.0f} %" if name in ahead else ""]
+            for name, m in redraws.get("c_index", {}).items()]
+
+
 _REFERENCE_NOTE = (" <i>hu_statistics</i> uses no encoder: the HU quantiles and threshold shares of each patch, the "
                    "reference a learned representation has to beat.")
 
@@ -803,6 +843,7 @@ def render_report(metrics: dict, staged, figures: List[str]) -> str:
                      f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
                     for n, m in readout.items() if n != "chance"]
     repro_rows = reproducibility_rows(metrics)
+    redraws = redraw_rows(metrics)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
     figures = "".join(f"<h3>{html.escape(name[:-4].replace('_', ' '))}</h3><img alt='{name}' src='{_uri(staged.path(name))}'>"
                       for name in figures)
@@ -823,6 +864,11 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
 {_table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+<h2>Survival over fresh outcome draws (phantom only)</h2>
+<p>The same risks, scored against {metrics.get('survival_redraws', {}).get('n_draws', 0)} fresh outcomes drawn from the
+phantom's own hazard for the same patients: the spread one cohort's outcome draw puts on the C-index, and the share of
+draws in which rotated is ahead.</p>
+{_table([[html.escape(c) for c in row] for row in redraws], ['features', 'expected C-index ± SD', 'rotated ahead in']) if redraws else '<p>Not a phantom cohort with true fractions and age.</p>'}
 <h2>Risk reproducibility across acquisitions</h2>
 <p>One penalised Cox model per feature set, fitted on the survival patients, scores each evaluation scan on its own;
 ICC(A,1) of the log risk over patients × acquisitions (1: the scanner changes nobody's risk). Paired: rotated minus
@@ -928,6 +974,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     table = patient_profiles(survivors or train + evals, names, n_clusters)
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
     metrics["rotated_versus"] = rotated_versus(per_patient, table, risks, cfg.n_boot, seed)
+    metrics["survival_redraws"] = outcome_redraws(table, risks, cfg.outcome_draws, seed)
     metrics["tissue_readout"] = tissue_readout(evals, table, names, seed, cfg.n_boot, skipped)
     metrics["risk_reproducibility"], reproducibility = risk_reproducibility(table, evals, names, n_clusters, cfg.n_boot,
                                                                             seed, skipped)
@@ -995,6 +1042,10 @@ def format_summary(metrics: dict) -> str:
     for k in ("hu_thresholds", "true_composition"):
         if k in metrics["survival"]:
             lines.append(f"{k:20s} {'':6s} {'':6s} {'':6s} {'':6s} {metrics['survival'][k]['c_index']:8.3f}")
+    ahead = metrics.get("survival_redraws", {}).get("rotated_ahead_share", {})
+    if ahead:
+        lines.append(f"rotated C-index ahead over {metrics['survival_redraws']['n_draws']} outcome draws: "
+                     + ", ".join(f"of {n} {100 * v:.0f} %" for n, v in ahead.items()))
     icc = metrics.get("risk_reproducibility", {})
     if icc:
         lines.append("risk ICC across acquisitions: " + ", ".join(f"{n} {m['icc']:.3f}" for n, m in icc.items()))
