@@ -825,6 +825,15 @@ def redraw_rows(metrics: dict) -> List[List[str]]:
             for name, m in redraws.get("c_index", {}).items()]
 
 
+def _redraw_section(metrics: dict, rows: List[List[str]]) -> str:
+    if not rows:
+        return "<p>Not a phantom cohort with true fractions and age.</p>"
+    return (f"<p>The same risks, scored against {metrics['survival_redraws']['n_draws']} fresh outcomes drawn from the "
+            "phantom's own hazard for the same patients: the spread one cohort's outcome draw puts on the C-index, and "
+            "the share of draws in which rotated is ahead.</p>"
+            + _table([[html.escape(c) for c in row] for row in rows], ["features", "expected C-index ± SD", "rotated ahead in"]))
+
+
 _REFERENCE_NOTE = (" <i>hu_statistics</i> uses no encoder: the HU quantiles and threshold shares of each patch, the "
                    "reference a learned representation has to beat.")
 
@@ -865,10 +874,7 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
 {_table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
 <h2>Survival over fresh outcome draws (phantom only)</h2>
-<p>The same risks, scored against {metrics.get('survival_redraws', {}).get('n_draws', 0)} fresh outcomes drawn from the
-phantom's own hazard for the same patients: the spread one cohort's outcome draw puts on the C-index, and the share of
-draws in which rotated is ahead.</p>
-{_table([[html.escape(c) for c in row] for row in redraws], ['features', 'expected C-index ± SD', 'rotated ahead in']) if redraws else '<p>Not a phantom cohort with true fractions and age.</p>'}
+{_redraw_section(metrics, redraws)}
 <h2>Risk reproducibility across acquisitions</h2>
 <p>One penalised Cox model per feature set, fitted on the survival patients, scores each evaluation scan on its own;
 ICC(A,1) of the log risk over patients × acquisitions (1: the scanner changes nobody's risk). Paired: rotated minus
