@@ -283,8 +283,11 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     timer = _Timer()
     created = not Path(out_dir).exists()
     try:
-        # Entering the stage first refuses collisions and unwritable folders before any heavy work.
-        with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged, _workers() as pool:
+        # Entering the stage first refuses collisions, unwritable folders and outputs that would be an input before
+        # any heavy work. Outputs of a run with a report that this run does not write are replaced too (no mix).
+        earlier = output_names(name, write_report=True).values()
+        with StagedOutput(out_dir, files.values(), overwrite=overwrite, replaces=earlier,
+                          inputs=(ct_path, mask)) as staged, _workers() as pool:
             # Worker threads read and hash the scan (C++ and hashlib, outside the GIL) while this thread loads the
             # model, which is mostly importing Python modules (PyTorch, scikit-learn). Model errors still come first.
             _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
