@@ -64,7 +64,10 @@ def test_round_trip(fitted, saved):
     assert b.manifest["probe"]["biological"] == 0.5 and b.manifest["training"]["n_patients"] == 2
     ref = torch.nn.Linear(D, 4).state_dict()
     assert set(b.encoder_state) == set(ref)
-    assert b.sha256 == hashlib.sha256((saved / MANIFEST).read_bytes()).hexdigest()
+    stored = json.loads((saved / MANIFEST).read_bytes())
+    content = {k: v for k, v in stored.items() if k != bundle_mod.CHECKSUM_KEY}
+    content_bytes = (json.dumps(content, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    assert b.sha256 == stored[bundle_mod.CHECKSUM_KEY] == hashlib.sha256(content_bytes).hexdigest()
     assert b.sha256 == make_bundle(fitted, state=b.encoder_state).sha256  # same content, same identity
     for fname in (ENCODER_FILE, ARRAYS_FILE):
         assert b.manifest["files"][fname] == hashlib.sha256((saved / fname).read_bytes()).hexdigest()
@@ -87,9 +90,10 @@ def test_save_is_deterministic_and_refuses_to_overwrite(fitted, tmp_path):
 
 
 def _edit_manifest(folder, change):
+    """Change the manifest and re-seal it, as a faulty tool would: the deeper checks must still refuse it."""
     m = json.loads((folder / MANIFEST).read_text())
     change(m)
-    (folder / MANIFEST).write_text(json.dumps(m))
+    (folder / MANIFEST).write_bytes(bundle_mod._sealed_manifest_bytes(m))
 
 
 def _truncate(path):
