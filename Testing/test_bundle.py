@@ -194,3 +194,73 @@ def test_encoder_is_rebuilt_through_networks(fitted, tmp_path):
     broken = save_bundle(make_bundle(fitted, state=state, config=model.config), tmp_path / "broken")
     with pytest.raises(BundleError, match="do not fit"):
         load_bundle(broken).encoder()
+
+
+# ----------------------------------------------------------------------------- tampering (issue 21)
+def _reseal_with(folder, fname, data):
+    """Replace a data file and give the manifest its checksum and a valid seal: only the content checks remain."""
+    (folder / fname).write_bytes(data)
+    _edit_manifest(folder, lambda m: m["files"].update({fname: hashlib.sha256(data).hexdigest()}))
+
+
+def test_edited_manifest_is_refused_by_its_checksum(saved):
+    m = json.loads((saved / MANIFEST).read_text())
+    m["patch_spec"]["hu_window"] = [-1000.0, 200.0]  # a plausible edit that would change every result
+    (saved / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(BundleError, match="does not match its checksum"):
+        load_bundle(saved)
+    m.pop(bundle_mod.CHECKSUM_KEY)
+    (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="has no checksum"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("entry", ["../../etc/shadow", "extra.bin"])
+def test_unknown_or_path_like_file_entries_are_refused(saved, entry):
+    _edit_manifest(saved, lambda m: m["files"].update({entry: "0" * 64}))
+    with pytest.raises(BundleError, match="file entries this format does not have"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("array", ["clusters.centroids", "rotation.mean"])
+def test_nan_arrays_with_matching_checksums_are_refused(saved, array):
+    from safetensors.numpy import load, save
+
+    arrays = load((saved / ARRAYS_FILE).read_bytes())
+    arrays[array] = np.full_like(arrays[array], np.nan)
+    _reseal_with(saved, ARRAYS_FILE, save(arrays))
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        load_bundle(saved)
+
+
+def test_nan_encoder_weights_are_refused(saved):
+    from safetensors.torch import load, save
+
+    state = load((saved / ENCODER_FILE).read_bytes())
+    state["bias"][0] = float("inf")
+    _reseal_with(saved, ENCODER_FILE, save(state))
+    with pytest.raises(BundleError, match=r"NaN or infinite numbers in encoder.safetensors:bias"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("key, value", [("margin_mm", 1e9), ("margin_mm", -1.0), ("spacing", [1.25, 0.0, 2.5]),
+                                        ("hu_window", [-1e6, 300.0]), ("outside_fill_hu", 900.0),
+                                        ("context_radius", 1.5), ("min_lung_fraction", 2.0)])
+def test_settings_out_of_range_are_refused(saved, key, value):
+    _edit_manifest(saved, lambda m: m["patch_spec"].update({key: value}))
+    with pytest.raises(BundleError, match=f"out of range or not finite: .*{key}"):
+        load_bundle(saved)
+
+
+def test_nan_in_the_manifest_is_refused(saved):
+    text = (saved / MANIFEST).read_text().replace('"margin_mm": 10.0', '"margin_mm": NaN')
+    assert "NaN" in text
+    (saved / MANIFEST).write_text(text)
+    with pytest.raises(BundleError, match="not valid JSON.*NaN"):
+        load_bundle(saved)
+
+
+def test_default_bundle_is_sealed():
+    """The shipped bundle carries the checksum save_bundle writes, and it verifies."""
+    manifest = json.loads((default_bundle_path() / MANIFEST).read_text())
+    assert load_bundle().sha256 == manifest[bundle_mod.CHECKSUM_KEY]
