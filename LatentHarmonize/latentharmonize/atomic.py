@@ -13,7 +13,6 @@ crash at each moment leaves behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .errors import OutputError
+from .errors import DISK_FULL_ERRNOS, OutputError, os_error_message
 
 STAGING_PREFIX = ".latentharmonize-staging-"
 LOCK_FILE = "lock"            # held (flock / msvcrt lock) by the live run that owns the staging folder
@@ -34,7 +33,6 @@ FILES_DIR = "files"           # the staged outputs, at their paths relative to t
 UNLOCKED_GRACE_S = 60.0
 # Below this much free space after a failed write, the failure is reported as a full disk.
 DISK_FULL_MARGIN_BYTES = 16 << 20
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -45,21 +43,10 @@ def _check_writable(out_dir: Path) -> None:
         raise OutputError(f"Cannot write to {out_dir}: {probe_dir or out_dir} is not writable. Choose another --out folder.")
 
 
-def os_error_message(exc: OSError, what: str) -> str:
-    """A one-line explanation of an OSError met while doing ``what``, with what to do about it."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno in _DISK_FULL_ERRNOS:
-        return (f"The disk is full: {what} failed{where}. Free some space or choose a folder on another disk; "
-                "nothing was published.")
-    if exc.errno == errno.ENAMETOOLONG:
-        return f"A path is too long for the file system: {what} failed. Use a shorter folder or file name."
-    return f"{what} failed: {exc.strerror or exc}{where}. Check the path and its permissions."
-
-
 def disk_full(path: Path, exc: BaseException) -> OutputError | None:
     """An OutputError naming a full disk when ``exc`` (a failed write into ``path``) came from one: ENOSPC or a
     quota error, or a library's write error (ITK, VTK) while the disk has almost no free space left."""
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return OutputError(os_error_message(exc, f"writing into {path}"))
     if isinstance(exc, (OSError, RuntimeError)):
         try:
