@@ -60,6 +60,15 @@ def disk_full(path: Path, exc: BaseException) -> OutputError | None:
     return None
 
 
+def require_free_space(folder, margin: int = 2 * DISK_FULL_MARGIN_BYTES) -> None:
+    """OutputError (disk full) unless the disk holding ``folder`` has ``margin`` bytes free: for writers that crash
+    instead of failing cleanly when the disk fills (the off-screen 3D render)."""
+    free = shutil.disk_usage(folder).free
+    if free < margin:
+        raise OutputError(f"The disk holding {folder} is full ({free >> 20} MB free). Free some space or choose a "
+                          "folder on another disk; nothing was published.")
+
+
 # ----------------------------------------------------------------------------- the owner's lock
 
 def _try_lock(fd: int) -> bool:
