@@ -149,3 +149,17 @@ def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
 def test_an_old_lockless_leftover_is_deleted(tmp_path):
     stage = _leftover(tmp_path, lock=False, age_s=3600)
     assert recover_leftovers(tmp_path) == [stage] and not stage.exists()
+
+
+def test_a_library_write_error_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """ITK and VTK report a full disk as a RuntimeError of their own: with almost no space left it is named."""
+    import shutil
+
+    from latentharmonize import atomic
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 20))
+    with pytest.raises(OutputError, match="is full"):
+        with StagedOutput(tmp_path / "out", NAMES):
+            raise RuntimeError("itk::ERROR: ImageFileWriter: could not write")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -264,3 +264,19 @@ def test_default_bundle_is_sealed():
     """The shipped bundle carries the checksum save_bundle writes, and it verifies."""
     manifest = json.loads((default_bundle_path() / MANIFEST).read_text())
     assert load_bundle().sha256 == manifest[bundle_mod.CHECKSUM_KEY]
+
+
+def test_a_pickle_in_place_of_the_weights_is_never_executed(saved, tmp_path):
+    """A pickle that would run code when unpickled, given matching checksums: refused, and nothing ran."""
+    import pickle
+
+    marker = tmp_path / "pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    _reseal_with(saved, ENCODER_FILE, pickle.dumps(Payload()))
+    with pytest.raises(BundleError, match="Cannot read the weights"):
+        load_bundle(saved)
+    assert not marker.exists()

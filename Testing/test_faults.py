@@ -128,6 +128,23 @@ def test_fifo_input_is_refused_without_hanging(tmp_path, bundle_dir, role):  # n
     assert outcome.get("value") == 2 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("container", ["dicom folder", "mhd"])
+def test_a_fifo_inside_a_multi_file_input_is_refused_without_hanging(tmp_path, container):
+    from latentharmonize.io import read_ct
+
+    if container == "dicom folder":
+        ct = tmp_path / "series"
+        ct.mkdir()
+        os.mkfifo(ct / "IM0001")
+    else:
+        os.mkfifo(tmp_path / "chest.raw")
+        ct = tmp_path / "chest.mhd"
+        ct.write_text("ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_SHORT\n"
+                      "ElementDataFile = chest.raw\n")
+    outcome = _run_briefly(read_ct, ct, limit_s=30)
+    assert isinstance(outcome.get("error"), InputError) and "named pipe" in str(outcome["error"])
+
+
 @pytest.mark.parametrize("special", ["/dev/null", "/dev/zero"])
 def test_device_file_is_refused(tmp_path, bundle_dir, special):  # noqa: F811
     if not os.path.exists(special):
@@ -135,6 +152,17 @@ def test_device_file_is_refused(tmp_path, bundle_dir, special):  # noqa: F811
     outcome = _run_briefly(analyze, special, tmp_path / "out", bundle_dir, None, "cpu")
     assert isinstance(outcome.get("error"), InputError) and "not a file" in str(outcome["error"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size, spacing, words", [((200, 200, 120), (0.05, 0.05, 0.05), "not in millimetres"),
+                                                  ((200, 200, 6), (1.8, 1.8, 2.5), "from head to feet")])
+def test_headers_not_in_mm_or_too_short_are_refused(size, spacing, words):
+    from latentharmonize.analyze import check_geometry
+
+    image = sitk.Image(list(size), sitk.sitkUInt8)
+    image.SetSpacing(spacing)
+    with pytest.raises(InputError, match=words):
+        check_geometry(image)
 
 
 # ----------------------------------------------------------------------------- outputs that are inputs

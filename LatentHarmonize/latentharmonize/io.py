@@ -131,7 +131,7 @@ def image_sha256(path) -> str:
     elif path.is_file():
         _hash_file(path, digest)
         data_file = _mhd_data_file(path)
-        if data_file is not None:
+        if data_file is not None and not _check_regular(data_file, "input data file"):
             _hash_file(data_file, digest)
     else:
         raise InputError(f"Cannot hash {path}: no such file or folder.")
@@ -410,5 +410,5 @@ def _mhd_data_file(path: Path) -> Path | None:
         key, _, value = line.partition("=")
         if key.strip() == "ElementDataFile" and value.strip() not in ("LOCAL", ""):
             candidate = path.parent / value.strip()
-            return candidate if candidate.is_file() else None
+            return candidate if candidate.exists() else None
     return None
