@@ -258,6 +258,7 @@ class _Computed:
     labels: sitk.Image
     confidence: sitk.Image
     table: pd.DataFrame
+    densitometry: pd.DataFrame
     composition_json: str
     record: dict
 
@@ -349,10 +350,13 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     """The pipeline from the CT to label map and composition (nothing written)."""
     from .calibration import calibrate_grid_hu
     from .composition import composition_table, composition_to_json, lung_volumes_from_table
+    from .densitometry import densitometry_table
     from .grid import to_model_grid
     from .patches import encode_dense
+    from .segments import read_segments
 
     lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
+    segments = None if mask is None else read_segments(mask, ct)  # lobes: composition per lobe
     timer.lap("mask")
 
     _scaled(progress, "grid")(0, message="resampling onto the model grid")
@@ -374,9 +378,10 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     timer.lap("cluster")
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
-    table = composition_table(labels, ct, lungs, bundle.names)
+    table = composition_table(labels, ct, lungs, bundle.names, segments)
+    densitometry = densitometry_table(ct, lungs, segments)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
-    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
+    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes, densitometry)
     timer.lap("composition")
 
     record = {  # analyze has no random step; "seed" is the one the model was trained with
@@ -388,12 +393,13 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
     }
-    return _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
+    return _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, densitometry,
+                     composition_json, record)
 
 
 def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> list:
     """Write the tables, and start writing the segmentation and maps in ``pool``; returns those writes' futures."""
-    from .writers import write_composition, write_segmentation, write_volume
+    from .writers import write_composition, write_segmentation, write_table, write_volume
 
     step = _scaled(progress, "write")
     step(0, message="segmentation and maps")
@@ -408,6 +414,7 @@ def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> li
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
                       done.composition_json)
+    write_table(done.densitometry, staged.path(files["densitometry_csv"]))
     return writes
 
 

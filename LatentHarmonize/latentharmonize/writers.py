@@ -95,8 +95,13 @@ def write_volume(image: sitk.Image, path, compression_level: int = COMPRESSION_L
 
 def write_composition(table: pd.DataFrame, csv_path, json_path, json_text: str) -> None:
     """Write the composition table as CSV (fixed float format) and its JSON text."""
-    Path(csv_path).write_text(table.to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
+    write_table(table, csv_path)
     Path(json_path).write_text(json_text, encoding="utf-8")
+
+
+def write_table(table: pd.DataFrame, csv_path) -> None:
+    """Write a table as CSV with a fixed float format (6 significant digits)."""
+    Path(csv_path).write_text(table.to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
 
 
 def write_json(data: dict, path) -> None:
