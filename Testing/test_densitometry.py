@@ -44,13 +44,15 @@ def _lobes(lungs: np.ndarray) -> np.ndarray:
     return lobes
 
 
-def test_regions_and_segments_match_brute_force(tmp_path):
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_regions_and_segments_match_brute_force(tmp_path, dtype):
+    """Integer CTs go through per-cell HU histograms, float CTs through the voxels: both give numpy's figures."""
     rng = np.random.default_rng(3)
     shape = (14, 10, 16)
     lungs = np.zeros(shape, np.uint8)
     lungs[1:-1, 2:-2, 1:8] = 1
     lungs[2:-2, 2:-2, 8:-1] = 2
-    hu = rng.normal(-850, 90, size=shape).astype(np.int16)
+    hu = rng.normal(-850, 90, size=shape).astype(dtype)
     lobes = _lobes(lungs)
     sitk.WriteImage(_image(lobes), str(tmp_path / "lobes.nrrd"))
     segments = read_segments(tmp_path / "lobes.nrrd", _image(hu))
