@@ -189,3 +189,20 @@ def test_a_plain_right_left_mask_keeps_its_output(lobe_runs, tmp_path):
         assert given.files[kind].read_bytes() == auto.files[kind].read_bytes(), kind
     doc = json.loads(given.files["composition_json"].read_text())
     assert set(doc["regions"]) == {"whole", "right", "left", "upper", "middle", "lower"}
+
+
+def test_survival_baseline_uses_the_same_definitions():
+    """The evaluation's HU-threshold baseline takes LAA-950, MLD and Perc15 from density_indices (its HAA is
+    'above -700 HU', kept for the recorded results)."""
+    from latentharmonize.survival import hu_threshold_features
+
+    rng = np.random.default_rng(5)
+    hu = rng.normal(-850, 120, size=(9, 11, 13)).round().astype(np.int16)
+    lung = rng.random(hu.shape) < 0.7
+    baseline = hu_threshold_features(hu, lung)
+    values = hu[lung]
+    ours = densitometry_table(_image(hu), _image(lung.astype(np.uint8))).set_index("region").loc["whole"]
+    assert baseline["laa950"] == pytest.approx(ours.laa950_pct, rel=1e-12)
+    assert baseline["mld"] == pytest.approx(ours.mld_hu, rel=1e-12)
+    assert baseline["perc15"] == ours.perc15_hu == np.percentile(values.astype(float), 15)
+    assert baseline["haa700"] == pytest.approx(100 * np.mean(values > -700))

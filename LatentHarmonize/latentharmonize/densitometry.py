@@ -37,8 +37,8 @@ def density_indices(values) -> dict:
     if values.size == 0:
         raise InputError("No lung voxels to measure: densitometry needs a non-empty lung region.")
     low, high = HAA_RANGE_HU
-    return {"laa950_pct": 100.0 * np.count_nonzero(values < LAA_THRESHOLD_HU) / values.size,
-            "haa700_250_pct": 100.0 * np.count_nonzero((values >= low) & (values <= high)) / values.size,
+    return {"laa950_pct": 100.0 * (np.count_nonzero(values < LAA_THRESHOLD_HU) / values.size),
+            "haa700_250_pct": 100.0 * (np.count_nonzero((values >= low) & (values <= high)) / values.size),
             "mld_hu": float(values.mean()),
             "perc15_hu": float(np.percentile(values, PERCENTILE))}
 
@@ -53,8 +53,8 @@ def _histogram_indices(counts: np.ndarray, lowest: int) -> dict:
     t = position - k
     a, b = hu[np.searchsorted(np.cumsum(counts), [k, min(k + 1, n - 1)], side="right")]
     low, high = HAA_RANGE_HU
-    return {"laa950_pct": 100.0 * int(counts[hu < LAA_THRESHOLD_HU].sum()) / n,
-            "haa700_250_pct": 100.0 * int(counts[(hu >= low) & (hu <= high)].sum()) / n,
+    return {"laa950_pct": 100.0 * (int(counts[hu < LAA_THRESHOLD_HU].sum()) / n),
+            "haa700_250_pct": 100.0 * (int(counts[(hu >= low) & (hu <= high)].sum()) / n),
             "mld_hu": float(counts @ hu) / n,
             "perc15_hu": float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)}
 
