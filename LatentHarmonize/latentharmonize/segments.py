@@ -29,6 +29,8 @@ def read_segments(path, reference: sitk.Image) -> MaskSegments | None:
     from .composition import REGIONS
 
     path = Path(path)
+    if path.is_dir():
+        return None  # a mask given as a DICOM series folder is taken as lungs only
     image = sitk.ReadImage(str(path))
     values = sitk.GetArrayFromImage(image)
     if values.dtype.kind == "f":
