@@ -68,7 +68,7 @@ class LatentHarmonize(ScriptedLoadableModule):
         self.parent.title = _("LatentHarmonize")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["LatentHarmonize developers"]
+        self.parent.contributors = ["LatentHarmonize Maintainers (LatentHarmonize project)"]
         self.parent.helpText = _(
             "Cluster lung tissue of a chest CT in a latent space where scanner and reconstruction effects "
             "(vendor, kernel, dose, slice thickness) have been rotated out. Click Analyze, review the clusters, "
