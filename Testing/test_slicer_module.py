@@ -539,10 +539,22 @@ def test_every_slicer_call_of_the_module_is_in_the_api_list(module_source):
             ("vtkSlicerTablesLogic", "GetLayoutWithTable"), ("vtkMRMLScriptedModuleNode", "SetParameter"),
             ("slicer.util", "startupEnvironment"), ("slicer.util", "arrayFromSegmentBinaryLabelmap"),
             ("slicer.packaging", "pip_ensure"), ("SegmentStatisticsLogic", "exportToCSVFile")} <= checker.resolved
+    # the calls added for issue 22 are checked too, not skipped
+    assert {("SampleDataLogic", "registerCustomSampleDataSource"), ("ScreenCaptureLogic", "captureImageFromView"),
+            ("vtkMRMLTransformableNode", "GetParentTransformNode"),
+            ("vtkMRMLTransformableNode", "SetAndObserveTransformNodeID"), ("vtkMRMLScene", "IsNodePresent"),
+            ("vtkMRMLScene", "RemoveNode"), ("SegmentStatisticsLogic", "setParameterNode"),
+            ("slicer.util", "updateVolumeFromArray"), ("slicer.util", "loadVolume"),
+            ("vtkMRMLSegmentationNode", "GetNodeReference"), ("vtkMRMLLabelMapVolumeNode", "SetIJKToRASMatrix"),
+            ("vtkMRMLSegmentationNode", "GetReferenceImageGeometryReferenceRole")} <= checker.resolved
     assert len(checker.resolved) > 60
 
 
 GOOD_SNIPPET = '''
+import importlib
+import qt
+import SampleData
+import ScreenCapture
 import slicer
 import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -559,6 +571,11 @@ class Logic(ScriptedLoadableModuleLogic):
         slicer.util.launchConsoleProcess(["x"], blocking=False, completedCallback=print)
         column = vtk.vtkStringArray()
         column.SetName("Region")
+        packaging = importlib.import_module("slicer.packaging")
+        packaging.pip_ensure(["scipy"], skip_packages=["torch"], prompt_install=False)
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(sampleName="x", loadFileType="VolumeFile")
+        ScreenCapture.ScreenCaptureLogic().captureImageFromView(None, "x.png")
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile("x.html"))
         return self.getParameterNode()
 '''
 
@@ -574,6 +591,11 @@ class Logic(ScriptedLoadableModuleLogic):
     ('slicer.util.launchConsoleProcess(["x"]', 'slicer.util.launchProcess(["x"]'),
     ('column.SetName("Region")', 'column.SetTitle("Region")'),
     ("return self.getParameterNode()", "return self.getParameterNod()"),
+    ("skip_packages=[\"torch\"]", "skip_package=[\"torch\"]"),
+    ("packaging.pip_ensure(", "packaging.pip_insure("),
+    ("registerCustomSampleDataSource(sampleName", "registerCustomSampleDataSource(sample_name"),
+    ("captureImageFromView(None", "captureImage(None"),
+    ("qt.QUrl.fromLocalFile(", "qt.QUrl.fromFile("),
     ('display: "vtkMRMLSegmentationDisplayNode" = segmentation.GetDisplayNode()',
      "display = segmentation.GetDisplayNode()"),  # untyped display node: its MRML calls cannot be checked
     ("def show(self, volume: \"vtkMRMLScalarVolumeNode\"):", "def show(self, volume):"),
@@ -878,16 +900,27 @@ class _FakeTimer:
             self.callback()
 
 
+@__import__("contextlib").contextmanager
+def _try_with_error_display(message=None, show=True, waitCursor=False):
+    """slicer.util.tryWithErrorDisplay: shows the error, then re-raises it."""
+    yield
+
+
 def _load_module(monkeypatch, calls=None):
     """Import LatentHarmonize.py against stand-ins for slicer and qt (vtk is the real one)."""
     calls = calls if calls is not None else []
     slicer = types.ModuleType("slicer")
     util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {
+        "__init__": lambda self: None, "addObserver": lambda self, *a: None, "removeObserver": lambda self, *a: None,
+        "removeObservers": lambda self, *a: None})
     util.startupEnvironment = lambda: dict(os.environ)
     util.confirmOkCancelDisplay = lambda text, *a, **k: calls.append(("confirm", text)) or True
     util.arrayFromVTKMatrix = lambda m: np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+    util.tryWithErrorDisplay = _try_with_error_display
     slicer.util = util
+    slicer.app = types.SimpleNamespace(connect=lambda signal, callback: calls.append(("app.connect", signal)),
+                                       testingEnabled=lambda: False)
     for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
         setattr(slicer, name, type(name, (), {}))
     i18n = types.ModuleType("slicer.i18n")
@@ -896,11 +929,14 @@ def _load_module(monkeypatch, calls=None):
     wrapper.parameterNodeWrapper = lambda cls: cls
     wrapper.Choice = wrapper.WithinRange = lambda *args: None
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
         setattr(slm, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (__import__("unittest").TestCase,),
+                                          {"delayDisplay": lambda self, message, *a: calls.append(("delay", message))})
     qt = types.ModuleType("qt")
     qt.QTimer = _FakeTimer
+    qt.QUrl = types.SimpleNamespace(fromLocalFile=lambda path: ("url", path))
+    qt.QDesktopServices = types.SimpleNamespace(openUrl=lambda url: calls.append(("openUrl", url)))
     torch_utils = types.ModuleType("PyTorchUtils")
 
     class PyTorchUtilsLogic:
@@ -930,6 +966,11 @@ for line in sys.stdin:
     if "crash" in request["ct"]:
         raise SystemExit(3)
     if "slow" in request["ct"]:
+        time.sleep(60)
+    if "stubborn" in request["ct"]:
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("LH-PROGRESS 20 encode ignoring SIGTERM", flush=True)
         time.sleep(60)
     print("LH-PROGRESS 100 done results", flush=True)
     if "nolung" in request["ct"]:
@@ -1019,6 +1060,21 @@ def test_worker_ending_without_an_answer_fails_the_analysis(monkeypatch, tmp_pat
     run, finished = _analysis(module, worker, tmp_path, ct="crash.nrrd")
     _wait(lambda: finished, tick=worker._timer.fire)
     assert finished == [3] and "exit code 3" in run.log.failure_message(3) and not worker.alive()
+
+
+def test_cancel_never_waits_for_a_backend_that_ignores_sigterm(monkeypatch, tmp_path, fake_python):
+    """Cancel (and scene close, and exit) run on Slicer's GUI thread: they return at once; the kill of a backend that
+    ignores SIGTERM follows after the grace period, in a thread, and the run still completes as cancelled."""
+    module = _load_module(monkeypatch)
+    worker = _fake_worker(module, fake_python)
+    progress = []
+    run, finished = _analysis(module, worker, tmp_path, ct="stubborn.nrrd", onProgress=progress.append)
+    _wait(lambda: len(progress) == 2, tick=worker._timer.fire)
+    started = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - started < 0.5 and not worker.alive()  # no request can go to a worker being killed
+    _wait(lambda: finished, timeout=20, tick=worker._timer.fire)
+    assert run.cancelled and finished[0] != 0 and worker.process.poll() == -9
 
 
 def test_cancel_kills_the_worker_and_still_reports(monkeypatch, tmp_path, fake_python):
