@@ -466,7 +466,8 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateBackendPanel(self) -> None:
         lines = [f"{name}: {version}" for name, version in self.logic.backendVersions()]
         pn = self._parameterNode
-        lines.append(_("Device: {device}").format(device=pn.device if pn else "auto"))
+        lines.append(_("Device: {device} (auto: the GPU when PyTorch sees one, else the CPU)").format(
+            device=pn.device if pn else "auto"))
         lines.append(_("Backend process: {state}").format(state=self.logic.workerState()))
         self.ui.backendLabel.text = "\n".join(lines)
 
@@ -768,8 +769,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         worker = self.worker
         if worker is None:
             return bridge().worker_state(False, False, 0.0)
-        return bridge().worker_state(worker.alive(), worker.run is not None, time.time() - worker.idleSince,
-                                     preloading=bool(worker.preload))
+        return bridge().worker_state(worker.alive(), worker.run is not None, time.time() - worker.idleSince)
 
     # --- running the backend
 

@@ -666,8 +666,7 @@ def test_dependency_status_reads_metadata_and_checks_the_torch_version():
 def test_worker_state_line():
     assert bridge.worker_state(False, False, 0) == "stopped"
     assert bridge.worker_state(True, True, 5) == "analyzing"
-    assert bridge.worker_state(True, False, 12.4).startswith("ready, idle for 12 s")
-    assert bridge.worker_state(True, False, 1, preloading=True).startswith("loading the model")
+    assert bridge.worker_state(True, False, 12.4) == "running, idle for 12 s (exits after 600 s idle)"
 
 
 def test_report_and_sample_commands(tmp_path):

@@ -364,14 +364,14 @@ def installed_versions(names: Iterable[str], version_of: Optional[Callable[[str]
     return versions
 
 
-def worker_state(alive: bool, busy: bool, idle_s: float, preloading: bool = False) -> str:
-    """One line for the backend panel."""
+def worker_state(alive: bool, busy: bool, idle_s: float) -> str:
+    """One line for the backend panel (the worker does not report when a preload has finished, so it is not
+    claimed)."""
     if not alive:
         return "stopped"
     if busy:
         return "analyzing"
-    state = "loading the model" if preloading else "ready"
-    return f"{state}, idle for {idle_s:.0f} s (exits after {WORKER_IDLE_TIMEOUT_S:.0f} s)"
+    return f"running, idle for {idle_s:.0f} s (exits after {WORKER_IDLE_TIMEOUT_S:.0f} s idle)"
 
 
 # --------------------------------------------------------------------------------------------- geometry and volumes
