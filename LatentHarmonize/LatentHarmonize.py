@@ -303,7 +303,8 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wanted: "vtkMRMLScalarVolumeNode" = pn.confidenceVolume if pn is not None and pn.showConfidence else None
         wantedID = wanted.GetID() if wanted is not None else None
         if pn is not None and pn.confidenceVolume is not None and wantedID != self._confidenceShown:
-            self.logic.showConfidence(pn.inputVolume, pn.confidenceVolume, wanted is not None)
+            background = self.logic.referenceVolume(segmentation) if segmentation is not None else pn.inputVolume
+            self.logic.showConfidence(background, pn.confidenceVolume, wanted is not None)
             self._confidenceShown = wantedID
 
     def _showWarnings(self, warnings) -> None:
@@ -407,17 +408,18 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReportFinished(self, job: "BackgroundCommand") -> None:
         self._report = None
-        if job.returncode != 0:
+        page = bridge().report_page(job.returncode, job.output)
+        if page is None:
             slicer.util.errorDisplay(_("The report could not be created."), detailedText=job.output)
             return
-        page = job.output.strip().splitlines()[-1]
         self.addLog(_("Report: {page}").format(page=page))
-        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(page))
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(page)))
 
     def onScreenshot(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to save the screenshot.")):
+            segmentation = self._parameterNode.resultSegmentation
             path = self.logic.saveScreenshot(self._parameterNode.exportFolder,
-                                             self._parameterNode.resultSegmentation.GetName())
+                                             segmentation.GetName() if segmentation is not None else "views")
             self.addLog(_("Screenshot: {path}").format(path=path))
 
     def onFlag(self) -> None:

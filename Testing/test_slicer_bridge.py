@@ -678,6 +678,11 @@ def test_report_and_sample_commands(tmp_path):
         bridge.report_command(None, tmp_path)
     line = bridge.worker_request(tmp_path / "ct.nrrd", tmp_path / "out")
     assert json.loads(line)["report"] is False  # Slicer runs never need off-screen OpenGL
+    page = tmp_path / "report.html"
+    page.write_text("<html>")
+    assert bridge.report_page(0, f"LH-PROGRESS 50 report qc\n{page}\n") == page
+    assert bridge.report_page(1, f"{page}\n") is None and bridge.report_page(0, "") is None
+    assert bridge.report_page(0, f"{tmp_path / 'missing.html'}\n") is None
 
 
 def test_analysis_record_gives_input_and_warnings(outputs, tmp_path):

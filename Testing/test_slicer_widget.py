@@ -151,7 +151,7 @@ def test_confidence_overlay_follows_a_second_run(monkeypatch):
     shown = []
     monkeypatch.setattr(module.LatentHarmonizeLogic, "showConfidence",
                         staticmethod(lambda background, confidence, show: shown.append((confidence.GetID(), show))))
-    pn = _parameter_node(confidenceVolume=_Node("confidence1"), showConfidence=True)
+    pn = _parameter_node(confidenceVolume=_Node("confidence1"), showConfidence=True, inputVolume=_Node("ct"))
     widget.setParameterNode(pn)
     widget._onParameterNodeModified()  # an unrelated change: the views are left alone
     pn.confidenceVolume = _Node("confidence2")  # the next run's map
@@ -159,6 +159,14 @@ def test_confidence_overlay_follows_a_second_run(monkeypatch):
     pn.showConfidence = False
     widget._onParameterNodeModified()
     assert shown == [("confidence1", True), ("confidence2", True), ("confidence2", False)]
+    backgrounds = []
+    monkeypatch.setattr(module.LatentHarmonizeLogic, "showConfidence",
+                        staticmethod(lambda background, confidence, show: backgrounds.append(background.GetID())))
+    reference = _Node("clustered CT")
+    pn.resultSegmentation = _FakeSegmentationNode("clusters", {}, {"referenceImageGeometryRef": reference})
+    pn.inputVolume, pn.showConfidence = _Node("another CT"), True
+    widget._onParameterNodeModified()
+    assert backgrounds == ["clustered CT"]  # under the map, the CT it belongs to
 
 
 def test_warnings_box_shows_the_stored_warnings(monkeypatch):

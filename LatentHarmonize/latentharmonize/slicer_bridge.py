@@ -87,6 +87,14 @@ def report_command(python_executable, out_dir) -> list:
     return [str(python_executable), "-m", "latentharmonize", "report", str(out_dir)]
 
 
+def report_page(returncode: Optional[int], output: str) -> Optional[Path]:
+    """The page ``latentharmonize report`` wrote (the last line it printed), or None when it failed."""
+    lines = [line.strip() for line in (output or "").splitlines() if line.strip()]
+    if returncode != 0 or not lines or not Path(lines[-1]).is_file():
+        return None
+    return Path(lines[-1])
+
+
 def phantom_sample_command(python_executable, path) -> list:
     """``latentharmonize phantom --sample OUT.nrrd``: one phantom chest CT for Slicer's Sample Data module."""
     if not python_executable:
