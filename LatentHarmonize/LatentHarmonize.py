@@ -64,20 +64,26 @@ def bridge():
     return slicer_bridge
 
 
+def phantomSamplePath() -> pathlib.Path:
+    return pathlib.Path(slicer.app.cachePath) / "LatentHarmonize" / f"{SAMPLE_NAME}.nrrd"
+
+
 def registerSampleData() -> None:
     """Register the phantom chest CT in the Sample Data module, as Slicer's scripted-module template does. Nothing
-    is downloaded: the backend generates the CT on the first click and keeps it in Slicer's cache folder."""
+    is downloaded: the Sample Data button calls ``customDownloader``, which has the backend generate the CT on the
+    first click into Slicer's cache folder; the URI (required by SampleDataSource) names that local file."""
     import SampleData
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="LatentHarmonize", sampleName=SAMPLE_NAME, fileNames=f"{SAMPLE_NAME}.nrrd", nodeNames=SAMPLE_NAME,
-        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "LatentHarmonize.png"), loadFileType="VolumeFile",
+        category="LatentHarmonize", sampleName=SAMPLE_NAME, uris=phantomSamplePath().as_uri(),
+        fileNames=f"{SAMPLE_NAME}.nrrd", nodeNames=SAMPLE_NAME, loadFileType="VolumeFile",
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "LatentHarmonize.png"),
         customDownloader=loadPhantomSample)
 
 
 def loadPhantomSample(source=None) -> "vtkMRMLScalarVolumeNode":
     """Sample Data's button for the phantom: generate it once with the backend (a few seconds), then load it."""
-    path = pathlib.Path(slicer.app.cachePath) / "LatentHarmonize" / f"{SAMPLE_NAME}.nrrd"
+    path = phantomSamplePath()
     if not path.is_file():
         command = bridge().phantom_sample_command(LatentHarmonizeLogic.pythonSlicerExecutable(), path)
         environment = slicer.util.startupEnvironment()
@@ -205,6 +211,8 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Module unloaded or Slicer closing: stop everything without waiting for it."""
         if self._run is not None:
             self._run.cancel()
+            # Slicer may quit before the run's completion, which would delete the CT copy, comes round
+            shutil.rmtree(self._run.inputFolder, ignore_errors=True)
         self.logic.stopWorker()
         self.removeObservers()
 

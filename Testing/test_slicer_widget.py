@@ -243,6 +243,21 @@ def test_closing_the_scene_cancels_the_run_and_loads_nothing(monkeypatch, tmp_pa
     assert widget._run is None and "Analysis cancelled." in widget.ui.statusLabel.lines
 
 
+def test_quitting_during_a_run_removes_the_ct_copy_at_once(monkeypatch, tmp_path, fake_python):
+    module, widget = _widget(monkeypatch)
+    worker = _fake_worker(module, fake_python)
+    from latentharmonize import slicer_bridge as bridge
+
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "slow.nrrd").write_text("ct")
+    run = module.AnalysisRun(worker, bridge.worker_request(tmp_path / "input" / "slow.nrrd", tmp_path / "out"),
+                             tmp_path, "slow", _Node("vtkMRMLScalarVolumeNode1"))
+    run.start()
+    widget._run = run
+    widget.cleanup()  # no timer fires any more: Slicer is quitting
+    assert run.cancelled and not (tmp_path / "input").exists()
+
+
 def test_results_of_a_volume_that_left_the_scene_are_not_loaded(monkeypatch, tmp_path):
     module, widget = _widget(monkeypatch)
     module.slicer.mrmlScene.IsNodePresent = lambda node: False
@@ -354,9 +369,13 @@ def test_sample_data_is_registered_and_generated_by_the_backend(monkeypatch, tmp
     sample_data = types.ModuleType("SampleData")
     sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=registered.update)
     monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.slicer.app.cachePath = str(tmp_path / "cache")
+    expected = tmp_path / "cache" / "LatentHarmonize" / f"{module.SAMPLE_NAME}.nrrd"
     module.registerSampleData()
     assert registered["sampleName"] == module.SAMPLE_NAME and registered["customDownloader"] is module.loadPhantomSample
-    assert Path(registered["thumbnailFileName"]).is_file() and "uris" not in registered  # nothing to download
+    assert Path(registered["thumbnailFileName"]).is_file()
+    # SampleDataSource needs a URI of the same length as fileNames: the local file, nothing from the network
+    assert registered["uris"] == expected.as_uri() and isinstance(registered["fileNames"], str)
 
     script = tmp_path / "phantom.py"
     script.write_text("import pathlib, sys\npathlib.Path(sys.argv[-1]).parent.mkdir(parents=True)\n"
@@ -365,10 +384,8 @@ def test_sample_data_is_registered_and_generated_by_the_backend(monkeypatch, tmp
     python.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/args"\nexec "{sys.executable}" "{script}" "$@"\n')
     python.chmod(0o755)
     monkeypatch.setattr(module.LatentHarmonizeLogic, "pythonSlicerExecutable", staticmethod(lambda: str(python)))
-    module.slicer.app.cachePath = str(tmp_path / "cache")
     module.slicer.util.WaitCursor = contextlib.nullcontext
     module.slicer.util.loadVolume = lambda path, properties: ("volume", path, properties["name"])
-    expected = tmp_path / "cache" / "LatentHarmonize" / f"{module.SAMPLE_NAME}.nrrd"
     assert module.loadPhantomSample() == ("volume", str(expected), module.SAMPLE_NAME)
     assert module.loadPhantomSample()[1] == str(expected)  # generated once, then loaded from the cache
     assert (tmp_path / "args").read_text().splitlines() == [f"-m latentharmonize phantom --sample {expected}"]
