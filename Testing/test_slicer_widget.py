@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from test_slicer_bridge import IJK_TO_RAS, outputs  # noqa: F401  (fixture)
-from test_slicer_module import (_FakeSegment, _FakeSegmentationNode, _FakeVolume, _SceneVolume, _fake_worker,  # noqa: F401
+from test_slicer_module import (_FakeSegmentationNode, _FakeVolume, _SceneVolume, _fake_worker,  # noqa: F401
                                 _load_module, _logic_with_fake_python, _wait, fake_python)
 
 
