@@ -50,7 +50,9 @@ MODEL_ID_ATTRIBUTE = "LatentHarmonize.ModelSHA256"
 WARNINGS_ATTRIBUTE = "LatentHarmonize.Warnings"
 OUTPUT_FOLDER_ATTRIBUTE = "LatentHarmonize.OutputFolder"
 NAME_ATTRIBUTE = "LatentHarmonize.Name"
-# Node reference from the result segmentation to the analysis' lung map (right/left lung labels) in the scene
+# Node references from the result segmentation to the CT the clusters were computed on (kept apart from Slicer's
+# reference geometry role, which the Segment Editor may point at another source volume) and to the analysis' lung map
+CLUSTERED_VOLUME_ROLE = "LatentHarmonizeClusteredVolume"
 LUNGS_REFERENCE_ROLE = "LatentHarmonizeLungRegions"
 SAMPLE_NAME = "LatentHarmonizePhantomChest"
 
@@ -946,6 +948,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         segmentation.SetName(slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} clusters"))
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
         segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), inputVolume.GetID())
+        segmentation.SetNodeReferenceID(CLUSTERED_VOLUME_ROLE, inputVolume.GetID())
         definitions = b.read_segment_definitions(outputs.segmentation)
         segmentation.SetAttribute(OUTPUT_FOLDER_ATTRIBUTE, str(outputs.out_dir))
         segmentation.SetAttribute(NAME_ATTRIBUTE, run.name)
@@ -1055,11 +1058,11 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def referenceVolume(segmentation: "vtkMRMLSegmentationNode") -> "vtkMRMLScalarVolumeNode":
-        volume: "vtkMRMLScalarVolumeNode" = segmentation.GetNodeReference(
-            segmentation.GetReferenceImageGeometryReferenceRole())
+        volume: "vtkMRMLScalarVolumeNode" = segmentation.GetNodeReference(CLUSTERED_VOLUME_ROLE)
         if volume is None:
-            raise ValueError(_("{name} has no reference volume: it was not produced by LatentHarmonize, or its CT "
-                               "was removed from the scene.").format(name=segmentation.GetName()))
+            raise ValueError(_("{name} does not record the CT its clusters were computed on: it was not produced "
+                               "by this version of LatentHarmonize, or that CT was removed from the scene.")
+                             .format(name=segmentation.GetName()))
         return volume
 
     @staticmethod

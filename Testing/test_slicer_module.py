@@ -1428,7 +1428,7 @@ def _result_segmentation(module, outputs, reference):
     lungs = _SceneVolume("vtkMRMLLabelMapVolumeNode1", outputs["lungs"])
     segmentation = _FakeSegmentationNode(
         "chest clusters", {d.segment_id: outputs["labels"] == d.label for d in definitions},
-        {"referenceImageGeometryRef": reference, module.LUNGS_REFERENCE_ROLE: lungs})
+        {module.CLUSTERED_VOLUME_ROLE: reference, module.LUNGS_REFERENCE_ROLE: lungs})
     module.LatentHarmonizeLogic.applySegmentDefinitions(segmentation, definitions)
     segmentation.attributes.update({module.NAME_ATTRIBUTE: "chest", module.MODEL_ID_ATTRIBUTE: "abc123",
                                     module.ORIGINAL_LABELS_ATTRIBUTE: json.dumps([d.label for d in definitions])})
@@ -1525,11 +1525,12 @@ def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
 def test_qc_on_a_foreign_segmentation_says_to_run_analyze(monkeypatch, outputs):
     module = _qc_module(monkeypatch, [])
     reference = _SceneVolume("vtkMRMLScalarVolumeNode1", outputs["ct"])
-    foreign = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1}, {"referenceImageGeometryRef": reference})
+    foreign = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1},
+                                     {module.CLUSTERED_VOLUME_ROLE: reference})
     with pytest.raises(ValueError, match="run Analyze first"):
         module.LatentHarmonizeLogic().recomputeComposition(foreign)
     orphan = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1})
-    with pytest.raises(ValueError, match="has no reference volume"):
+    with pytest.raises(ValueError, match="does not record the CT its clusters were computed on"):
         module.LatentHarmonizeLogic().jumpToLargestRegion(orphan, "a")
 
 
@@ -1623,6 +1624,7 @@ def test_load_results_builds_segmentation_tables_and_maps(monkeypatch, outputs):
     segmentation = results.segmentation
     assert made["loaded"] == str(outputs["out"] / "chest.seg.nrrd") and segmentation.name == "CT chest clusters"
     assert segmentation.references["referenceImageGeometryRef"] == "vtkMRMLScalarVolumeNode1" and made["opacity"] == 0.5
+    assert segmentation.references[module.CLUSTERED_VOLUME_ROLE] == "vtkMRMLScalarVolumeNode1"
     assert {s.name: s.color for s in segmentation.segments.values()} == {d.name: d.color for d in definitions}
     attributes = segmentation.attributes
     assert json.loads(attributes[module.ORIGINAL_LABELS_ATTRIBUTE]) == [1, 2, 3]

@@ -163,7 +163,7 @@ def test_confidence_overlay_follows_a_second_run(monkeypatch):
     monkeypatch.setattr(module.LatentHarmonizeLogic, "showConfidence",
                         staticmethod(lambda background, confidence, show: backgrounds.append(background.GetID())))
     reference = _Node("clustered CT")
-    pn.resultSegmentation = _FakeSegmentationNode("clusters", {}, {"referenceImageGeometryRef": reference})
+    pn.resultSegmentation = _FakeSegmentationNode("clusters", {}, {module.CLUSTERED_VOLUME_ROLE: reference})
     pn.inputVolume, pn.showConfidence = _Node("another CT"), True
     widget._onParameterNodeModified()
     assert backgrounds == ["clustered CT"]  # under the map, the CT it belongs to
@@ -328,7 +328,7 @@ def test_open_report_builds_the_page_in_the_background_then_opens_it(monkeypatch
     module.slicer.util.arrayFromVolume = lambda node: node.array
     shutil.rmtree(outputs["ct_path"].parent)
     reference = _SceneVolume("vtkMRMLScalarVolumeNode1", outputs["ct"])
-    segmentation = _FakeSegmentationNode("clusters", {}, {"referenceImageGeometryRef": reference})
+    segmentation = _FakeSegmentationNode("clusters", {}, {module.CLUSTERED_VOLUME_ROLE: reference})
     segmentation.attributes[module.OUTPUT_FOLDER_ATTRIBUTE] = str(outputs["out"])
     module, widget = _widget(monkeypatch, module)
     widget._parameterNode = _parameter_node(resultSegmentation=segmentation)
