@@ -49,6 +49,7 @@ ORIGINAL_LABELS_ATTRIBUTE = "LatentHarmonize.OriginalLabels"
 MODEL_ID_ATTRIBUTE = "LatentHarmonize.ModelSHA256"
 WARNINGS_ATTRIBUTE = "LatentHarmonize.Warnings"
 OUTPUT_FOLDER_ATTRIBUTE = "LatentHarmonize.OutputFolder"
+MODEL_PATH_ATTRIBUTE = "LatentHarmonize.ModelPath"
 NAME_ATTRIBUTE = "LatentHarmonize.Name"
 # Node references from the result segmentation to the CT the clusters were computed on (kept apart from Slicer's
 # reference geometry role, which the Segment Editor may point at another source volume) and to the analysis' lung map
@@ -413,8 +414,13 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._report is not None:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to create the report.")):
-            self.addLog(_("Creating the report..."))
-            self._report = self.logic.startReport(self._parameterNode.resultSegmentation, self.onReportFinished)
+            segmentation = self._parameterNode.resultSegmentation
+            page = self.logic.existingReport(segmentation)
+            if page is not None:
+                qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(page)))
+                return
+            self.addLog(_("Creating the report (the lung is encoded again for the pictures)..."))
+            self._report = self.logic.startReport(segmentation, self.onReportFinished)
 
     def onReportFinished(self, job: "BackgroundCommand") -> None:
         self._report = None
@@ -637,8 +643,9 @@ class AnalysisRun:
 
     def __init__(self, worker: BackendWorker, request: str, runFolder, name,
                  inputVolume: "vtkMRMLScalarVolumeNode", onLog=None, onProgress=None, onFinished=None,
-                 warnings=()) -> None:
+                 warnings=(), modelPath=None) -> None:
         self.worker = worker
+        self.modelPath = modelPath
         self.request = request
         self.runFolder = pathlib.Path(runFolder)
         self.name = name
@@ -824,7 +831,8 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
             maskPath = b.write_mask(mask, ijkToRAS, runFolder / "input" / "lung_mask.nrrd")
         worker = self.backendWorker(self.workerLaunch())
         request = b.worker_request(inputPath, runFolder / "out", maskPath, modelPath, device)
-        run = AnalysisRun(worker, request, runFolder, name, inputVolume, onLog, onProgress, onFinished, warnings)
+        run = AnalysisRun(worker, request, runFolder, name, inputVolume, onLog, onProgress, onFinished, warnings,
+                          modelPath)
         run.start()
         return run
 
@@ -901,15 +909,25 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
     # --- report and screenshot
 
-    def startReport(self, segmentation: "vtkMRMLSegmentationNode", onFinished) -> BackgroundCommand:
-        """Run ``latentharmonize report`` on the analysis folder of ``segmentation`` in the background. The CT copy
-        the analysis read was deleted after the run; it is written again from the scene for the report's pictures
-        and deleted afterwards."""
-        b = bridge()
+    def analysisFolder(self, segmentation: "vtkMRMLSegmentationNode") -> pathlib.Path:
         folder = segmentation.GetAttribute(OUTPUT_FOLDER_ATTRIBUTE)
         if not folder or not pathlib.Path(folder).is_dir():
             raise ValueError(_("The analysis folder of {name} is gone (it lives in Slicer's temporary folder); run "
                                "Analyze again to get a report.").format(name=segmentation.GetName()))
+        return pathlib.Path(folder)
+
+    def existingReport(self, segmentation: "vtkMRMLSegmentationNode"):
+        """The report.html already built for ``segmentation``'s analysis, or None."""
+        page = bridge().AnalysisOutputs(self.analysisFolder(segmentation),
+                                        segmentation.GetAttribute(NAME_ATTRIBUTE) or "").report_html
+        return page if page.is_file() else None
+
+    def startReport(self, segmentation: "vtkMRMLSegmentationNode", onFinished) -> BackgroundCommand:
+        """Run ``latentharmonize report`` on the analysis folder of ``segmentation`` in the background, with the
+        model bundle of the analysis. The CT copy the analysis read was deleted after the run; it is written again
+        from the scene, byte for byte as before (the report checks its SHA-256), and deleted afterwards."""
+        b = bridge()
+        folder = self.analysisFolder(segmentation)
         ctPath = b.analysis_input_path(folder)
         written = None
         if ctPath is not None and not ctPath.is_file():
@@ -920,8 +938,9 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
             if written is not None:
                 shutil.rmtree(written.parent, ignore_errors=True)
 
-        job = BackgroundCommand(b.report_command(self.pythonSlicerExecutable(), folder), self.backendEnvironment(),
-                                onFinished, cleanup=removeCopy)
+        command = b.report_command(self.pythonSlicerExecutable(), folder,
+                                   segmentation.GetAttribute(MODEL_PATH_ATTRIBUTE) or None)
+        job = BackgroundCommand(command, self.backendEnvironment(), onFinished, cleanup=removeCopy)
         job.start()
         return job
 
@@ -952,6 +971,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         definitions = b.read_segment_definitions(outputs.segmentation)
         segmentation.SetAttribute(OUTPUT_FOLDER_ATTRIBUTE, str(outputs.out_dir))
         segmentation.SetAttribute(NAME_ATTRIBUTE, run.name)
+        segmentation.SetAttribute(MODEL_PATH_ATTRIBUTE, str(run.modelPath or ""))
         segmentation.SetAttribute(ORIGINAL_LABELS_ATTRIBUTE, json.dumps([d.label for d in definitions]))
         segmentation.SetAttribute(MODEL_ID_ATTRIBUTE, b.read_model_id(outputs) or "")
         segmentation.SetAttribute(WARNINGS_ATTRIBUTE, json.dumps(run.warnings + b.read_warnings(outputs.out_dir)))

@@ -671,7 +671,9 @@ def test_worker_state_line():
 
 def test_report_and_sample_commands(tmp_path):
     assert bridge.report_command("/s/PythonSlicer", tmp_path) == ["/s/PythonSlicer", "-m", "latentharmonize", "report",
-                                                                  str(tmp_path)]
+                                                                  str(tmp_path), "--quiet"]
+    assert bridge.report_command("py", tmp_path, tmp_path / "bundle")[-3:] == ["--model", str(tmp_path / "bundle"),
+                                                                               "--quiet"]
     assert bridge.phantom_sample_command("/s/PythonSlicer", tmp_path / "p.nrrd")[-3:] == [
         "phantom", "--sample", str(tmp_path / "p.nrrd")]
     with pytest.raises(InputError, match="PythonSlicer was not found"):

@@ -302,19 +302,21 @@ def test_transformed_input_warns_and_mask_segments_go_as_named_regions(monkeypat
 # ------------------------------------------------------------------------------------------- user features
 
 REPORT_SCRIPT = """
-import json, pathlib, sys
-folder = pathlib.Path(sys.argv[-1])
-ct = pathlib.Path(json.loads((folder / "analysis.json").read_text())["input"])
+import hashlib, json, pathlib, sys
+folder = pathlib.Path(sys.argv[4])
+record = json.loads((folder / "analysis.json").read_text())
+ct = pathlib.Path(record["input"])
+same = ct.is_file() and hashlib.sha256(ct.read_bytes()).hexdigest() == record["input_sha256"]
 page = folder / "report.html"
-page.write_text("CT present" if ct.is_file() else "no CT")
-print("report written")
+page.write_text(("CT as analysed" if same else "CT differs") + " " + " ".join(sys.argv[5:]))
 print(page)
 """
 
 
 def test_open_report_builds_the_page_in_the_background_then_opens_it(monkeypatch, outputs, tmp_path):
-    """The CT copy of the run is gone; the report gets the reference CT from the scene and the copy is removed
-    again afterwards."""
+    """The CT copy of the run is gone; the report (which checks the CT's SHA-256) gets it again from the scene, byte
+    for byte, with the analysis' model bundle; the copy is removed afterwards, and a second click opens the page."""
+    import hashlib
     import shutil
 
     calls = []
@@ -326,10 +328,14 @@ def test_open_report_builds_the_page_in_the_background_then_opens_it(monkeypatch
     python.chmod(0o755)
     monkeypatch.setattr(module.LatentHarmonizeLogic, "pythonSlicerExecutable", staticmethod(lambda: str(python)))
     module.slicer.util.arrayFromVolume = lambda node: node.array
+    record = json.loads((outputs["out"] / "analysis.json").read_text())
+    record["input_sha256"] = hashlib.sha256(outputs["ct_path"].read_bytes()).hexdigest()
+    (outputs["out"] / "analysis.json").write_text(json.dumps(record))
     shutil.rmtree(outputs["ct_path"].parent)
     reference = _SceneVolume("vtkMRMLScalarVolumeNode1", outputs["ct"])
     segmentation = _FakeSegmentationNode("clusters", {}, {module.CLUSTERED_VOLUME_ROLE: reference})
-    segmentation.attributes[module.OUTPUT_FOLDER_ATTRIBUTE] = str(outputs["out"])
+    segmentation.attributes.update({module.OUTPUT_FOLDER_ATTRIBUTE: str(outputs["out"]), module.NAME_ATTRIBUTE: "chest",
+                                    module.MODEL_PATH_ATTRIBUTE: "/bundles/mine"})
     module, widget = _widget(monkeypatch, module)
     widget._parameterNode = _parameter_node(resultSegmentation=segmentation)
 
@@ -338,8 +344,11 @@ def test_open_report_builds_the_page_in_the_background_then_opens_it(monkeypatch
     assert outputs["ct_path"].is_file()  # written again for the report
     _wait(lambda: job.returncode is not None, tick=job._timer.fire)
     page = outputs["out"] / "report.html"
-    assert page.read_text() == "CT present" and ("openUrl", ("url", str(page))) in calls
+    assert page.read_text() == "CT as analysed --model /bundles/mine --quiet"
+    assert calls[-1] == ("openUrl", ("url", str(page)))
     assert not outputs["ct_path"].exists() and widget._report is None
+    widget.onOpenReport()  # built already: opened again, not rebuilt
+    assert widget._report is None and calls[-1] == ("openUrl", ("url", str(page)))
 
     shutil.rmtree(outputs["out"])
     with pytest.raises(ValueError, match="analysis folder of clusters is gone"):

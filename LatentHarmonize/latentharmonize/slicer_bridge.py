@@ -79,12 +79,14 @@ def worker_request(input_path, out_dir, mask_path=None, model_dir=None, device: 
                           device=device_argument(device), report=False, request_id=request_id)
 
 
-def report_command(python_executable, out_dir) -> list:
+def report_command(python_executable, out_dir, model_dir=None) -> list:
     """``latentharmonize report <analysis folder>``: writes report.html (and the QC pictures) into a finished
-    analysis folder and prints the page's path."""
+    analysis folder and prints the page's path (``--quiet``: nothing else). ``model_dir``: the bundle the analysis
+    used, which the report checks and encodes the lung with again."""
     if not python_executable:
         raise InputError("No Python interpreter to run the backend: PythonSlicer was not found next to Slicer.")
-    return [str(python_executable), "-m", "latentharmonize", "report", str(out_dir)]
+    model = ["--model", str(model_dir)] if model_dir else []
+    return [str(python_executable), "-m", "latentharmonize", "report", str(out_dir), *model, "--quiet"]
 
 
 def report_page(returncode: Optional[int], output: str) -> Optional[Path]:
