@@ -178,12 +178,13 @@ def _signals_held():
         yield
         return
     caught = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
         for signum in dict.fromkeys(caught):
             os.kill(os.getpid(), signum)  # the usual handler now runs (KeyboardInterrupt for Ctrl-C)
 
