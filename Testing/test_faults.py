@@ -195,12 +195,12 @@ def test_output_inside_an_input_folder_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- a full disk
 
 
-def _enospc_on_staged_writes(monkeypatch):
-    """Every open for writing inside a staging folder fails as on a full file system."""
+def _disk_full_for(monkeypatch, hit):
+    """Python's opens for writing of the files for which ``hit(path)`` is true fail as on a full file system."""
     real_open = builtins.open
 
     def full_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and STAGING_PREFIX in str(file):
+        if any(c in mode for c in "wax+") and hit(str(file)):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         return real_open(file, mode, *args, **kwargs)
 
@@ -212,7 +212,7 @@ def _enospc_on_staged_writes(monkeypatch):
 def test_full_disk_during_writing(results, scan, bundle_dir, tmp_path, monkeypatch, capsys, overwrite):  # noqa: F811
     out = _folder_with_old_results(results, tmp_path) if overwrite else tmp_path / "out"
     before = _snapshot(out)
-    _enospc_on_staged_writes(monkeypatch)
+    _disk_full_for(monkeypatch, lambda path: STAGING_PREFIX in path)
     code = cli_main(["analyze", str(scan), "--out", str(out), "--model", str(bundle_dir), "--device", "cpu",
                      "--no-report", *(["--overwrite"] if overwrite else [])])
     err = capsys.readouterr().err
@@ -220,15 +220,14 @@ def test_full_disk_during_writing(results, scan, bundle_dir, tmp_path, monkeypat
     assert _snapshot(out) == before and not any(STAGING_PREFIX in p.name for p in tmp_path.rglob("*"))
 
 
-def test_nearly_full_disk_refuses_the_3d_render_instead_of_crashing(scan, bundle_dir, tmp_path, monkeypatch,  # noqa: F811
-                                                                    capsys):
-    """The off-screen render died with SIGSEGV on a full disk; now it is never started there."""
-    real_usage = shutil.disk_usage
-    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4 << 20))
+def test_full_disk_while_writing_the_surfaces(scan, bundle_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """VTK's own writer crashed the process (SIGSEGV, "free(): invalid pointer") when the disk filled while it wrote
+    clusters.vtp, and left the cut file behind: now a clean refusal, and nothing is left."""
+    _disk_full_for(monkeypatch, lambda path: path.endswith("clusters.vtp"))
     out = tmp_path / "out"
     code = cli_main(["analyze", str(scan), "--out", str(out), "--model", str(bundle_dir), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and "is full" in err and "Traceback" not in err
+    assert code == 2 and "disk is full" in err and "Traceback" not in err
     assert not out.exists()
 
 

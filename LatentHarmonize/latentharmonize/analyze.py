@@ -425,13 +425,16 @@ def _write_outputs(pool, staged, files, done: Computed, bundle, progress) -> lis
     step = _scaled(progress, "write")
     step(0, message="segmentation and maps")
     lungs = done.lungs if done.lungs.GetPixelID() == sitk.sitkUInt8 else sitk.Cast(done.lungs, sitk.sitkUInt8)
-    # Writing is mostly gzip compression in C (zlib, ITK), outside the GIL: the files are written side by side,
-    # the largest first.
+    # Writing is mostly gzip compression in C (zlib, ITK), outside the GIL: the segmentation (pynrrd) and the ITK
+    # volumes are written side by side, the largest first. The ITK volumes go one at a time: two ITK NRRD writes
+    # failing at once on a full disk crashed the process (SIGSEGV) instead of raising.
+    def volumes() -> None:
+        for image, kind in ((done.confidence, "confidence"), (done.labels, "labels"), (lungs, "lungs")):
+            write_volume(image, staged.path(files[kind]))
+
     writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), bundle.names,
                           bundle.colors),
-              pool.submit(write_volume, done.confidence, staged.path(files["confidence"])),
-              pool.submit(write_volume, done.labels, staged.path(files["labels"])),
-              pool.submit(write_volume, lungs, staged.path(files["lungs"]))]
+              pool.submit(volumes)]
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
                       done.composition_json)

@@ -60,15 +60,6 @@ def disk_full(path: Path, exc: BaseException) -> OutputError | None:
     return None
 
 
-def require_free_space(folder, margin: int = 2 * DISK_FULL_MARGIN_BYTES) -> None:
-    """OutputError (disk full) unless the disk holding ``folder`` has ``margin`` bytes free: for writers that crash
-    instead of failing cleanly when the disk fills (the off-screen 3D render)."""
-    free = shutil.disk_usage(folder).free
-    if free < margin:
-        raise OutputError(f"The disk holding {folder} is full ({free >> 20} MB free). Free some space or choose a "
-                          "folder on another disk; nothing was published.")
-
-
 # ----------------------------------------------------------------------------- the owner's lock
 
 def _try_lock(fd: int) -> bool:
@@ -96,16 +87,10 @@ def _claim(stage: Path) -> int | None:
     while a lock-less folder is young enough to be one a live run is just creating)."""
     lock = stage / LOCK_FILE
     try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        try:
-            young = time.time() - stage.stat().st_mtime < UNLOCKED_GRACE_S
-        except OSError:
-            return None
-        if young:
+        if not lock.exists() and time.time() - stage.stat().st_mtime < UNLOCKED_GRACE_S:
             return None
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
+    except OSError:  # gone meanwhile, or not ours to tidy (read-only): left alone
         return None
     if _try_lock(fd):
         return fd
@@ -134,7 +119,8 @@ def recover_leftovers(out_dir) -> list:
                 _move_into_place(stage, out_dir, journal)
         finally:
             os.close(fd)
-            shutil.rmtree(stage, ignore_errors=True)
+            if not (stage / JOURNAL_FILE).exists():  # a publication that failed again is kept for the next try
+                shutil.rmtree(stage, ignore_errors=True)
         handled.append(stage)
     return handled
 
@@ -184,9 +170,14 @@ def _signals_held():
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
-        for signum in dict.fromkeys(caught):
-            os.kill(os.getpid(), signum)  # the usual handler now runs (KeyboardInterrupt for Ctrl-C)
+            previous[s] = signal.SIG_DFL if handler is None else handler  # None: a handler set outside Python
+            signal.signal(s, previous[s])
+        for signum in dict.fromkeys(caught):  # what would have happened, now (KeyboardInterrupt for Ctrl-C)
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(signum)
 
 
 # ----------------------------------------------------------------------------- staging

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import require_free_space
-
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500 HU
 PNG_METADATA = {"Software": "LatentHarmonize"}
 MARGIN_MM = 10.0
@@ -198,10 +196,6 @@ def _vtk():
     """The VTK classes used here, imported from their modules (importing ``vtk`` itself loads all of VTK)."""
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # off-screen without X
-    # Mesa caches compiled shaders on disk; on a full disk its failed writes crashed the render (SIGSEGV). The
-    # shaders here are few and compile in milliseconds.
-    os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")
-    os.environ.setdefault("MESA_GLSL_CACHE_DISABLE", "true")
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL render window)
     from types import SimpleNamespace
 
@@ -265,7 +259,9 @@ def cluster_surfaces(labels: np.ndarray, spacing: float, origin: tuple, smooth_i
 def write_vtp(surface, path) -> None:
     """Write surfaces as binary VTK XML PolyData (LZ4-compressed: fast); any VTK viewer, Slicer reads it as LPS."""
     writer = _vtk().vtkXMLPolyDataWriter()
-    writer.WriteToOutputStringOn()  # VTK serialises; Python writes, so a full disk raises a clean OSError
+    # VTK serialises, Python writes: VTK's own file writing crashed the process (SIGSEGV, "free(): invalid pointer")
+    # when the disk filled up, where Python raises a clean OSError.
+    writer.WriteToOutputStringOn()
     writer.SetInputData(surface)
     writer.SetDataModeToBinary()
     writer.SetCompressorTypeToLZ4()
@@ -277,10 +273,8 @@ def write_vtp(surface, path) -> None:
 def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: int | None = None) -> np.ndarray:
     """Render the surfaces off-screen seen from the front (patient's right on the left); write PNG, return RGB.
 
-    ``translucent_label`` (usually the largest cluster) is drawn at low opacity so the others show through. Refused
-    (OutputError) before any rendering when the disk is nearly full: the off-screen render crashed outright there.
+    ``translucent_label`` (usually the largest cluster) is drawn at low opacity so the others show through.
     """
-    require_free_space(Path(path).parent)
     vtk = _vtk()
     window = vtk.vtkRenderWindow()
     window.SetOffScreenRendering(1)
