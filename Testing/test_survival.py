@@ -203,3 +203,18 @@ def test_scans_of_one_patient_with_different_outcomes_are_refused():
     comp["time"], comp["event"] = 1.0 + np.arange(len(comp)), 1  # the two scans of a patient disagree on the time
     with pytest.raises(InputError, match="more than once in the composition table"):
         patient_table(comp, None, composition_features(comp))
+
+
+def test_a_pipe_as_the_composition_table_is_refused_without_hanging(tmp_path, capsys):
+    import os
+
+    import threading
+
+    os.mkfifo(tmp_path / "composition.csv")
+    codes = []
+    run = threading.Thread(target=lambda: codes.append(main(["survival", str(tmp_path / "composition.csv"), "--out",
+                                                             str(tmp_path / "report")])), daemon=True)
+    run.start()
+    run.join(30)
+    assert codes == [2], "refused at once, not waiting for a writer"
+    assert "is not a file" in capsys.readouterr().err

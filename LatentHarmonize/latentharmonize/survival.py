@@ -378,6 +378,8 @@ def survival_report(table: pd.DataFrame, features: Sequence[str], covariates: Se
 
 
 def _read_csv(path, what: str) -> pd.DataFrame:
+    if Path(path).exists() and not Path(path).is_file():  # stat only: reading a FIFO would wait forever
+        raise InputError(f"{what} {path} is not a file (a folder, pipe or device); give a CSV file.")
     try:
         return pd.read_csv(path)
     except FileNotFoundError:

@@ -159,6 +159,8 @@ def bundle_fingerprint(model) -> Optional[tuple]:
     digest = hashlib.sha256()
     try:
         for name in (MANIFEST, *DATA_FILES):
+            if not (folder / name).is_file():  # missing, or a pipe that would block the read
+                return None
             digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
     except OSError:
         return None
