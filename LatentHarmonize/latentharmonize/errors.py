@@ -47,7 +47,9 @@ def os_error_message(exc: OSError, what: str) -> str:
         return (f"The disk is full: {what} failed{where}. Free some space or choose a folder on another disk; "
                 "nothing was published.")
     if exc.errno == errno.ENAMETOOLONG:
-        return f"A path is too long for the file system: {what} failed. Use a shorter folder or file name."
+        name = str(exc.filename or "")
+        shown = f" ({len(name)} characters: {name[:60]}...)" if name else ""
+        return f"A path is too long for the file system{shown}. Use a shorter folder or file name."
     return f"{what} failed: {exc.strerror or exc}{where}. Check the path and its permissions."
 
 
