@@ -12,7 +12,7 @@ made from it:
   abdomen remain (an abdominal CT).
 
 The reference is a careful threshold segmentation of the whole scan, independent of the automatic mask: air (below
--400 HU, padding aside) not connected in-plane to the image border, its 3D components of at least 10 % of the
+-400 HU, padding aside) not connected in-plane to the image border (directly or through the padding), its 3D components of at least 10 % of the
 largest (the lungs, with trachea and main bronchi), holes filled slice by slice (vessels). Every other air region
 inside the body of at least 1 mL is gas (stomach, bowel, oesophagus). Crops of the reference are the reference of the
 crops. For each case the script prints the automatic mask's volume against the reference, Dice, the mL of gas it
@@ -40,12 +40,12 @@ IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0)
 def reference(ct: sitk.Image) -> tuple:
     """(lung, gas) boolean [z, y, x] arrays of a whole-chest scan (see the module docstring)."""
     hu = sitk.GetArrayViewFromImage(ct)
-    air = (hu < AIR_HU) & (hu > PAD_HU)
-    inside = np.zeros_like(air)
-    for k in range(air.shape[0]):  # slice by slice: a full-size 3D label image of all air would be large
-        labels, _ = ndimage.label(air[k])
+    low = hu < AIR_HU  # air, and the padding outside the reconstruction circle that joins it to the border
+    inside = np.zeros_like(low)
+    for k in range(low.shape[0]):  # slice by slice: a full-size 3D label image of all air would be large
+        labels, _ = ndimage.label(low[k])
         border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        inside[k] = (labels > 0) & ~np.isin(labels, border)
+        inside[k] = (labels > 0) & ~np.isin(labels, border) & (hu[k] > PAD_HU)
     labels, _ = ndimage.label(inside)
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
     volumes = np.bincount(labels.ravel())[1:] * voxel_ml
@@ -114,13 +114,15 @@ def check(path: str, args) -> None:
         mask = sitk.GetArrayViewFromImage(found.lungs) > 0
         volume = lung_volumes_ml(found.lungs)
         try:
-            warnings = [w["code"] for w in assess_mask(found.lungs, part, found.excluded_air_ml).warnings]
+            assessment = assess_mask(found.lungs, part, found.excluded_air_ml)
+            warnings = [w["code"] for w in assessment.warnings]
+            warnings.append(f"lungs fill {100 * assessment.body_fraction:.0f} % of the body")
         except LatentHarmonizeError as error:
             warnings = [f"refused: {error}"]
         print(f"  {name:<6} reference {ref_ml:6.0f} mL, mask {volume['total']:6.0f} mL ({volume['right']:.0f} R, "
               f"{volume['left']:.0f} L), {100 * (volume['total'] / ref_ml - 1):+5.1f} %, Dice {dice(mask, ref):.3f}, "
               f"gas labelled lung {np.count_nonzero(mask & gas_part) * voxel_ml:.1f} mL, gas left out "
-              f"{found.excluded_air_ml:.0f} mL, {seconds:.1f} s; warnings: {', '.join(warnings) or 'none'}")
+              f"{found.excluded_air_ml:.0f} mL, {seconds:.1f} s; {'; '.join(warnings)}")
         if args.png:
             Path(args.png).mkdir(parents=True, exist_ok=True)
             coronal_png(part, mask, ref, Path(args.png) / f"{Path(path).stem}_{name}.png")
