@@ -417,3 +417,32 @@ def test_real_chest_ct_mask_and_sides():
     assert dice(labels == 2, (region >= 9) & (region <= 11)) >= 0.97
     codes = _warning_codes(found.lungs, ct, found.excluded_air_ml)
     assert not {"implausible_volume", "unequal_lungs", "fov_cut"} & set(codes)
+
+
+# --- the warnings reach analysis.json, the CLI summary and the report --------------------------------------------
+
+def test_analyze_publishes_warnings(tmp_path, capsys):
+    """A scan whose field of view cuts the lungs still gets its results, with the warnings in analysis.json, the CLI
+    summary and report.html; a clean scan gets an empty list."""
+    import json
+
+    from latentharmonize.cli import main
+    from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
+
+    for variant in ("cropped", "chest"):
+        scan = tmp_path / f"{variant}.nrrd"
+        sitk.WriteImage(acquire(make_patient(0, seed=0, variant=variant), DEFAULT_ACQUISITIONS[0]), str(scan), True)
+        assert main(["analyze", str(scan), "--out", str(tmp_path / variant), "--device", "cpu"]) == 0
+        printed = capsys.readouterr().out
+        record = json.loads((tmp_path / variant / "analysis.json").read_text())
+        report = (tmp_path / variant / "report.html").read_text()
+        codes = [w["code"] for w in record["warnings"]]
+        if variant == "chest":
+            assert codes == [] and "Warning" not in printed and "Check before use" not in report
+            continue
+        assert codes == ["fov_cut", "air_excluded"]
+        assert record["lung_mask"]["fov_cut_slices"] and record["lung_mask"]["excluded_air_ml"] > 40
+        for warning in record["warnings"]:
+            assert set(warning) == {"code", "message"} and warning["message"].endswith(".")
+            assert f"Warning ({warning['code']}): {warning['message']}" in printed
+            assert warning["code"] in report and "Check before use" in report

@@ -87,12 +87,13 @@ def _payload(dv: DisplayVolumes, clusters: list) -> str:
 
 
 def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dict | None = None,
-                 pictures: dict | None = None) -> str:
+                 pictures: dict | None = None, warnings: list | None = None) -> str:
     """The report page as HTML text.
 
     ``composition``: the parsed ``composition.json`` document (clusters with names and colours, regions);
     ``details``: short facts shown in the header (model id, lung volumes...); ``pictures``: ``{caption: png
-    bytes}`` embedded at the end (3D view, patch gallery).
+    bytes}`` embedded at the end (3D view, patch gallery); ``warnings``: ``analysis.json``'s warnings
+    (``{code, message}``), shown in a box above everything else.
     """
     clusters = [{"label": c["label"], "name": c["name"], "color": _hex(c["color"]) if c.get("color") else "#888888"}
                 for c in composition["clusters"]]
@@ -104,7 +105,9 @@ def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dic
     figures = "".join(
         f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, png in (pictures or {}).items())
-    parts = {"TITLE": html.escape(title), "FACTS": facts, "TOGGLES": toggles, "FIGURES": figures,
+    notes = "".join(f"<li><b>{html.escape(w['code'])}</b>: {html.escape(w['message'])}</li>" for w in warnings or [])
+    parts = {"TITLE": html.escape(title), "FACTS": facts,
+             "WARNINGS": f"<div class='warnings'><b>Check before use</b><ul>{notes}</ul></div>" if notes else "", "TOGGLES": toggles, "FIGURES": figures,
              "TABLE": composition_table_html(composition), "BARS": composition_bars_svg(composition),
              "DATA": _payload(dv, clusters)}
     # one pass, so text inserted for one placeholder is never scanned for another
@@ -126,10 +129,11 @@ table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding
 td:nth-child(2){text-align:left} .bar-label{font-size:12px}
 figure{display:inline-block;margin:1em 1em 0 0} figure img{max-width:520px}
 #status{color:#a00}
+.warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0;max-width:60em}
 </style></head>
 <body>
 <h1>LatentHarmonize – %TITLE%</h1>
-<dl>%FACTS%</dl>
+%WARNINGS%<dl>%FACTS%</dl>
 <div class="viewer">
  <canvas id="view" width="1" height="1"></canvas>
  <div class="controls">
