@@ -338,7 +338,7 @@ def test_gas_below_the_lungs_is_not_lung(chest):
     assert _warning_codes(found.lungs, image, found.excluded_air_ml) == ["air_excluded"]
 
 
-def test_unequal_lungs_and_cut_ends_are_reported(chest):
+def test_implausible_unequal_and_cut_lungs_are_reported(chest):
     ct, truth, _ = chest
     labels = _arr(truth)
     labels[labels == 2] *= (np.arange(labels.shape[0]) > 40)[:, None, None].repeat(labels.shape[1], 1).repeat(
@@ -346,6 +346,9 @@ def test_unequal_lungs_and_cut_ends_are_reported(chest):
     assert "unequal_lungs" in _warning_codes(_as_image(labels, truth), ct)
     top = (slice(0, 40), slice(None), slice(None))  # the scan stops mid-lung
     assert _warning_codes(_crop(truth, top), _crop(ct, top)) == ["incomplete_coverage"]
+    x = np.arange(labels.shape[2])
+    thin = _arr(truth) * ((np.abs(x - 52) < 2) | (np.abs(x - 148) < 2))  # 5 mm of each lung: 4 % of the body
+    assert _warning_codes(_as_image(thin.astype(np.uint8), truth), ct) == ["implausible_volume"]
 
 
 def test_impossible_masks_are_refused(chest):
@@ -376,7 +379,8 @@ def test_phantom_variants(variant, patient_index):
         found = segment_lungs_detailed(ct)
         labels = _arr(found.lungs)
         voxel_ml = np.prod(ct.GetSpacing()) / 1000.0
-        print(f"phantom {variant}, patient {patient_index}, {ct.GetSpacing()[2]} mm: Dice {dice(labels > 0, lung):.4f}, "
+        print(f"phantom {variant}, patient {patient_index}, {ct.GetSpacing()[2]} mm: "
+              f"Dice {dice(labels > 0, lung):.4f}, "
               f"lung {lung.sum() * voxel_ml:.0f} mL, gas {gas.sum() * voxel_ml:.0f} mL, "
               f"excluded {found.excluded_air_ml:.0f} mL")
         assert gas.sum() * voxel_ml > 40, "test setup: the variant holds gas"
@@ -410,11 +414,11 @@ def test_real_chest_ct_mask_and_sides():
     region = _arr(sitk.ReadImage(str(REAL_CT / "cip-lm-64.nrrd"))) & 255
     found = segment_lungs_detailed(ct)
     labels = _arr(found.lungs)
-    print(f"real CT: Dice {dice(labels > 0, whole):.4f}, right {dice(labels == 1, (region >= 12) & (region <= 14)):.4f}, "
-          f"left {dice(labels == 2, (region >= 9) & (region <= 11)):.4f}")
+    right, left = (region >= 12) & (region <= 14), (region >= 9) & (region <= 11)
+    print(f"real CT: Dice {dice(labels > 0, whole):.4f}, right {dice(labels == 1, right):.4f}, "
+          f"left {dice(labels == 2, left):.4f}")
     assert dice(labels > 0, whole) >= 0.98
-    assert dice(labels == 1, (region >= 12) & (region <= 14)) >= 0.97
-    assert dice(labels == 2, (region >= 9) & (region <= 11)) >= 0.97
+    assert dice(labels == 1, right) >= 0.97 and dice(labels == 2, left) >= 0.97
     codes = _warning_codes(found.lungs, ct, found.excluded_air_ml)
     assert not {"implausible_volume", "unequal_lungs", "fov_cut"} & set(codes)
 

@@ -12,8 +12,9 @@ made from it:
   abdomen remain (an abdominal CT).
 
 The reference is a careful threshold segmentation of the whole scan, independent of the automatic mask: air (below
--400 HU, padding aside) not connected in-plane to the image border (directly or through the padding), its 3D components of at least 10 % of the
-largest (the lungs, with trachea and main bronchi), holes filled slice by slice (vessels). Every other air region
+-400 HU, padding aside) not connected in-plane to the image border (directly or through the padding), its 3D
+components of at least 10 % of the largest (the lungs, with trachea and main bronchi), holes filled slice by slice
+(vessels). Every other air region
 inside the body of at least 1 mL is gas (stomach, bowel, oesophagus). Crops of the reference are the reference of the
 crops. For each case the script prints the automatic mask's volume against the reference, Dice, the mL of gas it
 labels lung, and the warnings of ``assess_mask``. With ``--png DIR`` it also writes a coronal picture per case.
