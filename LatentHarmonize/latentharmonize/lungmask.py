@@ -184,7 +184,11 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
     if np.count_nonzero(reaching) >= 1000:  # a field of view cropped to the body shows little air around it
         values = hu[reaching]
         level = float(np.clip(np.median(values[:: max(1, values.size // 200_000)]), *AIR_LEVEL_HU))
-    core = ndimage.binary_erosion(air, _IN_PLANE)
+    core = air.copy()  # in-plane erosion by one pixel; numpy shifts cost a fraction of ndimage's erosion here
+    core[:, 1:] &= air[:, :-1]
+    core[:, :-1] &= air[:, 1:]
+    core[:, :, 1:] &= air[:, :, :-1]
+    core[:, :, :-1] &= air[:, :, 1:]
     counts = np.bincount(labels[core], minlength=n + 1)
     means = np.bincount(labels[core], weights=hu[core], minlength=n + 1) / np.maximum(counts, 1)
     inside_share = np.bincount(labels[enclosed], minlength=n + 1) / np.maximum(np.bincount(labels.ravel()), 1)
@@ -465,14 +469,16 @@ def assess_mask(lungs: sitk.Image, ct: sitk.Image, excluded_air_ml: float = 0.0)
         raise InputError(f"The lung mask holds {volumes['total'] / 1000:.1f} L, more than any lung "
                          f"({MAX_LUNG_ML / 1000:.0f} L): it is not a lung mask of this scan. Check the mask, or "
                          "leave it out for automatic segmentation.")
-    box = mask_box(labels)
-    median = float(np.median(hu[box][labels[box] > 0]))
+    z, y, x = mask_box(labels)
+    sample = (slice(z.start, z.stop, 2), slice(y.start, y.stop, 2), slice(x.start, x.stop, 2))  # plenty for a median
+    median = float(np.median(hu[sample][labels[sample] > 0])) if np.any(labels[sample]) else -1000.0
     if median > MAX_MASK_MEDIAN_HU:
         raise InputError(f"The lung mask marks tissue of median {median:.0f} HU, not air-filled lung (about -850 HU): "
                          "it does not belong to this scan or marks something else. Check the mask.")
     found = MaskAssessment(excluded_air_ml=float(excluded_air_ml))
-    found.body_fraction = _body_fraction(lungs, ct)
-    found.fov_cut_slices = _fov_cut_slices(labels > 0, hu, lungs.GetSpacing())
+    coarse_hu, coarse_lung, coarse_mm = _coarse(lungs, ct)
+    found.body_fraction = _body_fraction(coarse_hu, coarse_lung)
+    found.fov_cut_slices = _fov_cut_slices(labels, coarse_hu, coarse_lung, lungs.GetSpacing(), coarse_mm)
     warn = found.warnings.append
     lo, hi = BODY_FRACTION
     if not lo <= found.body_fraction <= hi or volumes["total"] > 0.8 * MAX_LUNG_ML:
@@ -506,15 +512,21 @@ def assess_mask(lungs: sitk.Image, ct: sitk.Image, excluded_air_ml: float = 0.0)
     return found
 
 
-def _body_fraction(lungs: sitk.Image, ct: sitk.Image) -> float:
-    """Lung volume over body volume, on the slices (last index) holding lung, on a coarse copy. The body of a slice
-    is its tissue and lung with their enclosed holes filled (gas included, air around the body not)."""
+def _coarse(lungs: sitk.Image, ct: sitk.Image) -> tuple:
+    """CT averaged in-plane to about CHECK_SPACING_MM (slices kept) and the lung mask sampled at the centres of its
+    pixels: HU and boolean lung [k, j, i] arrays, and the coarse pixel size (i, j) in mm."""
     factors = [max(1, int(round(CHECK_SPACING_MM / s))) for s in ct.GetSpacing()[:2]] + [1]
     hu = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors))
-    lung = sitk.GetArrayFromImage(sitk.BinShrink(sitk.Cast(lungs > 0, sitk.sitkFloat32), factors)) >= 0.5
+    fi, fj = factors[:2]
+    lung = sitk.GetArrayViewFromImage(lungs)[:, fj // 2::fj, fi // 2::fi][:, :hu.shape[1], :hu.shape[2]] > 0
+    return hu, lung, [s * f for s, f in zip(ct.GetSpacing()[:2], factors)]
+
+
+def _body_fraction(hu: np.ndarray, lung: np.ndarray) -> float:
+    """Lung volume over body volume, on the slices holding lung. The body of a slice is its tissue and lung with
+    their enclosed holes filled (gas included, air around the body not)."""
     slices = lung.any(axis=(1, 2))
-    tissue = (hu[slices] >= AIR_HU) | lung[slices]
-    body = ndimage.binary_fill_holes(tissue, _IN_PLANE)
+    body = ndimage.binary_fill_holes((hu[slices] >= AIR_HU) | lung[slices], _IN_PLANE)
     return float(np.count_nonzero(lung[slices]) / max(1, np.count_nonzero(body)))
 
 
@@ -525,23 +537,12 @@ def _cut_ends(labels: np.ndarray, spacing) -> list:
             if np.count_nonzero(labels[k]) * pixel_mm2 >= EDGE_AREA_MM2]
 
 
-def _fov_cut_slices(lung: np.ndarray, hu: np.ndarray, spacing) -> list:
-    """Slices (last index) where the lungs touch the in-plane image border or the padding outside the reconstruction
-    circle along at least FOV_CONTACT_MM."""
-    box = mask_box(lung)
-    z, y, x = box
-    crop, pad = lung[box], hu[box] < PAD_HU
-    contact = np.zeros(crop.shape[0])
-    for axis, size, step in ((1, lung.shape[1], spacing[0]), (2, lung.shape[2], spacing[1])):
-        lo, hi = (y.start, y.stop) if axis == 1 else (x.start, x.stop)
-        first, last = [slice(None)] * 3, [slice(None)] * 3
-        first[axis], last[axis] = 0, -1
-        if lo == 0:
-            contact += np.count_nonzero(crop[tuple(first)], axis=1) * step
-        if hi == size:
-            contact += np.count_nonzero(crop[tuple(last)], axis=1) * step
-        ahead, behind = [slice(None)] * 3, [slice(None)] * 3
-        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
-        touching = (crop[tuple(ahead)] & pad[tuple(behind)]) | (crop[tuple(behind)] & pad[tuple(ahead)])
-        contact += touching.sum(axis=(1, 2)) * step
-    return [int(k) + z.start for k in np.flatnonzero(contact >= FOV_CONTACT_MM)]
+def _fov_cut_slices(labels: np.ndarray, coarse_hu: np.ndarray, coarse_lung: np.ndarray, spacing, coarse_mm) -> list:
+    """Slices (last index) where the lungs touch the in-plane image border (full resolution) or the padding
+    outside the reconstruction circle (coarse copy) along at least FOV_CONTACT_MM."""
+    contact = (np.count_nonzero(labels[:, 0, :], axis=1) + np.count_nonzero(labels[:, -1, :], axis=1)) * spacing[0]
+    contact = contact + (np.count_nonzero(labels[:, :, 0], axis=1)
+                         + np.count_nonzero(labels[:, :, -1], axis=1)) * spacing[1]
+    padding = ndimage.binary_dilation(coarse_hu < PAD_HU, _IN_PLANE)
+    contact = contact + np.count_nonzero(coarse_lung & padding, axis=(1, 2)) * min(coarse_mm)
+    return [int(k) for k in np.flatnonzero(contact >= FOV_CONTACT_MM)]
