@@ -166,8 +166,9 @@ def outside_air(air: np.ndarray) -> np.ndarray:
 def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2: float) -> tuple:
     """(outside, air level): the air around the body, and the HU of air in this scan.
 
-    The body of a slice is its largest in-plane tissue region (the table and blankets lie apart from it), and its
-    outline holds every pixel with body on both sides of it along its row or along its column. An in-plane air
+    The body of a slice is its largest in-plane region of tissue (the table and blankets lie apart from it), with
+    any other at least a third its size. Its outline holds every pixel with body on both sides of it along its row
+    or along its column. An in-plane air
     region lying wholly inside the outline is inside the body (lungs, gas). One reaching beyond it is the air
     around the body, unless it is a lung cut by the field of view: most of its pixels are inside the outline
     (chest wall in front of and behind the cut, mediastinum beside it) and its core (one pixel in from its edge,
@@ -176,7 +177,7 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
     the face the airway joins the outside air through the nose and mouth; neither may turn the lungs into
     'outside'.
     """
-    body = _largest_per_slice(tissue)
+    body = _body_per_slice(tissue)
     labels, n = ndimage.label(air, _IN_PLANE)
     enclosed = air & (_between(body, axis=1) | _between(body, axis=2))
     reaching = air & ~enclosed
@@ -198,18 +199,21 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
     return np.isin(labels, ids), level
 
 
-def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
-    """The largest in-plane connected region of ``mask`` in each slice."""
+def _body_per_slice(mask: np.ndarray) -> np.ndarray:
+    """The in-plane connected regions of ``mask`` holding at least a third of the largest one in their slice: the
+    body, in one piece or cut in two (bronchi joining both lungs cut by the field of view split the mediastinum
+    into a front and a back part), but not the table."""
     labels, n = ndimage.label(mask, _IN_PLANE)
     if n == 0:
         return mask.copy()
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    # labels are numbered slice after slice: those of slice z run from the previous slice's maximum + 1
+    # labels are numbered slice after slice: those of slice z run up to the running maximum of the slices' labels
     last = np.maximum.accumulate(labels.reshape(labels.shape[0], -1).max(axis=1))
-    first = np.concatenate([[1], last[:-1] + 1])
-    keep = [lo + int(np.argmax(sizes[lo:hi + 1])) for lo, hi in zip(first, last) if hi >= lo]
-    return np.isin(labels, keep)
+    slice_of = np.searchsorted(last, np.arange(n + 1))
+    largest = np.zeros(labels.shape[0] + 1)
+    np.maximum.at(largest, slice_of, sizes)
+    return (sizes >= largest[slice_of] / 3.0)[labels] & mask
 
 
 def _between(mask: np.ndarray, axis: int) -> np.ndarray:
