@@ -37,6 +37,7 @@ AIR_HU = -400.0               # between lung (about -850 HU) and fat/soft tissue
 PAD_HU = -1200.0              # below any air: padding outside the reconstruction circle (-2000, -3024 ...)
 GAS_MARGIN_HU = 40.0          # air whose core is within this of outside air's level holds no lung tissue: gas
 AIR_LEVEL_HU = (-1030.0, -970.0)  # plausible HU of air (vendor calibration); -1000 when no outside air is seen
+BODY_PART = 0.2              # a tissue region this share of a slice's largest is body too (the table is smaller)
 MIN_JUDGED_ML = 1.0           # smaller air pockets are neither judged nor counted as excluded gas
 WORK_SPACING_MM = 2.0         # voxel size of the working copy
 CLOSING_RADIUS_MM = 12.0      # rolling ball: takes in subpleural consolidation, fibrosis and juxtapleural nodules
@@ -167,7 +168,7 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
     """(outside, air level): the air around the body, and the HU of air in this scan.
 
     The body of a slice is its largest in-plane region of tissue (the table and blankets lie apart from it), with
-    any other at least a third its size. Its outline holds every pixel with body on both sides of it along its row
+    any other at least BODY_PART its size. Its outline holds every pixel with body on both sides of it along its row
     or along its column. An in-plane air
     region lying wholly inside the outline is inside the body (lungs, gas). One reaching beyond it is the air
     around the body, unless it is a lung cut by the field of view: most of its pixels are inside the outline
@@ -200,7 +201,7 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
 
 
 def _body_per_slice(mask: np.ndarray) -> np.ndarray:
-    """The in-plane connected regions of ``mask`` holding at least a third of the largest one in their slice: the
+    """The in-plane connected regions of ``mask`` holding at least BODY_PART of the largest one in their slice: the
     body, in one piece or cut in two (bronchi joining both lungs cut by the field of view split the mediastinum
     into a front and a back part), but not the table."""
     labels, n = ndimage.label(mask, _IN_PLANE)
@@ -213,7 +214,7 @@ def _body_per_slice(mask: np.ndarray) -> np.ndarray:
     slice_of = np.searchsorted(last, np.arange(n + 1))
     largest = np.zeros(labels.shape[0] + 1)
     np.maximum.at(largest, slice_of, sizes)
-    return (sizes >= largest[slice_of] / 3.0)[labels] & mask
+    return (sizes >= BODY_PART * largest[slice_of])[labels] & mask
 
 
 def _between(mask: np.ndarray, axis: int) -> np.ndarray:
