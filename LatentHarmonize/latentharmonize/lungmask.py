@@ -168,15 +168,14 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
     """(outside, air level): the air around the body, and the HU of air in this scan.
 
     The body of a slice is its largest in-plane region of tissue (the table and blankets lie apart from it), with
-    any other at least BODY_PART its size. Its outline holds every pixel with body on both sides of it along its row
-    or along its column. An in-plane air
-    region lying wholly inside the outline is inside the body (lungs, gas). One reaching beyond it is the air
-    around the body, unless it is a lung cut by the field of view: most of its pixels are inside the outline
-    (chest wall in front of and behind the cut, mediastinum beside it) and its core (one pixel in from its edge,
-    away from partial volume) covers 1 cm^2 at the density of lung, more than GAS_MARGIN_HU above air.
-    Connectivity is in-plane only: the trachea leaves the volume through the top slice, and in scans reaching
-    the face the airway joins the outside air through the nose and mouth; neither may turn the lungs into
-    'outside'.
+    any other at least BODY_PART its size. Its outline holds every pixel with body on both sides of it along its
+    row or along its column. An in-plane air region lying wholly inside the outline is inside the body (lungs,
+    gas). One reaching beyond it is the air around the body, unless it is a lung cut by the field of view: most of
+    its pixels are inside the outline (chest wall in front of and behind the cut, mediastinum beside it) and its
+    core (one pixel in from its edge, away from partial volume) covers 1 cm^2 at the density of lung, more than
+    GAS_MARGIN_HU above air. Connectivity is in-plane only: the trachea leaves the volume through the top slice,
+    and in scans reaching the face the airway joins the outside air through the nose and mouth; neither may turn
+    the lungs into 'outside'.
     """
     body = _body_per_slice(tissue)
     labels, n = ndimage.label(air, _IN_PLANE)
@@ -195,7 +194,8 @@ def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2:
     means = np.bincount(labels[core], weights=hu[core], minlength=n + 1) / np.maximum(counts, 1)
     inside_share = np.bincount(labels[enclosed], minlength=n + 1) / np.maximum(np.bincount(labels.ravel()), 1)
     ids = np.unique(labels[reaching])
-    cut_lung = (inside_share[ids] >= 0.5) & (counts[ids] * pixel_mm2 >= 100.0) & (means[ids] >= level + GAS_MARGIN_HU)
+    cut_lung = ((inside_share[ids] >= 0.5) & (counts[ids] * pixel_mm2 >= 100.0)
+                & (means[ids] >= level + GAS_MARGIN_HU))
     ids = ids[(ids > 0) & ~cut_lung]
     return np.isin(labels, ids), level
 
