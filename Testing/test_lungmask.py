@@ -443,6 +443,15 @@ def test_analyze_publishes_warnings(tmp_path, capsys):
         codes = [w["code"] for w in record["warnings"]]
         if variant == "chest":
             assert codes == [] and "Warning" not in printed and "Check before use" not in report
+            # a mask that marks the body wall instead of the lungs is refused: exit 2, a message, nothing written
+            ct = sitk.ReadImage(str(scan))
+            wall = _as_image((_arr(ct) > -200) & (sitk.GetArrayFromImage(sitk.ReadImage(
+                str(tmp_path / variant / "chest_lungs.nrrd"))) == 0), ct)
+            sitk.WriteImage(wall, str(tmp_path / "wall.nrrd"))
+            code = main(["analyze", str(scan), "--out", str(tmp_path / "refused"), "--mask", str(tmp_path / "wall.nrrd"),
+                         "--device", "cpu"])
+            assert code == 2 and "not air-filled lung" in capsys.readouterr().err
+            assert not (tmp_path / "refused").exists()
             continue
         assert codes == ["fov_cut", "air_excluded"]
         assert record["lung_mask"]["fov_cut_slices"] and record["lung_mask"]["excluded_air_ml"] > 40
