@@ -448,8 +448,8 @@ def test_analyze_publishes_warnings(tmp_path, capsys):
             wall = _as_image((_arr(ct) > -200) & (sitk.GetArrayFromImage(sitk.ReadImage(
                 str(tmp_path / variant / "chest_lungs.nrrd"))) == 0), ct)
             sitk.WriteImage(wall, str(tmp_path / "wall.nrrd"))
-            code = main(["analyze", str(scan), "--out", str(tmp_path / "refused"), "--mask", str(tmp_path / "wall.nrrd"),
-                         "--device", "cpu"])
+            code = main(["analyze", str(scan), "--out", str(tmp_path / "refused"),
+                         "--mask", str(tmp_path / "wall.nrrd"), "--device", "cpu"])
             assert code == 2 and "not air-filled lung" in capsys.readouterr().err
             assert not (tmp_path / "refused").exists()
             continue
