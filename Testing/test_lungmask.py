@@ -347,7 +347,7 @@ def test_implausible_unequal_and_cut_lungs_are_reported(chest):
     top = (slice(0, 40), slice(None), slice(None))  # the scan stops mid-lung
     assert _warning_codes(_crop(truth, top), _crop(ct, top)) == ["incomplete_coverage"]
     x = np.arange(labels.shape[2])
-    thin = _arr(truth) * ((np.abs(x - 52) < 2) | (np.abs(x - 148) < 2))  # 5 mm of each lung: 4 % of the body
+    thin = _arr(truth) * ((np.abs(x - 52) < 2) | (np.abs(x - 148) < 2))  # 5 mm of each lung: 2 % of the body
     assert _warning_codes(_as_image(thin.astype(np.uint8), truth), ct) == ["implausible_volume"]
 
 

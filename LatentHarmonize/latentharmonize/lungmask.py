@@ -435,7 +435,7 @@ def _lung_region(labels: np.ndarray, work: sitk.Image, full: sitk.Image) -> tupl
 
 MAX_LUNG_ML = 12000.0         # more than any adult's total lung capacity: not a lung mask
 MAX_MASK_MEDIAN_HU = -100.0   # a mask whose median is soft tissue does not mark air-filled lung
-BODY_FRACTION = (0.05, 0.75)  # share of the body the lungs fill over the slices they span, in real chests
+BODY_FRACTION = (0.03, 0.75)  # share of the body the lungs fill over the slices they span (real chests: 5-37 %)
 UNEQUAL_RATIO = 0.5           # smaller lung under this fraction of the larger: one is partly missing
 EDGE_AREA_MM2 = 100.0         # lung cross-section on the first or last slice that means the scan cuts the lung
 FOV_CONTACT_MM = 5.0          # lung contact with the in-plane edge of the field of view that marks a slice as cut
