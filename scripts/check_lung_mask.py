@@ -138,8 +138,12 @@ def main(argv=None) -> int:
                         help="keep the slices below this fraction of the lungs' height (default 0.35)")
     parser.add_argument("--png", default=None, help="folder for coronal pictures (mask red, reference green)")
     args = parser.parse_args(argv)
-    for path in args.ct:
-        check(path, args)
+    try:
+        for path in args.ct:
+            check(path, args)
+    except LatentHarmonizeError as error:  # an unreadable scan: say so, no traceback
+        print(f"check_lung_mask: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
