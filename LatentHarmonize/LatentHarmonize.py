@@ -5,6 +5,7 @@ runs in a separate ``PythonSlicer`` process, so the GUI stays responsive and Can
 backend worker) is started when the module is opened, loads the model in the background and stays loaded between
 Analyze clicks, so no click waits for PyTorch and the model to load. Every number shown to the user comes from ``latentharmonize.slicer_bridge``, which is tested outside Slicer.
 """
+import importlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import unittest
 from typing import Annotated
 
 import slicer  # first non-standard import: in plain Python this is the only import that fails
@@ -39,11 +41,21 @@ REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 # Provided by Slicer itself or by the PyTorch extension: pip must never replace them
 SKIP_PACKAGES = ["SimpleITK", "torch", "vtk"]
 MIN_TORCH = ">=2.1"
-# Attributes stored on the result segmentation so QC and export work after the run
+# Shown in the backend panel (versions read from package metadata, nothing imported)
+PANEL_PACKAGES = ["torch", "numpy", "scipy", "scikit-learn", "pandas", "SimpleITK"]
+# Attributes stored on the result segmentation (saved with the scene) so QC and export work after a scene reload
 SEGMENT_LABELS_ATTRIBUTE = "LatentHarmonize.SegmentLabels"
+ORIGINAL_LABELS_ATTRIBUTE = "LatentHarmonize.OriginalLabels"
+MODEL_ID_ATTRIBUTE = "LatentHarmonize.ModelSHA256"
+WARNINGS_ATTRIBUTE = "LatentHarmonize.Warnings"
 OUTPUT_FOLDER_ATTRIBUTE = "LatentHarmonize.OutputFolder"
-INPUT_PATH_ATTRIBUTE = "LatentHarmonize.InputPath"
+MODEL_PATH_ATTRIBUTE = "LatentHarmonize.ModelPath"
 NAME_ATTRIBUTE = "LatentHarmonize.Name"
+# Node references from the result segmentation to the CT the clusters were computed on (kept apart from Slicer's
+# reference geometry role, which the Segment Editor may point at another source volume) and to the analysis' lung map
+CLUSTERED_VOLUME_ROLE = "LatentHarmonizeClusteredVolume"
+LUNGS_REFERENCE_ROLE = "LatentHarmonizeLungRegions"
+SAMPLE_NAME = "LatentHarmonizePhantomChest"
 
 
 def bridge():
@@ -53,6 +65,37 @@ def bridge():
     from latentharmonize import slicer_bridge
 
     return slicer_bridge
+
+
+def phantomSamplePath() -> pathlib.Path:
+    return pathlib.Path(slicer.app.cachePath) / "LatentHarmonize" / f"{SAMPLE_NAME}.nrrd"
+
+
+def registerSampleData() -> None:
+    """Register the phantom chest CT in the Sample Data module, as Slicer's scripted-module template does. Nothing
+    is downloaded: the Sample Data button calls ``customDownloader``, which has the backend generate the CT on the
+    first click into Slicer's cache folder; the URI (required by SampleDataSource) names that local file."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="LatentHarmonize", sampleName=SAMPLE_NAME, uris=phantomSamplePath().as_uri(),
+        fileNames=f"{SAMPLE_NAME}.nrrd", nodeNames=SAMPLE_NAME, loadFileType="VolumeFile",
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "LatentHarmonize.png"),
+        customDownloader=loadPhantomSample)
+
+
+def loadPhantomSample(source=None) -> "vtkMRMLScalarVolumeNode":
+    """Sample Data's button for the phantom: generate it once with the backend (a few seconds), then load it."""
+    path = phantomSamplePath()
+    if not path.is_file():
+        command = bridge().phantom_sample_command(LatentHarmonizeLogic.pythonSlicerExecutable(), path)
+        environment = slicer.util.startupEnvironment()
+        environment.update(bridge().backend_environment(MODULE_DIR, environment.get("PYTHONPATH")))
+        with slicer.util.WaitCursor():
+            done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not path.is_file():
+            raise RuntimeError(_("Could not generate the phantom chest CT:") + "\n" + (done.stderr or done.stdout))
+    return slicer.util.loadVolume(str(path), {"name": SAMPLE_NAME})
 
 
 #
@@ -68,7 +111,7 @@ class LatentHarmonize(ScriptedLoadableModule):
         self.parent.title = _("LatentHarmonize")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["LatentHarmonize developers"]
+        self.parent.contributors = ["LatentHarmonize Maintainers (LatentHarmonize project)"]
         self.parent.helpText = _(
             "Cluster lung tissue of a chest CT in a latent space where scanner and reconstruction effects "
             "(vendor, kernel, dose, slice thickness) have been rotated out. Click Analyze, review the clusters, "
@@ -77,8 +120,9 @@ class LatentHarmonize(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "Method after Pan et al., 'Disentanglement of Biological and Technical Factors via Latent Space "
-            "Rotation in Clinical Imaging' (MICCAI AMAI 2025). Built on 3D Slicer, PyTorch and MONAI."
+            "Rotation in Clinical Imaging' (MICCAI AMAI 2025). Built on 3D Slicer and PyTorch."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
@@ -90,8 +134,9 @@ class LatentHarmonize(ScriptedLoadableModule):
 class LatentHarmonizeParameterNode:
     """Module state, saved with the scene.
 
-    inputVolume: chest CT to analyze. maskSegmentation/maskSegmentID: optional lung mask (else automatic).
-    modelPath: model bundle folder. device: where the encoder runs. resultSegmentation, compositionTable,
+    inputVolume: chest CT to analyze. maskSegmentation/maskSegmentID: optional lung mask (else automatic);
+    maskPerSegment: use every segment of the mask segmentation as a region (left/right lung, lobes). modelPath: model
+    bundle folder. device: where the encoder runs. resultSegmentation, compositionTable, densitometryTable,
     confidenceVolume: outputs of the last run. fillOpacity: 2D fill opacity of the clusters. showConfidence: show
     the confidence map as foreground. exportFolder: where Export writes.
     """
@@ -99,10 +144,12 @@ class LatentHarmonizeParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     maskSegmentation: vtkMRMLSegmentationNode
     maskSegmentID: str = ""
+    maskPerSegment: bool = False
     modelPath: pathlib.Path = DEFAULT_MODEL
     device: Annotated[str, Choice(["auto", "CPU", "GPU"])] = "auto"
     resultSegmentation: vtkMRMLSegmentationNode
     compositionTable: vtkMRMLTableNode
+    densitometryTable: vtkMRMLTableNode
     confidenceVolume: vtkMRMLScalarVolumeNode
     fillOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     showConfidence: bool = False
@@ -115,7 +162,7 @@ class LatentHarmonizeParameterNode:
 
 
 class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: inputs, Analyze/Cancel, results display, QC and export."""
+    """GUI: inputs, Analyze/Cancel, results display, QC, export and the backend panel."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -124,7 +171,10 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
-        self._confidenceShown = False
+        self._report = None
+        self._confidenceShown = None  # ID of the confidence volume in the foreground, None when none is shown
+        self._selectionOrder = []
+        self._updatingMaskSelector = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -133,14 +183,20 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LatentHarmonizeLogic()
+        self.connectSignals()
+        self.initializeParameterNode()
 
+    def connectSignals(self) -> None:
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.maskSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskSelectionChanged)
         self.ui.maskSegmentSelector.connect("currentSegmentChanged(QString)", self.onMaskSelectionChanged)
+        self.ui.segmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)",
+                                          self.onSegmentSelectionChanged)
         self.ui.showTableButton.connect("clicked(bool)", self.onShowTable)
+        self.ui.reportButton.connect("clicked(bool)", self.onOpenReport)
+        self.ui.screenshotButton.connect("clicked(bool)", self.onScreenshot)
         self.ui.flagButton.connect("clicked(bool)", self.onFlag)
         self.ui.completeButton.connect("clicked(bool)", self.onComplete)
         self.ui.jumpButton.connect("clicked(bool)", self.onJump)
@@ -149,13 +205,17 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.mergeButton.connect("clicked(bool)", self.onMerge)
         self.ui.recomputeButton.connect("clicked(bool)", self.onRecompute)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.backendStopButton.connect("clicked(bool)", self.onStopBackend)
+        self.ui.backendRestartButton.connect("clicked(bool)", self.onRestartBackend)
+        self.ui.backendRefreshButton.connect("clicked(bool)", self.updateBackendPanel)
         self.ui.progressBar.setValue(0)
 
-        self.initializeParameterNode()
-
     def cleanup(self) -> None:
+        """Module unloaded or Slicer closing: stop everything without waiting for it."""
         if self._run is not None:
             self._run.cancel()
+            # Slicer may quit before the run's completion, which would delete the CT copy, comes round
+            shutil.rmtree(self._run.inputFolder, ignore_errors=True)
         self.logic.stopWorker()
         self.removeObservers()
 
@@ -165,6 +225,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.prestartWorker(self._parameterNode.modelPath, self._parameterNode.device)
         except Exception:
             logging.exception("LatentHarmonize: could not start the backend in advance")
+        self.updateBackendPanel()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -173,8 +234,14 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """The volume a running analysis reads is about to go: cancel it, so nothing loads into the next scene."""
+        if self._run is not None:
+            self.addLog(_("The scene is closing: the running analysis is cancelled."))
+            self._run.cancel()
         self.setParameterNode(None)
         self.logic.stopWorker()
+        self._confidenceShown = None
+        self._selectionOrder = []
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -195,8 +262,14 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            self.ui.maskSegmentSelector.setCurrentNode(self._parameterNode.maskSegmentation)
-            self.ui.maskSegmentSelector.setCurrentSegmentID(self._parameterNode.maskSegmentID)
+            # setting the node resets the selector's segment, which would overwrite the saved one: read it first
+            segmentID = self._parameterNode.maskSegmentID
+            self._updatingMaskSelector = True
+            try:
+                self.ui.maskSegmentSelector.setCurrentNode(self._parameterNode.maskSegmentation)
+                self.ui.maskSegmentSelector.setCurrentSegmentID(segmentID)
+            finally:
+                self._updatingMaskSelector = False
         self._onParameterNodeModified()
 
     # --- state -> GUI
@@ -218,7 +291,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             return
         problems = bridge().missing_inputs(pn.inputVolume is not None, pn.modelPath,
-                                           pn.maskSegmentation is not None, pn.maskSegmentID)
+                                           pn.maskSegmentation is not None, pn.maskSegmentID or pn.maskPerSegment)
         self.ui.applyButton.enabled = not problems
         ready = _("Cluster the lung tissue of the input volume")
         self.ui.applyButton.toolTip = "\n".join(problems) if problems else ready
@@ -228,20 +301,32 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = pn.resultSegmentation if pn else None
         self.ui.segmentsTableView.setSegmentationNode(segmentation)
         for widget in (self.ui.flagButton, self.ui.completeButton, self.ui.jumpButton, self.ui.segmentEditorButton,
-                       self.ui.renameButton, self.ui.mergeButton, self.ui.recomputeButton, self.ui.exportButton):
+                       self.ui.renameButton, self.ui.mergeButton, self.ui.recomputeButton, self.ui.exportButton,
+                       self.ui.reportButton):
             widget.enabled = segmentation is not None
         self.ui.showTableButton.enabled = pn is not None and pn.compositionTable is not None
+        self.ui.densitometryTableView.setMRMLTableNode(pn.densitometryTable if pn else None)
+        self._showWarnings(self.logic.storedWarnings(segmentation) if segmentation is not None else [])
         if segmentation is not None:
             self.logic.setFillOpacity(segmentation, pn.fillOpacity)
-        # touch the slice views only when the checkbox changes, so the user's own layers are left alone
-        if pn is not None and pn.confidenceVolume is not None and pn.showConfidence != self._confidenceShown:
-            self.logic.showConfidence(pn.inputVolume, pn.confidenceVolume, pn.showConfidence)
-            self._confidenceShown = pn.showConfidence
+        # touch the slice views only when what should be shown changes, so the user's own layers are left alone;
+        # a new run's confidence map replaces the previous one
+        wanted: "vtkMRMLScalarVolumeNode" = pn.confidenceVolume if pn is not None and pn.showConfidence else None
+        wantedID = wanted.GetID() if wanted is not None else None
+        if pn is not None and pn.confidenceVolume is not None and wantedID != self._confidenceShown:
+            background = self.logic.referenceVolume(segmentation) if segmentation is not None else pn.inputVolume
+            self.logic.showConfidence(background, pn.confidenceVolume, wanted is not None)
+            self._confidenceShown = wantedID
+
+    def _showWarnings(self, warnings) -> None:
+        text = bridge().format_warnings(warnings)
+        self.ui.warningLabel.text = text
+        self.ui.warningLabel.visible = bool(text)
 
     # --- inputs
 
     def onMaskSelectionChanged(self, *unused) -> None:
-        if self._parameterNode:
+        if self._parameterNode and not self._updatingMaskSelector:
             self._parameterNode.maskSegmentation = self.ui.maskSegmentSelector.currentNode()
             self._parameterNode.maskSegmentID = self.ui.maskSegmentSelector.currentSegmentID() or ""
 
@@ -253,15 +338,20 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
             return
         pn = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the analysis."), waitCursor=True):
+        # dialogs first, with the normal cursor: the install question and pip's own progress
+        with slicer.util.tryWithErrorDisplay(_("The analysis needs packages that are not installed.")):
             self.logic.ensureDependencies()
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the analysis."), waitCursor=True):
             self.ui.statusLabel.plainText = ""
             self.ui.progressBar.setValue(0)
+            self._showWarnings([])
             self._run = self.logic.startAnalysis(pn.inputVolume, pn.maskSegmentation, pn.maskSegmentID, pn.modelPath,
                                                  pn.device, onLog=self.addLog, onProgress=self.onProgress,
-                                                 onFinished=self.onAnalysisFinished)
+                                                 onFinished=self.onAnalysisFinished,
+                                                 maskPerSegment=pn.maskPerSegment)
             self.addLog(_("Working folder: {folder}").format(folder=self._run.runFolder))
             self._checkCanApply()
+        self.updateBackendPanel()
 
     def addLog(self, text: str) -> None:
         self.ui.statusLabel.appendPlainText(text)
@@ -274,6 +364,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAnalysisFinished(self, run: "AnalysisRun", returncode: int) -> None:
         self._run = None
         self._checkCanApply()
+        self.updateBackendPanel()
         if run.cancelled:
             self.addLog(_("Analysis cancelled."))
             self.ui.progressBar.setValue(0)
@@ -285,13 +376,14 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      detailedText="\n".join(run.log.lines))
             return
         pn = self._parameterNode
-        if pn is None:  # the scene was closed while the analysis ran
-            self.addLog(_("The scene was closed; results are in {folder}.").format(folder=run.outputFolder))
+        if pn is None or not slicer.mrmlScene.IsNodePresent(run.inputVolume):  # the scene changed meanwhile
+            self.addLog(_("The input volume left the scene; results are in {folder}.").format(folder=run.outputFolder))
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
             results = self.logic.loadResults(run)
             pn.resultSegmentation = results.segmentation
             pn.compositionTable = results.table
+            pn.densitometryTable = results.densitometry
             pn.confidenceVolume = results.confidence
             self.logic.showCompositionTable(results.table)
             self._showSummary(results.composition)
@@ -303,14 +395,48 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- results and QC
 
+    def onSegmentSelectionChanged(self, *unused) -> None:
+        selected = list(self.ui.segmentsTableView.selectedSegmentIDs())
+        self._selectionOrder = bridge().selection_order(self._selectionOrder, selected)
+
     def _selectedSegmentIDs(self) -> list:
+        """The selected clusters, in the order the user selected them."""
         selected = list(self.ui.segmentsTableView.selectedSegmentIDs())
         if not selected:
             raise ValueError(_("Select one or more clusters in the list first."))
-        return selected
+        return bridge().selection_order(self._selectionOrder, selected)
 
     def onShowTable(self) -> None:
         self.logic.showCompositionTable(self._parameterNode.compositionTable)
+
+    def onOpenReport(self) -> None:
+        """Build report.html in the background and open it in the browser when it is ready."""
+        if self._report is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to create the report.")):
+            segmentation = self._parameterNode.resultSegmentation
+            page = self.logic.existingReport(segmentation)
+            if page is not None:
+                qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(page)))
+                return
+            self.addLog(_("Creating the report (the lung is encoded again for the pictures)..."))
+            self._report = self.logic.startReport(segmentation, self.onReportFinished)
+
+    def onReportFinished(self, job: "BackgroundCommand") -> None:
+        self._report = None
+        page = bridge().report_page(job.returncode, job.output)
+        if page is None:
+            slicer.util.errorDisplay(_("The report could not be created."), detailedText=job.output)
+            return
+        self.addLog(_("Report: {page}").format(page=page))
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(page)))
+
+    def onScreenshot(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to save the screenshot.")):
+            segmentation = self._parameterNode.resultSegmentation
+            path = self.logic.saveScreenshot(self._parameterNode.exportFolder,
+                                             segmentation.GetName() if segmentation is not None else "views")
+            self.addLog(_("Screenshot: {path}").format(path=path))
 
     def onFlag(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to flag the clusters.")):
@@ -324,11 +450,11 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJump(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to jump to the cluster.")):
-            pn = self._parameterNode
-            self.logic.jumpToLargestRegion(pn.resultSegmentation, self._selectedSegmentIDs()[0], pn.inputVolume)
+            self.logic.jumpToLargestRegion(self._parameterNode.resultSegmentation, self._selectedSegmentIDs()[0])
 
     def onOpenSegmentEditor(self) -> None:
-        self.logic.openSegmentEditor(self._parameterNode.resultSegmentation, self._parameterNode.inputVolume)
+        with slicer.util.tryWithErrorDisplay(_("Failed to open the Segment Editor.")):
+            self.logic.openSegmentEditor(self._parameterNode.resultSegmentation)
 
     def onRename(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to rename the cluster.")):
@@ -338,20 +464,43 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onMerge(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to merge the clusters."), waitCursor=True):
-            pn = self._parameterNode
-            self.logic.mergeClusters(pn.resultSegmentation, self._selectedSegmentIDs(), pn.inputVolume)
+            self.logic.mergeClusters(self._parameterNode.resultSegmentation, self._selectedSegmentIDs())
+            self._selectionOrder = []
 
     def onRecompute(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to recompute the composition."), waitCursor=True):
             pn = self._parameterNode
-            composition = self.logic.recomputeComposition(pn.resultSegmentation, pn.inputVolume, pn.compositionTable)
+            composition = self.logic.recomputeComposition(pn.resultSegmentation, pn.compositionTable)
             self._showSummary(composition)
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to export the results."), waitCursor=True):
             pn = self._parameterNode
-            written = self.logic.exportResults(pn.resultSegmentation, pn.inputVolume, pn.exportFolder)
+            written = self.logic.exportResults(pn.resultSegmentation, pn.exportFolder, pn.densitometryTable)
             self.addLog(_("Exported:") + "\n" + "\n".join(str(path) for path in written))
+
+    # --- backend panel
+
+    def updateBackendPanel(self) -> None:
+        lines = [f"{name}: {version}" for name, version in self.logic.backendVersions()]
+        pn = self._parameterNode
+        lines.append(_("Device: {device} (auto: the GPU when PyTorch sees one, else the CPU)").format(
+            device=pn.device if pn else "auto"))
+        lines.append(_("Backend process: {state}").format(state=self.logic.workerState()))
+        self.ui.backendLabel.text = "\n".join(lines)
+
+    def onStopBackend(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+        self.logic.stopWorker(kill=True)
+        self.updateBackendPanel()
+
+    def onRestartBackend(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to restart the backend.")):
+            self.onStopBackend()
+            if not self.logic.prestartWorker(self._parameterNode.modelPath, self._parameterNode.device):
+                self.addLog(_("The backend starts on the next Analyze: PyTorch or packages are not installed yet."))
+        self.updateBackendPanel()
 
 
 #
@@ -362,7 +511,8 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class BackendWorker:
     """The resident backend process (``latentharmonize worker``), started when the module is opened (or else on the
     first Analyze). It imports the libraries and loads the model once and then analyzes one request after another,
-    so the clicks skip seconds of start-up. A thread reads its output; a QTimer hands each line to the running analysis on the main thread.
+    so the clicks skip seconds of start-up. A thread reads its output; a QTimer hands each line to the running
+    analysis on the main thread.
     """
 
     def __init__(self, launch, preload=()) -> None:
@@ -371,6 +521,7 @@ class BackendWorker:
         self.process = None
         self.run = None
         self.idleSince = time.time()
+        self.killed = False
         self._queue = queue.Queue()
         self._timer = None
 
@@ -393,7 +544,8 @@ class BackendWorker:
         self._timer.start()
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """Running and able to take a request (a worker being killed is not)."""
+        return self.process is not None and self.process.poll() is None and not self.killed
 
     def submit(self, run: "AnalysisRun") -> None:
         self.run = run
@@ -411,8 +563,11 @@ class BackendWorker:
             pass
 
     def kill(self) -> None:
-        """Stop the worker and all its children now (Cancel); the next Analyze starts a fresh one."""
-        bridge().kill_process_tree(self.process.pid)
+        """Stop the worker and all its children (Cancel, scene close, exit): the SIGTERMs go out now, the kill of
+        whatever ignores them follows in a background thread, so the GUI never waits. The next Analyze starts a
+        fresh worker."""
+        self.killed = True
+        bridge().kill_process_tree(self.process.pid, background=True)
 
     def _readOutput(self) -> None:
         """Background thread: only reads the pipe; all GUI work happens in _poll on the main thread."""
@@ -443,27 +598,74 @@ class BackendWorker:
             run.complete(workerReturncode)
 
 
+class BackgroundCommand:
+    """A short backend command (report) run outside the GUI thread; ``onFinished(job)`` is called on the main thread
+    with ``returncode`` and ``output`` set."""
+
+    def __init__(self, command, environment, onFinished, cleanup=None) -> None:
+        self.command = list(command)
+        self.environment = environment
+        self.onFinished = onFinished
+        self.cleanup = cleanup
+        self.returncode = None
+        self.output = ""
+        self._result = queue.Queue()
+        self._timer = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._poll)
+        self._timer.start()
+
+    def _run(self) -> None:
+        try:
+            done = subprocess.run(self.command, env=self.environment, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+            self._result.put((done.returncode, done.stdout))
+        except OSError as exc:
+            self._result.put((1, str(exc)))
+
+    def _poll(self) -> None:
+        try:
+            self.returncode, self.output = self._result.get_nowait()
+        except queue.Empty:
+            return
+        self._timer.stop()
+        if self.cleanup:
+            self.cleanup()
+        self.onFinished(self)
+
+
 class AnalysisRun:
     """One Analyze: its working folder, its request to the backend worker, progress, completion and Cancel."""
 
     def __init__(self, worker: BackendWorker, request: str, runFolder, name,
-                 inputVolume: "vtkMRMLScalarVolumeNode", onLog=None, onProgress=None, onFinished=None) -> None:
+                 inputVolume: "vtkMRMLScalarVolumeNode", onLog=None, onProgress=None, onFinished=None,
+                 warnings=(), modelPath=None) -> None:
         self.worker = worker
+        self.modelPath = modelPath
         self.request = request
-        self.runFolder = runFolder
+        self.runFolder = pathlib.Path(runFolder)
         self.name = name
         self.inputVolume = inputVolume
         self.onLog = onLog
         self.onProgress = onProgress
         self.onFinished = onFinished
+        self.warnings = list(warnings)  # found by the module before the run (e.g. a transformed input)
         self.log = bridge().BackendLog()
         self.cancelled = False
         self.returncode = None
         self._startTime = time.time()
 
     @property
+    def inputFolder(self) -> pathlib.Path:
+        return self.runFolder / "input"
+
+    @property
     def inputPath(self) -> pathlib.Path:
-        return self.runFolder / "input" / f"{self.name}.nrrd"
+        return self.inputFolder / f"{self.name}.nrrd"
 
     @property
     def outputFolder(self) -> pathlib.Path:
@@ -488,14 +690,17 @@ class AnalysisRun:
         return False
 
     def complete(self, workerReturncode=None) -> None:
-        """The result line arrived, or the worker ended (``workerReturncode``) without one."""
+        """The result line arrived, or the worker ended (``workerReturncode``) without one. The uncompressed CT copy
+        (and mask) written for the backend is deleted: results are loaded from the outputs and QC works from the
+        scene."""
         self.returncode = self.log.returncode(workerReturncode)
+        shutil.rmtree(self.inputFolder, ignore_errors=True)
         if self.onFinished:
             self.onFinished(self, self.returncode)
 
     def cancel(self) -> None:
-        """Kill the worker and all its children; the completion callback still fires."""
-        if self.returncode is None:
+        """Kill the worker and all its children without waiting; the completion callback still fires."""
+        if self.returncode is None and not self.cancelled:
             self.cancelled = True
             self.worker.kill()
 
@@ -504,11 +709,14 @@ class LatentHarmonizeResults:
     """Nodes created from one analysis, plus the composition table (pandas) they show."""
 
     def __init__(self, segmentation: "vtkMRMLSegmentationNode", table: "vtkMRMLTableNode",
-                 confidence: "vtkMRMLScalarVolumeNode", composition) -> None:
+                 confidence: "vtkMRMLScalarVolumeNode", composition, densitometry: "vtkMRMLTableNode" = None,
+                 lungs: "vtkMRMLLabelMapVolumeNode" = None) -> None:
         self.segmentation = segmentation
         self.table = table
         self.confidence = confidence
         self.composition = composition
+        self.densitometry = densitometry
+        self.lungs = lungs
 
 
 class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
@@ -524,38 +732,63 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
     # --- dependencies
 
+    @staticmethod
+    def dependencyStatus():
+        """PyTorch and the packages, read from package metadata: nothing is imported (opening the module stays
+        quick) and nothing is installed."""
+        b = bridge()
+        return b.dependency_status(b.read_requirements(REQUIREMENTS), MIN_TORCH)
+
+    def dependenciesInstalled(self) -> bool:
+        return self.dependenciesChecked or self.dependencyStatus().complete
+
     def ensureDependencies(self, confirm: bool = True) -> None:
-        """Install what the backend needs into Slicer's Python, after the user agrees (first Analyze only)."""
+        """Install what the backend lacks into Slicer's Python after one question (first Analyze only): PyTorch
+        through the PyTorch extension (the build matching the GPU driver; an installed PyTorch older than MIN_TORCH
+        is upgraded), then the packages of requirements.txt."""
         if self.dependenciesChecked:
             return
-        self._ensureTorch(confirm)
-        if hasattr(slicer, "packaging"):
-            requirements = slicer.packaging.load_requirements(REQUIREMENTS)
-            slicer.packaging.pip_ensure(requirements, skip_packages=SKIP_PACKAGES, prompt_install=confirm,
-                                        requester="LatentHarmonize")
-        else:
-            missing = self.missingPackages()
-            if missing:
-                question = _("LatentHarmonize needs these Python packages, which will now be installed:")
-                if confirm and not slicer.util.confirmOkCancelDisplay(question + "\n" + "\n".join(missing)):
-                    raise RuntimeError(_("Installation declined: the analysis needs these packages."))
-                slicer.util.pip_install(" ".join(shlex.quote(r) for r in missing))
+        status = self.dependencyStatus()
+        if not status.complete:
+            if status.torch is not None:  # checked before asking: without the extension PyTorch cannot be installed
+                try:
+                    import PyTorchUtils
+                except ModuleNotFoundError as exc:
+                    raise RuntimeError(_("LatentHarmonize needs the PyTorch extension. Install 'PyTorch' from the "
+                                         "Extensions Manager, restart Slicer and click Analyze again.")) from exc
+            if confirm and not slicer.util.confirmOkCancelDisplay(status.question()):
+                raise RuntimeError(_("Installation declined: the analysis needs these packages."))
+            if status.torch is not None:
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=MIN_TORCH)
+            if status.packages:
+                self._installPackages(list(status.packages))
+            if not self.dependencyStatus().complete:
+                raise RuntimeError(_("The installation did not complete; see the Python console. Restart Slicer and "
+                                     "click Analyze again."))
         self.dependenciesChecked = True
 
-    def _ensureTorch(self, confirm: bool) -> None:
-        """PyTorch comes through the PyTorch extension, which picks the build matching the GPU driver."""
+    @staticmethod
+    def _installPackages(requirements: list) -> None:
+        """pip, sparing Slicer's own packages and PyTorch. ``slicer.packaging`` (Slicer >= 5.12) is not imported when
+        Slicer starts (``hasattr(slicer, "packaging")`` is False until someone imports it), so it is imported here;
+        Slicer 5.10 and older have only ``slicer.util.pip_install``."""
         try:
-            import PyTorchUtils
-        except ModuleNotFoundError as exc:
-            raise RuntimeError(_("LatentHarmonize needs the PyTorch extension. Install 'PyTorch' from the "
-                                 "Extensions Manager, restart Slicer and click Analyze again.")) from exc
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled():
+            packaging = importlib.import_module("slicer.packaging")
+        except ImportError:
+            slicer.util.pip_install(" ".join(shlex.quote(r) for r in requirements))
             return
-        if confirm and not slicer.util.confirmOkCancelDisplay(
-                _("PyTorch is not installed yet. Install it now? This can take several minutes.")):
-            raise RuntimeError(_("Installation declined: the analysis needs PyTorch."))
-        torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=MIN_TORCH)
+        packaging.pip_ensure(requirements, skip_packages=SKIP_PACKAGES, prompt_install=False,
+                             requester="LatentHarmonize")
+
+    @staticmethod
+    def backendVersions() -> list:
+        return bridge().installed_versions(PANEL_PACKAGES)
+
+    def workerState(self) -> str:
+        worker = self.worker
+        if worker is None:
+            return bridge().worker_state(False, False, 0.0)
+        return bridge().worker_state(worker.alive(), worker.run is not None, time.time() - worker.idleSince)
 
     # --- running the backend
 
@@ -571,27 +804,60 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
     def startAnalysis(self, inputVolume: "vtkMRMLScalarVolumeNode", maskSegmentation=None, maskSegmentID="",
                       modelPath=DEFAULT_MODEL, device="auto", onLog=None, onProgress=None,
-                      onFinished=None) -> AnalysisRun:
+                      onFinished=None, maskPerSegment=False) -> AnalysisRun:
         """Write the input (and mask) to a temporary folder and send it to the backend worker (started when none
-        can take it); returns the running job."""
+        can take it); returns the running job. With ``maskPerSegment`` every segment of ``maskSegmentation`` is a
+        region (left/right lung, lobes) and the composition is reported per segment."""
         b = bridge()
-        problems = b.missing_inputs(inputVolume is not None, modelPath, maskSegmentation is not None, maskSegmentID)
+        problems = b.missing_inputs(inputVolume is not None, modelPath, maskSegmentation is not None,
+                                    maskSegmentID or maskPerSegment)
         if problems:
             raise ValueError("\n".join(problems))
+        warnings = self.inputWarnings(inputVolume, maskSegmentation)
+        for warning in warnings:
+            if onLog:
+                onLog(warning["message"])
         runFolder = pathlib.Path(slicer.util.tempDirectory("LatentHarmonize"))
         name = b.safe_volume_name(inputVolume.GetName())
         ijkToRAS = self.ijkToRAS(inputVolume)
         inputPath = b.write_input_volume(slicer.util.arrayFromVolume(inputVolume), ijkToRAS,
                                          runFolder / "input" / f"{name}.nrrd")
         maskPath = None
-        if maskSegmentation is not None and maskSegmentID:
+        if maskSegmentation is not None and maskPerSegment:
+            labels, names = self.maskLabelMap(maskSegmentation, inputVolume)
+            maskPath = b.write_mask_segments(labels, ijkToRAS, names, runFolder / "input" / "lung_mask.seg.nrrd")
+        elif maskSegmentation is not None and maskSegmentID:
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(maskSegmentation, maskSegmentID, inputVolume)
             maskPath = b.write_mask(mask, ijkToRAS, runFolder / "input" / "lung_mask.nrrd")
         worker = self.backendWorker(self.workerLaunch())
         request = b.worker_request(inputPath, runFolder / "out", maskPath, modelPath, device)
-        run = AnalysisRun(worker, request, runFolder, name, inputVolume, onLog, onProgress, onFinished)
+        run = AnalysisRun(worker, request, runFolder, name, inputVolume, onLog, onProgress, onFinished, warnings,
+                          modelPath)
         run.start()
         return run
+
+    @staticmethod
+    def inputWarnings(inputVolume: "vtkMRMLScalarVolumeNode", maskSegmentation=None) -> list:
+        """The analysis reads the voxel grid as stored: a transform on the inputs is not applied to it."""
+        return [warning for warning in (LatentHarmonizeLogic.transformWarning(inputVolume),
+                                        LatentHarmonizeLogic.transformWarning(maskSegmentation)) if warning]
+
+    @staticmethod
+    def transformWarning(node: "vtkMRMLTransformableNode"):
+        if node is None or node.GetParentTransformNode() is None:
+            return None
+        return {"code": "input_transformed", "message": _(
+            "{name} is under a transform, which the analysis does not apply: the results are placed under the same "
+            "transform, but distances and volumes are those of the untransformed voxels. Harden the transform first "
+            "(Transforms module) if it changes the geometry.").format(name=node.GetName())}
+
+    def maskLabelMap(self, maskSegmentation: "vtkMRMLSegmentationNode", referenceVolume: "vtkMRMLScalarVolumeNode"):
+        """All segments of a mask segmentation as one label map (segment n -> label n + 1) and their names."""
+        segments: "vtkSegmentation" = maskSegmentation.GetSegmentation()
+        segmentIDs = list(segments.GetSegmentIDs())
+        names = [segments.GetSegment(segmentID).GetName() for segmentID in segmentIDs]
+        labels = self.labelMap(maskSegmentation, referenceVolume, {s: i + 1 for i, s in enumerate(segmentIDs)})
+        return labels, names
 
     def backendWorker(self, launch) -> BackendWorker:
         """The running backend worker if it can take a request started with ``launch``, else a fresh one."""
@@ -601,30 +867,16 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
             return worker
         return self._startWorker(launch)
 
-    def dependenciesInstalled(self) -> bool:
-        """Whether PyTorch and the Python packages are already there (checked without asking or installing)."""
-        if self.dependenciesChecked:
-            return True
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            return False
-        if not PyTorchUtils.PyTorchUtilsLogic().torchInstalled():
-            return False
-        return not self.missingPackages()
-
-    @staticmethod
-    def missingPackages() -> list:
-        """The backend's requirements that Slicer's Python lacks or has in too old a version."""
-        return bridge().missing_requirements(bridge().read_requirements(REQUIREMENTS))
-
-    def prestartWorker(self, modelPath=DEFAULT_MODEL, device="auto") -> None:
+    def prestartWorker(self, modelPath=DEFAULT_MODEL, device="auto") -> bool:
         """Start the backend worker when the module is opened, loading the model and libraries in the background,
         so that even the first Analyze is answered warm. Nothing happens while a worker runs or before the
-        dependencies are installed (installing asks the user first, on Analyze)."""
-        if (self.worker is not None and self.worker.alive()) or not self.dependenciesInstalled():
-            return
+        dependencies are installed (installing asks the user first, on Analyze). Returns whether a worker runs."""
+        if self.worker is not None and self.worker.alive():
+            return True
+        if not self.dependenciesInstalled():
+            return False
         self._startWorker(self.workerLaunch(), bridge().preload_arguments(modelPath, device))
+        return True
 
     def _startWorker(self, launch, preload=()) -> BackendWorker:
         """Replace the backend worker by a fresh one started with ``launch`` (and ``preload`` options)."""
@@ -633,6 +885,11 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         self.worker.start()
         return self.worker
 
+    def backendEnvironment(self) -> dict:
+        environment = slicer.util.startupEnvironment()
+        environment.update(bridge().backend_environment(MODULE_DIR, environment.get("PYTHONPATH")))
+        return environment
+
     def workerLaunch(self):
         """How the backend worker starts: PythonSlicer runs ``latentharmonize worker`` from the module folder."""
         b = bridge()
@@ -640,16 +897,69 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         environment = b.backend_environment(MODULE_DIR, slicer.util.startupEnvironment().get("PYTHONPATH"))
         return b.worker_launch(command, environment, MODULE_DIR)
 
-    def stopWorker(self) -> None:
-        """Let the backend worker exit once the analysis it runs, if any, is done (scene close, module cleanup)."""
+    def stopWorker(self, kill: bool = False) -> None:
+        """Let the backend worker exit once the analysis it runs, if any, is done (scene close, module cleanup), or
+        stop it now (``kill``, the backend panel's Stop). Never waits."""
         if self.worker is not None:
-            self.worker.stop()
+            if kill and self.worker.alive():
+                self.worker.kill()
+            else:
+                self.worker.stop()
             self.worker = None
+
+    # --- report and screenshot
+
+    def analysisFolder(self, segmentation: "vtkMRMLSegmentationNode") -> pathlib.Path:
+        folder = segmentation.GetAttribute(OUTPUT_FOLDER_ATTRIBUTE)
+        if not folder or not pathlib.Path(folder).is_dir():
+            raise ValueError(_("The analysis folder of {name} is gone (it lives in Slicer's temporary folder); run "
+                               "Analyze again to get a report.").format(name=segmentation.GetName()))
+        return pathlib.Path(folder)
+
+    def existingReport(self, segmentation: "vtkMRMLSegmentationNode"):
+        """The report.html already built for ``segmentation``'s analysis, or None."""
+        page = bridge().AnalysisOutputs(self.analysisFolder(segmentation),
+                                        segmentation.GetAttribute(NAME_ATTRIBUTE) or "").report_html
+        return page if page.is_file() else None
+
+    def startReport(self, segmentation: "vtkMRMLSegmentationNode", onFinished) -> BackgroundCommand:
+        """Run ``latentharmonize report`` on the analysis folder of ``segmentation`` in the background, with the
+        model bundle of the analysis. The CT copy the analysis read was deleted after the run; it is written again
+        from the scene, byte for byte as before (the report checks its SHA-256), and deleted afterwards."""
+        b = bridge()
+        folder = self.analysisFolder(segmentation)
+        ctPath = b.analysis_input_path(folder)
+        written = None
+        if ctPath is not None and not ctPath.is_file():
+            volume = self.referenceVolume(segmentation)
+            written = b.write_input_volume(slicer.util.arrayFromVolume(volume), self.ijkToRAS(volume), ctPath)
+
+        def removeCopy():
+            if written is not None:
+                shutil.rmtree(written.parent, ignore_errors=True)
+
+        command = b.report_command(self.pythonSlicerExecutable(), folder,
+                                   segmentation.GetAttribute(MODEL_PATH_ATTRIBUTE) or None)
+        job = BackgroundCommand(command, self.backendEnvironment(), onFinished, cleanup=removeCopy)
+        job.start()
+        return job
+
+    @staticmethod
+    def saveScreenshot(folder, name: str) -> pathlib.Path:
+        """The whole view layout (slice and 3D views) as a PNG, with Slicer's Screen Capture module."""
+        import ScreenCapture
+
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{bridge().safe_volume_name(name)}_{time.strftime('%Y%m%d-%H%M%S')}.png"
+        ScreenCapture.ScreenCaptureLogic().captureImageFromView(None, str(path))
+        return path
 
     # --- results in the scene
 
     def loadResults(self, run: AnalysisRun) -> LatentHarmonizeResults:
-        """Segmentation, composition table and confidence map of a finished run, placed beside the input."""
+        """Segmentation, composition and densitometry tables, confidence and lung maps of a finished run, placed
+        beside (and under the same transform as) the input. Everything QC and export need is stored in the scene."""
         b = bridge()
         outputs = b.locate_outputs(run.outputFolder, run.name)
         inputVolume: "vtkMRMLScalarVolumeNode" = run.inputVolume
@@ -657,12 +967,24 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         segmentation.SetName(slicer.mrmlScene.GenerateUniqueName(f"{inputVolume.GetName()} clusters"))
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
         segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), inputVolume.GetID())
+        segmentation.SetNodeReferenceID(CLUSTERED_VOLUME_ROLE, inputVolume.GetID())
+        definitions = b.read_segment_definitions(outputs.segmentation)
         segmentation.SetAttribute(OUTPUT_FOLDER_ATTRIBUTE, str(outputs.out_dir))
-        segmentation.SetAttribute(INPUT_PATH_ATTRIBUTE, str(run.inputPath))
         segmentation.SetAttribute(NAME_ATTRIBUTE, run.name)
-        self.applySegmentDefinitions(segmentation, b.read_segment_definitions(outputs.segmentation))
+        segmentation.SetAttribute(MODEL_PATH_ATTRIBUTE, str(run.modelPath or ""))
+        segmentation.SetAttribute(ORIGINAL_LABELS_ATTRIBUTE, json.dumps([d.label for d in definitions]))
+        segmentation.SetAttribute(MODEL_ID_ATTRIBUTE, b.read_model_id(outputs) or "")
+        segmentation.SetAttribute(WARNINGS_ATTRIBUTE, json.dumps(run.warnings + b.read_warnings(outputs.out_dir)))
+        self.applySegmentDefinitions(segmentation, definitions)
         segmentation.CreateDefaultDisplayNodes()
         self.setFillOpacity(segmentation, 0.5)
+
+        lungArray = b.read_volume_array(outputs.lungs)
+        lungs: "vtkMRMLLabelMapVolumeNode" = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLLabelMapVolumeNode", f"{inputVolume.GetName()} lung regions")
+        slicer.util.updateVolumeFromArray(lungs, lungArray.array)
+        lungs.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(lungArray.ijk_to_ras))
+        segmentation.SetNodeReferenceID(LUNGS_REFERENCE_ROLE, lungs.GetID())
 
         confidenceArray = b.read_volume_array(outputs.confidence)
         confidence: "vtkMRMLScalarVolumeNode" = slicer.util.addVolumeFromArray(
@@ -672,14 +994,20 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         composition = b.read_composition(outputs.composition_csv)
         table: "vtkMRMLTableNode" = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
                                                                         f"{inputVolume.GetName()} composition")
-        self.fillCompositionTable(table, composition)
-        for node in (segmentation, confidence, table):
+        self.fillTable(table, b.table_columns(composition))
+        densitometry: "vtkMRMLTableNode" = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLTableNode", f"{inputVolume.GetName()} densitometry")
+        self.fillTable(densitometry, b.densitometry_columns(b.read_densitometry(outputs.composition_json)))
+        for node in (segmentation, confidence, table, densitometry, lungs):
             self.placeBeside(node, inputVolume)
-        return LatentHarmonizeResults(segmentation, table, confidence, composition)
+        for node in (segmentation, confidence, lungs):
+            self.placeUnderTransform(node, inputVolume)
+        return LatentHarmonizeResults(segmentation, table, confidence, composition, densitometry, lungs)
 
     @staticmethod
     def applySegmentDefinitions(segmentation: "vtkMRMLSegmentationNode", definitions) -> None:
-        """Names and colours from the backend; segment ID -> cluster label kept on the node for QC."""
+        """Names and colours from the backend (the segments keep the terminology the backend wrote); segment ID ->
+        cluster label kept on the node for QC."""
         segments: "vtkSegmentation" = segmentation.GetSegmentation()
         labels = {}
         for definition in definitions:
@@ -692,11 +1020,21 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         segmentation.SetAttribute(SEGMENT_LABELS_ATTRIBUTE, json.dumps(labels))
 
     @staticmethod
+    def storedWarnings(segmentation: "vtkMRMLSegmentationNode") -> list:
+        """The warnings of the analysis that made ``segmentation`` (saved with the scene)."""
+        return json.loads(segmentation.GetAttribute(WARNINGS_ATTRIBUTE) or "[]")
+
+    @staticmethod
     def placeBeside(node: "vtkMRMLNode", reference: "vtkMRMLNode") -> None:
         """Put ``node`` in the same subject hierarchy folder (study) as ``reference``."""
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         parent = shNode.GetItemParent(shNode.GetItemByDataNode(reference))
         shNode.SetItemParent(shNode.GetItemByDataNode(node), parent)
+
+    @staticmethod
+    def placeUnderTransform(node: "vtkMRMLTransformableNode", reference: "vtkMRMLTransformableNode") -> None:
+        """Results under the input's parent transform, so they overlay the input wherever it was moved."""
+        node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
 
     @staticmethod
     def setFillOpacity(segmentation: "vtkMRMLSegmentationNode", opacity: float) -> None:
@@ -711,11 +1049,11 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
                                          foregroundOpacity=0.5)
 
     @staticmethod
-    def fillCompositionTable(table: "vtkMRMLTableNode", composition) -> None:
-        """Replace the table's columns with the composition (titles and units from the bridge)."""
+    def fillTable(table: "vtkMRMLTableNode", columns) -> None:
+        """Replace the table's columns with ``[(title, values)]`` from the bridge (text or numbers)."""
         wasModified = table.StartModify()
         table.RemoveAllColumns()
-        for title, values in bridge().table_columns(composition):
+        for title, values in columns:
             if values.dtype.kind in "US":
                 column = vtk.vtkStringArray()
                 for value in values:
@@ -735,7 +1073,25 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 
-    # --- QC
+    # --- QC: every step works on the CT the clusters were computed on (the segmentation's reference volume), never
+    # on the volume currently selected as input
+
+    @staticmethod
+    def referenceVolume(segmentation: "vtkMRMLSegmentationNode") -> "vtkMRMLScalarVolumeNode":
+        volume: "vtkMRMLScalarVolumeNode" = segmentation.GetNodeReference(CLUSTERED_VOLUME_ROLE)
+        if volume is None:
+            raise ValueError(_("{name} does not record the CT its clusters were computed on: it was not produced "
+                               "by this version of LatentHarmonize, or that CT was removed from the scene.")
+                             .format(name=segmentation.GetName()))
+        return volume
+
+    @staticmethod
+    def lungRegions(segmentation: "vtkMRMLSegmentationNode") -> "vtkMRMLLabelMapVolumeNode":
+        lungs: "vtkMRMLLabelMapVolumeNode" = segmentation.GetNodeReference(LUNGS_REFERENCE_ROLE)
+        if lungs is None:
+            raise ValueError(_("{name} has no lung map in the scene: it was not produced by this version of "
+                               "LatentHarmonize; run Analyze first.").format(name=segmentation.GetName()))
+        return lungs
 
     @staticmethod
     def setClusterStatus(segmentation: "vtkMRMLSegmentationNode", segmentIDs, status: int) -> None:
@@ -744,9 +1100,9 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         for segmentID in segmentIDs:
             slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(segments.GetSegment(segmentID), status)
 
-    def jumpToLargestRegion(self, segmentation: "vtkMRMLSegmentationNode", segmentID: str,
-                            referenceVolume: "vtkMRMLScalarVolumeNode"):
+    def jumpToLargestRegion(self, segmentation: "vtkMRMLSegmentationNode", segmentID: str):
         """Centre all slice views on the largest connected region of a cluster; returns the RAS point."""
+        referenceVolume = self.referenceVolume(segmentation)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, referenceVolume)
         center = None if mask is None else bridge().largest_region_center(mask, self.ijkToRAS(referenceVolume))
         if center is None:
@@ -755,8 +1111,8 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
                                               slicer.vtkMRMLSliceNode.CenteredJumpSlice)
         return center
 
-    @staticmethod
-    def openSegmentEditor(segmentation: "vtkMRMLSegmentationNode", sourceVolume: "vtkMRMLScalarVolumeNode") -> None:
+    def openSegmentEditor(self, segmentation: "vtkMRMLSegmentationNode") -> None:
+        sourceVolume = self.referenceVolume(segmentation)
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(segmentation)
@@ -764,8 +1120,11 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
     def segmentLabels(self, segmentation: "vtkMRMLSegmentationNode") -> dict:
         """Cluster label of every segment (segments drawn by the user get new labels)."""
+        if not segmentation.GetAttribute(ORIGINAL_LABELS_ATTRIBUTE):
+            raise ValueError(_("{name} was not produced by this version of LatentHarmonize: run Analyze first.")
+                             .format(name=segmentation.GetName()))
         known = json.loads(segmentation.GetAttribute(SEGMENT_LABELS_ATTRIBUTE) or "{}")
-        original = [d.label for d in bridge().read_segment_definitions(self.analysisOutputs(segmentation).segmentation)]
+        original = json.loads(segmentation.GetAttribute(ORIGINAL_LABELS_ATTRIBUTE))
         segmentIDs = list(segmentation.GetSegmentation().GetSegmentIDs())
         return bridge().assign_segment_labels(segmentIDs, known, reserved=original)
 
@@ -787,7 +1146,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
     def labelMap(self, segmentation: "vtkMRMLSegmentationNode", referenceVolume: "vtkMRMLScalarVolumeNode",
                  labels: dict):
-        """The segments as one label map in the input's voxel grid, with the clusters' label values."""
+        """The segments as one label map in the reference volume's voxel grid, with the given label values."""
         def masks():  # one segment at a time: a full-size CT holds ~100 MB per mask
             for segmentID, label in labels.items():
                 mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentID, referenceVolume)
@@ -797,11 +1156,12 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         shape = slicer.util.arrayFromVolume(referenceVolume).shape
         return bridge().labels_from_masks(masks(), shape=shape)
 
-    def mergeClusters(self, segmentation: "vtkMRMLSegmentationNode", segmentIDs, referenceVolume) -> str:
+    def mergeClusters(self, segmentation: "vtkMRMLSegmentationNode", segmentIDs) -> str:
         """Merge the selected clusters into the first selected one; returns the kept segment ID."""
         if len(segmentIDs) < 2:
             raise ValueError(_("Select at least two clusters to merge."))
         b = bridge()
+        referenceVolume = self.referenceVolume(segmentation)
         labels = self.segmentLabels(segmentation)
         target, sources = segmentIDs[0], segmentIDs[1:]
         merged = b.merge_clusters(self.labelMap(segmentation, referenceVolume, labels),
@@ -814,62 +1174,66 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         segmentation.SetAttribute(SEGMENT_LABELS_ATTRIBUTE, json.dumps(labels))
         return target
 
-    @staticmethod
-    def analysisOutputs(segmentation: "vtkMRMLSegmentationNode"):
-        """The backend outputs a result segmentation was loaded from (needed to recompute and export)."""
-        folder = segmentation.GetAttribute(OUTPUT_FOLDER_ATTRIBUTE)
-        if not folder or not segmentation.GetAttribute(INPUT_PATH_ATTRIBUTE):
-            raise ValueError(_("{name} was not produced by LatentHarmonize in this session: run Analyze first.")
-                             .format(name=segmentation.GetName()))
-        return bridge().locate_outputs(folder, segmentation.GetAttribute(NAME_ATTRIBUTE))
-
-    def recomputeComposition(self, segmentation: "vtkMRMLSegmentationNode", referenceVolume, table=None):
-        """Composition of the edited segmentation, with the backend's code; refreshes ``table`` if given."""
-        outputs = self.analysisOutputs(segmentation)
+    def recomputeComposition(self, segmentation: "vtkMRMLSegmentationNode", table=None):
+        """Composition of the edited segmentation, with the backend's code, from what the scene holds (the reference
+        CT and the analysis' lung map); refreshes ``table`` if given."""
+        referenceVolume = self.referenceVolume(segmentation)
         labels = self.segmentLabels(segmentation)
         names = {d.label: d.name for d in self.currentDefinitions(segmentation)}
-        composition = bridge().recompute_composition(self.labelMap(segmentation, referenceVolume, labels),
-                                                     segmentation.GetAttribute(INPUT_PATH_ATTRIBUTE),
-                                                     outputs.lungs, names)
+        composition = bridge().recompute_composition(
+            self.labelMap(segmentation, referenceVolume, labels), slicer.util.arrayFromVolume(referenceVolume),
+            slicer.util.arrayFromVolume(self.lungRegions(segmentation)), self.ijkToRAS(referenceVolume), names)
         if table is not None:
-            self.fillCompositionTable(table, composition)
+            self.fillTable(table, bridge().table_columns(composition))
         return composition
 
     # --- export
 
     def segmentStatistics(self, segmentation: "vtkMRMLSegmentationNode", volume: "vtkMRMLScalarVolumeNode", csvPath):
-        """Segment Statistics of ALL clusters (hidden ones too) into a new table node and a CSV file."""
+        """Segment Statistics of ALL clusters (hidden ones too) into a new table node and a CSV file. A parameter
+        node of its own: the Segment Statistics module's shared one keeps the user's settings, untouched."""
         import SegmentStatistics
 
-        statsLogic = SegmentStatistics.SegmentStatisticsLogic()
-        statsNode: "vtkMRMLScriptedModuleNode" = statsLogic.getParameterNode()
-        statsNode.SetParameter("Segmentation", segmentation.GetID())
-        statsNode.SetParameter("ScalarVolume", volume.GetID())
-        statsNode.SetParameter("visibleSegmentsOnly", "False")
-        statsLogic.computeStatistics()
-        table: "vtkMRMLTableNode" = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
-                                                                        f"{segmentation.GetName()} statistics")
-        statsLogic.exportToTable(table)
-        statsLogic.exportToCSVFile(str(csvPath))
+        statsNode: "vtkMRMLScriptedModuleNode" = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLScriptedModuleNode", "LatentHarmonize segment statistics")
+        try:
+            statsLogic = SegmentStatistics.SegmentStatisticsLogic()
+            statsLogic.setParameterNode(statsNode)  # also sets every plugin's defaults on it
+            statsNode.SetParameter("Segmentation", segmentation.GetID())
+            statsNode.SetParameter("ScalarVolume", volume.GetID())
+            statsNode.SetParameter("visibleSegmentsOnly", "False")
+            statsLogic.computeStatistics()
+            table: "vtkMRMLTableNode" = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
+                                                                            f"{segmentation.GetName()} statistics")
+            statsLogic.exportToTable(table)
+            statsLogic.exportToCSVFile(str(csvPath))
+        finally:
+            slicer.mrmlScene.RemoveNode(statsNode)
         self.placeBeside(table, volume)
         return table
 
-    def exportResults(self, segmentation: "vtkMRMLSegmentationNode", volume: "vtkMRMLScalarVolumeNode", folder) -> list:
-        """Write composition CSV/JSON (of the edited clusters), segment statistics CSV and the .seg.nrrd."""
+    def exportResults(self, segmentation: "vtkMRMLSegmentationNode", folder, densitometry=None) -> list:
+        """Write composition CSV/JSON (of the edited clusters), segment statistics CSV, the .seg.nrrd and, when
+        given, the densitometry table as CSV; all measured on the segmentation's reference volume."""
         b = bridge()
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        outputs = self.analysisOutputs(segmentation)
-        name = outputs.name
+        volume = self.referenceVolume(segmentation)
+        name = segmentation.GetAttribute(NAME_ATTRIBUTE) or b.safe_volume_name(volume.GetName())
         definitions = self.currentDefinitions(segmentation)
-        composition = self.recomputeComposition(segmentation, volume)
+        composition = self.recomputeComposition(segmentation)
         written = [folder / f"{name}_composition.csv", folder / f"{name}_composition.json",
                    folder / f"{name}_segment_statistics.csv", folder / f"{name}.seg.nrrd"]
         b.export_composition(composition, b.cluster_names(definitions), b.cluster_colors(definitions),
-                             written[0], written[1], model_id=b.read_model_id(outputs))
+                             written[0], written[1], model_id=segmentation.GetAttribute(MODEL_ID_ATTRIBUTE) or None)
         self.segmentStatistics(segmentation, volume, written[2])
-        if not slicer.util.saveNode(segmentation, str(written[3])):
-            raise OSError(_("Could not write {path}.").format(path=written[3]))
+        nodes = [(segmentation, written[3])]
+        if densitometry is not None:
+            written.append(folder / f"{name}_densitometry.csv")
+            nodes.append((densitometry, written[-1]))
+        for node, path in nodes:
+            if not slicer.util.saveNode(node, str(path)):
+                raise OSError(_("Could not write {path}.").format(path=path))
         return written
 
 
@@ -879,28 +1243,37 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
 
 
 class LatentHarmonizeTest(ScriptedLoadableModuleTest):
-    """Runs the real analysis on SampleData's CTChest, then the QC and export steps."""
+    """Runs the real analysis on SampleData's CTChest, then the QC and export steps. Under CTest (testing mode) it
+    never installs anything: without PyTorch and the packages it is skipped with a message."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_AnalyzeCTChest()
+        try:
+            self.test_AnalyzeCTChest()
+        except unittest.SkipTest as skipped:
+            self.delayDisplay(f"Test skipped: {skipped}")
 
     def test_AnalyzeCTChest(self):
         import SampleData
 
+        logic = LatentHarmonizeLogic()
+        status = logic.dependencyStatus()
+        if slicer.app.testingEnabled() and not status.complete:
+            self.skipTest("PyTorch or the analysis packages are not installed, and tests install nothing:\n"
+                          + status.question())
+        logic.ensureDependencies()
+
         self.delayDisplay("Loading CTChest")
         volume = SampleData.downloadSample("CTChest")
-        logic = LatentHarmonizeLogic()
-        logic.ensureDependencies(confirm=False)
-
         self.delayDisplay("Analyzing (background process), twice: the second run reuses the backend worker")
         run = self.analyze(logic, volume)
         worker = logic.worker
         again = self.analyze(logic, volume)
         self.assertIs(again.worker, worker)
+        self.assertFalse(run.inputPath.exists())  # the uncompressed CT copy is removed after the run
 
         results = logic.loadResults(run)
         segmentIDs = list(results.segmentation.GetSegmentation().GetSegmentIDs())
@@ -910,12 +1283,12 @@ class LatentHarmonizeTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("QC: status, jump, rename, merge, recompute")
         logic.setClusterStatus(results.segmentation, segmentIDs[:1], slicer.vtkSlicerSegmentationsModuleLogic.Flagged)
-        logic.jumpToLargestRegion(results.segmentation, segmentIDs[0], volume)
+        logic.jumpToLargestRegion(results.segmentation, segmentIDs[0])
         logic.renameCluster(results.segmentation, segmentIDs[0], "reviewed")
         labels = logic.segmentLabels(results.segmentation)
         before = {label: percent for label, _name, percent in whole}
-        logic.mergeClusters(results.segmentation, segmentIDs[:2], volume)
-        recomputed = logic.recomputeComposition(results.segmentation, volume, results.table)
+        logic.mergeClusters(results.segmentation, segmentIDs[:2])
+        recomputed = logic.recomputeComposition(results.segmentation, results.table)
         after = {label: percent for label, _name, percent in bridge().whole_lung_summary(recomputed)}
         target, source = labels[segmentIDs[0]], labels[segmentIDs[1]]
         self.assertNotIn(source, after)
@@ -924,7 +1297,7 @@ class LatentHarmonizeTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Export")
         exportFolder = pathlib.Path(slicer.util.tempDirectory("LatentHarmonizeTest"))
-        for path in logic.exportResults(results.segmentation, volume, exportFolder):
+        for path in logic.exportResults(results.segmentation, exportFolder, results.densitometry):
             self.assertTrue(os.path.getsize(path) > 0, f"{path} is empty")
         logic.stopWorker()
         self.delayDisplay("Test passed")

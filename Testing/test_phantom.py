@@ -237,6 +237,25 @@ def test_true_composition_of_rendered_patients_predicts_survival():
     assert c > 0.65
 
 
+def test_sample_scan_is_one_deterministic_full_size_chest_with_mixed_disease(tmp_path, capsys):
+    from latentharmonize.cli import main as cli_main
+    from latentharmonize.phantom import SAMPLE_PATIENT, SAMPLE_SEED, make_patient
+
+    first, second = tmp_path / "a" / "sample.nrrd", tmp_path / "b" / "sample.nrrd"
+    assert cli_main(["phantom", "--sample", str(first)]) == 0
+    assert capsys.readouterr().out.strip() == str(first)
+    assert [p.name for p in first.parent.iterdir()] == ["sample.nrrd"]  # nothing else, no staging folder left
+    assert cli_main(["phantom", "--sample", str(second), "--quiet"]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    image = sitk.ReadImage(str(first))
+    assert image.GetSize()[:2] == (512, 512) and image.GetPixelID() == sitk.sitkInt16
+    patient = make_patient(SAMPLE_PATIENT, SAMPLE_SEED)  # the small version of the same patient: same phenotype
+    assert patient.phenotype == "combined"
+    assert cli_main(["phantom", "--sample", str(first), "--quiet"]) == 2  # refused: it exists
+    assert cli_main(["phantom", str(tmp_path / "cohort"), "--sample", str(first)]) == 2
+    assert "one of the two" in capsys.readouterr().err
+
+
 # --- scan variants for the lung mask -----------------------------------------------------------------------------
 
 def test_scan_variants(patient):

@@ -24,6 +24,11 @@ from latentharmonize.progress import Progress
 MODULE_DIR = Path(bridge.__file__).resolve().parents[1]
 NAMES = {1: "normal", 2: "emphysema", 3: "ground_glass"}
 COLORS = {1: (0.0, 0.45, 0.7), 2: (0.9, 0.62, 0.0), 3: (0.0, 0.62, 0.45)}
+DENSITOMETRY = [{"region": region, "laa950_pct": laa, "haa700_250_pct": haa, "mld_hu": mld, "perc15_hu": p15,
+                 "volume_ml": ml} for region, laa, haa, mld, p15, ml in
+                [("whole", 12.5, 8.0, -851.0, -940.0, 5.2), ("right", 20.0, 1.0, -870.0, -955.0, 2.6),
+                 ("left", 5.0, 15.0, -832.0, -905.0, 2.6)]]
+WARNINGS = [{"code": "thin_slices", "message": "Slices thinner than the model was trained on."}]
 # oblique-free but flipped, anisotropic geometry, as Slicer gives for a typical axial CT (IJK -> RAS)
 IJK_TO_RAS = np.array([[-0.8, 0.0, 0.0, 120.0],
                        [0.0, -0.9, 0.0, 95.0],
@@ -76,7 +81,14 @@ def outputs(tmp_path):
     table = composition_table(label_image, ct_image, lung_image, NAMES)
     writers.write_composition(table, out / "composition.csv", out / "composition.json",
                               composition_to_json(table, NAMES, COLORS, model_id="abc123"))
-    return {"ct": ct, "lungs": lungs, "labels": labels, "ct_path": ct_path, "out": out, "table": table}
+    # the densitometry rows and warnings of the backend's interface (composition.json "densitometry", analysis.json
+    # "warnings"), added here in that format where this backend version does not write them yet
+    doc = json.loads((out / "composition.json").read_text())
+    doc.setdefault("densitometry", DENSITOMETRY)
+    (out / "composition.json").write_text(json.dumps(doc))
+    (out / "analysis.json").write_text(json.dumps({"input": str(ct_path), "warnings": WARNINGS}))
+    return {"ct": ct, "lungs": lungs, "labels": labels, "ct_path": ct_path, "out": out, "table": table,
+            "densitometry": doc["densitometry"]}
 
 
 # ------------------------------------------------------------------------------------------- command and process
@@ -96,7 +108,7 @@ def test_worker_command_and_request_are_what_the_worker_reads(tmp_path):
     assert line.endswith("\n") and line.count("\n") == 1
     assert worker.parse_request(line) == worker.Request(
         str(tmp_path / "chest.nrrd"), str(tmp_path / "out"), mask=str(tmp_path / "mask.nrrd"),
-        model=str(tmp_path / "bundle"), device="cuda", overwrite=False, report=True, id=4)
+        model=str(tmp_path / "bundle"), device="cuda", overwrite=False, report=False, id=4)
     minimal = worker.parse_request(bridge.worker_request("a.nrrd", "o", mask_path="", model_dir=None, device="CPU"))
     assert minimal.mask is None and minimal.model is None and minimal.device == "cpu"
 
@@ -236,6 +248,18 @@ def test_cancel_lets_the_backend_clean_up_before_killing(tmp_path):
     assert process.wait(timeout=10) == 3 and marker.read_text() == "x"
 
 
+def test_cancel_from_the_gui_returns_at_once_and_still_kills(tmp_path):
+    """With ``background`` only the SIGTERMs are sent before returning: a backend that ignores them is killed after
+    the grace period by a thread, while the caller (Slicer's GUI thread) goes on."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    assert bridge.kill_process_tree(process.pid, grace_s=1.0, background=True) == 1
+    assert time.monotonic() - started < 0.5
+    assert process.wait(timeout=10) == -9  # SIGTERM ignored, killed after the grace period
+
+
 def _alive(pid: int) -> bool:
     import psutil
 
@@ -256,7 +280,7 @@ def test_missing_inputs_explains_each_problem(tmp_path):
     (bundle / bundle_module.MANIFEST).write_text("{}")
     assert bridge.missing_inputs(True, bundle) == []
     assert bridge.missing_inputs(True, bundle, mask_segmentation_set=True, mask_segment_id="") == [
-        "Select the lung segment of the mask segmentation, or clear the mask."]
+        "Select the lung segment of the mask segmentation, tick 'All segments as regions', or clear the mask."]
     assert bridge.missing_inputs(True, bundle, mask_segmentation_set=True, mask_segment_id="Segment_1") == []
 
 
@@ -306,8 +330,8 @@ def test_requirements_file_parses_and_spares_slicer_packages():
 
     reqs = bridge.read_requirements(MODULE_DIR / "Resources" / "requirements.txt")
     names = {Requirement(r).name.lower() for r in reqs}
-    assert {"monai", "scikit-learn", "pandas", "slicerio"} <= names
-    assert not names & {"torch", "simpleitk", "vtk", "numpy"}  # Slicer's own builds or the PyTorch extension
+    assert {"scikit-learn", "pandas", "slicerio"} <= names
+    assert not names & {"torch", "simpleitk", "vtk", "numpy", "monai"}  # Slicer's own builds or the PyTorch extension
     assert bridge.missing_requirements(reqs) == []  # this environment runs the backend, so it has them all
 
 
@@ -385,7 +409,7 @@ def test_merging_two_clusters_adds_their_fractions(outputs):
     names = bridge.cluster_names(bridge.merge_definitions(
         bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd"), [3]))
     assert names == {1: "normal", 2: "emphysema"}
-    after = bridge.recompute_composition(merged, outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd", names)
+    after = bridge.recompute_composition(merged, outputs["ct"], outputs["lungs"], IJK_TO_RAS, names)
     after = after.set_index(["region", "label"])
     for region in ("whole", "right", "left", "upper", "middle", "lower"):
         if (region, 2) not in after.index:
@@ -398,11 +422,10 @@ def test_merging_two_clusters_adds_their_fractions(outputs):
 
 
 def test_recompute_without_edits_reproduces_the_analyze_table(outputs):
-    again = bridge.recompute_composition(outputs["labels"], outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd", NAMES)
+    again = bridge.recompute_composition(outputs["labels"], outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
     pd.testing.assert_frame_equal(again, outputs["table"])
     with pytest.raises(InputError, match="export the segments in the CT's geometry"):
-        bridge.recompute_composition(outputs["labels"][:, :-1], outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd",
-                                     NAMES)
+        bridge.recompute_composition(outputs["labels"][:, :-1], outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
 
 
 def test_erased_voxels_become_unlabelled(outputs):
@@ -410,7 +433,7 @@ def test_erased_voxels_become_unlabelled(outputs):
     masks = [(label, outputs["labels"] == label) for label in NAMES]
     masks[0] = (1, masks[0][1] & (np.indices(outputs["labels"].shape)[0] > 2))
     edited = bridge.labels_from_masks(masks)
-    table = bridge.recompute_composition(edited, outputs["ct_path"], outputs["out"] / "chest_lungs.nrrd", NAMES)
+    table = bridge.recompute_composition(edited, outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
     whole = table[table.region == "whole"].set_index("label")
     erased = ((outputs["labels"] == 1) & (np.indices(outputs["labels"].shape)[0] <= 2)).sum()
     assert whole.loc[0, "name"] == "unlabelled"
@@ -475,7 +498,7 @@ def test_export_composition_writes_csv_and_json(outputs, tmp_path):
     definitions = bridge.rename_cluster(bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd"), 1, "healthy")
     found = bridge.locate_outputs(outputs["out"], "chest")
     names = bridge.cluster_names(definitions)
-    table = bridge.recompute_composition(outputs["labels"], outputs["ct_path"], found.lungs, names)
+    table = bridge.recompute_composition(outputs["labels"], outputs["ct"], outputs["lungs"], IJK_TO_RAS, names)
     bridge.export_composition(table, names, bridge.cluster_colors(definitions), tmp_path / "c.csv", tmp_path / "c.json",
                               model_id=bridge.read_model_id(found))
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c.csv"), pd.read_csv(outputs["out"] / "composition.csv")
@@ -575,8 +598,9 @@ def test_backend_run_through_the_bridge_end_to_end(backend_case):
 
     # the table shown after loading and the one recomputed from the unedited segments agree
     shown = bridge.read_composition(outputs.composition_csv)
-    recomputed = bridge.recompute_composition(labels.array, backend_case["input"], outputs.lungs,
-                                              bridge.cluster_names(definitions))
+    recomputed = bridge.recompute_composition(labels.array, backend_case["array"],
+                                              bridge.read_volume_array(outputs.lungs).array,
+                                              backend_case["ijk_to_ras"], bridge.cluster_names(definitions))
     pd.testing.assert_frame_equal(recomputed, shown, check_exact=False, rtol=1e-5, check_dtype=False)
     assert bridge.read_model_id(outputs)
 
@@ -613,3 +637,100 @@ def test_preload_arguments_name_the_selected_bundle_or_the_default(tmp_path):
     add_arguments(parser)  # the worker accepts what the module sends
     args = parser.parse_args(bridge.preload_arguments(bundle, "GPU"))
     assert (args.preload, args.preload_device) == (str(bundle), "cuda")
+
+
+# ------------------------------------------------------------------------------------------- issue 22 helpers
+
+def test_dependency_status_reads_metadata_and_checks_the_torch_version():
+    versions = {"torch": "2.0.1+cu118", "pandas": "2.2.0"}
+
+    def version_of(name):
+        if name not in versions:
+            from importlib.metadata import PackageNotFoundError
+            raise PackageNotFoundError(name)
+        return versions[name]
+
+    status = bridge.dependency_status(["pandas>=2.0", "slicerio>=1.1"], ">=2.1", version_of)
+    assert status.torch == "2.0.1+cu118 is installed; torch>=2.1 is needed" and status.packages == ("slicerio>=1.1",)
+    assert not status.complete
+    question = status.question()
+    assert question.index("PyTorch (2.0.1+cu118") < question.index("slicerio>=1.1") and "pandas" not in question
+    versions.update({"torch": "2.4.0+cpu", "slicerio": "1.1.2"})
+    assert bridge.dependency_status(["pandas>=2.0", "slicerio>=1.1"], ">=2.1", version_of).complete
+    del versions["torch"]
+    assert bridge.dependency_status([], ">=2.1", version_of).torch == "not installed; torch>=2.1 is needed"
+    assert bridge.installed_versions(["torch", "pandas"], version_of) == [("torch", "not installed"),
+                                                                          ("pandas", "2.2.0")]
+
+
+def test_worker_state_line():
+    assert bridge.worker_state(False, False, 0) == "stopped"
+    assert bridge.worker_state(True, True, 5) == "analyzing"
+    assert bridge.worker_state(True, False, 12.4) == "running, idle for 12 s (exits after 600 s idle)"
+
+
+def test_report_and_sample_commands(tmp_path):
+    assert bridge.report_command("/s/PythonSlicer", tmp_path) == ["/s/PythonSlicer", "-m", "latentharmonize", "report",
+                                                                  str(tmp_path), "--quiet"]
+    assert bridge.report_command("py", tmp_path, tmp_path / "bundle")[-3:] == ["--model", str(tmp_path / "bundle"),
+                                                                               "--quiet"]
+    assert bridge.phantom_sample_command("/s/PythonSlicer", tmp_path / "p.nrrd")[-3:] == [
+        "phantom", "--sample", str(tmp_path / "p.nrrd")]
+    with pytest.raises(InputError, match="PythonSlicer was not found"):
+        bridge.report_command(None, tmp_path)
+    line = bridge.worker_request(tmp_path / "ct.nrrd", tmp_path / "out")
+    assert json.loads(line)["report"] is False  # Slicer runs never need off-screen OpenGL
+    page = tmp_path / "report.html"
+    page.write_text("<html>")
+    assert bridge.report_page(0, f"LH-PROGRESS 50 report qc\n{page}\n") == page
+    assert bridge.report_page(1, f"{page}\n") is None and bridge.report_page(0, "") is None
+    assert bridge.report_page(0, f"{tmp_path / 'missing.html'}\n") is None
+
+
+def test_analysis_record_gives_input_and_warnings(outputs, tmp_path):
+    assert bridge.analysis_input_path(outputs["out"]) == outputs["ct_path"]
+    assert bridge.read_warnings(outputs["out"]) == WARNINGS
+    assert bridge.format_warnings(WARNINGS) == "\u26a0 Slices thinner than the model was trained on."
+    assert bridge.analysis_input_path(tmp_path) is None and bridge.read_warnings(tmp_path) == []
+    assert bridge.format_warnings([]) == ""
+
+
+def test_densitometry_rows_become_table_columns(outputs, tmp_path):
+    rows = bridge.read_densitometry(outputs["out"] / "composition.json")
+    assert rows == DENSITOMETRY
+    columns = dict(bridge.densitometry_columns(rows))
+    assert list(columns) == ["Region", "LAA-950 (%)", "HAA -700..-250 (%)", "MLD (HU)", "Perc15 (HU)", "Volume (mL)"]
+    assert list(columns["Region"]) == ["whole", "right", "left"] and columns["MLD (HU)"][1] == -870.0
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"clusters": []}))
+    assert bridge.read_densitometry(old) == []
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"densitometry": [{"region": "whole"}]}))
+    with pytest.raises(OutputError, match="densitometry rows lack"):
+        bridge.read_densitometry(bad)
+
+
+def test_selection_order_keeps_the_first_selected_first():
+    order = bridge.selection_order([], ["s1"])
+    order = bridge.selection_order(order, ["s3"])  # a click on s3 alone
+    order = bridge.selection_order(order, ["s1", "s3"])  # ctrl-click on s1, which is above s3 in the table
+    assert order == ["s3", "s1"]
+    assert bridge.selection_order(order, ["s1"]) == ["s1"]
+
+
+def test_mask_given_as_several_segments_keeps_their_names(tmp_path):
+    import slicerio
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[:, :, :3] = 1
+    labels[:, :, 3:] = 2
+    path = bridge.write_mask_segments(labels, IJK_TO_RAS, ["right lung", "left lung"], tmp_path / "mask.seg.nrrd")
+    segmentation = slicerio.read_segmentation(str(path))
+    assert [(s["name"], s["labelValue"]) for s in segmentation["segments"]] == [("right lung", 1), ("left lung", 2)]
+    image = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    np.testing.assert_allclose(bridge.ijk_to_ras_matrix(image), IJK_TO_RAS, atol=1e-6)
+    with pytest.raises(InputError, match="share a name"):
+        bridge.write_mask_segments(labels, IJK_TO_RAS, ["lung", "lung"], tmp_path / "m.seg.nrrd")
+    with pytest.raises(InputError, match="empty"):
+        bridge.write_mask_segments(labels * 0, IJK_TO_RAS, ["a", "b"], tmp_path / "m.seg.nrrd")

@@ -39,7 +39,10 @@ API = json.loads((ROOT / "Testing" / "data" / "slicer_api.json").read_text())
 # Slicer classes the reference list does not cover, limited to what the module uses. Each entry was read in the
 # Slicer source at the reference commit (file named in "source"); "base" completes the inheritance chains.
 SUPPLEMENT = {
-    "vtkMRMLTransformableNode": {"base": "vtkMRMLStorableNode", "source": "Libs/MRML/Core/vtkMRMLTransformableNode.h"},
+    "vtkMRMLTransformableNode": {
+        "base": "vtkMRMLStorableNode", "source": "Libs/MRML/Core/vtkMRMLTransformableNode.h",
+        "methods": {"GetParentTransformNode": "() -> vtkMRMLTransformNode*", "GetTransformNodeID": "() -> const char*",
+                    "SetAndObserveTransformNodeID": "(const char* transformNodeID) -> bool"}},
     "vtkMRMLStorableNode": {"base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLStorableNode.h"},
     "vtkMRMLDisplayNode": {"base": "vtkMRMLNode", "source": "Libs/MRML/Core/vtkMRMLDisplayNode.h"},
     "vtkSlicerModuleLogic": {"source": "Base/Logic/vtkSlicerModuleLogic.h"},
@@ -88,10 +91,16 @@ QT_METHODS = {
     "setCurrentNode", "currentNode", "setCurrentSegmentID", "currentSegmentID",  # qMRMLSegmentSelectorWidget
     "setSegmentationNode", "selectedSegmentIDs",  # qMRMLSegmentsTableView, qMRMLSegmentEditorWidget
     "setSourceVolumeNode",          # qMRMLSegmentEditorWidget (Slicer >= 5.4)
+    "setMRMLTableNode",             # qMRMLTableView slot (Libs/MRML/Widgets/qMRMLTableView.h)
     "widgetRepresentation", "self",  # qSlicerAbstractCoreModule widget; PythonQt self() of a scripted widget
     "layoutManager", "setLayout",   # qSlicerApplication / qSlicerLayoutManager
 }
-QT_NAMES = {"QTimer"}
+QT_NAMES = {"QTimer", "QDesktopServices", "QUrl"}
+# static Qt methods called on those classes (Qt 5 documentation): QDesktopServices::openUrl, QUrl::fromLocalFile
+QT_CLASS_METHODS = {"QDesktopServices": {"openUrl"}, "QUrl": {"fromLocalFile"}}
+# Slicer's Screen Capture module (Modules/Scripted/ScreenCapture/ScreenCapture.py, ScreenCaptureLogic): with view None
+# captureImageFromView grabs the whole view layout
+SCREENCAPTURE_METHODS = {"captureImageFromView": "(self, view, filename, transparentBackground=False)"}
 # Python and numpy methods on plain values (lists, dicts, strings, paths, queues, threads, processes and their pipes,
 # arrays)
 PYTHON_METHODS = set().union(*(dir(t) for t in (str, list, dict, set, tuple, pathlib.Path, queue.Queue,
@@ -281,6 +290,8 @@ class SlicerApiChecker:
             return f"classobj:{attr}"
         if base == "ns:qt" and attr in QT_NAMES:
             return f"qtclass:{attr}"
+        if base == "ns:SampleData" and attr == "SampleDataLogic":
+            return "py:SampleDataLogic"
         if base == "self" and cls:
             return self.class_attrs[cls].get(attr)
         if base and base.startswith("mod:"):
@@ -326,6 +337,14 @@ class SlicerApiChecker:
             return "py:SegmentStatisticsLogic"
         if base == "py:SegmentStatisticsLogic" and m == "getParameterNode":
             return "cls:vtkMRMLScriptedModuleNode"
+        if base == "ns:ScreenCapture" and m == "ScreenCaptureLogic":
+            return "py:ScreenCaptureLogic"
+        if base == "ns:importlib" and m == "import_module" and call.args and isinstance(call.args[0], ast.Constant) \
+                and call.args[0].value in ("slicer.packaging",):
+            return f"ns:{call.args[0].value}"
+        if base == "self" and cls:
+            method = self._module_method(cls, m)
+            return self.annotation_type(method.returns) if method is not None else None
         if base == "ns:PyTorchUtils" and m == "PyTorchUtilsLogic":
             return "py:PyTorchUtilsLogic"
         if base == "ns:SampleData" and m in UTIL_RETURNS:
@@ -425,7 +444,8 @@ class SlicerApiChecker:
         base = self.typeof(call.func.value, env, cls)
         kind, _, name = (base or "").partition(":")
         error = None
-        if kind in ("cls", "classobj") or base in ("ns:slicer.util", "ns:slicer.packaging", "py:SegmentStatisticsLogic"):
+        if kind in ("cls", "classobj") or base in ("ns:slicer.util", "ns:slicer.packaging", "py:SegmentStatisticsLogic",
+                                                   "py:SampleDataLogic", "py:ScreenCaptureLogic"):
             self.resolved.add((name or base, m))
         if base is None:
             if m[:1].isupper():
@@ -434,8 +454,8 @@ class SlicerApiChecker:
                 error = f"{m}() is neither a known Slicer call nor in the Qt/ctk allowlist"
         elif base.startswith("ns:") and base[3:].split(".")[0] in STDLIB_MODULES:
             return
-        elif base in ("ns:slicer.util", "ns:slicer.packaging"):
-            table = UTIL if base == "ns:slicer.util" else PACKAGING
+        elif base in SIGNATURE_TABLES:
+            table = SIGNATURE_TABLES[base]
             if m not in table:
                 error = f"{base[3:]}.{m} is not in the API list"
             else:
@@ -471,11 +491,16 @@ class SlicerApiChecker:
             if m not in allowed:
                 error = message.format(m=m)
         elif kind == "qtclass":
-            error = f"{name}.{m}() is not in the Qt allowlist"
+            if m not in QT_CLASS_METHODS.get(name, set()):
+                error = f"{name}.{m}() is not in the Qt allowlist"
         if error:
             self.errors.append(f"line {line}: {error}")
 
 
+# receivers whose members are checked with their signatures (names and keyword arguments)
+SIGNATURE_TABLES = {"ns:slicer.util": UTIL, "ns:slicer.packaging": PACKAGING,
+                    "py:SampleDataLogic": API["SampleData"]["SampleDataLogic"],
+                    "py:ScreenCaptureLogic": SCREENCAPTURE_METHODS}
 # receivers whose callable members are a fixed list: base -> (allowed names, error message)
 KNOWN_MEMBERS = {
     "pn": (PNW_INSTANCE, "parameter node wrapper has no method {m}"),
@@ -484,6 +509,7 @@ KNOWN_MEMBERS = {
     "ns:SampleData": (SAMPLEDATA, "SampleData.{m} is not in the API list"),
     "ns:SegmentStatistics": ({"SegmentStatisticsLogic"}, "SegmentStatistics.{m} is not used by the reference API"),
     "ns:PyTorchUtils": ({"PyTorchUtilsLogic"}, "PyTorchUtils.{m} is not documented"),
+    "ns:ScreenCapture": ({"ScreenCaptureLogic"}, "ScreenCapture.{m} is not used by the reference API"),
     "ns:bridge": (BRIDGE_FUNCTIONS, "slicer_bridge has no function {m}"),
     "ns:vtk": (VTK_CLASSES, "vtk.{m} is not in the allowlist"),
     "ns:qt": (QT_NAMES, "qt.{m} is not in the Qt allowlist"),
@@ -513,10 +539,22 @@ def test_every_slicer_call_of_the_module_is_in_the_api_list(module_source):
             ("vtkSlicerTablesLogic", "GetLayoutWithTable"), ("vtkMRMLScriptedModuleNode", "SetParameter"),
             ("slicer.util", "startupEnvironment"), ("slicer.util", "arrayFromSegmentBinaryLabelmap"),
             ("slicer.packaging", "pip_ensure"), ("SegmentStatisticsLogic", "exportToCSVFile")} <= checker.resolved
+    # the calls added for issue 22 are checked too, not skipped
+    assert {("SampleDataLogic", "registerCustomSampleDataSource"), ("ScreenCaptureLogic", "captureImageFromView"),
+            ("vtkMRMLTransformableNode", "GetParentTransformNode"),
+            ("vtkMRMLTransformableNode", "SetAndObserveTransformNodeID"), ("vtkMRMLScene", "IsNodePresent"),
+            ("vtkMRMLScene", "RemoveNode"), ("SegmentStatisticsLogic", "setParameterNode"),
+            ("slicer.util", "updateVolumeFromArray"), ("slicer.util", "loadVolume"),
+            ("vtkMRMLSegmentationNode", "GetNodeReference"), ("vtkMRMLLabelMapVolumeNode", "SetIJKToRASMatrix"),
+            ("vtkMRMLSegmentationNode", "GetReferenceImageGeometryReferenceRole")} <= checker.resolved
     assert len(checker.resolved) > 60
 
 
 GOOD_SNIPPET = '''
+import importlib
+import qt
+import SampleData
+import ScreenCapture
 import slicer
 import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -533,6 +571,11 @@ class Logic(ScriptedLoadableModuleLogic):
         slicer.util.launchConsoleProcess(["x"], blocking=False, completedCallback=print)
         column = vtk.vtkStringArray()
         column.SetName("Region")
+        packaging = importlib.import_module("slicer.packaging")
+        packaging.pip_ensure(["scipy"], skip_packages=["torch"], prompt_install=False)
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(sampleName="x", loadFileType="VolumeFile")
+        ScreenCapture.ScreenCaptureLogic().captureImageFromView(None, "x.png")
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile("x.html"))
         return self.getParameterNode()
 '''
 
@@ -548,6 +591,11 @@ class Logic(ScriptedLoadableModuleLogic):
     ('slicer.util.launchConsoleProcess(["x"]', 'slicer.util.launchProcess(["x"]'),
     ('column.SetName("Region")', 'column.SetTitle("Region")'),
     ("return self.getParameterNode()", "return self.getParameterNod()"),
+    ("skip_packages=[\"torch\"]", "skip_package=[\"torch\"]"),
+    ("packaging.pip_ensure(", "packaging.pip_insure("),
+    ("registerCustomSampleDataSource(sampleName", "registerCustomSampleDataSource(sample_name"),
+    ("captureImageFromView(None", "captureImage(None"),
+    ("qt.QUrl.fromLocalFile(", "qt.QUrl.fromFile("),
     ('display: "vtkMRMLSegmentationDisplayNode" = segmentation.GetDisplayNode()',
      "display = segmentation.GetDisplayNode()"),  # untyped display node: its MRML calls cannot be checked
     ("def show(self, volume: \"vtkMRMLScalarVolumeNode\"):", "def show(self, volume):"),
@@ -628,7 +676,9 @@ def test_every_mrml_widget_gets_the_scene():
 def test_connected_signals_exist_on_their_widgets(module_source):
     _, widgets, _ = _ui_widgets()
     signals = {"QPushButton": {"clicked(bool)", "toggled(bool)"},
-               "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "currentSegmentChanged(QString)"}}
+               "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "currentSegmentChanged(QString)"},
+               # qMRMLSegmentsTableView.h re-emits its table's selection model signal (onSegmentSelectionChanged)
+               "qMRMLSegmentsTableView": {"selectionChanged(QItemSelection,QItemSelection)"}}
     for node in ast.walk(ast.parse(module_source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect":
             owner = node.func.value
@@ -784,12 +834,12 @@ def test_dependencies_are_installed_only_on_analyze(module_source):
     installers = {"pip_install", "pip_ensure", "installTorch"}
     owners = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
               for n in ast.walk(fn) if isinstance(n, ast.Attribute) and n.attr in installers}
-    assert owners == {"ensureDependencies", "_ensureTorch"}
+    assert owners == {"ensureDependencies", "_installPackages"}
     callers = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
                for n in ast.walk(fn) if isinstance(n, ast.Attribute) and n.attr == "ensureDependencies"}
     assert callers == {"onApplyButton", "test_AnalyzeCTChest"}
     assert "SKIP_PACKAGES" in ast.unparse(next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
-                                               and f.name == "ensureDependencies"))
+                                               and f.name == "_installPackages"))
 
 
 def test_module_defines_the_slicer_classes(module_source):
@@ -850,19 +900,27 @@ class _FakeTimer:
             self.callback()
 
 
-def _load_module(monkeypatch, packaging=None, torch_installed=True, calls=None):
+@__import__("contextlib").contextmanager
+def _try_with_error_display(message=None, show=True, waitCursor=False):
+    """slicer.util.tryWithErrorDisplay: shows the error, then re-raises it."""
+    yield
+
+
+def _load_module(monkeypatch, calls=None):
     """Import LatentHarmonize.py against stand-ins for slicer and qt (vtk is the real one)."""
     calls = calls if calls is not None else []
     slicer = types.ModuleType("slicer")
     util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {
+        "__init__": lambda self: None, "addObserver": lambda self, *a: None, "removeObserver": lambda self, *a: None,
+        "removeObservers": lambda self, *a: None})
     util.startupEnvironment = lambda: dict(os.environ)
     util.confirmOkCancelDisplay = lambda text, *a, **k: calls.append(("confirm", text)) or True
-    util.pip_install = lambda requirements, **k: calls.append(("pip_install", requirements))
     util.arrayFromVTKMatrix = lambda m: np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+    util.tryWithErrorDisplay = _try_with_error_display
     slicer.util = util
-    if packaging is not None:
-        slicer.packaging = packaging
+    slicer.app = types.SimpleNamespace(connect=lambda signal, callback: calls.append(("app.connect", signal)),
+                                       testingEnabled=lambda: False)
     for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
         setattr(slicer, name, type(name, (), {}))
     i18n = types.ModuleType("slicer.i18n")
@@ -871,17 +929,17 @@ def _load_module(monkeypatch, packaging=None, torch_installed=True, calls=None):
     wrapper.parameterNodeWrapper = lambda cls: cls
     wrapper.Choice = wrapper.WithinRange = lambda *args: None
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
         setattr(slm, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (__import__("unittest").TestCase,),
+                                          {"delayDisplay": lambda self, message, *a: calls.append(("delay", message))})
     qt = types.ModuleType("qt")
     qt.QTimer = _FakeTimer
+    qt.QUrl = types.SimpleNamespace(fromLocalFile=lambda path: ("url", path))
+    qt.QDesktopServices = types.SimpleNamespace(openUrl=lambda url: calls.append(("openUrl", url)))
     torch_utils = types.ModuleType("PyTorchUtils")
 
     class PyTorchUtilsLogic:
-        def torchInstalled(self):
-            return torch_installed
-
         def installTorch(self, **kwargs):
             calls.append(("installTorch", kwargs))
 
@@ -908,6 +966,11 @@ for line in sys.stdin:
     if "crash" in request["ct"]:
         raise SystemExit(3)
     if "slow" in request["ct"]:
+        time.sleep(60)
+    if "stubborn" in request["ct"]:
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("LH-PROGRESS 20 encode ignoring SIGTERM", flush=True)
         time.sleep(60)
     print("LH-PROGRESS 100 done results", flush=True)
     if "nolung" in request["ct"]:
@@ -999,6 +1062,21 @@ def test_worker_ending_without_an_answer_fails_the_analysis(monkeypatch, tmp_pat
     assert finished == [3] and "exit code 3" in run.log.failure_message(3) and not worker.alive()
 
 
+def test_cancel_never_waits_for_a_backend_that_ignores_sigterm(monkeypatch, tmp_path, fake_python):
+    """Cancel (and scene close, and exit) run on Slicer's GUI thread: they return at once; the kill of a backend that
+    ignores SIGTERM follows after the grace period, in a thread, and the run still completes as cancelled."""
+    module = _load_module(monkeypatch)
+    worker = _fake_worker(module, fake_python)
+    progress = []
+    run, finished = _analysis(module, worker, tmp_path, ct="stubborn.nrrd", onProgress=progress.append)
+    _wait(lambda: len(progress) == 2, tick=worker._timer.fire)
+    started = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - started < 0.5 and not worker.alive()  # no request can go to a worker being killed
+    _wait(lambda: finished, timeout=20, tick=worker._timer.fire)
+    assert run.cancelled and finished[0] != 0 and worker.process.poll() == -9
+
+
 def test_cancel_kills_the_worker_and_still_reports(monkeypatch, tmp_path, fake_python):
     module = _load_module(monkeypatch)
     worker = _fake_worker(module, fake_python)
@@ -1013,11 +1091,14 @@ def test_cancel_kills_the_worker_and_still_reports(monkeypatch, tmp_path, fake_p
 
 
 class _FakeVolume:
-    def __init__(self, name, ijk_to_ras):
-        self.name, self.ijk_to_ras = name, ijk_to_ras
+    def __init__(self, name, ijk_to_ras, transform=None):
+        self.name, self.ijk_to_ras, self.transform = name, ijk_to_ras, transform
 
     def GetName(self):
         return self.name
+
+    def GetParentTransformNode(self):
+        return self.transform
 
     def GetIJKToRASMatrix(self, matrix):
         for i in range(4):
@@ -1047,15 +1128,16 @@ def test_start_analysis_writes_the_input_and_keeps_one_worker(monkeypatch, tmp_p
     worker = logic.worker
     assert worker.launch.command == (str(fake_python), "-m", "latentharmonize", "worker", "--idle-timeout", "600")
     assert dict(worker.launch.environment)["PYTHONPATH"].split(os.pathsep) == [str(MODULE_DIR), "/opt/extra"]
-    _wait(lambda: finished, tick=worker._timer.fire)
     written = tmp_path / "LatentHarmonize-0" / "input" / "CT_chest.nrrd"
-    assert json.loads(log[0][len("request "):]) == {
-        "ct": str(written), "out": str(tmp_path / "LatentHarmonize-0" / "out"), "mask": None, "model": str(bundle),
-        "device": "cuda", "overwrite": False, "report": True, "id": None}
-    image = sitk.ReadImage(str(written))
+    image = sitk.ReadImage(str(written))  # the run completes only when the (stand-in) timer fires
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct)
     np.testing.assert_allclose(image.GetOrigin(), (-10.0, -20.0, -30.0))
+    _wait(lambda: finished, tick=worker._timer.fire)
+    assert json.loads(log[0][len("request "):]) == {  # no QC pictures or report: built on demand (Open report)
+        "ct": str(written), "out": str(tmp_path / "LatentHarmonize-0" / "out"), "mask": None, "model": str(bundle),
+        "device": "cuda", "overwrite": False, "report": False, "id": None}
     assert run.inputPath == written and finished == [0]
+    assert not written.parent.exists()  # the uncompressed CT copy does not outlive the run
 
     again = logic.startAnalysis(volume, modelPath=bundle)  # the next Analyze goes to the same process
     assert again.worker is worker and again.runFolder == tmp_path / "LatentHarmonize-1"
@@ -1097,50 +1179,127 @@ def test_opening_the_module_starts_a_preloading_worker_that_analyze_then_uses(mo
     assert worker.process.wait(timeout=30) == 0
 
 
-def test_no_worker_is_started_in_advance_before_pytorch_is_installed(monkeypatch, fake_python):
-    module = _load_module(monkeypatch, torch_installed=False)
-    logic = _logic_with_fake_python(monkeypatch, module, fake_python)
-    assert not logic.dependenciesInstalled()
-    logic.prestartWorker(module.DEFAULT_MODEL, "auto")
-    assert logic.worker is None  # installing asks the user; that waits for the first Analyze
+def _dependency_module(monkeypatch, tmp_path, requirements, packaging="absent", min_torch=">=2.1", calls=None):
+    """The module with a requirements file of its own; ``packaging``: a stand-in slicer.packaging that only an
+    explicit import finds (as in a freshly started Slicer >= 5.12), or None for Slicer <= 5.10 (no such module)."""
+    calls = calls if calls is not None else []
+    module = _load_module(monkeypatch, calls=calls)
+    path = tmp_path / "requirements.txt"
+    path.write_text(requirements)
+    monkeypatch.setattr(module, "REQUIREMENTS", path)
+    monkeypatch.setattr(module, "MIN_TORCH", min_torch)
+    if packaging is None:
+        monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # import fails like in Slicer 5.10
+    elif packaging != "absent":
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    return module, path
 
 
-def test_dependencies_use_pip_ensure_when_slicer_has_it(monkeypatch, tmp_path):
-    ensured = []
-    packaging = types.SimpleNamespace(load_requirements=lambda path: ["monai>=1.3"],
-                                      pip_ensure=lambda reqs, **kwargs: ensured.append((reqs, kwargs)))
-    module = _load_module(monkeypatch, packaging=packaging)
+def test_one_question_for_pytorch_and_packages_then_slicer_packaging(monkeypatch, tmp_path):
+    """Slicer >= 5.12: ``slicer.packaging`` exists but is not an attribute of ``slicer`` until imported; the module
+    imports it, asks once for everything (an installed PyTorch that is too old included) and lets pip_ensure spare
+    Slicer's packages."""
+    calls = []
+
+    def pip_ensure(requirements, **kwargs):
+        calls.append(("pip_ensure", list(requirements), kwargs))
+        path.write_text("")  # installed
+
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = pip_ensure
+    module, path = _dependency_module(monkeypatch, tmp_path, "pandas>=2.0\nno-such-package-for-latentharmonize>=1.0\n",
+                                      packaging=packaging, min_torch=">=999", calls=calls)
+    torch_utils = sys.modules["PyTorchUtils"].PyTorchUtilsLogic
+    monkeypatch.setattr(torch_utils, "installTorch", lambda self, **kwargs: calls.append(("installTorch", kwargs))
+                        or monkeypatch.setattr(module, "MIN_TORCH", ">=0"))
+    assert not hasattr(module.slicer, "packaging")
     logic = module.LatentHarmonizeLogic()
+    assert not logic.dependenciesInstalled()
     logic.ensureDependencies()
     logic.ensureDependencies()  # checked once per session
-    assert ensured == [(["monai>=1.3"], {"skip_packages": ["SimpleITK", "torch", "vtk"], "prompt_install": True,
-                                         "requester": "LatentHarmonize"})]
+    assert [c[0] for c in calls] == ["confirm", "installTorch", "pip_ensure"]
+    question = calls[0][1]
+    assert "PyTorch" in question and ">=999 is needed" in question and "no-such-package-for-latentharmonize" in question
+    assert "pandas" not in question  # installed already
+    assert calls[1][1] == {"askConfirmation": False, "torchVersionRequirement": ">=999"}
+    assert calls[2][1] == ["no-such-package-for-latentharmonize>=1.0"]
+    assert calls[2][2] == {"skip_packages": ["SimpleITK", "torch", "vtk"], "prompt_install": False,
+                           "requester": "LatentHarmonize"}
+    assert logic.dependenciesInstalled()
 
 
-def test_dependencies_fall_back_to_pip_install_after_confirmation(monkeypatch, tmp_path):
+def test_dependencies_fall_back_to_pip_install_without_slicer_packaging(monkeypatch, tmp_path):
     calls = []
-    module = _load_module(monkeypatch, calls=calls, torch_installed=False)
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("pandas>=2.0\nno-such-package-for-latentharmonize>=1.0  # missing\n")
-    monkeypatch.setattr(module, "REQUIREMENTS", requirements)
+    module, path = _dependency_module(monkeypatch, tmp_path, "no-such-package-for-latentharmonize>=1.0  # missing\n",
+                                      packaging=None, calls=calls)
+    module.slicer.util.pip_install = lambda requirements, **k: calls.append(("pip_install", requirements)) \
+        or path.write_text("")
     module.LatentHarmonizeLogic().ensureDependencies()
-    kinds = [c[0] for c in calls]
-    assert kinds == ["confirm", "installTorch", "confirm", "pip_install"]
-    assert calls[1][1] == {"askConfirmation": False, "torchVersionRequirement": ">=2.1"}
-    assert calls[3][1] == "'no-such-package-for-latentharmonize>=1.0'"  # only what is missing, shell-quoted
+    assert [c[0] for c in calls] == ["confirm", "pip_install"]  # PyTorch is installed here: not asked for
+    assert calls[1][1] == "'no-such-package-for-latentharmonize>=1.0'"  # only what is missing, shell-quoted
 
-    declined = _load_module(monkeypatch, calls=[])
-    declined.slicer.util.confirmOkCancelDisplay = lambda *a, **k: False
-    monkeypatch.setattr(declined, "REQUIREMENTS", requirements)
+
+def test_declined_or_failed_installation_is_explained(monkeypatch, tmp_path):
+    module, _ = _dependency_module(monkeypatch, tmp_path, "no-such-package-for-latentharmonize>=1.0\n", packaging=None)
+    module.slicer.util.confirmOkCancelDisplay = lambda *a, **k: False
     with pytest.raises(RuntimeError, match="Installation declined"):
-        declined.LatentHarmonizeLogic().ensureDependencies()
+        module.LatentHarmonizeLogic().ensureDependencies()
+    module.slicer.util.confirmOkCancelDisplay = lambda *a, **k: True
+    module.slicer.util.pip_install = lambda requirements, **k: None  # pip "succeeds" but the package is still absent
+    with pytest.raises(RuntimeError, match="did not complete"):
+        module.LatentHarmonizeLogic().ensureDependencies()
 
 
-def test_missing_pytorch_extension_is_explained(monkeypatch):
-    module = _load_module(monkeypatch)
+def test_missing_pytorch_extension_is_explained_only_when_pytorch_is_needed(monkeypatch, tmp_path):
+    module, _ = _dependency_module(monkeypatch, tmp_path, "", min_torch=">=999")
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # import fails like an absent extension
     with pytest.raises(RuntimeError, match="Install 'PyTorch' from the Extensions Manager"):
         module.LatentHarmonizeLogic().ensureDependencies()
+    monkeypatch.setattr(module, "MIN_TORCH", ">=2.1")  # an installed, recent PyTorch needs no extension code
+    module.LatentHarmonizeLogic().ensureDependencies()
+
+
+def test_opening_the_module_checks_dependencies_without_importing_pytorch(monkeypatch, tmp_path):
+    """enter() -> prestartWorker -> dependenciesInstalled reads package metadata only: with ``import torch`` and
+    PyTorchUtils made to fail, it still answers, and a too old PyTorch counts as missing."""
+    module, _ = _dependency_module(monkeypatch, tmp_path, "")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    assert module.LatentHarmonizeLogic().dependenciesInstalled()
+    monkeypatch.setattr(module, "MIN_TORCH", ">=999")
+    logic = module.LatentHarmonizeLogic()
+    assert not logic.dependenciesInstalled() and logic.prestartWorker() is False and logic.worker is None
+
+
+def test_requirements_leave_out_monai_which_the_analysis_never_imports():
+    """monai is imported only by training (train.py, training_data.py); the modules the worker, analyze, the report
+    and the Slicer bridge reach (following every relative import, also inside functions) never import it."""
+    package = MODULE_DIR / "latentharmonize"
+
+    def imports(name):
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        inner, outer = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                inner |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                outer.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                outer |= {a.name.split(".")[0] for a in node.names}
+        return {n for n in inner if (package / f"{n}.py").is_file()}, outer
+
+    seen, todo, external = set(), ["worker", "analyze", "slicer_bridge", "cli", "__init__"], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            inner, outer = imports(name)
+            external |= outer
+            todo += sorted(inner)
+    assert "monai" not in external
+    assert "train" not in seen and "training_data" not in seen
+    requirements = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
+    assert not re.search(r"^monai", requirements, re.M)
 
 
 # QC and export against a stand-in segmentation node holding numpy masks, on analyze outputs written by the
@@ -1167,9 +1326,19 @@ class _FakeSegment:
 class _FakeSegmentationNode:
     """Segments as boolean masks on the CT grid; attributes as a dict."""
 
-    def __init__(self, name, masks):
+    def __init__(self, name, masks, references=None):
         self.name, self.masks, self.attributes = name, dict(masks), {}
         self.segments = {sid: _FakeSegment(f"Label_{i}", (0.5, 0.5, 0.5)) for i, sid in enumerate(masks)}
+        self.references = dict(references or {})
+
+    def GetReferenceImageGeometryReferenceRole(self):
+        return "referenceImageGeometryRef"
+
+    def GetNodeReference(self, role):
+        return self.references.get(role)
+
+    def SetNodeReferenceID(self, role, node_id):
+        self.references[role] = node_id
 
     def GetName(self):
         return self.name
@@ -1192,48 +1361,101 @@ class _FakeSegmentationNode:
         del self.segments[sid], self.masks[sid]
 
 
-def _qc_module(monkeypatch, ct, events):
+class _SceneVolume:
+    """A volume node stand-in holding its voxels (``arrayFromVolume``) and geometry."""
+
+    def __init__(self, node_id, array, ijk_to_ras=IJK_TO_RAS, name="CT chest"):
+        self.node_id, self.array, self.ijk_to_ras, self.name = node_id, array, np.asarray(ijk_to_ras), name
+
+    def GetID(self):
+        return self.node_id
+
+    def GetName(self):
+        return self.name
+
+    def GetIJKToRASMatrix(self, matrix):
+        for i in range(4):
+            for j in range(4):
+                matrix.SetElement(i, j, self.ijk_to_ras[i][j])
+
+
+def _qc_module(monkeypatch, events, reference=None):
+    """The module with stand-ins for the Slicer calls of QC and export. Every segment array is asked for in the
+    geometry of ``reference`` (the segmentation's recorded reference volume), whatever volume is selected."""
     module = _load_module(monkeypatch)
     util = module.slicer.util
-    util.arrayFromVolume = lambda volume: ct
-    util.arrayFromSegmentBinaryLabelmap = lambda seg, sid, ref: seg.masks[sid].astype(np.uint8)
+    util.arrayFromVolume = lambda volume: volume.array
+
+    def segment_array(seg, sid, ref):
+        assert reference is None or ref is reference, f"segment read in the geometry of {ref.GetID()}"
+        return seg.masks[sid].astype(np.uint8)
 
     def update(array, seg, sid, ref):
+        assert reference is None or ref is reference
         seg.masks[sid] = np.asarray(array) > 0
 
+    util.arrayFromSegmentBinaryLabelmap = segment_array
     util.updateSegmentBinaryLabelmapFromArray = update
-    util.saveNode = lambda node, path: events.append(("save", path)) or Path(path).write_text("seg") or True
+    util.saveNode = lambda node, path: events.append(("save", node, Path(path).name)) or Path(path).write_text("x") \
+        or True
     module.slicer.vtkSlicerSegmentationsModuleLogic = types.SimpleNamespace(
         Flagged=3, Completed=2, SetSegmentStatus=lambda segment, status: events.append(("status", segment.name, status)))
-    module.slicer.mrmlScene = types.SimpleNamespace(AddNewNodeByClass=lambda cls, name: (cls, name))
+    module.slicer.mrmlScene = types.SimpleNamespace(
+        AddNewNodeByClass=lambda cls, name: events.append(("add", cls, name)) or _ParameterNode(cls),
+        RemoveNode=lambda node: events.append(("remove", node.cls)))
     module.slicer.vtkMRMLSliceNode = types.SimpleNamespace(
         CenteredJumpSlice=1, JumpAllSlices=lambda scene, r, a, s, mode: events.append(("jump", (r, a, s), mode)))
     return module
 
 
-def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
+class _ParameterNode:
+    def __init__(self, cls):
+        self.cls, self.parameters = cls, {}
+
+    def SetParameter(self, key, value):
+        self.parameters[key] = value
+
+    def GetID(self):
+        return f"{self.cls}1"
+
+
+def _result_segmentation(module, outputs, reference):
+    """A result segmentation as loadResults leaves it in the scene (and as a saved scene brings it back): segments,
+    the recorded reference volume and lung map, labels, model ID, no file of the analysis folder needed."""
     from latentharmonize import slicer_bridge as bridge
 
-    events = []
-    module = _qc_module(monkeypatch, outputs["ct"], events)
-    logic = module.LatentHarmonizeLogic()
-    monkeypatch.setattr(module.LatentHarmonizeLogic, "ijkToRAS", staticmethod(lambda volume: IJK_TO_RAS))
-    volume = object()
     definitions = bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd")
-    labels = outputs["labels"]
-    segmentation = _FakeSegmentationNode("chest clusters", {d.segment_id: labels == d.label for d in definitions})
-    segmentation.attributes.update({module.OUTPUT_FOLDER_ATTRIBUTE: str(outputs["out"]), module.NAME_ATTRIBUTE: "chest",
-                                    module.INPUT_PATH_ATTRIBUTE: str(outputs["ct_path"])})
-    ids = {d.label: d.segment_id for d in definitions}
+    lungs = _SceneVolume("vtkMRMLLabelMapVolumeNode1", outputs["lungs"])
+    segmentation = _FakeSegmentationNode(
+        "chest clusters", {d.segment_id: outputs["labels"] == d.label for d in definitions},
+        {module.CLUSTERED_VOLUME_ROLE: reference, module.LUNGS_REFERENCE_ROLE: lungs})
+    module.LatentHarmonizeLogic.applySegmentDefinitions(segmentation, definitions)
+    segmentation.attributes.update({module.NAME_ATTRIBUTE: "chest", module.MODEL_ID_ATTRIBUTE: "abc123",
+                                    module.ORIGINAL_LABELS_ATTRIBUTE: json.dumps([d.label for d in definitions])})
+    return segmentation, {d.label: d.segment_id for d in definitions}
 
-    # loading: names, colours and the segment -> label map come from the .seg.nrrd
-    logic.applySegmentDefinitions(segmentation, definitions)
+
+def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
+    """Everything runs on the segmentation's reference volume and the lung map in the scene: the analysis folder is
+    deleted first, as after a scene reload in a later session."""
+    import shutil
+
+    events = []
+    reference = _SceneVolume("vtkMRMLScalarVolumeNode1", outputs["ct"])
+    module = _qc_module(monkeypatch, events, reference)
+    logic = module.LatentHarmonizeLogic()
+    segmentation, ids = _result_segmentation(module, outputs, reference)
+    labels = outputs["labels"]
+    before = outputs["table"].set_index(["region", "label"])
+    shutil.rmtree(outputs["out"])
+    shutil.rmtree(outputs["ct_path"].parent)
+
     assert {s.name for s in segmentation.segments.values()} == {"normal", "emphysema", "ground_glass"}
     assert logic.segmentLabels(segmentation) == {ids[1]: 1, ids[2]: 2, ids[3]: 3}
 
     # status and jump
     logic.setClusterStatus(segmentation, [ids[2]], module.slicer.vtkSlicerSegmentationsModuleLogic.Flagged)
-    center = logic.jumpToLargestRegion(segmentation, ids[2], volume)
+    center = logic.jumpToLargestRegion(segmentation, ids[2])
     assert ("status", "emphysema", 3) in events and ("jump", center, 1) in events
     k, j, i = np.argwhere(labels == 2).mean(axis=0)
     np.testing.assert_allclose(center, (IJK_TO_RAS @ [i, j, k, 1])[:3], atol=2.5)
@@ -1242,13 +1464,13 @@ def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
     logic.renameCluster(segmentation, ids[3], "GGO")
     with pytest.raises(Exception, match="already named"):
         logic.renameCluster(segmentation, ids[3], "normal")
-    before = outputs["table"].set_index(["region", "label"])
-    assert logic.mergeClusters(segmentation, [ids[2], ids[3]], volume) == ids[2]
+    assert logic.mergeClusters(segmentation, [ids[2], ids[3]]) == ids[2]
     assert ids[3] not in segmentation.segments and segmentation.masks[ids[2]].sum() == np.isin(labels, [2, 3]).sum()
-    after = logic.recomputeComposition(segmentation, volume).set_index(["region", "label"])
+    after = logic.recomputeComposition(segmentation).set_index(["region", "label"])
     assert after.loc[("whole", 2), "fraction"] == pytest.approx(
         before.loc[("whole", 2), "fraction"] + before.loc[("whole", 3), "fraction"])
     assert set(after.loc["whole"].index) == {1, 2}
+    assert after.loc[("whole", 1), "mean_hu"] == pytest.approx(before.loc[("whole", 1), "mean_hu"])
 
     # a segment painted in the Segment Editor (which overwrites other segments) becomes a new cluster
     drawn = np.zeros_like(labels, dtype=bool)
@@ -1257,25 +1479,28 @@ def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
         segmentation.masks[sid] = segmentation.masks[sid] & ~drawn
     segmentation.masks["drawn"] = drawn
     segmentation.segments["drawn"] = _FakeSegment("vessel", (1, 0, 0))
-    whole = logic.recomputeComposition(segmentation, volume).query("region == 'whole'").set_index("label")
+    whole = logic.recomputeComposition(segmentation).query("region == 'whole'").set_index("label")
     lung = outputs["lungs"] > 0
     assert whole.loc[4, "name"] == "vessel"
     assert 0 < whole.loc[4, "fraction"] == pytest.approx((drawn & lung).sum() / lung.sum())
     assert whole.fraction.sum() == pytest.approx(1.0)
 
-    # export: composition of the edited clusters, statistics of all segments, the .seg.nrrd
+    # export: composition of the edited clusters, statistics of all segments, the .seg.nrrd, densitometry
     stats_module = types.ModuleType("SegmentStatistics")
-    parameters = {}
+    used = {}
 
     class SegmentStatisticsLogic:
         def getParameterNode(self):
-            return types.SimpleNamespace(SetParameter=parameters.__setitem__)
+            raise AssertionError("the Segment Statistics module's shared parameter node must stay untouched")
+
+        def setParameterNode(self, node):
+            used["node"] = node
 
         def computeStatistics(self):
-            events.append(("stats", dict(parameters)))
+            events.append(("stats", dict(used["node"].parameters)))
 
         def exportToTable(self, table):
-            events.append(("table", table))
+            events.append(("table", table.cls))
 
         def exportToCSVFile(self, path):
             Path(path).write_text("Segment,volume\n")
@@ -1283,21 +1508,30 @@ def test_qc_and_export_on_a_segmentation(monkeypatch, outputs, tmp_path):
     stats_module.SegmentStatisticsLogic = SegmentStatisticsLogic
     monkeypatch.setitem(sys.modules, "SegmentStatistics", stats_module)
     monkeypatch.setattr(module.LatentHarmonizeLogic, "placeBeside", staticmethod(lambda node, reference: None))
-    written = logic.exportResults(segmentation, types.SimpleNamespace(GetID=lambda: "vtkMRMLScalarVolumeNode1"),
-                                  tmp_path / "export")
+    densitometry = object()
+    written = logic.exportResults(segmentation, tmp_path / "export", densitometry)
     assert [p.name for p in written] == ["chest_composition.csv", "chest_composition.json",
-                                         "chest_segment_statistics.csv", "chest.seg.nrrd"]
+                                         "chest_segment_statistics.csv", "chest.seg.nrrd", "chest_densitometry.csv"]
     assert all(p.is_file() for p in written)
-    assert parameters["visibleSegmentsOnly"] == "False"  # hidden clusters are measured too
+    stats = next(e[1] for e in events if e[0] == "stats")
+    assert stats == {"Segmentation": "vtkMRMLSegmentationNode1", "ScalarVolume": "vtkMRMLScalarVolumeNode1",
+                     "visibleSegmentsOnly": "False"}  # the clusters' CT; hidden clusters are measured too
+    assert used["node"].cls == "vtkMRMLScriptedModuleNode" and ("remove", "vtkMRMLScriptedModuleNode") in events
+    assert ("save", densitometry, "chest_densitometry.csv") in events
     doc = json.loads(written[1].read_text())
     assert [c["name"] for c in doc["clusters"]] == ["normal", "emphysema", "vessel"] and doc["model_sha256"] == "abc123"
 
 
 def test_qc_on_a_foreign_segmentation_says_to_run_analyze(monkeypatch, outputs):
-    module = _qc_module(monkeypatch, outputs["ct"], [])
-    foreign = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1})
+    module = _qc_module(monkeypatch, [])
+    reference = _SceneVolume("vtkMRMLScalarVolumeNode1", outputs["ct"])
+    foreign = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1},
+                                     {module.CLUSTERED_VOLUME_ROLE: reference})
     with pytest.raises(ValueError, match="run Analyze first"):
-        module.LatentHarmonizeLogic().recomputeComposition(foreign, object())
+        module.LatentHarmonizeLogic().recomputeComposition(foreign)
+    orphan = _FakeSegmentationNode("my segments", {"a": outputs["labels"] == 1})
+    with pytest.raises(ValueError, match="does not record the CT its clusters were computed on"):
+        module.LatentHarmonizeLogic().jumpToLargestRegion(orphan, "a")
 
 
 class _FakeTable:
@@ -1318,15 +1552,33 @@ class _FakeTable:
         self.columns.append(column)
 
 
-def test_load_results_builds_segmentation_table_and_confidence(monkeypatch, outputs):
+class _Transformable:
+    """Result node stand-in that records the transform it is placed under."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name, self.transform, self.ijk = cls, name, "unset", None
+
+    def SetAndObserveTransformNodeID(self, node_id):
+        self.transform = node_id
+
+    def SetIJKToRASMatrix(self, matrix):
+        self.ijk = matrix
+
+    def GetID(self):
+        return f"{self.cls}1"
+
+
+def test_load_results_builds_segmentation_tables_and_maps(monkeypatch, outputs):
+    """What a run leaves in the scene: everything QC, export and a saved scene need (reference volume, lung map,
+    labels, model ID, warnings), the densitometry table, all under the input's transform."""
     from latentharmonize import slicer_bridge as bridge
 
-    module = _qc_module(monkeypatch, outputs["ct"], [])
+    module = _qc_module(monkeypatch, [])
     definitions = bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd")
-    made = {}
+    made = {"tables": []}
 
     class LoadedSegmentation(_FakeSegmentationNode):
-        opacity = None
+        transform = "unset"
 
         def SetName(self, name):
             self.name = name
@@ -1334,47 +1586,62 @@ def test_load_results_builds_segmentation_table_and_confidence(monkeypatch, outp
         def SetReferenceImageGeometryParameterFromVolumeNode(self, volume):
             made["geometry_from"] = volume
 
-        def GetReferenceImageGeometryReferenceRole(self):
-            return "referenceImageGeometryRef"
-
-        def SetNodeReferenceID(self, role, node_id):
-            made["reference"] = (role, node_id)
-
         def CreateDefaultDisplayNodes(self):
             pass
 
         def GetDisplayNode(self):
             return types.SimpleNamespace(SetOpacity2DFill=lambda value: made.__setitem__("opacity", value))
 
+        def SetAndObserveTransformNodeID(self, node_id):
+            self.transform = node_id
+
     def load_segmentation(path):
         made["loaded"] = path
         return LoadedSegmentation("chest", {d.segment_id: outputs["labels"] == d.label for d in definitions})
 
+    def add_node(cls, name):
+        node = _FakeTable() if cls == "vtkMRMLTableNode" else _Transformable(cls, name)
+        made["tables" if cls == "vtkMRMLTableNode" else cls] = made["tables"] + [node] \
+            if cls == "vtkMRMLTableNode" else node
+        return node
+
     util = module.slicer.util
     util.loadSegmentation = load_segmentation
     util.vtkMatrixFromArray = lambda array: ("matrix", np.asarray(array))
-    util.addVolumeFromArray = lambda array, ijk_to_ras, name: made.setdefault("confidence", (array, ijk_to_ras, name))
-    module.slicer.mrmlScene = types.SimpleNamespace(
-        GenerateUniqueName=lambda name: name, AddNewNodeByClass=lambda cls, name: made.setdefault("table", _FakeTable()))
+    util.updateVolumeFromArray = lambda node, array: setattr(node, "array", array)
+    util.addVolumeFromArray = lambda array, ijk_to_ras, name: made.setdefault(
+        "confidence", _Transformable("vtkMRMLScalarVolumeNode", name)) and setattr(
+        made["confidence"], "data", (array, ijk_to_ras)) or made["confidence"]
+    module.slicer.mrmlScene = types.SimpleNamespace(GenerateUniqueName=lambda name: name, AddNewNodeByClass=add_node)
     monkeypatch.setattr(module.LatentHarmonizeLogic, "placeBeside",
                         staticmethod(lambda node, ref: made.setdefault("placed", []).append(node)))
-    volume = types.SimpleNamespace(GetName=lambda: "CT chest", GetID=lambda: "vtkMRMLScalarVolumeNode1")
-    run = module.AnalysisRun([], {}, outputs["out"].parent, "chest", volume)
-    monkeypatch.setattr(module.AnalysisRun, "outputFolder", property(lambda self: outputs["out"]))
-    monkeypatch.setattr(module.AnalysisRun, "inputPath", property(lambda self: outputs["ct_path"]))
+    volume = types.SimpleNamespace(GetName=lambda: "CT chest", GetID=lambda: "vtkMRMLScalarVolumeNode1",
+                                   GetTransformNodeID=lambda: "vtkMRMLLinearTransformNode4")
+    run = module.AnalysisRun([], {}, outputs["out"].parent, "chest", volume,
+                             warnings=[{"code": "input_transformed", "message": "CT chest is under a transform"}])
 
     results = module.LatentHarmonizeLogic().loadResults(run)
     segmentation = results.segmentation
     assert made["loaded"] == str(outputs["out"] / "chest.seg.nrrd") and segmentation.name == "CT chest clusters"
-    assert made["reference"] == ("referenceImageGeometryRef", "vtkMRMLScalarVolumeNode1") and made["opacity"] == 0.5
+    assert segmentation.references["referenceImageGeometryRef"] == "vtkMRMLScalarVolumeNode1" and made["opacity"] == 0.5
+    assert segmentation.references[module.CLUSTERED_VOLUME_ROLE] == "vtkMRMLScalarVolumeNode1"
     assert {s.name: s.color for s in segmentation.segments.values()} == {d.name: d.color for d in definitions}
-    assert segmentation.attributes[module.INPUT_PATH_ATTRIBUTE] == str(outputs["ct_path"])
+    attributes = segmentation.attributes
+    assert json.loads(attributes[module.ORIGINAL_LABELS_ATTRIBUTE]) == [1, 2, 3]
+    assert attributes[module.MODEL_ID_ATTRIBUTE] == "abc123"
+    assert [w["code"] for w in module.LatentHarmonizeLogic.storedWarnings(segmentation)] == [
+        "input_transformed", "thin_slices"]  # the module's own, then analysis.json's
 
-    array, (_, matrix), name = made["confidence"]
-    assert name == "CT chest confidence" and array.shape == outputs["ct"].shape
-    np.testing.assert_allclose(matrix, IJK_TO_RAS, atol=1e-6)
+    lungs = made["vtkMRMLLabelMapVolumeNode"]
+    assert segmentation.references[module.LUNGS_REFERENCE_ROLE] == lungs.GetID()
+    np.testing.assert_array_equal(lungs.array, outputs["lungs"])
+    np.testing.assert_allclose(lungs.ijk[1], IJK_TO_RAS, atol=1e-6)
+    confidence = made["confidence"]
+    assert confidence.name == "CT chest confidence" and confidence.data[0].shape == outputs["ct"].shape
+    np.testing.assert_allclose(confidence.data[1][1], IJK_TO_RAS, atol=1e-6)
+    assert {n.transform for n in (segmentation, lungs, confidence)} == {"vtkMRMLLinearTransformNode4"}
 
-    table = made["table"]
+    table, densitometry = made["tables"]
     assert table.modifying == 0
     titles = [c.GetName() for c in table.columns]
     assert titles == ["Region", "Label", "Cluster", "Fraction (%)", "Volume (mL)", "Mean (HU)", "SD (HU)"]
@@ -1383,4 +1650,7 @@ def test_load_results_builds_segmentation_table_and_confidence(monkeypatch, outp
     fractions = [table.columns[3].GetValue(r) for r in range(rows)]
     np.testing.assert_allclose(fractions, outputs["table"].fraction * 100, rtol=1e-5)
     assert [table.columns[2].GetValue(r) for r in range(rows)] == list(outputs["table"].name)
-    assert len(made["placed"]) == 3
+    assert [c.GetName() for c in densitometry.columns] == list(bridge.DENSITOMETRY_TITLES.values())
+    assert [densitometry.columns[0].GetValue(r) for r in range(3)] == ["whole", "right", "left"]
+    assert densitometry.columns[1].GetValue(0) == pytest.approx(outputs["densitometry"][0]["laa950_pct"])
+    assert results.densitometry is densitometry and len(made["placed"]) == 5

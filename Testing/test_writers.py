@@ -172,3 +172,34 @@ def test_surfaces_vtp_and_offscreen_3d_view(tmp_path):
     assert (tmp_path / "qc_3d.png").stat().st_size > 0
     # seen from the front, the anterior cluster (red, opaque here) hides the posterior one
     assert (rgb[..., 0] > rgb[..., 1] + 30).sum() > 500
+
+
+def test_segment_kinds_carry_their_standard_terminology(tmp_path):
+    """Each kind's TerminologyEntry, read back from the written file's header and by slicerio, in Slicer's format
+    context~category~type~type modifier~anatomic context~anatomic region~region modifier."""
+    from latentharmonize.writers import SEGMENT_KINDS, terminology
+
+    kinds = {1: "cluster", 2: "vessel", 3: "airway", 4: "lung"}
+    labels = np.zeros((4, 5, 6), np.uint8)
+    for k in kinds:
+        labels[k - 1] = k
+    image = sitk.GetImageFromArray(labels)
+    path = tmp_path / "kinds.seg.nrrd"
+    write_segmentation(image, path, {k: v for k, v in kinds.items()}, {k: (0.1 * k, 0.2, 0.3) for k in kinds},
+                       kinds=kinds)
+    header = path.read_bytes().split(b"\n\n", 1)[0].decode()
+    entries = dict(re.findall(r"Segment(\d)_Tags:=.*TerminologyEntry:([^|\n]*)", header))
+    assert entries["0"] == ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~"
+                            "SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^")
+    assert entries["1"] == ("Segmentation category and type - DICOM master list~SCT^85756007^Tissue~"
+                            "SCT^59820001^Blood vessel~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^")
+    assert entries["2"].startswith("Segmentation category and type - DICOM master list~SCT^123037004^Anatomical "
+                                   "Structure~SCT^89187006^Airway structure~")
+    assert entries["3"].split("~")[1:3] == ["SCT^123037004^Anatomical Structure", "SCT^39607008^Lung"]
+    read = {s["labelValue"]: s for s in slicerio.read_segmentation(str(path))["segments"]}
+    for k, kind in kinds.items():
+        expected = terminology(kind)
+        assert {key: read[k]["terminology"][key] for key in expected} == expected
+    assert set(kinds.values()) <= set(SEGMENT_KINDS)
+    with pytest.raises(ValueError, match="Unknown segment kind"):
+        terminology("bone")

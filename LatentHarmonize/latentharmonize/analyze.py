@@ -188,11 +188,15 @@ def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
     return found.lungs, "automatic", assess_mask(found.lungs, ct, found.excluded_air_ml)
 
 
+def patch_clusters(dense, bundle) -> tuple:
+    """Cluster label (UInt8) and confidence (Float32) of every patch."""
+    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.cluster_features(dense.latents))
+    return np.asarray(labels_n, dtype=np.uint8), np.asarray(conf_n, dtype=np.float32)
+
+
 def _cluster_maps(dense, bundle, ct, lungs) -> tuple:
     """Cluster label and confidence per patch, then both maps on the CT grid."""
-    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.cluster_features(dense.latents))
-    labels_n = np.asarray(labels_n, dtype=np.uint8)
-    conf_n = np.asarray(conf_n, dtype=np.float32)
+    labels_n, conf_n = patch_clusters(dense, bundle)
     lattice = dense.lattice
     valid = np.zeros(lattice.shape, dtype=bool)
     lab = np.zeros(lattice.shape, dtype=np.uint8)
@@ -249,8 +253,9 @@ class _Timer:
 
 
 @dataclass
-class _Computed:
-    """Everything the pipeline computed for one scan, before anything is written."""
+class Computed:
+    """Everything the pipeline computed for one scan, before anything is written (``report`` rebuilds what the QC
+    and report need, without the tables)."""
 
     ct: sitk.Image
     lungs: sitk.Image
@@ -260,7 +265,8 @@ class _Computed:
     conf_n: np.ndarray
     labels: sitk.Image
     confidence: sitk.Image
-    table: pd.DataFrame
+    table: pd.DataFrame | None
+    densitometry: pd.DataFrame | None
     composition_json: str
     record: dict
 
@@ -302,7 +308,7 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
             done.record["outputs"] = files
             writes = _write_outputs(pool, staged, files, done, bundle, progress)
             if write_report:  # the volumes are compressed in the worker threads meanwhile
-                _write_qc_and_report(staged, files, name, done, bundle, progress)
+                write_qc_and_report(staged, files, name, done, bundle, progress)
                 timer.lap("qc_report")
             for write in writes:
                 write.result()
@@ -348,28 +354,44 @@ def load_model(model, device) -> tuple:
     return bundle, device, bundle.encoder(device)
 
 
-def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progress, timer: _Timer) -> _Computed:
-    """The pipeline from the CT to label map and composition (nothing written)."""
+def model_grid_hu(ct: sitk.Image, lungs: sitk.Image, spec: dict) -> tuple:
+    """``(hu, lung, grid, calibration)``: the lung box on the model grid of the bundle's ``spec``, HU calibrated
+    if the bundle asks (``calibration`` None otherwise)."""
     from .calibration import calibrate_grid_hu
-    from .composition import composition_table, composition_to_json, lung_volumes_from_table
     from .grid import to_model_grid
-    from .patches import encode_dense
 
-    lungs, mask_source, assessment = _load_lungs(ct, mask, _scaled(progress, "mask"))
-    timer.lap("mask")
-
-    _scaled(progress, "grid")(0, message="resampling onto the model grid")
-    spec = bundle.spec
     hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
                                         align_px=(spec["stride"], spec["stride"], 1))
     hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec)
-    timer.lap("grid")
+    return hu, lung_grid, grid, calibration
+
+
+def encode_patches(encoder, hu, lung_grid, grid, spec: dict, device, progress=None):
+    """The dense latents of every patch whose centre lies in the lung (deterministic kernels)."""
+    from .patches import encode_dense
 
     with _deterministic_torch():
-        dense = encode_dense(encoder, hu, lung_grid, grid, spec, device,
-                             progress=_scaled(progress, "encode"))
+        dense = encode_dense(encoder, hu, lung_grid, grid, spec, device, progress=_scaled(progress, "encode"))
     if len(dense.latents) == 0:
         raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
+    return dense
+
+
+def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progress, timer: _Timer) -> Computed:
+    """The pipeline from the CT to label map and composition (nothing written)."""
+    from .composition import composition_table, composition_to_json, lung_volumes_from_table
+    from .densitometry import densitometry_table
+    from .segments import read_segments
+
+    lungs, mask_source, assessment = _load_lungs(ct, mask, _scaled(progress, "mask"))
+    segments = None if mask is None else read_segments(mask, ct)  # lobes: composition per lobe
+    timer.lap("mask")
+
+    _scaled(progress, "grid")(0, message="resampling onto the model grid")
+    hu, lung_grid, grid, calibration = model_grid_hu(ct, lungs, bundle.spec)
+    timer.lap("grid")
+
+    dense = encode_patches(encoder, hu, lung_grid, grid, bundle.spec, device, progress)
     timer.lap("encode")
 
     _scaled(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
@@ -377,9 +399,10 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     timer.lap("cluster")
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
-    table = composition_table(labels, ct, lungs, bundle.names)
+    table = composition_table(labels, ct, lungs, bundle.names, segments)
+    densitometry = densitometry_table(ct, lungs, segments)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
-    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
+    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes, densitometry)
     timer.lap("composition")
 
     record = {  # analyze has no random step; "seed" is the one the model was trained with
@@ -391,12 +414,13 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
     }
-    return _Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, composition_json, record)
+    return Computed(ct, lungs, hu, dense, labels_n, conf_n, labels, confidence, table, densitometry,
+                     composition_json, record)
 
 
-def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> list:
+def _write_outputs(pool, staged, files, done: Computed, bundle, progress) -> list:
     """Write the tables, and start writing the segmentation and maps in ``pool``; returns those writes' futures."""
-    from .writers import write_composition, write_segmentation, write_volume
+    from .writers import write_composition, write_segmentation, write_table, write_volume
 
     step = _scaled(progress, "write")
     step(0, message="segmentation and maps")
@@ -411,10 +435,12 @@ def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> li
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
                       done.composition_json)
+    write_table(done.densitometry, staged.path(files["densitometry_csv"]))
     return writes
 
 
-def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, progress) -> None:
+def write_qc_and_report(staged, files, name: str, done: Computed, bundle, progress) -> None:
+    """Draw the QC pictures and surfaces and build ``report.html`` into ``staged`` (names from ``files``)."""
     from . import render
     from .report import build_report
 
@@ -439,7 +465,7 @@ def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, prog
                "patches": record["n_patches"]}
     pictures = {"3D view of the clusters (largest cluster translucent)": staged.path(files["view3d"]).read_bytes(),
                 "Most confident patches per cluster": staged.path(files["gallery"]).read_bytes()}
-    page = build_report(dv, composition, name, details, pictures, record["warnings"])
+    page = build_report(dv, composition, name, details, pictures, record.get("warnings"))  # none before issue 20
     staged.path(files["report"]).write_text(page, encoding="utf-8")
 
 

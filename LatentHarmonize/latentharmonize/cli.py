@@ -23,6 +23,7 @@ COMMANDS = {
     "survival": ("latentharmonize.survival", "Cox survival model from cohort tissue compositions"),
     "bench": ("latentharmonize.bench", "benchmark analyze speed and memory on a full-size phantom"),
     "worker": ("latentharmonize.worker", "resident analyze: one JSON request per line on stdin, model kept loaded"),
+    "report": ("latentharmonize.report_command", "build report.html and the QC pictures of an analysis folder"),
 }
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose process ends without Python's teardown once they return: their files are closed and published by
 # then, and with PyTorch and scikit-learn loaded the teardown alone took 0.7 s, freeing nothing the OS would not.
 # (The worker may also still have a thread blocked reading stdin when its idle timeout ends it.)
-QUICK_EXIT = {"analyze", "worker"}
+QUICK_EXIT = {"analyze", "worker", "report"}
 
 
 def main(argv=None) -> int:

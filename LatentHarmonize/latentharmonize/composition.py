@@ -8,6 +8,7 @@ thirds of the cranio-caudal extent of both lungs together, measured on the physi
 voxel centres. ``fraction`` is the share of the region's lung voxels; lung voxels without a known cluster label
 (label 0 or a value missing from ``names``, e.g. erased in an editor) are reported as label 0 ``unlabelled`` so that
 fractions still sum to 1. Regions without any lung voxel are left out. Labels outside the lung mask are ignored.
+A mask with several segments (lobes; :mod:`latentharmonize.segments`) adds one region per segment.
 """
 from __future__ import annotations
 
@@ -20,11 +21,16 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .grid import mask_box
+from .segments import MaskSegments, segment_codes
 
 REGIONS = ("whole", "right", "left", "upper", "middle", "lower")
 COLUMNS = ["region", "label", "name", "fraction", "volume_ml", "mean_hu", "sd_hu"]
 UNLABELLED = "unlabelled"
 RIGHT_LUNG, LEFT_LUNG = 1, 2
+_ALL = slice(None)
+# (side, zone) cells of each region, indexing an array arranged as [side, zone] (see lung_cells)
+REGION_CELLS = {"whole": (_ALL, _ALL), "right": (RIGHT_LUNG, _ALL), "left": (LEFT_LUNG, _ALL),
+                "upper": (_ALL, 2), "middle": (_ALL, 1), "lower": (_ALL, 0)}
 
 
 def _check_same_grid(reference: sitk.Image, other: sitk.Image, what: str) -> None:
@@ -74,12 +80,31 @@ def _known_labels(lab: np.ndarray, known: list) -> np.ndarray:
     return np.where(np.isin(lab, known), lab, 0).astype(np.uint8)
 
 
-def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, names: dict) -> pd.DataFrame:
+def lung_cells(lungs: sitk.Image) -> tuple:
+    """``(box, inside, group)``: the lungs' bounding box, which of its voxels are lung, and each lung voxel's cell
+    ``3 * side + zone`` (side 1 right, 2 left, 0 any other mask value; zone 0 lower, 1 middle, 2 upper). A region of
+    :data:`REGIONS` is the set of cells :data:`REGION_CELLS` picks from the cells arranged as [side, zone]."""
+    lung_all = sitk.GetArrayViewFromImage(lungs)
+    box = mask_box(lung_all)
+    if box is None:
+        raise InputError("The lung mask is empty, so there is no lung to measure. Check the mask or segment the lungs again.")
+    side = lung_all[box]
+    inside = side != 0
+    side = side[inside]
+    group = _thirds(lungs, box, inside)  # 3 * side + zone, side 0 for other non-zero mask values
+    group[side == RIGHT_LUNG] += 3 * RIGHT_LUNG
+    group[side == LEFT_LUNG] += 3 * LEFT_LUNG
+    return box, inside, group
+
+
+def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, names: dict,
+                      segments: MaskSegments | None = None) -> pd.DataFrame:
     """Per region and cluster: fraction of the region's lung, volume (mL), mean and SD of HU.
 
     ``labels``: cluster label map (integer, 0 = none); ``ct``: HU image; ``lungs``: lung mask (1 right, 2 left; any
-    other non-zero value counts for ``whole`` and the zones only); ``names``: ``{label: name}`` of the clusters.
-    All three images must share one geometry. Returns a DataFrame with columns :data:`COLUMNS`, one row per region and
+    other non-zero value counts for ``whole`` and the zones only); ``names``: ``{label: name}`` of the clusters;
+    ``segments``: the segments of a several-segment mask (:mod:`latentharmonize.segments`), one more region each.
+    All images must share one geometry. Returns a DataFrame with columns :data:`COLUMNS`, one row per region and
     cluster of ``names`` (zero rows included), plus an ``unlabelled`` row where some lung voxels carry no cluster.
     """
     if not names:
@@ -88,22 +113,15 @@ def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, nam
         raise InputError(f"Cluster labels must be 1..255, got {sorted(names)}.")
     _check_same_grid(labels, ct, "CT")
     _check_same_grid(labels, lungs, "lung mask")
-    lung_all = sitk.GetArrayViewFromImage(lungs)
-    box = mask_box(lung_all)
-    if box is None:
-        raise InputError("The lung mask is empty, so there is no lung to measure. Check the mask or segment the lungs again.")
-    side = lung_all[box]
-    inside = side != 0
-    side = side[inside]
+    if segments is not None:
+        _check_same_grid(labels, segments.labels, "segment mask")
+    box, inside, group = lung_cells(lungs)
     known = sorted(int(k) for k in names)
     lab = _known_labels(sitk.GetArrayViewFromImage(labels)[box][inside], known)
     hu = sitk.GetArrayViewFromImage(ct)[box][inside].astype(np.float64)
 
     # One set of bincounts over a combined (side, zone, label) cell index gives every region at once: a region is a
     # sum of cells. HU sums are taken about the whole-lung mean, so the variances suffer no cancellation.
-    group = _thirds(labels, box, inside)  # 3 * side + zone, side 0 for other non-zero mask values
-    group[side == RIGHT_LUNG] += 3 * RIGHT_LUNG
-    group[side == LEFT_LUNG] += 3 * LEFT_LUNG
     cell = group.astype(np.intp)
     cell *= 256
     cell += lab
@@ -111,13 +129,17 @@ def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, nam
     hu -= centre
     count, lin, sq = (np.bincount(cell, weights=w, minlength=9 * 256).reshape(3, 3, 256)
                       for w in (None, hu, np.square(hu)))
-    every = slice(None)
-    cells = {"whole": (every, every), "right": (RIGHT_LUNG, every), "left": (LEFT_LUNG, every),
-             "upper": (every, 2), "middle": (every, 1), "lower": (every, 0)}  # (side, zone) of each region
+    sums = {region: [a[REGION_CELLS[region]].reshape(-1, 256).sum(axis=0) for a in (count, lin, sq)]
+            for region in REGIONS}
+    if segments is not None:  # one more bincount over (segment, label) cells
+        code, regions = segment_codes(segments, box, inside)
+        cell = code * 256 + lab
+        count, lin, sq = (np.bincount(cell, weights=w, minlength=(len(regions) + 1) * 256).reshape(-1, 256)
+                          for w in (None, hu, np.square(hu)))
+        sums.update({region: [count[k], lin[k], sq[k]] for k, region in enumerate(regions, 1)})
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     rows = []
-    for region in REGIONS:
-        n_r, lin_r, sq_r = (a[cells[region]].reshape(-1, 256).sum(axis=0) for a in (count, lin, sq))
+    for region, (n_r, lin_r, sq_r) in sums.items():
         n_region = int(n_r.sum())
         if n_region == 0:
             continue
@@ -148,12 +170,13 @@ def _clean(value):
 
 
 def composition_to_json(table: pd.DataFrame, names: dict, colors: dict | None = None, model_id: str | None = None,
-                        lung_volumes: dict | None = None) -> str:
+                        lung_volumes: dict | None = None, densitometry: pd.DataFrame | None = None) -> str:
     """The composition table as JSON text, with cluster names and colours, lung volumes (mL) and the model id.
 
     Layout: ``{"model_sha256", "clusters": [{label, name, color}], "lung_volumes_ml": {right, left, total},
-    "regions": {region: [{label, name, fraction, volume_ml, mean_hu, sd_hu}]}}``. NaN (empty cluster) is ``null``.
-    Keys are sorted so identical tables give identical bytes.
+    "regions": {region: [{label, name, fraction, volume_ml, mean_hu, sd_hu}]}}``, and with ``densitometry`` (the
+    table of :func:`latentharmonize.densitometry.densitometry_table`) ``"densitometry": [{region, laa950_pct, ...}]``.
+    NaN (empty cluster) is ``null``. Keys are sorted so identical tables give identical bytes.
     """
     colors = colors or {}
     clusters = [{"label": int(k), "name": str(names[k]),
@@ -168,4 +191,6 @@ def composition_to_json(table: pd.DataFrame, names: dict, colors: dict | None = 
         "lung_volumes_ml": {k: _clean(v) for k, v in (lung_volumes or lung_volumes_from_table(table)).items()},
         "regions": regions,
     }
+    if densitometry is not None:
+        doc["densitometry"] = [{col: _clean(v) for col, v in row.items()} for row in densitometry.to_dict("records")]
     return json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"

@@ -10,6 +10,7 @@ def output_names(name: str, write_report: bool = True) -> dict:
     files = {"segmentation": f"{name}.seg.nrrd", "labels": f"{name}_clusters.nrrd",
              "confidence": f"{name}_confidence.nrrd", "lungs": f"{name}_lungs.nrrd",
              "composition_csv": "composition.csv", "composition_json": "composition.json",
+             "densitometry_csv": "densitometry.csv",
              "record": "analysis.json"}
     if write_report:
         files.update({"montage": "qc_montage.png", "gallery": "qc_gallery.png", "view3d": "qc_3d.png",

@@ -8,7 +8,8 @@ clinical covariates and a survival outcome whose hazard depends on the TRUE tiss
 
 ``latentharmonize phantom OUTDIR --patients N --seed S`` writes ``OUTDIR/<patient>/<acquisition>.nrrd`` (Int16 HU),
 ``OUTDIR/<patient>/truth.nrrd`` (UInt8 tissue labels, ``latentharmonize.tissue``), ``OUTDIR/cohort.csv`` and
-``OUTDIR/phantom.json`` (the generation parameters). See ``docs/phantom.md``.
+``OUTDIR/phantom.json`` (the generation parameters). ``latentharmonize phantom --sample OUT.nrrd`` writes only one
+full-size scan of a patient with mixed disease: the 3D Slicer module's sample data. See ``docs/phantom.md``.
 """
 from __future__ import annotations
 
@@ -336,10 +337,32 @@ def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full:
     return table
 
 
+# --- sample data --------------------------------------------------------------------------------------------------
+
+# The sample scan: patient 4 of seed 0, a "combined" phenotype (emphysema, reticulation, honeycombing, ground glass),
+# full size, soft kernel at 1.25 mm.
+SAMPLE_PATIENT, SAMPLE_SEED, SAMPLE_ACQUISITION = 4, 0, DEFAULT_ACQUISITIONS[0]
+
+
+def write_sample(path, overwrite: bool = False) -> Path:
+    """Write the sample chest CT (Int16 HU, full size, deterministic) to ``path`` (.nrrd, .nii.gz or .mha),
+    atomically; an existing file is refused unless ``overwrite``."""
+    path = Path(path)
+    if not path.name.lower().endswith((".nrrd", ".nii", ".nii.gz", ".mha")):
+        raise InputError(f"Sample path {path} must end in .nrrd, .nii, .nii.gz or .mha.")
+    image = acquire(make_patient(SAMPLE_PATIENT, SAMPLE_SEED, full=True), SAMPLE_ACQUISITION)
+    with StagedOutput(path.parent, [path.name], overwrite=overwrite) as staged:
+        sitk.WriteImage(image, str(staged.path(path.name)), True, 1)
+    return path
+
+
 # --- command line -------------------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("outdir", help="output folder for the cohort (created if missing)")
+    parser.add_argument("outdir", nargs="?", help="output folder for the cohort (created if missing)")
+    parser.add_argument("--sample", metavar="OUT.nrrd", default=None,
+                        help="write only the sample scan (one full-size chest CT with mixed disease, the 3D Slicer "
+                             "module's sample data) to this file, instead of a cohort")
     parser.add_argument("--patients", type=int, default=4, help="number of patients (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same cohort (default 0)")
     parser.add_argument("--acquisitions", nargs="+", metavar="NAME", default=None,
@@ -356,6 +379,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if (args.outdir is None) == (args.sample is None):
+        raise InputError("Give an output folder for a cohort, or --sample OUT.nrrd for the sample scan: one of the two.")
+    if args.sample is not None:
+        written = write_sample(args.sample, overwrite=args.overwrite)
+        if not args.quiet:
+            print(written)
+        return 0
     progress = Progress(machine=args.progress_lines, quiet=args.quiet)
     t0 = time.perf_counter()
     table = generate_cohort(args.outdir, args.patients, args.seed, acquisitions=args.acquisitions, full=args.full,

@@ -34,9 +34,15 @@ def _fmt(value, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _regions(composition: dict) -> list:
+    """Regions of a composition document: the built-in ones in order, then the mask's segments (lobes)."""
+    return ([r for r in REGION_ORDER if r in composition["regions"]]
+            + [r for r in composition["regions"] if r not in REGION_ORDER])
+
+
 def composition_table_html(composition: dict) -> str:
     """HTML table: one row per cluster, fraction (%) per region, then whole-lung volume and HU."""
-    regions = [r for r in REGION_ORDER if r in composition["regions"]]
+    regions = _regions(composition)
     by_region = {r: {e["label"]: e for e in composition["regions"][r]} for r in regions}
     head = "".join(f"<th>{r} %</th>" for r in regions) + "<th>volume mL</th><th>mean HU</th><th>SD HU</th>"
     rows = []
@@ -55,7 +61,7 @@ def composition_table_html(composition: dict) -> str:
 def composition_bars_svg(composition: dict, width: int = 520, bar_h: int = 22) -> str:
     """SVG stacked bars: one bar per region, segments coloured by cluster, widths = fractions."""
     colours = {c["label"]: _hex(c["color"]) if c.get("color") else "#888888" for c in composition["clusters"]}
-    regions = [r for r in REGION_ORDER if r in composition["regions"]]
+    regions = _regions(composition)
     label_w, gap = 70, 6
     parts = []
     for i, region in enumerate(regions):
@@ -72,6 +78,18 @@ def composition_bars_svg(composition: dict, width: int = 520, bar_h: int = 22) -
             x += w
     height = len(regions) * (bar_h + gap)
     return f"<svg id='bars' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>{''.join(parts)}</svg>"
+
+
+def densitometry_table_html(composition: dict) -> str:
+    """HTML table of the densitometry rows of a composition document (empty when it has none)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(d['region'])}</td><td>{_fmt(d['laa950_pct'])}</td><td>{_fmt(d['haa700_250_pct'])}</td>"
+        f"<td>{_fmt(d['mld_hu'], 0)}</td><td>{_fmt(d['perc15_hu'], 0)}</td><td>{_fmt(d['volume_ml'])}</td></tr>"
+        for d in composition.get("densitometry", []))
+    if not rows:
+        return ""
+    return ("<h3>Densitometry (CT voxels in the lung mask)</h3><table id='densitometry'><thead><tr><th>region</th><th>LAA−950 %</th><th>HAA −700…−250 %</th>"
+            f"<th>mean HU</th><th>15th percentile HU</th><th>volume mL</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _payload(dv: DisplayVolumes, clusters: list) -> str:
@@ -106,9 +124,10 @@ def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dic
         f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, png in (pictures or {}).items())
     notes = "".join(f"<li><b>{html.escape(w['code'])}</b>: {html.escape(w['message'])}</li>" for w in warnings or [])
-    parts = {"TITLE": html.escape(title), "FACTS": facts,
-             "WARNINGS": f"<div class='warnings'><b>Check before use</b><ul>{notes}</ul></div>" if notes else "", "TOGGLES": toggles, "FIGURES": figures,
+    parts = {"TITLE": html.escape(title), "FACTS": facts, "TOGGLES": toggles, "FIGURES": figures,
+             "WARNINGS": f"<div class='warnings'><b>Check before use</b><ul>{notes}</ul></div>" if notes else "",
              "TABLE": composition_table_html(composition), "BARS": composition_bars_svg(composition),
+             "DENSITOMETRY": densitometry_table_html(composition),
              "DATA": _payload(dv, clusters)}
     # one pass, so text inserted for one placeholder is never scanned for another
     return re.sub(r"%([A-Z]+)%", lambda m: parts[m.group(1)], _TEMPLATE)
@@ -126,7 +145,9 @@ h1{font-size:1.3em} dl{display:grid;grid-template-columns:max-content auto;gap:0
 .controls{display:flex;flex-direction:column;gap:.6em;min-width:260px}
 .toggle{display:flex;align-items:center;gap:.4em} .swatch{width:14px;height:14px;display:inline-block;border:1px solid #555}
 table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
-td:nth-child(2){text-align:left} .bar-label{font-size:12px}
+td:nth-child(2){text-align:left} #densitometry td:first-child{text-align:left}
+#densitometry td:nth-child(2){text-align:right} .bar-label{font-size:12px}
+.tables{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start} h3{font-size:1em;margin:1em 0 0}
 figure{display:inline-block;margin:1em 1em 0 0} figure img{max-width:520px}
 #status{color:#a00}
 .warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0;max-width:60em}
@@ -146,8 +167,11 @@ figure{display:inline-block;margin:1em 1em 0 0} figure img{max-width:520px}
  </div>
 </div>
 <h2>Composition (% of each region's lung)</h2>
-%TABLE%
-%BARS%
+<div class="tables">
+<div>%TABLE%
+%BARS%</div>
+<div>%DENSITOMETRY%</div>
+</div>
 <h2>Quality control</h2>
 %FIGURES%
 <script type="application/json" id="lh-data">%DATA%</script>

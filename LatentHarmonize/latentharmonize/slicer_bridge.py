@@ -12,9 +12,11 @@ imported by the functions that need them, after the module has installed the dep
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,9 +73,60 @@ def preload_arguments(model_dir, device: str = "auto") -> list:
 def worker_request(input_path, out_dir, mask_path=None, model_dir=None, device: str = "auto",
                    request_id=None) -> str:
     """The request line for one Analyze (a GUI device choice; each run has a fresh output folder, so nothing is
-    overwritten)."""
+    overwritten). Without the QC pictures and report.html (``--no-report``): they need off-screen OpenGL, which not
+    every Slicer machine has, and the module builds them on demand with :func:`report_command`."""
     return format_request(input_path, out_dir, mask=mask_path or None, model=model_dir or None,
-                          device=device_argument(device), request_id=request_id)
+                          device=device_argument(device), report=False, request_id=request_id)
+
+
+def report_command(python_executable, out_dir, model_dir=None) -> list:
+    """``latentharmonize report <analysis folder>``: writes report.html (and the QC pictures) into a finished
+    analysis folder and prints the page's path (``--quiet``: nothing else). ``model_dir``: the bundle the analysis
+    used, which the report checks and encodes the lung with again."""
+    if not python_executable:
+        raise InputError("No Python interpreter to run the backend: PythonSlicer was not found next to Slicer.")
+    model = ["--model", str(model_dir)] if model_dir else []
+    return [str(python_executable), "-m", "latentharmonize", "report", str(out_dir), *model, "--quiet"]
+
+
+def report_page(returncode: Optional[int], output: str) -> Optional[Path]:
+    """The page ``latentharmonize report`` wrote (the last line it printed), or None when it failed."""
+    lines = [line.strip() for line in (output or "").splitlines() if line.strip()]
+    if returncode != 0 or not lines or not Path(lines[-1]).is_file():
+        return None
+    return Path(lines[-1])
+
+
+def phantom_sample_command(python_executable, path) -> list:
+    """``latentharmonize phantom --sample OUT.nrrd``: one phantom chest CT for Slicer's Sample Data module."""
+    if not python_executable:
+        raise InputError("No Python interpreter to run the backend: PythonSlicer was not found next to Slicer.")
+    return [str(python_executable), "-m", "latentharmonize", "phantom", "--sample", str(path)]
+
+
+def analysis_input_path(out_dir) -> Optional[Path]:
+    """The CT an analysis read (``input`` of its analysis.json), or None when the record is missing."""
+    try:
+        record = json.loads((Path(out_dir) / output_names("x")["record"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return Path(record["input"]) if isinstance(record, dict) and record.get("input") else None
+
+
+def read_warnings(out_dir) -> list:
+    """The analysis' warnings (``warnings`` of analysis.json): ``[{"code", "message"}]``, empty when there are none."""
+    try:
+        record = json.loads((Path(out_dir) / output_names("x")["record"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    warnings = record.get("warnings") if isinstance(record, dict) else None
+    return [{"code": str(w.get("code", "")), "message": str(w.get("message", ""))}
+            for w in (warnings or []) if isinstance(w, dict) and w.get("message")]
+
+
+def format_warnings(warnings: Sequence[dict]) -> str:
+    """The warning box text: one line per warning, empty when there are none."""
+    return "\n".join(f"\u26a0 {w['message']}" for w in warnings)
 
 
 @dataclass(frozen=True)
@@ -127,7 +180,8 @@ def missing_inputs(has_input_volume: bool, model_dir, mask_segmentation_set: boo
         problems.append(f"{model_dir} is not a model bundle (it has no {BUNDLE_MANIFEST}); select a trained bundle "
                         "folder, such as the bundled Resources/Models/default.")
     if mask_segmentation_set and not mask_segment_id:
-        problems.append("Select the lung segment of the mask segmentation, or clear the mask.")
+        problems.append("Select the lung segment of the mask segmentation, tick 'All segments as regions', or clear "
+                        "the mask.")
     return problems
 
 
@@ -176,11 +230,12 @@ class BackendLog:
         return f"The analysis stopped{stage} with exit code {returncode}. Last output:\n{tail}"
 
 
-def kill_process_tree(pid: int, grace_s: float = 5.0) -> int:
+def kill_process_tree(pid: int, grace_s: float = 5.0, background: bool = False) -> int:
     """Stop a process and all its descendants (Cancel); returns how many processes were signalled.
 
     SIGTERM first, so ``analyze`` can remove its staging folder (it treats SIGTERM like Ctrl-C); whatever is still
-    running after ``grace_s`` is killed.
+    running after ``grace_s`` is killed. With ``background`` only the SIGTERMs are sent before returning; the wait
+    and the kill happen in a daemon thread, so the GUI thread never waits for the backend.
     """
     try:
         import psutil
@@ -197,8 +252,18 @@ def kill_process_tree(pid: int, grace_s: float = 5.0) -> int:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    # the descendants are waited for; the direct child is only watched, since its owner reaps it and keeps its
-    # exit status
+    if background:
+        threading.Thread(target=_kill_after_grace, args=(parent, children, grace_s), daemon=True).start()
+    else:
+        _kill_after_grace(parent, children, grace_s)
+    return len(children) + 1
+
+
+def _kill_after_grace(parent, children: list, grace_s: float) -> None:
+    """Kill what is still running ``grace_s`` after the SIGTERMs. The descendants are waited for; the direct child
+    is only watched, since its owner reaps it and keeps its exit status."""
+    import psutil
+
     _, alive = psutil.wait_procs(children, timeout=grace_s)
     deadline = time.monotonic() + grace_s
     while _running(parent) and time.monotonic() < deadline:
@@ -209,7 +274,6 @@ def kill_process_tree(pid: int, grace_s: float = 5.0) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    return len(children) + 1
 
 
 def _running(proc) -> bool:
@@ -252,6 +316,72 @@ def missing_requirements(requirements: Iterable[str], version_of: Optional[Calla
         if req.specifier and not req.specifier.contains(installed, prereleases=True):
             missing.append(text)
     return missing
+
+
+@dataclass(frozen=True)
+class DependencyStatus:
+    """What the analysis lacks in Slicer's Python, read from package metadata only (nothing is imported, so
+    opening the module never loads PyTorch): ``torch`` is None when a good enough PyTorch is installed, else why not;
+    ``packages`` are the unmet requirements of requirements.txt."""
+
+    torch: Optional[str]
+    packages: tuple
+
+    @property
+    def complete(self) -> bool:
+        return self.torch is None and not self.packages
+
+    def question(self) -> str:
+        """The one install dialog's text: everything that will be installed, PyTorch first."""
+        lines = ["LatentHarmonize needs to install into Slicer's Python:"]
+        if self.torch is not None:
+            lines.append(f"- PyTorch ({self.torch}), through the PyTorch extension")
+        lines += [f"- {p}" for p in self.packages]
+        lines.append("This happens once and can take several minutes. Install now?")
+        return "\n".join(lines)
+
+
+def dependency_status(requirements: Iterable[str], torch_requirement: str,
+                      version_of: Optional[Callable[[str], str]] = None) -> DependencyStatus:
+    """PyTorch's state (absent, or older than ``torch_requirement``) and the unmet ``requirements``."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    version_of = version_of or metadata.version
+    wanted = Requirement(f"torch{torch_requirement}")
+    try:
+        installed = version_of("torch")
+    except metadata.PackageNotFoundError:
+        torch = f"not installed; {wanted} is needed"
+    else:
+        torch = None if wanted.specifier.contains(installed, prereleases=True) else \
+            f"{installed} is installed; {wanted} is needed"
+    return DependencyStatus(torch, tuple(missing_requirements(requirements, version_of)))
+
+
+def installed_versions(names: Iterable[str], version_of: Optional[Callable[[str], str]] = None) -> list:
+    """``[(name, version or 'not installed')]`` from package metadata (the backend panel)."""
+    from importlib import metadata
+
+    version_of = version_of or metadata.version
+    versions = []
+    for name in names:
+        try:
+            versions.append((name, version_of(name)))
+        except metadata.PackageNotFoundError:
+            versions.append((name, "not installed"))
+    return versions
+
+
+def worker_state(alive: bool, busy: bool, idle_s: float) -> str:
+    """One line for the backend panel (the worker does not report when a preload has finished, so it is not
+    claimed)."""
+    if not alive:
+        return "stopped"
+    if busy:
+        return "analyzing"
+    return f"running, idle for {idle_s:.0f} s (exits after {WORKER_IDLE_TIMEOUT_S:.0f} s idle)"
 
 
 # --------------------------------------------------------------------------------------------- geometry and volumes
@@ -310,6 +440,32 @@ def write_mask(mask_kji: np.ndarray, ijk_to_ras, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image_from_array(mask.astype(np.uint8), ijk_to_ras), str(path), True)
+    return path
+
+
+def write_mask_segments(labels_kji: np.ndarray, ijk_to_ras, names: Sequence[str], path) -> Path:
+    """Write a lung mask given as several segments (left/right lung, lobes) for ``--mask``: a UInt8 label map
+    (segment ``n`` of ``names`` has label ``n + 1``) as a ``.seg.nrrd`` whose header names each label, so the
+    backend reports the composition per segment under these names."""
+    labels = np.asarray(labels_kji)
+    if not names:
+        raise InputError("The lung mask segmentation has no segments; pick another segmentation or clear the mask.")
+    if len(names) > 255 or labels.max() > len(names):
+        raise InputError(f"The mask has labels above {len(names)}, the number of its segments.")
+    if not (labels > 0).any():
+        raise InputError("The selected lung mask segments are empty; pick other segments or clear the mask.")
+    if len(set(names)) != len(names):
+        raise InputError(f"Two mask segments share a name ({', '.join(names)}); rename them so each region is "
+                         "reported under its own name.")
+    image = image_from_array(labels.astype(np.uint8), ijk_to_ras)
+    for index, name in enumerate(names):
+        image.SetMetaData(f"Segment{index}_ID", f"Segment_{index + 1}")
+        image.SetMetaData(f"Segment{index}_Name", str(name))
+        image.SetMetaData(f"Segment{index}_LabelValue", str(index + 1))
+        image.SetMetaData(f"Segment{index}_Layer", "0")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
     return path
 
 
@@ -452,6 +608,44 @@ def table_columns(table) -> list:
     return columns
 
 
+# Densitometry rows of composition.json (key "densitometry") and their column titles, with units
+DENSITOMETRY_TITLES = {"region": "Region", "laa950_pct": "LAA-950 (%)", "haa700_250_pct": "HAA -700..-250 (%)",
+                       "mld_hu": "MLD (HU)", "perc15_hu": "Perc15 (HU)", "volume_ml": "Volume (mL)"}
+
+
+def read_densitometry(json_path) -> list:
+    """The densitometry rows the analysis wrote (per lung, zone and mask segment); empty for older analyses."""
+    try:
+        doc = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"Cannot read {json_path}: {exc}. Run Analyze again.") from exc
+    rows = doc.get("densitometry") or []
+    bad = [r for r in rows if not isinstance(r, dict) or set(DENSITOMETRY_TITLES) - set(r)]
+    if bad:
+        raise OutputError(f"{json_path}: densitometry rows lack {sorted(set(DENSITOMETRY_TITLES) - set(bad[0]))}; it "
+                          "was not written by this version of analyze.")
+    return [{k: r[k] for k in DENSITOMETRY_TITLES} for r in rows]
+
+
+def densitometry_columns(rows: Sequence[dict]) -> list:
+    """Columns for a vtkMRMLTableNode: ``[(title, values)]``, the region as text, the rest as float64 (NaN kept)."""
+    columns = []
+    for key, title in DENSITOMETRY_TITLES.items():
+        if key == "region":
+            values = np.array([str(r[key]) for r in rows], dtype=str)
+        else:
+            values = np.array([np.nan if r[key] is None else float(r[key]) for r in rows], dtype=np.float64)
+        columns.append((title, values))
+    return columns
+
+
+def selection_order(previous: Sequence[str], selected: Sequence[str]) -> list:
+    """The selected segments in the order the user selected them: those selected before keep their place, newly
+    selected ones follow in table order ("Merge into the first selected")."""
+    still = [s for s in previous if s in selected]
+    return still + [s for s in selected if s not in still]
+
+
 def whole_lung_summary(table) -> list:
     """``[(label, name, percent)]`` of the whole lung, largest first: the one-line-per-cluster GUI summary."""
     whole = table[table.region == "whole"].sort_values("fraction", ascending=False)
@@ -529,21 +723,23 @@ def labels_from_masks(masks: Iterable, shape: Optional[tuple] = None) -> np.ndar
     return labels
 
 
-def recompute_composition(labels_kji: np.ndarray, ct_path, lungs_path, names: dict):
+def recompute_composition(labels_kji: np.ndarray, ct_kji: np.ndarray, lungs_kji: np.ndarray, ijk_to_ras,
+                          names: dict):
     """Composition table of an edited label map, with the analyze code (same numbers as the original report).
 
-    ``labels_kji`` is in the CT's voxel grid (the geometry of ``ct_path`` and of the lung map ``lungs_path``).
+    All arrays come from the scene, on the CT's voxel grid (``ijk_to_ras``): the CT the clusters were computed on and
+    the analysis' lung map, so a saved and reloaded scene can still be recomputed.
     """
     from .composition import composition_table
 
-    ct = sitk.ReadImage(str(ct_path))
-    lungs = sitk.ReadImage(str(lungs_path))
-    labels_kji = np.asarray(labels_kji)
-    if labels_kji.shape != sitk.GetArrayViewFromImage(ct).shape:
-        raise InputError(f"The edited label map has shape {labels_kji.shape} but the CT has "
-                         f"{sitk.GetArrayViewFromImage(ct).shape}; export the segments in the CT's geometry.")
-    labels = sitk.GetImageFromArray(labels_kji.astype(np.uint8))
-    labels.CopyInformation(ct)
+    shapes = {"edited label map": np.shape(labels_kji), "lung map": np.shape(lungs_kji)}
+    for what, shape in shapes.items():
+        if shape != np.shape(ct_kji):
+            raise InputError(f"The {what} has shape {shape} but the CT has {np.shape(ct_kji)}; export the segments "
+                             "in the CT's geometry.")
+    ct = image_from_array(np.asarray(ct_kji), ijk_to_ras)
+    labels = image_from_array(np.asarray(labels_kji).astype(np.uint8), ijk_to_ras)
+    lungs = image_from_array(np.asarray(lungs_kji).astype(np.uint8), ijk_to_ras)
     return composition_table(labels, ct, lungs, names)
 
 

@@ -44,6 +44,8 @@ def hu_threshold_features(hu, lung) -> Dict[str, float]:
     """
     import SimpleITK as sitk
 
+    from .densitometry import density_indices
+
     hu = sitk.GetArrayFromImage(hu) if isinstance(hu, sitk.Image) else np.asarray(hu)
     lung = sitk.GetArrayFromImage(lung) if isinstance(lung, sitk.Image) else np.asarray(lung)
     if hu.shape != lung.shape:
@@ -51,11 +53,12 @@ def hu_threshold_features(hu, lung) -> Dict[str, float]:
     values = hu[lung > 0].astype(np.float64)
     if values.size == 0:
         raise InputError("The lung mask is empty; densitometry needs lung voxels.")
+    indices = density_indices(values)  # HAA here stays "above -700 HU", the evaluation's recorded baseline
     return {
-        "laa950": float(100.0 * np.mean(values < -950)),
+        "laa950": indices["laa950_pct"],
         "haa700": float(100.0 * np.mean(values > -700)),
-        "mld": float(values.mean()),
-        "perc15": float(np.percentile(values, 15)),
+        "mld": indices["mld_hu"],
+        "perc15": indices["perc15_hu"],
     }
 
 

@@ -16,9 +16,42 @@ import SimpleITK as sitk
 import slicerio
 
 COMPRESSION_LEVEL = 1
-# Slicer terminology for a cluster: category and type "Tissue", anatomic region "Lung" (SNOMED CT codes)
+
+# Standard terminology of each kind of segment, so that Slicer and its DICOM SEG export know what a segment holds.
+# Slicer stores it as the segment's TerminologyEntry tag, "context~category~type~type modifier~anatomic context~
+# anatomic region~region modifier" with each code "scheme^value^meaning" (slicerio builds the string from these
+# dicts): https://slicer.readthedocs.io/en/latest/developer_guide/modules/segmentations.html#terminologyentry-tag
+# Codes (SNOMED CT): Tissue, Artery, Vein, and Anatomical Structure / Lung from Slicer's
+# Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json; Blood vessel
+# (DICOM CID 7166) and Airway structure (SNOMED CT 89187006) are in the DICOM master list, not the general anatomy one.
+_GENERAL = "Segmentation category and type - 3D Slicer General Anatomy list"
+_DICOM = "Segmentation category and type - DICOM master list"
+_ANATOMY = "Anatomic codes - DICOM master list"
 _TISSUE = ["SCT", "85756007", "Tissue"]
+_STRUCTURE = ["SCT", "123037004", "Anatomical Structure"]
 _LUNG = ["SCT", "39607008", "Lung"]
+_TERMINOLOGY = {  # kind -> (context, category, type, anatomic region or None)
+    "cluster": (_GENERAL, _TISSUE, _TISSUE, _LUNG),
+    "lung": (_GENERAL, _STRUCTURE, _LUNG, None),
+    "vessel": (_DICOM, _TISSUE, ["SCT", "59820001", "Blood vessel"], _LUNG),
+    "artery": (_GENERAL, _TISSUE, ["SCT", "51114001", "Artery"], _LUNG),
+    "vein": (_GENERAL, _TISSUE, ["SCT", "29092000", "Vein"], _LUNG),
+    "airway": (_DICOM, _STRUCTURE, ["SCT", "89187006", "Airway structure"], None),
+}
+SEGMENT_KINDS = tuple(_TERMINOLOGY)
+
+
+def terminology(kind: str) -> dict:
+    """The terminology of a segment kind (:data:`SEGMENT_KINDS`: ``cluster``, ``lung``, ``vessel``, ``artery``,
+    ``vein``, ``airway``) as a slicerio segment ``terminology`` dict; ``slicerio.terminology_entry_to_string`` gives
+    Slicer's TerminologyEntry string."""
+    if kind not in _TERMINOLOGY:
+        raise ValueError(f"Unknown segment kind {kind!r}; use one of {', '.join(SEGMENT_KINDS)}.")
+    context, category, kind_type, region = _TERMINOLOGY[kind]
+    entry = {"contextName": context, "category": list(category), "type": list(kind_type)}
+    if region is not None:
+        entry.update({"anatomicContextName": _ANATOMY, "anatomicRegion": list(region)})
+    return entry
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -30,8 +63,9 @@ def ijk_to_lps(image: sitk.Image) -> np.ndarray:
     return matrix
 
 
-def segment_entries(names: dict, colors: dict, size_ijk: tuple) -> list:
-    """slicerio segment dicts: one named, coloured segment per cluster label, all in layer 0."""
+def segment_entries(names: dict, colors: dict, size_ijk: tuple, kinds: dict | None = None) -> list:
+    """slicerio segment dicts: one named, coloured segment per label, all in layer 0, with the terminology of its
+    kind (``kinds``: ``{label: kind}``, default ``cluster``)."""
     extent = [int(v) for n in size_ijk for v in (0, n - 1)]
     segments = []
     for label in sorted(names):
@@ -44,20 +78,17 @@ def segment_entries(names: dict, colors: dict, size_ijk: tuple) -> list:
             "labelValue": int(label),
             "layer": 0,
             "extent": list(extent),
-            "terminology": {
-                "contextName": "Segmentation category and type - 3D Slicer General Anatomy list",
-                "category": list(_TISSUE), "type": list(_TISSUE),
-                "anatomicContextName": "Anatomic codes - DICOM master list", "anatomicRegion": list(_LUNG),
-            },
+            "terminology": terminology((kinds or {}).get(label, "cluster")),
         })
     return segments
 
 
 def write_segmentation(labels: sitk.Image, path, names: dict, colors: dict,
-                       compression_level: int = COMPRESSION_LEVEL) -> None:
+                       compression_level: int = COMPRESSION_LEVEL, kinds: dict | None = None) -> None:
     """Write a label map as a ``.seg.nrrd`` that 3D Slicer loads as a segmentation (one segment per cluster).
 
-    ``names``: ``{label: name}``; ``colors``: ``{label: (r, g, b)}`` floats 0..1. Geometry is kept exactly.
+    ``names``: ``{label: name}``; ``colors``: ``{label: (r, g, b)}`` floats 0..1; ``kinds``: ``{label: kind}`` of
+    :func:`terminology` (default: every label a tissue ``cluster``). Geometry is kept exactly.
     """
     missing = sorted(set(names) - set(colors))
     if missing:
@@ -72,7 +103,7 @@ def write_segmentation(labels: sitk.Image, path, names: dict, colors: dict,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
-        "segments": segment_entries(names, colors, labels.GetSize()),
+        "segments": segment_entries(names, colors, labels.GetSize(), kinds),
     }
     slicerio.write_segmentation(str(path), segmentation, compression_level=compression_level)
     _blank_write_time(path)
@@ -95,8 +126,13 @@ def write_volume(image: sitk.Image, path, compression_level: int = COMPRESSION_L
 
 def write_composition(table: pd.DataFrame, csv_path, json_path, json_text: str) -> None:
     """Write the composition table as CSV (fixed float format) and its JSON text."""
-    Path(csv_path).write_text(table.to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
+    write_table(table, csv_path)
     Path(json_path).write_text(json_text, encoding="utf-8")
+
+
+def write_table(table: pd.DataFrame, csv_path) -> None:
+    """Write a table as CSV with a fixed float format (6 significant digits)."""
+    Path(csv_path).write_text(table.to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
 
 
 def write_json(data: dict, path) -> None:

@@ -1,0 +1,120 @@
+"""``latentharmonize report``: build ``report.html`` and the QC pictures of an analysis made with ``--no-report``.
+
+The folder holds the label, confidence and lung maps, the composition and ``analysis.json``, but not the CT, whose
+slices the report shows, nor the patches the gallery shows. So the command needs the CT (``--ct``, default: the path
+recorded in ``analysis.json``), checked against the recorded SHA-256, and the model bundle (checked against the
+recorded model SHA-256): it encodes the lung again to find each cluster's most confident patches. Then it draws
+exactly what ``analyze`` draws, with analyze's own code, and publishes the five files atomically.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from .atomic import StagedOutput
+from .errors import BundleError, InputError
+from .outputs import output_names
+
+REPORT_KINDS = ("montage", "gallery", "view3d", "surfaces", "report")
+_MAPS = ("labels", "confidence", "lungs")
+
+
+def _read_record(folder: Path) -> dict:
+    """The run record of an analysis folder, checked for what the report needs."""
+    path = folder / "analysis.json"
+    if not path.is_file():
+        raise InputError(f"{folder} holds no analysis.json; give the folder that `latentharmonize analyze` wrote.")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); the analysis folder is damaged, analyze again.") from exc
+    missing = [k for k in ("input", "input_sha256", "model_sha256", "n_patches") if k not in record]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}; analyze the scan again.")
+    return record
+
+
+def build_report(folder, ct=None, model=None, device="auto", overwrite=False, progress=None) -> Path:
+    """Write the QC pictures, surfaces and ``report.html`` of the analysis in ``folder``; returns the report's path.
+
+    ``ct``: the analysed CT (default: the input path recorded in ``analysis.json``); ``model``: the bundle folder
+    used (default: the bundled model). Both must be those of the analysis (SHA-256 checked). Existing report files
+    are refused unless ``overwrite``.
+    """
+    from .analyze import (Computed, _read_scan, _scaled, encode_patches, input_name, load_model, model_grid_hu,
+                          patch_clusters, write_qc_and_report)
+    from .io import image_sha256, same_geometry
+
+    folder = Path(folder)
+    record = _read_record(folder)
+    name = input_name(record["input"])
+    files = output_names(name, write_report=True)
+    missing = [files[k] for k in (*_MAPS, "composition_json") if not (folder / files[k]).is_file()]
+    if missing:
+        raise InputError(f"{folder} lacks {', '.join(missing)}; the report is built from a complete analysis folder.")
+    ct_path = Path(ct) if ct is not None else Path(record["input"])
+    if not ct_path.exists():
+        raise InputError(f"The analysed CT is not at {ct_path}; give it with --ct PATH.")
+    _scaled(progress, "load")(0, message=f"checking {ct_path.name}")
+    if image_sha256(ct_path) != record["input_sha256"]:
+        raise InputError(f"{ct_path} is not the CT this folder was analysed from (its SHA-256 differs from "
+                         "analysis.json's input_sha256); give that CT with --ct PATH.")
+
+    # Refuses existing report files (unless overwrite) before the heavy work
+    with StagedOutput(folder, [files[k] for k in REPORT_KINDS], overwrite=overwrite) as staged:
+        bundle, device, encoder = load_model(model, device)
+        if bundle.sha256 != record["model_sha256"]:
+            raise BundleError(f"The model bundle {model or '(bundled default)'} is not the one this folder was "
+                              f"analysed with (model SHA-256 {record['model_sha256'][:12]}...); give that bundle with "
+                              "--model.")
+        image = _read_scan(ct_path)
+        maps = {}
+        for kind in _MAPS:
+            maps[kind] = sitk.ReadImage(str(folder / files[kind]))
+            if not same_geometry(maps[kind], image):
+                raise InputError(f"{files[kind]} does not lie on the CT's grid; the folder is not this CT's analysis.")
+            maps[kind].CopyInformation(image)  # exactly the geometry analyze drew with
+        hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
+        dense = encode_patches(encoder, hu, lung_grid, grid, bundle.spec, device, progress)
+        if len(dense.latents) != record["n_patches"]:
+            raise InputError(f"The lung mask in {folder} gives {len(dense.latents)} patches, not the "
+                             f"{record['n_patches']} the analysis recorded; analyze again.")
+        labels_n, conf_n = patch_clusters(dense, bundle)
+        composition_json = (folder / files["composition_json"]).read_text(encoding="utf-8")
+        done = Computed(image, maps["lungs"], hu, dense, labels_n, conf_n, maps["labels"], maps["confidence"],
+                        None, None, composition_json, record)
+        write_qc_and_report(staged, files, name, done, bundle, progress)
+    if progress is not None:
+        progress(100, "done", f"report in {folder / files['report']}")
+    return folder / files["report"]
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("folder", help="analysis folder written by `latentharmonize analyze` (e.g. with --no-report)")
+    parser.add_argument("--ct", default=None,
+                        help="the analysed CT (default: the input path recorded in analysis.json; SHA-256 checked)")
+    parser.add_argument("--model", default=None, help="model bundle folder of the analysis (default: the bundled model)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the encoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in the folder")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
+    parser.add_argument("--progress-lines", action="store_true",
+                        help="print machine-readable 'LH-PROGRESS <percent> <stage> <message>' lines (for the GUI)")
+
+
+def run(args) -> int:
+    from .analyze import _interrupt_on_sigterm
+    from .progress import Progress
+
+    _interrupt_on_sigterm()
+    started = time.perf_counter()
+    progress = Progress(machine=args.progress_lines, quiet=args.quiet)
+    path = build_report(args.folder, ct=args.ct, model=args.model, device=args.device, overwrite=args.overwrite,
+                        progress=progress)
+    print(path)
+    if not args.quiet and not args.progress_lines:
+        print(f"Report and QC pictures written in {time.perf_counter() - started:.1f} s.")
+    return 0
