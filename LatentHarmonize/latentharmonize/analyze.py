@@ -175,14 +175,17 @@ def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
 
 
 def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
-    from .lungmask import segment_lungs
+    """(lung mask, its source, its assessment); an impossible mask is refused here."""
     from .io import read_mask
+    from .lungmask import assess_mask, segment_lungs_detailed
 
     if mask is not None:
         progress(0, message=f"reading lung mask {mask}")
-        return read_mask(mask, ct), str(mask)
+        lungs = read_mask(mask, ct)
+        return lungs, str(mask), assess_mask(lungs, ct)
     progress(0, message="segmenting the lungs")
-    return segment_lungs(ct), "automatic"
+    found = segment_lungs_detailed(ct)
+    return found.lungs, "automatic", assess_mask(found.lungs, ct, found.excluded_air_ml)
 
 
 def patch_clusters(dense, bundle) -> tuple:
@@ -380,7 +383,7 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     from .densitometry import densitometry_table
     from .segments import read_segments
 
-    lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
+    lungs, mask_source, assessment = _load_lungs(ct, mask, _scaled(progress, "mask"))
     segments = None if mask is None else read_segments(mask, ct)  # lobes: composition per lobe
     timer.lap("mask")
 
@@ -405,7 +408,7 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     record = {  # analyze has no random step; "seed" is the one the model was trained with
         "input": str(ct_path), "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
-        "device": str(device), "mask": mask_source,
+        "device": str(device), "mask": mask_source, "warnings": assessment.warnings, "lung_mask": assessment.as_dict(),
         "hu_calibration": None if calibration is None else calibration.as_dict(),
         "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
@@ -462,7 +465,7 @@ def write_qc_and_report(staged, files, name: str, done: Computed, bundle, progre
                "patches": record["n_patches"]}
     pictures = {"3D view of the clusters (largest cluster translucent)": staged.path(files["view3d"]).read_bytes(),
                 "Most confident patches per cluster": staged.path(files["gallery"]).read_bytes()}
-    page = build_report(dv, composition, name, details, pictures)
+    page = build_report(dv, composition, name, details, pictures, record.get("warnings"))  # none before issue 20
     staged.path(files["report"]).write_text(page, encoding="utf-8")
 
 
@@ -498,6 +501,8 @@ def run(args) -> int:
                      overwrite=args.overwrite, progress=progress, write_report=not args.no_report)
     if not args.quiet and not args.progress_lines:
         whole = result.composition[result.composition.region == "whole"]
+        for warning in result.record["warnings"]:
+            print(f"Warning ({warning['code']}): {warning['message']}")
         print(f"Lung volume {result.record['lung_volumes_ml']['total']:.0f} mL; composition of the whole lung:")
         for row in whole.itertuples():
             print(f"  {row.label:>2} {row.name:<40} {100 * row.fraction:5.1f} %  {row.volume_ml:8.1f} mL")
