@@ -49,11 +49,11 @@ MIN_CRANIOCAUDAL_MM = 20.0
 GALLERY_PER_CLUSTER = 8
 
 # Progress: stage -> (start, end) percent of the whole run.
-STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 82),
+STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 23), "structures": (23, 25), "encode": (25, 70), "cluster": (70, 82),
           "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
 # Timed laps of analysis.json (wall time of the main thread), in run order. The scan is read while the model loads
 # ("load" is what is left of it), and the volumes are written while the QC pictures are drawn ("write" is the rest).
-LAPS = ("model", "load", "mask", "grid", "encode", "cluster", "composition", "qc_report", "write")
+LAPS = ("model", "load", "mask", "grid", "structures", "encode", "cluster", "composition", "qc_report", "write")
 
 
 @dataclass
@@ -145,10 +145,12 @@ class CtLookup:
     voxels: np.ndarray
     index: np.ndarray
 
-    def scatter(self, lattice_values: np.ndarray, reference: sitk.Image) -> sitk.Image:
-        """Image on the CT grid holding ``lattice_values`` (any lattice-shaped array) at lung voxels, 0 elsewhere."""
-        full = np.zeros(self.shape, dtype=lattice_values.dtype)  # pages outside the lungs are never written
-        np.put(full, self.voxels, lattice_values.ravel()[self.index])
+    def scatter(self, values: np.ndarray, reference: sitk.Image) -> sitk.Image:
+        """Image on the CT grid holding ``values`` at lung voxels, 0 elsewhere: a lattice-shaped array (each voxel
+        takes its lattice point's value) or one value per lung voxel (in the order of ``voxels``)."""
+        full = np.zeros(self.shape, dtype=values.dtype)  # pages outside the lungs are never written
+        np.put(full, self.voxels, values if values.ndim == 1 and values.size == self.voxels.size
+               else values.ravel()[self.index])
         image = sitk.GetImageFromArray(full)
         image.CopyInformation(reference)
         return image
@@ -185,21 +187,53 @@ def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
     return segment_lungs(ct), "automatic"
 
 
-def _cluster_maps(dense, bundle, ct, lungs) -> tuple:
-    """Cluster label and confidence per patch, then both maps on the CT grid."""
-    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.cluster_features(dense.latents))
-    labels_n = np.asarray(labels_n, dtype=np.uint8)
-    conf_n = np.asarray(conf_n, dtype=np.float32)
+def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
+    """Cluster label and confidence per patch, then both maps on the CT grid at voxel level.
+
+    Each patch's distances to the K centroids are filled over the patch lattice (nearest valid centre), linearly
+    interpolated onto the model grid (1.25 mm in-plane instead of the 5 mm lattice), and each voxel takes its
+    nearest centroid with the margin confidence, as a patch does; a patch centre keeps its own label. On the CT
+    grid, the vessels and airways found at the CT's resolution (``structures.refine_on_ct``) replace the tissue
+    label (confidence 1: a rule, not a cluster assignment).
+    """
+    from .clusters import nearest_with_confidence
+    from .structures import refine_on_ct
+
+    distances = bundle.clusters.transform(bundle.rotation.cluster_features(dense.latents)).astype(np.float32)
+    labels_n, conf_n = nearest_with_confidence(distances)
     lattice = dense.lattice
     valid = np.zeros(lattice.shape, dtype=bool)
-    lab = np.zeros(lattice.shape, dtype=np.uint8)
-    conf = np.zeros(lattice.shape, dtype=np.float32)
+    field = np.zeros(tuple(lattice.shape) + (distances.shape[1],), dtype=np.float32)
     pos = tuple(dense.positions.T)
-    valid[pos], lab[pos], conf[pos] = True, labels_n, conf_n
-    nearest = nearest_valid_index(valid, tuple(lattice.spacing[::-1]))
-    lab, conf = lab[nearest], conf[nearest]
-    lookup = ct_lookup(lattice, ct, lungs)
-    return labels_n, conf_n, lookup.scatter(lab, ct), lookup.scatter(conf, ct)
+    valid[pos], field[pos] = True, distances
+    field = field[nearest_valid_index(valid, tuple(lattice.spacing[::-1]))]
+    image = sitk.GetImageFromArray(field, isVector=True)
+    image.SetOrigin(tuple(float(v) for v in lattice.origin))
+    image.SetSpacing(tuple(float(v) for v in lattice.spacing))
+    resample = sitk.ResampleImageFilter()
+    resample.SetReferenceImage(grid.reference_image())
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetUseNearestNeighborExtrapolator(True)  # the model grid's margin beyond the outermost centres
+    fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
+    fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, distances.shape[1])
+    lookup = ct_lookup(grid, ct, lungs)
+    labels, confidence = nearest_with_confidence(fine[lookup.index])
+    found = refine_on_ct(structures, lookup.index, sitk.GetArrayViewFromImage(ct).ravel()[lookup.voxels])
+    anatomy = found > 0
+    labels[anatomy], confidence[anatomy] = found[anatomy], 1.0
+    return labels_n, conf_n, lookup.scatter(labels, ct), lookup.scatter(confidence, ct)
+
+
+def map_legend(bundle) -> tuple:
+    """({label: name}, {label: colour}) of the label map: the bundle's clusters, then vessels and airways."""
+    from .errors import BundleError
+    from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES
+
+    if max(bundle.names) >= min(STRUCTURE_NAMES):
+        raise BundleError(f"The bundle has {max(bundle.names)} clusters; the label map keeps labels "
+                          f"{sorted(STRUCTURE_NAMES)} for vessels and airways, so at most {min(STRUCTURE_NAMES) - 1} "
+                          "clusters fit. Retrain with fewer clusters.")
+    return {**bundle.names, **STRUCTURE_NAMES}, {**bundle.colors, **STRUCTURE_COLORS}
 
 
 def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
@@ -351,6 +385,7 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     from .composition import composition_table, composition_to_json, lung_volumes_from_table
     from .grid import to_model_grid
     from .patches import encode_dense
+    from .structures import segment_structures
 
     lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
     timer.lap("mask")
@@ -362,6 +397,10 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec)
     timer.lap("grid")
 
+    _scaled(progress, "structures")(0, message="vessels and airways")
+    structures = segment_structures(hu, lung_grid, grid.spacing)
+    timer.lap("structures")
+
     with _deterministic_torch():
         dense = encode_dense(encoder, hu, lung_grid, grid, spec, device,
                              progress=_scaled(progress, "encode"))
@@ -370,13 +409,14 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     timer.lap("encode")
 
     _scaled(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
-    labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs)
+    labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs, grid, structures)
     timer.lap("cluster")
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
-    table = composition_table(labels, ct, lungs, bundle.names)
+    names, colors = map_legend(bundle)
+    table = composition_table(labels, ct, lungs, names)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
-    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes)
+    composition_json = composition_to_json(table, names, colors, bundle.sha256, volumes)
     timer.lap("composition")
 
     record = {  # analyze has no random step; "seed" is the one the model was trained with
@@ -400,8 +440,8 @@ def _write_outputs(pool, staged, files, done: _Computed, bundle, progress) -> li
     lungs = done.lungs if done.lungs.GetPixelID() == sitk.sitkUInt8 else sitk.Cast(done.lungs, sitk.sitkUInt8)
     # Writing is mostly gzip compression in C (zlib, ITK), outside the GIL: the files are written side by side,
     # the largest first.
-    writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), bundle.names,
-                          bundle.colors),
+    names, colors = map_legend(bundle)
+    writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), names, colors),
               pool.submit(write_volume, done.confidence, staged.path(files["confidence"])),
               pool.submit(write_volume, done.labels, staged.path(files["labels"])),
               pool.submit(write_volume, lungs, staged.path(files["lungs"]))]
@@ -418,7 +458,8 @@ def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, prog
     qc = _scaled(progress, "qc")
     qc(0, message="QC montage")
     dv = render.display_volumes(done.ct, done.labels, done.confidence, done.lungs)
-    render.render_montage(dv, bundle.names, bundle.colors, staged.path(files["montage"]))
+    names, colors = map_legend(bundle)
+    render.render_montage(dv, names, colors, staged.path(files["montage"]))
     qc(30, message="exemplar patches")
     gallery = _gallery(done.hu, done.dense, done.labels_n, done.conf_n, bundle.spec)
     render.render_gallery(gallery, bundle.names, bundle.colors, staged.path(files["gallery"]))
@@ -427,7 +468,7 @@ def _write_qc_and_report(staged, files, name: str, done: _Computed, bundle, prog
     render.write_vtp(surface, staged.path(files["surfaces"]))
     composition = json.loads(done.composition_json)
     largest = max(composition["regions"]["whole"], key=lambda e: e["fraction"])["label"]
-    render.render_3d(surface, bundle.colors, staged.path(files["view3d"]), translucent_label=largest)
+    render.render_3d(surface, colors, staged.path(files["view3d"]), translucent_label=largest)
 
     _scaled(progress, "report")(0, message="report.html")
     record, volumes = done.record, done.record["lung_volumes_ml"]

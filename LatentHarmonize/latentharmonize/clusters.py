@@ -151,6 +151,10 @@ class TissueClusters(ClusterMixin, BaseEstimator):
 
     def predict_with_confidence(self, Z) -> tuple:
         """(labels 1..K as uint8 when K < 256, confidence (d2 - d1) / (d2 + d1) in [0, 1] as float32)."""
+        return nearest_with_confidence(self.transform(Z))
+
+    def transform(self, Z) -> np.ndarray:
+        """Euclidean distance of each row to each centroid, float64 [n, K] (scikit-learn's k-means convention)."""
         check_is_fitted(self, "centroids_")
         Z = _check_points(Z)
         if Z.shape[1] != self.centroids_.shape[1]:
@@ -158,14 +162,7 @@ class TissueClusters(ClusterMixin, BaseEstimator):
                              f"{self.centroids_.shape[1]}; use the rotation these clusters belong to.")
         sq = (np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.centroids_.T
               + np.einsum("ij,ij->i", self.centroids_, self.centroids_)[None, :])
-        dist = np.sqrt(np.maximum(sq, 0.0))
-        two = np.partition(dist, 1, axis=1)
-        d1, d2 = two[:, 0], two[:, 1]
-        total = d1 + d2
-        confidence = np.divide(d2 - d1, total, out=np.zeros_like(total), where=total > 0)
-        labels = dist.argmin(axis=1) + 1
-        dtype = np.uint8 if self.n_clusters_ < 256 else np.int32
-        return labels.astype(dtype), confidence.astype(np.float32)
+        return np.sqrt(np.maximum(sq, 0.0))
 
     # ------------------------------------------------------------------ helpers
     def _stability(self, Z: np.ndarray, k: int, rng: np.random.Generator) -> float:
@@ -242,6 +239,18 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         tc.n_features_in_ = centroids.shape[1]
         tc.stability_ = {int(kk): float(s) for kk, s in meta.get("stability", {}).items()}
         return tc
+
+
+def nearest_with_confidence(distances) -> tuple:
+    """From centroid distances [n, K]: (label 1..K of the nearest, uint8 when K < 256; confidence
+    (d2 - d1) / (d2 + d1) as float32). Also used on distances interpolated between patch centres."""
+    dist = np.asarray(distances)
+    two = np.partition(dist, 1, axis=1)
+    d1, d2 = two[:, 0], two[:, 1]
+    total = d1 + d2
+    confidence = np.divide(d2 - d1, total, out=np.zeros_like(total), where=total > 0)
+    labels = dist.argmin(axis=1) + 1
+    return labels.astype(np.uint8 if dist.shape[1] < 256 else np.int32), confidence.astype(np.float32)
 
 
 # ---------------------------------------------------------------- profiles and names
