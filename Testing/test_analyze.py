@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import slicerio
 
 from latentharmonize.analyze import STAGES, analyze, check_geometry, input_name, output_names
+from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL
 from latentharmonize.cli import main as cli_main
 from latentharmonize.errors import InputError, NoLungFoundError, OutputError
 from latentharmonize.io import image_sha256
@@ -87,7 +88,10 @@ def test_labels_only_inside_the_lungs_and_everywhere_inside(first_run, bundle):
     confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["confidence"])))
     assert set(np.unique(lungs)) == {0, 1, 2}
     assert not labels[lungs == 0].any()
-    assert labels[lungs > 0].min() >= 1 and labels.max() <= len(bundle.names)
+    assert labels[lungs > 0].min() >= 1
+    assert set(np.unique(labels[lungs > 0])) <= set(bundle.names) | {VESSEL_LABEL, AIRWAY_LABEL}
+    # the phantom's vessel trees are found, and they are a minority of the lung
+    assert 0.005 < np.mean(labels[lungs > 0] == VESSEL_LABEL) < 0.15
     assert (confidence[lungs == 0] == 0).all() and 0 <= confidence.min() and confidence.max() <= 1
 
 
@@ -97,7 +101,8 @@ def test_composition_fractions_sum_to_one(first_run, bundle):
     assert set(table.region) == {"whole", "right", "left", "upper", "middle", "lower"}
     np.testing.assert_allclose(table.groupby("region").fraction.sum(), 1.0, atol=1e-5)
     doc = json.loads(result.files["composition_json"].read_text())
-    assert [c["name"] for c in doc["clusters"]] == [bundle.names[k] for k in sorted(bundle.names)]
+    legend = {**bundle.names, VESSEL_LABEL: "vessels", AIRWAY_LABEL: "airways"}
+    assert [c["name"] for c in doc["clusters"]] == [legend[k] for k in sorted(legend)]
     assert doc["model_sha256"] == bundle.sha256
     whole = table[table.region == "whole"]
     assert doc["lung_volumes_ml"]["total"] == pytest.approx(whole.volume_ml.sum(), rel=1e-4)
@@ -106,9 +111,10 @@ def test_composition_fractions_sum_to_one(first_run, bundle):
 def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bundle):
     result, _ = first_run
     seg = slicerio.read_segmentation(str(result.files["segmentation"]))
-    assert [s["labelValue"] for s in seg["segments"]] == sorted(bundle.names)
-    assert [s["name"] for s in seg["segments"]] == [bundle.names[k] for k in sorted(bundle.names)]
-    for s in seg["segments"]:
+    legend = {**bundle.names, VESSEL_LABEL: "vessels", AIRWAY_LABEL: "airways"}
+    assert [s["labelValue"] for s in seg["segments"]] == sorted(legend)
+    assert [s["name"] for s in seg["segments"]] == [legend[k] for k in sorted(legend)]
+    for s in seg["segments"][:len(bundle.names)]:
         np.testing.assert_allclose(s["color"], bundle.colors[s["labelValue"]], atol=1e-6)
     ct = sitk.ReadImage(str(scan))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
@@ -123,7 +129,7 @@ def test_record_identifies_input_and_model(first_run, scan, bundle):
     assert record["input_sha256"] == image_sha256(scan)
     assert record["model_sha256"] == bundle.sha256
     assert record["mask"] == "automatic" and record["n_patches"] > 100
-    assert set(record["timings_s"]) >= {"load", "mask", "encode", "write", "qc_report", "total"}
+    assert set(record["timings_s"]) >= {"load", "mask", "structures", "encode", "write", "qc_report", "total"}
 
 
 def test_progress_is_monotonic_and_follows_the_documented_stages(first_run):

@@ -401,8 +401,10 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     structures = segment_structures(hu, lung_grid, grid.spacing)
     timer.lap("structures")
 
+    # The clusters describe the parenchyma: vessel and airway voxels are filled like the outside of the lung
+    # (the spec's outside_fill_hu) before encoding, so they do not drive the patches they cross.
     with _deterministic_torch():
-        dense = encode_dense(encoder, hu, lung_grid, grid, spec, device,
+        dense = encode_dense(encoder, hu, lung_grid & (structures == 0), grid, spec, device,
                              progress=_scaled(progress, "encode"))
     if len(dense.latents) == 0:
         raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
