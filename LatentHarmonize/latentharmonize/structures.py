@@ -35,13 +35,13 @@ STRUCTURE_NAMES = {VESSEL_LABEL: "vessels", AIRWAY_LABEL: "airways"}
 # red and pale blue, the usual colours of vessels and airways, apart from the tissue palette
 STRUCTURE_COLORS = {VESSEL_LABEL: (0.80, 0.12, 0.15), AIRWAY_LABEL: (0.70, 0.90, 1.00)}
 
-VESSEL_SCALES_MM = (1.0, 2.0)        # Gaussian sigmas of thin vessels (radius about sigma * sqrt 2)
-VESSELNESS_MIN = 0.1                 # objectness (0..1) above which a dense voxel is a vessel
+VESSEL_SCALES_MM = (1.5, 2.5)        # Gaussian sigmas of thin vessels (below the 2.5 mm slices, noise reads as tubes)
+VESSELNESS_MIN = 0.2                 # vesselness (0..1) above which a dense voxel is a vessel
 VESSEL_GRID_HU = -600.0              # on the model grid, partial volume lowers thin vessels' HU
 VESSEL_CT_HU = -400.0
 BULK_OPENING_STEPS = 1
 BULK_SCALES_MM = (4.0,)              # and of thick ones
-BULK_VESSELNESS_MIN = 0.5
+BULK_VESSELNESS_MIN = 0.7
 VESSELNESS_GAMMA = 80.0              # Frobenius-norm scale of the scale-normalised Hessian (HU): below it, noise
 AIRWAY_THRESHOLDS_HU = (-975.0, -950.0, -925.0, -900.0)
 AIRWAY_LEAK_FACTOR = 2.0
