@@ -217,7 +217,14 @@ def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
     fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
     fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, distances.shape[1])
     lookup = ct_lookup(grid, ct, lungs)
-    labels, confidence = nearest_with_confidence(fine[lookup.index])
+    # the nearest centroid once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
+    needed = np.zeros(len(fine), dtype=bool)
+    needed[lookup.index] = True
+    rows = np.flatnonzero(needed)
+    where = np.zeros(len(fine), dtype=np.int64)
+    where[rows] = np.arange(len(rows))
+    lab_rows, conf_rows = nearest_with_confidence(fine[rows])
+    labels, confidence = lab_rows[where[lookup.index]], conf_rows[where[lookup.index]]
     found = refine_on_ct(structures, lookup.index, sitk.GetArrayViewFromImage(ct).ravel()[lookup.voxels])
     anatomy = found > 0
     labels[anatomy], confidence[anatomy] = found[anatomy], 1.0

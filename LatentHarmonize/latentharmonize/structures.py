@@ -9,7 +9,7 @@ a vessel at +40 HU or a bronchus is normal anatomy, not a tissue pattern. Both a
   than ``VESSEL_GRID_HU``. The measure is high only where the HU curves across two directions and not along the
   third, so consolidation (a blob) and reticular or honeycomb walls (sheets) are not vessels.
 - **Airways**: the air-filled tree grown from the trachea. The trachea is the largest air region outside the lungs
-  and the body's outer air that reaches the top of the lung box (the automatic lung mask leaves it out). From it,
+  that reaches the top of the lung box without touching its sides (the automatic lung mask leaves it out). From it,
   air below a threshold is grown into the lungs; the threshold rises from ``AIRWAY_THRESHOLDS_HU[0]`` while the
   grown volume stays plausible (leak control): a step that more than ``AIRWAY_LEAK_FACTOR``-folds the volume, or
   a tree above ``AIRWAY_MAX_LUNG_FRACTION`` of the lung, has leaked into the parenchyma, and the last tree
@@ -100,8 +100,17 @@ def vesselness(hu: np.ndarray, at: np.ndarray, spacing, scales=VESSEL_SCALES_MM)
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     best = np.zeros(at.size)
+    if at.size == 0:
+        return best
+    # smooth only the box around the points (with the filter's reach): the thick points of a scan are few
+    points = np.unravel_index(at, hu.shape)
+    reach = np.ceil(4.0 * max(scales) / spacing[::-1]).astype(int) + 1
+    box = tuple(slice(max(int(p.min()) - r, 0), min(int(p.max()) + r + 1, n))
+                for p, r, n in zip(points, reach, hu.shape))
+    crop = np.asarray(hu[box], dtype=np.float32)
+    at = np.ravel_multi_index(tuple(p - b.start for p, b in zip(points, box)), crop.shape)
     for sigma in scales:
-        smooth = ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma / spacing[::-1], mode="nearest")
+        smooth = ndimage.gaussian_filter(crop, sigma / spacing[::-1], mode="nearest")
         l1, l2, l3 = (sigma * sigma * hessian_eigenvalues(smooth, at, spacing)).T
         ra2 = (l2 / np.where(l3 == 0, 1.0, l3)) ** 2
         rb2 = l1 ** 2 / np.maximum(np.abs(l2 * l3), 1e-12)
@@ -133,25 +142,20 @@ def vessels(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
 def trachea_seed(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     """Bool [z, y, x]: the trachea (or what of it the box holds), or nothing when none is found.
 
-    Air outside the lung mask and outside the body (air connected in-plane to the box border, see
-    :func:`latentharmonize.lungmask.outside_air`) whose largest component reaches the top slice holding lung.
+    The largest air region outside the lung mask that reaches the top slice holding lung and does not touch the
+    box's sides (air there is outside the body).
     """
-    from .lungmask import outside_air
-
-    air = hu < TRACHEA_AIR_HU
-    candidates = air & ~lung & ~outside_air(air)
-    labels, n = ndimage.label(candidates)
+    labels, n = ndimage.label((hu < TRACHEA_AIR_HU) & ~lung)
     if n == 0:
         return np.zeros(hu.shape, bool)
-    top = np.flatnonzero(lung.any(axis=(1, 2)))[-1]
-    # array z follows the model grid (LPS, axial, z up), so the top of the lungs is the last slice holding lung
-    reaching = np.unique(labels[top:][labels[top:] > 0])
+    outside = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()]))
+    top = np.flatnonzero(lung.any(axis=(1, 2)))[-1]  # the model grid is axial with z up: the lungs' top slice
+    reaching = np.setdiff1d(np.unique(labels[top:]), np.append(outside, 0))
     if reaching.size == 0:
         return np.zeros(hu.shape, bool)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     best = int(reaching[np.argmax(sizes[reaching])])
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    if sizes[best] * voxel_ml < TRACHEA_MIN_ML:
+    if sizes[best] * float(np.prod(spacing)) / 1000.0 < TRACHEA_MIN_ML:
         return np.zeros(hu.shape, bool)
     return labels == best
 
