@@ -108,6 +108,20 @@ def test_composition_fractions_sum_to_one(first_run, bundle):
     assert doc["lung_volumes_ml"]["total"] == pytest.approx(whole.volume_ml.sum(), rel=1e-4)
 
 
+def test_composition_reports_vessels_and_airways_as_structures(first_run, scan):
+    result, _ = first_run
+    table = pd.read_csv(result.files["composition_csv"])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
+    lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["lungs"])))
+    voxel_ml = float(np.prod(sitk.ReadImage(str(scan)).GetSpacing())) / 1000.0
+    whole = table[table.region == "whole"].set_index("label")
+    for label, name in ((VESSEL_LABEL, "vessels"), (AIRWAY_LABEL, "airways")):
+        count = int((labels == label).sum())
+        assert whole.loc[label, "name"] == name
+        assert whole.loc[label, "volume_ml"] == pytest.approx(count * voxel_ml, rel=1e-5)
+        assert whole.loc[label, "fraction"] == pytest.approx(count / (lungs > 0).sum(), rel=1e-5)
+
+
 def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bundle):
     result, _ = first_run
     seg = slicerio.read_segmentation(str(result.files["segmentation"]))
@@ -359,3 +373,43 @@ def test_cuda_without_a_gpu_is_refused_before_work(scan, bundle_dir, tmp_path):
     with pytest.raises(InputError, match="CUDA"):
         analyze(scan, tmp_path / "out", model=bundle_dir, device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_label_map_interpolates_centroid_distances_between_patch_centres():
+    """Between two patch centres the label follows the linearly interpolated centroid distances at the model
+    grid's 1.25 mm, not the nearest centre; vessels found at the CT's resolution replace the tissue label."""
+    from types import SimpleNamespace
+
+    from latentharmonize.analyze import _cluster_maps
+    from latentharmonize.clusters import TissueClusters
+    from latentharmonize.grid import ModelGrid
+    from latentharmonize.patches import DenseLatents
+
+    lattice = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(5.0, 5.0, 2.5), shape=(1, 1, 4))  # centres x = 0, 5, 10, 15
+    grid = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(1.25, 1.25, 2.5), shape=(1, 1, 13))  # x = 0, 1.25 .. 15
+    clusters = TissueClusters.from_state({"centroids": np.array([[0.0, 0.0], [1.0, 0.0]])}, {"k": 2})
+    bundle = SimpleNamespace(clusters=clusters, rotation=SimpleNamespace(cluster_features=lambda x: x))
+    # distances to the two centroids: (0, 1) at x = 0, (0.6, 0.4) at x = 5: equal at x = 4.17 mm, not at 2.5 mm
+    latents = np.array([[0.0, 0.0], [0.6, 0.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
+    dense = DenseLatents(latents=latents, positions=np.array([[0, 0, i] for i in range(4)]), lattice=lattice)
+    ct = sitk.Image([20, 3, 1], sitk.sitkInt16) - 850  # x = -1.5 .. 17.5 mm, 1 mm voxels, lung HU
+    ct.SetOrigin((-1.5, -1.0, 0.0))
+    ct[12, 1, 0] = 40  # x = 10.5 mm: dense, next to a vessel found on the model grid
+    lungs = sitk.Image([20, 3, 1], sitk.sitkUInt8)
+    lungs.CopyInformation(ct)
+    for i in range(20):
+        lungs[i, 1, 0] = 1
+    structures = np.zeros(grid.shape, np.uint8)
+    structures[0, 0, 8] = VESSEL_LABEL  # x = 10 mm
+    labels_n, _, labels, confidence = _cluster_maps(dense, bundle, ct, lungs, grid, structures)
+    assert labels_n.tolist() == [1, 2, 2, 2]
+    row = sitk.GetArrayFromImage(labels)[0, 1]
+    x = -1.5 + np.arange(20)
+    expected = np.where(x < 4.2, 1, 2)  # x = 3.5 reads the grid at 3.75 mm: closer to cluster 1 after interpolation
+    expected[x == 10.5] = VESSEL_LABEL
+    np.testing.assert_array_equal(row, expected)
+    conf = sitk.GetArrayFromImage(confidence)[0, 1]
+    assert conf[x == -0.5][0] == pytest.approx(1.0)  # reads the grid at a patch centre, on its centroid
+    assert conf[x == 3.5][0] == pytest.approx(0.1, abs=1e-5)  # (0.55 - 0.45) / 1 at 3.75 mm
+    assert conf[x == 10.5][0] == 1.0
+    assert not sitk.GetArrayFromImage(labels)[0, [0, 2]].any()
