@@ -45,10 +45,12 @@ BULK_VESSELNESS_MIN = 0.7
 VESSELNESS_GAMMA = 80.0              # Frobenius-norm scale of the scale-normalised Hessian (HU): below it, noise
 AIRWAY_THRESHOLDS_HU = (-975.0, -950.0, -925.0, -900.0)
 AIRWAY_LEAK_FACTOR = 2.0
+AIRWAY_MIN_CHECKED_ML = 1.0          # growth from a smaller tree is not a leak
 AIRWAY_MAX_LUNG_FRACTION = 0.04      # intrapulmonary airway lumen is about 1-2 % of the lung
 AIRWAY_CT_HU = -700.0
 TRACHEA_AIR_HU = -900.0
-TRACHEA_MIN_ML = 1.0
+TRACHEA_MIN_ML = 0.2               # what of the trachea lies above the lungs' top slice may be short
+SEED_BRIDGE_STEPS = 2
 
 
 def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
@@ -165,15 +167,17 @@ def airways(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     seed = trachea_seed(hu, lung, spacing)
     if not seed.any():
         return np.zeros(hu.shape, bool)
-    region = lung | seed
+    # across the partial-volume rim where the main bronchi enter the lung mask
+    seed = ndimage.binary_dilation(seed, iterations=SEED_BRIDGE_STEPS, mask=~lung & (hu < AIRWAY_CT_HU)) | seed
     limit = AIRWAY_MAX_LUNG_FRACTION * np.count_nonzero(lung)
+    min_checked = AIRWAY_MIN_CHECKED_ML * 1000.0 / float(np.prod(spacing))  # noise fragments the first, tiny trees
     kept = np.zeros(hu.shape, bool)
     kept_volume = 0
     for threshold in AIRWAY_THRESHOLDS_HU:
-        labels, _ = ndimage.label(region & (hu < threshold) | seed)
+        labels, _ = ndimage.label(lung & (hu < threshold) | seed)
         grown = np.isin(labels, np.unique(labels[seed])) & lung
         volume = np.count_nonzero(grown)
-        if volume > limit or (kept_volume and volume > AIRWAY_LEAK_FACTOR * kept_volume):
+        if volume > limit or (kept_volume >= min_checked and volume > AIRWAY_LEAK_FACTOR * kept_volume):
             break
         kept, kept_volume = grown, volume
     return kept
