@@ -39,6 +39,7 @@ VESSEL_SCALES_MM = (1.5, 2.5)        # Gaussian sigmas of thin vessels (below th
 VESSELNESS_MIN = 0.2                 # vesselness (0..1) above which a dense voxel is a vessel
 VESSEL_GRID_HU = -600.0              # on the model grid, partial volume lowers thin vessels' HU
 VESSEL_CT_HU = -400.0
+VESSEL_REACH_STEPS = 1               # model-grid voxels around a found vessel whose dense CT voxels join it
 BULK_OPENING_STEPS = 1
 BULK_SCALES_MM = (4.0,)              # and of thick ones
 BULK_VESSELNESS_MIN = 0.7
@@ -189,7 +190,7 @@ def refine_on_ct(coarse: np.ndarray, grid_index: np.ndarray, ct_hu: np.ndarray) 
     ``coarse``: :func:`segment_structures` output on the model grid; ``grid_index``: flat model-grid index of each
     CT lung voxel (nearest grid voxel); ``ct_hu``: the CT HU of those voxels. Returns UInt8 per voxel (0 = neither).
     """
-    grown_vessels = ndimage.binary_dilation(coarse == VESSEL_LABEL).ravel()[grid_index]
+    grown_vessels = ndimage.binary_dilation(coarse == VESSEL_LABEL, iterations=VESSEL_REACH_STEPS).ravel()[grid_index]
     out = np.zeros(grid_index.shape, np.uint8)
     out[grown_vessels & (ct_hu > VESSEL_CT_HU)] = VESSEL_LABEL
     out[(coarse.ravel()[grid_index] == AIRWAY_LABEL) & (ct_hu < AIRWAY_CT_HU)] = AIRWAY_LABEL
