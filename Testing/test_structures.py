@@ -101,6 +101,16 @@ def test_airways_grow_from_the_trachea_into_the_bronchus():
     assert found[~bronchus].sum() < 0.2 * bronchus.sum()
 
 
+def test_segment_structures_finds_a_trachea_above_the_lungs():
+    """The trachea is found on the whole model grid, also where only its part above the lungs lies outside the lung
+    mask (a real scan's automatic mask held the rest of it)."""
+    hu, lung, bronchus, _ = _airway_chest(-870.0)
+    z, y, x = _coordinates()
+    lung |= (np.hypot(y - 60, x - 60) < 9.0) & (z < 88)
+    labels = segment_structures(hu, lung, SPACING)
+    assert np.mean(labels[bronchus] == AIRWAY_LABEL) > 0.8
+
+
 def test_airway_growth_stops_before_leaking_into_low_attenuation_lung():
     hu, lung, bronchus, ball = _airway_chest(-945.0)  # joins the lumen only once the threshold passes -945 HU
     found = airways(hu, lung, SPACING)

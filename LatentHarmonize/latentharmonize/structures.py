@@ -61,9 +61,8 @@ def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     box = mask_box(lung)
     if box is None:
         return out
-    hu_box, lung_box = hu[box], lung[box]
-    out[box][vessels(hu_box, lung_box, spacing)] = VESSEL_LABEL
-    out[box][airways(hu_box, lung_box, spacing)] = AIRWAY_LABEL
+    out[box][vessels(hu[box], lung[box], spacing)] = VESSEL_LABEL
+    out[airways(hu, lung, spacing)] = AIRWAY_LABEL  # the whole grid: the trachea may lie above the lungs' box
     return out
 
 
