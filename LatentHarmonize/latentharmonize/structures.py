@@ -4,16 +4,20 @@ Clinical texture tools segment vessels and airways first and classify only the p
 a vessel at +40 HU or a bronchus is normal anatomy, not a tissue pattern. Both are found on the model grid
 (1.25 x 1.25 x 2.5 mm, the lung box only), then refined on the CT's own grid where the edge is as sharp as the CT.
 
-- **Vessels**: bright tubes. Multi-scale Hessian vesselness (ITK's objectness measure for 1-D bright objects, on the
-  HU smoothed at ``VESSEL_SCALES_MM`` and scale-normalised by sigma^2) above ``VESSELNESS_MIN``, on voxels denser
-  than ``VESSEL_GRID_HU``. The measure is high only where the HU curves across two directions and not along the
-  third, so consolidation (a blob) and reticular or honeycomb walls (sheets) are not vessels.
+- **Vessels**: bright tubes. Multi-scale Hessian vesselness (Frangi's measure, as ITK's ``ObjectnessMeasure``
+  for 1-D bright objects, on the HU smoothed at ``VESSEL_SCALES_MM`` and scale-normalised by sigma^2) above
+  ``VESSELNESS_MIN``, on voxels denser than ``VESSEL_GRID_HU``. The measure is high only where the HU curves
+  across two directions and not along the third, so reticular or honeycomb walls (sheets) are not vessels. Where
+  the dense voxels are thick (consolidation, masses, large vessels), only the large scales ``BULK_SCALES_MM`` count,
+  with the stricter ``BULK_VESSELNESS_MIN``: a thin patch of consolidation curves like a thick vessel, and
+  disease taken for a vessel would vanish from the tissue composition (docs/structures.md has the trade-off).
 - **Airways**: the air-filled tree grown from the trachea. The trachea is the largest air region outside the lungs
-  that reaches the top of the lung box without touching its sides (the automatic lung mask leaves it out). From it,
-  air below a threshold is grown into the lungs; the threshold rises from ``AIRWAY_THRESHOLDS_HU[0]`` while the
-  grown volume stays plausible (leak control): a step that more than ``AIRWAY_LEAK_FACTOR``-folds the volume, or
-  a tree above ``AIRWAY_MAX_LUNG_FRACTION`` of the lung, has leaked into the parenchyma, and the last tree
-  before it is kept. Low-attenuation lung (emphysema) next to a bronchus is what makes a step leak.
+  that reaches the lungs' top slice without touching the model grid's sides (the automatic lung mask leaves it
+  out). From it, air below a threshold is grown into the lungs; the threshold rises from
+  ``AIRWAY_THRESHOLDS_HU[0]`` while the grown volume stays plausible (leak control): a step that more than
+  ``AIRWAY_LEAK_FACTOR``-folds a tree of at least ``AIRWAY_MIN_CHECKED_ML``, or a tree above
+  ``AIRWAY_MAX_LUNG_FRACTION`` of the lung, has leaked into the parenchyma, and the last tree before it is kept.
+  Low-attenuation lung (emphysema) next to a bronchus is what makes a step leak.
 
 On the CT grid (:func:`refine_on_ct`), a lung voxel is vessel where the (one-voxel dilated) grid vessels reach it and
 its own HU is above ``VESSEL_CT_HU`` (halfway between lung, -850, and blood, +40), and airway where the grid airways
@@ -38,10 +42,10 @@ STRUCTURE_COLORS = {VESSEL_LABEL: (0.80, 0.12, 0.15), AIRWAY_LABEL: (0.70, 0.90,
 VESSEL_SCALES_MM = (1.5, 2.5)        # Gaussian sigmas of thin vessels (below the 2.5 mm slices, noise reads as tubes)
 VESSELNESS_MIN = 0.2                 # vesselness (0..1) above which a dense voxel is a vessel
 VESSEL_GRID_HU = -600.0              # on the model grid, partial volume lowers thin vessels' HU
-VESSEL_CT_HU = -400.0
+VESSEL_CT_HU = -400.0                # halfway between lung (-850) and blood (+40)
 VESSEL_REACH_STEPS = 1               # model-grid voxels around a found vessel whose dense CT voxels join it
-BULK_OPENING_STEPS = 1
-BULK_SCALES_MM = (4.0,)              # and of thick ones
+BULK_OPENING_STEPS = 1               # dense voxels surviving an opening this deep are thick
+BULK_SCALES_MM = (4.0,)              # Gaussian sigma of thick vessels
 BULK_VESSELNESS_MIN = 0.7
 VESSELNESS_GAMMA = 80.0              # Frobenius-norm scale of the scale-normalised Hessian (HU): below it, noise
 AIRWAY_THRESHOLDS_HU = (-975.0, -950.0, -925.0, -900.0)
@@ -50,8 +54,8 @@ AIRWAY_MIN_CHECKED_ML = 1.0          # growth from a smaller tree is not a leak
 AIRWAY_MAX_LUNG_FRACTION = 0.04      # intrapulmonary airway lumen is about 1-2 % of the lung
 AIRWAY_CT_HU = -700.0
 TRACHEA_AIR_HU = -900.0
-TRACHEA_MIN_ML = 0.2               # what of the trachea lies above the lungs' top slice may be short
-SEED_BRIDGE_STEPS = 2
+TRACHEA_MIN_ML = 0.2                 # what of the trachea lies above the lungs' top slice may be short
+SEED_BRIDGE_STEPS = 2                # grid voxels from the trachea across the rim into the lung mask
 
 
 def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
