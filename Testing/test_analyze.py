@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import slicerio
 
 from latentharmonize.analyze import STAGES, analyze, check_geometry, input_name, output_names
+from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL
 from latentharmonize.cli import main as cli_main
 from latentharmonize.errors import InputError, NoLungFoundError, OutputError
 from latentharmonize.io import image_sha256
@@ -87,7 +88,10 @@ def test_labels_only_inside_the_lungs_and_everywhere_inside(first_run, bundle):
     confidence = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["confidence"])))
     assert set(np.unique(lungs)) == {0, 1, 2}
     assert not labels[lungs == 0].any()
-    assert labels[lungs > 0].min() >= 1 and labels.max() <= len(bundle.names)
+    assert labels[lungs > 0].min() >= 1
+    assert set(np.unique(labels[lungs > 0])) <= set(bundle.names) | {VESSEL_LABEL, AIRWAY_LABEL}
+    # the phantom's vessel trees are found, and they are a minority of the lung
+    assert 0.005 < np.mean(labels[lungs > 0] == VESSEL_LABEL) < 0.15
     assert (confidence[lungs == 0] == 0).all() and 0 <= confidence.min() and confidence.max() <= 1
 
 
@@ -97,19 +101,39 @@ def test_composition_fractions_sum_to_one(first_run, bundle):
     assert set(table.region) == {"whole", "right", "left", "upper", "middle", "lower"}
     np.testing.assert_allclose(table.groupby("region").fraction.sum(), 1.0, atol=1e-5)
     doc = json.loads(result.files["composition_json"].read_text())
-    assert [c["name"] for c in doc["clusters"]] == [bundle.names[k] for k in sorted(bundle.names)]
+    legend = {**bundle.names, VESSEL_LABEL: "vessels", AIRWAY_LABEL: "airways"}
+    assert [c["name"] for c in doc["clusters"]] == [legend[k] for k in sorted(legend)]
     assert doc["model_sha256"] == bundle.sha256
     whole = table[table.region == "whole"]
     assert doc["lung_volumes_ml"]["total"] == pytest.approx(whole.volume_ml.sum(), rel=1e-4)
 
 
+def test_composition_reports_vessels_and_airways_as_structures(first_run, scan):
+    result, _ = first_run
+    table = pd.read_csv(result.files["composition_csv"])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
+    lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["lungs"])))
+    voxel_ml = float(np.prod(sitk.ReadImage(str(scan)).GetSpacing())) / 1000.0
+    whole = table[table.region == "whole"].set_index("label")
+    for label, name in ((VESSEL_LABEL, "vessels"), (AIRWAY_LABEL, "airways")):
+        count = int((labels == label).sum())
+        assert whole.loc[label, "name"] == name
+        assert whole.loc[label, "volume_ml"] == pytest.approx(count * voxel_ml, rel=1e-5)
+        assert whole.loc[label, "fraction"] == pytest.approx(count / (lungs > 0).sum(), rel=1e-5)
+
+
 def test_seg_nrrd_is_a_slicer_segmentation_of_the_label_map(first_run, scan, bundle):
     result, _ = first_run
     seg = slicerio.read_segmentation(str(result.files["segmentation"]))
-    assert [s["labelValue"] for s in seg["segments"]] == sorted(bundle.names)
-    assert [s["name"] for s in seg["segments"]] == [bundle.names[k] for k in sorted(bundle.names)]
-    for s in seg["segments"]:
+    legend = {**bundle.names, VESSEL_LABEL: "vessels", AIRWAY_LABEL: "airways"}
+    assert [s["labelValue"] for s in seg["segments"]] == sorted(legend)
+    assert [s["name"] for s in seg["segments"]] == [legend[k] for k in sorted(legend)]
+    for s in seg["segments"][:len(bundle.names)]:
         np.testing.assert_allclose(s["color"], bundle.colors[s["labelValue"]], atol=1e-6)
+    # DICOM SEG export needs each segment's own code: tissue for clusters, vessel and airway for the structures
+    kinds = {s["labelValue"]: s["terminology"]["type"][2] for s in seg["segments"]}
+    assert kinds == {**{label: "Tissue" for label in bundle.names}, VESSEL_LABEL: "Blood vessel",
+                     AIRWAY_LABEL: "Airway structure"}
     ct = sitk.ReadImage(str(scan))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result.files["labels"])))
     np.testing.assert_array_equal(seg["voxels"], labels.T)
@@ -123,7 +147,7 @@ def test_record_identifies_input_and_model(first_run, scan, bundle):
     assert record["input_sha256"] == image_sha256(scan)
     assert record["model_sha256"] == bundle.sha256
     assert record["mask"] == "automatic" and record["n_patches"] > 100
-    assert set(record["timings_s"]) >= {"load", "mask", "encode", "write", "qc_report", "total"}
+    assert set(record["timings_s"]) >= {"load", "mask", "structures", "encode", "write", "qc_report", "total"}
 
 
 def test_progress_is_monotonic_and_follows_the_documented_stages(first_run):
@@ -353,3 +377,43 @@ def test_cuda_without_a_gpu_is_refused_before_work(scan, bundle_dir, tmp_path):
     with pytest.raises(InputError, match="CUDA"):
         analyze(scan, tmp_path / "out", model=bundle_dir, device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_label_map_interpolates_centroid_distances_between_patch_centres():
+    """Between two patch centres the label follows the linearly interpolated centroid distances at the model
+    grid's 1.25 mm, not the nearest centre; vessels found at the CT's resolution replace the tissue label."""
+    from types import SimpleNamespace
+
+    from latentharmonize.analyze import _cluster_maps
+    from latentharmonize.clusters import TissueClusters
+    from latentharmonize.grid import ModelGrid
+    from latentharmonize.patches import DenseLatents
+
+    lattice = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(5.0, 5.0, 2.5), shape=(1, 1, 4))  # centres x = 0, 5, 10, 15
+    grid = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(1.25, 1.25, 2.5), shape=(1, 1, 13))  # x = 0, 1.25 .. 15
+    clusters = TissueClusters.from_state({"centroids": np.array([[0.0, 0.0], [1.0, 0.0]])}, {"k": 2})
+    bundle = SimpleNamespace(clusters=clusters, rotation=SimpleNamespace(cluster_features=lambda x: x))
+    # distances to the two centroids: (0, 1) at x = 0, (0.6, 0.4) at x = 5: equal at x = 4.17 mm, not at 2.5 mm
+    latents = np.array([[0.0, 0.0], [0.6, 0.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
+    dense = DenseLatents(latents=latents, positions=np.array([[0, 0, i] for i in range(4)]), lattice=lattice)
+    ct = sitk.Image([20, 3, 1], sitk.sitkInt16) - 850  # x = -1.5 .. 17.5 mm, 1 mm voxels, lung HU
+    ct.SetOrigin((-1.5, -1.0, 0.0))
+    ct[12, 1, 0] = 40  # x = 10.5 mm: dense, next to a vessel found on the model grid
+    lungs = sitk.Image([20, 3, 1], sitk.sitkUInt8)
+    lungs.CopyInformation(ct)
+    for i in range(20):
+        lungs[i, 1, 0] = 1
+    structures = np.zeros(grid.shape, np.uint8)
+    structures[0, 0, 8] = VESSEL_LABEL  # x = 10 mm
+    labels_n, _, labels, confidence = _cluster_maps(dense, bundle, ct, lungs, grid, structures)
+    assert labels_n.tolist() == [1, 2, 2, 2]
+    row = sitk.GetArrayFromImage(labels)[0, 1]
+    x = -1.5 + np.arange(20)
+    expected = np.where(x < 4.2, 1, 2)  # x = 3.5 reads the grid at 3.75 mm: closer to cluster 1 after interpolation
+    expected[x == 10.5] = VESSEL_LABEL
+    np.testing.assert_array_equal(row, expected)
+    conf = sitk.GetArrayFromImage(confidence)[0, 1]
+    assert conf[x == -0.5][0] == pytest.approx(1.0)  # reads the grid at a patch centre, on its centroid
+    assert conf[x == 3.5][0] == pytest.approx(0.1, abs=1e-5)  # (0.55 - 0.45) / 1 at 3.75 mm
+    assert conf[x == 10.5][0] == 1.0
+    assert not sitk.GetArrayFromImage(labels)[0, [0, 2]].any()

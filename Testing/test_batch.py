@@ -87,7 +87,8 @@ def test_aggregate_has_one_row_per_scan_with_the_cohort_columns(first_run, cohor
     table = pd.read_csv(out / "composition.csv", dtype=str, keep_default_na=False)
     assert table[list(raw.columns)].equals(raw)  # cohort columns kept verbatim, rows in cohort order
     fractions = [c for c in table.columns if c.startswith("frac_") and c not in raw.columns]
-    assert fractions == ["frac_1_low_attenuation", "frac_2_normal", "frac_3_ground_glass"]
+    assert fractions == ["frac_1_low_attenuation", "frac_2_normal", "frac_3_ground_glass",
+                         "frac_200_vessels", "frac_201_airways"]  # analyze adds the vessels and airways
     values = table[fractions].astype(float)
     assert np.allclose(values.sum(axis=1), 1.0, atol=1e-6) and (values.values >= 0).all()
     assert (table["lung_volume_ml"].astype(float) > 100).all()

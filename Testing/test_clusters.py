@@ -6,9 +6,9 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
-from latentharmonize.clusters import (DENSE, GROUND_GLASS, HONEYCOMB, LOW_ATTENUATION, NAME_COLORS, NORMAL, PALETTE,
-                                      RETICULAR, TissueClusters, cluster_profiles, default_colors, name_clusters,
-                                      patch_statistics)
+from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION,
+                                      NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, cluster_profiles,
+                                      default_colors, name_clusters, patch_statistics)
 from latentharmonize.errors import InputError
 
 
@@ -81,16 +81,84 @@ def test_state_round_trip(planted):
         np.testing.assert_array_equal(x, y)
 
 
-def profile(mean, sd, low, high):
-    return {"mean_hu": mean, "sd_hu": sd, "frac_below_950": low, "frac_above_700": high}
+def profile(median, low, high700, high300, mean=None, sd=100.0):
+    return {"mean_hu": median if mean is None else mean, "sd_hu": sd, "median_hu": median, "frac_below_950": low,
+            "frac_above_700": high700, "frac_above_300": high300}
 
 
 def test_name_clusters_from_crafted_profiles():
-    profiles = [profile(-960, 40, 0.6, 0.0), profile(-850, 60, 0.05, 0.05), profile(-550, 160, 0.0, 0.9),
-                profile(-700, 170, 0.02, 0.4), profile(-250, 450, 0.3, 0.65), profile(-50, 80, 0.0, 1.0),
-                profile(-905, 110, 0.3, 0.02)]  # the last: normal lung through a sharp kernel
-    assert name_clusters(profiles) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE,
+    profiles = [profile(-975, 0.8, 0.0, 0.0), profile(-860, 0.05, 0.05, 0.02), profile(-550, 0.0, 0.9, 0.03),
+                profile(-680, 0.02, 0.45, 0.25), profile(-700, 0.4, 0.5, 0.3), profile(10, 0.0, 1.0, 0.95),
+                profile(-760, 0.02, 0.2, 0.05),
+                profile(-890, 0.33, 0.04, 0.01)]  # the last: normal lung through a sharp kernel
+    assert name_clusters(profiles) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER,
                                        NORMAL + " 2"]
+
+
+def test_emphysema_like_only_below_the_documented_thresholds():
+    assert name_clusters([profile(-935, 0.45, 0.0, 0.0)]) == [LOW_ATTENUATION]  # median < -930
+    assert name_clusters([profile(-900, 0.55, 0.0, 0.0)]) == [LOW_ATTENUATION]  # most voxels < -950
+    assert name_clusters([profile(-925, 0.45, 0.0, 0.0)]) == [NORMAL]
+
+
+def test_a_profile_always_gets_the_same_name():
+    """The name depends on the profile only: not on the other clusters, their order or their sizes."""
+    rng = np.random.default_rng(3)
+    profiles = [profile(m, lo, h7, h3) for m, lo, h7, h3 in zip(rng.uniform(-1000, 50, 40), rng.uniform(0, 1, 40),
+                                                                rng.uniform(0, 1, 40), rng.uniform(0, 1, 40))]
+    alone = [name_clusters([p])[0] for p in profiles]
+    together = name_clusters(profiles[::-1])[::-1]
+    assert [t.rsplit(" ", 1)[0] if t[-1].isdigit() else t for t in together] == alone
+    assert name_clusters([dict(profiles[0], n=5)]) == name_clusters([dict(profiles[0], n=5000)])
+
+
+def _patch(background_hu, noise_sd, rng, size=16, spacing=1.25):
+    """A 3 x 16 x 16 patch (20 mm, 1.25 mm pixels) of lung at ``background_hu`` with noise, and the in-plane
+    distance (mm) of each pixel from a random point near the centre."""
+    patch = rng.normal(background_hu, noise_sd, size=(3, size, size))
+    y, x = (np.mgrid[:size, :size] - (size - 1) / 2.0) * spacing
+    cy, cx = rng.uniform(-4.0, 4.0, 2)
+    return patch, np.hypot(y - cy, x - cx)[None]
+
+
+@pytest.mark.parametrize("noise_sd", [30.0, 110.0], ids=["soft kernel", "sharp kernel"])
+def test_normal_anatomy_never_gets_a_disease_name(noise_sd):
+    """Normal lung crossed by vessels (+40 HU, radius 1-5 mm) or bronchi (air lumen, +40 HU wall) is named
+    normal-appearing, whatever the kernel noise: anatomy is not disease."""
+    rng = np.random.default_rng(7)
+    vessels, airways = [], []
+    for _ in range(60):
+        patch, r = _patch(-860.0, noise_sd, rng)
+        radius = rng.uniform(1.0, 5.0)
+        vessels.append(np.where(r < radius, rng.normal(40.0, noise_sd, patch.shape), patch))
+        patch, r = _patch(-860.0, noise_sd, rng)
+        lumen, wall = rng.uniform(1.5, 4.0), rng.uniform(1.0, 1.5)
+        patch = np.where(r < lumen + wall, rng.normal(40.0, noise_sd, patch.shape), patch)
+        airways.append(np.where(r < lumen, rng.normal(-1000.0, noise_sd / 3, patch.shape), patch))
+    stats = patch_statistics(np.stack(vessels + airways))
+    profiles = cluster_profiles(np.repeat([1, 2], 60), stats, 2)
+    for name in name_clusters(profiles):
+        assert name.split(" 2")[0] not in DISEASE_NAMES
+    for p in range(120):  # and not one patch alone either
+        single = {k: v[p] for k, v in stats.items()}
+        assert name_clusters([single])[0] not in DISEASE_NAMES, single
+
+
+def test_disease_patterns_get_their_names():
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[:16, :16] * 1.25
+    lines = (np.abs(np.sin(2 * np.pi * x / 6.0)) < 0.35) | (np.abs(np.sin(2 * np.pi * y / 7.0)) < 0.35)
+    cysts = (np.sin(2 * np.pi * x / 9.0) * np.sin(2 * np.pi * y / 9.0)) > -0.35
+    patterns = {
+        LOW_ATTENUATION: rng.normal(-975, 25, (20, 3, 16, 16)),
+        GROUND_GLASS: rng.normal(-550, 60, (20, 3, 16, 16)),
+        DENSE: rng.normal(25, 30, (20, 3, 16, 16)),
+        RETICULAR: np.where(lines, -150.0, -790.0) + rng.normal(0, 40, (20, 3, 16, 16)),
+        HONEYCOMB: np.where(cysts, -975.0, -60.0) + rng.normal(0, 40, (20, 3, 16, 16)),
+    }
+    stats = patch_statistics(np.concatenate(list(patterns.values())))
+    profiles = cluster_profiles(np.repeat(np.arange(1, 6), 20), stats, 5)
+    assert name_clusters(profiles) == list(patterns)
 
 
 def test_profiles_from_patches_feed_naming():
@@ -99,6 +167,7 @@ def test_profiles_from_patches_feed_naming():
     dense = rng.normal(20, 30, size=(10, 3, 16, 16))
     stats = patch_statistics(np.concatenate([normal, dense]))
     assert stats["frac_above_700"][:10].max() < 0.01 and stats["frac_above_700"][10:].min() > 0.99
+    assert abs(stats["median_hu"][:10].mean() + 850) < 10 and stats["frac_above_300"][10:].min() > 0.99
     profiles = cluster_profiles(np.repeat([1, 2], 10), stats, 2)
     assert [p["n"] for p in profiles] == [10, 10]
     assert name_clusters(profiles) == [NORMAL, DENSE]

@@ -1,14 +1,22 @@
-"""Automatic lung mask on synthetic chests built here (known truth), and on the phantom."""
+"""Automatic lung mask on synthetic chests built here (known truth), on the phantom and its scan variants, and on a
+real chest CT (the shared real-ct folder); plausibility warnings of a lung mask."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from latentharmonize.errors import InputError, NoLungFoundError
-from latentharmonize.lungmask import lung_volumes_ml, segment_lungs, split_left_right
+from latentharmonize.lungmask import (PAD_HU, assess_mask, lung_volumes_ml, segment_lungs, segment_lungs_detailed,
+                                      split_left_right)
+
+# CI keeps the shared data next to the repository; elsewhere point LATENTHARMONIZE_REAL_CT at the folder
+REAL_CT = Path(os.environ.get("LATENTHARMONIZE_REAL_CT",
+                              Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct"))
 
 
 def synthetic_chest(size=(200, 200, 64), spacing=(1.25, 1.25, 3.0), seed=0, touching=False):
@@ -201,6 +209,15 @@ def test_split_single_lung_uses_side_of_centre(chest):
     assert set(np.unique(sides)) == {0, 2}
 
 
+def test_tiny_mask_is_refused_not_a_traceback(chest):
+    """A mask of one voxel vanishes on the working grid; it gets the 'too small' refusal, not a TypeError."""
+    _, truth, _ = chest
+    tiny = np.zeros(_arr(truth).shape, np.uint8)
+    tiny[30, 100, 60] = 1
+    with pytest.raises(NoLungFoundError, match="too small"):
+        split_left_right(_as_image(tiny, truth))
+
+
 def test_split_rejects_empty_mask(chest):
     _, truth, _ = chest
     with pytest.raises(InputError, match="empty"):
@@ -252,3 +269,193 @@ def _physical_x(image):
     assert image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
     x = image.GetOrigin()[0] + image.GetSpacing()[0] * np.arange(image.GetSize()[0])
     return np.broadcast_to(x, image.GetSize()[::-1])
+
+
+# --- field of view, gas and plausibility on the synthetic chest ------------------------------------------------------
+
+def _crop(image, box):
+    z, y, x = box
+    return image[x, y, z]
+
+
+def _warning_codes(mask, ct, excluded=0.0):
+    return [w["code"] for w in assess_mask(mask, ct, excluded).warnings]
+
+
+def test_whole_chest_has_no_warnings(chest):
+    ct, _, _ = chest
+    found = segment_lungs_detailed(ct)
+    assert found.excluded_air_ml == 0
+    assessment = assess_mask(found.lungs, ct, found.excluded_air_ml)
+    assert assessment.warnings == [] and assessment.fov_cut_slices == []
+    assert 0.05 < assessment.body_fraction < 0.75
+
+
+def test_lungs_cut_by_the_image_border_are_kept(chest):
+    """A field of view narrower than the chest cuts both lungs: they are lung, not air around the body."""
+    ct, truth, _ = chest
+    box = (slice(None), slice(None), slice(40, 160))  # x: the lungs span about 15..185
+    part, true = _crop(ct, box), _arr(_crop(truth, box))
+    found = segment_lungs_detailed(part)
+    labels = _arr(found.lungs)
+    assert dice(labels == 1, true == 1) > 0.95 and dice(labels == 2, true == 2) > 0.95
+    assessment = assess_mask(found.lungs, part, found.excluded_air_ml)
+    assert [w["code"] for w in assessment.warnings] == ["fov_cut"]
+    cut = np.flatnonzero((true[:, :, 0] > 0).any(axis=1) | (true[:, :, -1] > 0).any(axis=1))
+    assert set(assessment.fov_cut_slices) <= set(cut.tolist()) and len(assessment.fov_cut_slices) > 0.8 * len(cut)
+
+
+def test_lungs_cut_by_the_reconstruction_circle_are_kept(chest):
+    """Scanners pad outside the reconstruction circle (-2000 HU here); a circle cutting the lungs does not lose them."""
+    ct, truth, _ = chest
+    hu = _arr(ct)
+    ny, nx = hu.shape[1:]
+    yy, xx = np.mgrid[:ny, :nx]
+    hu[:, (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > 75.0 ** 2] = -2000  # 94 mm: through both lungs
+    padded = sitk.GetImageFromArray(hu.astype(np.int16))
+    padded.CopyInformation(ct)
+    true = _arr(truth) * ((yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 <= 75.0 ** 2)
+    labels = _arr(segment_lungs(padded))
+    assert dice(labels > 0, true > 0) > 0.95
+    assert not np.any(labels[hu <= PAD_HU]), "padding is never lung"
+    assert "fov_cut" in _warning_codes(segment_lungs(padded), padded)
+
+
+def test_gas_below_the_lungs_is_not_lung(chest):
+    """A pocket of pure air inside the body, as big as a lung base, apart from the lungs: gas, left out and reported."""
+    ct, truth, _ = chest
+    hu = _arr(ct)
+    gas = np.zeros(hu.shape, bool)
+    gas[:8, 60:140, 70:130] = True  # 8 slices of 3 mm under the lungs, 100 x 75 mm: 144 mL
+    hu[gas] = np.round(-1000 + np.random.default_rng(5).normal(0, 20, gas.sum()))
+    image = sitk.GetImageFromArray(hu)
+    image.CopyInformation(ct)
+    found = segment_lungs_detailed(image)
+    labels = _arr(found.lungs)
+    assert not np.any(labels[gas]), "no gas voxel is lung"
+    assert dice(labels > 0, _arr(truth) > 0) > 0.95
+    assert found.excluded_air_ml == pytest.approx(gas.sum() * np.prod(ct.GetSpacing()) / 1000.0, rel=0.05)
+    assert _warning_codes(found.lungs, image, found.excluded_air_ml) == ["air_excluded"]
+
+
+def test_implausible_unequal_and_cut_lungs_are_reported(chest):
+    ct, truth, _ = chest
+    labels = _arr(truth)
+    labels[labels == 2] *= (np.arange(labels.shape[0]) > 40)[:, None, None].repeat(labels.shape[1], 1).repeat(
+        labels.shape[2], 2)[labels == 2]  # most of the left lung is missing
+    assert "unequal_lungs" in _warning_codes(_as_image(labels, truth), ct)
+    top = (slice(0, 40), slice(None), slice(None))  # the scan stops mid-lung
+    assert _warning_codes(_crop(truth, top), _crop(ct, top)) == ["incomplete_coverage"]
+    x = np.arange(labels.shape[2])
+    thin = _arr(truth) * ((np.abs(x - 52) < 2) | (np.abs(x - 148) < 2))  # 5 mm of each lung: 2 % of the body
+    assert _warning_codes(_as_image(thin.astype(np.uint8), truth), ct) == ["implausible_volume"]
+
+
+def test_impossible_masks_are_refused(chest):
+    ct, truth, parts = chest
+    with pytest.raises(InputError, match="median .* HU, not air-filled lung"):
+        assess_mask(_as_image((_arr(truth) == 0) & (_arr(ct) > -200), truth), ct)  # the body wall, not the lungs
+    big = sitk.Image([200, 200, 64], sitk.sitkUInt8) + 1
+    big.SetSpacing((2.0, 2.0, 3.0))
+    air = sitk.Cast(big * 0, sitk.sitkInt16) - 1000
+    with pytest.raises(InputError, match="more than any lung"):
+        assess_mask(big, air)
+
+
+# --- phantom scan variants: gas below the diaphragm, cropped field of view, abdomen with the lung bases -------------
+
+@pytest.mark.parametrize("variant", ["gas", "cropped", "abdomen"])
+@pytest.mark.parametrize("patient_index", [0, 1])  # healthy, emphysema (parenchyma closest to gas)
+def test_phantom_variants(variant, patient_index):
+    phantom = pytest.importorskip("latentharmonize.phantom")
+    patient = phantom.make_patient(patient_index, seed=0, variant=variant)
+    expected = {"gas": ["air_excluded"], "cropped": ["fov_cut", "air_excluded"],
+                "abdomen": ["incomplete_coverage", "air_excluded"]}[variant]
+    thick = next(a for a in phantom.DEFAULT_ACQUISITIONS if a.thickness_mm >= 2.5)
+    for ct in phantom.acquire_all(patient, [phantom.DEFAULT_ACQUISITIONS[0], thick]):
+        on_ct = [_arr(sitk.Resample(image, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+                 for image in (patient.truth, patient.gas)]
+        lung, gas = on_ct
+        found = segment_lungs_detailed(ct)
+        labels = _arr(found.lungs)
+        voxel_ml = np.prod(ct.GetSpacing()) / 1000.0
+        print(f"phantom {variant}, patient {patient_index}, {ct.GetSpacing()[2]} mm: "
+              f"Dice {dice(labels > 0, lung):.4f}, "
+              f"lung {lung.sum() * voxel_ml:.0f} mL, gas {gas.sum() * voxel_ml:.0f} mL, "
+              f"excluded {found.excluded_air_ml:.0f} mL")
+        assert gas.sum() * voxel_ml > 40, "test setup: the variant holds gas"
+        assert not np.any(labels[gas]), "no gas voxel is lung"
+        assert dice(labels > 0, lung) >= 0.97
+        assert found.excluded_air_ml == pytest.approx(gas.sum() * voxel_ml, rel=0.15)
+        assert _warning_codes(found.lungs, ct, found.excluded_air_ml) == expected
+
+
+def test_too_little_lung_in_view_is_refused():
+    """An abdominal scan reaching only the bottom of the lung bases: refused, and the gas is named, never taken."""
+    phantom = pytest.importorskip("latentharmonize.phantom")
+    patient = phantom.make_patient(0, seed=0, variant="abdomen")
+    ct = phantom.acquire(patient, phantom.DEFAULT_ACQUISITIONS[0])
+    lung = _arr(patient.truth) > 0
+    lowest = int(np.flatnonzero(lung.any(axis=(1, 2)))[0])
+    part = ct[:, :, : lowest + 12]  # 15 mm of lung bases
+    assert np.count_nonzero(lung[: lowest + 12]) * np.prod(ct.GetSpacing()) / 1000.0 < 100
+    with pytest.raises(NoLungFoundError, match=r"No lung found: .* mL of pure air, stomach or bowel gas, is not lung"):
+        segment_lungs(part)
+
+
+# --- a real chest CT ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"no real CT folder at {REAL_CT}")
+def test_real_chest_ct_mask_and_sides():
+    """Chest Imaging Platform case, 4 mm: whole lung against its reference, and each side against the reference's
+    lung thirds (regions 9-11 left, 12-14 right in the low byte of cip-lm-64)."""
+    ct = sitk.ReadImage(str(REAL_CT / "cip-ct-64.nrrd"))
+    whole = _arr(sitk.ReadImage(str(REAL_CT / "cip-wholeLung-64.nrrd"))) > 0
+    region = _arr(sitk.ReadImage(str(REAL_CT / "cip-lm-64.nrrd"))) & 255
+    found = segment_lungs_detailed(ct)
+    labels = _arr(found.lungs)
+    right, left = (region >= 12) & (region <= 14), (region >= 9) & (region <= 11)
+    print(f"real CT: Dice {dice(labels > 0, whole):.4f}, right {dice(labels == 1, right):.4f}, "
+          f"left {dice(labels == 2, left):.4f}")
+    assert dice(labels > 0, whole) >= 0.98
+    assert dice(labels == 1, right) >= 0.97 and dice(labels == 2, left) >= 0.97
+    codes = _warning_codes(found.lungs, ct, found.excluded_air_ml)
+    assert not {"implausible_volume", "unequal_lungs", "fov_cut"} & set(codes)
+
+
+# --- the warnings reach analysis.json, the CLI summary and the report --------------------------------------------
+
+def test_analyze_publishes_warnings(tmp_path, capsys):
+    """A scan whose field of view cuts the lungs still gets its results, with the warnings in analysis.json, the CLI
+    summary and report.html; a clean scan gets an empty list."""
+    import json
+
+    from latentharmonize.cli import main
+    from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
+
+    for variant in ("cropped", "chest"):
+        scan = tmp_path / f"{variant}.nrrd"
+        sitk.WriteImage(acquire(make_patient(0, seed=0, variant=variant), DEFAULT_ACQUISITIONS[0]), str(scan), True)
+        assert main(["analyze", str(scan), "--out", str(tmp_path / variant), "--device", "cpu"]) == 0
+        printed = capsys.readouterr().out
+        record = json.loads((tmp_path / variant / "analysis.json").read_text())
+        report = (tmp_path / variant / "report.html").read_text()
+        codes = [w["code"] for w in record["warnings"]]
+        if variant == "chest":
+            assert codes == [] and "Warning" not in printed and "Check before use" not in report
+            # a mask that marks the body wall instead of the lungs is refused: exit 2, a message, nothing written
+            ct = sitk.ReadImage(str(scan))
+            wall = _as_image((_arr(ct) > -200) & (sitk.GetArrayFromImage(sitk.ReadImage(
+                str(tmp_path / variant / "chest_lungs.nrrd"))) == 0), ct)
+            sitk.WriteImage(wall, str(tmp_path / "wall.nrrd"))
+            code = main(["analyze", str(scan), "--out", str(tmp_path / "refused"),
+                         "--mask", str(tmp_path / "wall.nrrd"), "--device", "cpu"])
+            assert code == 2 and "not air-filled lung" in capsys.readouterr().err
+            assert not (tmp_path / "refused").exists()
+            continue
+        assert codes == ["fov_cut", "air_excluded"]
+        assert record["lung_mask"]["fov_cut_slices"] and record["lung_mask"]["excluded_air_ml"] > 40
+        for warning in record["warnings"]:
+            assert set(warning) == {"code", "message"} and warning["message"].endswith(".")
+            assert f"Warning ({warning['code']}): {warning['message']}" in printed
+            assert warning["code"] in report and "Check before use" in report

@@ -254,3 +254,33 @@ def test_sample_scan_is_one_deterministic_full_size_chest_with_mixed_disease(tmp
     assert cli_main(["phantom", "--sample", str(first), "--quiet"]) == 2  # refused: it exists
     assert cli_main(["phantom", str(tmp_path / "cohort"), "--sample", str(first)]) == 2
     assert "one of the two" in capsys.readouterr().err
+
+
+# --- scan variants for the lung mask -----------------------------------------------------------------------------
+
+def test_scan_variants(patient):
+    """gas: pure air below the diaphragm, kept apart from the lungs by a soft-tissue layer; cropped: a narrower
+    field of view cutting both lungs; abdomen: the lung bases over the abdomen. The lungs of gas are the chest's."""
+    from latentharmonize.phantom_anatomy import AIR_HU, DIAPHRAGM_MM
+
+    chest_truth = _array(patient.truth)
+    assert patient.variant == "chest" and patient.gas is None
+    for variant in ("gas", "cropped", "abdomen"):
+        other = ph.make_patient(1, SEED, variant=variant)
+        truth, gas, hu = _array(other.truth) > 0, _array(other.gas) > 0, _array(other.hu)
+        spacing = other.hu.GetSpacing()
+        assert gas.sum() * np.prod(spacing) / 1000.0 > 40 and np.all(hu[gas] == AIR_HU) and not np.any(truth & gas)
+        gap = ndimage.distance_transform_edt(~truth, sampling=spacing[::-1])[gas].min()
+        assert gap >= DIAPHRAGM_MM - max(spacing), f"{variant}: gas {gap:.1f} mm from the lung"
+        assert np.flatnonzero(gas.any(axis=(1, 2)))[0] < np.flatnonzero(truth.any(axis=(1, 2)))[-1]
+        if variant == "gas":
+            np.testing.assert_array_equal(_array(other.truth), chest_truth)
+        elif variant == "cropped":
+            assert other.hu.GetSize()[0] < patient.hu.GetSize()[0]
+            assert other.hu.GetOrigin()[1:] == patient.hu.GetOrigin()[1:]
+            assert truth[:, :, 0].any() and truth[:, :, -1].any(), "both lungs reach the edges of the field of view"
+        else:
+            lung_slices = np.flatnonzero(truth.any(axis=(1, 2)))
+            assert lung_slices[-1] == truth.shape[0] - 1 and lung_slices[0] > truth.shape[0] / 3, "bases in the top"
+    with pytest.raises(InputError, match="Unknown phantom variant"):
+        ph.make_patient(0, SEED, variant="pelvis")

@@ -589,7 +589,8 @@ def test_backend_run_through_the_bridge_end_to_end(backend_case):
     outputs = bridge.locate_outputs(out_dir)
     assert outputs.name == backend_case["name"]
     definitions = bridge.read_segment_definitions(outputs.segmentation)
-    assert [d.name for d in definitions] == ["low attenuation", "normal-appearing", "dense"]
+    # the clusters, then the vessels and airways analyze finds (labels 200 and 201)
+    assert [d.name for d in definitions] == ["low attenuation", "normal-appearing", "dense", "vessels", "airways"]
     labels = bridge.read_volume_array(outputs.clusters)
     np.testing.assert_allclose(labels.ijk_to_ras, backend_case["ijk_to_ras"], atol=1e-6)
     assert labels.array.shape == backend_case["array"].shape

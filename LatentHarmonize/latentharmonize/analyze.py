@@ -49,11 +49,11 @@ MIN_CRANIOCAUDAL_MM = 20.0
 GALLERY_PER_CLUSTER = 8
 
 # Progress: stage -> (start, end) percent of the whole run.
-STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 25), "encode": (25, 70), "cluster": (70, 82),
+STAGES = {"load": (0, 5), "mask": (5, 20), "grid": (20, 23), "structures": (23, 25), "encode": (25, 70), "cluster": (70, 82),
           "composition": (82, 85), "write": (85, 92), "qc": (92, 98), "report": (98, 100)}
 # Timed laps of analysis.json (wall time of the main thread), in run order. The scan is read while the model loads
 # ("load" is what is left of it), and the volumes are written while the QC pictures are drawn ("write" is the rest).
-LAPS = ("model", "load", "mask", "grid", "encode", "cluster", "composition", "qc_report", "write")
+LAPS = ("model", "load", "mask", "grid", "structures", "encode", "cluster", "composition", "qc_report", "write")
 
 
 @dataclass
@@ -145,10 +145,12 @@ class CtLookup:
     voxels: np.ndarray
     index: np.ndarray
 
-    def scatter(self, lattice_values: np.ndarray, reference: sitk.Image) -> sitk.Image:
-        """Image on the CT grid holding ``lattice_values`` (any lattice-shaped array) at lung voxels, 0 elsewhere."""
-        full = np.zeros(self.shape, dtype=lattice_values.dtype)  # pages outside the lungs are never written
-        np.put(full, self.voxels, lattice_values.ravel()[self.index])
+    def scatter(self, values: np.ndarray, reference: sitk.Image) -> sitk.Image:
+        """Image on the CT grid holding ``values`` at lung voxels, 0 elsewhere: a lattice-shaped array (each voxel
+        takes its lattice point's value) or one value per lung voxel (in the order of ``voxels``)."""
+        full = np.zeros(self.shape, dtype=values.dtype)  # pages outside the lungs are never written
+        np.put(full, self.voxels, values if values.ndim == 1 and values.size == self.voxels.size
+               else values.ravel()[self.index])
         image = sitk.GetImageFromArray(full)
         image.CopyInformation(reference)
         return image
@@ -175,14 +177,17 @@ def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
 
 
 def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
-    from .lungmask import segment_lungs
+    """(lung mask, its source, its assessment); an impossible mask is refused here."""
     from .io import read_mask
+    from .lungmask import assess_mask, segment_lungs_detailed
 
     if mask is not None:
         progress(0, message=f"reading lung mask {mask}")
-        return read_mask(mask, ct), str(mask)
+        lungs = read_mask(mask, ct)
+        return lungs, str(mask), assess_mask(lungs, ct)
     progress(0, message="segmenting the lungs")
-    return segment_lungs(ct), "automatic"
+    found = segment_lungs_detailed(ct)
+    return found.lungs, "automatic", assess_mask(found.lungs, ct, found.excluded_air_ml)
 
 
 def patch_clusters(dense, bundle) -> tuple:
@@ -191,19 +196,60 @@ def patch_clusters(dense, bundle) -> tuple:
     return np.asarray(labels_n, dtype=np.uint8), np.asarray(conf_n, dtype=np.float32)
 
 
-def _cluster_maps(dense, bundle, ct, lungs) -> tuple:
-    """Cluster label and confidence per patch, then both maps on the CT grid."""
-    labels_n, conf_n = patch_clusters(dense, bundle)
+def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
+    """Cluster label and confidence per patch, then both maps on the CT grid at voxel level.
+
+    Each patch's distances to the K centroids are filled over the patch lattice (nearest valid centre), linearly
+    interpolated onto the model grid (1.25 mm in-plane instead of the 5 mm lattice), and each voxel takes its
+    nearest centroid with the margin confidence, as a patch does; a patch centre keeps its own label. On the CT
+    grid, the vessels and airways found at the CT's resolution (``structures.refine_on_ct``) replace the tissue
+    label (confidence 1: a rule, not a cluster assignment).
+    """
+    from .clusters import nearest_with_confidence
+    from .structures import refine_on_ct
+
+    distances = bundle.clusters.transform(bundle.rotation.cluster_features(dense.latents)).astype(np.float32)
+    labels_n, conf_n = nearest_with_confidence(distances)
     lattice = dense.lattice
     valid = np.zeros(lattice.shape, dtype=bool)
-    lab = np.zeros(lattice.shape, dtype=np.uint8)
-    conf = np.zeros(lattice.shape, dtype=np.float32)
+    field = np.zeros(tuple(lattice.shape) + (distances.shape[1],), dtype=np.float32)
     pos = tuple(dense.positions.T)
-    valid[pos], lab[pos], conf[pos] = True, labels_n, conf_n
-    nearest = nearest_valid_index(valid, tuple(lattice.spacing[::-1]))
-    lab, conf = lab[nearest], conf[nearest]
-    lookup = ct_lookup(lattice, ct, lungs)
-    return labels_n, conf_n, lookup.scatter(lab, ct), lookup.scatter(conf, ct)
+    valid[pos], field[pos] = True, distances
+    field = field[nearest_valid_index(valid, tuple(lattice.spacing[::-1]))]
+    image = sitk.GetImageFromArray(field, isVector=True)
+    image.SetOrigin(tuple(float(v) for v in lattice.origin))
+    image.SetSpacing(tuple(float(v) for v in lattice.spacing))
+    resample = sitk.ResampleImageFilter()
+    resample.SetReferenceImage(grid.reference_image())
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetUseNearestNeighborExtrapolator(True)  # the model grid's margin beyond the outermost centres
+    fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
+    fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, distances.shape[1])
+    lookup = ct_lookup(grid, ct, lungs)
+    # the nearest centroid once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
+    needed = np.zeros(len(fine), dtype=bool)
+    needed[lookup.index] = True
+    rows = np.flatnonzero(needed)
+    where = np.zeros(len(fine), dtype=np.int64)
+    where[rows] = np.arange(len(rows))
+    lab_rows, conf_rows = nearest_with_confidence(fine[rows])
+    labels, confidence = lab_rows[where[lookup.index]], conf_rows[where[lookup.index]]
+    found = refine_on_ct(structures, lookup.index, sitk.GetArrayViewFromImage(ct).ravel()[lookup.voxels])
+    anatomy = found > 0
+    labels[anatomy], confidence[anatomy] = found[anatomy], 1.0
+    return labels_n, conf_n, lookup.scatter(labels, ct), lookup.scatter(confidence, ct)
+
+
+def map_legend(bundle) -> tuple:
+    """({label: name}, {label: colour}) of the label map: the bundle's clusters, then vessels and airways."""
+    from .errors import BundleError
+    from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES
+
+    if max(bundle.names) >= min(STRUCTURE_NAMES):
+        raise BundleError(f"The bundle has {max(bundle.names)} clusters; the label map keeps labels "
+                          f"{sorted(STRUCTURE_NAMES)} for vessels and airways, so at most {min(STRUCTURE_NAMES) - 1} "
+                          "clusters fit. Retrain with fewer clusters.")
+    return {**bundle.names, **STRUCTURE_NAMES}, {**bundle.colors, **STRUCTURE_COLORS}
 
 
 def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
@@ -366,12 +412,16 @@ def model_grid_hu(ct: sitk.Image, lungs: sitk.Image, spec: dict) -> tuple:
     return hu, lung_grid, grid, calibration
 
 
-def encode_patches(encoder, hu, lung_grid, grid, spec: dict, device, progress=None):
-    """The dense latents of every patch whose centre lies in the lung (deterministic kernels)."""
+def encode_patches(encoder, hu, parenchyma, grid, spec: dict, device, progress=None):
+    """The dense latents of every patch whose centre lies in the parenchyma (deterministic kernels).
+
+    The clusters describe the parenchyma: vessel and airway voxels are left out of ``parenchyma``, so they are filled
+    like the outside of the lung (the spec's ``outside_fill_hu``) and do not drive the patches they cross.
+    """
     from .patches import encode_dense
 
     with _deterministic_torch():
-        dense = encode_dense(encoder, hu, lung_grid, grid, spec, device, progress=_scaled(progress, "encode"))
+        dense = encode_dense(encoder, hu, parenchyma, grid, spec, device, progress=_scaled(progress, "encode"))
     if len(dense.latents) == 0:
         raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
     return dense
@@ -382,8 +432,9 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     from .composition import composition_table, composition_to_json, lung_volumes_from_table
     from .densitometry import densitometry_table
     from .segments import read_segments
+    from .structures import segment_structures
 
-    lungs, mask_source = _load_lungs(ct, mask, _scaled(progress, "mask"))
+    lungs, mask_source, assessment = _load_lungs(ct, mask, _scaled(progress, "mask"))
     segments = None if mask is None else read_segments(mask, ct)  # lobes: composition per lobe
     timer.lap("mask")
 
@@ -391,24 +442,29 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     hu, lung_grid, grid, calibration = model_grid_hu(ct, lungs, bundle.spec)
     timer.lap("grid")
 
-    dense = encode_patches(encoder, hu, lung_grid, grid, bundle.spec, device, progress)
+    _scaled(progress, "structures")(0, message="vessels and airways")
+    structures = segment_structures(hu, lung_grid, grid.spacing)
+    timer.lap("structures")
+
+    dense = encode_patches(encoder, hu, lung_grid & (structures == 0), grid, bundle.spec, device, progress)
     timer.lap("encode")
 
     _scaled(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
-    labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs)
+    labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs, grid, structures)
     timer.lap("cluster")
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
-    table = composition_table(labels, ct, lungs, bundle.names, segments)
+    names, colors = map_legend(bundle)
+    table = composition_table(labels, ct, lungs, names, segments)
     densitometry = densitometry_table(ct, lungs, segments)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
-    composition_json = composition_to_json(table, bundle.names, bundle.colors, bundle.sha256, volumes, densitometry)
+    composition_json = composition_to_json(table, names, colors, bundle.sha256, volumes, densitometry)
     timer.lap("composition")
 
     record = {  # analyze has no random step; "seed" is the one the model was trained with
         "input": str(ct_path), "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
-        "device": str(device), "mask": mask_source,
+        "device": str(device), "mask": mask_source, "warnings": assessment.warnings, "lung_mask": assessment.as_dict(),
         "hu_calibration": None if calibration is None else calibration.as_dict(),
         "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
@@ -420,6 +476,7 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
 
 def _write_outputs(pool, staged, files, done: Computed, bundle, progress) -> list:
     """Write the tables, and start writing the segmentation and maps in ``pool``; returns those writes' futures."""
+    from .structures import STRUCTURE_KINDS
     from .writers import write_composition, write_segmentation, write_table, write_volume
 
     step = _scaled(progress, "write")
@@ -432,8 +489,9 @@ def _write_outputs(pool, staged, files, done: Computed, bundle, progress) -> lis
         for image, kind in ((done.confidence, "confidence"), (done.labels, "labels"), (lungs, "lungs")):
             write_volume(image, staged.path(files[kind]))
 
-    writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), bundle.names,
-                          bundle.colors),
+    names, colors = map_legend(bundle)
+    writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), names, colors,
+                          kinds=STRUCTURE_KINDS),
               pool.submit(volumes)]
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
@@ -450,7 +508,8 @@ def write_qc_and_report(staged, files, name: str, done: Computed, bundle, progre
     qc = _scaled(progress, "qc")
     qc(0, message="QC montage")
     dv = render.display_volumes(done.ct, done.labels, done.confidence, done.lungs)
-    render.render_montage(dv, bundle.names, bundle.colors, staged.path(files["montage"]))
+    names, colors = map_legend(bundle)
+    render.render_montage(dv, names, colors, staged.path(files["montage"]))
     qc(30, message="exemplar patches")
     gallery = _gallery(done.hu, done.dense, done.labels_n, done.conf_n, bundle.spec)
     render.render_gallery(gallery, bundle.names, bundle.colors, staged.path(files["gallery"]))
@@ -459,7 +518,7 @@ def write_qc_and_report(staged, files, name: str, done: Computed, bundle, progre
     render.write_vtp(surface, staged.path(files["surfaces"]))
     composition = json.loads(done.composition_json)
     largest = max(composition["regions"]["whole"], key=lambda e: e["fraction"])["label"]
-    render.render_3d(surface, bundle.colors, staged.path(files["view3d"]), translucent_label=largest)
+    render.render_3d(surface, colors, staged.path(files["view3d"]), translucent_label=largest)
 
     _scaled(progress, "report")(0, message="report.html")
     record, volumes = done.record, done.record["lung_volumes_ml"]
@@ -468,7 +527,7 @@ def write_qc_and_report(staged, files, name: str, done: Computed, bundle, progre
                "patches": record["n_patches"]}
     pictures = {"3D view of the clusters (largest cluster translucent)": staged.path(files["view3d"]).read_bytes(),
                 "Most confident patches per cluster": staged.path(files["gallery"]).read_bytes()}
-    page = build_report(dv, composition, name, details, pictures)
+    page = build_report(dv, composition, name, details, pictures, record.get("warnings"))  # none before issue 20
     staged.path(files["report"]).write_text(page, encoding="utf-8")
 
 
@@ -504,6 +563,8 @@ def run(args) -> int:
                      overwrite=args.overwrite, progress=progress, write_report=not args.no_report)
     if not args.quiet and not args.progress_lines:
         whole = result.composition[result.composition.region == "whole"]
+        for warning in result.record["warnings"]:
+            print(f"Warning ({warning['code']}): {warning['message']}")
         print(f"Lung volume {result.record['lung_volumes_ml']['total']:.0f} mL; composition of the whole lung:")
         for row in whole.itertuples():
             print(f"  {row.label:>2} {row.name:<40} {100 * row.fraction:5.1f} %  {row.volume_ml:8.1f} mL")

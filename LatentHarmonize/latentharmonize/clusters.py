@@ -39,32 +39,34 @@ PALETTE = tuple((r / 255.0, g / 255.0, b / 255.0) for r, g, b in (
     (68, 119, 170), (102, 204, 238), (34, 136, 51), (204, 187, 68), (238, 102, 119), (170, 51, 119), (187, 187, 187),
 ))
 
-LOW_ATTENUATION = "low attenuation / emphysema-like"
+LOW_ATTENUATION = "low attenuation, emphysema-like"
 NORMAL = "normal-appearing lung"
 GROUND_GLASS = "ground-glass-like"
-RETICULAR = "reticular"
-HONEYCOMB = "honeycomb-like"
-DENSE = "dense / consolidation-like"
-TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)
-# each tissue name keeps the same colour in every model: palette entries 0..5 in TISSUE_NAMES order
+RETICULAR = "reticular-like"
+HONEYCOMB = "honeycombing-like"
+DENSE = "consolidation-like"
+HIGHER = "higher-attenuation lung"
+TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER)
+DISEASE_NAMES = (LOW_ATTENUATION, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)
+# each tissue name keeps the same colour in every model: palette entries in TISSUE_NAMES order
 NAME_COLORS = {name: PALETTE[i] for i, name in enumerate(TISSUE_NAMES)}
 
 WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproducible clusters
-PROFILE_KEYS = ("mean_hu", "sd_hu", "frac_below_950", "frac_above_700")
-# Thresholds of the naming rules (HU and voxel fractions), from typical lung CT values: normal
-# parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50.
-# Sharp kernels put up to a third of normal-lung voxels below -950 HU, hence the fairly strict
-# low-attenuation rule. Ground glass raises most of the parenchyma above -700 HU, reticulation only
-# a network of lines (a minority of voxels): voxel shares separate them better than the SD, which
-# the kernel and dose change as much as the tissue does.
+# Per-patch HU statistics (centre slice) whose cluster means make a cluster's profile; the names use the median
+# and voxel shares, which a bright minority of voxels (a vessel or a bronchial wall crossing the patch) barely
+# moves, unlike the mean and SD.
+PROFILE_KEYS = ("mean_hu", "sd_hu", "median_hu", "frac_below_950", "frac_above_700", "frac_above_300")
+# Thresholds of the naming rules (HU and voxel shares), from typical lung CT values (field notes section 2):
+# normal parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50, vessels +40.
 NAMING_THRESHOLDS = {
-    "honeycomb_low_frac": 0.2,        # air-cyst voxels (< -950) at least this share ...
-    "honeycomb_high_frac": 0.2,       # ... and wall voxels (> -700) at least this share: honeycomb-like
-    "dense_mean_hu": -300.0,          # mean at least this: dense / consolidation-like
-    "emphysema_low_frac": 0.35,       # share of voxels < -950 at least this: low attenuation
-    "emphysema_mean_hu": -930.0,      # or mean at most this
-    "elevated_mean_hu": -780.0,       # mean above (and below dense): ground-glass-like or reticular
-    "ground_glass_high_frac": 0.5,    # elevated mean and most voxels > -700: ground-glass-like, else reticular
+    "emphysema_median_hu": -930.0,    # median below this, or ...
+    "emphysema_low_frac": 0.5,        # ... most voxels below -950: low attenuation, emphysema-like
+    "honeycomb_low_frac": 0.3,        # air-cyst voxels (< -950) at least this share ...
+    "honeycomb_dense_frac": 0.2,      # ... and thick wall voxels (> -300) at least this share: honeycombing-like
+    "dense_median_hu": -300.0,        # median at least this (most voxels denser than ground glass): consolidation-like
+    "ground_glass_median_hu": -700.0,  # median at least this (most voxels raised into ground glass) ...
+    "reticular_dense_frac": 0.15,     # ... or, above ``raised_median_hu``, this share of dense lines (> -300): reticular
+    "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least
 }
 
 
@@ -151,6 +153,10 @@ class TissueClusters(ClusterMixin, BaseEstimator):
 
     def predict_with_confidence(self, Z) -> tuple:
         """(labels 1..K as uint8 when K < 256, confidence (d2 - d1) / (d2 + d1) in [0, 1] as float32)."""
+        return nearest_with_confidence(self.transform(Z))
+
+    def transform(self, Z) -> np.ndarray:
+        """Euclidean distance of each row to each centroid, float64 [n, K] (scikit-learn's k-means convention)."""
         check_is_fitted(self, "centroids_")
         Z = _check_points(Z)
         if Z.shape[1] != self.centroids_.shape[1]:
@@ -158,14 +164,7 @@ class TissueClusters(ClusterMixin, BaseEstimator):
                              f"{self.centroids_.shape[1]}; use the rotation these clusters belong to.")
         sq = (np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.centroids_.T
               + np.einsum("ij,ij->i", self.centroids_, self.centroids_)[None, :])
-        dist = np.sqrt(np.maximum(sq, 0.0))
-        two = np.partition(dist, 1, axis=1)
-        d1, d2 = two[:, 0], two[:, 1]
-        total = d1 + d2
-        confidence = np.divide(d2 - d1, total, out=np.zeros_like(total), where=total > 0)
-        labels = dist.argmin(axis=1) + 1
-        dtype = np.uint8 if self.n_clusters_ < 256 else np.int32
-        return labels.astype(dtype), confidence.astype(np.float32)
+        return np.sqrt(np.maximum(sq, 0.0))
 
     # ------------------------------------------------------------------ helpers
     def _stability(self, Z: np.ndarray, k: int, rng: np.random.Generator) -> float:
@@ -244,15 +243,28 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         return tc
 
 
+def nearest_with_confidence(distances) -> tuple:
+    """From centroid distances [n, K]: (label 1..K of the nearest, uint8 when K < 256; confidence
+    (d2 - d1) / (d2 + d1) as float32). Also used on distances interpolated between patch centres."""
+    dist = np.asarray(distances)
+    two = np.partition(dist, 1, axis=1)
+    d1, d2 = two[:, 0], two[:, 1]
+    total = d1 + d2
+    confidence = np.divide(d2 - d1, total, out=np.zeros_like(total), where=total > 0)
+    labels = dist.argmin(axis=1) + 1
+    return labels.astype(np.uint8 if dist.shape[1] < 256 else np.int32), confidence.astype(np.float32)
+
+
 # ---------------------------------------------------------------- profiles and names
 def patch_statistics(hu_patches) -> dict:
-    """Per-patch HU statistics [n] from HU patches [n, ...] (in-lung voxels), for naming clusters."""
+    """Per-patch HU statistics [n] (the keys of ``PROFILE_KEYS``) from HU patches [n, ...], for naming clusters."""
     hu = np.asarray(hu_patches, dtype=np.float64)
     if hu.ndim < 2 or hu.shape[0] == 0:
         raise InputError(f"hu_patches must be an array [n_patches, ...voxels], got shape {hu.shape}.")
     flat = hu.reshape(hu.shape[0], -1)
-    return {"mean_hu": flat.mean(axis=1), "sd_hu": flat.std(axis=1),
-            "frac_below_950": (flat < -950).mean(axis=1), "frac_above_700": (flat > -700).mean(axis=1)}
+    return {"mean_hu": flat.mean(axis=1), "sd_hu": flat.std(axis=1), "median_hu": np.median(flat, axis=1),
+            "frac_below_950": (flat < -950).mean(axis=1), "frac_above_700": (flat > -700).mean(axis=1),
+            "frac_above_300": (flat > -300).mean(axis=1)}
 
 
 def cluster_profiles(labels, stats: Mapping[str, np.ndarray], n_clusters: int) -> list:
@@ -269,25 +281,39 @@ def cluster_profiles(labels, stats: Mapping[str, np.ndarray], n_clusters: int) -
 
 def _name_one(p: Mapping[str, float]) -> str:
     t = NAMING_THRESHOLDS
-    if p["frac_below_950"] >= t["honeycomb_low_frac"] and p["frac_above_700"] >= t["honeycomb_high_frac"]:
+    median, low, dense = p["median_hu"], p["frac_below_950"], p["frac_above_300"]
+    if low >= t["honeycomb_low_frac"] and dense >= t["honeycomb_dense_frac"]:
         return HONEYCOMB
-    if p["mean_hu"] >= t["dense_mean_hu"]:
-        return DENSE
-    if p["frac_below_950"] >= t["emphysema_low_frac"] or p["mean_hu"] <= t["emphysema_mean_hu"]:
+    if median < t["emphysema_median_hu"] or low > t["emphysema_low_frac"]:
         return LOW_ATTENUATION
-    if p["mean_hu"] > t["elevated_mean_hu"]:
-        return GROUND_GLASS if p["frac_above_700"] >= t["ground_glass_high_frac"] else RETICULAR
+    if median >= t["dense_median_hu"]:
+        return DENSE
+    if median > t["raised_median_hu"] and dense >= t["reticular_dense_frac"]:
+        return RETICULAR
+    if median >= t["ground_glass_median_hu"]:
+        return GROUND_GLASS
+    if median > t["raised_median_hu"]:
+        return HIGHER
     return NORMAL
 
 
 def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
-    """A unique descriptive name per cluster profile (dicts with the keys of ``PROFILE_KEYS``).
+    """A name per cluster profile (dicts with the keys of ``PROFILE_KEYS``): the profile alone sets the name.
 
-    Deterministic rules (``NAMING_THRESHOLDS``), first match wins: both air-cyst (< -950) and wall
-    (> -700) voxels >= 20 % honeycomb-like; mean HU >= -300 dense / consolidation-like; >= 35 %
-    voxels < -950 or mean <= -930 low attenuation / emphysema-like; mean > -780 ground-glass-like
-    when >= 50 % voxels > -700, else reticular; otherwise normal-appearing lung. A name that repeats
-    gets " 2", " 3"... in label order. ``sd_hu`` is reported in profiles but no rule uses it.
+    Deterministic rules (``NAMING_THRESHOLDS``), first match wins:
+
+    1. >= 30 % air-cyst voxels (< -950 HU) and >= 20 % thick-wall voxels (> -300 HU): honeycombing-like;
+    2. median < -930 HU or > 50 % of voxels below -950 HU: low attenuation, emphysema-like;
+    3. median >= -300 HU (most voxels denser than ground glass): consolidation-like;
+    4. median > -800 HU and >= 15 % dense-line voxels (> -300 HU): reticular-like;
+    5. median >= -700 HU (most voxels raised into ground glass): ground-glass-like;
+    6. median > -800 HU: higher-attenuation lung (raised, but short of ground glass);
+    7. otherwise: normal-appearing lung.
+
+    A disease-like name needs the bulk of the patch (its median) or a large share of its voxels to look like the
+    disease: a vessel or a bronchus crossing normal lung fills a minority of a 20 mm patch and leaves the median at
+    normal lung's, so normal anatomy is named normal-appearing. The mean HU and SD are reported, not used: a vessel
+    at +40 HU moves them as much as disease does. A name used twice gets " 2", " 3" ... in order.
     """
     names, seen = [], {}
     for i, p in enumerate(profiles):

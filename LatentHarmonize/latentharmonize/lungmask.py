@@ -4,19 +4,27 @@ Lungs are the large air-filled regions inside the body. The heavy work runs on a
 about 2 mm voxels and reoriented to LPS; the result is brought back to the CT's own grid, where
 the boundary is refined at full resolution. Steps:
 
-1. air = HU below ``AIR_HU``; air connected to the in-plane image border is outside the body;
+1. air = HU below ``AIR_HU`` (padding outside the reconstruction circle aside); an in-plane air region
+   reaching beyond the body outline is outside the body, so lungs cut by the field of view stay inside;
 2. the trachea and main bronchi are tracked from the top slice down (a small midline region of
    pure air whose cross-section follows slice to slice) and removed; tracking of a branch stops
    where its cross-section explodes, i.e. where it opens into a lung;
-3. components too small to be a lung (bowel gas, air in the table) are dropped;
+3. gas (stomach, bowel: pure air, near -1000 HU, with no lung tissue) is not lung unless an airway enters
+   it; of the rest, components too small to be a lung are dropped;
 4. the lungs are split into right (1) and left (2) by physical LPS x (the patient's left is +x);
    lungs that touch are eroded until they separate, then grown back to their nearest seed;
 5. each lung is closed with a 12 mm ball and its holes are filled per axial slice, so vessels,
    nodules, consolidation and subpleural fibrosis are part of the mask;
 6. back on the CT grid, voxels deep inside the working mask are lung whatever their HU, and in the
    boundary band only air-like voxels are, so the edge is as sharp as the CT.
+
+:func:`assess_mask` checks any lung mask (automatic or given) against the CT: it refuses an impossible mask
+and lists plausibility warnings (volume for the slices covered, unequal lungs, lungs cut by the scan's ends or
+field of view, air left out as gas).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,6 +34,11 @@ from .errors import InputError, NoLungFoundError
 from .grid import box_resampler, mask_box
 
 AIR_HU = -400.0               # between lung (about -850 HU) and fat/soft tissue (-100..+60 HU)
+PAD_HU = -1200.0              # below any air: padding outside the reconstruction circle (-2000, -3024 ...)
+GAS_MARGIN_HU = 40.0          # air whose core is within this of outside air's level holds no lung tissue: gas
+AIR_LEVEL_HU = (-1030.0, -970.0)  # plausible HU of air (vendor calibration); -1000 when no outside air is seen
+BODY_PART = 0.2              # a tissue region this share of a slice's largest is body too (the table is smaller)
+MIN_JUDGED_ML = 1.0           # smaller air pockets are neither judged nor counted as excluded gas
 WORK_SPACING_MM = 2.0         # voxel size of the working copy
 CLOSING_RADIUS_MM = 12.0      # rolling ball: takes in subpleural consolidation, fibrosis and juxtapleural nodules
 MIN_LUNG_ML = 100.0           # less air than this inside the body means no lung in the scan
@@ -34,31 +47,48 @@ TRACHEA_AREA_MM2 = (30.0, 1000.0)  # cross-section of an adult trachea is about 
 EXPLODE_FACTOR = 3.0          # an airway cross-section growing past this multiple of the trachea's has hit a lung
 MAX_SPLIT_EROSIONS = 12
 RIGHT, LEFT = 1, 2
+_IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))  # 4-connected, one slice
+
+
+@dataclass(frozen=True)
+class LungSegmentation:
+    """What :func:`segment_lungs_detailed` found: the label map, and the air inside the body it left out as gas."""
+
+    lungs: sitk.Image
+    excluded_air_ml: float
 
 
 def segment_lungs(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> sitk.Image:
     """Segment the lungs of a chest CT (HU). Returns UInt8 on the CT's grid: 0 background, 1 right, 2 left.
 
-    Raises :class:`NoLungFoundError` when the scan holds no air-filled region inside the body of at
+    Raises :class:`NoLungFoundError` when the scan holds no lung-like air region inside the body of at
     least ``min_lung_ml`` mL (e.g. an abdomen-only scan or a phantom without lungs).
     """
+    return segment_lungs_detailed(ct, min_lung_ml).lungs
+
+
+def segment_lungs_detailed(ct: sitk.Image, min_lung_ml: float = MIN_LUNG_ML) -> LungSegmentation:
+    """:func:`segment_lungs`, also telling how much air inside the body was left out as stomach or bowel gas."""
     _check_ct(ct)
     if not min_lung_ml > 0:
         raise InputError(f"min_lung_ml must be a positive volume in mL, got {min_lung_ml!r}.")
     work = _work_copy(ct)
     hu = sitk.GetArrayViewFromImage(work)
     spacing = np.array(work.GetSpacing()[::-1])  # (z, y, x) mm
-    air = hu < AIR_HU
-    outside = outside_air(air)
-    midline = _centre_x_index(~outside)
+    padding = hu < PAD_HU
+    air = (hu < AIR_HU) & ~padding
+    outside, air_level = outside_body(air, hu >= AIR_HU, hu, spacing[1] * spacing[2])
+    midline = _centre_x_index(~outside & ~padding)
     candidates = air & ~outside
     if not candidates.any():
         raise _no_lung("there is no air inside the body", min_lung_ml)
-    candidates &= ~_track_airways(candidates, hu, spacing, midline)
-    lungs = _keep_lung_components(candidates, spacing, min_lung_ml)
+    airways = _track_airways(candidates, hu, spacing, midline)
+    candidates &= ~airways
+    lungs, excluded_ml = _keep_lung_components(candidates, hu, spacing, min_lung_ml, air_level,
+                                               ndimage.binary_dilation(airways))
     sides = _side_map(lungs, work, midline_x=_physical_x(work, midline))
     labels = _fill_each_lung(lungs, sides, spacing)
-    return _to_full_resolution(labels, work, ct)
+    return LungSegmentation(_to_full_resolution(labels, work, ct), excluded_ml)
 
 
 def split_left_right(mask: sitk.Image) -> sitk.Image:
@@ -125,16 +155,73 @@ def _centre_x_index(region: np.ndarray) -> float:
 
 
 def outside_air(air: np.ndarray) -> np.ndarray:
-    """Air connected to the image border within its own axial slice. Connectivity is in-plane only:
-    the trachea leaves the volume through the top slice, and in scans reaching the face the airway
-    joins the outside air through the nose and mouth; neither may turn the lungs into 'outside'."""
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    labels, _ = ndimage.label(air, in_plane)
+    """Air connected to the image border within its own axial slice (the air around the body where the field of
+    view holds the whole body; used as the air reference of HU calibration)."""
+    labels, _ = ndimage.label(air, _IN_PLANE)
     faces = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
                             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
     border_ids = np.unique(faces[faces > 0])
     return np.isin(labels, border_ids)
+
+
+def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2: float) -> tuple:
+    """(outside, air level): the air around the body, and the HU of air in this scan.
+
+    The body of a slice is its largest in-plane region of tissue (the table and blankets lie apart from it), with
+    any other at least BODY_PART its size. Its outline holds every pixel with body on both sides of it along its
+    row or along its column. An in-plane air region lying wholly inside the outline is inside the body (lungs,
+    gas). One reaching beyond it is the air around the body, unless it is a lung cut by the field of view: most of
+    its pixels are inside the outline (chest wall in front of and behind the cut, mediastinum beside it) and its
+    core (one pixel in from its edge, away from partial volume) covers 1 cm^2 at the density of lung, more than
+    GAS_MARGIN_HU above air. Connectivity is in-plane only: the trachea leaves the volume through the top slice,
+    and in scans reaching the face the airway joins the outside air through the nose and mouth; neither may turn
+    the lungs into 'outside'.
+    """
+    body = _body_per_slice(tissue)
+    labels, n = ndimage.label(air, _IN_PLANE)
+    enclosed = air & (_between(body, axis=1) | _between(body, axis=2))
+    reaching = air & ~enclosed
+    level = -1000.0
+    if np.count_nonzero(reaching) >= 1000:  # a field of view cropped to the body shows little air around it
+        values = hu[reaching]
+        level = float(np.clip(np.median(values[:: max(1, values.size // 200_000)]), *AIR_LEVEL_HU))
+    core = air.copy()  # in-plane erosion by one pixel; numpy shifts cost a fraction of ndimage's erosion here
+    core[:, 1:] &= air[:, :-1]
+    core[:, :-1] &= air[:, 1:]
+    core[:, :, 1:] &= air[:, :, :-1]
+    core[:, :, :-1] &= air[:, :, 1:]
+    counts = np.bincount(labels[core], minlength=n + 1)
+    means = np.bincount(labels[core], weights=hu[core], minlength=n + 1) / np.maximum(counts, 1)
+    inside_share = np.bincount(labels[enclosed], minlength=n + 1) / np.maximum(np.bincount(labels.ravel()), 1)
+    ids = np.unique(labels[reaching])
+    cut_lung = ((inside_share[ids] >= 0.5) & (counts[ids] * pixel_mm2 >= 100.0)
+                & (means[ids] >= level + GAS_MARGIN_HU))
+    ids = ids[(ids > 0) & ~cut_lung]
+    return np.isin(labels, ids), level
+
+
+def _body_per_slice(mask: np.ndarray) -> np.ndarray:
+    """The in-plane connected regions of ``mask`` holding at least BODY_PART of the largest one in their slice: the
+    body, in one piece or cut in two (bronchi joining both lungs cut by the field of view split the mediastinum
+    into a front and a back part), but not the table."""
+    labels, n = ndimage.label(mask, _IN_PLANE)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    # labels are numbered slice after slice: those of slice z run up to the running maximum of the slices' labels
+    last = np.maximum.accumulate(labels.reshape(labels.shape[0], -1).max(axis=1))
+    slice_of = np.searchsorted(last, np.arange(n + 1))
+    largest = np.zeros(labels.shape[0] + 1)
+    np.maximum.at(largest, slice_of, sizes)
+    return (sizes >= BODY_PART * largest[slice_of])[labels] & mask
+
+
+def _between(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Pixels with a ``mask`` pixel on both sides of them (or on them) along ``axis``."""
+    before = np.logical_or.accumulate(mask, axis=axis)
+    after = np.flip(np.logical_or.accumulate(np.flip(mask, axis=axis), axis=axis), axis=axis)
+    return before & after
 
 
 def _track_airways(candidates: np.ndarray, hu: np.ndarray, spacing: np.ndarray, midline: float) -> np.ndarray:
@@ -188,15 +275,35 @@ def _find_trachea(candidates: np.ndarray, pixel_mm2: float, midline: float):
     return None, None
 
 
-def _keep_lung_components(candidates: np.ndarray, spacing: np.ndarray, min_lung_ml: float) -> np.ndarray:
+def _keep_lung_components(candidates: np.ndarray, hu: np.ndarray, spacing: np.ndarray, min_lung_ml: float,
+                          air_level: float, near_airways: np.ndarray) -> tuple:
+    """The lung components of the air inside the body, and the volume (mL) of the gas left out.
+
+    A component is gas (stomach, bowel) when the median HU of its core (one voxel in from its surface, away
+    from partial volume) is within GAS_MARGIN_HU of air: lung holds parenchyma and vessels (about -850 HU),
+    gas holds nothing. A component an airway enters is lung whatever its density (bullae). Of the lung-like
+    components, those smaller than KEEP_FRACTION of the largest are dropped (air in the table, oesophagus).
+    """
     labels, _ = ndimage.label(candidates)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     volumes = np.bincount(labels.ravel(), minlength=2)[1:] * voxel_ml
-    if volumes.max() < min_lung_ml:
-        raise _no_lung(f"the largest air region inside the body, airways aside, is {volumes.max():.0f} mL",
-                       min_lung_ml)
-    keep = 1 + np.flatnonzero(volumes >= KEEP_FRACTION * volumes.max())
-    return np.isin(labels, keep)
+    aired = np.unique(labels[near_airways & candidates])
+    gas = np.zeros(volumes.size, bool)
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        if box is None or volumes[index] < MIN_JUDGED_ML or index + 1 in aired:
+            continue
+        component = labels[box] == index + 1
+        core = ndimage.binary_erosion(component)
+        gas[index] = np.median(hu[box][core if core.any() else component]) < air_level + GAS_MARGIN_HU
+    excluded_ml = float(volumes[gas].sum())
+    lung_volumes = np.where(gas, 0.0, volumes)
+    if lung_volumes.max() < min_lung_ml:
+        found = f"the largest air region inside the body, airways aside, is {lung_volumes.max():.0f} mL"
+        if excluded_ml:
+            found += f" ({excluded_ml:.0f} mL of pure air, stomach or bowel gas, is not lung)"
+        raise _no_lung(found, min_lung_ml)
+    keep = 1 + np.flatnonzero(lung_volumes >= KEEP_FRACTION * lung_volumes.max())
+    return np.isin(labels, keep), excluded_ml
 
 
 def _no_lung(found: str, min_lung_ml: float) -> NoLungFoundError:
@@ -212,6 +319,8 @@ def _side_map(lungs: np.ndarray, work: sitk.Image, midline_x: float) -> np.ndarr
     voxel gets that lung's side, from its centroid against ``midline_x``.
     """
     box = mask_box(lungs)
+    if box is None:  # a mask of a few voxels vanishes on the working grid
+        raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
     offset = [s.start for s in box]
     sides = np.zeros(lungs.shape, np.uint8)
     seeds = _two_seeds(lungs[box])
@@ -255,8 +364,6 @@ def _centroid_x(region: np.ndarray, work: sitk.Image, offset) -> float:
 def _fill_each_lung(lungs: np.ndarray, sides: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Close each lung with a ball of CLOSING_RADIUS_MM and fill its holes per axial slice (a dense
     region enclosed in-plane is lung even where it reaches the next slice's surface); returns labels 0/1/2."""
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
     margin = np.ceil(CLOSING_RADIUS_MM / spacing).astype(int) + 1
     filled = np.zeros(lungs.shape, bool)
     for side in (RIGHT, LEFT):
@@ -267,7 +374,7 @@ def _fill_each_lung(lungs: np.ndarray, sides: np.ndarray, spacing: np.ndarray) -
         # padding keeps the closing from eroding a lung cut by the volume edge
         padded = np.pad(lung[box], [(m, m) for m in margin])
         closed = _closing(padded, CLOSING_RADIUS_MM, spacing)[tuple(slice(m, -m) for m in margin)]
-        filled[box] |= ndimage.binary_fill_holes(closed, in_plane)
+        filled[box] |= ndimage.binary_fill_holes(closed, _IN_PLANE)
     return np.where(filled, sides, 0).astype(np.uint8)
 
 
@@ -292,7 +399,8 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
             continue
         box = _lung_region(lung, work, ct)
         up = _resample_array(lung.view(np.uint8) * 200, work, ct, box, sitk.sitkLinear)
-        out[box][(up >= 199) | ((up > 0) & (hu[box] < AIR_HU))] = side  # 200: every interpolation neighbour is inside
+        air = (hu[box] < AIR_HU) & (hu[box] > PAD_HU)
+        out[box][(up >= 199) | ((up > 0) & air)] = side  # 200: every interpolation neighbour is inside
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(ct)
     return result
@@ -321,3 +429,125 @@ def _lung_region(labels: np.ndarray, work: sitk.Image, full: sitk.Image) -> tupl
     stop = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, 0, size)
     (x0, y0, z0), (x1, y1, z1) = start.tolist(), stop.tolist()
     return slice(z0, z1), slice(y0, y1), slice(x0, x1)
+
+
+# --- plausibility of a lung mask -----------------------------------------------------------------------------------
+
+MAX_LUNG_ML = 12000.0         # more than any adult's total lung capacity: not a lung mask
+MAX_MASK_MEDIAN_HU = -100.0   # a mask whose median is soft tissue does not mark air-filled lung
+BODY_FRACTION = (0.03, 0.75)  # share of the body the lungs fill over the slices they span (real chests: 5-37 %)
+UNEQUAL_RATIO = 0.5           # smaller lung under this fraction of the larger: one is partly missing
+EDGE_AREA_MM2 = 100.0         # lung cross-section on the first or last slice that means the scan cuts the lung
+FOV_CONTACT_MM = 5.0          # lung contact with the in-plane edge of the field of view that marks a slice as cut
+MIN_EXCLUDED_ML = 20.0        # less gas than this (a small stomach bubble) is not worth a warning
+CHECK_SPACING_MM = 4.0        # voxel size of the coarse copy used for the body outline
+
+
+@dataclass
+class MaskAssessment:
+    """Plausibility of a lung mask: ``warnings`` ({code, message}), the CT slices (last index) where the lungs touch
+    the in-plane edge of the field of view, the share of the body the lungs fill, and the air left out as gas."""
+
+    warnings: list = field(default_factory=list)
+    fov_cut_slices: list = field(default_factory=list)
+    body_fraction: float = 0.0
+    excluded_air_ml: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"fov_cut_slices": list(self.fov_cut_slices), "body_fraction": round(self.body_fraction, 4),
+                "excluded_air_ml": round(self.excluded_air_ml, 1)}
+
+
+def assess_mask(lungs: sitk.Image, ct: sitk.Image, excluded_air_ml: float = 0.0) -> MaskAssessment:
+    """Check a lung mask (1 right, 2 left, on the CT's grid) against its CT.
+
+    Raises :class:`InputError` when the mask cannot be a lung mask (more than MAX_LUNG_ML, or it marks soft tissue
+    rather than air-filled lung). Otherwise returns the warnings a user must see before trusting the numbers.
+    ``excluded_air_ml`` is the gas the automatic segmentation left out (:class:`LungSegmentation`).
+    """
+    labels = sitk.GetArrayViewFromImage(lungs)
+    hu = sitk.GetArrayViewFromImage(ct)
+    volumes = lung_volumes_ml(lungs)
+    if volumes["total"] == 0:
+        raise InputError("The lung mask is empty; nonzero voxels must mark the lungs.")
+    if volumes["total"] > MAX_LUNG_ML:
+        raise InputError(f"The lung mask holds {volumes['total'] / 1000:.1f} L, more than any lung "
+                         f"({MAX_LUNG_ML / 1000:.0f} L): it is not a lung mask of this scan. Check the mask, or "
+                         "leave it out for automatic segmentation.")
+    z, y, x = mask_box(labels)
+    sample = (slice(z.start, z.stop, 2), slice(y.start, y.stop, 2), slice(x.start, x.stop, 2))  # plenty for a median
+    median = float(np.median(hu[sample][labels[sample] > 0])) if np.any(labels[sample]) else -1000.0
+    if median > MAX_MASK_MEDIAN_HU:
+        raise InputError(f"The lung mask marks tissue of median {median:.0f} HU, not air-filled lung (about -850 HU): "
+                         "it does not belong to this scan or marks something else. Check the mask.")
+    found = MaskAssessment(excluded_air_ml=float(excluded_air_ml))
+    coarse_hu, coarse_lung, coarse_mm = _coarse(lungs, ct)
+    found.body_fraction = _body_fraction(coarse_hu, coarse_lung)
+    found.fov_cut_slices = _fov_cut_slices(labels, coarse_hu, coarse_lung, lungs.GetSpacing(), coarse_mm)
+    warn = found.warnings.append
+    lo, hi = BODY_FRACTION
+    if not lo <= found.body_fraction <= hi or volumes["total"] > 0.8 * MAX_LUNG_ML:
+        warn({"code": "implausible_volume", "message": (
+            f"The lungs ({volumes['total']:.0f} mL) fill {100 * found.body_fraction:.0f} % of the body over the "
+            f"slices they span, where real chests give {100 * lo:.0f}-{100 * hi:.0f} %: the mask probably takes in "
+            "air that is not lung or misses lung, so volumes and composition are unreliable.")})
+    small, large = sorted((volumes["right"], volumes["left"]))
+    if small < UNEQUAL_RATIO * large:
+        less = "right" if volumes["right"] < volumes["left"] else "left"
+        warn({"code": "unequal_lungs", "message": (
+            f"The {less} lung ({small:.0f} mL) is less than half the other ({large:.0f} mL): part of it may be "
+            "missing from the mask or the scan (collapse, effusion, resection, field of view), so per-side "
+            "figures compare unequal parts.")})
+    ends = _cut_ends(labels, lungs.GetSpacing())
+    if ends:
+        warn({"code": "incomplete_coverage", "message": (
+            f"The lungs reach the {' and '.join(ends)} slice of the scan: part of the lung lies outside it, so "
+            "volumes are lower than the whole lungs' and the composition describes only the part in view.")})
+    if found.fov_cut_slices:
+        first, last = found.fov_cut_slices[0], found.fov_cut_slices[-1]
+        warn({"code": "fov_cut", "message": (
+            f"The lungs touch the edge of the field of view on {len(found.fov_cut_slices)} slices ({first}-{last}): "
+            "lung beyond the edge is not in the scan, so volumes are low and the composition misses the periphery "
+            "there.")})
+    if excluded_air_ml >= MIN_EXCLUDED_ML:
+        warn({"code": "air_excluded", "message": (
+            f"{excluded_air_ml:.0f} mL of air inside the body was not counted as lung: it is pure air (near "
+            "-1000 HU, no lung tissue) apart from the airways, as stomach or bowel gas is. If some of it is lung "
+            "(a large bulla), the volumes and composition leave it out.")})
+    return found
+
+
+def _coarse(lungs: sitk.Image, ct: sitk.Image) -> tuple:
+    """CT averaged in-plane to about CHECK_SPACING_MM (slices kept) and the lung mask sampled at the centres of its
+    pixels: HU and boolean lung [k, j, i] arrays, and the coarse pixel size (i, j) in mm."""
+    factors = [max(1, int(round(CHECK_SPACING_MM / s))) for s in ct.GetSpacing()[:2]] + [1]
+    hu = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors))
+    fi, fj = factors[:2]
+    lung = sitk.GetArrayViewFromImage(lungs)[:, fj // 2::fj, fi // 2::fi][:, :hu.shape[1], :hu.shape[2]] > 0
+    return hu, lung, [s * f for s, f in zip(ct.GetSpacing()[:2], factors)]
+
+
+def _body_fraction(hu: np.ndarray, lung: np.ndarray) -> float:
+    """Lung volume over body volume, on the slices holding lung. The body of a slice is its tissue and lung with
+    their enclosed holes filled (gas included, air around the body not)."""
+    slices = lung.any(axis=(1, 2))
+    body = ndimage.binary_fill_holes((hu[slices] >= AIR_HU) | lung[slices], _IN_PLANE)
+    return float(np.count_nonzero(lung[slices]) / max(1, np.count_nonzero(body)))
+
+
+def _cut_ends(labels: np.ndarray, spacing) -> list:
+    """'first'/'last' when the lungs cover at least EDGE_AREA_MM2 of the first/last slice (last index)."""
+    pixel_mm2 = spacing[0] * spacing[1]
+    return [name for name, k in (("first", 0), ("last", -1))
+            if np.count_nonzero(labels[k]) * pixel_mm2 >= EDGE_AREA_MM2]
+
+
+def _fov_cut_slices(labels: np.ndarray, coarse_hu: np.ndarray, coarse_lung: np.ndarray, spacing, coarse_mm) -> list:
+    """Slices (last index) where the lungs touch the in-plane image border (full resolution) or the padding
+    outside the reconstruction circle (coarse copy) along at least FOV_CONTACT_MM."""
+    contact = (np.count_nonzero(labels[:, 0, :], axis=1) + np.count_nonzero(labels[:, -1, :], axis=1)) * spacing[0]
+    contact = contact + (np.count_nonzero(labels[:, :, 0], axis=1)
+                         + np.count_nonzero(labels[:, :, -1], axis=1)) * spacing[1]
+    padding = ndimage.binary_dilation(coarse_hu < PAD_HU, _IN_PLANE)
+    contact = contact + np.count_nonzero(coarse_lung & padding, axis=(1, 2)) * min(coarse_mm)
+    return [int(k) for k in np.flatnonzero(contact >= FOV_CONTACT_MM)]

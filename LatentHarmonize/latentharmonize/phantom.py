@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,7 +28,8 @@ from . import __version__
 from .atomic import STAGING_PREFIX, StagedOutput
 from .errors import InputError, OutputError
 from .phantom_acquisition import KERNELS, VENDORS, reconstruct, to_int16
-from .phantom_anatomy import FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, render_anatomy
+from .phantom_anatomy import (FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, gas_pockets,
+                              render_anatomy)
 from .progress import Progress
 from .tissue import TISSUE_LABELS, TISSUES
 
@@ -109,6 +110,8 @@ class Patient:
     time: float                 # years
     event: int                  # 1 death observed, 0 censored
     noise_seed: int = field(repr=False, default=0)
+    variant: str = "chest"
+    gas: Optional[sitk.Image] = field(repr=False, default=None)  # UInt8, 1 where gas lies below the diaphragm
 
     @property
     def grid(self) -> FineGrid:
@@ -169,10 +172,24 @@ def _image(array: np.ndarray, spacing, origin) -> sitk.Image:
     return image
 
 
-def make_patient(patient_index: int, seed: int, full: bool = False) -> Patient:
-    """Build patient ``patient_index`` of the cohort with ``seed``; independent of how many patients are made."""
+# Scan variants for the lung mask (docs/phantom.md): the whole chest; with stomach and colon gas below the
+# diaphragm; that, with a field of view cropped left-right through both lungs; an abdominal scan whose top slices
+# hold only the lung bases, with colon and bowel gas.
+VARIANTS = ("chest", "gas", "cropped", "abdomen")
+CROPPED_HALF_WIDTH = 0.85    # of the thoracic cavity's half-width: the lungs are cut on both sides
+ABDOMEN_LUNG_IN_VIEW = 0.5   # fraction of the lung height in view above the bottom of the lungs
+
+
+def make_patient(patient_index: int, seed: int, full: bool = False, variant: str = "chest") -> Patient:
+    """Build patient ``patient_index`` of the cohort with ``seed``; independent of how many patients are made.
+
+    ``variant`` (one of ``VARIANTS``) changes what the scan shows (``chest`` is the cohort's scan); the fractions,
+    FVC and outcome are those of the lung in view.
+    """
     if int(patient_index) < 0:
         raise InputError(f"patient_index must be >= 0, got {patient_index}.")
+    if variant not in VARIANTS:
+        raise InputError(f"Unknown phantom variant {variant!r}; use one of {', '.join(VARIANTS)}.")
     grid = FULL_GRID if full else SMALL_GRID
     anatomy_rng, clinical_rng, noise_seed = _rngs(patient_index, seed)
     phenotype = phenotype_of(patient_index, seed)
@@ -180,14 +197,27 @@ def make_patient(patient_index: int, seed: int, full: bool = False) -> Patient:
     age = float(np.clip(clinical_rng.normal(66, 8), 40, 88))
     targets = draw_fractions(phenotype, anatomy_rng)
     plan = draw_body_plan(grid, anatomy_rng, male)
-    hu, labels = render_anatomy(plan, grid, anatomy_rng, targets, float(anatomy_rng.uniform(*GGO_HU_RANGE)))
+    gas = None
+    if variant != "chest":
+        if variant == "abdomen":  # the grid's top cuts the lungs at ABDOMEN_LUNG_IN_VIEW of their height
+            shift = grid.extent_z[1] - (plan.z_base + ABDOMEN_LUNG_IN_VIEW * plan.height)
+            plan = replace(plan, z_base=plan.z_base + shift, z_apex=plan.z_apex + shift,
+                           dome=tuple(d + shift for d in plan.dome))
+        gas = gas_pockets(plan, np.random.default_rng([int(seed), int(patient_index), 20]), variant == "abdomen")
+    hu, labels, gas_mask = render_anatomy(plan, grid, anatomy_rng, targets,
+                                          float(anatomy_rng.uniform(*GGO_HU_RANGE)), gas)
+    if variant == "cropped":  # symmetric, so the grid stays centred on the origin
+        keep = np.abs(grid.axes()[2]) <= CROPPED_HALF_WIDTH * plan.Ac
+        hu, labels, gas_mask = hu[:, :, keep], labels[:, :, keep], gas_mask[:, :, keep]
+        grid = FineGrid(shape=hu.shape, spacing=grid.spacing)
     fractions = true_fractions(labels)
     t, event = draw_outcome(fractions, age, clinical_rng)
     return Patient(patient_id=patient_id(patient_index), index=int(patient_index), seed=int(seed),
                    hu=_image(hu, grid.spacing, grid.origin), truth=_image(labels, grid.spacing, grid.origin),
                    phenotype=phenotype, fractions=fractions, age=round(age, 1), sex="M" if male else "F",
                    fvc=round(draw_fvc(fractions, clinical_rng), 1), time=round(t, 3), event=event,
-                   noise_seed=noise_seed)
+                   noise_seed=noise_seed, variant=variant,
+                   gas=None if gas is None else _image(gas_mask.view(np.uint8), grid.spacing, grid.origin))
 
 
 def acquire_all(patient: Patient, acquisitions: Sequence[Acquisition]) -> list:

@@ -533,6 +533,40 @@ def _paint_bones(hu, plan: BodyPlan, x, y, z, q, s) -> None:
     hu[np.broadcast_to(r_canal < 0.55 * rv, hu.shape)] = CSF_HU
 
 
+# --- gas below the diaphragm (scan variants) ------------------------------------------------------------------------
+
+DIAPHRAGM_MM = 5.0  # soft tissue between gas and lung: diaphragm and stomach/bowel wall
+
+
+def gas_pockets(plan: BodyPlan, rng: np.random.Generator, abdomen: bool) -> np.ndarray:
+    """Ellipsoids (centre x, y, z; semi-axes, mm) of gas: the stomach bubble under the left dome and the colon
+    (hepatic and splenic flexures, transverse colon); with ``abdomen``, also the ascending and descending colon and
+    small-bowel gas further down (an abdominal scan)."""
+    Ac, Bc, yc, zb = plan.Ac, plan.Bc, plan.yc, plan.z_base
+    depth = plan.dome[1] - zb  # height of the left dome above the lowest recess
+    j = rng.uniform(0.9, 1.1, (8, 6))
+    pockets = [[0.42 * Ac, yc - 0.1 * Bc, plan.dome[1] - 0.3 * depth, 0.3 * Ac, 0.35 * Bc, 0.9 * depth],    # stomach
+               [-0.5 * Ac, yc - 0.35 * Bc, zb, 0.25 * Ac, 0.25 * Bc, 0.6 * depth],                         # hepatic
+               [0.6 * Ac, yc + 0.05 * Bc, zb, 0.2 * Ac, 0.25 * Bc, 0.6 * depth],                            # splenic
+               [0.0, yc - 0.55 * Bc, zb - 0.2 * depth, 0.6 * Ac, 0.18 * Bc, 0.5 * depth]]                  # transverse
+    if abdomen:
+        low = zb - 1.5 * depth
+        pockets += [[-0.6 * Ac, yc - 0.1 * Bc, low, 0.18 * Ac, 0.2 * Bc, 1.5 * depth],                    # ascending
+                    [0.6 * Ac, yc + 0.1 * Bc, low, 0.16 * Ac, 0.18 * Bc, 1.5 * depth],                    # descending
+                    [-0.15 * Ac, yc - 0.3 * Bc, low - 0.3 * depth, 0.15 * Ac, 0.15 * Bc, 0.3 * depth],    # small bowel
+                    [0.2 * Ac, yc - 0.2 * Bc, low + 0.3 * depth, 0.12 * Ac, 0.12 * Bc, 0.3 * depth]]
+    return np.array(pockets) * j[:len(pockets)]
+
+
+def _gas_mask(pockets: np.ndarray, x, y, z, ceiling) -> np.ndarray:
+    """Inside any gas ellipsoid and below ``ceiling`` (the diaphragm less DIAPHRAGM_MM, lowered by the steepest
+    nearby slope so the soft-tissue layer is that thick in 3D, not only vertically)."""
+    gas = np.zeros(np.broadcast(x, y, z).shape, bool)
+    for cx, cy, cz, ax, ay, az in pockets:
+        gas |= ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 + ((z - cz) / az) ** 2 < 1.0
+    return gas & (z < ceiling)
+
+
 def lung_box(plan: BodyPlan, grid: FineGrid) -> tuple:
     """In-plane index slices (y, x) of the box holding the thoracic cavity: lung work is done only there."""
     _, ya, xa = grid.axes()
@@ -542,8 +576,9 @@ def lung_box(plan: BodyPlan, grid: FineGrid) -> tuple:
 
 
 def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fractions: dict,
-                   ggo_level: float) -> tuple:
-    """HU (float32) and truth labels (uint8, tissue label in the lung, 0 elsewhere) on the fine grid."""
+                   ggo_level: float, gas: np.ndarray = None) -> tuple:
+    """HU (float32), truth labels (uint8, tissue label in the lung, 0 elsewhere) and the gas mask (bool) on the fine
+    grid; ``gas``: ellipsoids of gas below the diaphragm (:func:`gas_pockets`), none by default."""
     k = grid.shape[2] * grid.spacing[0] / 358.0
     tubes = airway_and_vessel_tubes(plan, grid, rng)
     occ = {name: splat_tubes(t, grid) for name, t in tubes.items()}
@@ -571,6 +606,10 @@ def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fra
     yv, rv = _vertebra(plan)
     esophagus = _ellipse(x2 - 0.02 * plan.Ac, y2, 0.05 * plan.Ac, 0.05 * plan.Ac, yv - 1.4 * rv) < 1
     liver_side = x2 < 0.1 * plan.Ac
+    if gas is not None:
+        reach = max(1, int(round(2.0 * DIAPHRAGM_MM / grid.spacing[0])))
+        ceiling = ndimage.minimum_filter(diaphragm, size=2 * reach + 1) - DIAPHRAGM_MM
+    gas_mask = np.zeros(grid.shape, dtype=bool)
 
     hu = np.empty(grid.shape, dtype=np.float32)
     labels = np.zeros(grid.shape, dtype=np.uint8)
@@ -587,6 +626,9 @@ def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fra
         below = cavity & (z < diaphragm[None])
         h[below] = np.where(np.broadcast_to(liver_side, h.shape), LIVER_HU, MUSCLE_HU)[below]
         _paint_bones(h, plan, x2[None], y2[None], z, q2[None], s)
+        if gas is not None:  # in the abdomen, bone aside
+            gas_mask[zs] = cavity & (h < RIB_HU - 200.0) & _gas_mask(gas, x2[None], y2[None], z, ceiling[None])
+            h[gas_mask[zs]] = AIR_HU
         # lung tissue, inside the cavity box only (hb is a view into h)
         hb = h[:, by, bx]
         lung = lung_side(plan, xb[None], yb[None], z) > 0
@@ -605,4 +647,4 @@ def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fra
         lab[occ["large_lumen"][zs, by, bx] > 127] = 0
         hu[zs] = h
         labels[zs, by, bx] = lab
-    return hu, labels
+    return hu, labels, gas_mask

@@ -105,12 +105,13 @@ def _payload(dv: DisplayVolumes, clusters: list) -> str:
 
 
 def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dict | None = None,
-                 pictures: dict | None = None) -> str:
+                 pictures: dict | None = None, warnings: list | None = None) -> str:
     """The report page as HTML text.
 
     ``composition``: the parsed ``composition.json`` document (clusters with names and colours, regions);
     ``details``: short facts shown in the header (model id, lung volumes...); ``pictures``: ``{caption: png
-    bytes}`` embedded at the end (3D view, patch gallery).
+    bytes}`` embedded at the end (3D view, patch gallery); ``warnings``: ``analysis.json``'s warnings
+    (``{code, message}``), shown in a box above everything else.
     """
     clusters = [{"label": c["label"], "name": c["name"], "color": _hex(c["color"]) if c.get("color") else "#888888"}
                 for c in composition["clusters"]]
@@ -122,7 +123,9 @@ def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dic
     figures = "".join(
         f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, png in (pictures or {}).items())
+    notes = "".join(f"<li><b>{html.escape(w['code'])}</b>: {html.escape(w['message'])}</li>" for w in warnings or [])
     parts = {"TITLE": html.escape(title), "FACTS": facts, "TOGGLES": toggles, "FIGURES": figures,
+             "WARNINGS": f"<div class='warnings'><b>Check before use</b><ul>{notes}</ul></div>" if notes else "",
              "TABLE": composition_table_html(composition), "BARS": composition_bars_svg(composition),
              "DENSITOMETRY": densitometry_table_html(composition),
              "DATA": _payload(dv, clusters)}
@@ -147,10 +150,11 @@ td:nth-child(2){text-align:left} #densitometry td:first-child{text-align:left}
 .tables{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start} h3{font-size:1em;margin:1em 0 0}
 figure{display:inline-block;margin:1em 1em 0 0} figure img{max-width:520px}
 #status{color:#a00}
+.warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0;max-width:60em}
 </style></head>
 <body>
 <h1>LatentHarmonize – %TITLE%</h1>
-<dl>%FACTS%</dl>
+%WARNINGS%<dl>%FACTS%</dl>
 <div class="viewer">
  <canvas id="view" width="1" height="1"></canvas>
  <div class="controls">

@@ -47,6 +47,7 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
     from .analyze import (Computed, _read_scan, _scaled, encode_patches, input_name, load_model, model_grid_hu,
                           patch_clusters, write_qc_and_report)
     from .io import image_sha256, same_geometry
+    from .structures import segment_structures
 
     folder = Path(folder)
     record = _read_record(folder)
@@ -78,7 +79,8 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
                 raise InputError(f"{files[kind]} does not lie on the CT's grid; the folder is not this CT's analysis.")
             maps[kind].CopyInformation(image)  # exactly the geometry analyze drew with
         hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
-        dense = encode_patches(encoder, hu, lung_grid, grid, bundle.spec, device, progress)
+        structures = segment_structures(hu, lung_grid, grid.spacing)
+        dense = encode_patches(encoder, hu, lung_grid & (structures == 0), grid, bundle.spec, device, progress)
         if len(dense.latents) != record["n_patches"]:
             raise InputError(f"The lung mask in {folder} gives {len(dense.latents)} patches, not the "
                              f"{record['n_patches']} the analysis recorded; analyze again.")
