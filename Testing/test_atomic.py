@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from latentharmonize.atomic import STAGING_PREFIX, StagedOutput, atomic_write_bytes, atomic_write_text
+from latentharmonize.atomic import (STAGING_PREFIX, StagedOutput, atomic_write_bytes, atomic_write_text,
+                                    recover_leftovers)
 from latentharmonize.errors import OutputError
 
 NAMES = ["result.csv", "maps/labels.nrrd"]
@@ -88,3 +89,77 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second"
     assert _listing(tmp_path) == ["sub", "sub/table.json"], "no temporary sibling is left"
+
+
+# ----------------------------------------------------------------------------- leftovers of dead runs (issue 21)
+def _leftover(out, journal=None, age_s=0.0, lock=True):
+    """A staging folder as a killed run leaves it: new files staged, maybe a journal (killed while publishing)."""
+    import json
+    import time
+
+    stage = out / f"{STAGING_PREFIX}dead"
+    (stage / "files" / "maps").mkdir(parents=True)
+    for name in NAMES:
+        (stage / "files" / name).write_text(f"new {name}")
+    if lock:
+        (stage / "lock").write_bytes(b"")
+    if journal is not None:
+        (stage / "publish.json").write_text(json.dumps(journal))
+    os.utime(stage, (time.time() - age_s, time.time() - age_s))
+    return stage
+
+
+def test_a_journalled_publication_is_finished_by_the_next_run(tmp_path):
+    (tmp_path / "result.csv").write_text("old")
+    (tmp_path / "report.html").write_text("old report")
+    (tmp_path / "notes.txt").write_text("mine")
+    stage = _leftover(tmp_path, journal={"publish": NAMES, "remove": ["report.html"]})
+    with pytest.raises(OutputError, match="already holds results"):  # the finished set counts as results
+        StagedOutput(tmp_path, NAMES)
+    assert not stage.exists()
+    assert (tmp_path / "result.csv").read_text() == "new result.csv"
+    assert _listing(tmp_path) == ["maps", "maps/labels.nrrd", "notes.txt", "result.csv"]
+
+
+def test_an_unpublished_leftover_is_deleted_and_results_kept(tmp_path):
+    (tmp_path / "result.csv").write_text("old")
+    stage = _leftover(tmp_path)
+    StagedOutput(tmp_path, ["other.csv"])
+    assert not stage.exists() and (tmp_path / "result.csv").read_text() == "old"
+
+
+def test_hostile_journal_entries_stay_inside_the_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "victim.txt").write_text("keep")
+    _leftover(tmp_path / "out", journal={"publish": ["../victim.txt"], "remove": ["../victim.txt", "/etc/hostname"]})
+    recover_leftovers(tmp_path / "out")
+    assert (tmp_path / "victim.txt").read_text() == "keep"
+
+
+def test_a_live_runs_staging_folder_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    with StagedOutput(out, NAMES) as running:
+        _write_all(running)
+        assert recover_leftovers(out) == []  # another process' run would see the lock held
+        young = _leftover(out, lock=False)  # a run that has not created its lock yet
+        assert recover_leftovers(out) == [] and young.exists()
+    assert (out / "result.csv").read_text() == "new result.csv"
+
+
+def test_an_old_lockless_leftover_is_deleted(tmp_path):
+    stage = _leftover(tmp_path, lock=False, age_s=3600)
+    assert recover_leftovers(tmp_path) == [stage] and not stage.exists()
+
+
+def test_a_library_write_error_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """ITK and VTK report a full disk as a RuntimeError of their own: with almost no space left it is named."""
+    import shutil
+
+    from latentharmonize import atomic
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1 << 20))
+    with pytest.raises(OutputError, match="is full"):
+        with StagedOutput(tmp_path / "out", NAMES):
+            raise RuntimeError("itk::ERROR: ImageFileWriter: could not write")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -64,7 +64,10 @@ def test_round_trip(fitted, saved):
     assert b.manifest["probe"]["biological"] == 0.5 and b.manifest["training"]["n_patients"] == 2
     ref = torch.nn.Linear(D, 4).state_dict()
     assert set(b.encoder_state) == set(ref)
-    assert b.sha256 == hashlib.sha256((saved / MANIFEST).read_bytes()).hexdigest()
+    stored = json.loads((saved / MANIFEST).read_bytes())
+    content = {k: v for k, v in stored.items() if k != bundle_mod.CHECKSUM_KEY}
+    content_bytes = (json.dumps(content, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    assert b.sha256 == stored[bundle_mod.CHECKSUM_KEY] == hashlib.sha256(content_bytes).hexdigest()
     assert b.sha256 == make_bundle(fitted, state=b.encoder_state).sha256  # same content, same identity
     for fname in (ENCODER_FILE, ARRAYS_FILE):
         assert b.manifest["files"][fname] == hashlib.sha256((saved / fname).read_bytes()).hexdigest()
@@ -87,9 +90,10 @@ def test_save_is_deterministic_and_refuses_to_overwrite(fitted, tmp_path):
 
 
 def _edit_manifest(folder, change):
+    """Change the manifest and re-seal it, as a faulty tool would: the deeper checks must still refuse it."""
     m = json.loads((folder / MANIFEST).read_text())
     change(m)
-    (folder / MANIFEST).write_text(json.dumps(m))
+    (folder / MANIFEST).write_bytes(bundle_mod._sealed_manifest_bytes(m))
 
 
 def _truncate(path):
@@ -190,3 +194,89 @@ def test_encoder_is_rebuilt_through_networks(fitted, tmp_path):
     broken = save_bundle(make_bundle(fitted, state=state, config=model.config), tmp_path / "broken")
     with pytest.raises(BundleError, match="do not fit"):
         load_bundle(broken).encoder()
+
+
+# ----------------------------------------------------------------------------- tampering (issue 21)
+def _reseal_with(folder, fname, data):
+    """Replace a data file and give the manifest its checksum and a valid seal: only the content checks remain."""
+    (folder / fname).write_bytes(data)
+    _edit_manifest(folder, lambda m: m["files"].update({fname: hashlib.sha256(data).hexdigest()}))
+
+
+def test_edited_manifest_is_refused_by_its_checksum(saved):
+    m = json.loads((saved / MANIFEST).read_text())
+    m["patch_spec"]["hu_window"] = [-1000.0, 200.0]  # a plausible edit that would change every result
+    (saved / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(BundleError, match="does not match its checksum"):
+        load_bundle(saved)
+    m.pop(bundle_mod.CHECKSUM_KEY)
+    (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="has no checksum"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("entry", ["../../etc/shadow", "extra.bin"])
+def test_unknown_or_path_like_file_entries_are_refused(saved, entry):
+    _edit_manifest(saved, lambda m: m["files"].update({entry: "0" * 64}))
+    with pytest.raises(BundleError, match="file entries this format does not have"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("array", ["clusters.centroids", "rotation.mean"])
+def test_nan_arrays_with_matching_checksums_are_refused(saved, array):
+    from safetensors.numpy import load, save
+
+    arrays = load((saved / ARRAYS_FILE).read_bytes())
+    arrays[array] = np.full_like(arrays[array], np.nan)
+    _reseal_with(saved, ARRAYS_FILE, save(arrays))
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        load_bundle(saved)
+
+
+def test_nan_encoder_weights_are_refused(saved):
+    from safetensors.torch import load, save
+
+    state = load((saved / ENCODER_FILE).read_bytes())
+    state["bias"][0] = float("inf")
+    _reseal_with(saved, ENCODER_FILE, save(state))
+    with pytest.raises(BundleError, match=r"NaN or infinite numbers in encoder.safetensors:bias"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("key, value", [("margin_mm", 1e9), ("margin_mm", -1.0), ("spacing", [1.25, 0.0, 2.5]),
+                                        ("hu_window", [-1e6, 300.0]), ("outside_fill_hu", 900.0),
+                                        ("context_radius", 1.5), ("min_lung_fraction", 2.0)])
+def test_settings_out_of_range_are_refused(saved, key, value):
+    _edit_manifest(saved, lambda m: m["patch_spec"].update({key: value}))
+    with pytest.raises(BundleError, match=f"out of range or not finite: .*{key}"):
+        load_bundle(saved)
+
+
+def test_nan_in_the_manifest_is_refused(saved):
+    text = (saved / MANIFEST).read_text().replace('"margin_mm": 10.0', '"margin_mm": NaN')
+    assert "NaN" in text
+    (saved / MANIFEST).write_text(text)
+    with pytest.raises(BundleError, match="not valid JSON.*NaN"):
+        load_bundle(saved)
+
+
+def test_default_bundle_is_sealed():
+    """The shipped bundle carries the checksum save_bundle writes, and it verifies."""
+    manifest = json.loads((default_bundle_path() / MANIFEST).read_text())
+    assert load_bundle().sha256 == manifest[bundle_mod.CHECKSUM_KEY]
+
+
+def test_a_pickle_in_place_of_the_weights_is_never_executed(saved, tmp_path):
+    """A pickle that would run code when unpickled, given matching checksums: refused, and nothing ran."""
+    import pickle
+
+    marker = tmp_path / "pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    _reseal_with(saved, ENCODER_FILE, pickle.dumps(Payload()))
+    with pytest.raises(BundleError, match="Cannot read the weights"):
+        load_bundle(saved)
+    assert not marker.exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -157,3 +158,63 @@ def test_c_index_difference_is_paired():
     assert c_index_difference(time, event, good, good, n_boot=50)["ci"] == [0.0, 0.0]
     with pytest.raises(InputError, match="one value per patient"):
         c_index_difference(time, event, good, good[:-1])
+
+
+# ----------------------------------------------------------------------------- hostile cohort tables (issue 21)
+def _cli_files(tmp_path, n=40, edit=None):
+    df = _cohort(n, seed=4)
+    comp = _composition(df)
+    clinical = pd.DataFrame({"patient": [f"p{i:03d}" for i in range(n)], "time": df["time"], "event": df["event"]})
+    if edit is not None:
+        clinical = edit(clinical)
+    comp.to_csv(tmp_path / "composition.csv", index=False)
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    return [str(tmp_path / "composition.csv"), "--clinical", str(tmp_path / "clinical.csv"), "--out",
+            str(tmp_path / "report"), "--bootstrap", "10"]
+
+
+def _with_infinite_time(clinical):
+    clinical.loc[3, "time"] = np.inf
+    return clinical
+
+
+def _with_conflicting_duplicate(clinical):
+    twin = clinical.iloc[[5]].assign(time=clinical["time"].iloc[5] + 7.0)
+    return pd.concat([clinical, twin], ignore_index=True)
+
+
+@pytest.mark.parametrize("edit, extra, words", [
+    (_with_infinite_time, [], "infinite"),
+    (_with_conflicting_duplicate, [], r"p005 appear more than once in the clinical table with different \['time'\]"),
+    (None, ["--folds", "1"], "--folds must be at least 2"),
+    (None, ["--penalizer", "-1"], "--penalizer must be a finite number of 0 or more"),
+    (None, ["--penalizer", "nan"], "--penalizer must be a finite number of 0 or more"),
+])
+def test_hostile_survival_inputs_are_refused(tmp_path, capsys, edit, extra, words):
+    assert main(["survival", *_cli_files(tmp_path, edit=edit), *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err) and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_scans_of_one_patient_with_different_outcomes_are_refused():
+    df = _cohort(20)
+    comp = _composition(df)
+    comp["time"], comp["event"] = 1.0 + np.arange(len(comp)), 1  # the two scans of a patient disagree on the time
+    with pytest.raises(InputError, match="more than once in the composition table"):
+        patient_table(comp, None, composition_features(comp))
+
+
+def test_a_pipe_as_the_composition_table_is_refused_without_hanging(tmp_path, capsys):
+    import os
+
+    import threading
+
+    os.mkfifo(tmp_path / "composition.csv")
+    codes = []
+    run = threading.Thread(target=lambda: codes.append(main(["survival", str(tmp_path / "composition.csv"), "--out",
+                                                             str(tmp_path / "report")])), daemon=True)
+    run.start()
+    run.join(30)
+    assert codes == [2], "refused at once, not waiting for a writer"
+    assert "is not a file" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from latentharmonize.analyze import analyze
 from latentharmonize.errors import BundleError, InputError
 from latentharmonize.outputs import output_names
 from latentharmonize.progress import parse_progress_line
-from latentharmonize.worker import (ModelCache, Request, WorkerResult, bundle_fingerprint, format_request,
+from latentharmonize.worker import (ModelCache, Request, WorkerResult, bundle_fingerprint, format_request, handle,
                                     format_result_line, parse_request, parse_result_line)
 
 
@@ -273,3 +273,30 @@ def test_preloading_worker_answers_its_first_request_like_analyze(scans, one_sho
     assert {k: v for k, v in served.items() if k != "analysis.json"} == \
            {k: v for k, v in one_shot["second"].items() if k != "analysis.json"}
     assert "preloading failed" not in process.stderr.read()
+
+
+# ----------------------------------------------------------------------------- hostile requests (issue 21)
+def _no_model(model, device):
+    raise AssertionError("a refused request must not load a model")
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"ct": "' + "a" * 30_000_000 + '", "out": "o"}', "at most 65536 characters"),
+    ("[" * 30_000 + "]" * 30_000, "nested too deeply"),
+    ('{"ct": "a.nrrd", "out": "o", "mask": [' + "1," * 30_000 + '1]}', "'mask' must be str or null"),
+    ('{"' + "x" * 60_000 + '": 1, "ct": "a.nrrd", "out": "o"}', "Unknown request field(s)"),
+])
+def test_hostile_requests_get_short_error_results(line, words):
+    import time
+
+    started = time.perf_counter()
+    result = handle(line + "\n", _no_model)
+    assert not result.ok and result.error_type == "InputError" and result.exit_code == 2
+    assert words in result.error and len(format_result_line(result)) < 1000
+    assert time.perf_counter() - started < 5
+
+
+def test_a_path_too_long_is_an_error_result_not_a_traceback(tmp_path, capsys):
+    result = handle(format_request(tmp_path / "ct.nrrd", tmp_path / ("d" * 300) / "out"), _no_model)
+    assert not result.ok and result.exit_code == 2 and "too long" in result.error
+    assert "Traceback" not in capsys.readouterr().err

@@ -335,8 +335,11 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
     timer = _Timer()
     created = not Path(out_dir).exists()
     try:
-        # Entering the stage first refuses collisions and unwritable folders before any heavy work.
-        with StagedOutput(out_dir, files.values(), overwrite=overwrite) as staged, _workers() as pool:
+        # Entering the stage first refuses collisions, unwritable folders and outputs that would be an input before
+        # any heavy work. Outputs of a run with a report that this run does not write are replaced too (no mix).
+        earlier = output_names(name, write_report=True).values()
+        with StagedOutput(out_dir, files.values(), overwrite=overwrite, replaces=earlier,
+                          inputs=(ct_path, mask)) as staged, _workers() as pool:
             # Worker threads read and hash the scan (C++ and hashlib, outside the GIL) while this thread loads the
             # model, which is mostly importing Python modules (PyTorch, scikit-learn). Model errors still come first.
             _scaled(progress, "load")(0, message=f"reading {ct_path.name}")
@@ -479,14 +482,17 @@ def _write_outputs(pool, staged, files, done: Computed, bundle, progress) -> lis
     step = _scaled(progress, "write")
     step(0, message="segmentation and maps")
     lungs = done.lungs if done.lungs.GetPixelID() == sitk.sitkUInt8 else sitk.Cast(done.lungs, sitk.sitkUInt8)
-    # Writing is mostly gzip compression in C (zlib, ITK), outside the GIL: the files are written side by side,
-    # the largest first.
+    # Writing is mostly gzip compression in C (zlib, ITK), outside the GIL: the segmentation (pynrrd) and the ITK
+    # volumes are written side by side, the largest first. The ITK volumes go one at a time: two ITK NRRD writes
+    # failing at once on a full disk crashed the process (SIGSEGV) instead of raising.
+    def volumes() -> None:
+        for image, kind in ((done.confidence, "confidence"), (done.labels, "labels"), (lungs, "lungs")):
+            write_volume(image, staged.path(files[kind]))
+
     names, colors = map_legend(bundle)
     writes = [pool.submit(write_segmentation, done.labels, staged.path(files["segmentation"]), names, colors,
                           kinds=STRUCTURE_KINDS),
-              pool.submit(write_volume, done.confidence, staged.path(files["confidence"])),
-              pool.submit(write_volume, done.labels, staged.path(files["labels"])),
-              pool.submit(write_volume, lungs, staged.path(files["lungs"]))]
+              pool.submit(volumes)]
     step(90, message="composition table")
     write_composition(done.table, staged.path(files["composition_csv"]), staged.path(files["composition_json"]),
                       done.composition_json)

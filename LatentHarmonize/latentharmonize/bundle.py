@@ -8,9 +8,11 @@
       encoder.safetensors   encoder + decoder weights (safetensors)
       arrays.safetensors    rotation matrix, latent mean, singular values, probe curve, centroids
 
-The manifest's own SHA-256 (``ModelBundle.sha256``) identifies the model in analysis records.
-Loading verifies the format version, that every listed file is present and matches its checksum,
-and that the arrays agree with the manifest; anything else is refused with a ``BundleError``.
+The SHA-256 of the manifest's content (``ModelBundle.sha256``, also stored in the manifest as
+``manifest_sha256``) identifies the model in analysis records. Loading verifies that checksum, the
+format version, that exactly the two data files are listed, present and match their checksums, that
+every number is finite and every setting in range, and that the arrays agree with the manifest;
+anything else is refused with a ``BundleError``.
 The format is described for users in ``docs/model-bundle.md``.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -40,6 +42,7 @@ ARRAYS_FILE = "arrays.safetensors"
 DATA_FILES = (ENCODER_FILE, ARRAYS_FILE)
 # keys of the patch spec that analyze/evaluate read (see patches.DEFAULT_SPEC)
 SPEC_KEYS = ("patch_size", "slices", "stride", "spacing", "margin_mm", "hu_window", "outside_fill_hu")
+CHECKSUM_KEY = "manifest_sha256"  # SHA-256 of the rest of the manifest (see _sealed_manifest_bytes)
 MANIFEST_SECTIONS = {"name": str, "created": str, "latentharmonize_version": str, "encoder": dict, "patch_spec": dict,
                      "rotation": dict, "clusters": dict, "training": dict, "probe": dict, "files": dict}
 
@@ -56,6 +59,18 @@ def _sha256(data: bytes) -> str:
 def _manifest_bytes(manifest: Mapping) -> bytes:
     """Canonical manifest serialisation (sorted keys), so equal manifests give equal bytes and hashes."""
     return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _content_sha256(manifest: Mapping) -> str:
+    """SHA-256 of the manifest's canonical bytes without its own checksum entry."""
+    return _sha256(_manifest_bytes({k: v for k, v in manifest.items() if k != CHECKSUM_KEY}))
+
+
+def _sealed_manifest_bytes(manifest: dict) -> bytes:
+    """The bytes of ``manifest`` as saved: with the checksum of its content, which loading verifies, so an edited
+    manifest (HU window, spacing, technical dimensions...) is refused instead of silently changing results."""
+    manifest[CHECKSUM_KEY] = _content_sha256(manifest)
+    return _manifest_bytes(manifest)
 
 
 def _today() -> str:
@@ -111,7 +126,6 @@ class ModelBundle:
     rotation: LatentRotation
     clusters: TissueClusters
     path: Optional[Path] = None
-    _file_sha256: Optional[str] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def create(cls, *, name: str, encoder_config: Mapping, encoder_state: Mapping, spec: Mapping,
@@ -174,8 +188,9 @@ class ModelBundle:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of manifest.json (as stored on disk for a loaded bundle): the model's identity."""
-        return self._file_sha256 or _sha256(_manifest_bytes(self.manifest))
+        """SHA-256 of the manifest's content (its canonical bytes without the checksum entry, which for a loaded
+        bundle is that verified checksum): the model's identity."""
+        return _content_sha256(self.manifest)
 
     def encoder(self, device="cpu"):
         """The trained network (``networks.build_model``) with its weights, in eval mode on ``device``."""
@@ -222,7 +237,7 @@ def _validate(bundle: ModelBundle) -> None:
 
     try:
         spec = resolve_spec(m["patch_spec"])
-    except InputError as exc:
+    except (InputError, TypeError, ValueError) as exc:
         raise BundleError(f"The bundle's patch spec is invalid: {exc}") from None
     d = n_features(int(m["encoder"]["latent_dim"]), spec)
     rot = bundle.rotation
@@ -244,6 +259,31 @@ def _validate(bundle: ModelBundle) -> None:
     missing = [key for key in SPEC_KEYS if key not in m["patch_spec"]]
     if missing:
         raise BundleError(f"The patch spec lacks {missing}.")
+    _check_ranges(spec, rot)
+
+
+def _check_ranges(spec: dict, rot) -> None:
+    """Every setting analyze reads is a finite number in the range a model can have been trained with."""
+    def number(value) -> float:
+        ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+        return float(value) if ok else float("nan")
+
+    spacing = [number(v) for v in spec["spacing"]] if isinstance(spec["spacing"], list) else []
+    lo, hi = (number(v) for v in spec["hu_window"])
+    checks = {
+        "spacing": len(spacing) == 3 and all(0.1 <= v <= 10 for v in spacing),
+        "margin_mm": 0 <= number(spec["margin_mm"]) <= 100,
+        "hu_window": -3000 <= lo < hi <= 5000,
+        "outside_fill_hu": lo <= number(spec["outside_fill_hu"]) <= hi,
+        "min_lung_fraction": 0 <= number(spec["min_lung_fraction"]) <= 1,
+        "context_radius": float(number(spec["context_radius"])).is_integer() and 0 <= spec["context_radius"] <= 16,
+        "technical_weight": 0 <= number(getattr(rot, "technical_weight", 0.0)) <= 100,
+    }
+    wrong = [key for key, ok in checks.items() if not ok]
+    if wrong:
+        shown = {k: (rot.technical_weight if k == "technical_weight" else spec[k]) for k in wrong}
+        raise BundleError(f"The bundle's settings are out of range or not finite: {shown}. It is damaged or was "
+                          "edited by hand; restore it or retrain.")
 
 
 def save_bundle(bundle: ModelBundle, out_dir, overwrite: bool = False) -> Path:
@@ -257,7 +297,7 @@ def save_bundle(bundle: ModelBundle, out_dir, overwrite: bool = False) -> Path:
     payload = bundle._payload()
     manifest = copy.deepcopy(bundle.manifest)
     manifest["files"] = {fname: _sha256(data) for fname, data in payload.items()}
-    manifest_bytes = _manifest_bytes(manifest)
+    manifest_bytes = _sealed_manifest_bytes(manifest)
     out = Path(out_dir)
     with StagedOutput(out, [*DATA_FILES, MANIFEST], overwrite=overwrite) as staged:
         for fname, data in payload.items():
@@ -265,24 +305,33 @@ def save_bundle(bundle: ModelBundle, out_dir, overwrite: bool = False) -> Path:
         staged.path(MANIFEST).write_bytes(manifest_bytes)
     bundle.manifest = manifest
     bundle.path = out
-    bundle._file_sha256 = _sha256(manifest_bytes)
     return out
 
 
 # ------------------------------------------------------------------------- loading
-def _read_manifest(folder: Path) -> tuple:
+def _read_manifest(folder: Path) -> dict:
     mpath = folder / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{folder} is not a model bundle: it has no {MANIFEST}. Give the folder written by "
                           "`latentharmonize train`.")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is {mpath.stat().st_size} bytes, far more than a manifest; the bundle is damaged. "
+                          "Restore it or retrain.")
     raw = mpath.read_bytes()
     try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is damaged. Restore it or retrain.") from exc
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON ({exc}); the bundle is damaged. Restore it or retrain.") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{mpath} must hold a JSON object; the bundle is damaged.")
-    return manifest, raw
+    return manifest
+
+
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number a model can hold")
 
 
 def _check_manifest(manifest: dict, folder: Path) -> None:
@@ -295,6 +344,11 @@ def _check_manifest(manifest: dict, folder: Path) -> None:
                 else "retrain the model with this version")
         raise BundleError(f"Model bundle {folder} has format version {version}, but this LatentHarmonize "
                           f"({__version__}) reads version {FORMAT_VERSION}: {hint}.")
+    if manifest.get(CHECKSUM_KEY) != _content_sha256(manifest):
+        what = "has no checksum" if CHECKSUM_KEY not in manifest else "does not match its checksum"
+        raise BundleError(f"{folder / MANIFEST} {what}: it was edited or damaged, and its settings would change the "
+                          "results. Restore the bundle from its source or retrain (cluster names and colours are "
+                          "changed with `latentharmonize.bundle.set_cluster_names`, which keeps the checksum right).")
     wrong = [f"{key} ({kind.__name__})" for key, kind in MANIFEST_SECTIONS.items()
              if not isinstance(manifest.get(key), kind)]
     enc = manifest.get("encoder", {})
@@ -304,6 +358,12 @@ def _check_manifest(manifest: dict, folder: Path) -> None:
     if wrong:
         raise BundleError(f"{folder / MANIFEST} is malformed: missing or wrong type: {', '.join(wrong)}. "
                           "Restore the bundle or retrain.")
+    unknown = sorted(set(manifest["files"]) - set(DATA_FILES))
+    if unknown:
+        kind = "path-like " if any("/" in f or "\\" in f or f.startswith(".") for f in unknown) else ""
+        raise BundleError(f"{folder / MANIFEST} lists {kind}file entries this format does not have: {unknown} (a "
+                          f"bundle holds exactly {', '.join(DATA_FILES)}). It is damaged or was tampered with; "
+                          "restore it or retrain.")
 
 
 def _read_verified(folder: Path, files: dict, fname: str) -> bytes:
@@ -342,7 +402,7 @@ def load_bundle(path=None) -> ModelBundle:
                               "`python scripts/train_default_bundle.py`.")
         raise BundleError(f"No model bundle folder at {folder}. Pass --model with a folder written by "
                           "`latentharmonize train`.")
-    manifest, raw = _read_manifest(folder)
+    manifest = _read_manifest(folder)
     _check_manifest(manifest, folder)
     blobs = {fname: _read_verified(folder, manifest["files"], fname) for fname in DATA_FILES}
     try:
@@ -358,8 +418,13 @@ def load_bundle(path=None) -> ModelBundle:
     except (KeyError, TypeError, ValueError, InputError) as exc:
         raise BundleError(f"The rotation/cluster arrays of {folder} are inconsistent with its manifest ({exc}); "
                           "the bundle is damaged.") from exc
+    bad = sorted([f"{ARRAYS_FILE}:{k}" for k, v in arrays.items() if not np.all(np.isfinite(v))]
+                 + [f"{ENCODER_FILE}:{k}" for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()])
+    if bad:
+        raise BundleError(f"Model bundle {folder} holds NaN or infinite numbers in {', '.join(bad[:5])}; a model with "
+                          "them gives meaningless clusters. Retrain, or restore the bundle from its source.")
     bundle = ModelBundle(manifest=manifest, encoder_state=state, rotation=rotation, clusters=clusters,
-                         path=folder, _file_sha256=_sha256(raw))
+                         path=folder)
     _validate(bundle)
     return bundle
 
@@ -392,5 +457,5 @@ def set_cluster_names(path, names=None, colors=None) -> ModelBundle:
     manifest["clusters"]["names"] = new_names
     manifest["clusters"]["colors"] = [list(rgb) for rgb in new_colors]
     manifest["files"] = {fname: _sha256((bundle.path / fname).read_bytes()) for fname in DATA_FILES}
-    atomic_write_bytes(bundle.path / MANIFEST, _manifest_bytes(manifest))
+    atomic_write_bytes(bundle.path / MANIFEST, _sealed_manifest_bytes(manifest))
     return load_bundle(bundle.path)

@@ -10,9 +10,10 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 from . import __version__
-from .errors import LatentHarmonizeError
+from .errors import REPORT_BUG, as_user_error
 
 COMMANDS = {
     "analyze": ("latentharmonize.analyze", "analyze one chest CT: cluster map, composition, QC report"),
@@ -58,12 +59,18 @@ def main(argv=None) -> int:
     args = sub.parse_args(rest)
     try:
         code = int(module.run(args) or 0)
-    except LatentHarmonizeError as err:
-        print(f"latentharmonize {name}: error: {err}", file=sys.stderr)
-        code = err.exit_code
     except KeyboardInterrupt:
         print(f"latentharmonize {name}: interrupted; no partial outputs were left.", file=sys.stderr)
         code = 130
+    except Exception as exc:  # noqa: BLE001  (every failure ends with a message, never a bare traceback)
+        err = as_user_error(exc)
+        if err is None:
+            traceback.print_exc()
+            print(f"latentharmonize {name}: internal error: {type(exc).__name__}. {REPORT_BUG}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"latentharmonize {name}: error: {err}", file=sys.stderr)
+            code = err.exit_code
     if own_process and name in QUICK_EXIT:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -7,9 +7,13 @@ wrong and what to do.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import stat
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +122,8 @@ def image_sha256(path) -> str:
     relative file names and their bytes. For ``.mhd`` the separate data file is included."""
     path = Path(path)
     digest = hashlib.sha256()
+    if path.exists():
+        _check_regular(path, "input")
     if path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
@@ -125,7 +131,7 @@ def image_sha256(path) -> str:
     elif path.is_file():
         _hash_file(path, digest)
         data_file = _mhd_data_file(path)
-        if data_file is not None:
+        if data_file is not None and not _check_regular(data_file, "input data file"):
             _hash_file(data_file, digest)
     else:
         raise InputError(f"Cannot hash {path}: no such file or folder.")
@@ -135,11 +141,34 @@ def image_sha256(path) -> str:
 # --- reading ---------------------------------------------------------------------------------
 
 
+def _check_regular(path: Path, what: str) -> bool:
+    """True for a folder, False for a regular file; InputError for anything else. Uses stat only: opening a FIFO
+    for reading would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} path {path} does not exist. Check the spelling, or give an absolute path.") from None
+    except OSError as exc:
+        raise InputError(f"{what} path {path} cannot be used: {exc.strerror}. Check the path.") from None
+    if stat.S_ISDIR(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device, socket or other special file"
+        raise InputError(f"{what} path {path} is {kind}, not a file. Give an image file ({SUPPORTED}); save a "
+                         "streamed image to a file first.")
+    return False
+
+
 def _read_any(path: Path, what: str) -> sitk.Image:
-    if not path.exists():
-        raise InputError(f"{what} path {path} does not exist. Check the spelling, or give an absolute path.")
-    if path.is_dir():
+    if _check_regular(path, what):
+        for entry in path.iterdir():  # GDCM opens every file of the folder
+            if not entry.is_dir():
+                _check_regular(entry, f"{what} folder entry")
         return _read_dicom_folder(path)
+    data_file = _mhd_data_file(path)
+    if data_file is not None:
+        _check_regular(data_file, f"{what} data file")
+    _check_complete(path, what)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -154,6 +183,55 @@ def _read_any(path: Path, what: str) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(f"{path} could not be read: {_itk_reason(exc)}. "
                          "The file may be truncated or corrupt.") from exc
+
+
+def _check_complete(path: Path, what: str) -> None:
+    """Refuse a cut or corrupt gzip stream, and a NIfTI file shorter than its header says: ITK reads both without
+    complaint, filling the missing voxels with zeros."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                head = stream.read(NIFTI_HEADER_BYTES)
+                size = len(head) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+        except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise InputError(f"{what} {path} is truncated or corrupt ({exc}); the copy is incomplete. Copy or export "
+                             "the file again.") from None
+    elif name.endswith(".nii"):
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(NIFTI_HEADER_BYTES)
+    else:
+        return
+    if ".nii" in name:
+        expected = _nifti_bytes(head)
+        if expected is not None and size < expected:
+            raise InputError(f"{what} {path} is truncated: its header describes {expected} bytes of image but the "
+                             f"file holds {size}. Copy or export the file again.")
+
+
+NIFTI_HEADER_BYTES = 540
+
+
+def _nifti_bytes(head: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (voxel offset + voxels), from its header; None when it is not one."""
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:  # NIfTI-2
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    rank = dims[0]
+    if not 1 <= rank <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:rank + 1]):
+        return None  # a header ITK itself refuses
+    return max(offset, 0) + int(np.prod([int(d) for d in dims[1:rank + 1]], dtype=object)) * bitpix // 8
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -332,5 +410,5 @@ def _mhd_data_file(path: Path) -> Path | None:
         key, _, value = line.partition("=")
         if key.strip() == "ElementDataFile" and value.strip() not in ("LOCAL", ""):
             candidate = path.parent / value.strip()
-            return candidate if candidate.is_file() else None
+            return candidate if candidate.exists() else None
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -258,12 +259,15 @@ def cluster_surfaces(labels: np.ndarray, spacing: float, origin: tuple, smooth_i
 def write_vtp(surface, path) -> None:
     """Write surfaces as binary VTK XML PolyData (LZ4-compressed: fast); any VTK viewer, Slicer reads it as LPS."""
     writer = _vtk().vtkXMLPolyDataWriter()
-    writer.SetFileName(str(path))
+    # VTK serialises, Python writes: VTK's own file writing crashed the process (SIGSEGV, "free(): invalid pointer")
+    # when the disk filled up, where Python raises a clean OSError.
+    writer.WriteToOutputStringOn()
     writer.SetInputData(surface)
     writer.SetDataModeToBinary()
     writer.SetCompressorTypeToLZ4()
     if not writer.Write():
-        raise OSError(f"VTK could not write {path}")
+        raise RuntimeError(f"VTK could not serialise the cluster surfaces for {path}")
+    Path(path).write_bytes(writer.GetOutputString().encode("ascii"))  # binary mode is base64: plain ASCII
 
 
 def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: int | None = None) -> np.ndarray:

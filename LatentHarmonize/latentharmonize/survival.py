@@ -69,9 +69,10 @@ def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: s
     if not features:
         raise InputError("No feature column to model; give composition or covariate columns.")
     data = df[[*features, time_col, event_col]].apply(pd.to_numeric, errors="coerce")
-    bad = data.columns[data.isna().any()].tolist()
+    bad = data.columns[data.isna().any() | ~np.isfinite(data.to_numpy(dtype=float)).all(axis=0)].tolist()
     if bad:
-        raise InputError(f"Columns {bad} hold empty or non-numeric values; fill or drop those patients first.")
+        raise InputError(f"Columns {bad} hold empty, infinite or non-numeric values; fill or drop those patients "
+                         "first.")
     if (data[time_col] <= 0).any():
         raise InputError(f"Column {time_col!r} must hold positive follow-up times.")
     if not set(np.unique(data[event_col])) <= {0, 1}:
@@ -262,8 +263,11 @@ def composition_features(table: pd.DataFrame, selection: str = "clusters") -> Li
 
 
 def patient_table(composition: pd.DataFrame, clinical: pd.DataFrame | None, features: Sequence[str],
-                  acquisition: str | None = None, key: str = "patient") -> pd.DataFrame:
-    """One row per patient: composition features averaged over the patient's scans, joined with clinical columns."""
+                  acquisition: str | None = None, key: str = "patient",
+                  outcome: Sequence[str] = ("time", "event")) -> pd.DataFrame:
+    """One row per patient: composition features averaged over the patient's scans, joined with clinical columns.
+    A patient whose rows disagree (on the ``outcome`` columns of the composition table, or on any column of the
+    clinical table) is refused: which row is right cannot be guessed."""
     if key not in composition.columns:
         raise InputError(f"The composition table needs a {key!r} column to join per patient; it has {list(composition.columns)}.")
     if acquisition is not None:
@@ -272,15 +276,32 @@ def patient_table(composition: pd.DataFrame, clinical: pd.DataFrame | None, feat
         composition = composition[composition["acquisition"] == acquisition]
     profiles = composition.groupby(key, sort=True)[list(features)].mean()
     if clinical is None:
+        _refuse_conflicts(composition, key, outcome, "composition table")
         others = [c for c in composition.columns if c not in features and c != key]
         clinical = composition.groupby(key, sort=True)[others].first().reset_index()
     elif key not in clinical.columns:
         raise InputError(f"The clinical table needs a {key!r} column to join with the composition table.")
+    else:
+        _refuse_conflicts(clinical, key, [c for c in clinical.columns if c != key and c not in features],
+                          "clinical table")
     clinical = clinical.drop(columns=[c for c in features if c in clinical.columns]).drop_duplicates(key)
     joined = profiles.reset_index().merge(clinical, on=key, how="inner")
     if joined.empty:
         raise InputError(f"No patient is in both the composition and the clinical table (joined on {key!r}).")
     return joined
+
+
+def _refuse_conflicts(table: pd.DataFrame, key: str, columns: Sequence[str], what: str) -> None:
+    columns = [c for c in columns if c in table.columns]
+    if not columns:
+        return
+    conflicting = table.groupby(key, sort=True)[columns].nunique(dropna=False).gt(1)
+    patients = conflicting.index[conflicting.any(axis=1)].tolist()
+    if patients:
+        shown = ", ".join(map(str, patients[:5])) + (" ..." if len(patients) > 5 else "")
+        differing = [c for c in columns if conflicting[c].any()]
+        raise InputError(f"Patient(s) {shown} appear more than once in the {what} with different {differing}; "
+                         "keep one row per patient (or make the rows agree) and run again.")
 
 
 def encode_covariates(table: pd.DataFrame, covariates: Sequence[str]) -> tuple:
@@ -357,6 +378,8 @@ def survival_report(table: pd.DataFrame, features: Sequence[str], covariates: Se
 
 
 def _read_csv(path, what: str) -> pd.DataFrame:
+    if Path(path).exists() and not Path(path).is_file():  # stat only: reading a FIFO would wait forever
+        raise InputError(f"{what} {path} is not a file (a folder, pipe or device); give a CSV file.")
     try:
         return pd.read_csv(path)
     except FileNotFoundError:
@@ -387,7 +410,13 @@ def run(args) -> int:
     composition = _read_csv(args.composition, "Composition table")
     clinical = _read_csv(args.clinical, "Clinical table") if args.clinical else None
     features = composition_features(composition, args.features)
-    table = patient_table(composition, clinical, features, acquisition=args.acquisition)
+    if args.folds < 2:
+        raise InputError(f"--folds must be at least 2 (each patient's risk comes from a model fitted on the other "
+                         f"folds), got {args.folds}.")
+    if not (np.isfinite(args.penalizer) and args.penalizer >= 0):
+        raise InputError(f"--penalizer must be a finite number of 0 or more (a ridge penalty), got {args.penalizer}.")
+    table = patient_table(composition, clinical, features, acquisition=args.acquisition,
+                          outcome=(args.time_col, args.event_col))
     if args.covariates is None:
         covariates = [c for c in DEFAULT_COVARIATES if c in table.columns]
     else:

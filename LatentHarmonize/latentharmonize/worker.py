@@ -34,11 +34,15 @@ import traceback
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from .errors import Cancelled, InputError, LatentHarmonizeError
+from .errors import REPORT_BUG, Cancelled, InputError, LatentHarmonizeError, as_user_error
 
 RESULT_PREFIX = "LH-RESULT"
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_IDLE_TIMEOUT_S = 600.0
+# A request is a few paths and flags; anything far longer is refused unread, and error messages quote at most
+# SHOWN_CHARS of what the request held, so a hostile request cannot make the answer itself huge.
+MAX_REQUEST_CHARS = 65536
+SHOWN_CHARS = 200
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -74,16 +78,23 @@ def format_request(ct, out, mask=None, model=None, device: str = "auto", overwri
 
 def parse_request(line: str) -> Request:
     """The request a line carries; InputError saying what is wrong with it otherwise."""
+    if len(line) > MAX_REQUEST_CHARS:
+        raise InputError(f"A worker request is one short JSON line (at most {MAX_REQUEST_CHARS} characters); this one "
+                         f"has {len(line)}, starting {_shown(line.strip())}.")
     try:
         data = json.loads(line)
     except ValueError as exc:
-        raise InputError(f"A worker request must be one JSON object per line; could not read {line.strip()[:200]!r} "
-                         f"({exc}).") from exc
+        raise InputError(f"A worker request must be one JSON object per line; could not read {_shown(line.strip())} "
+                         f"({exc}).") from None
+    except RecursionError:
+        raise InputError("A worker request is a flat JSON object of paths and flags; this one is nested too deeply "
+                         "to read.") from None
     if not isinstance(data, dict):
         raise InputError(f"A worker request must be a JSON object, got {type(data).__name__}.")
     unknown = sorted(set(data) - set(_FIELD_TYPES))
     if unknown:
-        raise InputError(f"Unknown request field(s) {', '.join(unknown)}; the fields are {', '.join(_FIELD_TYPES)}.")
+        raise InputError(f"Unknown request field(s) {_shown(', '.join(unknown), quote=False)}; the fields are "
+                         f"{', '.join(_FIELD_TYPES)}.")
     missing = [name for name in ("ct", "out") if not data.get(name)]
     if missing:
         raise InputError(f"The request gives no {' and no '.join(missing)}; both the CT and the output folder are "
@@ -91,10 +102,16 @@ def parse_request(line: str) -> Request:
     for name, value in data.items():
         if not isinstance(value, _FIELD_TYPES[name]):  # JSON true/false are bool, never int or str
             allowed = " or ".join("null" if t is type(None) else t.__name__ for t in _FIELD_TYPES[name])
-            raise InputError(f"Request field {name!r} must be {allowed}, got {json.dumps(value)}.")
+            raise InputError(f"Request field {name!r} must be {allowed}, got {_shown(json.dumps(value))}.")
     if data.get("device", "auto") not in DEVICES:
-        raise InputError(f"Request field 'device' must be one of {', '.join(DEVICES)}, got {data['device']!r}.")
+        raise InputError(f"Request field 'device' must be one of {', '.join(DEVICES)}, got {_shown(data['device'])}.")
     return Request(**data)
+
+
+def _shown(text: str, quote: bool = True) -> str:
+    """``text`` (quoted) for an error message, cut to SHOWN_CHARS characters."""
+    head = repr(text[:SHOWN_CHARS]) if quote else text[:SHOWN_CHARS]
+    return head + (f" ... ({len(text)} characters)" if len(text) > SHOWN_CHARS else "")
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,8 @@ def bundle_fingerprint(model) -> Optional[tuple]:
     digest = hashlib.sha256()
     try:
         for name in (MANIFEST, *DATA_FILES):
+            if not (folder / name).is_file():  # missing, or a pipe that would block the read
+                return None
             digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
     except OSError:
         return None
@@ -234,10 +253,14 @@ def handle(line: str, models: ModelCache) -> WorkerResult:
                                               error_type=Cancelled.__name__, exit_code=Cancelled.exit_code)),
               flush=True)
         raise
-    except Exception as err:  # a bug or a library failure: reported with its traceback, and the worker goes on
+    except Exception as exc:  # noqa: BLE001  (the system's refusal, or a bug: the worker goes on either way)
+        err = as_user_error(exc)
+        if err is not None:
+            return WorkerResult(False, request_id, error=str(err), error_type=type(err).__name__,
+                                exit_code=err.exit_code)
         traceback.print_exc()
-        return WorkerResult(False, request_id, error=f"{type(err).__name__}: {err}", error_type=type(err).__name__,
-                            exit_code=1)
+        return WorkerResult(False, request_id, error=f"{type(exc).__name__}: {str(exc)[:SHOWN_CHARS]}. {REPORT_BUG}",
+                            error_type=type(exc).__name__, exit_code=1)
     return WorkerResult(True, request_id, out=request.out, seconds=round(time.perf_counter() - started, 3))
 
 
