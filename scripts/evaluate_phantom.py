@@ -21,6 +21,7 @@ from pathlib import Path
 from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.evaluate import (FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, redraw_rows,
                                       reproducibility_rows, versus_rows)
+from latentharmonize.evaluation_tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,8 @@ def markdown_table(metrics: dict) -> str:
     for name, m in cons.items():
         c_index = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
         truth_ari = f"{truth[name]['ari']:.3f}" if name in truth else "–"
-        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | {truth_ari} | {probe[name]:.3f} | {c_index} |")
+        probe_acc = f"{probe[name]:.3f}" if name in probe else "–"
+        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | {truth_ari} | {probe_acc} | {c_index} |")
     lines.append(f"| chance | | | | | {probe['chance']:.3f} | |")
     for name in ("hu_thresholds", "true_composition"):
         if name in surv:
@@ -76,6 +78,10 @@ def markdown_table(metrics: dict) -> str:
     lines += ["", "| rotated vs entangled | ARI | NMI | Dice |", "|---|---|---|---|",
               "| this phantom | " + " | ".join(f"{gains[m]:+.2f} %" for m in PAPER_GAIN_PERCENT) + " |",
               "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
+    for head, rows in ((RECALL_HEAD, recall_rows(metrics)), (KERNEL_HEAD, kernel_rows(metrics))):
+        if rows:
+            lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "| rotated minus | ARI | NMI | Dice | survival C-index |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in versus_rows(metrics)]
     repro = reproducibility_rows(metrics)
