@@ -235,3 +235,53 @@ def test_true_composition_of_rendered_patients_predicts_survival():
     risk = [ph.log_hazard(p.fractions, p.age) for p in patients]
     c = concordance_index([p.time for p in patients], -np.asarray(risk), [p.event for p in patients])
     assert c > 0.65
+
+
+def test_kernel_between_named_kernels_and_reconstruction_by_parameters(patient):
+    from latentharmonize.phantom_acquisition import KERNELS, kernel_at, kernel_label
+
+    assert [kernel_at(v) for v in (0.0, 0.5, 1.0)] == [KERNELS["soft"], KERNELS["standard"], KERNELS["sharp"]]
+    mid = kernel_at(0.75)
+    assert KERNELS["standard"].noise_sd < mid.noise_sd < KERNELS["sharp"].noise_sd
+    assert [kernel_label(v) for v in (0.1, 0.5, 0.7)] == ["soft", "standard", "sharp"]
+    with pytest.raises(InputError, match="sharpness"):
+        kernel_at(1.2)
+    named = ph.Acquisition("b", "standard", "B", 30.0, 2.5)
+    drawn = ph.Acquisition("b", "standard", "drawn", 30.0, 2.5, sharpness=0.5, calibration=VENDORS["B"])
+    a, b = ph.acquire_all(patient, [named, drawn])
+    assert np.array_equal(_array(a), _array(b))
+
+
+def test_drawn_settings_pair_a_kernel_and_keep_held_out_ranges_apart(tmp_path):
+    from latentharmonize.phantom_acquisition import SETTING_RANGES
+
+    def inside(value, intervals):
+        return any(lo <= value <= hi for lo, hi in intervals)
+
+    tables = {r: ph.generate_cohort(tmp_path / r, 3, 4, drawn_settings=r) for r in ("train", "heldout")}
+    for name, table in tables.items():
+        ranges = SETTING_RANGES[name]
+        assert len(table) == 12 and list(table.acquisition[:4]) == ["pair_soft", "pair_sharp", "drawn_1", "drawn_2"]
+        for row in table.itertuples():
+            assert inside(row.kernel_sharpness, ranges.sharpness) and inside(row.dose, ranges.dose_mAs)
+            assert inside(row.thickness, ranges.thickness_mm) and inside(row.hu_offset, ranges.hu_offset)
+            assert inside(row.hu_scale, ranges.hu_scale)
+        pairs = table[table.acquisition.str.startswith("pair")].groupby("patient")
+        assert (pairs[["dose", "thickness", "hu_scale", "hu_offset"]].nunique() == 1).all().all()
+        assert all(sorted(g.kernel) == ["sharp", "soft"] for _, g in pairs)
+    held = tables["heldout"]
+    train_ranges = SETTING_RANGES["train"]
+    assert not any(inside(v, train_ranges.thickness_mm) and v < 3.0 for v in held.thickness)
+    assert not any(0.15 < v < 0.85 for v in held.kernel_sharpness)
+    # same seed, same draws; the sharp reconstruction of the pair has the noisier lung
+    again = ph.generate_cohort(tmp_path / "again", 3, 4, drawn_settings="heldout")
+    assert again.equals(held)
+    soft, sharp = (_array(sitk.ReadImage(str(tmp_path / "heldout" / f"P000/{a}.nrrd"))) for a in ("pair_soft", "pair_sharp"))
+    body = (np.abs(soft) < 150)[:, :, 1:] & (np.abs(soft) < 150)[:, :, :-1]  # soft tissue: noise, hardly edges
+    assert np.std(np.diff(sharp, axis=2)[body]) > 1.5 * np.std(np.diff(soft, axis=2)[body])
+    with pytest.raises(InputError, match="drawn-settings"):
+        ph.generate_cohort(tmp_path / "bad", 1, 4, drawn_settings="elsewhere")
+    with pytest.raises(InputError, match="positive integer"):
+        ph.generate_cohort(tmp_path / "bad", 1, 4, drawn_settings="train", acquisitions_per_patient=0)
+    single = ph.generate_cohort(tmp_path / "single", 2, 4, drawn_settings="train", acquisitions_per_patient=1)
+    assert list(single.acquisition) == ["drawn_1", "drawn_1"] and single.kernel_sharpness.nunique() == 2
