@@ -325,11 +325,11 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert "hu_threshold_classes" not in metrics["probe"] and "hu_threshold_classes" not in metrics["survival"]
     # the tiny scans: normal -850, emphysema -960, reticulation -700 (+30 HU and more noise when sharp)
     recall = metrics["tissue_recall"]["hu_threshold_classes"]
-    assert set(recall["per_acquisition"]) == {"soft", "sharp"} and recall["low_attenuation"] == 1
+    assert set(recall["per_acquisition"]) == {"soft", "sharp"} and recall["normal"] == 2
     assert 0.0 <= recall["min"]["emphysema_recall"] <= 1.0 and 0.0 <= recall["min"]["reticulation_outside_normal"] <= 1.0
     assert set(metrics["tissue_recall"]) == compared
     kernel = metrics["kernel_robustness"]
-    assert kernel["n_pairs"] == 3 and set(kernel) == compared | {"laa950", "n_pairs"}
+    assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "n_pairs"}
     assert kernel["laa950"]["mean_change_points"] < 0  # the sharp scans' +30 HU offset lowers LAA-950
     assert "Kernel-robust emphysema" in (out / "report.html").read_text()
     assert metrics["probe"]["chance"] == pytest.approx(0.5, abs=0.05)

@@ -41,14 +41,25 @@ def test_patch_mean_hu_averages_the_lung_voxels_of_each_patch():
         patch_mean_hu(hu, np.zeros_like(lung), positions, spec)
 
 
-def test_reference_clusters_pick_the_lowest_median_and_the_normal_majority():
+def test_reference_clusters_pick_the_normal_majority_and_a_lower_cluster_beside_it():
     labels = np.array([1, 1, 2, 2, 3, 3, 3])
     hu = np.array([-850, -860, -700, -650, -960, -990, -600])  # cluster 3's median -960 is the lowest
     truth = np.array([NORMAL, NORMAL, NORMAL, RETIC, EMPH, EMPH, NORMAL])
-    assert low_attenuation_cluster(labels, hu) == 3
-    assert normal_cluster(labels, truth) == 1
+    assert normal_cluster(labels, truth) == 1 and normal_cluster(labels) == 3  # without truth: the largest
+    assert low_attenuation_cluster(labels, hu, normal=1) == 3
     ref = reference_clusters([_scan("p", "a", labels, truth, hu, split="train")], ["rep"])
-    assert ref == {"rep": {"low_attenuation": 3, "low_attenuation_median_hu": -960.0, "normal": 1}}
+    assert ref == {"rep": {"normal": 1, "normal_median_hu": -855.0, "low_attenuation": 3,
+                           "low_attenuation_median_hu": -960.0}}
+    # the lowest cluster holds most normal lung: there is no low-attenuation cluster, and emphysema recall is 0
+    truth = np.array([EMPH, EMPH, NORMAL, RETIC, NORMAL, NORMAL, EMPH])
+    ref = reference_clusters([_scan("p", "a", labels, truth, hu, split="train")], ["rep"])
+    assert ref["rep"]["normal"] == 3 and ref["rep"]["low_attenuation"] is None
+    recall = tissue_recall([_scan("p", "a", labels, truth, hu)], ref)["rep"]
+    assert recall["min"]["emphysema_recall"] == 0.0
+    assert kernel_robustness([_scan("p", "s", labels, truth, hu, kernel="soft"),
+                              _scan("p", "h", labels, truth, hu, kernel="sharp")], ref) == {
+        "laa950": {"mean_abs_change_points": 0.0, "mean_change_points": 0.0, "mean_share_soft_percent": 5.0},
+        "n_pairs": 1}
 
 
 def test_tissue_recall_is_per_acquisition_and_keeps_the_worst():
@@ -60,7 +71,9 @@ def test_tissue_recall_is_per_acquisition_and_keeps_the_worst():
     assert out["per_acquisition"]["soft"] == {"emphysema_recall": 1.0, "reticulation_outside_normal": 0.75}
     assert out["per_acquisition"]["sharp"] == {"emphysema_recall": 0.5, "reticulation_outside_normal": 0.25}
     assert out["min"] == {"emphysema_recall": 0.5, "reticulation_outside_normal": 0.25}
-    assert tissue_recall([_scan("p", "soft", [1], [NORMAL], [0.0])], {"rep": {"low_attenuation": 1}}) == {}
+    no_truth = _scan("p", "soft", [1], [NORMAL], [0.0])
+    no_truth.truth = None
+    assert tissue_recall([no_truth], ref) == {}
 
 
 def test_kernel_robustness_pairs_soft_and_sharp_under_equal_settings_only():
@@ -88,10 +101,14 @@ def test_goal_check_reports_the_tissue_goals():
                "truth_agreement": {"rotated": {"ari": 0.4}, "hu_statistics": {"ari": 0.45}},
                "tissue_recall": {"rotated": {"min": {"emphysema_recall": 0.72, "reticulation_outside_normal": 0.4,
                                                      "consolidation_outside_normal": 0.9}}},
-               "kernel_robustness": {"rotated": {"mean_abs_change_points": 0.6}}}
+               "kernel_robustness": {"rotated": {"mean_abs_change_points": 0.6}, "n_pairs": 2}}
     goal = goal_check(metrics)
     assert goal["rotated_beats_baselines"] == {"hu_threshold_classes": False}
     assert goal["truth_ari_at_least_hu_statistics"] is False
     assert goal["emphysema_recall_at_least_0.7"] is True
     assert goal["abnormal_mostly_outside_normal"] == {"reticulation": False, "consolidation": True}
     assert goal["low_attenuation_kernel_change_at_most_0.5_points"] is False
+    metrics["kernel_robustness"] = {"laa950": {"mean_abs_change_points": 10.0}, "n_pairs": 2}  # rotated has none
+    assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is False
+    metrics["kernel_robustness"]["rotated"] = {"mean_abs_change_points": 0.4}
+    assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is True

@@ -4,15 +4,17 @@
   (below -950, -950 to -700, -700 to -300, above -300), the patch and context averaging being those of the
   clusters, so consistency is compared at equal smoothing;
 - tissue recall (phantom truth): per acquisition, the share of true emphysema cells in the representation's
-  low-attenuation cluster (the cluster whose training cells have the lowest median patch HU), and for ground glass,
-  reticulation, honeycombing and consolidation the share outside its normal cluster (the cluster holding most true
-  normal-lung training cells);
+  low-attenuation cluster, and for ground glass, reticulation, honeycombing and consolidation the share outside its
+  normal cluster. The normal cluster holds the most true normal-lung training cells (without truth: the largest
+  cluster); the low-attenuation cluster is, among the other clusters, the one whose training cells have the lowest
+  median patch HU, if that median is below the normal cluster's. A representation without one has recall 0: a
+  cluster that also holds most normal lung finds no emphysema, whatever share of it it holds;
 - kernel robustness: for each patient scanned with a soft and a sharp kernel under otherwise equal settings, the
   change (percentage points) of the low-attenuation cluster's share of the lung, beside that of LAA-950.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -44,16 +46,22 @@ def threshold_classes(mean_hu: np.ndarray) -> np.ndarray:
     return (np.digitize(np.ravel(mean_hu), HU_CLASS_THRESHOLDS) + 1).astype(np.int64)
 
 
-def low_attenuation_cluster(labels: np.ndarray, mean_hu: np.ndarray) -> int:
-    """The cluster whose cells have the lowest median patch HU."""
+def low_attenuation_cluster(labels: np.ndarray, mean_hu: np.ndarray, normal: int) -> Optional[int]:
+    """Among the clusters other than ``normal``, the one whose cells have the lowest median patch HU, if that median
+    is below the normal cluster's; else None."""
     labels, mean_hu = np.ravel(labels), np.ravel(mean_hu)
-    clusters = np.unique(labels)
-    return int(clusters[np.argmin([np.median(mean_hu[labels == k]) for k in clusters])])
+    medians = {int(k): float(np.median(mean_hu[labels == k])) for k in np.unique(labels)}
+    others = [k for k in medians if k != normal]
+    if not others:
+        return None
+    low = min(others, key=medians.get)
+    return low if normal not in medians or medians[low] < medians[normal] else None
 
 
-def normal_cluster(labels: np.ndarray, truth: np.ndarray) -> int:
-    """The cluster holding the most true normal-lung cells."""
-    normal = np.ravel(labels)[np.ravel(truth) == TISSUE_LABELS["normal"]]
+def normal_cluster(labels: np.ndarray, truth: Optional[np.ndarray] = None) -> int:
+    """The cluster holding the most true normal-lung cells; without ``truth``, the largest cluster."""
+    labels = np.ravel(labels)
+    normal = labels if truth is None else labels[np.ravel(truth) == TISSUE_LABELS["normal"]]
     if normal.size == 0:
         raise ValueError("no true normal-lung cell to find the normal cluster with")
     values, counts = np.unique(normal, return_counts=True)
@@ -61,17 +69,18 @@ def normal_cluster(labels: np.ndarray, truth: np.ndarray) -> int:
 
 
 def reference_clusters(train_scans: Sequence, names: Sequence[str]) -> Dict[str, dict]:
-    """Per representation, its low-attenuation cluster (and that cluster's median patch HU) from the training scans,
-    and, where they carry the truth, its normal cluster."""
+    """Per representation, from the training scans: its normal cluster, its low-attenuation cluster (None when it
+    has none) and the median patch HU of each."""
     hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in train_scans])
-    with_truth = all(s.truth is not None for s in train_scans)
+    truth = np.concatenate([s.truth for s in train_scans]) if all(s.truth is not None for s in train_scans) else None
     out = {}
     for n in names:
         labels = np.concatenate([s.labels[n] for s in train_scans])
-        low = low_attenuation_cluster(labels, hu)
-        out[n] = {"low_attenuation": low, "low_attenuation_median_hu": float(np.median(hu[labels == low]))}
-        if with_truth:
-            out[n]["normal"] = normal_cluster(labels, np.concatenate([s.truth for s in train_scans]))
+        normal = normal_cluster(labels, truth)
+        low = low_attenuation_cluster(labels, hu, normal)
+        out[n] = {"normal": normal, "normal_median_hu": float(np.median(hu[labels == normal])),
+                  "low_attenuation": low,
+                  "low_attenuation_median_hu": None if low is None else float(np.median(hu[labels == low]))}
     return out
 
 
@@ -79,7 +88,7 @@ def tissue_recall(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
     """Per representation and acquisition: emphysema recall into the low-attenuation cluster and each abnormal
     tissue's share outside the normal cluster, pooled over the acquisition's evaluation cells; ``min`` holds the
     worst acquisition. Empty without truth; a tissue absent from an acquisition's scans is left out there."""
-    if any(s.truth is None for s in eval_scans) or any("normal" not in r for r in references.values()):
+    if not eval_scans or any(s.truth is None for s in eval_scans):
         return {}
     by_acquisition: Dict[str, list] = {}
     for s in eval_scans:
@@ -122,8 +131,8 @@ def _kernel_pairs(scans: Sequence) -> List[tuple]:
 
 def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
     """Mean absolute change (percentage points) between soft and sharp reconstructions of the same patient of each
-    representation's low-attenuation cluster share of the lung, and of LAA-950; empty when no patient has such a
-    pair (the cohort table needs a ``kernel`` column)."""
+    representation's low-attenuation cluster share of the lung (representations without one are left out), and of
+    LAA-950; empty when no patient has such a pair (the cohort table needs a ``kernel`` column)."""
     pairs = _kernel_pairs(eval_scans)
     if not pairs:
         return {}
@@ -134,7 +143,7 @@ def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict
     out = {n: {"mean_abs_change_points": float(np.mean([abs(share(b, n) - share(a, n)) for a, b in pairs])),
                "mean_change_points": float(np.mean([share(b, n) - share(a, n) for a, b in pairs])),
                "mean_share_soft_percent": float(np.mean([share(a, n) for a, _ in pairs]))}
-           for n in references}
+           for n, ref in references.items() if ref["low_attenuation"] is not None}
     laa = [(a.densitometry["laa950"], b.densitometry["laa950"]) for a, b in pairs]
     out["laa950"] = {"mean_abs_change_points": float(np.mean([abs(b - a) for a, b in laa])),
                      "mean_change_points": float(np.mean([b - a for a, b in laa])),
@@ -151,11 +160,12 @@ def recall_rows(metrics: dict) -> List[List[str]]:
         worst = m["min"]
         cells = [f"{worst[k]:.2f}" if k in worst else "–"
                  for k in ("emphysema_recall", *(f"{t}_outside_normal" for t in OUTSIDE_NORMAL_TISSUES))]
-        rows.append([n, f"{m['low_attenuation_median_hu']:.0f}", *cells])
+        low = m["low_attenuation_median_hu"]
+        rows.append([n, f"{m['normal_median_hu']:.0f}", "none" if low is None else f"{low:.0f}", *cells])
     return rows
 
 
-RECALL_HEAD = ["representation", "low-attenuation cluster median HU", "emphysema recall",
+RECALL_HEAD = ["representation", "normal cluster median HU", "low-attenuation cluster median HU", "emphysema recall",
                *(f"{t.replace('_', ' ')} outside normal" for t in OUTSIDE_NORMAL_TISSUES)]
 KERNEL_HEAD = ["features", "mean |sharp - soft| (points)", "mean sharp - soft (points)", "soft share (%)"]
 
