@@ -10,7 +10,9 @@ emphysema-versus-normal separation d' of a linear discriminant. No survival, no 
 Representations per bundle: ``entangled``, ``rotated`` (the bundle's cluster features), and their texture-prototype
 variants (``+prototypes``: many k-means micro-clusters, then k-means of each point's local histogram of
 micro-clusters, after Yang, Angelini et al.'s lung texture patterns); once per run: ``hu_statistics`` (the patch
-HU statistics reference), its prototype variant and the equal-scale ``hu_threshold_classes``.
+HU statistics reference), its prototype variant, ``smoothed_hu_statistics`` (the same statistics of the scan after
+an in-plane Gaussian blur of ``--smooth-mm``, which takes most of a sharp kernel's extra noise out before the
+thresholds count it, a crude kernel normalisation) and the equal-scale ``hu_threshold_classes``.
 
     python scripts/representation_harness.py --train TRAIN.csv --test TEST.csv --model A --model B --out r.json
 """
@@ -26,8 +28,9 @@ import numpy as np
 
 from latentharmonize.bundle import load_bundle
 from latentharmonize.cohort import read_cohort
-from latentharmonize.evaluate import (Encoders, _encode_row, _select_patients, _training_rows, consistency,
-                                      consistency_per_patient, probe, truth_agreement)
+from latentharmonize.baselines import patch_hu_statistics
+from latentharmonize.evaluate import (Encoders, _encode_row, _load_volumes, _select_patients, _training_rows,
+                                      consistency, consistency_per_patient, probe, truth_agreement)
 from latentharmonize.evaluation_tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
                                                threshold_classes, tissue_recall)
 from latentharmonize.patches import DenseLatents, aggregate_context
@@ -40,6 +43,18 @@ def prototype_features(micro, n_micro: int, radius: int):
         onehot = np.eye(n_micro, dtype=np.float32)[micro.predict(x)]
         return aggregate_context(DenseLatents(latents=onehot, positions=scan.positions, lattice=None), radius).latents
     return features
+
+
+def add_smoothed_statistics(scan, row, spec: dict, smooth_mm: float) -> None:
+    """``scan.latents["smoothed_hu_statistics"]``: patch HU statistics of the in-plane blurred scan, context-averaged."""
+    from scipy.ndimage import gaussian_filter
+
+    hu, lung, _, _, _ = _load_volumes(row, spec)
+    sigma = smooth_mm / np.asarray(spec["spacing"][:2])[::-1]
+    blurred = gaussian_filter(np.where(lung, hu, -850.0), sigma=(0, *sigma))
+    stats = patch_hu_statistics(blurred, lung, scan.positions, spec)
+    dense = DenseLatents(latents=stats, positions=scan.positions, lattice=None)
+    scan.latents["smoothed_hu_statistics"] = aggregate_context(dense, int(spec["context_radius"])).latents
 
 
 def emphysema_dprime(train_x, train_truth, test_x, test_truth) -> float:
@@ -118,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-latents", type=int, default=20000)
     parser.add_argument("--micro", type=int, default=32, help="micro-clusters of the prototype variants")
     parser.add_argument("--radius", type=int, default=2, help="lattice steps of the local micro-cluster histogram")
+    parser.add_argument("--smooth-mm", type=float, default=2.0, help="in-plane Gaussian SD of smoothed_hu_statistics")
     parser.add_argument("--train-patients", type=int, default=None)
     parser.add_argument("--test-patients", type=int, default=None)
     args = parser.parse_args(argv)
@@ -131,12 +147,17 @@ def main(argv=None) -> int:
         train = [_encode_row(r, "train", encoders)[0] for _, r in train_rows.iterrows()]
         test = [_encode_row(r, "eval", encoders)[0] for _, r in test_rows.iterrows()]
         rows = _training_rows(train, args.train_latents, args.seed)
+        if base is None:
+            for scans, table in ((train, train_rows), (test, test_rows)):
+                for scan, (_, row) in zip(scans, table.iterrows()):
+                    add_smoothed_statistics(scan, row, bundle.spec, args.smooth_mm)
         funcs = {"entangled": lambda s: s.latents["entangled"].astype(np.float64),
                  "rotated": (lambda b: lambda s: b.rotation.cluster_features(s.latents["entangled"]))(bundle)}
         if base is None:  # the histogram reference once; it does not depend on the bundle
             from sklearn.preprocessing import StandardScaler
-            stats = StandardScaler().fit(np.concatenate([train[i].latents["hu_statistics"][r] for i, r in rows.items()]))
-            funcs["hu_statistics"] = lambda s, st=stats: st.transform(s.latents["hu_statistics"])
+            for source in ("hu_statistics", "smoothed_hu_statistics"):
+                st = StandardScaler().fit(np.concatenate([train[i].latents[source][r] for i, r in rows.items()]))
+                funcs[source] = (lambda src, fitted: lambda s: fitted.transform(s.latents[src]))(source, st)
             base = model
         results[str(model)] = measure(funcs, train, test, rows, args.k, args.seed, args.micro, args.radius)
         print(json.dumps({str(model): results[str(model)]}, indent=1), flush=True)
