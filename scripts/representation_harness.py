@@ -12,7 +12,9 @@ variants (``+prototypes``: many k-means micro-clusters, then k-means of each poi
 micro-clusters, after Yang, Angelini et al.'s lung texture patterns); once per run: ``hu_statistics`` (the patch
 HU statistics reference), its prototype variant, ``smoothed_hu_statistics`` (the same statistics of the scan after
 an in-plane Gaussian blur of ``--smooth-mm``, which takes most of a sharp kernel's extra noise out before the
-thresholds count it, a crude kernel normalisation) and the equal-scale ``hu_threshold_classes``.
+thresholds count it, a crude kernel normalisation), ``calibrated_smoothed_hu_statistics`` (the same after the
+air/fat HU calibration of ``train --calibrate``, which takes the vendor's offset out) and the equal-scale
+``hu_threshold_classes``.
 
     python scripts/representation_harness.py --train TRAIN.csv --test TEST.csv --model A --model B --out r.json
 """
@@ -46,15 +48,17 @@ def prototype_features(micro, n_micro: int, radius: int):
 
 
 def add_smoothed_statistics(scan, row, spec: dict, smooth_mm: float) -> None:
-    """``scan.latents["smoothed_hu_statistics"]``: patch HU statistics of the in-plane blurred scan, context-averaged."""
+    """``scan.latents["smoothed_hu_statistics"]`` and ``["calibrated_smoothed_hu_statistics"]``: patch HU statistics
+    of the in-plane blurred scan, without and with the air/fat calibration, context-averaged."""
     from scipy.ndimage import gaussian_filter
 
-    hu, lung, _, _, _ = _load_volumes(row, spec)
-    sigma = smooth_mm / np.asarray(spec["spacing"][:2])[::-1]
-    blurred = gaussian_filter(np.where(lung, hu, -850.0), sigma=(0, *sigma))
-    stats = patch_hu_statistics(blurred, lung, scan.positions, spec)
-    dense = DenseLatents(latents=stats, positions=scan.positions, lattice=None)
-    scan.latents["smoothed_hu_statistics"] = aggregate_context(dense, int(spec["context_radius"])).latents
+    for name, calibration in (("smoothed_hu_statistics", None), ("calibrated_smoothed_hu_statistics", "air_fat")):
+        hu, lung, _, _, _ = _load_volumes(row, {**spec, "calibration": calibration})
+        sigma = smooth_mm / np.asarray(spec["spacing"][:2])[::-1]
+        blurred = gaussian_filter(np.where(lung, hu, -850.0), sigma=(0, *sigma))
+        stats = patch_hu_statistics(blurred, lung, scan.positions, spec)
+        dense = DenseLatents(latents=stats, positions=scan.positions, lattice=None)
+        scan.latents[name] = aggregate_context(dense, int(spec["context_radius"])).latents
 
 
 def emphysema_dprime(train_x, train_truth, test_x, test_truth) -> float:
@@ -114,8 +118,9 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
             "recall_min": {k2: round(v, 3) for k2, v in recall[n]["min"].items()},
             "recall_per_acquisition": {a: round(v.get("emphysema_recall", float("nan")), 3)
                                        for a, v in recall[n]["per_acquisition"].items()},
-            "low_attenuation_median_hu": round(refs[n]["low_attenuation_median_hu"], 1),
-            "kernel_change_points": round(kernel[n]["mean_abs_change_points"], 2) if kernel else None,
+            "normal_median_hu": round(refs[n]["normal_median_hu"], 1),
+            "low_attenuation_median_hu": refs[n]["low_attenuation_median_hu"],
+            "kernel_change_points": round(kernel[n]["mean_abs_change_points"], 2) if n in kernel else None,
             "probe": round(probes[n], 3) if n in probes else None})
     out["laa950_kernel_change_points"] = round(kernel["laa950"]["mean_abs_change_points"], 2) if kernel else None
     out["probe_chance"] = round(probes["chance"], 3)
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--micro", type=int, default=32, help="micro-clusters of the prototype variants")
     parser.add_argument("--radius", type=int, default=2, help="lattice steps of the local micro-cluster histogram")
     parser.add_argument("--smooth-mm", type=float, default=2.0, help="in-plane Gaussian SD of smoothed_hu_statistics")
+    parser.add_argument("--skip-statistics", action="store_true", help="bundle representations only")
     parser.add_argument("--train-patients", type=int, default=None)
     parser.add_argument("--test-patients", type=int, default=None)
     args = parser.parse_args(argv)
@@ -147,15 +153,15 @@ def main(argv=None) -> int:
         train = [_encode_row(r, "train", encoders)[0] for _, r in train_rows.iterrows()]
         test = [_encode_row(r, "eval", encoders)[0] for _, r in test_rows.iterrows()]
         rows = _training_rows(train, args.train_latents, args.seed)
-        if base is None:
+        if base is None and not args.skip_statistics:
             for scans, table in ((train, train_rows), (test, test_rows)):
                 for scan, (_, row) in zip(scans, table.iterrows()):
                     add_smoothed_statistics(scan, row, bundle.spec, args.smooth_mm)
         funcs = {"entangled": lambda s: s.latents["entangled"].astype(np.float64),
                  "rotated": (lambda b: lambda s: b.rotation.cluster_features(s.latents["entangled"]))(bundle)}
-        if base is None:  # the histogram reference once; it does not depend on the bundle
+        if base is None and not args.skip_statistics:  # the histogram references once: they do not depend on the bundle
             from sklearn.preprocessing import StandardScaler
-            for source in ("hu_statistics", "smoothed_hu_statistics"):
+            for source in ("hu_statistics", "smoothed_hu_statistics", "calibrated_smoothed_hu_statistics"):
                 st = StandardScaler().fit(np.concatenate([train[i].latents[source][r] for i, r in rows.items()]))
                 funcs[source] = (lambda src, fitted: lambda s: fitted.transform(s.latents[src]))(source, st)
             base = model
