@@ -74,14 +74,13 @@ def emphysema_dprime(train_x, train_truth, test_x, test_truth) -> float:
 
 
 def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, radius: int) -> dict:
+    """Fit and measure every representation of ``funcs`` (plus prototype variants unless ``n_micro`` is 0)."""
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import StandardScaler
 
     from latentharmonize.clusters import TissueClusters
 
-    for name, f in list(funcs.items()):
-        if name.endswith("+prototypes"):
-            continue
+    for name, f in list(funcs.items()) if n_micro else []:
         X = np.concatenate([f(train[i])[r] for i, r in rows.items()])
         micro = KMeans(n_clusters=n_micro, n_init=2, random_state=seed).fit(StandardScaler().fit(X).transform(X))
         scaler = StandardScaler().fit(X)
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-latents", type=int, default=20000)
-    parser.add_argument("--micro", type=int, default=32, help="micro-clusters of the prototype variants")
+    parser.add_argument("--micro", type=int, default=32, help="micro-clusters of the prototype variants (0: none)")
     parser.add_argument("--radius", type=int, default=2, help="lattice steps of the local micro-cluster histogram")
     parser.add_argument("--smooth-mm", type=float, default=2.0, help="in-plane Gaussian SD of smoothed_hu_statistics")
     parser.add_argument("--skip-statistics", action="store_true", help="bundle representations only")
