@@ -265,7 +265,7 @@ def test_drawn_settings_pair_a_kernel_and_keep_held_out_ranges_apart(tmp_path):
         for row in table.itertuples():
             assert inside(row.kernel_sharpness, ranges.sharpness) and inside(row.dose, ranges.dose_mAs)
             assert inside(row.thickness, ranges.thickness_mm) and inside(row.hu_offset, ranges.hu_offset)
-            assert inside(row.hu_scale, ranges.hu_scale)
+            assert inside(row.hu_scale, ranges.hu_scale) and -1000.0 * row.hu_scale + row.hu_offset >= ph.MIN_AIR_HU
         pairs = table[table.acquisition.str.startswith("pair")].groupby("patient")
         assert (pairs[["dose", "thickness", "hu_scale", "hu_offset"]].nunique() == 1).all().all()
         assert all(sorted(g.kernel) == ["sharp", "soft"] for _, g in pairs)

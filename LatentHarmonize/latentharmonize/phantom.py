@@ -81,23 +81,33 @@ DEFAULT_ACQUISITIONS = (
 
 
 
+MIN_AIR_HU = -1030.0
+
+
 def draw_acquisitions(ranges: str, n: int, rng: np.random.Generator) -> list:
     """``n`` acquisitions drawn from ``SETTING_RANGES[ranges]``: with ``n >= 2`` first a soft and a sharp
     reconstruction of one raw scan (``pair_soft``, ``pair_sharp``: same dose, thickness and calibration, sharpness
-    from the two ends of the range), then ``drawn_1`` ... with every setting drawn independently."""
+    from the two ends of the range), then ``drawn_1`` ... with every setting drawn independently. A calibration that
+    would put air (-1000 HU) below ``MIN_AIR_HU`` takes the opposite offset: scanners keep air within a few tens of
+    HU, and air below the -1024 floor cannot be measured (``train --calibrate`` refuses such scans)."""
     from .phantom_acquisition import kernel_label
 
     r = SETTING_RANGES[ranges]
+
+    def calibration():
+        scale, offset = r.draw(rng, "hu_scale"), r.draw(rng, "hu_offset")
+        return {"hu_scale": scale, "hu_offset": -offset if -1000.0 * scale + offset < MIN_AIR_HU else offset}
+
     low, high = r.sharpness[0], r.sharpness[-1]
     span = 0.2 * (high[1] - low[0])
-    shared = {f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm", "hu_scale", "hu_offset")}
+    shared = {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")}, **calibration()}
     out = []
     if n >= 2:
         out += [("pair_soft", rng.uniform(low[0], min(low[1], low[0] + span)), shared),
                 ("pair_sharp", rng.uniform(max(high[0], high[1] - span), high[1]), shared)]
     for i in range(n - len(out)):
         out.append((f"drawn_{i + 1}", r.draw(rng, "sharpness"),
-                    {f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm", "hu_scale", "hu_offset")}))
+                    {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")}, **calibration()}))
     return [Acquisition(name, kernel_label(float(k)), "drawn", round(v["dose_mAs"], 1), round(v["thickness_mm"], 2),
                         sharpness=round(float(k), 3), calibration=(round(v["hu_scale"], 4), round(v["hu_offset"], 1)))
             for name, k, v in out]
