@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -86,8 +86,9 @@ MIN_AIR_HU = -1030.0
 
 def draw_acquisitions(ranges: str, n: int, rng: np.random.Generator) -> list:
     """``n`` acquisitions drawn from ``SETTING_RANGES[ranges]``: with ``n >= 2`` first a soft and a sharp
-    reconstruction of one raw scan (``pair_soft``, ``pair_sharp``: same dose, thickness and calibration, sharpness
-    from the two ends of the range), then ``drawn_1`` ... with every setting drawn independently. A calibration that
+    reconstruction of one raw scan (same dose, thickness and calibration, sharpness from the two ends of the range),
+    then scans with every setting drawn independently. Each is named by its setting's bins (:func:`setting_name`), so
+    the acquisition labels that the rotation and the probe use carry the setting. A calibration that
     would put air (-1000 HU) below ``MIN_AIR_HU`` takes the opposite offset: scanners keep air within a few tens of
     HU, and air below the -1024 floor cannot be measured (``train --calibrate`` refuses such scans)."""
     from .phantom_acquisition import kernel_label
@@ -103,14 +104,28 @@ def draw_acquisitions(ranges: str, n: int, rng: np.random.Generator) -> list:
     shared = {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")}, **calibration()}
     out = []
     if n >= 2:
-        out += [("pair_soft", rng.uniform(low[0], min(low[1], low[0] + span)), shared),
-                ("pair_sharp", rng.uniform(max(high[0], high[1] - span), high[1]), shared)]
-    for i in range(n - len(out)):
-        out.append((f"drawn_{i + 1}", r.draw(rng, "sharpness"),
-                    {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")}, **calibration()}))
-    return [Acquisition(name, kernel_label(float(k)), "drawn", round(v["dose_mAs"], 1), round(v["thickness_mm"], 2),
+        out += [(rng.uniform(low[0], min(low[1], low[0] + span)), shared),
+                (rng.uniform(max(high[0], high[1] - span), high[1]), shared)]
+    while len(out) < n:
+        out.append((r.draw(rng, "sharpness"), {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")},
+                                               **calibration()}))
+    acquisitions, names = [], set()
+    for k, v in out:
+        a = Acquisition("drawn", kernel_label(float(k)), "drawn", round(v["dose_mAs"], 1), round(v["thickness_mm"], 2),
                         sharpness=round(float(k), 3), calibration=(round(v["hu_scale"], 4), round(v["hu_offset"], 1)))
-            for name, k, v in out]
+        name = setting_name(a)
+        name = next(f"{name}_{i}" if i else name for i in range(n + 1) if (f"{name}_{i}" if i else name) not in names)
+        names.add(name)
+        acquisitions.append(replace(a, name=name))
+    return acquisitions
+
+
+def setting_name(a: Acquisition) -> str:
+    """Bins of a drawn setting: kernel name, dose (below 60 mAs: ``lowdose``), thickness (above 2.5 mm: ``thick``)
+    and whether the calibration puts air above or below -1000 HU, e.g. ``sharp_lowdose_thick_airlow``."""
+    air = -1000.0 * a.calibration[0] + a.calibration[1]
+    return "_".join([a.kernel, "lowdose" if a.dose_mAs < 60 else "dose", "thick" if a.thickness_mm > 2.5 else "thin",
+                     "airlow" if air < -1000.0 else "airhigh"])
 
 
 # --- patient phenotypes: target lung fractions drawn uniformly in these ranges (rest is normal lung) -------------
