@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from . import __version__
 from .atomic import STAGING_PREFIX, StagedOutput
 from .errors import InputError, OutputError
-from .phantom_acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, reconstruct, to_int16
+from .phantom_acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, kernel_label, reconstruct, to_int16
 from .phantom_anatomy import FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, render_anatomy
 from .progress import Progress
 from .tissue import TISSUE_LABELS, TISSUES
@@ -40,7 +40,7 @@ class Acquisition:
     """One acquisition setting: reconstruction kernel, scanner vendor, tube current-time product, slice thickness.
 
     A drawn setting (``draw_acquisitions``) also has ``sharpness`` (the kernel between the named ones; ``kernel`` is
-    then its nearest name) and ``calibration`` (scale, offset; ``vendor`` is then ``"drawn"``)."""
+    then its name, ``phantom_acquisition.kernel_label``) and ``calibration`` (scale, offset; ``vendor`` is then ``"drawn"``)."""
 
     name: str
     kernel: str
@@ -79,8 +79,6 @@ DEFAULT_ACQUISITIONS = (
     Acquisition("c_sharp_thick", "sharp", "C", 100.0, 5.0),
 )
 
-
-
 MIN_AIR_HU = -1030.0
 
 
@@ -91,8 +89,6 @@ def draw_acquisitions(ranges: str, n: int, rng: np.random.Generator) -> list:
     the acquisition labels that the rotation and the probe use carry the setting. A calibration that
     would put air (-1000 HU) below ``MIN_AIR_HU`` takes the opposite offset: scanners keep air within a few tens of
     HU, and air below the -1024 floor cannot be measured (``train --calibrate`` refuses such scans)."""
-    from .phantom_acquisition import kernel_label
-
     r = SETTING_RANGES[ranges]
 
     def calibration():
@@ -113,8 +109,10 @@ def draw_acquisitions(ranges: str, n: int, rng: np.random.Generator) -> list:
     for k, v in out:
         a = Acquisition("drawn", kernel_label(float(k)), "drawn", round(v["dose_mAs"], 1), round(v["thickness_mm"], 2),
                         sharpness=round(float(k), 3), calibration=(round(v["hu_scale"], 4), round(v["hu_offset"], 1)))
-        name = setting_name(a)
-        name = next(f"{name}_{i}" if i else name for i in range(n + 1) if (f"{name}_{i}" if i else name) not in names)
+        name, i = setting_name(a), 0
+        while name in names:  # two scans of the patient in the same bins
+            i += 1
+            name = f"{setting_name(a)}_{i}"
         names.add(name)
         acquisitions.append(replace(a, name=name))
     return acquisitions
@@ -334,7 +332,8 @@ def scanned_acquisitions(acqs: list, n_patients: int, per_patient: Optional[int]
 
 def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full: bool = False,
                     overwrite: bool = False, progress: Optional[Progress] = None,
-                    acquisitions_per_patient: Optional[int] = None, drawn_settings: Optional[str] = None) -> pd.DataFrame:
+                    acquisitions_per_patient: Optional[int] = None,
+                    drawn_settings: Optional[str] = None) -> pd.DataFrame:
     """Write a phantom cohort to ``outdir`` and return its table (also written as ``cohort.csv``).
 
     With ``acquisitions_per_patient``, each patient is scanned under only that many of the acquisitions (drawn
