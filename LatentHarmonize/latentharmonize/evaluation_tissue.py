@@ -167,7 +167,8 @@ def recall_rows(metrics: dict) -> List[List[str]]:
 
 RECALL_HEAD = ["representation", "normal cluster median HU", "low-attenuation cluster median HU", "emphysema recall",
                *(f"{t.replace('_', ' ')} outside normal" for t in OUTSIDE_NORMAL_TISSUES)]
-KERNEL_HEAD = ["features", "mean |sharp - soft| (points)", "mean sharp - soft (points)", "soft share (%)"]
+KERNEL_HEAD = ["features", "mean absolute change soft to sharp (points)", "mean change sharp minus soft (points)",
+               "share in the soft scan (%)"]
 
 
 def kernel_rows(metrics: dict) -> List[List[str]]:
