@@ -245,7 +245,8 @@ def _write_cohort(folder, n_patients, seed):
         time, event = rng.exponential(1.0 / np.exp(3 * emphysema)), int(rng.random() < 0.8)
         for acq in ("soft", "sharp"):
             paths = _write_scan(folder, f"s{seed}p{p}", acq, blocks, rng)
-            rows.append({**paths, "patient": f"s{seed}p{p}", "acquisition": acq, "time": time, "event": event,
+            rows.append({**paths, "patient": f"s{seed}p{p}", "acquisition": acq, "kernel": acq, "vendor": "A",
+                         "time": time, "event": event,
                          "age": 60 + p, "sex": "MF"[p % 2], "frac_normal": float(np.mean(blocks == 1)),
                          "frac_emphysema": float(np.mean(blocks == 2)), "frac_reticulation": float(np.mean(blocks == 4)),
                          "frac_ground_glass": 0.0, "frac_honeycombing": 0.0, "frac_consolidation": 0.0})
@@ -301,7 +302,7 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     import json
 
     from latentharmonize.cli import main
-    from latentharmonize.evaluate import FIGURES, REPRESENTATIONS
+    from latentharmonize.evaluate import FIGURES, LABEL_BASELINES, REPRESENTATIONS
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 3, seed=2)
@@ -312,21 +313,32 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
             "--unoranic", str(unoranic), "--out", str(out), "--quick"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["consistency"]) == set(REPRESENTATIONS)
-    for name in REPRESENTATIONS:
+    compared = set(REPRESENTATIONS) | set(LABEL_BASELINES)
+    assert set(metrics["consistency"]) == compared
+    for name in compared:
         m = metrics["consistency"][name]
         for key in ("ari", "nmi", "dice"):
             assert -1.0 <= m[key] <= 1.0 and m[f"{key}_ci"][0] <= m[key] <= m[f"{key}_ci"][1]
         assert m["n_patients"] == 3
         assert 0.0 <= metrics["truth_agreement"][name]["nmi"] <= 1.0
-        assert 0.0 <= metrics["probe"][name] <= 1.0
+    assert all(0.0 <= metrics["probe"][name] <= 1.0 for name in REPRESENTATIONS)
+    assert "hu_threshold_classes" not in metrics["probe"] and "hu_threshold_classes" not in metrics["survival"]
+    # the tiny scans: normal -850, emphysema -960, reticulation -700 (+30 HU and more noise when sharp)
+    recall = metrics["tissue_recall"]["hu_threshold_classes"]
+    assert set(recall["per_acquisition"]) == {"soft", "sharp"} and recall["normal"] == 2
+    assert 0.0 <= recall["min"]["emphysema_recall"] <= 1.0 and 0.0 <= recall["min"]["reticulation_outside_normal"] <= 1.0
+    assert set(metrics["tissue_recall"]) == compared
+    kernel = metrics["kernel_robustness"]
+    assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "n_pairs"}
+    assert kernel["laa950"]["mean_change_points"] < 0  # the sharp scans' +30 HU offset lowers LAA-950
+    assert "Kernel-robust emphysema" in (out / "report.html").read_text()
     assert metrics["probe"]["chance"] == pytest.approx(0.5, abs=0.05)
     assert set(metrics["survival"]) == set(REPRESENTATIONS) | {"hu_thresholds", "true_composition"}
     assert all(0.0 <= s["c_index"] <= 1.0 and s["n"] == 7 for s in metrics["survival"].values())
     assert metrics["skipped"] == {}
     assert set(metrics["relative_gain"]["rotated_vs_entangled_percent"]) == {"ari", "nmi", "dice"}
     others = set(REPRESENTATIONS) - {"rotated"}
-    assert set(metrics["rotated_versus"]) == others | {"hu_thresholds", "true_composition"}
+    assert set(metrics["rotated_versus"]) == others | set(LABEL_BASELINES) | {"hu_thresholds", "true_composition"}
     for other in others:
         d = metrics["rotated_versus"][other]["nmi"]
         assert d["difference"] == pytest.approx(metrics["consistency"]["rotated"]["nmi"] - metrics["consistency"][other]["nmi"])

@@ -9,8 +9,8 @@ import torch
 from latentharmonize.errors import InputError
 from latentharmonize.grid import to_model_grid
 from latentharmonize.networks import build_model
-from latentharmonize.patches import (DEFAULT_SPEC, DenseLatents, Scan, aggregate_context, encode_dense,
-                                     encode_patches_naive, normalize_hu, resolve_spec,
+from latentharmonize.patches import (DEFAULT_SPEC, DenseLatents, Scan, aggregate_context, densitometry_features,
+                                     encode_dense, encode_patches_naive, normalize_hu, resolve_spec,
                                      patch_lattice, point_keys, sample_paired_patches, valid_centres)
 from latentharmonize.training_data import training_dataset
 
@@ -144,6 +144,31 @@ def test_densitometry_spec_appends_the_scaled_patch_statistics_on_both_encoding_
                 {"weight": 1.0, "center": ["x"] * n, "scale": scale.tolist()}, "yes"):
         with pytest.raises(InputError, match="densitometry must be null"):
             resolve_spec({"densitometry": bad})
+
+
+def test_smoothed_densitometry_reads_the_statistics_of_the_blurred_lung_only():
+    from latentharmonize.baselines import HU_STATISTIC_NAMES, patch_hu_statistics
+    from latentharmonize.patches import smooth_lung
+
+    rng = np.random.default_rng(0)
+    hu = np.full((5, 48, 48), 40.0, np.float32)  # chest wall at +40 HU around a noisy -860 HU lung
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 8:40, 8:40] = True
+    hu[lung] = -860.0 + rng.normal(0.0, 60.0, lung.sum())
+    smooth = smooth_lung(hu, lung, 2.5, resolve_spec(None))
+    assert np.array_equal(smooth[~lung], hu[~lung])
+    assert np.std(smooth[lung]) < 0.3 * np.std(hu[lung])
+    assert abs(np.mean(smooth[lung]) + 860.0) < 3.0 and smooth[lung].max() < -700.0  # no wall bleeding in
+    n = len(HU_STATISTIC_NAMES)
+    entry = {"weight": 1.0, "center": [0.0] * n, "scale": [1.0] * n, "smooth_mm": 2.5}
+    spec = resolve_spec({"densitometry": entry})
+    positions = np.array([[0, 2, 2], [1, 4, 3]])
+    np.testing.assert_allclose(densitometry_features(hu, lung, positions, spec),
+                               patch_hu_statistics(smooth, lung, positions, spec), rtol=1e-5)
+    assert densitometry_features(hu, lung, positions, spec)[:, 5].max() == 0.0  # none below -950 once smoothed
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(InputError, match="densitometry must be null"):
+            resolve_spec({"densitometry": {**entry, "smooth_mm": bad}})
 
 
 def test_dense_encoding_refuses_mismatched_inputs():

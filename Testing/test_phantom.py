@@ -284,3 +284,55 @@ def test_scan_variants(patient):
             assert lung_slices[-1] == truth.shape[0] - 1 and lung_slices[0] > truth.shape[0] / 3, "bases in the top"
     with pytest.raises(InputError, match="Unknown phantom variant"):
         ph.make_patient(0, SEED, variant="pelvis")
+
+
+def test_kernel_between_named_kernels_and_reconstruction_by_parameters(patient):
+    from latentharmonize.phantom_acquisition import KERNELS, kernel_at, kernel_label
+
+    assert [kernel_at(v) for v in (0.0, 0.5, 1.0)] == [KERNELS["soft"], KERNELS["standard"], KERNELS["sharp"]]
+    mid = kernel_at(0.75)
+    assert KERNELS["standard"].noise_sd < mid.noise_sd < KERNELS["sharp"].noise_sd
+    assert [kernel_label(v) for v in (0.1, 0.5, 0.7)] == ["soft", "standard", "sharp"]
+    with pytest.raises(InputError, match="sharpness"):
+        kernel_at(1.2)
+    named = ph.Acquisition("b", "standard", "B", 30.0, 2.5)
+    drawn = ph.Acquisition("b", "standard", "drawn", 30.0, 2.5, sharpness=0.5, calibration=VENDORS["B"])
+    a, b = ph.acquire_all(patient, [named, drawn])
+    assert np.array_equal(_array(a), _array(b))
+
+
+def test_drawn_settings_pair_a_kernel_and_keep_held_out_ranges_apart(tmp_path):
+    from latentharmonize.phantom_acquisition import SETTING_RANGES
+
+    def inside(value, intervals):
+        return any(lo <= value <= hi for lo, hi in intervals)
+
+    tables = {r: ph.generate_cohort(tmp_path / r, 3, 4, drawn_settings=r) for r in ("train", "heldout")}
+    for name, table in tables.items():
+        ranges = SETTING_RANGES[name]
+        assert len(table) == 12 and table.groupby("patient").acquisition.nunique().eq(4).all()
+        for row in table.itertuples():
+            assert inside(row.kernel_sharpness, ranges.sharpness) and inside(row.dose, ranges.dose_mAs)
+            assert inside(row.thickness, ranges.thickness_mm) and inside(row.hu_offset, ranges.hu_offset)
+            assert inside(row.hu_scale, ranges.hu_scale) and -1000.0 * row.hu_scale + row.hu_offset >= ph.MIN_AIR_HU
+        for row in table.itertuples():  # the name carries the setting's bins
+            assert row.acquisition.startswith(f"{row.kernel}_{'lowdose' if row.dose < 60 else 'dose'}_")
+        pairs = table.groupby("patient").head(2).groupby("patient")
+        assert (pairs[["dose", "thickness", "hu_scale", "hu_offset"]].nunique() == 1).all().all()
+        assert all(sorted(g.kernel) == ["sharp", "soft"] for _, g in pairs)
+    held = tables["heldout"]
+    train_ranges = SETTING_RANGES["train"]
+    assert not any(inside(v, train_ranges.thickness_mm) and v < 3.0 for v in held.thickness)
+    assert not any(0.15 < v < 0.85 for v in held.kernel_sharpness)
+    # same seed, same draws; the sharp reconstruction of the pair has the noisier lung
+    again = ph.generate_cohort(tmp_path / "again", 3, 4, drawn_settings="heldout")
+    assert again.equals(held)
+    soft, sharp = (_array(sitk.ReadImage(str(tmp_path / "heldout" / image))) for image in held.image[:2])
+    body = (np.abs(soft) < 150)[:, :, 1:] & (np.abs(soft) < 150)[:, :, :-1]  # soft tissue: noise, hardly edges
+    assert np.std(np.diff(sharp, axis=2)[body]) > 1.5 * np.std(np.diff(soft, axis=2)[body])
+    with pytest.raises(InputError, match="drawn-settings"):
+        ph.generate_cohort(tmp_path / "bad", 1, 4, drawn_settings="elsewhere")
+    with pytest.raises(InputError, match="positive integer"):
+        ph.generate_cohort(tmp_path / "bad", 1, 4, drawn_settings="train", acquisitions_per_patient=0)
+    single = ph.generate_cohort(tmp_path / "single", 2, 4, drawn_settings="train", acquisitions_per_patient=1)
+    assert len(single) == 2 and single.kernel_sharpness.nunique() == 2

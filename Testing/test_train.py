@@ -182,6 +182,9 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(InputError, match="--densitometry must be a positive weight"):
             train(tiny_phantom_cohort, tmp_path / "bad", densitometry=bad)
+    for smooth, weight in ((-1.0, 1.0), (float("nan"), 1.0), (2.0, None)):
+        with pytest.raises(InputError, match="--densitometry-smooth"):
+            train(tiny_phantom_cohort, tmp_path / "bad", densitometry=weight, densitometry_smooth_mm=smooth)
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):

@@ -9,6 +9,11 @@ cohort for that baseline; run ``latentharmonize evaluate``, and copy
 
     .venv/bin/python scripts/evaluate_phantom.py --work /tmp/lh-eval
     .venv/bin/python scripts/evaluate_phantom.py --work /tmp/lh-eval --quick     # smoke run, minutes
+
+With ``--drawn-settings`` the cohorts draw each scan's kernel, dose, thickness and calibration from continuous ranges
+(``phantom_acquisition.SETTING_RANGES``): training patients from the ``train`` ranges, test and survival patients
+from the ``heldout`` ones, which do not overlap; a bundle is then trained here on that training cohort (or
+``--model`` with ``--train-cohort``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.evaluate import (FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, redraw_rows,
                                       reproducibility_rows, versus_rows)
+from latentharmonize.evaluation_tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +34,13 @@ TEST_SEED_OFFSET = 1000  # test patients come from another seed than any trainin
 SURVIVAL_SEED_OFFSET = 2000  # and the survival cohort from a third
 
 
-def _cohort(folder: Path, n_patients: int, seed: int, per_patient: int | None = None) -> Path:
+def _cohort(folder: Path, n_patients: int, seed: int, per_patient: int | None = None, drawn: str | None = None) -> Path:
     from latentharmonize.phantom import generate_cohort
 
     csv = folder / "cohort.csv"
     if not csv.exists():
-        generate_cohort(folder, n_patients=n_patients, seed=seed, acquisitions_per_patient=per_patient)
+        generate_cohort(folder, n_patients=n_patients, seed=seed, acquisitions_per_patient=per_patient,
+                        drawn_settings=drawn)
     return csv
 
 
@@ -67,7 +74,8 @@ def markdown_table(metrics: dict) -> str:
     for name, m in cons.items():
         c_index = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
         truth_ari = f"{truth[name]['ari']:.3f}" if name in truth else "–"
-        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | {truth_ari} | {probe[name]:.3f} | {c_index} |")
+        probe_acc = f"{probe[name]:.3f}" if name in probe else "–"
+        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | {truth_ari} | {probe_acc} | {c_index} |")
     lines.append(f"| chance | | | | | {probe['chance']:.3f} | |")
     for name in ("hu_thresholds", "true_composition"):
         if name in surv:
@@ -76,6 +84,10 @@ def markdown_table(metrics: dict) -> str:
     lines += ["", "| rotated vs entangled | ARI | NMI | Dice |", "|---|---|---|---|",
               "| this phantom | " + " | ".join(f"{gains[m]:+.2f} %" for m in PAPER_GAIN_PERCENT) + " |",
               "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
+    for head, rows in ((RECALL_HEAD, recall_rows(metrics)), (KERNEL_HEAD, kernel_rows(metrics))):
+        if rows:
+            lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "| rotated minus | ARI | NMI | Dice | survival C-index |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in versus_rows(metrics)]
     repro = reproducibility_rows(metrics)
@@ -114,6 +126,8 @@ def main(argv=None) -> int:
                              "acquisition (0: survival on the training and test patients instead)")
     parser.add_argument("--unoranic-epochs", type=int, default=None, help="epochs of the unORANIC baseline (default: those of the evaluated bundle)")
     parser.add_argument("--no-unoranic", action="store_true", help="skip the unORANIC baseline")
+    parser.add_argument("--drawn-settings", action="store_true",
+                        help="train on scans drawn from the train setting ranges, test and survival on held-out ranges")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -121,8 +135,19 @@ def main(argv=None) -> int:
     try:
         from latentharmonize.bundle import default_bundle_path, load_bundle
 
-        model = args.model or default_bundle_path()
-        if (Path(model) / "manifest.json").exists():
+        held = "heldout" if args.drawn_settings else None
+        model = args.model or (args.work / "model" if args.drawn_settings else default_bundle_path())
+        if args.drawn_settings and not (Path(model) / "manifest.json").exists():
+            seed, epochs = args.seed, None
+            train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, seed, drawn="train")
+            model = _bundle(Path(model), train_csv, "ae", None, seed, progress)
+        elif args.drawn_settings:
+            if args.train_cohort is None:
+                raise SystemExit("--drawn-settings with an existing --model needs its --train-cohort.")
+            train_csv = args.train_cohort
+            trained = load_bundle(model).manifest["training"]
+            seed, epochs = int(trained.get("seed", args.seed)), trained.get("epochs")
+        elif (Path(model) / "manifest.json").exists():
             train_csv = args.train_cohort or _bundle_training_cohort(model, args.work / "train")
             trained = load_bundle(model).manifest["training"]
             seed, epochs = int(trained.get("seed", args.seed)), trained.get("epochs")
@@ -131,13 +156,13 @@ def main(argv=None) -> int:
             train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, seed)
             print(f"No bundle at {model}: training one on {train_csv}")
             model = _bundle(args.work / "model", train_csv, "ae", None, seed, progress)
-        test_csv = _cohort(args.work / "test", args.test_patients, seed + TEST_SEED_OFFSET)
+        test_csv = _cohort(args.work / "test", args.test_patients, seed + TEST_SEED_OFFSET, drawn=held)
         unoranic = None if args.no_unoranic else _bundle(args.work / "unoranic", train_csv, "unoranic",
                                                          args.unoranic_epochs or epochs, seed, progress)
         survival_csv = None
         if args.survival_patients > 0:
             survival_csv = _cohort(args.work / f"survival{args.survival_patients}", args.survival_patients,
-                                   seed + SURVIVAL_SEED_OFFSET, per_patient=1)
+                                   seed + SURVIVAL_SEED_OFFSET, per_patient=1, drawn=held)
         metrics = evaluate(test_csv, args.work / "eval", model=model, train_cohort=train_csv, unoranic=unoranic,
                            seed=args.seed, quick=args.quick, overwrite=True, progress=progress,
                            survival_cohort=survival_csv)

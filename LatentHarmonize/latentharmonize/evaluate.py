@@ -8,7 +8,9 @@ For every representation of the lung patches
 - ``unoranic``: the anatomy latent of a model trained with ``--encoder unoranic`` (``--unoranic DIR``);
 - ``hu_statistics``: no encoder at all, the standardised HU quantiles and threshold shares of each patch
   (:func:`latentharmonize.baselines.patch_hu_statistics`), averaged over the same context as the latents: the
-  reference that says whether a learned representation finds more than the patch's histogram,
+  reference that says whether a learned representation finds more than the patch's histogram;
+- ``hu_threshold_classes``: no clustering, each patch's mean lung HU (context-averaged) in four classes at -950,
+  -700 and -300 HU: the threshold baseline at the clusters' own scale (consistency and truth only),
 
 tissue clusters are fitted the same way (``TissueClusters``, the bundle's K, same seed) on latents of
 the TRAINING scans, and every harmonizer is fitted on the training scans only; the held-out scans
@@ -29,7 +31,10 @@ are then labelled and compared:
 5. tissue read-out (phantom): a linear classifier of the true tissue, fitted on each representation's training
    patches, labels the held-out patches; its balanced accuracy and the survival C-index of the compositions it
    gives say how much tissue and outcome information the representation holds, whatever the clusters find;
-6. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
+6. tissue (:mod:`latentharmonize.evaluation_tissue`): emphysema recall into each representation's low-attenuation
+   cluster and the abnormal tissues' share outside its normal cluster, per acquisition; the low-attenuation
+   cluster's share of the lung and LAA-950 between soft and sharp reconstructions of the same patient;
+7. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
    acquisition before and after rotation, decoded traversals along the top technical and
    biological directions.
 
@@ -51,6 +56,9 @@ import pandas as pd
 
 from .atomic import StagedOutput
 from .errors import InputError
+from .evaluation_tissue import (KERNEL_HEAD, PATCH_MEAN_HU, RECALL_HEAD, SETTING_COLUMNS, THRESHOLD_BASELINE, kernel_robustness,
+                                kernel_rows, patch_mean_hu, recall_rows, reference_clusters, threshold_classes,
+                                tissue_recall)
 from .metrics import METRICS, label_agreement, mean_pairwise_agreement, paired_difference, summarize
 from .progress import Progress
 
@@ -58,6 +66,8 @@ REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histog
                    "hu_statistics")
 # Compared and reported like the others, but not a harmonization baseline of the goal check.
 REFERENCE_REPRESENTATIONS = ("hu_statistics",)
+# Labels without a representation to cluster: compared on consistency and truth, not probed, no survival profile.
+LABEL_BASELINES = (THRESHOLD_BASELINE,)
 PAPER_GAIN_PERCENT = {"ari": 19.01, "nmi": 16.85, "dice": 12.39}
 FIGURES = ("consistency.png", "label_maps.png", "km.png", "risk_reproducibility.png", "latent_pca.png",
            "traversals.png")
@@ -102,6 +112,7 @@ class ScanLatents:
     clinical: Dict[str, object]
     labels: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> cluster label [n]
     readout: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> read-out tissue label [n]
+    setting: Dict[str, object] = field(default_factory=dict)  # acquisition columns of the cohort row (kernel, ...)
 
 
 # ----------------------------------------------------------------------------- loading and encoding
@@ -159,9 +170,11 @@ def _encode_row(row: pd.Series, split: str, encoders: Encoders, matcher=None) ->
     dense = encoders.encode(hu, lung, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
+    radius = int(encoders.spec["context_radius"])
     statistics = replace(dense, latents=patch_hu_statistics(hu, lung, dense.positions, encoders.spec))
-    latents = {"entangled": dense.latents,
-               "hu_statistics": aggregate_context(statistics, int(encoders.spec["context_radius"])).latents}
+    mean_hu = replace(dense, latents=patch_mean_hu(hu, lung, dense.positions, encoders.spec))
+    latents = {"entangled": dense.latents, "hu_statistics": aggregate_context(statistics, radius).latents,
+               PATCH_MEAN_HU: aggregate_context(mean_hu, radius).latents}
     if encoders.unoranic is not None:
         latents["unoranic"] = _align_rows(encoders.encode(hu, lung, grid, "unoranic"), dense)
     if matcher is not None:
@@ -169,7 +182,8 @@ def _encode_row(row: pd.Series, split: str, encoders: Encoders, matcher=None) ->
     scan = ScanLatents(patient=str(row["patient"]), acquisition=str(row["acquisition"]), split=split,
                        keys=point_keys(dense.lattice, dense.positions), positions=dense.positions, latents=latents,
                        truth=None if truth is None else _truth_at_centres(truth, dense.positions, encoders.spec),
-                       densitometry=dens, clinical=_clinical(row))
+                       densitometry=dens, clinical=_clinical(row),
+                       setting={c: row[c] for c in SETTING_COLUMNS if c in row.index})
     values = hu[lung]
     return scan, values[:: max(values.size // 50000, 1)]
 
@@ -581,10 +595,31 @@ def goal_check(metrics: dict) -> dict:
     if "rotated" in surv:
         out["survival_rotated_beats"] = {k: bool(surv["rotated"]["c_index"] > surv[k]["c_index"])
                                          for k in ("entangled", "hu_thresholds") if k in surv}
+    out.update(tissue_goals(metrics))
     versus = metrics.get("rotated_versus", {})
     if versus:
         out["paired_verdict"] = {other: {m: paired_verdict(d["ci"]) for m, d in diffs.items()}
                                  for other, diffs in versus.items()}
+    return out
+
+
+def tissue_goals(metrics: dict) -> dict:
+    """Issue 19's tissue goals for the rotated clusters, where the cohort allows them: truth ARI at least the
+    ``hu_statistics`` reference's, emphysema recall >= 0.7 and each abnormal tissue mostly (> 0.5) outside the
+    normal cluster in every acquisition, and the low-attenuation share moving by <= 0.5 points soft to sharp."""
+    out = {}
+    truth, recall = metrics.get("truth_agreement", {}), metrics.get("tissue_recall", {}).get("rotated")
+    if "rotated" in truth and "hu_statistics" in truth:
+        out["truth_ari_at_least_hu_statistics"] = bool(truth["rotated"]["ari"] >= truth["hu_statistics"]["ari"])
+    if recall:
+        worst = recall["min"]
+        out["emphysema_recall_at_least_0.7"] = bool(worst.get("emphysema_recall", 0.0) >= 0.7)
+        out["abnormal_mostly_outside_normal"] = {k[: -len("_outside_normal")]: bool(v > 0.5)
+                                                 for k, v in worst.items() if k.endswith("_outside_normal")}
+    kernel = metrics.get("kernel_robustness", {})
+    if kernel:  # no low-attenuation cluster: nothing to quantify emphysema with, the goal is not met
+        out["low_attenuation_kernel_change_at_most_0.5_points"] = bool(
+            "rotated" in kernel and kernel["rotated"]["mean_abs_change_points"] <= 0.5)
     return out
 
 
@@ -620,7 +655,7 @@ def plot_consistency(cons: dict, probe_acc: dict, path) -> None:
     ax.set_title("Cluster consistency across acquisitions (95 % CI)", fontsize=9)
     ax.legend(fontsize=8)
     ax2 = fig.add_subplot(1, 2, 2)
-    ax2.bar(np.arange(len(names)), [probe_acc[n] for n in names], color="#777777")
+    ax2.bar(np.arange(len(names)), [probe_acc.get(n, np.nan) for n in names], color="#777777")
     ax2.axhline(probe_acc["chance"], color="#d55e00", ls="--", label="chance")
     ax2.set_xticks(np.arange(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax2.set_ylim(0, 1)
@@ -838,9 +873,19 @@ _REFERENCE_NOTE = (" <i>hu_statistics</i> uses no encoder: the HU quantiles and 
                    "reference a learned representation has to beat.")
 
 
+def _kernel_section(metrics: dict) -> str:
+    rows = kernel_rows(metrics)
+    if not rows:
+        return "<p>No patient scanned with a soft and a sharp kernel under otherwise equal settings.</p>"
+    return (f"<p>{metrics['kernel_robustness']['n_pairs']} soft/sharp pairs; the low-attenuation cluster's share of "
+            "the lung beside LAA-950 (% lung voxels below -950 HU).</p>"
+            + _table([[html.escape(c) for c in row] for row in rows], KERNEL_HEAD))
+
+
 def render_report(metrics: dict, staged, figures: List[str]) -> str:
     cons, probe_acc = metrics["consistency"], metrics["probe"]
-    cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"), f"{probe_acc[n]:.3f}"] for n, m in cons.items()]
+    cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"),
+                  f"{probe_acc[n]:.3f}" if n in probe_acc else "–"] for n, m in cons.items()]
     gains = metrics["relative_gain"]
     gain_rows = [[m.upper(), f"{gains['rotated_vs_entangled_percent'][m]:+.2f} %", f"+{gains['paper_percent'][m]:.2f} %"]
                  for m in PAPER_GAIN_PERCENT]
@@ -869,6 +914,12 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <p>Probe chance level: {probe_acc['chance']:.3f}.{_REFERENCE_NOTE if 'hu_statistics' in cons else ''}</p>
 <h2>Rotated over entangled: relative gain</h2>{_table(gain_rows, ['metric', 'this run', 'paper'])}
 <h2>Agreement with the phantom truth</h2>{_table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
+<h2>Tissue found by the clusters (phantom truth, worst acquisition)</h2>
+<p>Emphysema recall: share of true emphysema cells in the cluster with the lowest median patch HU; the other columns:
+share of each tissue outside the cluster that holds most normal lung.</p>
+{_table([[html.escape(c) for c in row] for row in recall_rows(metrics)], RECALL_HEAD) if metrics.get('tissue_recall') else '<p>No truth in this cohort.</p>'}
+<h2>Kernel-robust emphysema: soft versus sharp reconstruction of the same patient</h2>
+{_kernel_section(metrics)}
 <h2>Survival: cross-validated Cox C-index</h2>{_table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
@@ -968,13 +1019,19 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     funcs = representation_functions(bundle, train, rows, seed, set(train[0].latents), skipped)
     n_clusters = int(len(bundle.clusters.centroids_))
     assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, seed, progress, skipped)
+    for s in train + evals + survivors:
+        s.labels[THRESHOLD_BASELINE] = threshold_classes(s.latents[PATCH_MEAN_HU])
     names = list(funcs)
+    compared = names + list(LABEL_BASELINES)
 
-    per_patient = consistency_per_patient(evals, names)
+    per_patient = consistency_per_patient(evals, compared)
+    references = reference_clusters(train, compared)
     metrics: dict = {
         "consistency": consistency(per_patient, cfg.n_boot, seed),
-        "truth_agreement": truth_agreement(evals, names, cfg.n_boot, seed),
+        "truth_agreement": truth_agreement(evals, compared, cfg.n_boot, seed),
         "probe": probe(evals, funcs, cfg.probe_samples, seed),
+        "tissue_recall": tissue_recall(evals, references),
+        "kernel_robustness": kernel_robustness(evals, references),
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
     table = patient_profiles(survivors or train + evals, names, n_clusters)
@@ -1043,7 +1100,8 @@ def format_summary(metrics: dict) -> str:
     lines = [f"{'representation':20s} {'ARI':>6s} {'NMI':>6s} {'Dice':>6s} {'probe':>6s} {'C-index':>8s}"]
     for n, m in metrics["consistency"].items():
         c = metrics["survival"].get(n, {}).get("c_index", float("nan"))
-        lines.append(f"{n:20s} {m['ari']:6.3f} {m['nmi']:6.3f} {m['dice']:6.3f} {metrics['probe'][n]:6.3f} {c:8.3f}")
+        p = metrics["probe"].get(n, float("nan"))
+        lines.append(f"{n:20s} {m['ari']:6.3f} {m['nmi']:6.3f} {m['dice']:6.3f} {p:6.3f} {c:8.3f}")
     lines.append(f"{'chance (probe)':20s} {'':6s} {'':6s} {'':6s} {metrics['probe']['chance']:6.3f}")
     for k in ("hu_thresholds", "true_composition"):
         if k in metrics["survival"]:

@@ -84,8 +84,11 @@ def _check_densitometry(entry) -> None:
         ok = (center.shape == scale.shape == (n,) and np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
               and np.all(scale > 0) and isinstance(weight, numbers.Real) and not isinstance(weight, bool)
               and np.isfinite(weight) and weight > 0)
+    if ok and "smooth_mm" in entry:
+        smooth = entry["smooth_mm"]
+        ok = isinstance(smooth, numbers.Real) and not isinstance(smooth, bool) and np.isfinite(smooth) and smooth >= 0
     if not ok:
-        raise InputError(f"densitometry must be null or a weight > 0 with {n} finite centres and {n} positive scales "
+        raise InputError(f"densitometry must be null or a weight > 0 (and an optional smooth_mm >= 0) with {n} finite centres and {n} positive scales "
                          f"(one per statistic {list(HU_STATISTIC_NAMES)}), got {entry!r}; the model bundle is "
                          "damaged or was edited by hand.")
 
@@ -104,12 +107,27 @@ def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarra
     The latent spends its few dimensions on vessels; emphysema is a shift of the voxel histogram the autoencoder
     barely needs to reconstruct. Appending the histogram before the rotation lets the paired rotation take out
     what the kernel and dose do to it (the emphysema index of a sharp kernel) and keep what the tissue does.
+    With ``smooth_mm`` in the entry the statistics are read from :func:`smooth_lung` of the scan.
     """
     from .baselines import patch_hu_statistics
 
     entry = spec["densitometry"]
+    if entry.get("smooth_mm"):
+        hu = smooth_lung(hu, lung, float(entry["smooth_mm"]), spec)
     raw = patch_hu_statistics(hu, lung, positions, spec)
     return ((raw - np.asarray(entry["center"], np.float32)) / np.asarray(entry["scale"], np.float32)).astype(np.float32)
+
+
+def smooth_lung(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spec: dict) -> np.ndarray:
+    """In-plane Gaussian blur (SD ``sigma_mm``) of the lung HU, normalised over lung voxels so the chest wall does not
+    bleed in; voxels outside the lung keep their HU. It removes most of a sharp kernel's extra high-frequency noise,
+    which otherwise fills the tails of the histogram (the emphysema index), and keeps regional density."""
+    from scipy.ndimage import gaussian_filter
+
+    sigma = (0.0, sigma_mm / spec["spacing"][1], sigma_mm / spec["spacing"][0])
+    weight = gaussian_filter(lung.astype(np.float32), sigma)
+    blurred = gaussian_filter(np.where(lung, hu, 0.0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
+    return np.where(lung, blurred, hu).astype(np.float32)
 
 
 def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: dict) -> np.ndarray:

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from . import __version__
 from .atomic import STAGING_PREFIX, StagedOutput
 from .errors import InputError, OutputError
-from .phantom_acquisition import KERNELS, VENDORS, reconstruct, to_int16
+from .phantom_acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, kernel_label, reconstruct, to_int16
 from .phantom_anatomy import (FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, gas_pockets,
                               render_anatomy)
 from .progress import Progress
@@ -39,13 +39,18 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 @dataclass(frozen=True)
 class Acquisition:
-    """One acquisition setting: reconstruction kernel, scanner vendor, tube current-time product, slice thickness."""
+    """One acquisition setting: reconstruction kernel, scanner vendor, tube current-time product, slice thickness.
+
+    A drawn setting (``draw_acquisitions``) also has ``sharpness`` (the kernel between the named ones; ``kernel`` is
+    then its name, ``phantom_acquisition.kernel_label``) and ``calibration`` (scale, offset; ``vendor`` is then ``"drawn"``)."""
 
     name: str
     kernel: str
     vendor: str
     dose_mAs: float
     thickness_mm: float
+    sharpness: Optional[float] = None
+    calibration: Optional[tuple] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _SAFE_NAME.match(self.name):
@@ -53,12 +58,18 @@ class Acquisition:
         if self.kernel not in KERNELS:
             raise InputError(f"Unknown kernel {self.kernel!r} in acquisition {self.name!r}; "
                              f"use one of {sorted(KERNELS)}.")
-        if self.vendor not in VENDORS:
+        if self.calibration is None and self.vendor not in VENDORS:
             raise InputError(f"Unknown vendor {self.vendor!r} in acquisition {self.name!r}; "
                              f"use one of {sorted(VENDORS)}.")
         for label, value in (("dose_mAs", self.dose_mAs), ("thickness_mm", self.thickness_mm)):
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
                 raise InputError(f"Acquisition {self.name!r}: {label} must be a positive number, got {value!r}.")
+
+    def setting(self) -> tuple:
+        """``(kernel, vendor, dose_mAs, thickness_mm)`` as ``phantom_acquisition.reconstruct`` takes it."""
+        kernel = self.kernel if self.sharpness is None else kernel_at(self.sharpness)
+        vendor = self.vendor if self.calibration is None else tuple(self.calibration)
+        return kernel, vendor, float(self.dose_mAs), float(self.thickness_mm)
 
 
 # One raw scan reconstructed soft and sharp (the paired case), a low-dose standard-kernel scan from another vendor,
@@ -69,6 +80,53 @@ DEFAULT_ACQUISITIONS = (
     Acquisition("b_standard_lowdose", "standard", "B", 30.0, 2.5),
     Acquisition("c_sharp_thick", "sharp", "C", 100.0, 5.0),
 )
+
+MIN_AIR_HU = -1030.0
+
+
+def draw_acquisitions(ranges: str, n: int, rng: np.random.Generator) -> list:
+    """``n`` acquisitions drawn from ``SETTING_RANGES[ranges]``: with ``n >= 2`` first a soft and a sharp
+    reconstruction of one raw scan (same dose, thickness and calibration, sharpness from the two ends of the range),
+    then scans with every setting drawn independently. Each is named by its setting's bins (:func:`setting_name`), so
+    the acquisition labels that the rotation and the probe use carry the setting. A calibration that
+    would put air (-1000 HU) below ``MIN_AIR_HU`` takes the opposite offset: scanners keep air within a few tens of
+    HU, and air below the -1024 floor cannot be measured (``train --calibrate`` refuses such scans)."""
+    r = SETTING_RANGES[ranges]
+
+    def calibration():
+        scale, offset = r.draw(rng, "hu_scale"), r.draw(rng, "hu_offset")
+        return {"hu_scale": scale, "hu_offset": -offset if -1000.0 * scale + offset < MIN_AIR_HU else offset}
+
+    low, high = r.sharpness[0], r.sharpness[-1]
+    span = 0.2 * (high[1] - low[0])
+    shared = {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")}, **calibration()}
+    out = []
+    if n >= 2:
+        out += [(rng.uniform(low[0], min(low[1], low[0] + span)), shared),
+                (rng.uniform(max(high[0], high[1] - span), high[1]), shared)]
+    while len(out) < n:
+        out.append((r.draw(rng, "sharpness"), {**{f: r.draw(rng, f) for f in ("dose_mAs", "thickness_mm")},
+                                               **calibration()}))
+    acquisitions, names = [], set()
+    for k, v in out:
+        a = Acquisition("drawn", kernel_label(float(k)), "drawn", round(v["dose_mAs"], 1), round(v["thickness_mm"], 2),
+                        sharpness=round(float(k), 3), calibration=(round(v["hu_scale"], 4), round(v["hu_offset"], 1)))
+        name, i = setting_name(a), 0
+        while name in names:  # two scans of the patient in the same bins
+            i += 1
+            name = f"{setting_name(a)}_{i}"
+        names.add(name)
+        acquisitions.append(replace(a, name=name))
+    return acquisitions
+
+
+def setting_name(a: Acquisition) -> str:
+    """Bins of a drawn setting: kernel name, dose (below 60 mAs: ``lowdose``), thickness (above 2.5 mm: ``thick``)
+    and whether the calibration puts air above or below -1000 HU, e.g. ``sharp_lowdose_thick_airlow``."""
+    air = -1000.0 * a.calibration[0] + a.calibration[1]
+    return "_".join([a.kernel, "lowdose" if a.dose_mAs < 60 else "dose", "thick" if a.thickness_mm > 2.5 else "thin",
+                     "airlow" if air < -1000.0 else "airhigh"])
+
 
 # --- patient phenotypes: target lung fractions drawn uniformly in these ranges (rest is normal lung) -------------
 PHENOTYPES = ("healthy", "emphysema", "fibrosis", "inflammatory", "combined")
@@ -223,7 +281,7 @@ def make_patient(patient_index: int, seed: int, full: bool = False, variant: str
 def acquire_all(patient: Patient, acquisitions: Sequence[Acquisition]) -> list:
     """Int16 HU images of the patient under each acquisition, sharing one noise realisation and the patient frame."""
     grid = patient.grid
-    settings = [(a.kernel, a.vendor, float(a.dose_mAs), float(a.thickness_mm)) for a in acquisitions]
+    settings = [a.setting() for a in acquisitions]
     volumes = reconstruct(sitk.GetArrayViewFromImage(patient.hu), grid.spacing, patient.noise_seed, settings)
     z_low = grid.extent_z[0]
     images = []
@@ -282,6 +340,10 @@ def cohort_row(patient: Patient, acq: Acquisition) -> dict:
            "truth": f"{patient.patient_id}/truth.nrrd", "time": patient.time, "event": patient.event,
            "kernel": acq.kernel, "vendor": acq.vendor, "dose": float(acq.dose_mAs),
            "thickness": float(acq.thickness_mm)}
+    if acq.sharpness is not None:
+        row["kernel_sharpness"] = acq.sharpness
+    if acq.calibration is not None:
+        row["hu_scale"], row["hu_offset"] = acq.calibration
     row.update({f"frac_{name}": round(float(patient.fractions[name]), 6) for name in TISSUES})
     row.update({"age": patient.age, "sex": patient.sex, "fvc": patient.fvc, "phenotype": patient.phenotype})
     return row
@@ -301,19 +363,32 @@ def scanned_acquisitions(acqs: list, n_patients: int, per_patient: Optional[int]
 
 def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full: bool = False,
                     overwrite: bool = False, progress: Optional[Progress] = None,
-                    acquisitions_per_patient: Optional[int] = None) -> pd.DataFrame:
+                    acquisitions_per_patient: Optional[int] = None,
+                    drawn_settings: Optional[str] = None) -> pd.DataFrame:
     """Write a phantom cohort to ``outdir`` and return its table (also written as ``cohort.csv``).
 
     With ``acquisitions_per_patient``, each patient is scanned under only that many of the acquisitions (drawn
-    with the seed); patients are the same as in the full cohort with the same seed.
+    with the seed); patients are the same as in the full cohort with the same seed. With ``drawn_settings``
+    (``"train"`` or ``"heldout"``, see ``phantom_acquisition.SETTING_RANGES``) each patient gets their own
+    ``acquisitions_per_patient`` (default 4) settings instead (``draw_acquisitions``).
     """
     if isinstance(n_patients, bool) or not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
         raise InputError(f"--patients must be a positive integer, got {n_patients!r}.")
-    acqs = _resolve_acquisitions(acquisitions)
     outdir = Path(outdir)
-    _check_outdir(outdir, overwrite)
     ids = [patient_id(i) for i in range(n_patients)]
-    scanned = scanned_acquisitions(acqs, n_patients, acquisitions_per_patient, seed)
+    if drawn_settings is not None:
+        if drawn_settings not in SETTING_RANGES or acquisitions is not None:
+            raise InputError(f"--drawn-settings takes one of {sorted(SETTING_RANGES)}, without --acquisitions.")
+        n = 4 if acquisitions_per_patient is None else acquisitions_per_patient
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"--acquisitions-per-patient must be a positive integer, got {n!r}.")
+        scanned = [draw_acquisitions(drawn_settings, n, np.random.default_rng([int(seed), 11, i]))
+                   for i in range(n_patients)]
+        acqs = []
+    else:
+        acqs = _resolve_acquisitions(acquisitions)
+        scanned = scanned_acquisitions(acqs, n_patients, acquisitions_per_patient, seed)
+    _check_outdir(outdir, overwrite)
     names = [f"{p}/{a.name}.nrrd" for p, own in zip(ids, scanned) for a in own] + [f"{p}/truth.nrrd" for p in ids]
     names += ["cohort.csv", "phantom.json"]
     rows = []
@@ -330,7 +405,9 @@ def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full:
         table.to_csv(staged.path("cohort.csv"), index=False)
         meta = {"generator": GENERATOR, "version": __version__, "seed": int(seed), "patients": int(n_patients),
                 "full": bool(full), "acquisitions": [asdict(a) for a in acqs],
-                "acquisitions_per_patient": acquisitions_per_patient}
+                "acquisitions_per_patient": acquisitions_per_patient, "drawn_settings": drawn_settings}
+        if drawn_settings is not None:
+            meta["setting_ranges"] = asdict(SETTING_RANGES[drawn_settings])
         staged.path("phantom.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     if progress is not None:
         progress(100.0, "phantom", f"wrote {n_patients} patients, {len(rows)} scans to {outdir}")
@@ -371,6 +448,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--acquisitions-per-patient", type=int, default=None, metavar="N",
                         help="scan each patient under only N of the acquisitions, drawn with the seed "
                              "(a multi-site cohort; default: every patient under all of them)")
+    parser.add_argument("--drawn-settings", choices=sorted(SETTING_RANGES), default=None,
+                        help="draw each patient's acquisitions (a soft/sharp pair, then independent draws) from "
+                             "continuous ranges of kernel, dose, thickness and calibration; the train and heldout "
+                             "ranges do not overlap (default: the named acquisitions)")
     parser.add_argument("--full", action="store_true",
                         help="full-size scans (512 x 512 x 300, 0.7 mm in-plane) instead of the small 192 x 192 x 112")
     parser.add_argument("--overwrite", action="store_true", help="replace files already in the output folder")
@@ -390,7 +471,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     table = generate_cohort(args.outdir, args.patients, args.seed, acquisitions=args.acquisitions, full=args.full,
                             overwrite=args.overwrite, progress=progress,
-                            acquisitions_per_patient=args.acquisitions_per_patient)
+                            acquisitions_per_patient=args.acquisitions_per_patient, drawn_settings=args.drawn_settings)
     if not args.quiet and not args.progress_lines:
         print(f"{len(table)} scans of {args.patients} patients in {time.perf_counter() - t0:.1f} s; "
               f"table: {Path(args.outdir) / 'cohort.csv'}")

@@ -11,10 +11,16 @@ quantum-noise realisation, as reconstructions of one raw scan do (field notes se
 3. vendor: HU calibration ``scale * HU + offset`` (a few tens of HU);
 4. slice thickness: average along z over the thickness, sampled every thickness (contiguous slices), keeping the
    patient's physical z extent, so thicker slices are fewer, smoother and less noisy.
+
+Besides the named kernels and vendors, settings can be drawn per scan from continuous ranges (``SETTING_RANGES``):
+kernel sharpness (0 soft, 0.5 standard, 1 sharp, parameters interpolated in between), dose, thickness and the
+calibration's scale and offset. The ``"train"`` ranges and the ``"heldout"`` ones do not overlap, so a model
+trained on the first meets settings it has never seen on the second.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple, Union
 
 import numpy as np
 from scipy import fft
@@ -51,6 +57,53 @@ VENDORS = {
 }
 
 HU_RANGE = (-1024, 3071)
+SHARPNESS_OF = {"soft": 0.0, "standard": 0.5, "sharp": 1.0}
+
+
+def kernel_at(sharpness: float) -> Kernel:
+    """The kernel at ``sharpness`` in [0, 1]: soft, standard and sharp at 0, 0.5, 1, parameters linear in between."""
+    if not 0.0 <= sharpness <= 1.0:
+        raise InputError(f"Kernel sharpness must lie in [0, 1], got {sharpness}.")
+    names = sorted(SHARPNESS_OF, key=SHARPNESS_OF.get)
+    at = [SHARPNESS_OF[n] for n in names]
+    return Kernel(*(float(np.interp(sharpness, at, [getattr(KERNELS[n], f) for n in names]))
+                    for f in ("fc", "edge", "noise_sd")))
+
+
+def kernel_label(sharpness: float) -> str:
+    """The name of a sharpness: soft below 1/3, sharp from 2/3, standard in between."""
+    return "soft" if sharpness < 1 / 3 else "standard" if sharpness < 2 / 3 else "sharp"
+
+
+Interval = Tuple[float, float]
+
+
+@dataclass(frozen=True)
+class SettingRanges:
+    """Continuous acquisition ranges, each a tuple of (low, high) intervals drawn uniformly by their length."""
+
+    sharpness: Tuple[Interval, ...]
+    dose_mAs: Tuple[Interval, ...]
+    thickness_mm: Tuple[Interval, ...]
+    hu_scale: Tuple[Interval, ...]
+    hu_offset: Tuple[Interval, ...]
+
+    def draw(self, rng: np.random.Generator, field: str) -> float:
+        intervals = np.asarray(getattr(self, field), dtype=float)
+        lengths = intervals[:, 1] - intervals[:, 0]
+        low, high = intervals[rng.choice(len(intervals), p=lengths / lengths.sum())]
+        return float(rng.uniform(low, high))
+
+
+# Training ranges sit inside the held-out ones' gaps: held-out scans are softer or sharper, noisier, thicker and
+# further off calibration than any training scan (the named vendors B and C are at x0.985 + 18 and x1.02 - 12).
+SETTING_RANGES = {
+    "train": SettingRanges(sharpness=((0.15, 0.85),), dose_mAs=((50.0, 150.0),), thickness_mm=((1.25, 3.0),),
+                           hu_scale=((0.99, 1.01),), hu_offset=((-10.0, 10.0),)),
+    "heldout": SettingRanges(sharpness=((0.0, 0.15), (0.85, 1.0)), dose_mAs=((20.0, 50.0),),
+                             thickness_mm=((3.0, 5.0),), hu_scale=((0.975, 0.99), (1.01, 1.025)),
+                             hu_offset=((-20.0, -10.0), (10.0, 20.0))),
+}
 
 
 def _radial_frequency(shape_yx, spacing_yx) -> np.ndarray:
@@ -105,7 +158,8 @@ def thickness_average(volume: np.ndarray, dz: float, thickness: float) -> np.nda
 
 
 def reconstruct(hu: np.ndarray, spacing, noise_seed: int, settings, slab: int = 16) -> list:
-    """Reconstructed float32 volumes [z, y, x] of ``hu`` for each ``(kernel, vendor, dose_mAs, thickness_mm)``.
+    """Reconstructed float32 volumes [z, y, x] of ``hu`` for each ``(kernel, vendor, dose_mAs, thickness_mm)``;
+    ``kernel`` is a name of ``KERNELS`` or a :class:`Kernel`, ``vendor`` a name of ``VENDORS`` or ``(scale, offset)``.
 
     Works slab by slab: the anatomy and shared-noise spectra are computed once per slab and reused by every
     setting, so adding an acquisition costs one inverse FFT per slice.
@@ -113,8 +167,8 @@ def reconstruct(hu: np.ndarray, spacing, noise_seed: int, settings, slab: int = 
     shape_yx, sp_yx = hu.shape[1:], (spacing[1], spacing[0])
     f = _radial_frequency(shape_yx, sp_yx)
     filters = []
-    for kernel_name, vendor, dose, _ in settings:
-        kernel = KERNELS[kernel_name]
+    for kernel, vendor, dose, _ in settings:
+        kernel = KERNELS[kernel] if isinstance(kernel, str) else kernel
         sd = kernel.noise_sd * np.sqrt(REFERENCE_MAS / dose)
         filters.append((mtf(kernel, f).astype(np.float32), noise_filter(kernel, shape_yx, sp_yx) * np.float32(sd)))
     out = [np.empty(hu.shape, dtype=np.float32) for _ in settings]
@@ -126,8 +180,8 @@ def reconstruct(hu: np.ndarray, spacing, noise_seed: int, settings, slab: int = 
         for (m, h), volume in zip(filters, out):
             volume[zs] = fft.irfft2(anatomy * m + noise * h, s=shape_yx, workers=-1)
     results = []
-    for (kernel_name, vendor, dose, thickness), volume in zip(settings, out):
-        scale, offset = VENDORS[vendor]
+    for (_, vendor, dose, thickness), volume in zip(settings, out):
+        scale, offset = VENDORS[vendor] if isinstance(vendor, str) else vendor
         volume *= np.float32(scale)
         volume += np.float32(offset)
         results.append(thickness_average(volume, spacing[2], thickness))

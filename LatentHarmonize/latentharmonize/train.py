@@ -249,24 +249,26 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
 
 
 def fit_densitometry(model, cohort, samples: PairedPatches, spec: dict, weight: float, device: torch.device,
-                     progress: Progress | None = None) -> tuple:
+                     progress: Progress | None = None, smooth_mm: float = 0.0) -> tuple:
     """The spec with a fitted ``densitometry`` entry, and the training rows' latents with its columns appended.
 
     Each statistic is centred on its mean over the training rows and scaled so that its SD is ``weight`` times the
     mean SD of the encoder's latent coordinates: at weight 1 the eight statistics weigh like eight latent
-    coordinates in the rotation and the clusters.
+    coordinates in the rotation and the clusters. ``smooth_mm`` > 0: statistics of the in-plane smoothed lung
+    (``patches.smooth_lung``).
     """
     from .baselines import HU_STATISTIC_NAMES
 
     n = len(HU_STATISTIC_NAMES)
-    raw_spec = {**spec, "densitometry": {"weight": float(weight), "center": [0.0] * n, "scale": [1.0] * n}}
+    smooth = {"smooth_mm": float(smooth_mm)} if smooth_mm else {}
+    raw_spec = {**spec, "densitometry": {"weight": float(weight), "center": [0.0] * n, "scale": [1.0] * n, **smooth}}
     latents = context_latents(model, cohort, samples, raw_spec, device, progress)  # statistics as they are
     d = model.latent_dim
     center = latents[:, d:].mean(axis=0)
     sd = np.maximum(latents[:, d:].std(axis=0), 1e-6)  # a statistic constant over the training rows stays 0
     scale = sd / (weight * latents[:, :d].std(axis=0).mean())
     latents[:, d:] = (latents[:, d:] - center) / scale
-    entry = {"weight": float(weight), "center": [float(v) for v in center], "scale": [float(v) for v in scale]}
+    entry = {"weight": float(weight), "center": [float(v) for v in center], "scale": [float(v) for v in scale], **smooth}
     return resolve_spec({**spec, "densitometry": entry}), latents
 
 
@@ -333,7 +335,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
           resume: bool = False, overwrite: bool = False, per_patient: int = 400, latent_dim: int = 24,
           batch_size: int = 128, progress: Progress | None = None, scheduler: str | None = None,
           workers: int | None = None, context_radius: int = 1, low_attenuation_channel: bool = False,
-          calibrate: bool = False, densitometry: float | None = None) -> dict:
+          calibrate: bool = False, densitometry: float | None = None, densitometry_smooth_mm: float = 0.0) -> dict:
     """Train a model bundle from a cohort table into ``out_dir``; returns the training summary.
 
     With ``scheduler`` (an existing Dask cluster's address) or ``workers`` (a local Dask cluster of that size), the
@@ -341,6 +343,9 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     """
     config, epochs = _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient,
                                 latent_dim, batch_size, low_attenuation_channel, densitometry)
+    if not (np.isfinite(densitometry_smooth_mm) and densitometry_smooth_mm >= 0) or (densitometry_smooth_mm and densitometry is None):
+        raise InputError(f"--densitometry-smooth must be 0 or more mm, and goes with --densitometry; got "
+                         f"{densitometry_smooth_mm!r}.")
     out_dir = Path(out_dir)
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
@@ -367,7 +372,8 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         progress(70, "rotate", "encoding patches with the frozen encoder")
         latents, mse = encode_rows(model, samples.patches, torch_device)
         if densitometry is not None:
-            spec, latents = fit_densitometry(model, cohort, samples, spec, densitometry, torch_device, progress)
+            spec, latents = fit_densitometry(model, cohort, samples, spec, densitometry, torch_device, progress,
+                                             densitometry_smooth_mm)
         elif spec["context_radius"] > 0:
             latents = context_latents(model, cohort, samples, spec, torch_device, progress)
         rotation, probe = fit_rotation(latents, samples, n_technical, seed)
@@ -392,6 +398,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         "cluster_names": {int(k): n for k, n in enumerate(names, start=1)},
         "cluster_profiles": profiles, "ari_vs_truth": _ari_vs_truth(labels, samples),
         **({"densitometry": float(densitometry)} if densitometry is not None else {}),
+        **({"densitometry_smooth_mm": float(densitometry_smooth_mm)} if densitometry_smooth_mm else {}),
     }
     progress(90, "save", f"writing the model bundle to {out_dir}")
     save_trained_bundle(out_dir, model, spec, rotation, tissue, names, colors, summary, overwrite)
@@ -513,6 +520,9 @@ def add_arguments(parser) -> None:
                         help="append each patch's HU quantiles and threshold shares to its latent before the rotation "
                              "(weight 1 when given without a value): clusters follow tissue and survival better, at "
                              "some cost in consistency across scanners; see docs/training.md")
+    parser.add_argument("--densitometry-smooth", type=float, default=0.0, metavar="MM",
+                        help="with --densitometry: read the statistics from the lung blurred in-plane with this "
+                             "Gaussian SD, so a sharp kernel's extra noise does not count as emphysema (default 0)")
     parser.add_argument("--scheduler", default=None,
                         help="sample the cohort's patches on this Dask cluster (tcp://host:port)")
     parser.add_argument("--workers", type=int, default=None,
@@ -530,7 +540,7 @@ def run(args) -> int:
                     latent_dim=args.latent_dim, progress=Progress(machine=args.progress),
                     scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius,
                     low_attenuation_channel=args.low_attenuation_channel, calibrate=args.calibrate,
-                    densitometry=args.densitometry)
+                    densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth)
     print(format_summary(summary))
     return 0
 

@@ -1,0 +1,177 @@
+"""Tissue measurements of ``evaluate`` (issue 19): do the clusters find the disease, and does it survive a kernel?
+
+- ``hu_threshold_classes``: a baseline with no encoder and no fitting, four classes of each patch's mean lung HU
+  (below -950, -950 to -700, -700 to -300, above -300), the patch and context averaging being those of the
+  clusters, so consistency is compared at equal smoothing;
+- tissue recall (phantom truth): per acquisition, the share of true emphysema cells in the representation's
+  low-attenuation cluster, and for ground glass, reticulation, honeycombing and consolidation the share outside its
+  normal cluster. The normal cluster holds the most true normal-lung training cells (without truth: the largest
+  cluster); the low-attenuation cluster is, among the other clusters, the one whose training cells have the lowest
+  median patch HU, if that median is below the normal cluster's. A representation without one has recall 0: a
+  cluster that also holds most normal lung finds no emphysema, whatever share of it it holds;
+- kernel robustness: for each patient scanned with a soft and a sharp kernel under otherwise equal settings, the
+  change (percentage points) of the low-attenuation cluster's share of the lung, beside that of LAA-950.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .tissue import TISSUE_LABELS
+
+HU_CLASS_THRESHOLDS = (-950.0, -700.0, -300.0)
+THRESHOLD_BASELINE = "hu_threshold_classes"
+PATCH_MEAN_HU = "patch_mean_hu"  # ScanLatents source: each patch's mean lung HU, context-averaged like the latents
+OUTSIDE_NORMAL_TISSUES = ("ground_glass", "reticulation", "honeycombing", "consolidation")
+# Columns of a cohort table that describe an acquisition; a soft/sharp pair must agree on all but the kernel ones.
+SETTING_COLUMNS = ("kernel", "kernel_sharpness", "vendor", "hu_scale", "hu_offset", "dose", "thickness")
+KERNEL_COLUMNS = ("kernel", "kernel_sharpness")
+
+
+def patch_mean_hu(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
+    """Mean HU of the lung voxels of each patch at lattice ``positions``, float32 [n, 1]."""
+    from .errors import InputError
+    from .patches import extract_patches
+
+    values = extract_patches(np.where(lung, hu, 0.0).astype(np.float32), positions, spec).reshape(len(positions), -1)
+    counts = extract_patches(lung.astype(np.float32), positions, spec).reshape(len(positions), -1).sum(axis=1)
+    if np.any(counts == 0):
+        raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
+    return (values.sum(axis=1) / counts)[:, None].astype(np.float32)
+
+
+def threshold_classes(mean_hu: np.ndarray) -> np.ndarray:
+    """Class 1..4 of each patch's mean HU at the thresholds -950, -700, -300 (a value on a threshold goes up)."""
+    return (np.digitize(np.ravel(mean_hu), HU_CLASS_THRESHOLDS) + 1).astype(np.int64)
+
+
+def low_attenuation_cluster(labels: np.ndarray, mean_hu: np.ndarray, normal: int) -> Optional[int]:
+    """Among the clusters other than ``normal``, the one whose cells have the lowest median patch HU, if that median
+    is below the normal cluster's; else None."""
+    labels, mean_hu = np.ravel(labels), np.ravel(mean_hu)
+    medians = {int(k): float(np.median(mean_hu[labels == k])) for k in np.unique(labels)}
+    others = [k for k in medians if k != normal]
+    if not others:
+        return None
+    low = min(others, key=medians.get)
+    return low if normal not in medians or medians[low] < medians[normal] else None
+
+
+def normal_cluster(labels: np.ndarray, truth: Optional[np.ndarray] = None) -> int:
+    """The cluster holding the most true normal-lung cells; without ``truth``, the largest cluster."""
+    labels = np.ravel(labels)
+    normal = labels if truth is None else labels[np.ravel(truth) == TISSUE_LABELS["normal"]]
+    if normal.size == 0:
+        raise ValueError("no true normal-lung cell to find the normal cluster with")
+    values, counts = np.unique(normal, return_counts=True)
+    return int(values[counts.argmax()])
+
+
+def reference_clusters(train_scans: Sequence, names: Sequence[str]) -> Dict[str, dict]:
+    """Per representation, from the training scans: its normal cluster, its low-attenuation cluster (None when it
+    has none) and the median patch HU of each."""
+    hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in train_scans])
+    truth = np.concatenate([s.truth for s in train_scans]) if all(s.truth is not None for s in train_scans) else None
+    out = {}
+    for n in names:
+        labels = np.concatenate([s.labels[n] for s in train_scans])
+        normal = normal_cluster(labels, truth)
+        low = low_attenuation_cluster(labels, hu, normal)
+        out[n] = {"normal": normal, "normal_median_hu": float(np.median(hu[labels == normal])),
+                  "low_attenuation": low,
+                  "low_attenuation_median_hu": None if low is None else float(np.median(hu[labels == low]))}
+    return out
+
+
+def tissue_recall(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
+    """Per representation and acquisition: emphysema recall into the low-attenuation cluster and each abnormal
+    tissue's share outside the normal cluster, pooled over the acquisition's evaluation cells; ``min`` holds the
+    worst acquisition. Empty without truth; a tissue absent from an acquisition's scans is left out there."""
+    if not eval_scans or any(s.truth is None for s in eval_scans):
+        return {}
+    by_acquisition: Dict[str, list] = {}
+    for s in eval_scans:
+        by_acquisition.setdefault(s.acquisition, []).append(s)
+    out = {}
+    for n, ref in references.items():
+        per_acq: Dict[str, dict] = {}
+        for acq, scans in sorted(by_acquisition.items()):
+            labels = np.concatenate([s.labels[n] for s in scans])
+            truth = np.concatenate([s.truth for s in scans])
+            record = {}
+            emphysema = truth == TISSUE_LABELS["emphysema"]
+            if emphysema.any():
+                record["emphysema_recall"] = float(np.mean(labels[emphysema] == ref["low_attenuation"]))
+            for t in OUTSIDE_NORMAL_TISSUES:
+                cells = truth == TISSUE_LABELS[t]
+                if cells.any():
+                    record[f"{t}_outside_normal"] = float(np.mean(labels[cells] != ref["normal"]))
+            per_acq[acq] = record
+        keys = sorted({k for r in per_acq.values() for k in r})
+        out[n] = {"per_acquisition": per_acq,
+                  "min": {k: float(min(r[k] for r in per_acq.values() if k in r)) for k in keys},
+                  **ref}
+    return out
+
+
+def _kernel_pairs(scans: Sequence) -> List[tuple]:
+    """(soft, sharp) scans of one patient whose settings differ in the kernel only."""
+    pairs = []
+    for soft in scans:
+        if soft.setting.get("kernel") != "soft":
+            continue
+        for sharp in scans:
+            if sharp.patient == soft.patient and sharp.split == soft.split and sharp.setting.get("kernel") == "sharp" \
+                    and all(soft.setting.get(c) == sharp.setting.get(c) for c in SETTING_COLUMNS if c not in KERNEL_COLUMNS):
+                pairs.append((soft, sharp))
+                break
+    return pairs
+
+
+def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
+    """Mean absolute change (percentage points) between soft and sharp reconstructions of the same patient of each
+    representation's low-attenuation cluster share of the lung (representations without one are left out), and of
+    LAA-950; empty when no patient has such a pair (the cohort table needs a ``kernel`` column)."""
+    pairs = _kernel_pairs(eval_scans)
+    if not pairs:
+        return {}
+
+    def share(s, n):
+        return 100.0 * float(np.mean(s.labels[n] == references[n]["low_attenuation"]))
+
+    out = {n: {"mean_abs_change_points": float(np.mean([abs(share(b, n) - share(a, n)) for a, b in pairs])),
+               "mean_change_points": float(np.mean([share(b, n) - share(a, n) for a, b in pairs])),
+               "mean_share_soft_percent": float(np.mean([share(a, n) for a, _ in pairs]))}
+           for n, ref in references.items() if ref["low_attenuation"] is not None}
+    laa = [(a.densitometry["laa950"], b.densitometry["laa950"]) for a, b in pairs]
+    out["laa950"] = {"mean_abs_change_points": float(np.mean([abs(b - a) for a, b in laa])),
+                     "mean_change_points": float(np.mean([b - a for a, b in laa])),
+                     "mean_share_soft_percent": float(np.mean([a for a, _ in laa]))}
+    out["n_pairs"] = len(pairs)
+    return out
+
+
+def recall_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the tissue-recall table (worst acquisition): representation, low-attenuation cluster's median HU,
+    emphysema recall, and each abnormal tissue's share outside the normal cluster (report and README)."""
+    rows = []
+    for n, m in metrics.get("tissue_recall", {}).items():
+        worst = m["min"]
+        cells = [f"{worst[k]:.2f}" if k in worst else "–"
+                 for k in ("emphysema_recall", *(f"{t}_outside_normal" for t in OUTSIDE_NORMAL_TISSUES))]
+        low = m["low_attenuation_median_hu"]
+        rows.append([n, f"{m['normal_median_hu']:.0f}", "none" if low is None else f"{low:.0f}", *cells])
+    return rows
+
+
+RECALL_HEAD = ["representation", "normal cluster median HU", "low-attenuation cluster median HU", "emphysema recall",
+               *(f"{t.replace('_', ' ')} outside normal" for t in OUTSIDE_NORMAL_TISSUES)]
+KERNEL_HEAD = ["features", "mean absolute change soft to sharp (points)", "mean change sharp minus soft (points)",
+               "share in the soft scan (%)"]
+
+
+def kernel_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the kernel-robustness table: per representation (low-attenuation cluster) and LAA-950."""
+    return [[n, f"{m['mean_abs_change_points']:.2f}", f"{m['mean_change_points']:+.2f}", f"{m['mean_share_soft_percent']:.1f}"]
+            for n, m in metrics.get("kernel_robustness", {}).items() if n != "n_pairs"]

@@ -1,0 +1,114 @@
+"""Tissue measurements of evaluate: equal-scale threshold classes, tissue recall, kernel robustness."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentharmonize.evaluate import ScanLatents, goal_check, relative_gains
+from latentharmonize.evaluation_tissue import (PATCH_MEAN_HU, kernel_robustness, low_attenuation_cluster, normal_cluster,
+                                               patch_mean_hu, reference_clusters, threshold_classes, tissue_recall)
+from latentharmonize.patches import resolve_spec
+from latentharmonize.tissue import TISSUE_LABELS
+
+EMPH, NORMAL, RETIC = TISSUE_LABELS["emphysema"], TISSUE_LABELS["normal"], TISSUE_LABELS["reticulation"]
+
+
+def _scan(patient, acquisition, labels, truth, mean_hu, laa950=5.0, split="eval", **setting):
+    n = len(truth)
+    return ScanLatents(patient=patient, acquisition=acquisition, split=split, keys=np.zeros((n, 3), np.int64),
+                       positions=np.zeros((n, 3), np.int64), latents={PATCH_MEAN_HU: np.asarray(mean_hu, float)[:, None]},
+                       truth=np.asarray(truth), densitometry={"laa950": laa950}, clinical={},
+                       labels={"rep": np.asarray(labels)}, setting=setting)
+
+
+def test_threshold_classes_cut_at_minus_950_700_300():
+    values = np.array([-1000.0, -950.0, -800.0, -700.01, -700.0, -300.0, 40.0])
+    assert threshold_classes(values[:, None]).tolist() == [1, 2, 2, 2, 3, 4, 4]
+
+
+def test_patch_mean_hu_averages_the_lung_voxels_of_each_patch():
+    spec = resolve_spec(None)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-800, 100, (5, 40, 40)).astype(np.float32)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 4:30, 6:36] = True
+    positions = np.array([[0, 1, 2], [2, 3, 1]])
+    out = patch_mean_hu(hu, lung, positions, spec)
+    for (z, i, j), value in zip(positions, out[:, 0]):
+        window = (slice(z, z + 3), slice(4 * i, 4 * i + 16), slice(4 * j, 4 * j + 16))
+        assert value == pytest.approx(hu[window][lung[window]].mean(), rel=1e-5)
+    with pytest.raises(Exception, match="no lung voxel"):
+        patch_mean_hu(hu, np.zeros_like(lung), positions, spec)
+
+
+def test_reference_clusters_pick_the_normal_majority_and_a_lower_cluster_beside_it():
+    labels = np.array([1, 1, 2, 2, 3, 3, 3])
+    hu = np.array([-850, -860, -700, -650, -960, -990, -600])  # cluster 3's median -960 is the lowest
+    truth = np.array([NORMAL, NORMAL, NORMAL, RETIC, EMPH, EMPH, NORMAL])
+    assert normal_cluster(labels, truth) == 1 and normal_cluster(labels) == 3  # without truth: the largest
+    assert low_attenuation_cluster(labels, hu, normal=1) == 3
+    ref = reference_clusters([_scan("p", "a", labels, truth, hu, split="train")], ["rep"])
+    assert ref == {"rep": {"normal": 1, "normal_median_hu": -855.0, "low_attenuation": 3,
+                           "low_attenuation_median_hu": -960.0}}
+    # the lowest cluster holds most normal lung: there is no low-attenuation cluster, and emphysema recall is 0
+    truth = np.array([EMPH, EMPH, NORMAL, RETIC, NORMAL, NORMAL, EMPH])
+    ref = reference_clusters([_scan("p", "a", labels, truth, hu, split="train")], ["rep"])
+    assert ref["rep"]["normal"] == 3 and ref["rep"]["low_attenuation"] is None
+    recall = tissue_recall([_scan("p", "a", labels, truth, hu)], ref)["rep"]
+    assert recall["min"]["emphysema_recall"] == 0.0
+    assert kernel_robustness([_scan("p", "s", labels, truth, hu, kernel="soft"),
+                              _scan("p", "h", labels, truth, hu, kernel="sharp")], ref) == {
+        "laa950": {"mean_abs_change_points": 0.0, "mean_change_points": 0.0, "mean_share_soft_percent": 5.0},
+        "n_pairs": 1}
+
+
+def test_tissue_recall_is_per_acquisition_and_keeps_the_worst():
+    ref = {"rep": {"low_attenuation": 3, "low_attenuation_median_hu": -960.0, "normal": 1}}
+    truth = np.array([EMPH] * 4 + [RETIC] * 4 + [NORMAL] * 2)
+    soft = _scan("p", "soft", [3, 3, 3, 3, 2, 2, 2, 1, 1, 1], truth, np.zeros(10))   # recall 1.0, retic 0.75 out
+    sharp = _scan("p", "sharp", [3, 1, 1, 3, 1, 1, 2, 1, 1, 1], truth, np.zeros(10))  # recall 0.5, retic 0.25 out
+    out = tissue_recall([soft, sharp], ref)["rep"]
+    assert out["per_acquisition"]["soft"] == {"emphysema_recall": 1.0, "reticulation_outside_normal": 0.75}
+    assert out["per_acquisition"]["sharp"] == {"emphysema_recall": 0.5, "reticulation_outside_normal": 0.25}
+    assert out["min"] == {"emphysema_recall": 0.5, "reticulation_outside_normal": 0.25}
+    no_truth = _scan("p", "soft", [1], [NORMAL], [0.0])
+    no_truth.truth = None
+    assert tissue_recall([no_truth], ref) == {}
+
+
+def test_kernel_robustness_pairs_soft_and_sharp_under_equal_settings_only():
+    ref = {"rep": {"low_attenuation": 3}}
+    truth = np.full(10, NORMAL)
+    scans = [
+        _scan("p1", "s", [3] * 2 + [1] * 8, truth, np.zeros(10), laa950=5.0, kernel="soft", vendor="A"),
+        _scan("p1", "h", [3] * 3 + [1] * 7, truth, np.zeros(10), laa950=15.0, kernel="sharp", vendor="A"),
+        _scan("p1", "hB", [3] * 10, truth, np.zeros(10), laa950=40.0, kernel="sharp", vendor="B"),  # other vendor
+        _scan("p2", "s", [3] * 4 + [1] * 6, truth, np.zeros(10), laa950=2.0, kernel="soft", vendor="A"),
+        _scan("p2", "h", [3] * 2 + [1] * 8, truth, np.zeros(10), laa950=10.0, kernel="sharp", vendor="A"),
+    ]
+    out = kernel_robustness(scans, ref)
+    assert out["n_pairs"] == 2
+    assert out["rep"]["mean_abs_change_points"] == pytest.approx(15.0)   # |30-20| and |20-40|
+    assert out["rep"]["mean_change_points"] == pytest.approx(-5.0)
+    assert out["laa950"]["mean_abs_change_points"] == pytest.approx(9.0)
+    assert kernel_robustness(scans[:1] + scans[2:3], ref) == {}
+
+
+def test_goal_check_reports_the_tissue_goals():
+    cons = {"entangled": {"ari": 0.5, "nmi": 0.5, "dice": 0.6}, "rotated": {"ari": 0.8, "nmi": 0.7, "dice": 0.8},
+            "hu_threshold_classes": {"ari": 0.85, "nmi": 0.6, "dice": 0.9}}
+    metrics = {"consistency": cons, "relative_gain": relative_gains(cons), "probe": {"rotated": 0.3, "chance": 0.25},
+               "truth_agreement": {"rotated": {"ari": 0.4}, "hu_statistics": {"ari": 0.45}},
+               "tissue_recall": {"rotated": {"min": {"emphysema_recall": 0.72, "reticulation_outside_normal": 0.4,
+                                                     "consolidation_outside_normal": 0.9}}},
+               "kernel_robustness": {"rotated": {"mean_abs_change_points": 0.6}, "n_pairs": 2}}
+    goal = goal_check(metrics)
+    assert goal["rotated_beats_baselines"] == {"hu_threshold_classes": False}
+    assert goal["truth_ari_at_least_hu_statistics"] is False
+    assert goal["emphysema_recall_at_least_0.7"] is True
+    assert goal["abnormal_mostly_outside_normal"] == {"reticulation": False, "consolidation": True}
+    assert goal["low_attenuation_kernel_change_at_most_0.5_points"] is False
+    metrics["kernel_robustness"] = {"laa950": {"mean_abs_change_points": 10.0}, "n_pairs": 2}  # rotated has none
+    assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is False
+    metrics["kernel_robustness"]["rotated"] = {"mean_abs_change_points": 0.4}
+    assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is True
