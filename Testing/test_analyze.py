@@ -331,6 +331,16 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     assert f"first request {figures['preloaded']['first_s']:.1f} s" in text
 
 
+def test_bench_creates_a_missing_workdir(tmp_path, monkeypatch):
+    from latentharmonize import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "benchmark", lambda **kwargs: seen.append(Path(kwargs["workdir"]).is_dir()) or {})
+    monkeypatch.setattr(bench, "format_report", lambda figures: "")
+    assert cli_main(["bench", "--workdir", str(tmp_path / "new" / "work")]) == 0
+    assert seen == [True]
+
+
 def test_program_ends_with_every_line_printed_and_every_file_published(scan, bundle_dir, tmp_path):
     """The program ends an analyze run without Python's teardown: piped output must still arrive in full."""
     import os

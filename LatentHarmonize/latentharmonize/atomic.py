@@ -260,7 +260,7 @@ class StagedOutput:
         with _signals_held():
             # The commit point: once the journal is on disk, the new set will be published, by this run or, if it
             # dies, by the next run on this folder.
-            _write_synced(self._stage / JOURNAL_FILE, json.dumps(journal).encode("utf-8"))
+            atomic_write_bytes(self._stage / JOURNAL_FILE, json.dumps(journal).encode("utf-8"), sync=True)
             self._committed = True
             _move_into_place(self._stage, self.out_dir, journal)
 
@@ -289,24 +289,18 @@ def _refuse_inputs(out_dir: Path, names: list, inputs: Iterable) -> None:
                                   "(or rename the input).")
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (fsync before the rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and ``os.replace``."""
+def atomic_write_bytes(path, data: bytes, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling and ``os.replace``; ``sync`` also makes it durable (fsync
+    before the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

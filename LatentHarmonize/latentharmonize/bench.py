@@ -226,10 +226,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-report", action="store_true",
                         help="time analyze without the QC pictures and report.html (analyze --no-report)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--workdir", default=None, help="where to put the temporary phantom and outputs")
+    parser.add_argument("--workdir", default=None,
+                        help="where to put the temporary phantom and outputs (created if missing)")
 
 
 def run(args) -> int:
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # like --out elsewhere: a missing folder is made
     figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir, scan=args.scan,
                         report=not args.no_report)
     if args.batch:

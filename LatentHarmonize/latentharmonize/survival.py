@@ -69,7 +69,7 @@ def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: s
     if not features:
         raise InputError("No feature column to model; give composition or covariate columns.")
     data = df[[*features, time_col, event_col]].apply(pd.to_numeric, errors="coerce")
-    bad = data.columns[data.isna().any() | ~np.isfinite(data.to_numpy(dtype=float)).all(axis=0)].tolist()
+    bad = data.columns[~np.isfinite(data.to_numpy(dtype=float)).all(axis=0)].tolist()  # NaN: empty or not a number
     if bad:
         raise InputError(f"Columns {bad} hold empty, infinite or non-numeric values; fill or drop those patients "
                          "first.")

@@ -34,7 +34,7 @@ import traceback
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from .errors import REPORT_BUG, Cancelled, InputError, LatentHarmonizeError, as_user_error
+from .errors import REPORT_BUG, Cancelled, InputError, as_user_error
 
 RESULT_PREFIX = "LH-RESULT"
 DEVICES = ("auto", "cpu", "cuda")
@@ -246,15 +246,13 @@ def handle(line: str, models: ModelCache) -> WorkerResult:
         analyze(request.ct, request.out, model=request.model, mask=request.mask, device=request.device,
                 overwrite=request.overwrite, progress=Progress(machine=True), write_report=request.report,
                 model_loader=models)
-    except LatentHarmonizeError as err:
-        return WorkerResult(False, request_id, error=str(err), error_type=type(err).__name__, exit_code=err.exit_code)
     except KeyboardInterrupt:
         print(format_result_line(WorkerResult(False, request_id, error="interrupted; no partial outputs were left.",
                                               error_type=Cancelled.__name__, exit_code=Cancelled.exit_code)),
               flush=True)
         raise
-    except Exception as exc:  # noqa: BLE001  (the system's refusal, or a bug: the worker goes on either way)
-        err = as_user_error(exc)
+    except Exception as exc:  # noqa: BLE001  (the user's or the system's error, or a bug: the worker goes on)
+        err = as_user_error(exc)  # a LatentHarmonizeError as it is; an OSError or MemoryError as a ResourceError
         if err is not None:
             return WorkerResult(False, request_id, error=str(err), error_type=type(err).__name__,
                                 exit_code=err.exit_code)
