@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from latentharmonize.errors import InputError
-from latentharmonize.metrics import (bootstrap_ci, icc_absolute_agreement, icc_with_ci, label_agreement, matched_dice,
-                                     mean_pairwise_agreement, paired_difference, summarize)
+from latentharmonize.metrics import (bootstrap_ci, icc_absolute_agreement, icc_with_ci, label_agreement, mask_dice,
+                                     matched_dice, mean_pairwise_agreement, paired_difference, summarize)
 
 
 def test_identical_up_to_permutation_scores_one():
@@ -37,6 +37,12 @@ def test_matched_dice_hand_computed():
 
 def test_matched_dice_counts_unpaired_clusters_as_zero():
     assert matched_dice([0, 0, 1, 1], [0, 0, 0, 0]) == pytest.approx((2 * 2 / 6 + 0.0) / 2)
+
+
+def test_mask_dice_hand_computed_and_zero_when_both_empty():
+    a, b = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)
+    assert mask_dice(a, b) == pytest.approx(2 * 1 / 4)
+    assert mask_dice(np.zeros(3, bool), np.zeros(3, bool)) == 0.0
 
 
 def test_label_arrays_must_correspond():

@@ -34,6 +34,7 @@ from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.io import read_ct
 from latentharmonize.lungmask import (AIR_HU, KEEP_FRACTION, PAD_HU, assess_mask, lung_volumes_ml,
                                       segment_lungs_detailed)
+from latentharmonize.metrics import mask_dice
 
 IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))
 
@@ -74,10 +75,6 @@ def cases(ct: sitk.Image, lung: np.ndarray, fov_margin_mm: float, bases_fraction
 def crop(image: sitk.Image, box: tuple) -> sitk.Image:
     z, y, x = box
     return image[x, y, z]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
 
 
 def coronal_png(ct: sitk.Image, mask: np.ndarray, ref: np.ndarray, path: Path) -> None:
@@ -121,7 +118,7 @@ def check(path: str, args) -> None:
         except LatentHarmonizeError as error:
             warnings = [f"refused: {error}"]
         print(f"  {name:<6} reference {ref_ml:6.0f} mL, mask {volume['total']:6.0f} mL ({volume['right']:.0f} R, "
-              f"{volume['left']:.0f} L), {100 * (volume['total'] / ref_ml - 1):+5.1f} %, Dice {dice(mask, ref):.3f}, "
+              f"{volume['left']:.0f} L), {100 * (volume['total'] / ref_ml - 1):+5.1f} %, Dice {mask_dice(mask, ref):.3f}, "
               f"gas labelled lung {np.count_nonzero(mask & gas_part) * voxel_ml:.1f} mL, gas left out "
               f"{found.excluded_air_ml:.0f} mL, {seconds:.1f} s; {'; '.join(warnings)}")
         if args.png:

@@ -51,10 +51,6 @@ def phantom_truth(patient_index: int, seed: int, full: bool):
     return patient, truth
 
 
-def _dice(a, b) -> float:
-    return float(2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
-
-
 def check_phantom(patient_index: int, seed: int, full: bool) -> None:
     import SimpleITK as sitk
     from sklearn.metrics import adjusted_rand_score
@@ -63,6 +59,7 @@ def check_phantom(patient_index: int, seed: int, full: bool) -> None:
     from latentharmonize.bundle import load_bundle
     from latentharmonize.grid import to_model_grid
     from latentharmonize.lungmask import segment_lungs
+    from latentharmonize.metrics import mask_dice
     from latentharmonize.patches import encode_dense
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
     from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, segment_structures
@@ -101,8 +98,8 @@ def check_phantom(patient_index: int, seed: int, full: bool) -> None:
         rows = np.flatnonzero((in_lung & (tissue > 0) & (structure == 0)).ravel())
         new_map, old_map, want = labels.ravel()[rows], old.ravel()[rows], tissue.ravel()[rows]
         tissue_voxels = new_map < VESSEL_LABEL
-        print(f"{acq.name}: vessel Dice {_dice(labels == VESSEL_LABEL, in_lung & (structure == 1)):.2f}, "
-              f"airway Dice {_dice(labels == AIRWAY_LABEL, in_lung & (structure == 2)):.2f}; "
+        print(f"{acq.name}: vessel Dice {mask_dice(labels == VESSEL_LABEL, in_lung & (structure == 1)):.2f}, "
+              f"airway Dice {mask_dice(labels == AIRWAY_LABEL, in_lung & (structure == 2)):.2f}; "
               f"found vessels {np.mean(labels[in_lung] == VESSEL_LABEL):.1%} / airways "
               f"{np.mean(labels[in_lung] == AIRWAY_LABEL):.1%} of the lung (truth "
               f"{np.mean(structure[in_lung] == 1):.1%} / {np.mean(structure[in_lung] == 2):.1%}); "

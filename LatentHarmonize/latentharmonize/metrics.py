@@ -35,6 +35,11 @@ def _check_label_pair(a, b) -> Tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def mask_dice(a, b) -> float:
+    """Dice of two boolean masks of one grid (0 when both are empty)."""
+    return float(2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+
+
 def matched_dice(a, b) -> float:
     """Mean Dice over clusters after optimally matching the labels of ``a`` to those of ``b``.
 

@@ -349,13 +349,17 @@ def cohort_row(patient: Patient, acq: Acquisition) -> dict:
     return row
 
 
+def _check_count(value, option: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{option} must be a positive integer, got {value!r}.")
+
+
 def scanned_acquisitions(acqs: list, n_patients: int, per_patient: Optional[int], seed: int) -> list:
     """Acquisitions of each patient: all of them, or a seeded draw of ``per_patient`` distinct ones (a multi-site
     cohort, where each patient was scanned wherever they happened to be; the order of ``acqs`` is kept)."""
     if per_patient is None or per_patient >= len(acqs):
         return [list(acqs)] * n_patients
-    if isinstance(per_patient, bool) or not isinstance(per_patient, (int, np.integer)) or per_patient < 1:
-        raise InputError(f"--acquisitions-per-patient must be a positive integer, got {per_patient!r}.")
+    _check_count(per_patient, "--acquisitions-per-patient")
     rng = np.random.default_rng([int(seed), 7])
     return [[acqs[i] for i in sorted(rng.choice(len(acqs), size=per_patient, replace=False))]
             for _ in range(n_patients)]
@@ -372,16 +376,14 @@ def generate_cohort(outdir, n_patients: int, seed: int, acquisitions=None, full:
     (``"train"`` or ``"heldout"``, see ``phantom_acquisition.SETTING_RANGES``) each patient gets their own
     ``acquisitions_per_patient`` (default 4) settings instead (``draw_acquisitions``).
     """
-    if isinstance(n_patients, bool) or not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
-        raise InputError(f"--patients must be a positive integer, got {n_patients!r}.")
+    _check_count(n_patients, "--patients")
     outdir = Path(outdir)
     ids = [patient_id(i) for i in range(n_patients)]
     if drawn_settings is not None:
         if drawn_settings not in SETTING_RANGES or acquisitions is not None:
             raise InputError(f"--drawn-settings takes one of {sorted(SETTING_RANGES)}, without --acquisitions.")
         n = 4 if acquisitions_per_patient is None else acquisitions_per_patient
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InputError(f"--acquisitions-per-patient must be a positive integer, got {n!r}.")
+        _check_count(n, "--acquisitions-per-patient")
         scanned = [draw_acquisitions(drawn_settings, n, np.random.default_rng([int(seed), 11, i]))
                    for i in range(n_patients)]
         acqs = []

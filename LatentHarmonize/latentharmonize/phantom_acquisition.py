@@ -20,7 +20,7 @@ trained on the first meets settings it has never seen on the second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Tuple
 
 import numpy as np
 from scipy import fft

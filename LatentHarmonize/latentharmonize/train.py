@@ -342,10 +342,8 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     patches of a large cohort are read and sampled on the cluster, one task per patient, with the same result.
     """
     config, epochs = _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient,
-                                latent_dim, batch_size, low_attenuation_channel, densitometry)
-    if not (np.isfinite(densitometry_smooth_mm) and densitometry_smooth_mm >= 0) or (densitometry_smooth_mm and densitometry is None):
-        raise InputError(f"--densitometry-smooth must be 0 or more mm, and goes with --densitometry; got "
-                         f"{densitometry_smooth_mm!r}.")
+                                latent_dim, batch_size, low_attenuation_channel, densitometry,
+                                densitometry_smooth_mm)
     out_dir = Path(out_dir)
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
@@ -420,7 +418,7 @@ def save_trained_bundle(out_dir: Path, model, spec: dict, rotation, tissue, name
 
 
 def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_patient, latent_dim,
-               batch_size, low_attenuation_channel=False, densitometry=None) -> tuple:
+               batch_size, low_attenuation_channel=False, densitometry=None, densitometry_smooth_mm=0.0) -> tuple:
     if encoder not in MODEL_KINDS:
         raise InputError(f"--encoder must be one of {', '.join(MODEL_KINDS)}, got {encoder!r}.")
     if low_attenuation_channel and encoder != "ae":
@@ -443,6 +441,9 @@ def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_pa
     for name, value in (("per_patient", per_patient), ("latent_dim", latent_dim), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 2:
             raise InputError(f"{name} must be an integer of at least 2, got {value!r}.")
+    if not (np.isfinite(densitometry_smooth_mm) and densitometry_smooth_mm >= 0) or (densitometry_smooth_mm and densitometry is None):
+        raise InputError(f"--densitometry-smooth must be 0 or more mm, and goes with --densitometry; got "
+                         f"{densitometry_smooth_mm!r}.")
     config = TrainConfig(encoder=encoder, seed=int(seed), latent_dim=latent_dim, per_patient=per_patient,
                          batch_size=batch_size,
                          low_attenuation_hu=EMPHYSEMA_THRESHOLD_HU if low_attenuation_channel else None)
