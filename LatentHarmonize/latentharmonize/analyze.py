@@ -429,7 +429,7 @@ def encode_patches(encoder, hu, parenchyma, grid, spec: dict, device, progress=N
 
 def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progress, timer: _Timer) -> Computed:
     """The pipeline from the CT to label map and composition (nothing written)."""
-    from .composition import composition_table, composition_to_json, lung_volumes_from_table
+    from .composition import composition_table, composition_to_json, lung_cells, lung_volumes_from_table
     from .densitometry import densitometry_table
     from .segments import read_segments
     from .structures import segment_structures
@@ -455,8 +455,9 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
 
     _scaled(progress, "composition")(0, message="tissue composition per lung and zone")
     names, colors = map_legend(bundle)
-    table = composition_table(labels, ct, lungs, names, segments)
-    densitometry = densitometry_table(ct, lungs, segments)
+    cells = lung_cells(lungs)  # the lung voxels' (side, zone) cells, shared by both tables
+    table = composition_table(labels, ct, lungs, names, segments, cells=cells)
+    densitometry = densitometry_table(ct, lungs, segments, cells=cells)
     volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
     composition_json = composition_to_json(table, names, colors, bundle.sha256, volumes, densitometry)
     timer.lap("composition")

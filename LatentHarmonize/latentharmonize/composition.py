@@ -98,14 +98,15 @@ def lung_cells(lungs: sitk.Image) -> tuple:
 
 
 def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, names: dict,
-                      segments: MaskSegments | None = None) -> pd.DataFrame:
+                      segments: MaskSegments | None = None, *, cells: tuple | None = None) -> pd.DataFrame:
     """Per region and cluster: fraction of the region's lung, volume (mL), mean and SD of HU.
 
     ``labels``: cluster label map (integer, 0 = none); ``ct``: HU image; ``lungs``: lung mask (1 right, 2 left; any
     other non-zero value counts for ``whole`` and the zones only); ``names``: ``{label: name}`` of the clusters;
-    ``segments``: the segments of a several-segment mask (:mod:`latentharmonize.segments`), one more region each.
-    All images must share one geometry. Returns a DataFrame with columns :data:`COLUMNS`, one row per region and
-    cluster of ``names`` (zero rows included), plus an ``unlabelled`` row where some lung voxels carry no cluster.
+    ``segments``: the segments of a several-segment mask (:mod:`latentharmonize.segments`), one more region each;
+    ``cells``: :func:`lung_cells` of ``lungs`` when the caller has it already. All images must share one geometry.
+    Returns a DataFrame with columns :data:`COLUMNS`, one row per region and cluster of ``names`` (zero rows
+    included), plus an ``unlabelled`` row where some lung voxels carry no cluster.
     """
     if not names:
         raise InputError("No cluster names given: pass {label: name} for the clusters of the label map.")
@@ -115,7 +116,7 @@ def composition_table(labels: sitk.Image, ct: sitk.Image, lungs: sitk.Image, nam
     _check_same_grid(labels, lungs, "lung mask")
     if segments is not None:
         _check_same_grid(labels, segments.labels, "segment mask")
-    box, inside, group = lung_cells(lungs)
+    box, inside, group = lung_cells(lungs) if cells is None else cells
     known = sorted(int(k) for k in names)
     lab = _known_labels(sitk.GetArrayViewFromImage(labels)[box][inside], known)
     hu = sitk.GetArrayViewFromImage(ct)[box][inside].astype(np.float64)

@@ -59,9 +59,11 @@ def _histogram_indices(counts: np.ndarray, lowest: int) -> dict:
             "perc15_hu": float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)}
 
 
-def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments | None = None) -> pd.DataFrame:
+def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments | None = None, *,
+                       cells: tuple | None = None) -> pd.DataFrame:
     """One row per region with lung voxels: columns :data:`COLUMNS`. ``lungs``: lung mask (1 right, 2 left, as for
-    the composition); ``segments``: the segments of a several-segment mask, one more row each. Same geometry for
+    the composition); ``segments``: the segments of a several-segment mask, one more row each; ``cells``:
+    :func:`latentharmonize.composition.lung_cells` of ``lungs`` when the caller has it already. Same geometry for
     all images.
 
     An integer CT (the usual Int16) is counted in one HU histogram per (side, zone) cell and per segment, a region
@@ -71,7 +73,7 @@ def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments
     _check_same_grid(lungs, ct, "CT")
     if segments is not None:
         _check_same_grid(lungs, segments.labels, "segment mask")
-    box, inside, group = lung_cells(lungs)
+    box, inside, group = lung_cells(lungs) if cells is None else cells
     hu = sitk.GetArrayViewFromImage(ct)[box][inside]
     code, regions = segment_codes(segments, box, inside) if segments is not None else (None, [])
     voxel_ml = float(np.prod(lungs.GetSpacing())) / 1000.0
