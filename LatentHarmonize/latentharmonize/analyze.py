@@ -190,10 +190,17 @@ def _load_lungs(ct: sitk.Image, mask, progress) -> tuple:
     return found.lungs, "automatic", assess_mask(found.lungs, ct, found.excluded_air_ml)
 
 
+def patch_distances(dense, bundle) -> np.ndarray:
+    """Distance of every patch to each cluster centroid, float32 [n, K]: what the patch labels and the voxel-level
+    map are both read from, so analyze and ``latentharmonize report`` label each patch alike."""
+    return bundle.clusters.transform(bundle.rotation.cluster_features(dense.latents)).astype(np.float32)
+
+
 def patch_clusters(dense, bundle) -> tuple:
     """Cluster label (UInt8) and confidence (Float32) of every patch."""
-    labels_n, conf_n = bundle.clusters.predict_with_confidence(bundle.rotation.cluster_features(dense.latents))
-    return np.asarray(labels_n, dtype=np.uint8), np.asarray(conf_n, dtype=np.float32)
+    from .clusters import nearest_with_confidence
+
+    return nearest_with_confidence(patch_distances(dense, bundle))
 
 
 def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
@@ -208,7 +215,7 @@ def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
     from .clusters import nearest_with_confidence
     from .structures import refine_on_ct
 
-    distances = bundle.clusters.transform(bundle.rotation.cluster_features(dense.latents)).astype(np.float32)
+    distances = patch_distances(dense, bundle)
     labels_n, conf_n = nearest_with_confidence(distances)
     lattice = dense.lattice
     valid = np.zeros(lattice.shape, dtype=bool)
