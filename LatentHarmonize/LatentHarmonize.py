@@ -89,8 +89,7 @@ def loadPhantomSample(source=None) -> "vtkMRMLScalarVolumeNode":
     path = phantomSamplePath()
     if not path.is_file():
         command = bridge().phantom_sample_command(LatentHarmonizeLogic.pythonSlicerExecutable(), path)
-        environment = slicer.util.startupEnvironment()
-        environment.update(bridge().backend_environment(MODULE_DIR, environment.get("PYTHONPATH")))
+        environment = LatentHarmonizeLogic.backendEnvironment()
         with slicer.util.WaitCursor():
             done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
         if done.returncode != 0 or not path.is_file():
@@ -885,7 +884,9 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         self.worker.start()
         return self.worker
 
-    def backendEnvironment(self) -> dict:
+    @staticmethod
+    def backendEnvironment() -> dict:
+        """Slicer's startup environment, set so that a child PythonSlicer imports the module's backend."""
         environment = slicer.util.startupEnvironment()
         environment.update(bridge().backend_environment(MODULE_DIR, environment.get("PYTHONPATH")))
         return environment
