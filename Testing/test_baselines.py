@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
-from latentharmonize.baselines import ComBatHarmonizer, HarmonyHarmonizer, HistogramMatcher, LeaceHarmonizer
+from latentharmonize.evaluation.harmonizers import ComBatHarmonizer, HarmonyHarmonizer, HistogramMatcher, LeaceHarmonizer
 from latentharmonize.errors import InputError
 
 SHIFT = np.array([2.0, -1.5, 0.0, 1.0, 0.0, 0.0])
@@ -123,17 +123,18 @@ def test_histogram_matching_maps_new_scan_onto_training_reference_within_lung():
 
 
 def test_patch_hu_statistics_summarise_only_the_lung_voxels_of_each_patch():
-    from latentharmonize.baselines import HU_STATISTIC_NAMES, patch_hu_statistics
-    from latentharmonize.patches import resolve_spec
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
+    from latentharmonize.patches import lattice_hu_statistics
+    from latentharmonize.patches import PatchSpec
 
-    spec = resolve_spec(None)
+    spec = PatchSpec()
     rng = np.random.default_rng(0)
     hu = rng.uniform(-1000, 0, size=(5, 24, 24)).astype(np.float32)
     lung = np.ones(hu.shape, bool)
     lung[:, :, 12:] = False  # the right half is chest wall: it must not count
     hu[~lung] = 500.0
     positions = np.array([[0, 0, 0], [2, 1, 0]])
-    stats = patch_hu_statistics(hu, lung, positions, spec)
+    stats = lattice_hu_statistics(hu, lung, positions, spec)
     assert stats.shape == (2, len(HU_STATISTIC_NAMES))
     for row, (k, i, j) in zip(stats, positions):
         box = (slice(k, k + 3), slice(4 * i, 4 * i + 16), slice(4 * j, 4 * j + 16))
@@ -144,4 +145,4 @@ def test_patch_hu_statistics_summarise_only_the_lung_voxels_of_each_patch():
                                    rtol=1e-6)
     assert stats[:, 4].max() < 0  # no chest-wall voxel (500 HU) reached the 90 % quantile
     with pytest.raises(InputError, match="no lung voxel"):
-        patch_hu_statistics(hu, np.zeros(hu.shape, bool), positions, spec)
+        lattice_hu_statistics(hu, np.zeros(hu.shape, bool), positions, spec)

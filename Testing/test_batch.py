@@ -44,19 +44,19 @@ def bundle_dir(tmp_path_factory, cohort_csv) -> Path:
     from latentharmonize.cohort import read_cohort
     from latentharmonize.clusters import TissueClusters
     from latentharmonize.networks import build_model
-    from latentharmonize.patches import DEFAULT_SPEC, encode_dense
+    from latentharmonize.patches import PatchSpec, encode_dense
     from latentharmonize.rotation import LatentRotation
-    from latentharmonize.train import load_scan
+    from latentharmonize.scans import load_scan
 
-    scan = load_scan(read_cohort(cohort_csv).iloc[0], DEFAULT_SPEC)
+    scan = load_scan(read_cohort(cohort_csv).iloc[0], PatchSpec())
     model = build_model("ae", seed=0, width=8, latent_dim=8)
-    dense = encode_dense(model, scan.hu, scan.lung, scan.grid, DEFAULT_SPEC)
+    dense = encode_dense(model, scan.hu, scan.lung, scan.grid, PatchSpec())
     rows = np.sort(np.random.default_rng(0).choice(len(dense.latents), size=1500, replace=False))
     latents, split = dense.latents[rows], np.where(dense.positions[rows, 2] % 2 == 0, "a", "b")
     rotation = LatentRotation(n_technical=1, method="labels", random_state=0).fit(latents, split)
     clusters = TissueClusters(n_clusters=3, random_state=0).fit(rotation.biological(latents))
     bundle = ModelBundle.create(name="batch-test", encoder_config=model.config, encoder_state=model.state_dict(),
-                                spec=DEFAULT_SPEC, rotation=rotation, clusters=clusters,
+                                spec=PatchSpec(), rotation=rotation, clusters=clusters,
                                 names=["low attenuation", "normal", "ground glass"], created="2026-01-01")
     return save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "tiny")
 
@@ -177,12 +177,13 @@ def test_unreachable_scheduler_is_a_clear_error():
 
 
 def test_training_samples_match_the_serial_path(cohort_csv, client):
-    from latentharmonize.patches import resolve_spec
-    from latentharmonize.train import TrainConfig, load_cohort_samples
+    from latentharmonize.patches import PatchSpec
+    from latentharmonize.training.distributed import sample_cohort_patches
+    from latentharmonize.training.trainer import TrainConfig, load_cohort_samples
 
-    config, spec = TrainConfig(per_patient=30, seed=3), resolve_spec(None)
+    config, spec = TrainConfig(per_patient=30, seed=3), PatchSpec()
     serial, _ = load_cohort_samples(cohort_csv, config, spec)
-    parallel, cohort = batch.sample_cohort_patches(cohort_csv, config, spec, client=client)
+    parallel, cohort = sample_cohort_patches(cohort_csv, config, spec, client=client)
     assert len(cohort) == 4 and len(parallel) == len(serial) == 30 * 4
     for name in ("patches", "patient", "acquisition", "point", "scan", "keys", "truth"):
         assert np.array_equal(getattr(parallel, name), getattr(serial, name)), name
@@ -192,7 +193,7 @@ def test_encode_cohort_gives_each_scan_its_dense_latents(cohort_csv, bundle_dir,
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cohort import read_cohort
     from latentharmonize.patches import encode_dense
-    from latentharmonize.train import load_scan
+    from latentharmonize.scans import load_scan
 
     latents = batch.encode_cohort(cohort_csv, bundle_dir, device="cpu", client=client)
     assert list(latents) == [(p, a) for p in ("P000", "P001") for a in ACQUISITIONS]

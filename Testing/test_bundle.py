@@ -14,11 +14,11 @@ from latentharmonize.bundle import (ARRAYS_FILE, ENCODER_FILE, FORMAT_VERSION, M
                                     default_bundle_path, load_bundle, save_bundle, set_cluster_names)
 from latentharmonize.clusters import TissueClusters
 from latentharmonize.errors import BundleError, InputError, OutputError
+from latentharmonize.patches import PatchSpec
 from latentharmonize.rotation import LatentRotation
 
 D = 6
-SPEC = {"patch_size": 16, "slices": 3, "stride": 4, "spacing": [1.25, 1.25, 2.5], "margin_mm": 10.0,
-        "hu_window": [-1100.0, 300.0], "outside_fill_hu": -850.0}
+SPEC = PatchSpec(margin_mm=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,7 @@ def _flip_byte(path):
     (lambda f: _edit_manifest(f, lambda m: m.update(format_version=0)), "format version 0"),
     (lambda f: _edit_manifest(f, lambda m: m.pop("format_version")), "format_version"),
     (lambda f: _edit_manifest(f, lambda m: m.pop("patch_spec")), "malformed.*patch_spec"),
+    (lambda f: _edit_manifest(f, lambda m: m["patch_spec"].pop("hu_window")), "patch spec lacks"),
     (lambda f: _edit_manifest(f, lambda m: m["files"].pop(ARRAYS_FILE)), "does not list arrays"),
     (lambda f: _edit_manifest(f, lambda m: m["clusters"]["names"].pop()), "clusters section"),
     (lambda f: _edit_manifest(f, lambda m: m["rotation"].update(n_technical=2)), "cluster features have 4"),
@@ -174,8 +175,6 @@ def test_create_validates_inputs(fitted):
         make_bundle(fitted, config={"latent_dim": D})
     with pytest.raises(BundleError, match="latent size"):
         make_bundle(fitted, config={"kind": "ae", "latent_dim": D + 1})
-    with pytest.raises(BundleError, match="patch spec lacks"):
-        make_bundle(fitted, spec={"slices": 3})
 
 
 def test_encoder_is_rebuilt_through_networks(fitted, tmp_path):

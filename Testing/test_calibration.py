@@ -9,7 +9,7 @@ from latentharmonize.calibration import (HUCalibration, air_level, calibrate_gri
                                          fat_level)
 from latentharmonize.errors import InputError
 from latentharmonize.lungmask import segment_lungs
-from latentharmonize.patches import resolve_spec
+from latentharmonize.patches import PatchSpec
 from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all, make_patient
 from latentharmonize.phantom_acquisition import VENDORS
 
@@ -53,12 +53,12 @@ def test_calibration_round_trip_and_record():
 
 def test_spec_without_calibration_leaves_hu_untouched(scans):
     hu = np.array([-900.0, 0.0], dtype=np.float32)
-    same, none = calibrate_grid_hu(hu, *scans["B"], resolve_spec({}))
+    same, none = calibrate_grid_hu(hu, *scans["B"], PatchSpec())
     assert none is None and same is hu
-    calibrated, found = calibrate_grid_hu(hu, *scans["B"], resolve_spec({"calibration": "air_fat"}))
+    calibrated, found = calibrate_grid_hu(hu, *scans["B"], PatchSpec.from_dict({"calibration": "air_fat"}))
     assert found is not None and calibrated[0] == pytest.approx((-900.0 - found.offset) / found.scale)
     with pytest.raises(InputError, match="calibration must be"):
-        resolve_spec({"calibration": "tracheal"})
+        PatchSpec.from_dict({"calibration": "tracheal"})
 
 
 def test_scans_without_references_are_refused(scans):

@@ -8,7 +8,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION,
                                       NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, cluster_profiles,
-                                      default_colors, name_clusters, patch_statistics)
+                                      default_colors, name_clusters)
+from latentharmonize.densitometry import patch_profiles
 from latentharmonize.errors import InputError
 
 
@@ -135,7 +136,7 @@ def test_normal_anatomy_never_gets_a_disease_name(noise_sd):
         lumen, wall = rng.uniform(1.5, 4.0), rng.uniform(1.0, 1.5)
         patch = np.where(r < lumen + wall, rng.normal(40.0, noise_sd, patch.shape), patch)
         airways.append(np.where(r < lumen, rng.normal(-1000.0, noise_sd / 3, patch.shape), patch))
-    stats = patch_statistics(np.stack(vessels + airways))
+    stats = patch_profiles(np.stack(vessels + airways))
     profiles = cluster_profiles(np.repeat([1, 2], 60), stats, 2)
     for name in name_clusters(profiles):
         assert name.split(" 2")[0] not in DISEASE_NAMES
@@ -156,7 +157,7 @@ def test_disease_patterns_get_their_names():
         RETICULAR: np.where(lines, -150.0, -790.0) + rng.normal(0, 40, (20, 3, 16, 16)),
         HONEYCOMB: np.where(cysts, -975.0, -60.0) + rng.normal(0, 40, (20, 3, 16, 16)),
     }
-    stats = patch_statistics(np.concatenate(list(patterns.values())))
+    stats = patch_profiles(np.concatenate(list(patterns.values())))
     profiles = cluster_profiles(np.repeat(np.arange(1, 6), 20), stats, 5)
     assert name_clusters(profiles) == list(patterns)
 
@@ -165,7 +166,7 @@ def test_profiles_from_patches_feed_naming():
     rng = np.random.default_rng(0)
     normal = rng.normal(-850, 30, size=(10, 3, 16, 16))
     dense = rng.normal(20, 30, size=(10, 3, 16, 16))
-    stats = patch_statistics(np.concatenate([normal, dense]))
+    stats = patch_profiles(np.concatenate([normal, dense]))
     assert stats["frac_above_700"][:10].max() < 0.01 and stats["frac_above_700"][10:].min() > 0.99
     assert abs(stats["median_hu"][:10].mean() + 850) < 10 and stats["frac_above_300"][10:].min() > 0.99
     profiles = cluster_profiles(np.repeat([1, 2], 10), stats, 2)

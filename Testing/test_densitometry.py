@@ -194,12 +194,12 @@ def test_a_plain_right_left_mask_keeps_its_output(lobe_runs, tmp_path):
 def test_survival_baseline_uses_the_same_definitions():
     """The evaluation's HU-threshold baseline takes LAA-950, MLD and Perc15 from density_indices (its HAA is
     'above -700 HU', kept for the recorded results)."""
-    from latentharmonize.survival import hu_threshold_features
+    from latentharmonize.densitometry import lung_hu_indices
 
     rng = np.random.default_rng(5)
     hu = rng.normal(-850, 120, size=(9, 11, 13)).round().astype(np.int16)
     lung = rng.random(hu.shape) < 0.7
-    baseline = hu_threshold_features(hu, lung)
+    baseline = lung_hu_indices(hu, lung)
     values = hu[lung]
     ours = densitometry_table(_image(hu), _image(lung.astype(np.uint8))).set_index("region").loc["whole"]
     assert baseline["laa950"] == pytest.approx(ours.laa950_pct, rel=1e-12)

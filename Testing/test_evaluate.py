@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentharmonize.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, assign_clusters, consistency, consistency_per_patient,
+from latentharmonize.evaluation.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, assign_clusters, consistency, consistency_per_patient,
                                       goal_check, outcome_redraws, patient_profiles, probe, relative_gains,
                                       risk_reproducibility, rotated_versus, tissue_readout, truth_agreement)
 
@@ -259,12 +259,12 @@ def _tiny_bundle(folder, kind, cohort_csv, spec=None):
     from latentharmonize.bundle import ModelBundle, save_bundle
     from latentharmonize.clusters import TissueClusters
     from latentharmonize.cohort import read_cohort
-    from latentharmonize.evaluate import _load_volumes
+    from latentharmonize.evaluation.evaluate import _load_volumes
     from latentharmonize.networks import build_model
-    from latentharmonize.patches import encode_dense, resolve_spec
+    from latentharmonize.patches import encode_dense, PatchSpec
     from latentharmonize.rotation import LatentRotation
 
-    spec = resolve_spec(spec)
+    spec = PatchSpec.from_dict(spec)
     model = build_model(kind, seed=len(kind), latent_dim=6, width=8)
     latents, acquisitions = [], []
     for _, row in read_cohort(cohort_csv).iterrows():
@@ -284,7 +284,7 @@ def _tiny_bundle(folder, kind, cohort_csv, spec=None):
 def test_traversals_of_a_densitometry_bundle_decode_the_encoder_part(tmp_path):
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cohort import read_cohort
-    from latentharmonize.evaluate import Encoders, _encode_row, _training_rows, plot_traversals
+    from latentharmonize.evaluation.evaluate import Encoders, _encode_row, _training_rows, plot_traversals
 
     train_csv = _write_cohort(tmp_path / "train", 2, seed=1)
     entry = {"weight": 1.0, "center": [-800.0] * 5 + [0.2] * 3, "scale": [100.0] * 5 + [0.2] * 3}
@@ -302,7 +302,7 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     import json
 
     from latentharmonize.cli import main
-    from latentharmonize.evaluate import FIGURES, LABEL_BASELINES, REPRESENTATIONS
+    from latentharmonize.evaluation.evaluate import FIGURES, LABEL_BASELINES, REPRESENTATIONS
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 3, seed=2)
@@ -372,14 +372,14 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
         assert f"{metrics['rotated_versus'][other]['c_index']['difference']:+.3f}" in report
     assert main(args) == 2  # existing results are not overwritten
     with pytest.raises(Exception, match="also training scans"):
-        from latentharmonize.evaluate import evaluate
+        from latentharmonize.evaluation.evaluate import evaluate
         evaluate(train_csv, tmp_path / "again", model=model, train_cohort=train_csv, quick=True)
 
 
 def test_evaluate_survival_on_a_separate_cohort(tmp_path):
     import json
 
-    from latentharmonize.evaluate import evaluate
+    from latentharmonize.evaluation.evaluate import evaluate
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 2, seed=2)
@@ -405,7 +405,7 @@ def test_evaluate_without_truth_skips_the_truth_measurements(tmp_path):
     """A real cohort has no voxel truth: no truth agreement, no tissue read-out, and the report says so."""
     import pandas as pd
 
-    from latentharmonize.evaluate import evaluate
+    from latentharmonize.evaluation.evaluate import evaluate
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 2, seed=2)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentharmonize.evaluate import ScanLatents, goal_check, relative_gains
-from latentharmonize.evaluation_tissue import (PATCH_MEAN_HU, kernel_robustness, low_attenuation_cluster, normal_cluster,
+from latentharmonize.evaluation.evaluate import ScanLatents, goal_check, relative_gains
+from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, kernel_robustness, low_attenuation_cluster, normal_cluster,
                                                patch_mean_hu, reference_clusters, threshold_classes, tissue_recall)
-from latentharmonize.patches import resolve_spec
+from latentharmonize.patches import PatchSpec
 from latentharmonize.tissue import TISSUE_LABELS
 
 EMPH, NORMAL, RETIC = TISSUE_LABELS["emphysema"], TISSUE_LABELS["normal"], TISSUE_LABELS["reticulation"]
@@ -27,7 +27,7 @@ def test_threshold_classes_cut_at_minus_950_700_300():
 
 
 def test_patch_mean_hu_averages_the_lung_voxels_of_each_patch():
-    spec = resolve_spec(None)
+    spec = PatchSpec()
     rng = np.random.default_rng(0)
     hu = rng.normal(-800, 100, (5, 40, 40)).astype(np.float32)
     lung = np.zeros(hu.shape, bool)

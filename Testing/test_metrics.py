@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from latentharmonize.errors import InputError
-from latentharmonize.metrics import (bootstrap_ci, icc_absolute_agreement, icc_with_ci, label_agreement, mask_dice,
+from latentharmonize.evaluation.metrics import (bootstrap_ci, icc_absolute_agreement, icc_with_ci, label_agreement, mask_dice,
                                      matched_dice, mean_pairwise_agreement, paired_difference, summarize)
 
 

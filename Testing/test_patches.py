@@ -9,10 +9,10 @@ import torch
 from latentharmonize.errors import InputError
 from latentharmonize.grid import to_model_grid
 from latentharmonize.networks import build_model
-from latentharmonize.patches import (DEFAULT_SPEC, DenseLatents, Scan, aggregate_context, densitometry_features,
-                                     encode_dense, encode_patches_naive, normalize_hu, resolve_spec,
+from latentharmonize.patches import (DenseLatents, PatchSpec, Scan, aggregate_context, densitometry_features,
+                                     encode_dense, encode_patches_naive, normalize_hu,
                                      patch_lattice, point_keys, sample_paired_patches, valid_centres)
-from latentharmonize.training_data import training_dataset
+from latentharmonize.training.augment import training_dataset
 
 torch.set_num_threads(1)
 
@@ -49,7 +49,7 @@ def patient_scans(patient="p1"):
 def test_normalize_window_and_outside_fill():
     hu = np.array([-2000.0, -1100.0, -400.0, 300.0, 900.0, 0.0], dtype=np.float32)
     lung = np.array([True, True, True, True, True, False])
-    out = normalize_hu(hu, lung, DEFAULT_SPEC)
+    out = normalize_hu(hu, lung, PatchSpec())
     np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1, 250 / 1400], atol=1e-6)
     assert out.dtype == np.float32
 
@@ -122,20 +122,22 @@ def test_dense_encoding_equals_naive_and_keeps_lung_centres_only():
 
 
 def test_densitometry_spec_appends_the_scaled_patch_statistics_on_both_encoding_paths():
-    from latentharmonize.baselines import HU_STATISTIC_NAMES, patch_hu_statistics
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
+    from latentharmonize.patches import lattice_hu_statistics
 
     scan = patient_scans()[1]
     model = build_model("ae", seed=0, latent_dim=4, width=8)
     n = len(HU_STATISTIC_NAMES)
     center, scale = np.linspace(-900.0, 0.1, n), np.linspace(50.0, 0.2, n)
-    spec = resolve_spec({"densitometry": {"weight": 1.0, "center": center.tolist(), "scale": scale.tolist()}})
-    plain = encode_dense(model, scan.hu, scan.lung, scan.grid)
+    spec = PatchSpec.from_dict({"context_radius": 0,
+                                "densitometry": {"weight": 1.0, "center": center.tolist(), "scale": scale.tolist()}})
+    plain = encode_dense(model, scan.hu, scan.lung, scan.grid, PatchSpec(context_radius=0))
     dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, slabs_per_batch=3)
     naive = encode_patches_naive(model, scan.hu, scan.lung, scan.grid, spec, batch_size=64)
     np.testing.assert_allclose(dense.latents, naive.latents, atol=1e-4)
     assert dense.latents.shape == (len(plain.latents), 4 + n)
     np.testing.assert_array_equal(dense.latents[:, :4], plain.latents)
-    expected = (patch_hu_statistics(scan.hu, scan.lung, dense.positions, spec) - center) / scale
+    expected = (lattice_hu_statistics(scan.hu, scan.lung, dense.positions, spec) - center) / scale
     np.testing.assert_allclose(dense.latents[:, 4:], expected, rtol=1e-5, atol=1e-5)
     for bad in ({"weight": 1.0, "center": center.tolist()[:-1], "scale": scale.tolist()},
                 {"weight": 1.0, "center": center.tolist(), "scale": (-scale).tolist()},
@@ -143,32 +145,33 @@ def test_densitometry_spec_appends_the_scaled_patch_statistics_on_both_encoding_
                 {"weight": "1", "center": center.tolist(), "scale": scale.tolist()},
                 {"weight": 1.0, "center": ["x"] * n, "scale": scale.tolist()}, "yes"):
         with pytest.raises(InputError, match="densitometry must be null"):
-            resolve_spec({"densitometry": bad})
+            PatchSpec.from_dict({"densitometry": bad})
 
 
 def test_smoothed_densitometry_reads_the_statistics_of_the_blurred_lung_only():
-    from latentharmonize.baselines import HU_STATISTIC_NAMES, patch_hu_statistics
-    from latentharmonize.patches import smooth_lung
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
+    from latentharmonize.patches import lattice_hu_statistics
+    from latentharmonize.densitometry import smooth_lung
 
     rng = np.random.default_rng(0)
     hu = np.full((5, 48, 48), 40.0, np.float32)  # chest wall at +40 HU around a noisy -860 HU lung
     lung = np.zeros(hu.shape, bool)
     lung[:, 8:40, 8:40] = True
     hu[lung] = -860.0 + rng.normal(0.0, 60.0, lung.sum())
-    smooth = smooth_lung(hu, lung, 2.5, resolve_spec(None))
+    smooth = smooth_lung(hu, lung, 2.5, PatchSpec().spacing)
     assert np.array_equal(smooth[~lung], hu[~lung])
     assert np.std(smooth[lung]) < 0.3 * np.std(hu[lung])
     assert abs(np.mean(smooth[lung]) + 860.0) < 3.0 and smooth[lung].max() < -700.0  # no wall bleeding in
     n = len(HU_STATISTIC_NAMES)
     entry = {"weight": 1.0, "center": [0.0] * n, "scale": [1.0] * n, "smooth_mm": 2.5}
-    spec = resolve_spec({"densitometry": entry})
+    spec = PatchSpec.from_dict({"densitometry": entry})
     positions = np.array([[0, 2, 2], [1, 4, 3]])
     np.testing.assert_allclose(densitometry_features(hu, lung, positions, spec),
-                               patch_hu_statistics(smooth, lung, positions, spec), rtol=1e-5)
+                               lattice_hu_statistics(smooth, lung, positions, spec), rtol=1e-5)
     assert densitometry_features(hu, lung, positions, spec)[:, 5].max() == 0.0  # none below -950 once smoothed
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(InputError, match="densitometry must be null"):
-            resolve_spec({"densitometry": {**entry, "smooth_mm": bad}})
+            PatchSpec.from_dict({"densitometry": {**entry, "smooth_mm": bad}})
 
 
 def test_dense_encoding_refuses_mismatched_inputs():
@@ -188,13 +191,13 @@ def test_context_averages_valid_in_plane_neighbours_only():
     # (0,0,0) sees itself and its two valid neighbours; (0,0,1) too; the lone point and the other slice stay put
     np.testing.assert_allclose(out, [3.0, 3.0, 3.0, 10.0, 100.0], rtol=1e-6)
     with pytest.raises(InputError, match="context_radius"):
-        resolve_spec({"context_radius": -1})
+        PatchSpec.from_dict({"context_radius": -1})
 
 
 def test_dense_encoding_applies_the_spec_context():
     scan = patient_scans()[1]
     model = build_model("ae", seed=0, latent_dim=8, width=8)
-    plain = encode_dense(model, scan.hu, scan.lung, scan.grid)
-    with_context = encode_dense(model, scan.hu, scan.lung, scan.grid, {"context_radius": 1})
+    plain = encode_dense(model, scan.hu, scan.lung, scan.grid, PatchSpec(context_radius=0))
+    with_context = encode_dense(model, scan.hu, scan.lung, scan.grid, PatchSpec(context_radius=1))
     np.testing.assert_allclose(with_context.latents, aggregate_context(plain, 1).latents, atol=1e-6)
     assert not np.allclose(with_context.latents, plain.latents)

@@ -534,7 +534,7 @@ def backend_case(tmp_path_factory):
     from latentharmonize.grid import to_model_grid
     from latentharmonize.lungmask import segment_lungs
     from latentharmonize.networks import build_model
-    from latentharmonize.patches import DEFAULT_SPEC, encode_dense
+    from latentharmonize.patches import PatchSpec, encode_dense
     from latentharmonize.rotation import LatentRotation
 
     folder = tmp_path_factory.mktemp("slicer_run")
@@ -545,12 +545,12 @@ def backend_case(tmp_path_factory):
 
     hu, lung, grid = to_model_grid(ct, segment_lungs(ct), align_px=(4, 4, 1))
     model = build_model("ae", seed=0)
-    dense = encode_dense(model, hu, lung, grid, DEFAULT_SPEC)
+    dense = encode_dense(model, hu, lung, grid, PatchSpec())
     rotation = LatentRotation(n_technical=1, method="labels", random_state=0).fit(
         dense.latents, np.where(dense.positions[:, 2] % 2 == 0, "a", "b"))
     clusters = TissueClusters(n_clusters=3, random_state=0).fit(rotation.biological(dense.latents))
     bundle = ModelBundle.create(name="slicer-test", encoder_config=model.config, encoder_state=model.state_dict(),
-                                spec=DEFAULT_SPEC, rotation=rotation, clusters=clusters,
+                                spec=PatchSpec(), rotation=rotation, clusters=clusters,
                                 names=["low attenuation", "normal-appearing", "dense"], created="2026-01-01")
     save_bundle(bundle, folder / "bundle")
     return {"folder": folder, "input": input_path, "name": name, "ijk_to_ras": ijk_to_ras,

@@ -11,8 +11,9 @@ import SimpleITK as sitk
 
 from latentharmonize.cli import main
 from latentharmonize.errors import InputError
+from latentharmonize.densitometry import lung_hu_indices
 from latentharmonize.survival import (composition_features, cross_validated_c_index, fitted_risk, hazard_ratios,
-                                      hu_threshold_features, patient_table)
+                                      patient_table)
 
 
 def _cohort(n=160, seed=0):
@@ -65,10 +66,10 @@ def test_survival_table_is_validated():
         cross_validated_c_index(df, ["risk"])
 
 
-def test_hu_threshold_features_hand_computed():
+def test_lung_hu_indices_hand_computed():
     hu = np.array([[-1000, -960, -900, -800, -600, 0]], dtype=np.int16)
     lung = np.array([[1, 1, 1, 1, 1, 0]], dtype=np.uint8)
-    f = hu_threshold_features(sitk.GetImageFromArray(hu), sitk.GetImageFromArray(lung))
+    f = lung_hu_indices(sitk.GetImageFromArray(hu), sitk.GetImageFromArray(lung))
     assert f["laa950"] == pytest.approx(40.0)
     assert f["haa700"] == pytest.approx(20.0)
     assert f["mld"] == pytest.approx(np.mean([-1000, -960, -900, -800, -600]))

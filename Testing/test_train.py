@@ -9,7 +9,7 @@ import torch
 
 from latentharmonize.errors import InputError, OutputError
 from latentharmonize.patches import sample_paired_patches
-from latentharmonize.train import TECHNICAL_WEIGHTS, TrainConfig, fit_encoder, train
+from latentharmonize.training.trainer import TECHNICAL_WEIGHTS, TrainConfig, fit_encoder, train
 
 from test_patches import patient_scans
 
@@ -102,7 +102,7 @@ def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort,
     assert bundle.clusters.centroids_.shape[1] == bundle.rotation.n_cluster_features_
     assert (out / ".checkpoints" / "state.json").exists()
     # the bundle's encoder works on a patch and matches the stored spec
-    patch = torch.rand(2, 3, bundle.spec["patch_size"], bundle.spec["patch_size"])
+    patch = torch.rand(2, 3, bundle.spec.patch_size, bundle.spec.patch_size)
     assert bundle.encoder("cpu").encode(patch).shape == (2, 8)
     # refusing to overwrite happens before any training
     assert main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1"]) == OutputError.exit_code
@@ -139,7 +139,7 @@ def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_coh
     code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
                  "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--calibrate"])
     assert code == 0
-    assert load_bundle(out).spec["calibration"] == "air_fat"
+    assert load_bundle(out).spec.calibration == "air_fat"
     row = pd.read_csv(tiny_phantom_cohort).query("vendor == 'C'").iloc[0]
     analyze(tiny_phantom_cohort.parent / row["image"], tmp_path / "analysis", model=out, device="cpu",
             write_report=False)
@@ -153,20 +153,20 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     import json
 
     from latentharmonize.analyze import analyze
-    from latentharmonize.baselines import HU_STATISTIC_NAMES
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main
     from latentharmonize.cohort import read_cohort
     from latentharmonize.patches import encode_dense
-    from latentharmonize.train import load_scan
+    from latentharmonize.scans import load_scan
 
     out = tmp_path / "model"
     code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
                  "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--densitometry", "2"])
     assert code == 0
     bundle = load_bundle(out)
-    entry = bundle.spec["densitometry"]
-    assert entry["weight"] == 2.0 and len(entry["center"]) == len(entry["scale"]) == len(HU_STATISTIC_NAMES)
+    entry = bundle.spec.densitometry
+    assert entry.weight == 2.0 and len(entry.center) == len(entry.scale) == len(HU_STATISTIC_NAMES)
     n = 6 + len(HU_STATISTIC_NAMES)
     assert bundle.rotation.rotation_.shape == (n, n) and bundle.manifest["training"]["densitometry"] == 2.0
     # on a training scan the appended columns are centred, with twice the latent coordinates' mean SD
@@ -188,9 +188,10 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):
-    """--workers routes patch sampling through batch.sample_cohort_patches (proven equal to the serial path in
+    """--workers routes patch sampling through training.distributed.sample_cohort_patches (proven equal to the serial path in
     test_batch); the bundle then matches a serial run's."""
-    from latentharmonize import batch, train as train_module
+    from latentharmonize.training import distributed
+    from latentharmonize.training import trainer as train_module
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main
 
@@ -200,7 +201,7 @@ def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort,
         calls.append((scheduler, workers))
         return train_module.load_cohort_samples(cohort_csv, config, spec, progress)
 
-    monkeypatch.setattr(batch, "sample_cohort_patches", on_cluster)
+    monkeypatch.setattr(distributed, "sample_cohort_patches", on_cluster)
     args = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "40", "--latent-dim", "8", "--device", "cpu",
             "--seed", "2"]
     assert main(["train", str(tiny_phantom_cohort), "--out", str(tmp_path / "dist"), "--workers", "2", *args]) == 0

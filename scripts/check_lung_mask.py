@@ -34,7 +34,7 @@ from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.io import read_ct
 from latentharmonize.lungmask import (AIR_HU, KEEP_FRACTION, PAD_HU, assess_mask, lung_volumes_ml,
                                       segment_lungs_detailed)
-from latentharmonize.metrics import mask_dice
+from latentharmonize.evaluation.metrics import mask_dice
 
 IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))
 

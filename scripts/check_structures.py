@@ -59,7 +59,7 @@ def check_phantom(patient_index: int, seed: int, full: bool) -> None:
     from latentharmonize.bundle import load_bundle
     from latentharmonize.grid import to_model_grid
     from latentharmonize.lungmask import segment_lungs
-    from latentharmonize.metrics import mask_dice
+    from latentharmonize.evaluation.metrics import mask_dice
     from latentharmonize.patches import encode_dense
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
     from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, segment_structures
@@ -74,8 +74,8 @@ def check_phantom(patient_index: int, seed: int, full: bool) -> None:
           f"of the structures, {np.count_nonzero(truth == 1) / np.count_nonzero(sitk.GetArrayViewFromImage(patient.truth)):.1%} of the lung")
     for acq, ct in zip(DEFAULT_ACQUISITIONS, acquire_all(patient, DEFAULT_ACQUISITIONS)):
         lungs = segment_lungs(ct)
-        hu, lung, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
-                                       align_px=(spec["stride"], spec["stride"], 1))
+        hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
+                                       align_px=(spec.stride, spec.stride, 1))
         found = segment_structures(hu, lung, grid.spacing)
         parenchyma = encode_dense(encoder, hu, lung & (found == 0), grid, spec, "cpu")
         labels = sitk.GetArrayFromImage(_cluster_maps(parenchyma, bundle, ct, lungs, grid, found)[2])

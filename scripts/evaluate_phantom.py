@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 
 from latentharmonize.errors import LatentHarmonizeError
-from latentharmonize.evaluate import (FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, redraw_rows,
+from latentharmonize.evaluation.evaluate import (FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, redraw_rows,
                                       reproducibility_rows, versus_rows)
-from latentharmonize.evaluation_tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
+from latentharmonize.evaluation.tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _bundle_training_cohort(model, folder: Path) -> Path:
 
 
 def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed: int, progress) -> Path:
-    from latentharmonize.train import train
+    from latentharmonize.training.trainer import train
 
     if not (path / "manifest.json").exists():
         train(cohort_csv, path, seed=seed, epochs=epochs, encoder=encoder, progress=progress)

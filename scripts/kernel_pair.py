@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from latentharmonize.bundle import load_bundle
-from latentharmonize.evaluate import Encoders, _common_rows, _encode_row
-from latentharmonize.evaluation_tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, low_attenuation_cluster,
+from latentharmonize.evaluation.evaluate import Encoders, _common_rows, _encode_row
+from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, low_attenuation_cluster,
                                                normal_cluster, threshold_classes)
-from latentharmonize.metrics import label_agreement
+from latentharmonize.evaluation.metrics import label_agreement
 
 
 def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:

@@ -2,7 +2,7 @@
 """Re-derive the default bundle's cluster names from profiles measured with the current naming rules.
 
 Generates the bundle's own training cohort (phantom, the training seed and patient count), encodes every scan as
-``analyze`` does (vessels and airways filled), measures the HU profile (``clusters.PROFILE_KEYS``) of the centre
+``analyze`` does (vessels and airways filled), measures the HU profile (``densitometry.PROFILE_KEYS``) of the centre
 slice of every patch per cluster (voxels outside the parenchyma filled as the encoder sees them, as in training), names the clusters with ``clusters.name_clusters`` and writes the names, their
 default colours and the measured profiles into the manifest with ``bundle.save_bundle``. Encoder weights, rotation
 and centroids are unchanged (same array bytes).
@@ -24,7 +24,8 @@ DEFAULT_BUNDLE = REPO / "LatentHarmonize" / "Resources" / "Models" / "default"
 
 def measured_profiles(bundle, cohort_dir: Path) -> list:
     """Cluster profiles of the bundle's clusters over every patch of the cohort's scans."""
-    from latentharmonize.clusters import PROFILE_KEYS, cluster_profiles, patch_statistics
+    from latentharmonize.clusters import cluster_profiles
+    from latentharmonize.densitometry import PROFILE_KEYS, patch_profiles
     from latentharmonize.cohort import read_cohort
     from latentharmonize.grid import to_model_grid
     from latentharmonize.io import read_ct
@@ -37,14 +38,14 @@ def measured_profiles(bundle, cohort_dir: Path) -> list:
     for path in read_cohort(cohort_dir / "cohort.csv")["image"]:
         ct = read_ct(path)
         lungs = segment_lungs(ct)
-        hu, lung, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
-                                       align_px=(spec["stride"], spec["stride"], 1))
+        hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
+                                       align_px=(spec.stride, spec.stride, 1))
         parenchyma = lung & (segment_structures(hu, lung, grid.spacing) == 0)
         dense = encode_dense(encoder, hu, parenchyma, grid, spec, "cpu")
         labels.append(bundle.clusters.predict(bundle.rotation.cluster_features(dense.latents)))
-        filled = np.where(parenchyma, hu, np.float32(spec["outside_fill_hu"]))  # what the encoder saw
-        centre = extract_patches(filled, dense.positions, spec)[:, int(spec["slices"]) // 2]
-        for key, values in patch_statistics(centre).items():
+        filled = np.where(parenchyma, hu, np.float32(spec.outside_fill_hu))  # what the encoder saw
+        centre = extract_patches(filled, dense.positions, spec)[:, int(spec.slices) // 2]
+        for key, values in patch_profiles(centre).items():
             stats[key].append(values)
     return cluster_profiles(np.concatenate(labels), {k: np.concatenate(v) for k, v in stats.items()},
                             bundle.clusters.n_clusters_)

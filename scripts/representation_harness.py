@@ -30,10 +30,10 @@ import numpy as np
 
 from latentharmonize.bundle import load_bundle
 from latentharmonize.cohort import read_cohort
-from latentharmonize.baselines import patch_hu_statistics
-from latentharmonize.evaluate import (Encoders, _encode_row, _load_volumes, _select_patients, _training_rows,
+from latentharmonize.patches import lattice_hu_statistics
+from latentharmonize.evaluation.evaluate import (Encoders, _encode_row, _load_volumes, _select_patients, _training_rows,
                                       consistency, consistency_per_patient, probe, truth_agreement)
-from latentharmonize.evaluation_tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
+from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
                                                threshold_classes, tissue_recall)
 from latentharmonize.patches import DenseLatents, aggregate_context
 from latentharmonize.tissue import TISSUE_LABELS
@@ -54,11 +54,11 @@ def add_smoothed_statistics(scan, row, spec: dict, smooth_mm: float) -> None:
 
     for name, calibration in (("smoothed_hu_statistics", None), ("calibrated_smoothed_hu_statistics", "air_fat")):
         hu, lung, _, _, _ = _load_volumes(row, {**spec, "calibration": calibration})
-        sigma = smooth_mm / np.asarray(spec["spacing"][:2])[::-1]
+        sigma = smooth_mm / np.asarray(spec.spacing[:2])[::-1]
         blurred = gaussian_filter(np.where(lung, hu, -850.0), sigma=(0, *sigma))
-        stats = patch_hu_statistics(blurred, lung, scan.positions, spec)
+        stats = lattice_hu_statistics(blurred, lung, scan.positions, spec)
         dense = DenseLatents(latents=stats, positions=scan.positions, lattice=None)
-        scan.latents[name] = aggregate_context(dense, int(spec["context_radius"])).latents
+        scan.latents[name] = aggregate_context(dense, int(spec.context_radius)).latents
 
 
 def emphysema_dprime(train_x, train_truth, test_x, test_truth) -> float:

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from latentharmonize.phantom import generate_cohort
-    from latentharmonize.train import CHECKPOINT_DIR, format_summary, train
+    from latentharmonize.training.trainer import CHECKPOINT_DIR, format_summary, train
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lh-default-cohort-") as tmp:

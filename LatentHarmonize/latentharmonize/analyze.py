@@ -34,6 +34,8 @@ from .progress import Progress
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .patches import PatchSpec
+
 # PyTorch's OpenMP threads spin while they wait for work. When other programs keep the cores busy (3D Slicer itself,
 # another analysis), spinning threads hold each other up: on the shared 2-core CPU the encoding took 1-3.4 s instead
 # of 0.5 s. Waiting passively costs little when the machine is idle (0.27 -> 0.29 s there). OpenMP reads this when
@@ -264,7 +266,7 @@ def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
     from .patches import extract_patches
     from .render import select_exemplars, window_to_uint8
 
-    middle = int(spec["slices"]) // 2
+    middle = int(spec.slices) // 2
     gallery = {}
     for label, rows in select_exemplars(labels_n, conf_n, GALLERY_PER_CLUSTER).items():
         patches = extract_patches(hu, dense.positions[rows], spec)[:, middle]
@@ -407,19 +409,19 @@ def load_model(model, device) -> tuple:
     return bundle, device, bundle.encoder(device)
 
 
-def model_grid_hu(ct: sitk.Image, lungs: sitk.Image, spec: dict) -> tuple:
+def model_grid_hu(ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> tuple:
     """``(hu, lung, grid, calibration)``: the lung box on the model grid of the bundle's ``spec``, HU calibrated
     if the bundle asks (``calibration`` None otherwise)."""
     from .calibration import calibrate_grid_hu
     from .grid import to_model_grid
 
-    hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
-                                        align_px=(spec["stride"], spec["stride"], 1))
+    hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
+                                        align_px=(spec.stride, spec.stride, 1))
     hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec)
     return hu, lung_grid, grid, calibration
 
 
-def encode_patches(encoder, hu, parenchyma, grid, spec: dict, device, progress=None):
+def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progress=None):
     """The dense latents of every patch whose centre lies in the parenchyma (deterministic kernels).
 
     The clusters describe the parenchyma: vessel and airway voxels are left out of ``parenchyma``, so they are filled

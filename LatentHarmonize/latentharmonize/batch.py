@@ -318,42 +318,6 @@ def failures_table(raw_cohort: pd.DataFrame, tasks: list[ScanTask], outcomes: li
     return pd.DataFrame(rows, columns=FAILURE_COLUMNS)
 
 
-# ---------------------------------------------------------------- training at scale
-
-def _sample_patient(rows: pd.DataFrame, per_patient: int, spec: dict, seed: int):
-    """Worker side: read one patient's scans onto the model grid and draw its paired patches."""
-    from .patches import sample_paired_patches
-    from .train import load_scan
-
-    scans = [load_scan(row, spec) for _, row in rows.iterrows()]
-    return sample_paired_patches(scans, per_patient, spec, seed=seed)
-
-
-def sample_cohort_patches(cohort_csv, config, spec: dict, client=None, scheduler: Optional[str] = None,
-                          workers: Optional[int] = None, progress: Optional[Progress] = None) -> tuple:
-    """Distributed :func:`latentharmonize.train.load_cohort_samples`: one Dask task per patient.
-
-    Same arguments (``config``: a ``TrainConfig``) and same result ``(PairedPatches, cohort DataFrame)``, bit for
-    bit: patients keep their order and per-patient seeds, and ``concat_samples`` renumbers ids as the serial path.
-    Each worker holds one patient's volumes at a time; only the sampled patches travel back.
-    """
-    from .cohort import read_cohort
-    from .patches import concat_samples
-
-    cohort = read_cohort(cohort_csv)
-    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
-    with client_session(client, scheduler, workers) as active:
-        futures = [active.submit(_sample_patient, cohort[cohort["patient"].astype(str) == patient],
-                                 config.per_patient, spec, config.seed * 100003 + n, pure=False)
-                   for n, patient in enumerate(patients)]
-        parts = []
-        for n, future in enumerate(futures):  # gathered in patient order, so the result is deterministic
-            parts.append(future.result())
-            if progress is not None:
-                progress(5 + 15 * (n + 1) / len(patients), "patches", f"patient {patients[n]}: sampled")
-    return concat_samples(parts), cohort
-
-
 @functools.lru_cache(maxsize=2)
 def _worker_bundle(model: str):
     """The bundle loaded once per worker process (and verified then), not once per scan."""
@@ -365,7 +329,7 @@ def _worker_bundle(model: str):
 def _encode_scan(row: pd.Series, model: str, device: str):
     """Worker side: one scan on the model grid, densely encoded by the bundle's encoder."""
     from .patches import encode_dense, resolve_device
-    from .train import load_scan
+    from .scans import load_scan
 
     bundle = _worker_bundle(model)
     scan = load_scan(row, bundle.spec)

@@ -111,8 +111,8 @@ def compare_naive(scan, lungs_path, model=None, device: str = "auto", time_box_s
     bundle = load_bundle(model)
     spec, dev = bundle.spec, resolve_device(device)
     ct, lungs = read_ct(scan), sitk.ReadImage(str(lungs_path))
-    hu, lung, grid = to_model_grid(ct, lungs, tuple(spec["spacing"]), spec["margin_mm"],
-                                   align_px=(spec["stride"], spec["stride"], 1))
+    hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
+                                   align_px=(spec.stride, spec.stride, 1))
     encoder = bundle.encoder(dev)
     dense, dense_s, dense_cpu = _timed(encode_dense, encoder, hu, lung, grid, spec, dev)
     total = int(valid_centres(lung, spec).sum())

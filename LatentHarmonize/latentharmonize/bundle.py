@@ -33,6 +33,7 @@ from . import __version__
 from .atomic import StagedOutput, atomic_write_bytes
 from .clusters import TissueClusters, default_colors
 from .errors import BundleError, InputError
+from .patches import PatchSpec, n_features
 from .rotation import LatentRotation
 
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.safetensors"
 ARRAYS_FILE = "arrays.safetensors"
 DATA_FILES = (ENCODER_FILE, ARRAYS_FILE)
-# keys of the patch spec that analyze/evaluate read (see patches.DEFAULT_SPEC)
+# keys of the patch spec that analyze/evaluate read (see patches.PatchSpec)
 SPEC_KEYS = ("patch_size", "slices", "stride", "spacing", "margin_mm", "hu_window", "outside_fill_hu")
 CHECKSUM_KEY = "manifest_sha256"  # SHA-256 of the rest of the manifest (see _sealed_manifest_bytes)
 MANIFEST_SECTIONS = {"name": str, "created": str, "latentharmonize_version": str, "encoder": dict, "patch_spec": dict,
@@ -128,7 +129,7 @@ class ModelBundle:
     path: Optional[Path] = None
 
     @classmethod
-    def create(cls, *, name: str, encoder_config: Mapping, encoder_state: Mapping, spec: Mapping,
+    def create(cls, *, name: str, encoder_config: Mapping, encoder_state: Mapping, spec: PatchSpec,
                rotation: LatentRotation, clusters: TissueClusters, names: Sequence[str],
                colors: Optional[Sequence] = None, training: Optional[Mapping] = None,
                probe: Optional[Mapping] = None, created: Optional[str] = None) -> "ModelBundle":
@@ -155,7 +156,7 @@ class ModelBundle:
             "created": created or _today(),
             "latentharmonize_version": __version__,
             "encoder": {"kind": kind, "latent_dim": int(config["latent_dim"]), "config": config},
-            "patch_spec": _jsonable(dict(spec)),
+            "patch_spec": _jsonable(spec.to_dict()),
             "rotation": _jsonable(rot_meta),
             "clusters": {**_jsonable(cl_meta), "labels": list(range(1, k + 1)), "names": names,
                          "colors": [list(c) for c in colors]},
@@ -183,8 +184,8 @@ class ModelBundle:
         return {int(label): tuple(float(v) for v in rgb) for label, rgb in zip(c["labels"], c["colors"])}
 
     @property
-    def spec(self) -> dict:
-        return copy.deepcopy(self.manifest["patch_spec"])
+    def spec(self) -> PatchSpec:
+        return PatchSpec.from_dict(self.manifest["patch_spec"])
 
     @property
     def sha256(self) -> str:
@@ -233,10 +234,8 @@ class ModelBundle:
 def _validate(bundle: ModelBundle) -> None:
     """Consistency of manifest, arrays and weights; BundleError naming the first problem."""
     m = bundle.manifest
-    from .patches import n_features, resolve_spec
-
     try:
-        spec = resolve_spec(m["patch_spec"])
+        spec = PatchSpec.from_dict(m["patch_spec"])
     except (InputError, TypeError, ValueError) as exc:
         raise BundleError(f"The bundle's patch spec is invalid: {exc}") from None
     d = n_features(int(m["encoder"]["latent_dim"]), spec)
@@ -262,26 +261,26 @@ def _validate(bundle: ModelBundle) -> None:
     _check_ranges(spec, rot)
 
 
-def _check_ranges(spec: dict, rot) -> None:
+def _check_ranges(spec: PatchSpec, rot) -> None:
     """Every setting analyze reads is a finite number in the range a model can have been trained with."""
     def number(value) -> float:
         ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
         return float(value) if ok else float("nan")
 
-    spacing = [number(v) for v in spec["spacing"]] if isinstance(spec["spacing"], list) else []
-    lo, hi = (number(v) for v in spec["hu_window"])
+    spacing = [number(v) for v in spec.spacing] if isinstance(spec.spacing, tuple) else []
+    lo, hi = (number(v) for v in spec.hu_window)
     checks = {
         "spacing": len(spacing) == 3 and all(0.1 <= v <= 10 for v in spacing),
-        "margin_mm": 0 <= number(spec["margin_mm"]) <= 100,
+        "margin_mm": 0 <= number(spec.margin_mm) <= 100,
         "hu_window": -3000 <= lo < hi <= 5000,
-        "outside_fill_hu": lo <= number(spec["outside_fill_hu"]) <= hi,
-        "min_lung_fraction": 0 <= number(spec["min_lung_fraction"]) <= 1,
-        "context_radius": float(number(spec["context_radius"])).is_integer() and 0 <= spec["context_radius"] <= 16,
+        "outside_fill_hu": lo <= number(spec.outside_fill_hu) <= hi,
+        "min_lung_fraction": 0 <= number(spec.min_lung_fraction) <= 1,
+        "context_radius": float(number(spec.context_radius)).is_integer() and 0 <= spec.context_radius <= 16,
         "technical_weight": 0 <= number(getattr(rot, "technical_weight", 0.0)) <= 100,
     }
     wrong = [key for key, ok in checks.items() if not ok]
     if wrong:
-        shown = {k: (rot.technical_weight if k == "technical_weight" else spec[k]) for k in wrong}
+        shown = {k: (rot.technical_weight if k == "technical_weight" else getattr(spec, k)) for k in wrong}
         raise BundleError(f"The bundle's settings are out of range or not finite: {shown}. It is damaged or was "
                           "edited by hand; restore it or retrain.")
 

@@ -108,9 +108,9 @@ def estimate_calibration(ct: sitk.Image, lungs: sitk.Image) -> HUCalibration:
     return calibration
 
 
-def calibrate_grid_hu(hu: np.ndarray, ct: sitk.Image, lungs: sitk.Image, spec: dict) -> tuple:
+def calibrate_grid_hu(hu: np.ndarray, ct: sitk.Image, lungs: sitk.Image, spec) -> tuple:
     """(model-grid HU, calibration or None): the spec's calibration of ``ct`` applied to ``hu``."""
-    if spec.get("calibration") is None:
+    if spec.calibration is None:
         return hu, None
     calibration = estimate_calibration(ct, lungs)
     return calibration.apply(hu), calibration

@@ -17,8 +17,8 @@ from .errors import REPORT_BUG, as_user_error
 
 COMMANDS = {
     "analyze": ("latentharmonize.analyze", "analyze one chest CT: cluster map, composition, QC report"),
-    "train": ("latentharmonize.train", "train encoder, latent rotation and tissue clusters into a model bundle"),
-    "evaluate": ("latentharmonize.evaluate", "measure cluster consistency, probe and survival against baselines"),
+    "train": ("latentharmonize.training", "train encoder, latent rotation and tissue clusters into a model bundle"),
+    "evaluate": ("latentharmonize.evaluation", "measure cluster consistency, probe and survival against baselines"),
     "phantom": ("latentharmonize.phantom", "generate a multi-patient, multi-acquisition chest CT phantom cohort"),
     "batch": ("latentharmonize.batch", "analyze a whole cohort on a Dask cluster"),
     "survival": ("latentharmonize.survival", "Cox survival model from cohort tissue compositions"),

@@ -31,6 +31,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from .densitometry import PROFILE_KEYS
 from .errors import InputError
 
 # Okabe & Ito (2008) colour-blind-safe set (without black), then Paul Tol's "bright" scheme.
@@ -52,10 +53,6 @@ DISEASE_NAMES = (LOW_ATTENUATION, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)
 NAME_COLORS = {name: PALETTE[i] for i, name in enumerate(TISSUE_NAMES)}
 
 WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproducible clusters
-# Per-patch HU statistics (centre slice) whose cluster means make a cluster's profile; the names use the median
-# and voxel shares, which a bright minority of voxels (a vessel or a bronchial wall crossing the patch) barely
-# moves, unlike the mean and SD.
-PROFILE_KEYS = ("mean_hu", "sd_hu", "median_hu", "frac_below_950", "frac_above_700", "frac_above_300")
 # Thresholds of the naming rules (HU and voxel shares), from typical lung CT values (field notes section 2):
 # normal parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50, vessels +40.
 NAMING_THRESHOLDS = {
@@ -256,17 +253,6 @@ def nearest_with_confidence(distances) -> tuple:
 
 
 # ---------------------------------------------------------------- profiles and names
-def patch_statistics(hu_patches) -> dict:
-    """Per-patch HU statistics [n] (the keys of ``PROFILE_KEYS``) from HU patches [n, ...], for naming clusters."""
-    hu = np.asarray(hu_patches, dtype=np.float64)
-    if hu.ndim < 2 or hu.shape[0] == 0:
-        raise InputError(f"hu_patches must be an array [n_patches, ...voxels], got shape {hu.shape}.")
-    flat = hu.reshape(hu.shape[0], -1)
-    return {"mean_hu": flat.mean(axis=1), "sd_hu": flat.std(axis=1), "median_hu": np.median(flat, axis=1),
-            "frac_below_950": (flat < -950).mean(axis=1), "frac_above_700": (flat > -700).mean(axis=1),
-            "frac_above_300": (flat > -300).mean(axis=1)}
-
-
 def cluster_profiles(labels, stats: Mapping[str, np.ndarray], n_clusters: int) -> list:
     """Mean of each per-patch statistic within each cluster 1..K: one dict per cluster (plus ``n``)."""
     labels = np.asarray(labels).ravel()

@@ -11,6 +11,11 @@ readers compare a tissue composition with first.
 Computed on the CT's own voxels inside the lung mask, with no resampling, per region of
 :mod:`latentharmonize.composition` (``whole``, ``right``, ``left``, ``upper``, ``middle``, ``lower``, then one per
 mask segment). :func:`density_indices` is the one definition for any set of lung HU values.
+
+The same thresholds summarise single patches (:func:`patch_hu_statistics`, what ``train --densitometry`` appends
+to the latents and the ``hu_statistics`` reference reads; :func:`patch_profiles`, what names the clusters) and a
+whole lung (:func:`lung_hu_indices`, the evaluation's densitometry baseline). :func:`smooth_lung` is the in-plane
+blur read before the patch statistics when a bundle asks for it.
 """
 from __future__ import annotations
 
@@ -19,13 +24,16 @@ import math
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
 
 from .composition import REGION_CELLS, REGIONS, _check_same_grid, lung_cells
 from .errors import InputError
 from .segments import MaskSegments, segment_codes
 
-LAA_THRESHOLD_HU = -950.0
-HAA_RANGE_HU = (-700.0, -250.0)
+LAA_THRESHOLD_HU = -950.0  # emphysema: the low-attenuation area
+HAA_THRESHOLD_HU = -700.0  # ground glass and fibrosis above it
+DENSE_THRESHOLD_HU = -300.0  # consolidation and vessels above it
+HAA_RANGE_HU = (HAA_THRESHOLD_HU, -250.0)
 PERCENTILE = 15.0
 COLUMNS = ["region", "laa950_pct", "haa700_250_pct", "mld_hu", "perc15_hu", "volume_ml"]
 
@@ -100,3 +108,76 @@ def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments
             if n:
                 rows.append({"region": region, **density_indices(hu[voxels]), "volume_ml": n * voxel_ml})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# ----------------------------------------------------------------------------- lung and patch summaries
+def lung_hu_indices(hu, lung) -> dict:
+    """Whole-lung densitometry: % voxels below -950 HU, % above -700 HU, mean HU, 15th percentile HU (keys
+    ``laa950``, ``haa700``, ``mld``, ``perc15``). HAA here stays "above -700 HU", the evaluation's recorded baseline.
+
+    ``hu`` and ``lung`` are numpy arrays of one shape or SimpleITK images (any non-zero mask value is lung).
+    """
+    hu = sitk.GetArrayFromImage(hu) if isinstance(hu, sitk.Image) else np.asarray(hu)
+    lung = sitk.GetArrayFromImage(lung) if isinstance(lung, sitk.Image) else np.asarray(lung)
+    if hu.shape != lung.shape:
+        raise InputError(f"CT {hu.shape} and lung mask {lung.shape} differ in size; give the mask made for this CT.")
+    values = hu[lung > 0].astype(np.float64)
+    if values.size == 0:
+        raise InputError("The lung mask is empty; densitometry needs lung voxels.")
+    indices = density_indices(values)
+    return {
+        "laa950": indices["laa950_pct"],
+        "haa700": float(100.0 * np.mean(values > HAA_THRESHOLD_HU)),
+        "mld": indices["mld_hu"],
+        "perc15": indices["perc15_hu"],
+    }
+
+
+# Quantiles (%) and thresholds (HU) of :func:`patch_hu_statistics`: the histogram summaries of lung densitometry.
+HU_STATISTIC_QUANTILES = (10, 25, 50, 75, 90)
+HU_STATISTIC_NAMES = tuple(f"q{q}" for q in HU_STATISTIC_QUANTILES) + ("below_950", "above_700", "above_300")
+
+
+def patch_hu_statistics(values: np.ndarray) -> np.ndarray:
+    """Per patch: HU quantiles and threshold shares of its lung voxels, float32 [n, 8] (columns
+    ``HU_STATISTIC_NAMES``). ``values`` [n, ...] holds each patch's HU with NaN where it is not lung. Quantiles are
+    the nearest-rank values of the lung voxels of the patch."""
+    values = values.reshape(len(values), -1)
+    n_lung = np.count_nonzero(~np.isnan(values), axis=1)
+    if np.any(n_lung == 0):
+        raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
+    ranked = np.sort(values, axis=1)  # NaN (not lung) sorts last
+    ranks = np.rint(np.outer(n_lung - 1, np.asarray(HU_STATISTIC_QUANTILES) / 100.0)).astype(np.int64)
+    quantiles = np.take_along_axis(ranked, ranks, axis=1)
+    shares = [np.count_nonzero(test, axis=1) / n_lung for test in
+              (values < LAA_THRESHOLD_HU, values > HAA_THRESHOLD_HU, values > DENSE_THRESHOLD_HU)]
+    return np.column_stack([quantiles, *shares]).astype(np.float32)
+
+
+# Per-patch HU statistics (centre slice) whose cluster means make a cluster's profile; the names use the median
+# and voxel shares, which a bright minority of voxels (a vessel or a bronchial wall crossing the patch) barely
+# moves, unlike the mean and SD.
+PROFILE_KEYS = ("mean_hu", "sd_hu", "median_hu", "frac_below_950", "frac_above_700", "frac_above_300")
+
+
+def patch_profiles(hu_patches) -> dict:
+    """Per-patch HU statistics [n] (the keys of ``PROFILE_KEYS``) from HU patches [n, ...], for naming clusters."""
+    hu = np.asarray(hu_patches, dtype=np.float64)
+    if hu.ndim < 2 or hu.shape[0] == 0:
+        raise InputError(f"hu_patches must be an array [n_patches, ...voxels], got shape {hu.shape}.")
+    flat = hu.reshape(hu.shape[0], -1)
+    return {"mean_hu": flat.mean(axis=1), "sd_hu": flat.std(axis=1), "median_hu": np.median(flat, axis=1),
+            "frac_below_950": (flat < LAA_THRESHOLD_HU).mean(axis=1),
+            "frac_above_700": (flat > HAA_THRESHOLD_HU).mean(axis=1),
+            "frac_above_300": (flat > DENSE_THRESHOLD_HU).mean(axis=1)}
+
+
+def smooth_lung(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spacing) -> np.ndarray:
+    """In-plane Gaussian blur (SD ``sigma_mm``) of the lung HU on a grid of ``spacing`` (x, y, z) mm, normalised
+    over lung voxels so the chest wall does not bleed in; voxels outside the lung keep their HU. It removes most of a
+    sharp kernel's extra high-frequency noise, which otherwise fills the tails of the histogram (the emphysema
+    index), and keeps regional density."""
+    sigma = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[0])
+    weight = gaussian_filter(lung.astype(np.float32), sigma)
+    blurred = gaussian_filter(np.where(lung, hu, 0.0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
+    return np.where(lung, blurred, hu).astype(np.float32)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .densitometry import LAA_THRESHOLD_HU
 from .errors import InputError
 
 PATCH_SIZE = 16
@@ -69,9 +70,6 @@ class PatchDecoder(nn.Module):
         return self.body(self.fc(z).view(-1, 2 * self.width, 4, 4))
 
 
-EMPHYSEMA_THRESHOLD_HU = -950.0  # the densitometric emphysema threshold (% low-attenuation area)
-
-
 class LowAttenuationChannels(nn.Module):
     """Append to each slice a soft indicator of voxels below ``threshold_hu``: [B, S, H, W] -> [B, 2S, H, W].
 
@@ -81,7 +79,7 @@ class LowAttenuationChannels(nn.Module):
     low-attenuation pattern. Elementwise, so dense slab encoding stays exact.
     """
 
-    def __init__(self, hu_window, threshold_hu: float = EMPHYSEMA_THRESHOLD_HU, width_hu: float = 15.0):
+    def __init__(self, hu_window, threshold_hu: float = LAA_THRESHOLD_HU, width_hu: float = 15.0):
         super().__init__()
         low, high = (float(v) for v in hu_window)
         if not high > low:

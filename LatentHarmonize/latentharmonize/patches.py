@@ -18,120 +18,153 @@ import contextlib
 import itertools
 import math
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from .calibration import METHODS as CALIBRATIONS
-from .clusters import PROFILE_KEYS, patch_statistics
+from .densitometry import HU_STATISTIC_NAMES, PROFILE_KEYS, patch_hu_statistics, patch_profiles, smooth_lung
 from .errors import InputError
 from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid
 from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
-DEFAULT_SPEC = {
-    "patch_size": PATCH_SIZE,  # px in-plane
-    "slices": SLICES,  # adjacent axial slices, as channels
-    "stride": STRIDE,  # px between lattice points in-plane
-    "spacing": list(DEFAULT_SPACING),  # model grid (x, y, z) mm
-    "margin_mm": DEFAULT_MARGIN_MM,
-    "hu_window": [-1100.0, 300.0],
-    "outside_fill_hu": -850.0,  # normal lung: the chest wall must not drive border patches
-    "min_lung_fraction": 0.5,  # of a centre's cell for the centre to count as lung
-    # In-plane lattice steps whose latents are averaged into each one (0: the patch alone). Tissue type is a
-    # regional property; averaging neighbours damps what one 20 mm patch happens to hold (a vessel, a border).
-    "context_radius": 0,
-    # Internal-reference HU calibration before encoding (calibration.py): None or "air_fat".
-    "calibration": None,
-    # Patch densitometry appended to each latent before the rotation (None, or "weight", "center", "scale": see
-    # densitometry_features); train --densitometry fits centre and scale on the training patches.
-    "densitometry": None,
-}
+@dataclass(frozen=True)
+class PatchDensitometry:
+    """Patch densitometry appended to each latent before the rotation (:func:`densitometry_features`):
+    ``(statistic - center) / scale`` per statistic of ``densitometry.HU_STATISTIC_NAMES``; ``train --densitometry``
+    fits centre and scale on the training patches. ``smooth_mm``: statistics of :func:`densitometry.smooth_lung`."""
 
+    weight: float
+    center: tuple
+    scale: tuple
+    smooth_mm: float | None = None
 
-def resolve_spec(spec: dict | None) -> dict:
-    """The default patch spec updated with ``spec``; refuses specs this encoder cannot honour."""
-    merged = {**DEFAULT_SPEC, **(spec or {})}
-    fixed = {"patch_size": PATCH_SIZE, "slices": SLICES, "stride": STRIDE}
-    wrong = {k: merged[k] for k, v in fixed.items() if int(merged[k]) != v}
-    if wrong:
-        raise InputError(f"Patch spec {wrong} does not match the encoder ({fixed}); the model bundle is inconsistent.")
-    if int(merged["context_radius"]) < 0:
-        raise InputError(f"context_radius must be 0 or more lattice steps, got {merged['context_radius']}.")
-    if merged["calibration"] is not None and merged["calibration"] not in CALIBRATIONS:
-        raise InputError(f"calibration must be null or one of {CALIBRATIONS}, got {merged['calibration']!r}.")
-    lo, hi = merged["hu_window"]
-    if not lo < hi:
-        raise InputError(f"hu_window must be [low, high] with low < high, got {merged['hu_window']}.")
-    if merged["densitometry"] is not None:
-        _check_densitometry(merged["densitometry"])
-    return merged
-
-
-def _check_densitometry(entry) -> None:
-    from .baselines import HU_STATISTIC_NAMES
-
-    n = len(HU_STATISTIC_NAMES)
-    ok = isinstance(entry, dict) and {"weight", "center", "scale"} <= set(entry)
-    if ok:
-        weight = entry["weight"]
+    def __post_init__(self):
+        n = len(HU_STATISTIC_NAMES)
         try:
-            center, scale = (np.asarray(entry[k], dtype=float) for k in ("center", "scale"))
+            center, scale = (np.asarray(v, dtype=float) for v in (self.center, self.scale))
         except (TypeError, ValueError):  # not numbers: reported below like any other malformed entry
             center = scale = np.zeros(0)
         ok = (center.shape == scale.shape == (n,) and np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
-              and np.all(scale > 0) and isinstance(weight, numbers.Real) and not isinstance(weight, bool)
-              and np.isfinite(weight) and weight > 0)
-    if ok and "smooth_mm" in entry:
-        smooth = entry["smooth_mm"]
-        ok = isinstance(smooth, numbers.Real) and not isinstance(smooth, bool) and np.isfinite(smooth) and smooth >= 0
-    if not ok:
-        raise InputError(f"densitometry must be null or a weight > 0 (and an optional smooth_mm >= 0) with {n} finite centres and {n} positive scales "
-                         f"(one per statistic {list(HU_STATISTIC_NAMES)}), got {entry!r}; the model bundle is "
-                         "damaged or was edited by hand.")
+              and np.all(scale > 0) and _is_real(self.weight) and self.weight > 0
+              and (self.smooth_mm is None or (_is_real(self.smooth_mm) and self.smooth_mm >= 0)))
+        if not ok:
+            raise InputError(f"densitometry must be null or a weight > 0 (and an optional smooth_mm >= 0) with {n} "
+                             f"finite centres and {n} positive scales (one per statistic {list(HU_STATISTIC_NAMES)}), "
+                             f"got {self.to_dict()!r}; the model bundle is damaged or was edited by hand.")
+
+    @classmethod
+    def from_dict(cls, entry) -> "PatchDensitometry":
+        if not (isinstance(entry, dict) and {"weight", "center", "scale"} <= set(entry) <= {"weight", "center", "scale", "smooth_mm"}):
+            raise InputError(f"densitometry must be null or a weight > 0 (and an optional smooth_mm >= 0) with "
+                             f"centres and scales per statistic {list(HU_STATISTIC_NAMES)}, got {entry!r}; the model "
+                             "bundle is damaged or was edited by hand.")
+        center, scale = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (entry["center"], entry["scale"]))
+        return cls(entry["weight"], center, scale, entry.get("smooth_mm"))
+
+    def to_dict(self) -> dict:
+        smooth = {} if self.smooth_mm is None else {"smooth_mm": self.smooth_mm}
+        listed = [list(v) if isinstance(v, tuple) else v for v in (self.center, self.scale)]
+        return {"weight": self.weight, "center": listed[0], "scale": listed[1], **smooth}
 
 
-def n_features(latent_dim: int, spec: dict) -> int:
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """How a scan becomes patches: the model grid, the patch geometry, the HU window and what is added to the
+    latents. A bundle stores it as its manifest's ``patch_spec`` (:meth:`to_dict`); every default lives here."""
+
+    patch_size: int = PATCH_SIZE  # px in-plane
+    slices: int = SLICES  # adjacent axial slices, as channels
+    stride: int = STRIDE  # px between lattice points in-plane
+    spacing: tuple = DEFAULT_SPACING  # model grid (x, y, z) mm
+    margin_mm: float = DEFAULT_MARGIN_MM
+    hu_window: tuple = (-1100.0, 300.0)
+    outside_fill_hu: float = -850.0  # normal lung: the chest wall must not drive border patches
+    min_lung_fraction: float = 0.5  # of a centre's cell for the centre to count as lung
+    # In-plane lattice steps whose latents are averaged into each one (0: the patch alone). Tissue type is a
+    # regional property; averaging neighbours damps what one 20 mm patch happens to hold (a vessel, a border).
+    context_radius: int = 1
+    # Internal-reference HU calibration before encoding (calibration.py): None or "air_fat".
+    calibration: str | None = None
+    densitometry: PatchDensitometry | None = None
+
+    def __post_init__(self):
+        fixed = {"patch_size": PATCH_SIZE, "slices": SLICES, "stride": STRIDE}
+        wrong = {k: getattr(self, k) for k, v in fixed.items() if int(getattr(self, k)) != v}
+        if wrong:
+            raise InputError(f"Patch spec {wrong} does not match the encoder ({fixed}); the model bundle is inconsistent.")
+        if int(self.context_radius) < 0:
+            raise InputError(f"context_radius must be 0 or more lattice steps, got {self.context_radius}.")
+        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+            raise InputError(f"calibration must be null or one of {CALIBRATIONS}, got {self.calibration!r}.")
+        lo, hi = self.hu_window
+        if not lo < hi:
+            raise InputError(f"hu_window must be [low, high] with low < high, got {list(self.hu_window)}.")
+
+    @classmethod
+    def from_dict(cls, entries: dict | None) -> "PatchSpec":
+        """The spec of a manifest's ``patch_spec`` (missing keys take the defaults); refuses specs this encoder
+        cannot honour and keys it does not know."""
+        entries = dict(entries or {})
+        unknown = sorted(set(entries) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InputError(f"Unknown patch spec settings {unknown}; the model bundle is from another version or was "
+                             "edited by hand.")
+        for key in ("spacing", "hu_window"):
+            if isinstance(entries.get(key), list):
+                entries[key] = tuple(entries[key])
+        if entries.get("densitometry") is not None:
+            entries["densitometry"] = PatchDensitometry.from_dict(entries["densitometry"])
+        return cls(**entries)
+
+    def to_dict(self) -> dict:
+        """The manifest form: plain JSON types."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["spacing"], out["hu_window"] = list(self.spacing), list(self.hu_window)
+        out["densitometry"] = None if self.densitometry is None else self.densitometry.to_dict()
+        return out
+
+    @property
+    def n_statistics(self) -> int:
+        """Columns the densitometry appends to each latent (0 without it)."""
+        return len(HU_STATISTIC_NAMES) if self.densitometry is not None else 0
+
+
+def n_features(latent_dim: int, spec: PatchSpec) -> int:
     """Length of the vectors the rotation sees: the encoder's latent plus the densitometry columns, if any."""
-    from .baselines import HU_STATISTIC_NAMES
-
-    return int(latent_dim) + (len(HU_STATISTIC_NAMES) if spec.get("densitometry") else 0)
+    return int(latent_dim) + spec.n_statistics
 
 
-def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
-    """Each patch's HU quantiles and threshold shares (``baselines.patch_hu_statistics``) as ``(value - center) /
+def lattice_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """:func:`densitometry.patch_hu_statistics` of the lung voxels of each patch at lattice ``positions``."""
+    return patch_hu_statistics(extract_patches(np.where(lung, hu, np.nan).astype(np.float32), positions, spec))
+
+
+def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """Each patch's HU quantiles and threshold shares (:func:`lattice_hu_statistics`) as ``(value - center) /
     scale``, float32 [n, 8]: what the spec's ``densitometry`` appends to the latents.
 
     The latent spends its few dimensions on vessels; emphysema is a shift of the voxel histogram the autoencoder
     barely needs to reconstruct. Appending the histogram before the rotation lets the paired rotation take out
     what the kernel and dose do to it (the emphysema index of a sharp kernel) and keep what the tissue does.
-    With ``smooth_mm`` in the entry the statistics are read from :func:`smooth_lung` of the scan.
+    With ``smooth_mm`` in the entry the statistics are read from :func:`densitometry.smooth_lung` of the scan.
     """
-    from .baselines import patch_hu_statistics
-
-    entry = spec["densitometry"]
-    if entry.get("smooth_mm"):
-        hu = smooth_lung(hu, lung, float(entry["smooth_mm"]), spec)
-    raw = patch_hu_statistics(hu, lung, positions, spec)
-    return ((raw - np.asarray(entry["center"], np.float32)) / np.asarray(entry["scale"], np.float32)).astype(np.float32)
+    entry = spec.densitometry
+    if entry.smooth_mm:
+        hu = smooth_lung(hu, lung, float(entry.smooth_mm), spec.spacing)
+    raw = lattice_hu_statistics(hu, lung, positions, spec)
+    return ((raw - np.asarray(entry.center, np.float32)) / np.asarray(entry.scale, np.float32)).astype(np.float32)
 
 
-def smooth_lung(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spec: dict) -> np.ndarray:
-    """In-plane Gaussian blur (SD ``sigma_mm``) of the lung HU, normalised over lung voxels so the chest wall does not
-    bleed in; voxels outside the lung keep their HU. It removes most of a sharp kernel's extra high-frequency noise,
-    which otherwise fills the tails of the histogram (the emphysema index), and keeps regional density."""
-    from scipy.ndimage import gaussian_filter
-
-    sigma = (0.0, sigma_mm / spec["spacing"][1], sigma_mm / spec["spacing"][0])
-    weight = gaussian_filter(lung.astype(np.float32), sigma)
-    blurred = gaussian_filter(np.where(lung, hu, 0.0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
-    return np.where(lung, blurred, hu).astype(np.float32)
-
-
-def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: dict) -> np.ndarray:
-    if not spec.get("densitometry"):
+def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: PatchSpec) -> np.ndarray:
+    if spec.densitometry is None:
         return latents
     if len(latents) == 0:
         return np.zeros((0, n_features(latents.shape[1], spec)), np.float32)
@@ -157,18 +190,17 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def normalize_hu(hu: np.ndarray, lung: np.ndarray, spec: dict) -> np.ndarray:
+def normalize_hu(hu: np.ndarray, lung: np.ndarray, spec: PatchSpec) -> np.ndarray:
     """HU -> [0, 1] over the spec's window, with voxels outside the lung set to ``outside_fill_hu`` first."""
-    lo, hi = spec["hu_window"]
-    filled = np.where(lung, hu, np.float32(spec["outside_fill_hu"]))
+    lo, hi = spec.hu_window
+    filled = np.where(lung, hu, np.float32(spec.outside_fill_hu))
     return ((np.clip(filled, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- lattice
-def patch_lattice(grid: ModelGrid, spec: dict | None = None) -> ModelGrid:
+def patch_lattice(grid: ModelGrid, spec: PatchSpec = PatchSpec()) -> ModelGrid:
     """The grid of patch centres of a model grid (in-plane spacing = stride x grid spacing)."""
-    spec = resolve_spec(spec)
-    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    p, s, n = spec.patch_size, spec.stride, spec.slices
     sx, sy, sz = grid.spacing
     z, y, x = grid.shape
     origin = (grid.origin[0] + (p - 1) / 2 * sx, grid.origin[1] + (p - 1) / 2 * sy, grid.origin[2] + (n // 2) * sz)
@@ -176,16 +208,15 @@ def patch_lattice(grid: ModelGrid, spec: dict | None = None) -> ModelGrid:
     return ModelGrid(origin=origin, spacing=(s * sx, s * sy, sz), shape=shape)
 
 
-def valid_centres(lung: np.ndarray, spec: dict | None = None) -> np.ndarray:
+def valid_centres(lung: np.ndarray, spec: PatchSpec = PatchSpec()) -> np.ndarray:
     """Bool [Z', H', W'] on the patch lattice: is at least ``min_lung_fraction`` of the centre's cell lung?"""
-    spec = resolve_spec(spec)
-    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    p, s, n = spec.patch_size, spec.stride, spec.slices
     z, y, x = lung.shape
     nz, ny, nx = max(z - n + 1, 0), max((y - p) // s + 1, 0), max((x - p) // s + 1, 0)
     off = (p - s) // 2
     cells = lung[n // 2: n // 2 + nz, off: off + s * ny, off: off + s * nx].astype(np.float32)
     fraction = cells.reshape(nz, ny, s, nx, s).mean(axis=(2, 4))
-    return fraction >= spec["min_lung_fraction"]
+    return fraction >= spec.min_lung_fraction
 
 
 def point_keys(lattice: ModelGrid, positions: np.ndarray) -> np.ndarray:
@@ -193,17 +224,17 @@ def point_keys(lattice: ModelGrid, positions: np.ndarray) -> np.ndarray:
     return np.round(lattice.index_to_physical(positions) * 1000.0).astype(np.int64)
 
 
-def centre_pixels(positions: np.ndarray, spec: dict) -> tuple:
+def centre_pixels(positions: np.ndarray, spec: PatchSpec) -> tuple:
     """(z, y, x) model-grid indices of the centre pixel of each patch at lattice ``positions`` (slice k + 1, pixel
     stride * i + 7), e.g. to read a tissue truth label per patch."""
-    c = (spec["patch_size"] - 1) // 2
+    c = (spec.patch_size - 1) // 2
     pos = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
-    return pos[:, 0] + spec["slices"] // 2, spec["stride"] * pos[:, 1] + c, spec["stride"] * pos[:, 2] + c
+    return pos[:, 0] + spec.slices // 2, spec.stride * pos[:, 1] + c, spec.stride * pos[:, 2] + c
 
 
-def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
+def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
     """Patches [m, 3, 16, 16] of ``volume`` at lattice positions [m, 3] (z, y, x)."""
-    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    p, s, n = spec.patch_size, spec.stride, spec.slices
     windows = np.lib.stride_tricks.sliding_window_view(volume, (n, p, p))
     pos = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
     return np.ascontiguousarray(windows[pos[:, 0], s * pos[:, 1], s * pos[:, 2]])
@@ -232,7 +263,7 @@ class PairedPatches:
     point: np.ndarray  # [n] int, global id of the physical point
     scan: np.ndarray  # [n] int, index of the scan the row comes from
     keys: np.ndarray  # [n, 3] int64 physical micrometres of the centre
-    stats: dict = field(default_factory=dict)  # clusters.PROFILE_KEYS -> [n], HU profile of the centre slice
+    stats: dict = field(default_factory=dict)  # densitometry.PROFILE_KEYS -> [n], HU profile of the centre slice
     truth: np.ndarray | None = None  # [n] int tissue label at the centre, when scans carry truth
 
     def __len__(self) -> int:
@@ -252,7 +283,7 @@ class PairedPatches:
         return [r for r in np.split(order, bounds) if len(r)]
 
 
-def _common_points(scans: list, spec: dict) -> tuple[np.ndarray, list]:
+def _common_points(scans: list, spec: PatchSpec) -> tuple[np.ndarray, list]:
     """Keys of lattice points valid in every scan of one patient, and each scan's positions of those points."""
     per_scan = []
     for scan in scans:
@@ -264,13 +295,12 @@ def _common_points(scans: list, spec: dict) -> tuple[np.ndarray, list]:
                                                                 for d in per_scan]
 
 
-def sample_paired_patches(scans: list, per_patient: int, spec: dict | None = None, seed: int = 0) -> PairedPatches:
+def sample_paired_patches(scans: list, per_patient: int, spec: PatchSpec = PatchSpec(), seed: int = 0) -> PairedPatches:
     """Sample ``per_patient`` lung points per patient (balanced), each taken from *every* acquisition of it.
 
     Points are lattice centres valid in all of a patient's acquisitions, so each point yields one row per
     acquisition at the same physical location.
     """
-    spec = resolve_spec(spec)
     if per_patient < 1:
         raise InputError(f"per_patient must be at least 1, got {per_patient}.")
     rng = np.random.default_rng(seed)
@@ -307,15 +337,15 @@ def concat_samples(parts: list) -> PairedPatches:
 
 
 def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarray, point_ids: np.ndarray,
-                  spec: dict) -> dict:
-    filled = np.where(scan.lung, scan.hu, np.float32(spec["outside_fill_hu"]))
+                  spec: PatchSpec) -> dict:
+    filled = np.where(scan.lung, scan.hu, np.float32(spec.outside_fill_hu))
     raw = extract_patches(filled, positions, spec)
-    lo, hi = spec["hu_window"]
+    lo, hi = spec.hu_window
     rows = {"patches": ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32),
             "patient": np.full(len(positions), str(scan.patient), dtype=object),
             "acquisition": np.full(len(positions), str(scan.acquisition), dtype=object),
             "point": point_ids, "scan": np.full(len(positions), index), "keys": keys,
-            "stats": patch_statistics(raw[:, spec["slices"] // 2])}
+            "stats": patch_profiles(raw[:, spec.slices // 2])}
     if scan.truth is not None:
         rows["truth"] = scan.truth[centre_pixels(positions, spec)].astype(np.int64)
     return rows
@@ -340,14 +370,13 @@ def _slab_batch(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
-def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: dict | None = None,
+def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: PatchSpec = PatchSpec(),
                  device="cpu", progress: Progress | None = None, slabs_per_batch: int | None = None) -> DenseLatents:
     """Encode every valid lattice centre of a model-grid volume, streaming batches of slabs over z.
 
     Each batch holds ``slabs_per_batch`` 3-slice slabs cropped in-plane to the rows/columns that carry a valid
     centre (exact, since crops keep the 4-px alignment); memory stays bounded by one batch.
     """
-    spec = resolve_spec(spec)
     if hu.shape != lung.shape or tuple(hu.shape) != tuple(grid.shape):
         raise InputError(f"hu {hu.shape}, lung {lung.shape} and grid {tuple(grid.shape)} must have one shape.")
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -370,7 +399,7 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     positions = np.concatenate(positions or [np.zeros((0, 3), np.int64)])
     dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec), positions=positions,
                          lattice=lattice)
-    return aggregate_context(dense, int(spec["context_radius"]))
+    return aggregate_context(dense, spec.context_radius)
 
 
 def aggregate_context(dense: DenseLatents, radius: int) -> DenseLatents:
@@ -394,7 +423,7 @@ def aggregate_context(dense: DenseLatents, radius: int) -> DenseLatents:
 
 
 def _encode_slab_batch(model, hu, lung, valid, ks, spec, device) -> tuple[np.ndarray, np.ndarray]:
-    p, s, n = spec["patch_size"], spec["stride"], spec["slices"]
+    p, s, n = spec.patch_size, spec.stride, spec.slices
     v = valid[ks]
     rows, cols = np.flatnonzero(v.any(axis=(0, 2))), np.flatnonzero(v.any(axis=(0, 1)))
     i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -407,14 +436,13 @@ def _encode_slab_batch(model, hu, lung, valid, ks, spec, device) -> tuple[np.nda
     return lat.cpu().numpy().astype(np.float32), pos
 
 
-def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: dict | None = None,
+def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: PatchSpec = PatchSpec(),
                          device="cpu", batch_size: int = 1, limit: int | None = None) -> DenseLatents:
     """Reference path: cut out each valid patch and encode it separately (``batch_size`` patches per call).
 
     Same result as :func:`encode_dense`; used to measure what dense encoding saves. ``limit`` keeps the first
     ``limit`` centres only (benchmarks extrapolate).
     """
-    spec = resolve_spec(spec)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     positions = np.argwhere(valid_centres(lung, spec))[:limit]
     volume = normalize_hu(hu, lung, spec)
@@ -427,4 +455,4 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
     latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
     latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec)
     return aggregate_context(DenseLatents(latents=latents, positions=positions.astype(np.int64),
-                                          lattice=patch_lattice(grid, spec)), int(spec["context_radius"]))
+                                          lattice=patch_lattice(grid, spec)), spec.context_radius)

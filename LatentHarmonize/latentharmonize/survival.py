@@ -2,8 +2,6 @@
 
 The core is library code used by ``evaluate`` and by the ``survival`` command:
 
-- :func:`hu_threshold_features` — the densitometry that SlicerLungCTAnalyzer and the Chest Imaging
-  Platform report (LAA950, HAA700, mean lung density, Perc15), the classical baseline.
 - :func:`cross_validated_c_index` — penalised Cox PH (lifelines) fitted on training folds, risk
   predicted on held-out folds, Harrell's C of the out-of-fold risks with a bootstrap CI.
 - :func:`hazard_ratios` — a Cox fit on all patients, hazard ratio per standard deviation with 95 % CI.
@@ -30,36 +28,11 @@ import pandas as pd
 
 from .atomic import StagedOutput
 from .errors import InputError
-from .metrics import percentile_ci
+from .evaluation.metrics import percentile_ci
 
 CLUSTER_FRACTION = re.compile(r"^frac_\d+_")   # batch's per-cluster columns, e.g. frac_3_ground_glass
 DEFAULT_COVARIATES = ("age", "sex", "fvc")
 OUTPUTS = ("report.html", "hazard_ratios.csv", "km.png", "metrics.json")
-
-
-def hu_threshold_features(hu, lung) -> Dict[str, float]:
-    """Densitometry of the lung: % voxels below -950 HU, % above -700 HU, mean HU, 15th percentile HU.
-
-    ``hu`` and ``lung`` are numpy arrays of one shape or SimpleITK images (any non-zero mask value is lung).
-    """
-    import SimpleITK as sitk
-
-    from .densitometry import density_indices
-
-    hu = sitk.GetArrayFromImage(hu) if isinstance(hu, sitk.Image) else np.asarray(hu)
-    lung = sitk.GetArrayFromImage(lung) if isinstance(lung, sitk.Image) else np.asarray(lung)
-    if hu.shape != lung.shape:
-        raise InputError(f"CT {hu.shape} and lung mask {lung.shape} differ in size; give the mask made for this CT.")
-    values = hu[lung > 0].astype(np.float64)
-    if values.size == 0:
-        raise InputError("The lung mask is empty; densitometry needs lung voxels.")
-    indices = density_indices(values)  # HAA here stays "above -700 HU", the evaluation's recorded baseline
-    return {
-        "laa950": indices["laa950_pct"],
-        "haa700": float(100.0 * np.mean(values > -700)),
-        "mld": indices["mld_hu"],
-        "perc15": indices["perc15_hu"],
-    }
 
 
 def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: str, event_col: str) -> pd.DataFrame:

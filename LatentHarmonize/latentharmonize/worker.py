@@ -208,7 +208,7 @@ def warm_up(models: ModelCache, model, device) -> None:
 
         bundle, device, encoder = models(model, device)
         spec = bundle.spec
-        volume = np.zeros((spec["slices"], spec["patch_size"], spec["patch_size"]), np.float32)
+        volume = np.zeros((spec.slices, spec.patch_size, spec.patch_size), np.float32)
         with torch.inference_mode(), autocast_for(device):
             encoder.encode(torch.from_numpy(extract_patches(volume, np.zeros((1, 3), np.int64), spec)).to(device))
     except Exception as err:  # noqa: BLE001  (reported by the request that needs the model)

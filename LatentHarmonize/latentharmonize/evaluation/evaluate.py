@@ -7,7 +7,7 @@ For every representation of the lung patches
 - ``histogram_matching``: the latent of the scan after lung histogram matching to the training scans;
 - ``unoranic``: the anatomy latent of a model trained with ``--encoder unoranic`` (``--unoranic DIR``);
 - ``hu_statistics``: no encoder at all, the standardised HU quantiles and threshold shares of each patch
-  (:func:`latentharmonize.baselines.patch_hu_statistics`), averaged over the same context as the latents: the
+  (:func:`latentharmonize.densitometry.patch_hu_statistics`), averaged over the same context as the latents: the
   reference that says whether a learned representation finds more than the patch's histogram;
 - ``hu_threshold_classes``: no clustering, each patch's mean lung HU (context-averaged) in four classes at -950,
   -700 and -300 HU: the threshold baseline at the clusters' own scale (consistency and truth only),
@@ -54,13 +54,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from .atomic import StagedOutput
-from .errors import InputError
-from .evaluation_tissue import (KERNEL_HEAD, PATCH_MEAN_HU, RECALL_HEAD, SETTING_COLUMNS, THRESHOLD_BASELINE, kernel_robustness,
+from ..atomic import StagedOutput
+from ..errors import InputError
+from .tissue import (KERNEL_HEAD, PATCH_MEAN_HU, RECALL_HEAD, SETTING_COLUMNS, THRESHOLD_BASELINE, kernel_robustness,
                                 kernel_rows, patch_mean_hu, recall_rows, reference_clusters, threshold_classes,
                                 tissue_recall)
 from .metrics import METRICS, label_agreement, mean_pairwise_agreement, paired_difference, summarize
-from .progress import Progress
+from ..progress import Progress
 
 REPRESENTATIONS = ("entangled", "rotated", "combat", "harmony", "leace", "histogram_matching", "unoranic",
                    "hu_statistics")
@@ -116,18 +116,18 @@ class ScanLatents:
 
 
 # ----------------------------------------------------------------------------- loading and encoding
-def _load_volumes(row: pd.Series, spec: dict):
+def _load_volumes(row: pd.Series, spec):
     """One cohort row on the model grid: HU, lung, grid, truth (or None), and densitometry of the native CT."""
-    from .survival import hu_threshold_features
-    from .train import read_scan, scan_on_grid
+    from ..densitometry import lung_hu_indices
+    from ..scans import read_scan, scan_on_grid
 
     ct, lungs = read_scan(row)
     scan = scan_on_grid(row, ct, lungs, spec)
-    return scan.hu, scan.lung, scan.grid, scan.truth, hu_threshold_features(ct, lungs)
+    return scan.hu, scan.lung, scan.grid, scan.truth, lung_hu_indices(ct, lungs)
 
 
-def _truth_at_centres(truth: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
-    from .patches import centre_pixels
+def _truth_at_centres(truth: np.ndarray, positions: np.ndarray, spec) -> np.ndarray:
+    from ..patches import centre_pixels
 
     return truth[centre_pixels(positions, spec)].astype(np.int64)
 
@@ -141,7 +141,7 @@ class Encoders:
     """The bundle encoder (and the optional unORANIC anatomy encoder) with their patch specs."""
 
     def __init__(self, bundle, unoranic=None, device: str = "cpu"):
-        from .patches import resolve_device
+        from ..patches import resolve_device
 
         self.bundle = bundle
         self.unoranic = unoranic
@@ -150,11 +150,11 @@ class Encoders:
         self.unoranic_model = unoranic.encoder(device) if unoranic is not None else None
 
     @property
-    def spec(self) -> dict:
+    def spec(self):
         return self.bundle.spec
 
     def encode(self, hu, lung, grid, which: str = "bundle"):
-        from .patches import encode_dense
+        from ..patches import encode_dense
 
         if which == "unoranic":
             return encode_dense(self.unoranic_model, hu, lung, grid, self.unoranic.spec, device=self.device)
@@ -163,15 +163,14 @@ class Encoders:
 
 def _encode_row(row: pd.Series, split: str, encoders: Encoders, matcher=None) -> tuple:
     """Encode one scan under every source; returns (ScanLatents, regular sample of its lung HU)."""
-    from .baselines import patch_hu_statistics
-    from .patches import aggregate_context, point_keys
+    from ..patches import aggregate_context, lattice_hu_statistics, point_keys
 
     hu, lung, grid, truth, dens = _load_volumes(row, encoders.spec)
     dense = encoders.encode(hu, lung, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
-    radius = int(encoders.spec["context_radius"])
-    statistics = replace(dense, latents=patch_hu_statistics(hu, lung, dense.positions, encoders.spec))
+    radius = encoders.spec.context_radius
+    statistics = replace(dense, latents=lattice_hu_statistics(hu, lung, dense.positions, encoders.spec))
     mean_hu = replace(dense, latents=patch_mean_hu(hu, lung, dense.positions, encoders.spec))
     latents = {"entangled": dense.latents, "hu_statistics": aggregate_context(statistics, radius).latents,
                PATCH_MEAN_HU: aggregate_context(mean_hu, radius).latents}
@@ -223,7 +222,7 @@ def representation_functions(bundle, train: List[ScanLatents], rows, seed: int, 
     """Fit every baseline on the training latents; each returned function maps (scan) -> features."""
     from sklearn.preprocessing import StandardScaler
 
-    from .baselines import ComBatHarmonizer, HarmonyHarmonizer, LeaceHarmonizer
+    from .harmonizers import ComBatHarmonizer, HarmonyHarmonizer, LeaceHarmonizer
 
     X, batch = _stack(train, rows, "entangled")
     funcs: Dict[str, Callable] = {
@@ -263,7 +262,7 @@ def assign_clusters(funcs: Dict[str, Callable], scans: List[ScanLatents], train:
                     n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
     """Fit one ``TissueClusters`` per representation on the training rows and label every scan with it; where the
     training scans carry the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
-    from .clusters import TissueClusters
+    from ..clusters import TissueClusters
 
     with_truth = all(s.truth is not None for s in train)
     for k, (name, f) in enumerate(funcs.items()):
@@ -338,7 +337,7 @@ def rotated_versus(per_patient: Dict[str, list], table: pd.DataFrame, risks: dic
     """Rotated minus every other representation (and feature set), paired over the same patients, with 95 % CIs:
     consistency ARI/NMI/Dice per evaluation patient, and survival C-index on the same bootstrap resamples.
     A CI that contains 0 means this cohort cannot tell the two apart."""
-    from .survival import c_index_difference
+    from ..survival import c_index_difference
 
     out: Dict[str, dict] = {}
     for other, records in per_patient.items():
@@ -402,7 +401,7 @@ def _mean_fractions(label_maps: List[np.ndarray], n_labels: int) -> np.ndarray:
 def patient_profiles(scans: List[ScanLatents], names, n_clusters: int) -> pd.DataFrame:
     """One row per patient: cluster fractions per representation (``<rep>:frac_<k>``), read-out tissue fractions
     where there is a read-out (``readout:<rep>:frac_<tissue>``), densitometry, clinical."""
-    from .tissue import TISSUES
+    from ..tissue import TISSUES
 
     rows = []
     for patient, group in _by_patient(scans).items():
@@ -429,7 +428,7 @@ def _without_reference(table: pd.DataFrame, cols: List[str]) -> List[str]:
 def _c_indices(table: pd.DataFrame, feature_sets: Dict[str, List[str]], seed: int, n_boot: int, skipped: dict) -> tuple:
     """Cross-validated Cox C-index with CI per feature set, and the cross-validated risks; a feature set the Cox
     model cannot be fitted on (too few events, no convergence) is recorded in ``skipped``."""
-    from .survival import c_index_with_ci, cross_validated_risk
+    from ..survival import c_index_with_ci, cross_validated_risk
 
     out, risks = {}, {}
     for name, cols in feature_sets.items():
@@ -444,7 +443,7 @@ def _c_indices(table: pd.DataFrame, feature_sets: Dict[str, List[str]], seed: in
 
 def survival_comparison(table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> tuple:
     """Cross-validated Cox C-index of each representation's composition, densitometry and true composition."""
-    from .tissue import TISSUES
+    from ..tissue import TISSUES
 
     if not {"time", "event"} <= set(table.columns):
         return {}, {}
@@ -484,7 +483,7 @@ def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], nam
     {"risks": {name: [patients, acquisitions]}, "acquisitions", "versus": {other: rotated minus other}}).
     """
     from .metrics import icc_with_ci, percentile_ci
-    from .survival import fitted_risk
+    from ..survival import fitted_risk
 
     if not {"time", "event"} <= set(table.columns):
         return {}, {}
@@ -532,8 +531,8 @@ def outcome_redraws(table: pd.DataFrame, risks: Dict[str, np.ndarray], n_draws: 
     """
     from lifelines.utils import concordance_index
 
-    from .phantom import draw_outcome
-    from .tissue import TISSUES
+    from ..phantom import draw_outcome
+    from ..tissue import TISSUES
 
     truth = [f"frac_{t}" for t in TISSUES]
     if "rotated" not in risks or not {*truth, "age"} <= set(table.columns) or n_draws < 1:
@@ -672,7 +671,7 @@ def plot_label_maps(scans: List[ScanLatents], with_truth: bool, path) -> None:
     """
     from matplotlib.colors import ListedColormap
 
-    from .clusters import PALETTE
+    from ..clusters import PALETTE
 
     reps = ["entangled", "rotated"] + (["truth"] if with_truth else [])
     planes, counts = np.unique(scans[0].keys[:, 2], return_counts=True)
@@ -747,7 +746,7 @@ def plot_traversals(bundle, train: List[ScanLatents], rows, path, steps=(-3, -2,
         batch = batch[:, :latent_dim]  # the decoder takes the encoder's latent, without appended densitometry
         with torch.inference_mode():
             patches = decoder(torch.from_numpy(batch)).numpy()
-        window = bundle.spec["hu_window"]
+        window = bundle.spec.hu_window
         for c, t in enumerate(steps):
             ax = fig.add_subplot(len(directions), len(steps), r * len(steps) + c + 1)
             mid = patches[c, patches.shape[1] // 2] * (window[1] - window[0]) + window[0]
@@ -764,7 +763,7 @@ def plot_traversals(bundle, train: List[ScanLatents], rows, path, steps=(-3, -2,
 
 
 def plot_km(table: pd.DataFrame, risks: dict, path) -> dict:
-    from .survival import plot_km_by_risk
+    from ..survival import plot_km_by_risk
 
     if "rotated" not in risks:  # no Cox model could be fitted: one curve of all patients
         return plot_km_by_risk(table["time"], table["event"], np.zeros(len(table)), path, title="Kaplan-Meier (no risk model)")
@@ -968,9 +967,9 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
     ``survival_cohort``: a cohort CSV (with time and event) whose patients the survival comparison uses instead of
     the training and evaluation patients; it must share no scan with the training cohort.
     """
-    from .baselines import HistogramMatcher
-    from .bundle import load_bundle
-    from .cohort import read_cohort
+    from .harmonizers import HistogramMatcher
+    from ..bundle import load_bundle
+    from ..cohort import read_cohort
 
     progress = progress or Progress(quiet=True)
     cfg = EvalConfig.for_run(seed, quick, device)

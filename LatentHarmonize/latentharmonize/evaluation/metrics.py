@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from .errors import InputError
+from ..errors import InputError
 
 METRICS = ("ari", "nmi", "dice")
 

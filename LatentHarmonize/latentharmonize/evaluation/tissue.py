@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .tissue import TISSUE_LABELS
+from ..tissue import TISSUE_LABELS
 
 HU_CLASS_THRESHOLDS = (-950.0, -700.0, -300.0)
 THRESHOLD_BASELINE = "hu_threshold_classes"
@@ -31,8 +31,8 @@ KERNEL_COLUMNS = ("kernel", "kernel_sharpness")
 
 def patch_mean_hu(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
     """Mean HU of the lung voxels of each patch at lattice ``positions``, float32 [n, 1]."""
-    from .errors import InputError
-    from .patches import extract_patches
+    from ..errors import InputError
+    from ..patches import extract_patches
 
     values = extract_patches(np.where(lung, hu, 0.0).astype(np.float32), positions, spec).reshape(len(positions), -1)
     counts = extract_patches(lung.astype(np.float32), positions, spec).reshape(len(positions), -1).sum(axis=1)

@@ -15,26 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import DataLoader
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .calibration import calibrate_grid_hu
-from .errors import InputError, OutputError
-from .grid import resample_onto, to_model_grid
-from .networks import EMPHYSEMA_THRESHOLD_HU, MODEL_KINDS, build_model
-from .patches import (DEFAULT_SPEC, PairedPatches, Scan, autocast_for, concat_samples, encode_dense, n_features,
-                      point_keys, resolve_device, resolve_spec, sample_paired_patches)
-from .training_data import training_dataset
-from .progress import Progress
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import InputError, OutputError
+from ..densitometry import HU_STATISTIC_NAMES, LAA_THRESHOLD_HU
+from ..networks import MODEL_KINDS, build_model
+from ..patches import (PairedPatches, PatchDensitometry, PatchSpec, autocast_for, concat_samples, encode_dense,
+                       n_features, point_keys, resolve_device, sample_paired_patches)
+from ..progress import Progress
+from ..scans import load_scan
+from .augment import training_dataset
 
 CHECKPOINT_DIR = ".checkpoints"
 DEFAULT_EPOCHS = 20
@@ -52,7 +51,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     low_attenuation_hu: float | None = None  # ae only: also encode a channel of voxels below this HU
-    hu_window: tuple = tuple(DEFAULT_SPEC["hu_window"])
+    hu_window: tuple = PatchSpec().hu_window
 
     def model_kwargs(self) -> dict:
         kwargs = {"latent_dim": self.latent_dim, "width": self.width}
@@ -62,12 +61,12 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
-def load_cohort_samples(cohort_csv, config: TrainConfig, spec: dict, progress: Progress | None = None) -> tuple:
+def load_cohort_samples(cohort_csv, config: TrainConfig, spec: PatchSpec, progress: Progress | None = None) -> tuple:
     """Read every scan, resample it to the model grid and draw paired patches patient by patient.
 
     Returns ``(samples, cohort DataFrame)``. Only one patient's volumes are held in memory at a time.
     """
-    from .cohort import read_cohort
+    from ..cohort import read_cohort
 
     cohort = read_cohort(cohort_csv)
     patients = list(dict.fromkeys(cohort["patient"].astype(str)))
@@ -79,41 +78,6 @@ def load_cohort_samples(cohort_csv, config: TrainConfig, spec: dict, progress: P
         if progress is not None:
             progress(5 + 15 * (n + 1) / len(patients), "patches", f"patient {patient}: {len(scans)} scans")
     return concat_samples(parts), cohort
-
-
-def read_scan(row) -> tuple:
-    """The CT of one cohort row and its lung mask (the row's ``mask``, else segmented automatically)."""
-    from .cohort import optional_path
-    from .io import read_ct, read_mask
-    from .lungmask import segment_lungs
-
-    ct = read_ct(row["image"])
-    mask = optional_path(row, "mask")
-    return ct, (read_mask(mask, ct) if mask else segment_lungs(ct))
-
-
-def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: dict) -> Scan:
-    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
-    from .cohort import optional_path
-
-    hu, lung, grid = to_model_grid(ct, lungs, spec["spacing"], spec["margin_mm"],
-                                   align_px=(spec["stride"], spec["stride"], 1))
-    hu, _ = calibrate_grid_hu(hu, ct, lungs, spec)
-    truth_path = optional_path(row, "truth")
-    truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
-    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
-
-
-def load_scan(row, spec: dict) -> Scan:
-    """One cohort row on the model grid (:func:`read_scan`, then :func:`scan_on_grid`)."""
-    return scan_on_grid(row, *read_scan(row), spec)
-
-
-def _read_truth(path) -> sitk.Image:
-    try:
-        return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkUInt8)
-    except RuntimeError as exc:
-        raise InputError(f"Cannot read the truth label map {path}: {str(exc).strip().splitlines()[-1]}") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -224,7 +188,7 @@ def encode_rows(model, patches: np.ndarray, device: torch.device, batch: int = 1
     return np.concatenate(latents), sq / patches.size
 
 
-def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: torch.device,
+def context_latents(model, cohort, samples: PairedPatches, spec: PatchSpec, device: torch.device,
                     progress: Progress | None = None) -> np.ndarray:
     """Latents of the sampled rows exactly as ``analyze`` will see them: each scan is encoded densely, with the
     spec's context aggregation, and every row takes the latent at its physical point.
@@ -248,7 +212,7 @@ def context_latents(model, cohort, samples: PairedPatches, spec: dict, device: t
     return out
 
 
-def fit_densitometry(model, cohort, samples: PairedPatches, spec: dict, weight: float, device: torch.device,
+def fit_densitometry(model, cohort, samples: PairedPatches, spec: PatchSpec, weight: float, device: torch.device,
                      progress: Progress | None = None, smooth_mm: float = 0.0) -> tuple:
     """The spec with a fitted ``densitometry`` entry, and the training rows' latents with its columns appended.
 
@@ -257,25 +221,23 @@ def fit_densitometry(model, cohort, samples: PairedPatches, spec: dict, weight: 
     coordinates in the rotation and the clusters. ``smooth_mm`` > 0: statistics of the in-plane smoothed lung
     (``patches.smooth_lung``).
     """
-    from .baselines import HU_STATISTIC_NAMES
-
     n = len(HU_STATISTIC_NAMES)
-    smooth = {"smooth_mm": float(smooth_mm)} if smooth_mm else {}
-    raw_spec = {**spec, "densitometry": {"weight": float(weight), "center": [0.0] * n, "scale": [1.0] * n, **smooth}}
+    smooth = float(smooth_mm) if smooth_mm else None
+    raw_spec = replace(spec, densitometry=PatchDensitometry(float(weight), (0.0,) * n, (1.0,) * n, smooth))
     latents = context_latents(model, cohort, samples, raw_spec, device, progress)  # statistics as they are
     d = model.latent_dim
     center = latents[:, d:].mean(axis=0)
     sd = np.maximum(latents[:, d:].std(axis=0), 1e-6)  # a statistic constant over the training rows stays 0
     scale = sd / (weight * latents[:, :d].std(axis=0).mean())
     latents[:, d:] = (latents[:, d:] - center) / scale
-    entry = {"weight": float(weight), "center": [float(v) for v in center], "scale": [float(v) for v in scale], **smooth}
-    return resolve_spec({**spec, "densitometry": entry}), latents
+    entry = PatchDensitometry(float(weight), tuple(float(v) for v in center), tuple(float(v) for v in scale), smooth)
+    return replace(spec, densitometry=entry), latents
 
 
 # ----------------------------------------------------------------------------- post-hoc fits
 def fit_rotation(latents: np.ndarray, samples: PairedPatches, n_technical, seed: int) -> tuple:
     """Fit the latent rotation (paired when the cohort has pairs) and measure the acquisition probe."""
-    from .rotation import LatentRotation, chance_level
+    from ..rotation import LatentRotation, chance_level
 
     pairs = samples.pairs()
     y = samples.acquisition.astype(str)
@@ -301,7 +263,7 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
     """
     from sklearn.metrics import adjusted_rand_score
 
-    from .clusters import TissueClusters
+    from ..clusters import TissueClusters
 
     pairs = samples.pairs()
     if rotation.n_technical_ == 0 or len(pairs) == 0:
@@ -320,7 +282,7 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
 
 def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
     """k-means tissue clusters on the rotation's cluster features, named from the HU profile of their patches."""
-    from .clusters import TissueClusters, cluster_profiles, default_colors, name_clusters
+    from ..clusters import TissueClusters, cluster_profiles, default_colors, name_clusters
 
     clusters = TissueClusters(n_clusters=n_clusters, random_state=seed)
     labels = clusters.fit_predict(features, order_by=samples.stats["mean_hu"])
@@ -348,14 +310,14 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     _refuse_existing_bundle(out_dir, overwrite)
     progress = progress or Progress()
     torch_device = resolve_device(device)
-    spec = resolve_spec({"context_radius": context_radius, "calibration": "air_fat" if calibrate else None})
+    spec = PatchSpec(context_radius=context_radius, calibration="air_fat" if calibrate else None)
     t0 = time.monotonic()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(torch_device.type == "cpu")
     try:
         progress(0, "load", f"reading cohort {cohort_csv}")
         if scheduler or workers:
-            from .batch import sample_cohort_patches
+            from .distributed import sample_cohort_patches
 
             samples, cohort = sample_cohort_patches(cohort_csv, config, spec, scheduler=scheduler, workers=workers,
                                                     progress=progress)
@@ -372,7 +334,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         if densitometry is not None:
             spec, latents = fit_densitometry(model, cohort, samples, spec, densitometry, torch_device, progress,
                                              densitometry_smooth_mm)
-        elif spec["context_radius"] > 0:
+        elif spec.context_radius > 0:
             latents = context_latents(model, cohort, samples, spec, torch_device, progress)
         rotation, probe = fit_rotation(latents, samples, n_technical, seed)
         progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
@@ -389,7 +351,7 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
         "n_patients": int(cohort["patient"].nunique()), "n_scans": int(len(cohort)),
         "acquisitions": sorted(set(samples.acquisition.astype(str))), "n_patches": int(len(samples)),
         "n_pairs": int(len(samples.pairs())), "reconstruction_mse": mse,
-        "reconstruction_rmse_hu": float(np.sqrt(mse) * np.diff(spec["hu_window"])[0]),
+        "reconstruction_rmse_hu": float(np.sqrt(mse) * np.diff(spec.hu_window)[0]),
         "probe": probe, "n_technical": int(rotation.n_technical_), "technical_weight": weight,
         "technical_weight_pair_ari": {f"{w:g}": a for w, a in weight_scores.items()}, "k": int(tissue.n_clusters_),
         "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(profiles, start=1)},
@@ -404,10 +366,10 @@ def train(cohort_csv, out_dir, seed: int = 0, epochs: int | None = None, max_min
     return {**summary, "train_seconds": round(time.monotonic() - t0, 1)}  # timing kept out of the bundle: bytes stay reproducible
 
 
-def save_trained_bundle(out_dir: Path, model, spec: dict, rotation, tissue, names: list, colors: list,
+def save_trained_bundle(out_dir: Path, model, spec: PatchSpec, rotation, tissue, names: list, colors: list,
                         summary: dict, overwrite: bool):
     """Assemble the model bundle (manifest, weights, rotation, centroids) and write it atomically."""
-    from .bundle import ModelBundle, save_bundle
+    from ..bundle import ModelBundle, save_bundle
 
     training = {k: v for k, v in summary.items() if k != "probe"}
     bundle = ModelBundle.create(name=out_dir.resolve().name, encoder_config=model.config,
@@ -446,7 +408,7 @@ def _validated(seed, epochs, max_minutes, encoder, clusters, n_technical, per_pa
                          f"{densitometry_smooth_mm!r}.")
     config = TrainConfig(encoder=encoder, seed=int(seed), latent_dim=latent_dim, per_patient=per_patient,
                          batch_size=batch_size,
-                         low_attenuation_hu=EMPHYSEMA_THRESHOLD_HU if low_attenuation_channel else None)
+                         low_attenuation_hu=LAA_THRESHOLD_HU if low_attenuation_channel else None)
     return config, epochs
 
 

@@ -11,9 +11,6 @@ scikit-learn style estimators:
 - :class:`LeaceHarmonizer` — LEACE linear concept erasure (``concept-erasure``) of the acquisition.
 - :class:`HistogramMatcher` — image-level histogram matching of lung HU (SimpleITK), before encoding.
 
-:func:`patch_hu_statistics` is not a harmonizer but the reference a learned representation has to beat: plain HU
-quantiles and threshold shares of each patch's lung voxels, with no encoder at all.
-
 Latent matrices are ``[n_samples, n_features]`` (scikit-learn orientation) with one acquisition
 label per sample; the wrappers transpose for packages that expect features x samples.
 """
@@ -30,7 +27,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _check_latents(X, batch=None, n_features: int | None = None, what: str = "latents"):
@@ -265,26 +262,3 @@ class HistogramMatcher(BaseEstimator):
         out = sitk.GetImageFromArray(hu)
         out.CopyInformation(ct)
         return out
-
-
-# Quantiles (%) and thresholds (HU) of :func:`patch_hu_statistics`: the histogram summaries of lung densitometry
-# (emphysema below -950, ground glass and fibrosis above -700, dense tissue above -300).
-HU_STATISTIC_QUANTILES = (10, 25, 50, 75, 90)
-HU_STATISTIC_NAMES = tuple(f"q{q}" for q in HU_STATISTIC_QUANTILES) + ("below_950", "above_700", "above_300")
-
-
-def patch_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
-    """Per patch at lattice ``positions``: HU quantiles and threshold shares of its lung voxels, float32 [n, 8]
-    (columns ``HU_STATISTIC_NAMES``). Quantiles are the nearest-rank values of the lung voxels of the patch."""
-    from .patches import extract_patches
-
-    values = extract_patches(np.where(lung, hu, np.nan).astype(np.float32), positions, spec)
-    values = values.reshape(len(values), -1)
-    n_lung = np.count_nonzero(~np.isnan(values), axis=1)
-    if np.any(n_lung == 0):
-        raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
-    ranked = np.sort(values, axis=1)  # NaN (not lung) sorts last
-    ranks = np.rint(np.outer(n_lung - 1, np.asarray(HU_STATISTIC_QUANTILES) / 100.0)).astype(np.int64)
-    quantiles = np.take_along_axis(ranked, ranks, axis=1)
-    shares = [np.count_nonzero(test, axis=1) / n_lung for test in (values < -950, values > -700, values > -300)]
-    return np.column_stack([quantiles, *shares]).astype(np.float32)

@@ -1,0 +1,46 @@
+"""A cohort row onto the model grid: the one reader that batch, training and evaluation share.
+
+A cohort table row names a CT (``image``), optionally its lung mask (``mask``) and tissue truth (``truth``), with
+``patient`` and ``acquisition`` (:mod:`latentharmonize.cohort`). :func:`load_scan` reads them and puts them on the
+model grid of a patch spec, HU calibrated as the spec says: the same grid ``analyze`` encodes.
+"""
+from __future__ import annotations
+
+import SimpleITK as sitk
+
+from .calibration import calibrate_grid_hu
+from .cohort import optional_path
+from .errors import InputError
+from .grid import resample_onto, to_model_grid
+from .io import read_ct, read_mask
+from .lungmask import segment_lungs
+from .patches import PatchSpec, Scan
+
+
+def read_scan(row) -> tuple:
+    """The CT of one cohort row and its lung mask (the row's ``mask``, else segmented automatically)."""
+    ct = read_ct(row["image"])
+    mask = optional_path(row, "mask")
+    return ct, (read_mask(mask, ct) if mask else segment_lungs(ct))
+
+
+def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> Scan:
+    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
+    hu, lung, grid = to_model_grid(ct, lungs, spec.spacing, spec.margin_mm,
+                                   align_px=(spec.stride, spec.stride, 1))
+    hu, _ = calibrate_grid_hu(hu, ct, lungs, spec)
+    truth_path = optional_path(row, "truth")
+    truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
+    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
+
+
+def load_scan(row, spec: PatchSpec) -> Scan:
+    """One cohort row on the model grid (:func:`read_scan`, then :func:`scan_on_grid`)."""
+    return scan_on_grid(row, *read_scan(row), spec)
+
+
+def _read_truth(path) -> sitk.Image:
+    try:
+        return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkUInt8)
+    except RuntimeError as exc:
+        raise InputError(f"Cannot read the truth label map {path}: {str(exc).strip().splitlines()[-1]}") from None
