@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft, ndimage
 
-from .tissue import TISSUE_LABELS
+from ..tissue import TISSUE_LABELS
 
 # --- HU of the non-lung anatomy (contrast-free chest CT) -------------------------------------------------------
 AIR_HU = -1000.0

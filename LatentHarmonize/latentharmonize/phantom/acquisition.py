@@ -25,7 +25,7 @@ from typing import Tuple
 import numpy as np
 from scipy import fft
 
-from .errors import InputError
+from ..errors import InputError
 
 REFERENCE_MAS = 100.0
 

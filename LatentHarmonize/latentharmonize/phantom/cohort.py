@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from . import __version__
-from .atomic import STAGING_PREFIX, StagedOutput
-from .errors import InputError, OutputError
-from .phantom_acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, kernel_label, reconstruct, to_int16
-from .phantom_anatomy import (FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, gas_pockets,
+from .. import __version__
+from ..atomic import STAGING_PREFIX, StagedOutput
+from ..errors import InputError, OutputError
+from .acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, kernel_label, reconstruct, to_int16
+from .anatomy import (FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, gas_pockets,
                               render_anatomy)
-from .progress import Progress
-from .tissue import TISSUE_LABELS, TISSUES
+from ..progress import Progress
+from ..tissue import TISSUE_LABELS, TISSUES
 
 GENERATOR = "latentharmonize.phantom"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
