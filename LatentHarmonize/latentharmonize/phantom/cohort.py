@@ -27,11 +27,13 @@ import SimpleITK as sitk
 from .. import __version__
 from ..atomic import STAGING_PREFIX, StagedOutput
 from ..errors import InputError, OutputError
-from .acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, kernel_label, reconstruct, to_int16
-from .anatomy import (FULL_GRID, GGO_HU_RANGE, SMALL_GRID, FineGrid, draw_body_plan, gas_pockets,
-                              render_anatomy)
 from ..progress import Progress
 from ..tissue import TISSUE_LABELS, TISSUES
+from .acquisition import KERNELS, SETTING_RANGES, VENDORS, kernel_at, kernel_label, reconstruct, to_int16
+from .anatomy import render_anatomy
+from .body import FULL_GRID, SMALL_GRID, FineGrid, draw_body_plan
+from .parenchyma import GGO_HU_RANGE
+from .variants import VARIANTS, crop_view, variant_gas, variant_plan
 
 GENERATOR = "latentharmonize.phantom"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -230,14 +232,6 @@ def _image(array: np.ndarray, spacing, origin) -> sitk.Image:
     return image
 
 
-# Scan variants for the lung mask (docs/phantom.md): the whole chest; with stomach and colon gas below the
-# diaphragm; that, with a field of view cropped left-right through both lungs; an abdominal scan whose top slices
-# hold only the lung bases, with colon and bowel gas.
-VARIANTS = ("chest", "gas", "cropped", "abdomen")
-CROPPED_HALF_WIDTH = 0.85    # of the thoracic cavity's half-width: the lungs are cut on both sides
-ABDOMEN_LUNG_IN_VIEW = 0.5   # fraction of the lung height in view above the bottom of the lungs
-
-
 def make_patient(patient_index: int, seed: int, full: bool = False, variant: str = "chest") -> Patient:
     """Build patient ``patient_index`` of the cohort with ``seed``; independent of how many patients are made.
 
@@ -254,20 +248,11 @@ def make_patient(patient_index: int, seed: int, full: bool = False, variant: str
     male = bool(clinical_rng.random() < 0.6)
     age = float(np.clip(clinical_rng.normal(66, 8), 40, 88))
     targets = draw_fractions(phenotype, anatomy_rng)
-    plan = draw_body_plan(grid, anatomy_rng, male)
-    gas = None
-    if variant != "chest":
-        if variant == "abdomen":  # the grid's top cuts the lungs at ABDOMEN_LUNG_IN_VIEW of their height
-            shift = grid.extent_z[1] - (plan.z_base + ABDOMEN_LUNG_IN_VIEW * plan.height)
-            plan = replace(plan, z_base=plan.z_base + shift, z_apex=plan.z_apex + shift,
-                           dome=tuple(d + shift for d in plan.dome))
-        gas = gas_pockets(plan, np.random.default_rng([int(seed), int(patient_index), 20]), variant == "abdomen")
+    plan = variant_plan(draw_body_plan(grid, anatomy_rng, male), grid, variant)
+    gas = variant_gas(plan, variant, seed, patient_index)
     hu, labels, gas_mask = render_anatomy(plan, grid, anatomy_rng, targets,
                                           float(anatomy_rng.uniform(*GGO_HU_RANGE)), gas)
-    if variant == "cropped":  # symmetric, so the grid stays centred on the origin
-        keep = np.abs(grid.axes()[2]) <= CROPPED_HALF_WIDTH * plan.Ac
-        hu, labels, gas_mask = hu[:, :, keep], labels[:, :, keep], gas_mask[:, :, keep]
-        grid = FineGrid(shape=hu.shape, spacing=grid.spacing)
+    grid, (hu, labels, gas_mask) = crop_view(variant, plan, grid, (hu, labels, gas_mask))
     fractions = true_fractions(labels)
     t, event = draw_outcome(fractions, age, clinical_rng)
     return Patient(patient_id=patient_id(patient_index), index=int(patient_index), seed=int(seed),
