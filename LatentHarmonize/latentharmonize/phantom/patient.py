@@ -61,6 +61,7 @@ def true_fractions(labels: np.ndarray) -> dict:
 
 
 def to_image(array: np.ndarray, spacing, origin) -> sitk.Image:
+    """SimpleITK image of a [z, y, x] array with this spacing and origin (identity direction)."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in spacing))
     image.SetOrigin(tuple(float(o) for o in origin))
