@@ -10,8 +10,7 @@ from latentharmonize.calibration import (HUCalibration, air_level, calibrate_gri
 from latentharmonize.errors import InputError
 from latentharmonize.lungmask import segment_lungs
 from latentharmonize.patches import PatchSpec
-from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all, make_patient
-from latentharmonize.phantom_acquisition import VENDORS
+from latentharmonize.phantom import DEFAULT_ACQUISITIONS, VENDORS, acquire_all, make_patient
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ from latentharmonize import phantom as ph
 from latentharmonize.cli import main
 from latentharmonize.cohort import read_cohort
 from latentharmonize.errors import InputError, OutputError
-from latentharmonize.phantom_acquisition import VENDORS
-from latentharmonize.phantom_anatomy import LIVER_HU, TISSUE_MEDIAN_HU
+from latentharmonize.phantom import LIVER_HU, TISSUE_MEDIAN_HU, VENDORS
 from latentharmonize.tissue import TISSUE_LABELS, TISSUES
 
 SEED = 1  # patients 0, 1, 2 are the emphysema, fibrosis and inflammatory phenotypes: all six tissues
@@ -261,7 +260,7 @@ def test_sample_scan_is_one_deterministic_full_size_chest_with_mixed_disease(tmp
 def test_scan_variants(patient):
     """gas: pure air below the diaphragm, kept apart from the lungs by a soft-tissue layer; cropped: a narrower
     field of view cutting both lungs; abdomen: the lung bases over the abdomen. The lungs of gas are the chest's."""
-    from latentharmonize.phantom_anatomy import AIR_HU, DIAPHRAGM_MM
+    from latentharmonize.phantom import AIR_HU, DIAPHRAGM_MM
 
     chest_truth = _array(patient.truth)
     assert patient.variant == "chest" and patient.gas is None
@@ -287,7 +286,7 @@ def test_scan_variants(patient):
 
 
 def test_kernel_between_named_kernels_and_reconstruction_by_parameters(patient):
-    from latentharmonize.phantom_acquisition import KERNELS, kernel_at, kernel_label
+    from latentharmonize.phantom import KERNELS, kernel_at, kernel_label
 
     assert [kernel_at(v) for v in (0.0, 0.5, 1.0)] == [KERNELS["soft"], KERNELS["standard"], KERNELS["sharp"]]
     mid = kernel_at(0.75)
@@ -302,7 +301,7 @@ def test_kernel_between_named_kernels_and_reconstruction_by_parameters(patient):
 
 
 def test_drawn_settings_pair_a_kernel_and_keep_held_out_ranges_apart(tmp_path):
-    from latentharmonize.phantom_acquisition import SETTING_RANGES
+    from latentharmonize.phantom import SETTING_RANGES
 
     def inside(value, intervals):
         return any(lo <= value <= hi for lo, hi in intervals)

@@ -719,7 +719,9 @@ def _expand(entries: list, text: str) -> set:
         if m:
             kind, patterns = globs[m.group(1)]
             for pattern in patterns:
-                found = MODULE_DIR.rglob(pattern) if kind == "GLOB_RECURSE" else MODULE_DIR.glob(pattern)
+                # CMake's GLOB_RECURSE matches dir/*.py in dir and all its subdirectories (subpackages)
+                folder, _, name = pattern.rpartition("/")
+                found = (MODULE_DIR / folder).rglob(name) if kind == "GLOB_RECURSE" else MODULE_DIR.glob(pattern)
                 files |= {p.relative_to(MODULE_DIR).as_posix() for p in found if p.is_file()}
         else:
             files.add(entry)

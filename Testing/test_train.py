@@ -133,7 +133,7 @@ def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_coh
     from latentharmonize.analyze import analyze
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main
-    from latentharmonize.phantom_acquisition import VENDORS
+    from latentharmonize.phantom import VENDORS
 
     out = tmp_path / "model"
     code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",

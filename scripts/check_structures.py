@@ -26,22 +26,22 @@ def phantom_truth(patient_index: int, seed: int, full: bool):
     """(patient, structure truth [z, y, x] uint8: 1 vessel, 2 airway lumen) of one phantom patient."""
     import SimpleITK as sitk
 
-    from latentharmonize import phantom, phantom_anatomy
-    from latentharmonize.phantom_anatomy import splat_tubes, vessel_visibility
+    from latentharmonize import phantom
+    from latentharmonize.phantom import anatomy, splat_tubes, vessel_visibility
 
     tubes, fine = {}, []
-    original = phantom_anatomy.airway_and_vessel_tubes
+    original = anatomy.airway_and_vessel_tubes  # patched where render_anatomy looks it up
 
     def keep(plan, grid, rng):
         tubes.update(original(plan, grid, rng))
         fine.append(grid)
         return dict(tubes)
 
-    phantom_anatomy.airway_and_vessel_tubes = keep
+    anatomy.airway_and_vessel_tubes = keep
     try:
         patient = phantom.make_patient(patient_index, seed, full=full)
     finally:
-        phantom_anatomy.airway_and_vessel_tubes = original
+        anatomy.airway_and_vessel_tubes = original
     tissue = sitk.GetArrayViewFromImage(patient.truth)
     vessels = splat_tubes(tubes["vessels"], fine[0]) * (vessel_visibility(tissue) / 255.0) > 0.5
     lumen = splat_tubes(tubes["lumen"], fine[0]) > 127

@@ -11,7 +11,7 @@ cohort for that baseline; run ``latentharmonize evaluate``, and copy
     .venv/bin/python scripts/evaluate_phantom.py --work /tmp/lh-eval --quick     # smoke run, minutes
 
 With ``--drawn-settings`` the cohorts draw each scan's kernel, dose, thickness and calibration from continuous ranges
-(``phantom_acquisition.SETTING_RANGES``): training patients from the ``train`` ranges, test and survival patients
+(``latentharmonize.phantom.SETTING_RANGES``): training patients from the ``train`` ranges, test and survival patients
 from the ``heldout`` ones, which do not overlap; a bundle is then trained here on that training cohort (or
 ``--model`` with ``--train-cohort``).
 """

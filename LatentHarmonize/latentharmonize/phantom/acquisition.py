@@ -12,20 +12,17 @@ quantum-noise realisation, as reconstructions of one raw scan do (field notes se
 4. slice thickness: average along z over the thickness, sampled every thickness (contiguous slices), keeping the
    patient's physical z extent, so thicker slices are fewer, smoother and less noisy.
 
-Besides the named kernels and vendors, settings can be drawn per scan from continuous ranges (``SETTING_RANGES``):
-kernel sharpness (0 soft, 0.5 standard, 1 sharp, parameters interpolated in between), dose, thickness and the
-calibration's scale and offset. The ``"train"`` ranges and the ``"heldout"`` ones do not overlap, so a model
-trained on the first meets settings it has never seen on the second.
+Besides the named kernels, a kernel can sit anywhere between them (:func:`kernel_at`: sharpness 0 soft, 0.5
+standard, 1 sharp, parameters interpolated in between); ``settings.SETTING_RANGES`` draws such settings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import numpy as np
 from scipy import fft
 
-from .errors import InputError
+from ..errors import InputError
 
 REFERENCE_MAS = 100.0
 
@@ -73,37 +70,6 @@ def kernel_at(sharpness: float) -> Kernel:
 def kernel_label(sharpness: float) -> str:
     """The name of a sharpness: soft below 1/3, sharp from 2/3, standard in between."""
     return "soft" if sharpness < 1 / 3 else "standard" if sharpness < 2 / 3 else "sharp"
-
-
-Interval = Tuple[float, float]
-
-
-@dataclass(frozen=True)
-class SettingRanges:
-    """Continuous acquisition ranges, each a tuple of (low, high) intervals drawn uniformly by their length."""
-
-    sharpness: Tuple[Interval, ...]
-    dose_mAs: Tuple[Interval, ...]
-    thickness_mm: Tuple[Interval, ...]
-    hu_scale: Tuple[Interval, ...]
-    hu_offset: Tuple[Interval, ...]
-
-    def draw(self, rng: np.random.Generator, field: str) -> float:
-        intervals = np.asarray(getattr(self, field), dtype=float)
-        lengths = intervals[:, 1] - intervals[:, 0]
-        low, high = intervals[rng.choice(len(intervals), p=lengths / lengths.sum())]
-        return float(rng.uniform(low, high))
-
-
-# Training ranges sit inside the held-out ones' gaps: held-out scans are softer or sharper, noisier, thicker and
-# further off calibration than any training scan (the named vendors B and C are at x0.985 + 18 and x1.02 - 12).
-SETTING_RANGES = {
-    "train": SettingRanges(sharpness=((0.15, 0.85),), dose_mAs=((50.0, 150.0),), thickness_mm=((1.25, 3.0),),
-                           hu_scale=((0.99, 1.01),), hu_offset=((-10.0, 10.0),)),
-    "heldout": SettingRanges(sharpness=((0.0, 0.15), (0.85, 1.0)), dose_mAs=((20.0, 50.0),),
-                             thickness_mm=((3.0, 5.0),), hu_scale=((0.975, 0.99), (1.01, 1.025)),
-                             hu_offset=((-20.0, -10.0), (10.0, 20.0))),
-}
 
 
 def _radial_frequency(shape_yx, spacing_yx) -> np.ndarray:

@@ -1,0 +1,99 @@
+"""A chest CT phantom patient: anatomy, truth, phenotype and clinical data, from (seed, index) only."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..tissue import TISSUE_LABELS, TISSUES
+from .anatomy import render_anatomy
+from .body import FULL_GRID, SMALL_GRID, FineGrid, draw_body_plan
+from .outcome import draw_fvc, draw_outcome
+from .parenchyma import GGO_HU_RANGE
+from .phenotypes import draw_fractions, phenotype_of
+from .variants import VARIANTS, crop_view, variant_gas, variant_plan
+
+
+@dataclass
+class Patient:
+    """A phantom patient: anatomy HU (Float32) and truth labels (UInt8) on the fine grid, plus metadata."""
+
+    patient_id: str
+    index: int
+    seed: int
+    hu: sitk.Image
+    truth: sitk.Image
+    phenotype: str
+    fractions: dict             # true lung fraction of each tissue (from the truth)
+    age: float
+    sex: str
+    fvc: float                  # forced vital capacity, % predicted
+    time: float                 # years
+    event: int                  # 1 death observed, 0 censored
+    noise_seed: int = field(repr=False, default=0)
+    variant: str = "chest"
+    gas: Optional[sitk.Image] = field(repr=False, default=None)  # UInt8, 1 where gas lies below the diaphragm
+
+    @property
+    def grid(self) -> FineGrid:
+        sx, sy, sz = self.hu.GetSpacing()
+        return FineGrid(shape=tuple(self.hu.GetSize()[::-1]), spacing=(sx, sy, sz))
+
+
+def patient_id(index: int) -> str:
+    return f"P{index:03d}"
+
+
+def _rngs(patient_index: int, seed: int) -> tuple:
+    """Independent generators for anatomy and clinical data, and the noise seed, derived from (seed, index) only."""
+    anatomy, clinical, noise = np.random.SeedSequence([int(seed), int(patient_index)]).spawn(3)
+    return np.random.default_rng(anatomy), np.random.default_rng(clinical), int(noise.generate_state(1)[0])
+
+
+def true_fractions(labels: np.ndarray) -> dict:
+    """Fraction of the lung (labels > 0) of each tissue."""
+    counts = np.bincount(labels.ravel(), minlength=len(TISSUES) + 1)[1:]
+    total = max(int(counts.sum()), 1)
+    return {name: counts[TISSUE_LABELS[name] - 1] / total for name in TISSUES}
+
+
+def to_image(array: np.ndarray, spacing, origin) -> sitk.Image:
+    """SimpleITK image of a [z, y, x] array with this spacing and origin (identity direction)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    return image
+
+
+def make_patient(patient_index: int, seed: int, full: bool = False, variant: str = "chest") -> Patient:
+    """Build patient ``patient_index`` of the cohort with ``seed``; independent of how many patients are made.
+
+    ``variant`` (one of ``VARIANTS``) changes what the scan shows (``chest`` is the cohort's scan); the fractions,
+    FVC and outcome are those of the lung in view.
+    """
+    if int(patient_index) < 0:
+        raise InputError(f"patient_index must be >= 0, got {patient_index}.")
+    if variant not in VARIANTS:
+        raise InputError(f"Unknown phantom variant {variant!r}; use one of {', '.join(VARIANTS)}.")
+    grid = FULL_GRID if full else SMALL_GRID
+    anatomy_rng, clinical_rng, noise_seed = _rngs(patient_index, seed)
+    phenotype = phenotype_of(patient_index, seed)
+    male = bool(clinical_rng.random() < 0.6)
+    age = float(np.clip(clinical_rng.normal(66, 8), 40, 88))
+    targets = draw_fractions(phenotype, anatomy_rng)
+    plan = variant_plan(draw_body_plan(grid, anatomy_rng, male), grid, variant)
+    gas = variant_gas(plan, variant, seed, patient_index)
+    hu, labels, gas_mask = render_anatomy(plan, grid, anatomy_rng, targets,
+                                          float(anatomy_rng.uniform(*GGO_HU_RANGE)), gas)
+    grid, (hu, labels, gas_mask) = crop_view(variant, plan, grid, (hu, labels, gas_mask))
+    fractions = true_fractions(labels)
+    t, event = draw_outcome(fractions, age, clinical_rng)
+    return Patient(patient_id=patient_id(patient_index), index=int(patient_index), seed=int(seed),
+                   hu=to_image(hu, grid.spacing, grid.origin), truth=to_image(labels, grid.spacing, grid.origin),
+                   phenotype=phenotype, fractions=fractions, age=round(age, 1), sex="M" if male else "F",
+                   fvc=round(draw_fvc(fractions, clinical_rng), 1), time=round(t, 3), event=event,
+                   noise_seed=noise_seed, variant=variant,
+                   gas=None if gas is None else to_image(gas_mask.view(np.uint8), grid.spacing, grid.origin))
