@@ -30,6 +30,7 @@ from .atomic import StagedOutput
 from .errors import InputError, NoLungFoundError
 from .outputs import output_names
 from .progress import Progress
+from . import options
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -544,16 +545,13 @@ def write_qc_and_report(staged, files, name: str, done: Computed, bundle, progre
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("ct", help="chest CT: .nrrd, .nii(.gz), .mha or a DICOM series folder")
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
+    options.add_out(parser, "output folder (created if missing)")
+    options.add_model(parser)
     parser.add_argument("--mask", default=None, help="lung mask on the CT's grid (default: automatic segmentation)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the encoder")
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
-    parser.add_argument("--no-report", action="store_true",
-                        help="write only the maps and tables: no QC pictures, surfaces or report.html (faster)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("--progress-lines", action="store_true",
-                        help="print machine-readable 'LH-PROGRESS <percent> <stage> <message>' lines (for the GUI)")
+    options.add_device(parser)
+    options.add_overwrite(parser)
+    options.add_no_report(parser)
+    options.add_output_style(parser)
 
 
 def _interrupt_on_sigterm() -> None:
@@ -570,7 +568,7 @@ def run(args) -> int:
     started = time.perf_counter()
     progress = Progress(machine=args.progress_lines, quiet=args.quiet)
     result = analyze(args.ct, args.out, model=args.model, mask=args.mask, device=args.device,
-                     overwrite=args.overwrite, progress=progress, write_report=not args.no_report)
+                     overwrite=args.overwrite, progress=progress, write_report=args.write_report)
     if not args.quiet and not args.progress_lines:
         whole = result.composition[result.composition.region == "whole"]
         for warning in result.record["warnings"]:
@@ -578,7 +576,7 @@ def run(args) -> int:
         print(f"Lung volume {result.record['lung_volumes_ml']['total']:.0f} mL; composition of the whole lung:")
         for row in whole.itertuples():
             print(f"  {row.label:>2} {row.name:<40} {100 * row.fraction:5.1f} %  {row.volume_ml:8.1f} mL")
-        opened = "open the .seg.nrrd in 3D Slicer" if args.no_report else "open report.html in a browser, or the .seg.nrrd in 3D Slicer"
+        opened = "open the .seg.nrrd in 3D Slicer" if not args.write_report else "open report.html in a browser, or the .seg.nrrd in 3D Slicer"
         print(f"Results in {result.out_dir} ({opened}); "
               f"{time.perf_counter() - started:.1f} s.")
     return 0

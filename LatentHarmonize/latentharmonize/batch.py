@@ -34,6 +34,7 @@ import pandas as pd
 from .atomic import STAGING_PREFIX, atomic_write_text
 from .errors import InputError, LatentHarmonizeError
 from .progress import Progress
+from . import options
 
 FRACTION_PREFIX = "frac_"
 FAILURE_COLUMNS = ["patient", "acquisition", "image", "error_type", "message"]
@@ -450,24 +451,19 @@ def run_batch(cohort_csv, out_dir, model=None, scheduler: Optional[str] = None, 
 
 def add_arguments(parser) -> None:
     parser.add_argument("cohort", help="cohort CSV (columns image, patient, acquisition, optional mask, ...)")
-    parser.add_argument("--out", required=True, help="output folder: <patient>/<acquisition>/ per scan, "
-                        "composition.csv (one row per scan) and failures.csv")
-    parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
-    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                        help="address of an existing Dask scheduler, e.g. tcp://host:8786 (default: a local cluster)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes of the local cluster (default: as many as CPU cores and memory allow)")
+    options.add_out(parser, "output folder: <patient>/<acquisition>/ per scan, composition.csv (one row per scan) "
+                            "and failures.csv")
+    options.add_model(parser)
+    options.add_dask(parser, "the scans")
     parser.add_argument("--threads-per-worker", type=int, default=1,
                         help="scans analysed at once per worker process (default 1)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="torch device of each worker (default auto: CUDA when the worker has it)")
-    parser.add_argument("--no-report", dest="write_report", action="store_false",
-                        help="skip each scan's QC pictures, surfaces and report.html (faster)")
-    parser.add_argument("--progress", action="store_true", help="print machine-readable LH-PROGRESS lines")
+    options.add_device(parser)
+    options.add_no_report(parser)
+    options.add_output_style(parser, quiet=False)
 
 
 def run(args) -> int:
-    progress = Progress(machine=args.progress)
+    progress = Progress(machine=args.progress_lines)
     summary = run_batch(args.cohort, args.out, model=args.model, scheduler=args.scheduler, workers=args.workers,
                         threads_per_worker=args.threads_per_worker, device=args.device,
                         write_report=args.write_report, progress=progress)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import options
+
 NAIVE_TIME_BOX_S = 8.0
 PRELOAD_WAIT_S = 10.0  # between opening the Slicer module and clicking Analyze: picking the volume, at the least
 TARGET_WALL_S = 20.0
@@ -219,12 +221,11 @@ def format_report(figures: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--full", action="store_true",
                         help="full-size phantom (512x512x~300, the size the targets refer to); default: small, quick")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
+    options.add_device(parser)
+    options.add_model(parser)
     parser.add_argument("--batch", action="store_true", help="also benchmark cohort analysis on Dask (batch.benchmark)")
     parser.add_argument("--scan", default=None, help="benchmark on this CT instead of a phantom scan")
-    parser.add_argument("--no-report", action="store_true",
-                        help="time analyze without the QC pictures and report.html (analyze --no-report)")
+    options.add_no_report(parser)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--workdir", default=None,
                         help="where to put the temporary phantom and outputs (created if missing)")
@@ -234,7 +235,7 @@ def run(args) -> int:
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)  # like --out elsewhere: a missing folder is made
     figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir, scan=args.scan,
-                        report=not args.no_report)
+                        report=args.write_report)
     if args.batch:
         from .batch import benchmark as batch_benchmark
 

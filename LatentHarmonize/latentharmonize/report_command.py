@@ -14,6 +14,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from . import options
 from .atomic import StagedOutput
 from .errors import BundleError, InputError
 from .outputs import output_names
@@ -99,12 +100,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("folder", help="analysis folder written by `latentharmonize analyze` (e.g. with --no-report)")
     parser.add_argument("--ct", default=None,
                         help="the analysed CT (default: the input path recorded in analysis.json; SHA-256 checked)")
-    parser.add_argument("--model", default=None, help="model bundle folder of the analysis (default: the bundled model)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the encoder")
-    parser.add_argument("--overwrite", action="store_true", help="replace a report already in the folder")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors and the report's path")
-    parser.add_argument("--progress-lines", action="store_true",
-                        help="print machine-readable 'LH-PROGRESS <percent> <stage> <message>' lines (for the GUI)")
+    options.add_model(parser, "model bundle folder of the analysis (default: the bundled model)")
+    options.add_device(parser)
+    options.add_overwrite(parser, "a report already in the folder")
+    options.add_output_style(parser)
 
 
 def run(args) -> int:

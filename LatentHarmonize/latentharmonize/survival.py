@@ -26,6 +26,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import pandas as pd
 
+from . import options
 from .atomic import StagedOutput
 from .errors import InputError
 from .evaluation.metrics import percentile_ci
@@ -365,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("composition", help="per-scan composition CSV (as written by `latentharmonize batch`)")
     parser.add_argument("--clinical", help="clinical CSV with patient, time, event and covariates; "
                                            "default: these columns are read from the composition table")
-    parser.add_argument("--out", required=True, help="report folder")
+    options.add_out(parser, "report folder")
     parser.add_argument("--features", default="clusters",
                         help="'clusters' (frac_<label>_<name> columns), 'truth' (phantom frac_<tissue>), or a comma-separated column list")
     parser.add_argument("--covariates", default=None, help=f"comma-separated clinical covariates (default: those of {','.join(DEFAULT_COVARIATES)} present)")
@@ -374,9 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-col", default="event")
     parser.add_argument("--penalizer", type=float, default=0.1, help="Cox ridge penalty (default 0.1)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    parser.add_argument("--seed", type=int, default=0)
+    options.add_seed(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the C-index CI (default 1000)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    options.add_overwrite(parser, "existing report files")
 
 
 def run(args) -> int:

@@ -54,6 +54,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+from .. import options
 from ..atomic import StagedOutput
 from ..errors import InputError
 from .tissue import (KERNEL_HEAD, PATCH_MEAN_HU, RECALL_HEAD, SETTING_COLUMNS, THRESHOLD_BASELINE, kernel_robustness,
@@ -1072,24 +1073,24 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, unoranic=None, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cohort", help="evaluation cohort CSV (patients NOT used in training)")
-    parser.add_argument("--model", help="model bundle folder (default: the bundled default model)")
-    parser.add_argument("--out", required=True, help="output folder for metrics.json, report.html and figures")
+    options.add_model(parser)
+    options.add_out(parser, "output folder for metrics.json, report.html and figures")
     parser.add_argument("--train-cohort", help="training cohort CSV the baselines and clusters are fitted on "
                                               "(default: the cohort recorded in the bundle)")
     parser.add_argument("--unoranic", help="bundle trained with --encoder unoranic, for the unoranic baseline")
     parser.add_argument("--survival-cohort", help="cohort CSV with time and event whose patients the survival "
                                                  "comparison uses (default: the training and evaluation patients)")
-    parser.add_argument("--seed", type=int, default=0)
+    options.add_seed(parser)
     parser.add_argument("--quick", action="store_true", help="subsample patients and latents (smoke test, minutes)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
-    parser.add_argument("--machine-progress", action="store_true", help="print LH-PROGRESS lines")
+    options.add_device(parser, default="cpu")
+    options.add_overwrite(parser)
+    options.add_output_style(parser, quiet=False)
 
 
 def run(args) -> int:
     metrics = evaluate(args.cohort, args.out, model=args.model, train_cohort=args.train_cohort, unoranic=args.unoranic,
                        seed=args.seed, quick=args.quick, overwrite=args.overwrite, device=args.device,
-                       progress=Progress(machine=args.machine_progress), survival_cohort=args.survival_cohort)
+                       progress=Progress(machine=args.progress_lines), survival_cohort=args.survival_cohort)
     print(format_summary(metrics))
     return 0
 

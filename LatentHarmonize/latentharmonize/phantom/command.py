@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .. import options
 from ..errors import InputError
 from ..progress import Progress
 from .cohort import generate_cohort
@@ -30,9 +31,8 @@ def add_arguments(parser) -> None:
                              "ranges do not overlap (default: the named acquisitions)")
     parser.add_argument("--full", action="store_true",
                         help="full-size scans (512 x 512 x 300, 0.7 mm in-plane) instead of the small 192 x 192 x 112")
-    parser.add_argument("--overwrite", action="store_true", help="replace files already in the output folder")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("--progress-lines", action="store_true", help="print machine-readable LH-PROGRESS lines")
+    options.add_overwrite(parser, "files already in the output folder")
+    options.add_output_style(parser)
 
 
 def run(args) -> int:

@@ -25,6 +25,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
+from .. import options
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..errors import InputError, OutputError
 from ..densitometry import HU_STATISTIC_NAMES, LAA_THRESHOLD_HU
@@ -457,8 +458,8 @@ def format_summary(summary: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("cohort", help="cohort table (CSV with image, patient, acquisition; optional mask, truth)")
-    parser.add_argument("--out", required=True, help="model bundle folder to write")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    options.add_out(parser, "model bundle folder to write")
+    options.add_seed(parser)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, help=f"training epochs (default {DEFAULT_EPOCHS})")
     budget.add_argument("--max-minutes", type=float, help="stop training after this many minutes instead")
@@ -466,7 +467,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clusters", type=int, help="number of tissue clusters (default: chosen by stability)")
     parser.add_argument("--n-technical", default="auto",
                         help="technical latent dimensions to rotate out (default auto: until the probe is at chance)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
+    options.add_device(parser)
     parser.add_argument("--patches-per-patient", type=int, default=400, help="sampled lung points per patient")
     parser.add_argument("--latent-dim", type=int, default=24, help="latent size (default 24)")
     parser.add_argument("--context-radius", type=int, default=1,
@@ -486,13 +487,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--densitometry-smooth", type=float, default=0.0, metavar="MM",
                         help="with --densitometry: read the statistics from the lung blurred in-plane with this "
                              "Gaussian SD, so a sharp kernel's extra noise does not count as emphysema (default 0)")
-    parser.add_argument("--scheduler", default=None,
-                        help="sample the cohort's patches on this Dask cluster (tcp://host:port)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="sample the cohort's patches on a local Dask cluster of N worker processes")
+    options.add_dask(parser, "sampling the cohort's patches")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/.checkpoints")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
-    parser.add_argument("--progress", action="store_true", help="print machine-readable LH-PROGRESS lines")
+    options.add_overwrite(parser, "an existing bundle in --out")
+    options.add_output_style(parser, quiet=False)
 
 
 def run(args) -> int:
@@ -500,7 +498,7 @@ def run(args) -> int:
     summary = train(args.cohort, args.out, seed=args.seed, epochs=args.epochs, max_minutes=args.max_minutes,
                     encoder=args.encoder, clusters=args.clusters, n_technical=n_technical, device=args.device,
                     resume=args.resume, overwrite=args.overwrite, per_patient=args.patches_per_patient,
-                    latent_dim=args.latent_dim, progress=Progress(machine=args.progress),
+                    latent_dim=args.latent_dim, progress=Progress(machine=args.progress_lines),
                     scheduler=args.scheduler, workers=args.workers, context_radius=args.context_radius,
                     low_attenuation_channel=args.low_attenuation_channel, calibrate=args.calibrate,
                     densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth)
