@@ -1,0 +1,154 @@
+"""The backend's shape, read from its source: the import graph, the product path's boundary, sizes.
+
+The product path is everything ``latentharmonize.analyze`` imports: a CT in, a tissue map out. The research wing
+(``training``, ``evaluation``, ``phantom``) and the cohort runner (``batch``) may import it, never the reverse.
+docs/contributing.md states these rules; this file keeps them.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "LatentHarmonize" / "latentharmonize"
+RESEARCH = ("latentharmonize.training", "latentharmonize.evaluation", "latentharmonize.phantom",
+            "latentharmonize.batch")
+MAX_PRODUCT_FUNCTION_LINES = 60
+MAX_EVALUATION_FILE_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    parts = ("latentharmonize",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _resolve(name: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The backend modules an import statement in module ``name`` loads (parent packages included)."""
+    if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+    else:
+        base = name if _is_package(name) else name.rsplit(".", 1)[0]
+        for _ in range(node.level - 1):
+            base = base.rsplit(".", 1)[0]
+        stem = (node.module or "") if node.level == 0 else ".".join(filter(None, [base, node.module]))
+        # "from . import options" names a module; "from .grid import ModelGrid" a name in one
+        targets = [f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in MODULES else stem for alias in node.names]
+    # A module's own packages are loaded before it, so an edge to them is no dependency (and no cycle).
+    parts = name.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    loaded = set()
+    for target in targets:
+        if target.split(".")[0] != "latentharmonize":
+            continue
+        steps = target.split(".")
+        loaded.update(".".join(steps[:i]) for i in range(1, len(steps) + 1) if ".".join(steps[:i]) in MODULES)
+    return sorted(loaded - ancestors)
+
+
+def _type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports(name: str) -> tuple[set, list]:
+    """(modules imported when ``name`` loads, [(line, module)] imported inside functions or classes)."""
+    tree = ast.parse(MODULES[name].read_text())
+    top, nested = set(), []
+
+    def visit(node, depth):
+        for child in ast.iter_child_nodes(node):
+            if _type_checking_block(child):
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                for target in _resolve(name, child):
+                    (top.add(target) if depth == 0 else nested.append((child.lineno, target)))
+            inner = depth + isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            visit(child, inner)
+
+    visit(tree, 0)
+    return top, nested
+
+
+GRAPH = {name: imports(name)[0] for name in MODULES}
+
+
+def closure(start: str) -> set:
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(GRAPH[name])
+    return seen
+
+
+PRODUCT_PATH = closure("latentharmonize.analyze")
+
+
+def test_no_backend_module_imports_inside_a_function():
+    hidden = {name: nested for name in MODULES if (nested := imports(name)[1])}
+    assert not hidden, f"imports inside functions hide the graph; move them to the top: {hidden}"
+
+
+def test_the_import_graph_has_no_cycle():
+    state, cycles = {}, []
+
+    def walk(name, stack):
+        state[name] = "open"
+        for target in sorted(GRAPH[name]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                walk(target, stack + [target])
+        state[name] = "done"
+
+    for name in MODULES:
+        if name not in state:
+            walk(name, [name])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_product_path_never_imports_the_research_wing():
+    assert {"latentharmonize.patches", "latentharmonize.bundle", "latentharmonize.lungmask"} <= PRODUCT_PATH
+    leaks = sorted(m for m in PRODUCT_PATH if m.startswith(RESEARCH))
+    assert not leaks, f"analyze reaches research code: {leaks}"
+
+
+def test_the_backend_never_imports_slicer():
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            roots = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not any(r.split(".")[0] in ("slicer", "qt", "ctk") for r in roots), f"{name} imports {roots}"
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCT_PATH))
+def test_product_path_functions_are_short(name):
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(ast.parse(MODULES[name].read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_PRODUCT_FUNCTION_LINES]
+    assert not long, f"{name}: split into named steps: {long}"
+
+
+def test_evaluation_files_are_short():
+    long = {p.name: n for p in (PACKAGE / "evaluation").glob("*.py")
+            if (n := len(p.read_text().splitlines())) >= MAX_EVALUATION_FILE_LINES}
+    assert not long, f"evaluation files over {MAX_EVALUATION_FILE_LINES} lines: {long}"
+
+
+def test_the_graph_reader_sees_relative_and_nested_imports():
+    """The checks above are only as good as the parser: a known edge, a known nested import and the module
+    names must come out as the source says."""
+    assert "latentharmonize.patches" in GRAPH["latentharmonize.bundle"]
+    assert "latentharmonize.options" in GRAPH["latentharmonize.analyze"]
+    tree_with_nested = "def f():\n    from .grid import ModelGrid\n"
+    node = ast.parse(tree_with_nested).body[0].body[0]
+    assert _resolve("latentharmonize.analyze", node) == ["latentharmonize.grid"]
