@@ -7,6 +7,9 @@ docs/contributing.md states these rules; this file keeps them.
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,77 @@ def test_the_graph_reader_sees_relative_and_nested_imports():
     tree_with_nested = "def f():\n    from .grid import ModelGrid\n"
     node = ast.parse(tree_with_nested).body[0].body[0]
     assert _resolve("latentharmonize.analyze", node) == ["latentharmonize.grid"]
+
+
+# ----------------------------------------------------------------------------- docs/architecture.md
+ARCHITECTURE = PACKAGE.parents[1] / "docs" / "architecture.md"
+QUOTED_CALL = re.compile(r"`([A-Za-z_][\w.]*)\(([^`()]*)\)")
+
+
+def _module_of(cell: str) -> list[str]:
+    """Backend modules named in a table cell: `grid.py` -> latentharmonize.grid, `training/` -> the package."""
+    names = re.findall(r"`([\w/]+?)(?:\.py|/)`", cell)
+    return [f"latentharmonize.{n.replace('/', '.')}" for n in names if f"latentharmonize.{n.replace('/', '.')}" in MODULES]
+
+
+def quoted_signatures() -> list[tuple]:
+    """(modules, quoted name, quoted parameter names) for every call quoted in the units table and in the
+    contracts code block of docs/architecture.md."""
+    quoted, modules = [], []
+    for line in ARCHITECTURE.read_text().splitlines():
+        if line.startswith("| `"):
+            cells = line.split(" | ", 1)
+            modules = _module_of(cells[0])
+            text = cells[1] if len(cells) > 1 else ""
+        elif line.startswith("# ") and line.rstrip().endswith((".py", "/")):
+            modules, text = _module_of(f"`{line[2:].strip()}`"), ""
+        elif modules and re.match(r"^[A-Za-z_][\w.]*\(", line):
+            text = f"`{line.split(' -> ')[0].split('  #')[0].strip()}`"
+        else:
+            continue
+        classes = tuple(re.findall(r"`([A-Z]\w+)`", text)) + tuple(re.findall(r"`([A-Z]\w+)\(", text))
+        for name, params in QUOTED_CALL.findall(text):
+            names = [p.split("=")[0].split(":")[0].strip().lstrip("*") for p in params.split(",") if p.strip()]
+            quoted.append((tuple(modules), classes, name, [n for n in names if n and n != "/"]))
+    return quoted
+
+
+def _lookup(modules, classes, dotted: str):
+    """The object a quoted name means: in the row's modules, as a method of a class the row names, or as a dotted
+    path from the package root."""
+    for module in modules:
+        for prefix in ("",) + tuple(f"{c}." for c in classes):
+            obj = importlib.import_module(module)
+            try:
+                for part in (prefix + dotted).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            except AttributeError:
+                continue
+    try:
+        return importlib.import_module(f"latentharmonize.{dotted.rsplit('.', 1)[0]}").__dict__[dotted.rsplit(".", 1)[1]]
+    except (ImportError, KeyError, IndexError):
+        return None
+
+
+def test_architecture_md_quotes_real_signatures():
+    assert len(quoted_signatures()) > 20
+    wrong = []
+    for modules, classes, name, params in quoted_signatures():
+        obj = _lookup(modules, classes, name)
+        if obj is None:
+            wrong.append(f"{name}: not found in {list(modules)}")
+            continue
+        real = [p for p in inspect.signature(obj).parameters.values() if p.name not in ("self", "cls")]
+        if "..." in params:  # an abbreviated quote: the names it shows exist, in order
+            named = [n for n in params if n != "..."]
+            order = [p.name for p in real if p.name in named]
+            if order != named:
+                wrong.append(f"{name}({', '.join(params)}) but the code says {name}({', '.join(p.name for p in real)})")
+            continue
+        shown = [p.name for p in real[:len(params)]]
+        left_out = [p.name for p in real[len(params):] if p.default is inspect.Parameter.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if params != shown or left_out:
+            wrong.append(f"{name}({', '.join(params)}) but the code says {name}({', '.join(p.name for p in real)})")
+    assert not wrong, "docs/architecture.md quotes signatures the code does not have:\n" + "\n".join(wrong)
