@@ -67,14 +67,14 @@ def test_spec_without_calibration_leaves_hu_untouched(scans):
 def test_scans_without_references_are_refused(scans):
     ct, lungs = scans["A"]
     arr = sitk.GetArrayFromImage(ct)
-    for fill, missing in ((-850, "too little fat inside the body"), (40, "too little outside air")):
+    for fill, missing in ((-850, "too little fat inside the body"), (40, "too little air around the body")):
         cropped = sitk.GetImageFromArray(np.full_like(arr, fill))  # a field of view inside the lung, or the heart
         cropped.CopyInformation(ct)
         with pytest.raises(CalibrationError, match=missing):
             estimate_calibration(cropped, lungs)
     shifted = sitk.GetImageFromArray((0.7 * arr).astype(np.int16))  # not HU as scanners store it
     shifted.CopyInformation(ct)
-    with pytest.raises(InputError, match="outside air reads -700 HU, not air"):
+    with pytest.raises(InputError, match="air around the body reads -700 HU, not air"):
         estimate_calibration(shifted, lungs)
 
 
@@ -95,7 +95,8 @@ def cropped_scans():
     """Patient 0 of ``scans``, with its field of view cut left-right through both lungs (phantom variant
     ``cropped``): what the lung mask now analyses with the warning ``fov_cut``."""
     patient = make_patient(0, seed=5, variant="cropped")
-    return {a.vendor: (ct, segment_lungs(ct)) for a, ct in zip(DEFAULT_ACQUISITIONS, acquire_all(patient, DEFAULT_ACQUISITIONS))}
+    return {a.vendor: (ct, segment_lungs(ct))
+            for a, ct in zip(DEFAULT_ACQUISITIONS, acquire_all(patient, DEFAULT_ACQUISITIONS))}
 
 
 @pytest.mark.parametrize("vendor", ["A", "B", "C"])
@@ -123,11 +124,12 @@ def test_tracheal_air_reads_like_the_air_around_the_body_on_the_phantom(scans):
 def test_without_air_analyze_goes_on_uncalibrated_and_warns(cropped_scans):
     ct, lungs = _no_air_around(cropped_scans["C"][0])
     hu = np.array([-900.0, 0.0], dtype=np.float32)
-    with pytest.raises(CalibrationError, match="too little outside air"):  # training refuses such a scan
+    with pytest.raises(CalibrationError, match="too little air around the body"):  # training refuses such a scan
         calibrate_grid_hu(hu, ct, lungs, resolve_spec({"calibration": "air_fat"}))
     same, unavailable = calibrate_grid_hu(hu, ct, lungs, resolve_spec({"calibration": "air_fat"}), required=False)
     assert isinstance(unavailable, CalibrationUnavailable) and same is hu
-    assert unavailable.warning["code"] == UNAVAILABLE and "too little outside air" in unavailable.warning["message"]
+    assert unavailable.warning["code"] == UNAVAILABLE
+    assert "too little air around the body" in unavailable.warning["message"]
     assert unavailable.as_dict()["applied"] is False and unavailable.as_dict()["air_reference"] is None
     found = estimate_calibration(*cropped_scans["C"])  # the same scan with the air in front of and behind the body
     assert found.warning is None and found.as_dict()["air_reference"] == "outside_air"

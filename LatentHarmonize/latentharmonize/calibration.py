@@ -58,6 +58,7 @@ REFERENCE_SLICE_MM = 5.0  # thicker slices are all read (SLICE_STEP would leave 
 SOFT_TISSUE_HU = (-250.0, 50.0)
 TRACHEA_CORE_MM = 2.5    # in-plane erosion of the airway lumen: away from its wall's partial volume and overshoot
 AIR_REFERENCES = ("outside_air",)  # tried in order; tracheal air reads too high on real scans (docs/calibration.md)
+AIR_REFERENCE_NAMES = {"outside_air": "air around the body", "tracheal_air": "tracheal air"}
 UNAVAILABLE = "calibration_unavailable"
 
 
@@ -109,9 +110,11 @@ class CalibrationUnavailable:
     @property
     def warning(self) -> dict:
         return {"code": UNAVAILABLE, "message": (
-            f"HU calibration was not possible ({self.reason}), so this scan was analysed on its HU as stored. The "
-            "model was trained on calibrated HU: a scanner whose air and fat read a few tens of HU off moves lung "
-            "density, the low-attenuation share and the clusters by about as much as mild disease does.")}
+            f"HU calibration was not possible ({self.reason}), so this scan was analysed on its HU as stored, while "
+            "the model reads calibrated HU. On the real scans checked, stored lung HU were 0-25 HU from their "
+            "calibrated values (LAA-950 up to 4.5 points): lung density, the low-attenuation share and the clusters "
+            "may be shifted about as far as mild disease moves them. A field of view that shows some air around the "
+            "body is calibrated.")}
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         return hu
@@ -231,7 +234,7 @@ def estimate_calibration(ct: sitk.Image, lungs: sitk.Image, air_references=AIR_R
     if fat is None:
         problems.append("too little fat inside the body (the field of view may be cropped to the lungs)")
     for name in air_references:
-        what = name.replace("_", " ")
+        what = AIR_REFERENCE_NAMES[name]
         values = regions[name]
         if values.size < MIN_VOXELS:
             problems.append(f"too little {what} (the field of view may be cropped to the body)")
@@ -242,7 +245,7 @@ def estimate_calibration(ct: sitk.Image, lungs: sitk.Image, air_references=AIR_R
             problems.append(f"the {what} sits at the {HU_FLOOR:.0f} HU floor")
             continue
         if not AIR_LEVEL_RANGE_HU[0] <= air <= AIR_LEVEL_RANGE_HU[1]:
-            problems.append(f"the {what} reads {air:.0f} HU, not air")
+            problems.append(f"the {what} reads {air:.0f} HU, not air (lung cut by the field of view?)")
             continue
         if fat is None:
             continue
