@@ -4,11 +4,12 @@ Vendors calibrate HU a few tens of HU apart (field notes section 2), about as fa
 so a model that reads absolute density cannot tell the two apart. Densitometry studies correct with references that
 every chest CT holds (tracheal air, blood, fat); this does the same with two of them:
 
-- **air**: the air around the body (``outside_air``): voxels below -400 HU reaching beyond the body outline in
-  their slice, told from lungs cut by a cropped field of view as the lung mask tells them
-  (``lungmask.outside_body``), with the lung mask, a 2-pixel rim around it and the padding outside the reconstruction
-  circle left out, eroded away from the body surface. A field of view cut left-right through the lungs still shows
-  the air in front of and behind the body, and calibrates to within a few HU of the whole scan.
+- **air**: the air around the body (``outside_air``): voxels below -400 HU connected to the in-plane image border,
+  with the lung mask and a 2-pixel rim around it (lungs cut by a cropped field of view touch the border too) and the
+  padding outside the reconstruction circle left out, eroded away from the body surface. A level outside
+  ``AIR_LEVEL_RANGE_HU`` is no air (lung that the mask of a tightly cropped scan missed). A field of view cut
+  left-right through the lungs still shows the air in front of and behind the body, and calibrates to within a few
+  HU of the whole scan.
 
   The air in the trachea and main bronchi (``tracheal_air``: the core of the airway that ``structures.trachea_seed``
   finds, ``TRACHEA_CORE_MM`` in from its wall) is measured too (:func:`reference_levels`) but not used: on the
@@ -25,8 +26,8 @@ every chest CT holds (tracheal air, blood, fat); this does the same with two of 
   not count.
 
 The linear map through both points is applied to the model-grid HU before encoding (``apply``). The references are
-found on slices about ``REFERENCE_SLICE_MM`` apart (every ``SLICE_STEP``-th slice at most): levels of large regions
-need no more.
+found on slices about ``REFERENCE_SLICE_MM`` apart (every ``SLICE_STEP``-th slice at most, as many per mm of scan
+whatever the slice thickness): levels of large regions need no more.
 
 ``calibrate_grid_hu(..., required=False)`` (analyze) does not refuse a scan without usable references (a field of
 view cropped to the body on all sides, an air level that is no air): the HU are left as they are and the result
@@ -42,7 +43,7 @@ import SimpleITK as sitk
 from scipy import ndimage, stats
 
 from .errors import InputError
-from .lungmask import AIR_HU, PAD_HU, outside_air, outside_body
+from .lungmask import AIR_HU, PAD_HU, outside_air
 
 METHODS = ("air_fat",)
 REFERENCE_AIR_HU = -1000.0
@@ -54,7 +55,7 @@ MAX_OFFSET_HU = 150.0
 AIR_LEVEL_RANGE_HU = (-1080.0, -920.0)  # an air reference outside this is no air (vendors: a few tens of HU off)
 MIN_VOXELS = 500
 SLICE_STEP = 4
-REFERENCE_SLICE_MM = 5.0  # thicker slices are all read (SLICE_STEP would leave too few trachea voxels)
+REFERENCE_SLICE_MM = 5.0  # thicker slices are all read: a sparse sample of thick slices moved fat by up to 3 HU
 SOFT_TISSUE_HU = (-250.0, 50.0)
 TRACHEA_CORE_MM = 2.5    # in-plane erosion of the airway lumen: away from its wall's partial volume and overshoot
 AIR_REFERENCES = ("outside_air",)  # tried in order; tracheal air reads too high on real scans (docs/calibration.md)
@@ -182,10 +183,11 @@ def tracheal_air(hu: np.ndarray, lung: np.ndarray, step: int, seed: np.ndarray, 
     return out
 
 
-def reference_regions(ct: sitk.Image, lungs: sitk.Image) -> dict:
+def reference_regions(ct: sitk.Image, lungs: sitk.Image, tracheal: bool = True) -> dict:
     """{"outside_air", "tracheal_air", "fat": float32 HU of the reference voxels} of a chest CT (HU) with its lung
-    mask (on the CT's grid). Outside air and fat are read on slices about ``REFERENCE_SLICE_MM`` apart, tracheal air
-    (a small region) on every slice."""
+    mask (on the CT's grid). Outside air and fat are read on slices about ``REFERENCE_SLICE_MM`` apart (every
+    ``SLICE_STEP``-th at most), tracheal air (a small region) on every slice, and only if ``tracheal`` (otherwise it
+    is empty)."""
     from .structures import trachea_seed
 
     full_hu, full_lung, (sx, sy, sz) = _axial_up(ct, lungs)
@@ -196,11 +198,11 @@ def reference_regions(ct: sitk.Image, lungs: sitk.Image) -> dict:
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     near_lung = ndimage.binary_dilation(lung, in_plane, iterations=2)
     outside = outside_air(hu < AIR_HU)
-    # A field of view cropped to the body cuts the lungs, and cut lungs touch the border too: the air around the body
-    # is told from them as the lung mask does (lungmask.outside_body), and whatever the mask holds is left out.
-    around, _ = outside_body((hu < AIR_HU) & (hu > PAD_HU), hu >= AIR_HU, hu, sx * sy)
-    air = ndimage.binary_erosion(around & ~near_lung, in_plane, iterations=3)
-    trachea = tracheal_air(full_hu, full_lung, step, trachea_seed(hu, lung, (sx, sy, sz * step)), (sx, sy, sz))
+    # A field of view cropped to the body cuts the lungs, and cut lungs touch the border too: what the lung mask holds
+    # is not air around the body. Lung the mask misses reads as no air (AIR_LEVEL_RANGE_HU).
+    air = ndimage.binary_erosion(outside & ~near_lung, in_plane, iterations=3) & (hu > PAD_HU)
+    trachea = (tracheal_air(full_hu, full_lung, step, trachea_seed(hu, lung, (sx, sy, sz * step)), (sx, sy, sz))
+               if tracheal else np.zeros(full_hu.shape, bool))
     body = ~ndimage.binary_dilation(outside, in_plane, iterations=2) & ~near_lung
     soft = ndimage.binary_erosion(body & (hu > SOFT_TISSUE_HU[0]) & (hu < SOFT_TISSUE_HU[1]), in_plane)
     lo, hi = FAT_RANGE_HU
@@ -228,7 +230,7 @@ def estimate_calibration(ct: sitk.Image, lungs: sitk.Image, air_references=AIR_R
     """Air and fat references of a chest CT (HU) with its lung mask (on the CT's grid): the first air reference of
     ``air_references`` that the scan shows enough of and that gives a plausible map. Raises InputError when there is
     none, or no fat (:class:`CalibrationError`)."""
-    regions = reference_regions(ct, lungs)
+    regions = reference_regions(ct, lungs, tracheal="tracheal_air" in air_references)
     problems = []
     fat = fat_level(regions["fat"]) if regions["fat"].size >= MIN_VOXELS else None
     if fat is None:
