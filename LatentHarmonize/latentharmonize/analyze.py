@@ -418,7 +418,8 @@ def model_grid_hu(ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> tuple:
 
     hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
                                         align_px=(spec.stride, spec.stride, 1))
-    hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec)
+    # required=False: a scan without usable air/fat references is analysed uncalibrated, with a warning (issue 19)
+    hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=False)
     return hu, lung_grid, grid, calibration
 
 
@@ -475,7 +476,9 @@ def _compute(ct_path: Path, ct: sitk.Image, bundle, device, encoder, mask, progr
     record = {  # analyze has no random step; "seed" is the one the model was trained with
         "input": str(ct_path), "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
-        "device": str(device), "mask": mask_source, "warnings": assessment.warnings, "lung_mask": assessment.as_dict(),
+        "device": str(device), "mask": mask_source,
+        "warnings": assessment.warnings + ([calibration.warning] if getattr(calibration, "warning", None) else []),
+        "lung_mask": assessment.as_dict(),
         "hu_calibration": None if calibration is None else calibration.as_dict(),
         "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),

@@ -1,12 +1,24 @@
-"""Internal-reference HU calibration: map a scan's HU so that the air around the body reads -1000 and fat -100.
+"""Internal-reference HU calibration: map a scan's HU so that air reads -1000 and fat -100.
 
 Vendors calibrate HU a few tens of HU apart (field notes section 2), about as far as emphysema moves lung density,
 so a model that reads absolute density cannot tell the two apart. Densitometry studies correct with references that
 every chest CT holds (tracheal air, blood, fat); this does the same with two of them:
 
-- **air**: voxels below -400 HU connected to the in-plane image border (outside the body), eroded away from the body
-  surface. Scanners store HU from -1024, so air that a vendor calibrates below that is clipped: when more than half
-  the air sits at the floor, its level is extrapolated from the upper quartiles of a normal fit (a censored normal);
+- **air**: the air around the body (``outside_air``): voxels below -400 HU connected to the in-plane image border,
+  with the lung mask and a 2-pixel rim around it (lungs cut by a cropped field of view touch the border too) and the
+  padding outside the reconstruction circle left out, eroded away from the body surface. A level outside
+  ``AIR_LEVEL_RANGE_HU`` is no air (lung that the mask of a tightly cropped scan missed). A field of view cut
+  left-right through the lungs still shows the air in front of and behind the body, and calibrates to within a few
+  HU of the whole scan.
+
+  The air in the trachea and main bronchi (``tracheal_air``: the core of the airway that ``structures.trachea_seed``
+  finds, ``TRACHEA_CORE_MM`` in from its wall) is measured too (:func:`reference_levels`) but not used: on the
+  phantom it reads as the outside air does, but on real scans 18-40 HU above it and 16 HU apart between the soft
+  and sharp kernels of one raw scan, so calibrating on it moved LAA-950 by up to 12 points where not calibrating
+  moved it by at most 4 (docs/calibration.md). ``estimate_calibration(..., air_references=...)`` can still use it.
+
+  Scanners store HU from -1024, so air that a vendor calibrates below that is clipped: when more than half the air
+  sits at the floor, its level is extrapolated from the upper quartiles of a normal fit (a censored normal);
 - **fat** (subcutaneous and mediastinal): the mode of the HU histogram between -200 and -20 HU inside the body and
   away from the lungs, whose fibrotic walls and lines also fall in that range. The mode, not the mean, so that muscle
   and partial-volume voxels do not pull it. Its candidates are the soft tissue voxels (-250..50 HU) one pixel in from
@@ -14,18 +26,24 @@ every chest CT holds (tracheal air, blood, fat); this does the same with two of 
   not count.
 
 The linear map through both points is applied to the model-grid HU before encoding (``apply``). The references are
-found on every ``SLICE_STEP``-th slice: levels of large regions need no more.
+found on slices about ``REFERENCE_SLICE_MM`` apart (every ``SLICE_STEP``-th slice at most, as many per mm of scan
+whatever the slice thickness): levels of large regions need no more.
+
+``calibrate_grid_hu(..., required=False)`` (analyze) does not refuse a scan without usable references (a field of
+view cropped to the body on all sides, an air level that is no air): the HU are left as they are and the result
+(:class:`CalibrationUnavailable`) carries the warning ``calibration_unavailable``. Training (``required=True``)
+refuses such a scan, as it always did.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage, stats
 
 from .errors import InputError
-from .lungmask import AIR_HU, outside_air
+from .lungmask import AIR_HU, PAD_HU, outside_air
 
 METHODS = ("air_fat",)
 REFERENCE_AIR_HU = -1000.0
@@ -34,9 +52,23 @@ HU_FLOOR = -1024.0
 FAT_RANGE_HU = (-200.0, -20.0)
 MAX_SCALE_ERROR = 0.15   # |scale - 1| beyond this is no vendor calibration but a failed reference
 MAX_OFFSET_HU = 150.0
+AIR_LEVEL_RANGE_HU = (-1080.0, -920.0)  # an air reference outside this is no air (vendors: a few tens of HU off)
 MIN_VOXELS = 500
 SLICE_STEP = 4
+REFERENCE_SLICE_MM = 5.0  # thicker slices are all read: a sparse sample of thick slices moved fat by up to 3 HU
 SOFT_TISSUE_HU = (-250.0, 50.0)
+TRACHEA_CORE_MM = 2.5    # in-plane erosion of the airway lumen: away from its wall's partial volume and overshoot
+AIR_REFERENCES = ("outside_air",)  # tried in order; tracheal air reads too high on real scans (docs/calibration.md)
+AIR_REFERENCE_NAMES = {"outside_air": "air around the body", "tracheal_air": "tracheal air"}
+UNAVAILABLE = "calibration_unavailable"
+
+
+class CalibrationError(InputError):
+    """The scan's HU cannot be calibrated; ``reason`` says why in a few words."""
+
+    def __init__(self, reason: str, advice: str):
+        super().__init__(f"Cannot calibrate HU: {reason}. {advice}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,10 @@ class HUCalibration:
 
     air_hu: float
     fat_hu: float
+    air_reference: str = "outside_air"
+
+    applied = True
+    warning = None
 
     @property
     def scale(self) -> float:
@@ -59,8 +95,33 @@ class HUCalibration:
         return (np.asarray(hu, dtype=np.float32) - np.float32(self.offset)) / np.float32(self.scale)
 
     def as_dict(self) -> dict:
-        return {**{k: round(v, 2) for k, v in asdict(self).items()}, "scale": round(self.scale, 5),
-                "offset": round(self.offset, 2)}
+        return {"air_hu": round(self.air_hu, 2), "fat_hu": round(self.fat_hu, 2), "scale": round(self.scale, 5),
+                "offset": round(self.offset, 2), "air_reference": self.air_reference, "applied": True}
+
+
+@dataclass(frozen=True)
+class CalibrationUnavailable:
+    """A scan the bundle asked to calibrate but whose references could not be measured: HU are left as they are."""
+
+    reason: str
+
+    applied = False
+    air_reference = None
+
+    @property
+    def warning(self) -> dict:
+        return {"code": UNAVAILABLE, "message": (
+            f"HU calibration was not possible ({self.reason}), so this scan was analysed on its HU as stored, while "
+            "the model reads calibrated HU. On the real scans checked, stored lung HU were 0-25 HU from their "
+            "calibrated values (LAA-950 up to 4.5 points): lung density, the low-attenuation share and the clusters "
+            "may be shifted about as far as mild disease moves them. A field of view that shows some air around the "
+            "body is calibrated.")}
+
+    def apply(self, hu: np.ndarray) -> np.ndarray:
+        return hu
+
+    def as_dict(self) -> dict:
+        return {"applied": False, "air_reference": None, "reason": self.reason}
 
 
 def air_level(values: np.ndarray, floor: float = HU_FLOOR) -> float:
@@ -69,8 +130,8 @@ def air_level(values: np.ndarray, floor: float = HU_FLOOR) -> float:
     if q50 > floor + 0.5:
         return float(q50)
     if q75 <= floor + 0.5:
-        raise InputError(f"More than three quarters of the air around the body sits at the {floor:.0f} HU floor, so "
-                         "its level cannot be measured; use a model bundle trained without --calibrate.")
+        raise InputError(f"More than three quarters of the air sits at the {floor:.0f} HU floor, so its level "
+                         "cannot be measured; use a model bundle trained without --calibrate.")
     sigma = (q90 - q75) / (stats.norm.ppf(0.9) - stats.norm.ppf(0.75))
     return float(q75 - stats.norm.ppf(0.75) * sigma)
 
@@ -82,35 +143,135 @@ def fat_level(values: np.ndarray) -> float:
     return float(edges[np.argmax(ndimage.gaussian_filter1d(counts.astype(np.float64), 4.0))] + 0.5)
 
 
-def estimate_calibration(ct: sitk.Image, lungs: sitk.Image) -> HUCalibration:
-    """Air and fat references of a chest CT (HU) with its lung mask (on the CT's grid). Raises InputError when either
-    reference cannot be found."""
-    hu = sitk.GetArrayViewFromImage(ct)[::SLICE_STEP].astype(np.float32)
-    lung = sitk.GetArrayViewFromImage(lungs)[::SLICE_STEP] > 0
-    outside = outside_air(hu < AIR_HU)
+def _axial_up(ct: sitk.Image, lungs: sitk.Image) -> tuple:
+    """(hu, lung, (x, y, z) spacing): the CT and its mask as [z, y, x] arrays (views where possible) with z running
+    inferior to superior (the trachea is found from the lungs' top slice)."""
+    if abs(ct.GetDirection()[8]) < 0.7:  # not an axial stack: reorient (a copy)
+        ct, lungs = sitk.DICOMOrient(ct, "LPS"), sitk.DICOMOrient(lungs, "LPS")
+    hu, lung = sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(lungs)
+    if ct.GetDirection()[8] < 0:  # slices stored superior to inferior
+        hu, lung = hu[::-1], lung[::-1]
+    return hu, lung, ct.GetSpacing()
+
+
+def tracheal_air(hu: np.ndarray, lung: np.ndarray, step: int, seed: np.ndarray, spacing) -> np.ndarray:
+    """Bool [z, y, x] on the full ``hu``: the core of the trachea and main bronchi.
+
+    ``seed`` is ``structures.trachea_seed`` on every ``step``-th slice; around it, every slice is read: the pure air
+    (below ``structures.TRACHEA_AIR_HU``) outside the lungs that joins the seed, its noise holes filled slice by
+    slice, eroded ``TRACHEA_CORE_MM`` in-plane away from the wall.
+    """
+    from .structures import TRACHEA_AIR_HU
+
+    out = np.zeros(hu.shape, bool)
+    if not seed.any():
+        return out
+    z, y, x = np.nonzero(seed)
+    z0, pad = int(z.min()), 3
+    box = (slice(z0 * step, min((int(z.max()) + 1) * step, hu.shape[0])),
+           slice(max(int(y.min()) - pad, 0), int(y.max()) + pad + 1),
+           slice(max(int(x.min()) - pad, 0), int(x.max()) + pad + 1))
+    labels, _ = ndimage.label((hu[box] < TRACHEA_AIR_HU) & (lung[box] == 0))
+    at_seed = np.zeros(labels.shape, bool)
+    at_seed[::step] = seed[z0:z0 + at_seed[::step].shape[0], box[1], box[2]]
+    airway = np.isin(labels, np.unique(labels[at_seed & (labels > 0)])) & (labels > 0)
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    air = ndimage.binary_erosion(outside, in_plane, iterations=3)
-    body = ~ndimage.binary_dilation(outside, in_plane, iterations=2) & ~ndimage.binary_dilation(lung, in_plane,
-                                                                                                 iterations=2)
+    airway = ndimage.binary_fill_holes(airway, in_plane)
+    core = max(1, int(round(TRACHEA_CORE_MM / min(spacing[:2]))))
+    out[box] = ndimage.binary_erosion(airway, in_plane, iterations=core)
+    return out
+
+
+def reference_regions(ct: sitk.Image, lungs: sitk.Image, tracheal: bool = True) -> dict:
+    """{"outside_air", "tracheal_air", "fat": float32 HU of the reference voxels} of a chest CT (HU) with its lung
+    mask (on the CT's grid). Outside air and fat are read on slices about ``REFERENCE_SLICE_MM`` apart (every
+    ``SLICE_STEP``-th at most), tracheal air (a small region) on every slice, and only if ``tracheal`` (otherwise it
+    is empty)."""
+    from .structures import trachea_seed
+
+    full_hu, full_lung, (sx, sy, sz) = _axial_up(ct, lungs)
+    step = max(1, min(SLICE_STEP, int(round(REFERENCE_SLICE_MM / sz))))
+    hu = full_hu[::step].astype(np.float32)
+    lung = full_lung[::step] > 0
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    near_lung = ndimage.binary_dilation(lung, in_plane, iterations=2)
+    outside = outside_air(hu < AIR_HU)
+    # A field of view cropped to the body cuts the lungs, and cut lungs touch the border too: what the lung mask holds
+    # is not air around the body. Lung the mask misses reads as no air (AIR_LEVEL_RANGE_HU).
+    air = ndimage.binary_erosion(outside & ~near_lung, in_plane, iterations=3) & (hu > PAD_HU)
+    trachea = (tracheal_air(full_hu, full_lung, step, trachea_seed(hu, lung, (sx, sy, sz * step)), (sx, sy, sz))
+               if tracheal else np.zeros(full_hu.shape, bool))
+    body = ~ndimage.binary_dilation(outside, in_plane, iterations=2) & ~near_lung
     soft = ndimage.binary_erosion(body & (hu > SOFT_TISSUE_HU[0]) & (hu < SOFT_TISSUE_HU[1]), in_plane)
     lo, hi = FAT_RANGE_HU
     soft &= (hu > lo) & (hu < hi)
-    for what, region in (("air around the body", air), ("fat inside the body", soft)):
-        if region.sum() < MIN_VOXELS:
-            raise InputError(f"Cannot calibrate HU: the scan shows too little {what} (the field of view may be cropped "
-                             "to the lungs); use a model bundle trained without --calibrate.")
-    calibration = HUCalibration(air_level(hu[air]), fat_level(hu[soft]))
-    if abs(calibration.scale - 1.0) > MAX_SCALE_ERROR or abs(calibration.offset) > MAX_OFFSET_HU:
-        raise InputError(f"Cannot calibrate HU: air reads {calibration.air_hu:.0f} HU and fat {calibration.fat_hu:.0f} "
-                         "HU, too far from -1000 and -100 for a scanner's calibration; check that the image is a CT in "
-                         "HU, or use a model bundle trained without --calibrate.")
-    return calibration
+    return {"outside_air": hu[air], "tracheal_air": full_hu[trachea].astype(np.float32), "fat": hu[soft]}
 
 
-def calibrate_grid_hu(hu: np.ndarray, ct: sitk.Image, lungs: sitk.Image, spec) -> tuple:
-    """(model-grid HU, calibration or None): the spec's calibration of ``ct`` applied to ``hu``."""
+def reference_levels(ct: sitk.Image, lungs: sitk.Image) -> dict:
+    """{reference: (level HU or None, voxels)} of both air references and fat (None: fewer than MIN_VOXELS, or
+    air mostly at the floor). For comparing the references; :func:`estimate_calibration` chooses."""
+    out = {}
+    for name, values in reference_regions(ct, lungs).items():
+        n = int(values.size)
+        level = None
+        if n >= MIN_VOXELS:
+            try:
+                level = fat_level(values) if name == "fat" else air_level(values)
+            except InputError:
+                level = None
+        out[name] = (level, n)
+    return out
+
+
+def estimate_calibration(ct: sitk.Image, lungs: sitk.Image, air_references=AIR_REFERENCES) -> HUCalibration:
+    """Air and fat references of a chest CT (HU) with its lung mask (on the CT's grid): the first air reference of
+    ``air_references`` that the scan shows enough of and that gives a plausible map. Raises InputError when there is
+    none, or no fat (:class:`CalibrationError`)."""
+    regions = reference_regions(ct, lungs, tracheal="tracheal_air" in air_references)
+    problems = []
+    fat = fat_level(regions["fat"]) if regions["fat"].size >= MIN_VOXELS else None
+    if fat is None:
+        problems.append("too little fat inside the body (the field of view may be cropped to the lungs)")
+    for name in air_references:
+        what = AIR_REFERENCE_NAMES[name]
+        values = regions[name]
+        if values.size < MIN_VOXELS:
+            problems.append(f"too little {what} (the field of view may be cropped to the body)")
+            continue
+        try:
+            air = air_level(values)
+        except InputError:
+            problems.append(f"the {what} sits at the {HU_FLOOR:.0f} HU floor")
+            continue
+        if not AIR_LEVEL_RANGE_HU[0] <= air <= AIR_LEVEL_RANGE_HU[1]:
+            problems.append(f"the {what} reads {air:.0f} HU, not air (lung cut by the field of view?)")
+            continue
+        if fat is None:
+            continue
+        calibration = HUCalibration(air, fat, name)
+        if abs(calibration.scale - 1.0) <= MAX_SCALE_ERROR and abs(calibration.offset) <= MAX_OFFSET_HU:
+            return calibration
+        problems.append(f"{what} reads {air:.0f} HU and fat {fat:.0f} HU, too far from -1000 and -100 for a "
+                        "scanner's calibration")
+    raise CalibrationError("; ".join(problems), "Check that the image is a CT in HU showing the air around the body, "
+                           "or use a model bundle trained without --calibrate.")
+
+
+def calibrate_grid_hu(hu: np.ndarray, ct: sitk.Image, lungs: sitk.Image, spec, required: bool = True) -> tuple:
+    """(model-grid HU, calibration or None): the spec's calibration of ``ct`` applied to ``hu``.
+
+    With ``required`` a scan that cannot be calibrated is refused (InputError); without, its HU are returned as they
+    are with a :class:`CalibrationUnavailable` whose ``warning`` says so.
+    """
     if spec.calibration is None:
         return hu, None
-    calibration = estimate_calibration(ct, lungs)
+    try:
+        calibration = estimate_calibration(ct, lungs)
+    except CalibrationError as error:
+        if required:
+            raise
+        return hu, CalibrationUnavailable(error.reason)
     return calibration.apply(hu), calibration
