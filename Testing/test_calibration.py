@@ -124,8 +124,8 @@ def test_without_air_analyze_goes_on_uncalibrated_and_warns(cropped_scans):
     ct, lungs = _no_air_around(cropped_scans["C"][0])
     hu = np.array([-900.0, 0.0], dtype=np.float32)
     with pytest.raises(CalibrationError, match="too little air around the body"):  # training refuses such a scan
-        calibrate_grid_hu(hu, ct, lungs, resolve_spec({"calibration": "air_fat"}))
-    same, unavailable = calibrate_grid_hu(hu, ct, lungs, resolve_spec({"calibration": "air_fat"}), required=False)
+        calibrate_grid_hu(hu, ct, lungs, PatchSpec(calibration="air_fat"))
+    same, unavailable = calibrate_grid_hu(hu, ct, lungs, PatchSpec(calibration="air_fat"), required=False)
     assert isinstance(unavailable, CalibrationUnavailable) and same is hu
     assert unavailable.warning["code"] == UNAVAILABLE
     assert "too little air around the body" in unavailable.warning["message"]
@@ -138,6 +138,7 @@ def test_analysis_records_the_reference_or_the_warning(scans, cropped_scans, tmp
     """End to end: a calibrating copy of the shipped bundle analyses the cropped scan with its outside air, and the
     scan with no air around the body uncalibrated, with the warning in analysis.json."""
     import json
+    from dataclasses import replace
 
     from latentharmonize.analyze import analyze
     from latentharmonize.bundle import ModelBundle, load_bundle, save_bundle
@@ -146,7 +147,7 @@ def test_analysis_records_the_reference_or_the_warning(scans, cropped_scans, tmp
     encoder = shipped.manifest["encoder"]
     calibrating = ModelBundle.create(
         name="calibrating copy", encoder_config={"kind": encoder["kind"], **encoder["config"]},
-        encoder_state=shipped.encoder_state, spec={**shipped.spec, "calibration": "air_fat"},
+        encoder_state=shipped.encoder_state, spec=replace(shipped.spec, calibration="air_fat"),
         rotation=shipped.rotation, clusters=shipped.clusters, names=list(shipped.names.values()),
         colors=list(shipped.colors.values()))
     model = save_bundle(calibrating, tmp_path / "model")
