@@ -179,7 +179,8 @@ def test_unreachable_scheduler_is_a_clear_error():
 def test_training_samples_match_the_serial_path(cohort_csv, client):
     from latentharmonize.patches import PatchSpec
     from latentharmonize.training.distributed import sample_cohort_patches
-    from latentharmonize.training.trainer import TrainConfig, load_cohort_samples
+    from latentharmonize.training.config import TrainConfig
+    from latentharmonize.training.samples import load_cohort_samples
 
     config, spec = TrainConfig(per_patient=30, seed=3), PatchSpec()
     serial, _ = load_cohort_samples(cohort_csv, config, spec)

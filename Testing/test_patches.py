@@ -9,10 +9,11 @@ import torch
 from latentharmonize.errors import InputError
 from latentharmonize.grid import to_model_grid
 from latentharmonize.networks import build_model
-from latentharmonize.patches import (DenseLatents, PatchSpec, Scan, aggregate_context, densitometry_features,
-                                     encode_dense, encode_patches_naive, normalize_hu,
-                                     patch_lattice, point_keys, sample_paired_patches, valid_centres)
+from latentharmonize.patches import (DenseLatents, PatchSpec, aggregate_context, densitometry_features, encode_dense,
+                                     encode_patches_naive, normalize_hu, patch_lattice, point_keys, valid_centres)
+from latentharmonize.scans import Scan
 from latentharmonize.training.augment import training_dataset
+from latentharmonize.training.samples import sample_paired_patches
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,7 @@
 """Training: checkpoints and --resume reproduce an uninterrupted run; a short real run yields a loadable bundle."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from latentharmonize.errors import InputError, OutputError
-from latentharmonize.patches import sample_paired_patches
-from latentharmonize.training.trainer import TECHNICAL_WEIGHTS, TrainConfig, fit_encoder, train
+from latentharmonize.training import TrainConfig, train
+from latentharmonize.training.encoder_fit import fit_encoder
+from latentharmonize.training.posthoc import TECHNICAL_WEIGHTS
+from latentharmonize.training.samples import sample_paired_patches
 
 from test_patches import patient_scans
 
@@ -28,12 +31,12 @@ def weights(model) -> dict:
 
 @pytest.mark.parametrize("kind", ["ae", "vae"])
 def test_resume_reproduces_an_uninterrupted_run(samples, tmp_path, kind):
-    config = TrainConfig(encoder=kind, latent_dim=6, width=8, batch_size=32)
+    config = TrainConfig(encoder=kind, latent_dim=6, width=8, batch_size=32, epochs=2)
     fp = {"run": "x"}
-    straight, hist, done = fit_encoder(samples, config, CPU, 2, None, tmp_path / "a", fp, resume=False)
+    straight, hist, done = fit_encoder(samples, config, CPU, tmp_path / "a", fp, resume=False)
     assert done == 2 and len(hist) == 2
-    fit_encoder(samples, config, CPU, 1, None, tmp_path / "b", fp, resume=False)
-    resumed, hist_b, done_b = fit_encoder(samples, config, CPU, 2, None, tmp_path / "b", fp, resume=True)
+    fit_encoder(samples, replace(config, epochs=1), CPU, tmp_path / "b", fp, resume=False)
+    resumed, hist_b, done_b = fit_encoder(samples, config, CPU, tmp_path / "b", fp, resume=True)
     assert done_b == 2 and hist_b == hist
     for key, value in weights(straight).items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -41,32 +44,52 @@ def test_resume_reproduces_an_uninterrupted_run(samples, tmp_path, kind):
 
 
 def test_resume_refuses_other_settings_and_damaged_checkpoints(samples, tmp_path):
-    config = TrainConfig(latent_dim=6, width=8, batch_size=32)
-    fit_encoder(samples, config, CPU, 1, None, tmp_path, {"seed": 0}, resume=False)
-    with pytest.raises(InputError, match="different settings"):
-        fit_encoder(samples, config, CPU, 2, None, tmp_path, {"seed": 1}, resume=True)
+    config = TrainConfig(latent_dim=6, width=8, batch_size=32, epochs=1)
+    fit_encoder(samples, config, CPU, tmp_path, {"seed": 0}, resume=False)
+    with pytest.raises(InputError, match=r"different settings \(seed\)"):
+        fit_encoder(samples, replace(config, epochs=2), CPU, tmp_path, {"seed": 1}, resume=True)
     blob = (tmp_path / "state.safetensors").read_bytes()
     (tmp_path / "state.safetensors").write_bytes(blob[:-10])
     with pytest.raises(InputError, match="damaged"):
-        fit_encoder(samples, config, CPU, 2, None, tmp_path, {"seed": 0}, resume=True)
+        fit_encoder(samples, replace(config, epochs=2), CPU, tmp_path, {"seed": 0}, resume=True)
 
 
 def test_time_budget_stops_training(samples, tmp_path):
-    config = TrainConfig(latent_dim=6, width=8, batch_size=8)
-    _, hist, done = fit_encoder(samples, config, CPU, None, 1e-4, tmp_path, {}, resume=False)
+    config = TrainConfig(latent_dim=6, width=8, batch_size=8, max_minutes=1e-4)
+    _, hist, done = fit_encoder(samples, config, CPU, tmp_path, {}, resume=False)
     assert done == 0 and len(hist) == 1  # stopped inside the first epoch, checkpoint still written
     assert (tmp_path / "state.json").exists()
 
 
 def test_bad_options_are_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="--encoder"):
-        train(tmp_path / "none.csv", tmp_path / "m", encoder="gan")
+        TrainConfig(encoder="gan")
     with pytest.raises(InputError, match="either --epochs or --max-minutes"):
-        train(tmp_path / "none.csv", tmp_path / "m", epochs=2, max_minutes=1.0)
+        TrainConfig(epochs=2, max_minutes=1.0)
+    with pytest.raises(InputError, match="--n-technical must be 'auto' or an integer in 0..23"):
+        TrainConfig(n_technical=24)
+    with pytest.raises(InputError, match="context_radius"):
+        TrainConfig(context_radius=-1)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{}")
     with pytest.raises(OutputError, match="--overwrite"):
-        train(tmp_path / "none.csv", tmp_path / "m")
+        train(tmp_path / "none.csv", tmp_path / "m", TrainConfig())
+
+
+def test_command_line_defaults_are_the_config_defaults_and_the_fingerprint_covers_the_spec():
+    import argparse
+
+    from latentharmonize.training import add_arguments
+    from latentharmonize.training.command import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["cohort.csv", "--out", "m"])) == TrainConfig()
+    assert TrainConfig().epoch_budget == 20 and TrainConfig(max_minutes=5.0).epoch_budget is None
+    plain, calibrated = TrainConfig().fingerprint(), TrainConfig(calibrate=True).fingerprint()
+    assert plain["patch_spec"]["calibration"] is None and calibrated["patch_spec"]["calibration"] == "air_fat"
+    # the budget and where the run goes are not settings of the weights: --resume --epochs 30 extends a run
+    assert TrainConfig(epochs=30, device="cpu", workers=2).fingerprint() == plain
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +145,7 @@ def test_low_attenuation_channel_option_reaches_the_bundle(tiny_phantom_cohort, 
     assert model.encoder.body[0].in_channels == 6
     assert bundle.decoder("cpu")(torch.zeros(1, 6)).shape == (1, 3, 16, 16)
     with pytest.raises(InputError, match="--low-attenuation-channel works with --encoder ae only"):
-        train(tiny_phantom_cohort, tmp_path / "v", encoder="vae", low_attenuation_channel=True)
+        TrainConfig(encoder="vae", low_attenuation_channel=True)
 
 
 def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_cohort, tmp_path):
@@ -181,16 +204,16 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["n_patches"] > 0
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(InputError, match="--densitometry must be a positive weight"):
-            train(tiny_phantom_cohort, tmp_path / "bad", densitometry=bad)
+            TrainConfig(densitometry=bad)
     for smooth, weight in ((-1.0, 1.0), (float("nan"), 1.0), (2.0, None)):
         with pytest.raises(InputError, match="--densitometry-smooth"):
-            train(tiny_phantom_cohort, tmp_path / "bad", densitometry=weight, densitometry_smooth_mm=smooth)
+            TrainConfig(densitometry=weight, densitometry_smooth_mm=smooth)
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):
     """--workers routes patch sampling through training.distributed.sample_cohort_patches (proven equal to the serial path in
     test_batch); the bundle then matches a serial run's."""
-    from latentharmonize.training import distributed
+    from latentharmonize.training import samples as samples_module
     from latentharmonize.training import trainer as train_module
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main
@@ -199,9 +222,9 @@ def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort,
 
     def on_cluster(cohort_csv, config, spec, scheduler=None, workers=None, progress=None):
         calls.append((scheduler, workers))
-        return train_module.load_cohort_samples(cohort_csv, config, spec, progress)
+        return samples_module.load_cohort_samples(cohort_csv, config, spec, progress)
 
-    monkeypatch.setattr(distributed, "sample_cohort_patches", on_cluster)
+    monkeypatch.setattr(train_module, "sample_cohort_patches", on_cluster)
     args = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "40", "--latent-dim", "8", "--device", "cpu",
             "--seed", "2"]
     assert main(["train", str(tiny_phantom_cohort), "--out", str(tmp_path / "dist"), "--workers", "2", *args]) == 0
@@ -209,3 +232,24 @@ def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort,
     assert calls == [(None, 2)]
     dist, serial = load_bundle(tmp_path / "dist"), load_bundle(tmp_path / "serial")
     assert dist.manifest["files"] == serial.manifest["files"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_inputs_and_resumes_a_matching_one(tiny_phantom_cohort, tmp_path, capsys):
+    """The fingerprint covers the patch spec: weights trained on uncalibrated HU are not resumed by --calibrate."""
+    import json
+
+    from latentharmonize.cli import main
+
+    out = tmp_path / "model"
+    args = ["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
+            "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu"]
+    assert main(args) == 0
+    state = (out / ".checkpoints" / "state.json").read_bytes()
+    first = json.loads((out / "manifest.json").read_text())["files"]
+    capsys.readouterr()
+    assert main([*args, "--resume", "--overwrite", "--calibrate"]) == InputError.exit_code
+    assert "different settings (calibrate, patch_spec)" in capsys.readouterr().err
+    assert (out / ".checkpoints" / "state.json").read_bytes() == state  # the checkpoint is left as it was
+    assert main([*args, "--resume", "--overwrite"]) == 0
+    assert "Resuming from the checkpoint after epoch 1." in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["files"] == first

@@ -6,15 +6,30 @@ model grid of a patch spec, HU calibrated as the spec says: the same grid ``anal
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import SimpleITK as sitk
 
 from .calibration import calibrate_grid_hu
 from .cohort import optional_path
 from .errors import InputError
-from .grid import resample_onto, to_model_grid
+from .grid import ModelGrid, resample_onto, to_model_grid
 from .io import read_ct, read_mask
 from .lungmask import segment_lungs
-from .patches import PatchSpec, Scan
+from .patches import PatchSpec
+
+
+@dataclass
+class Scan:
+    """One acquisition on the model grid (from ``grid.to_model_grid``), optionally with tissue truth."""
+
+    patient: str
+    acquisition: str
+    hu: np.ndarray
+    lung: np.ndarray
+    grid: ModelGrid
+    truth: np.ndarray | None = None
 
 
 def read_scan(row) -> tuple:

@@ -6,7 +6,7 @@ import torch
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, MapTransform, RandFlipd, RandomizableTransform, RandRotate90d
 
-from ..patches import PairedPatches
+from .samples import PairedPatches
 
 
 class RandAcquisitionPair(RandomizableTransform, MapTransform):

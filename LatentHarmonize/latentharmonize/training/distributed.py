@@ -7,9 +7,11 @@ import pandas as pd
 
 from ..batch import client_session
 from ..cohort import read_cohort
-from ..patches import PatchSpec, concat_samples, sample_paired_patches
+from ..patches import PatchSpec
 from ..progress import Progress
 from ..scans import load_scan
+from .config import TrainConfig
+from .samples import concat_samples, patient_seed, sample_paired_patches
 
 
 def _sample_patient(rows: pd.DataFrame, per_patient: int, spec: PatchSpec, seed: int):
@@ -18,19 +20,20 @@ def _sample_patient(rows: pd.DataFrame, per_patient: int, spec: PatchSpec, seed:
     return sample_paired_patches(scans, per_patient, spec, seed=seed)
 
 
-def sample_cohort_patches(cohort_csv, config, spec: PatchSpec, client=None, scheduler: Optional[str] = None,
-                          workers: Optional[int] = None, progress: Optional[Progress] = None) -> tuple:
-    """Distributed :func:`latentharmonize.training.trainer.load_cohort_samples`: one Dask task per patient.
+def sample_cohort_patches(cohort_csv, config: TrainConfig, spec: PatchSpec, client=None,
+                          scheduler: Optional[str] = None, workers: Optional[int] = None,
+                          progress: Optional[Progress] = None) -> tuple:
+    """Distributed :func:`.samples.load_cohort_samples`: one Dask task per patient.
 
-    Same arguments (``config``: a ``TrainConfig``) and same result ``(PairedPatches, cohort DataFrame)``, bit for
-    bit: patients keep their order and per-patient seeds, and ``concat_samples`` renumbers ids as the serial path.
+    Same arguments and same result ``(PairedPatches, cohort DataFrame)``, bit for bit: patients keep their order and
+    per-patient seeds, and ``concat_samples`` renumbers ids as the serial path.
     Each worker holds one patient's volumes at a time; only the sampled patches travel back.
     """
     cohort = read_cohort(cohort_csv)
     patients = list(dict.fromkeys(cohort["patient"].astype(str)))
     with client_session(client, scheduler, workers) as active:
         futures = [active.submit(_sample_patient, cohort[cohort["patient"].astype(str) == patient],
-                                 config.per_patient, spec, config.seed * 100003 + n, pure=False)
+                                 config.per_patient, spec, patient_seed(config.seed, n), pure=False)
                    for n, patient in enumerate(patients)]
         parts = []
         for n, future in enumerate(futures):  # gathered in patient order, so the result is deterministic

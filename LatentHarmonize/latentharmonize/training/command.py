@@ -1,0 +1,84 @@
+"""``latentharmonize train``: the command-line flags, each default read from :class:`TrainConfig`, and ``run``."""
+from __future__ import annotations
+
+from .. import options
+from ..errors import InputError
+from ..networks import MODEL_KINDS
+from ..progress import Progress
+from .config import DEFAULT_EPOCHS, TrainConfig
+from .summary import format_summary
+from .trainer import train
+
+DEFAULTS = TrainConfig()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("cohort", help="cohort table (CSV with image, patient, acquisition; optional mask, truth)")
+    options.add_out(parser, "model bundle folder to write")
+    options.add_seed(parser)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"training epochs (default {DEFAULT_EPOCHS})")
+    budget.add_argument("--max-minutes", type=float, default=DEFAULTS.max_minutes,
+                        help="stop training after this many minutes instead")
+    parser.add_argument("--encoder", choices=sorted(MODEL_KINDS), default=DEFAULTS.encoder,
+                        help=f"encoder variant (default {DEFAULTS.encoder})")
+    parser.add_argument("--clusters", type=int, default=DEFAULTS.clusters,
+                        help="number of tissue clusters (default: chosen by stability)")
+    parser.add_argument("--n-technical", default=DEFAULTS.n_technical,
+                        help="technical latent dimensions to rotate out (default auto: until the probe is at chance)")
+    options.add_device(parser, default=DEFAULTS.device)
+    parser.add_argument("--patches-per-patient", dest="per_patient", type=int, default=DEFAULTS.per_patient,
+                        help=f"sampled lung points per patient (default {DEFAULTS.per_patient})")
+    parser.add_argument("--latent-dim", type=int, default=DEFAULTS.latent_dim,
+                        help=f"latent size (default {DEFAULTS.latent_dim})")
+    parser.add_argument("--context-radius", type=int, default=DEFAULTS.context_radius,
+                        help="lattice steps (5 mm) of neighbouring latents averaged into each one before the rotation "
+                             f"and clusters (default {DEFAULTS.context_radius}: a 15 mm neighbourhood; 0: the patch "
+                             "alone)")
+    parser.add_argument("--low-attenuation-channel", action="store_true",
+                        help="ae only: also encode and reconstruct a channel of voxels below -950 HU, so the latent "
+                             "keeps emphysema (clusters match tissue better, at some cost in consistency; see "
+                             "docs/training.md)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="calibrate each scan's HU on its own air and fat before encoding (in training and in every "
+                             "analysis with this bundle), so a vendor's HU offset cannot pass for a density change")
+    parser.add_argument("--densitometry", type=float, nargs="?", const=1.0, default=DEFAULTS.densitometry,
+                        metavar="WEIGHT",
+                        help="append each patch's HU quantiles and threshold shares to its latent before the rotation "
+                             "(weight 1 when given without a value): clusters follow tissue and survival better, at "
+                             "some cost in consistency across scanners; see docs/training.md")
+    parser.add_argument("--densitometry-smooth", dest="densitometry_smooth_mm", type=float,
+                        default=DEFAULTS.densitometry_smooth_mm, metavar="MM",
+                        help="with --densitometry: read the statistics from the lung blurred in-plane with this "
+                             f"Gaussian SD, so a sharp kernel's extra noise does not count as emphysema (default "
+                             f"{DEFAULTS.densitometry_smooth_mm:g})")
+    options.add_dask(parser, "sampling the cohort's patches")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/.checkpoints")
+    options.add_overwrite(parser, "an existing bundle in --out")
+    options.add_output_style(parser, quiet=False)
+
+
+def run(args) -> int:
+    summary = train(args.cohort, args.out, config_from_args(args), progress=Progress(machine=args.progress_lines),
+                    resume=args.resume, overwrite=args.overwrite)
+    print(format_summary(summary))
+    return 0
+
+
+def config_from_args(args) -> TrainConfig:
+    """The config of parsed ``train`` arguments (width, batch size and learning rate have no flag: defaults)."""
+    return TrainConfig(
+        encoder=args.encoder, seed=args.seed, epochs=args.epochs, max_minutes=args.max_minutes,
+        clusters=args.clusters, n_technical=_n_technical(args.n_technical), per_patient=args.per_patient,
+        latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
+        densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm, calibrate=args.calibrate,
+        context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)
+
+
+def _n_technical(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--n-technical must be 'auto' or an integer, got {value!r}.") from None

@@ -1,0 +1,164 @@
+"""What ``train`` fits on the frozen encoder's latents (:func:`fit_posthoc`): the training rows' latents (dense, with
+context, as ``analyze`` sees them), the densitometry entry of the spec, the latent rotation with its acquisition
+probe, the technical weight, and the named tissue clusters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from ..clusters import TissueClusters, cluster_profiles, default_colors, name_clusters
+from ..densitometry import HU_STATISTIC_NAMES
+from ..patches import PatchDensitometry, PatchSpec, autocast_for, encode_dense, n_features, point_keys
+from ..progress import Progress
+from ..rotation import LatentRotation, chance_level
+from ..scans import load_scan
+from .config import TrainConfig
+from .samples import PairedPatches
+
+
+@dataclass
+class PosthocFit:
+    """Everything fitted after the encoder; ``spec`` carries the fitted densitometry entry, if any."""
+
+    spec: PatchSpec
+    reconstruction_mse: float
+    rotation: LatentRotation
+    probe: dict
+    technical_weight: float
+    weight_scores: dict  # {candidate weight: ARI across the training pairs}
+    clusters: TissueClusters
+    labels: np.ndarray  # cluster of each training row
+    profiles: list
+    names: list
+    colors: list
+
+
+def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, device: torch.device,
+                progress: Progress) -> PosthocFit:
+    """Latents of the training rows with the frozen encoder, then the rotation, technical weight and clusters."""
+    progress(70, "rotate", "encoding patches with the frozen encoder")
+    latents, mse = encode_rows(model, samples.patches, device)
+    spec = config.patch_spec()
+    if config.densitometry is not None:
+        spec, latents = fit_densitometry(model, cohort, samples, spec, config.densitometry, device, progress,
+                                         config.densitometry_smooth_mm)
+    elif spec.context_radius > 0:
+        latents = context_latents(model, cohort, samples, spec, device, progress)
+    rotation, probe = fit_rotation(latents, samples, config.n_technical, config.seed)
+    progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
+    weight, weight_scores = select_technical_weight(rotation, latents, samples, config.clusters, config.seed)
+    probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",
+                                                groups=samples.point, scans=samples.scan)
+    progress(80, "cluster", f"technical weight {weight:g}; clustering")
+    tissue, labels, profiles, names, colors = fit_clusters(rotation.cluster_features(latents, scans=samples.scan),
+                                                           samples, config.clusters, config.seed)
+    return PosthocFit(spec, mse, rotation, probe, weight, weight_scores, tissue, labels, profiles, names, colors)
+
+
+def encode_rows(model, patches: np.ndarray, device: torch.device, batch: int = 1024) -> tuple[np.ndarray, float]:
+    """Latents [n, d] of training patches with the frozen encoder, and their mean squared reconstruction error."""
+    latents, sq = [], 0.0
+    with torch.inference_mode(), autocast_for(device):
+        for start in range(0, len(patches), batch):
+            x = torch.from_numpy(patches[start: start + batch]).to(device)
+            z = model.encode(x)
+            latents.append(z.float().cpu().numpy())
+            sq += float(((model.reconstruct(x).float() - x) ** 2).sum())
+    return np.concatenate(latents), sq / patches.size
+
+
+def context_latents(model, cohort, samples: PairedPatches, spec: PatchSpec, device: torch.device,
+                    progress: Progress | None = None) -> np.ndarray:
+    """Latents of the sampled rows exactly as ``analyze`` will see them: each scan is encoded densely, with the
+    spec's context aggregation, and every row takes the latent at its physical point.
+
+    Scans are visited in the order ``load_cohort_samples`` numbered them (patients by first appearance, then rows).
+    """
+    out = np.zeros((len(samples), n_features(model.latent_dim, spec)), np.float32)
+    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
+    index = 0
+    for n, patient in enumerate(patients):
+        for _, row in cohort[cohort["patient"].astype(str) == patient].iterrows():
+            scan = load_scan(row, spec)
+            dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
+            where = {key: i for i, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}
+            rows = np.flatnonzero(samples.scan == index)
+            out[rows] = dense.latents[[where[key] for key in map(tuple, samples.keys[rows].tolist())]]
+            index += 1
+        if progress is not None:
+            progress(70 + 8 * (n + 1) / len(patients), "rotate",
+                     f"patient {patient}: dense latents with context")
+    return out
+
+
+def fit_densitometry(model, cohort, samples: PairedPatches, spec: PatchSpec, weight: float, device: torch.device,
+                     progress: Progress | None = None, smooth_mm: float = 0.0) -> tuple:
+    """The spec with a fitted ``densitometry`` entry, and the training rows' latents with its columns appended.
+
+    Each statistic is centred on its mean over the training rows and scaled so that its SD is ``weight`` times the
+    mean SD of the encoder's latent coordinates: at weight 1 the eight statistics weigh like eight latent
+    coordinates in the rotation and the clusters. ``smooth_mm`` > 0: statistics of the in-plane smoothed lung
+    (``densitometry.smooth_lung``).
+    """
+    n = len(HU_STATISTIC_NAMES)
+    smooth = float(smooth_mm) if smooth_mm else None
+    raw_spec = replace(spec, densitometry=PatchDensitometry(float(weight), (0.0,) * n, (1.0,) * n, smooth))
+    latents = context_latents(model, cohort, samples, raw_spec, device, progress)  # statistics as they are
+    d = model.latent_dim
+    center = latents[:, d:].mean(axis=0)
+    sd = np.maximum(latents[:, d:].std(axis=0), 1e-6)  # a statistic constant over the training rows stays 0
+    scale = sd / (weight * latents[:, :d].std(axis=0).mean())
+    latents[:, d:] = (latents[:, d:] - center) / scale
+    entry = PatchDensitometry(float(weight), tuple(float(v) for v in center), tuple(float(v) for v in scale), smooth)
+    return replace(spec, densitometry=entry), latents
+
+
+def fit_rotation(latents: np.ndarray, samples: PairedPatches, n_technical, seed: int) -> tuple:
+    """Fit the latent rotation (paired when the cohort has pairs) and measure the acquisition probe."""
+    pairs = samples.pairs()
+    y = samples.acquisition.astype(str)
+    rotation = LatentRotation(n_technical=n_technical, random_state=seed)
+    rotation.fit(latents, y, pairs=pairs if len(pairs) else None)
+    # One physical point seen under several acquisitions stays inside one fold, else the probe is biased.
+    probe = {"chance": chance_level(y),
+             "entangled": rotation.probe_accuracy(latents, y, space="entangled", groups=samples.point),
+             "biological": rotation.probe_accuracy(latents, y, space="biological", groups=samples.point)}
+    return rotation, probe
+
+
+TECHNICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatches, n_clusters: int | None,
+                            seed: int, weights=TECHNICAL_WEIGHTS) -> tuple:
+    """Set ``rotation.technical_weight`` to the candidate whose k-means clusters agree best across acquisitions of
+    the same training points (ARI over the cross-acquisition pairs); returns (weight, {weight: ARI}).
+
+    Only training pairs are used: no outcome and no held-out scan. Each scan's technical coordinates are re-centred
+    on the median of its sampled points, which estimates the median over all its lung that ``analyze`` takes.
+    """
+    pairs = samples.pairs()
+    if rotation.n_technical_ == 0 or len(pairs) == 0:
+        rotation.set_params(technical_weight=0.0)
+        return 0.0, {}
+    scores = {}
+    for weight in weights:
+        rotation.set_params(technical_weight=float(weight))
+        labels = TissueClusters(n_clusters=n_clusters, random_state=seed).fit_predict(
+            rotation.cluster_features(latents, scans=samples.scan))
+        scores[float(weight)] = float(adjusted_rand_score(labels[pairs[:, 0]], labels[pairs[:, 1]]))
+    best = max(scores, key=lambda w: (scores[w], -w))  # ties: the smaller weight
+    rotation.set_params(technical_weight=best)
+    return best, scores
+
+
+def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
+    """k-means tissue clusters on the rotation's cluster features, named from the HU profile of their patches."""
+    clusters = TissueClusters(n_clusters=n_clusters, random_state=seed)
+    labels = clusters.fit_predict(features, order_by=samples.stats["mean_hu"])
+    profiles = cluster_profiles(labels, samples.stats, clusters.n_clusters_)
+    names = name_clusters(profiles)
+    return clusters, labels, profiles, names, default_colors(names)

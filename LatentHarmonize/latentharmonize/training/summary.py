@@ -1,0 +1,62 @@
+"""The training summary: what the bundle's manifest records under ``training`` (and ``probe``), and its printed
+form."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from .config import TrainConfig
+from .posthoc import PosthocFit
+from .samples import PairedPatches
+
+
+def training_summary(config: TrainConfig, device: torch.device, epochs: int, history: list, cohort,
+                     samples: PairedPatches, fit: PosthocFit) -> dict:
+    """The summary of a run; its keys and their order are part of the bundle's bytes."""
+    return {
+        "encoder": config.encoder, "seed": config.seed, "device": str(device), "epochs": epochs,
+        "loss_history": history, "n_patients": int(cohort["patient"].nunique()), "n_scans": int(len(cohort)),
+        "acquisitions": sorted(set(samples.acquisition.astype(str))), "n_patches": int(len(samples)),
+        "n_pairs": int(len(samples.pairs())), "reconstruction_mse": fit.reconstruction_mse,
+        "reconstruction_rmse_hu": float(np.sqrt(fit.reconstruction_mse) * np.diff(fit.spec.hu_window)[0]),
+        "probe": fit.probe, "n_technical": int(fit.rotation.n_technical_), "technical_weight": fit.technical_weight,
+        "technical_weight_pair_ari": {f"{w:g}": a for w, a in fit.weight_scores.items()},
+        "k": int(fit.clusters.n_clusters_),
+        "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(fit.profiles, start=1)},
+        "cluster_names": {int(k): n for k, n in enumerate(fit.names, start=1)},
+        "cluster_profiles": fit.profiles, "ari_vs_truth": _ari_vs_truth(fit.labels, samples),
+        **({"densitometry": float(config.densitometry)} if config.densitometry is not None else {}),
+        **({"densitometry_smooth_mm": float(config.densitometry_smooth_mm)} if config.densitometry_smooth_mm else {}),
+    }
+
+
+def _ari_vs_truth(labels: np.ndarray, samples: PairedPatches):
+    """Adjusted Rand index of the clusters against the tissue truth at the patch centres (phantom cohorts)."""
+    if samples.truth is None:
+        return None
+    inside = samples.truth > 0
+    return float(adjusted_rand_score(samples.truth[inside], labels[inside])) if inside.any() else None
+
+
+def format_summary(summary: dict) -> str:
+    probe = summary["probe"]
+    lines = [
+        f"Trained {summary['encoder']} encoder for {summary['epochs']} epochs on {summary['device']} "
+        f"({summary['train_seconds']} s): {summary['n_patients']} patients, {summary['n_scans']} scans, "
+        f"{summary['n_patches']} patches, {summary['n_pairs']} cross-acquisition pairs.",
+        f"Reconstruction error: RMSE {summary['reconstruction_rmse_hu']:.1f} HU (MSE {summary['reconstruction_mse']:.5f}).",
+        f"Acquisition probe accuracy: {probe['entangled']:.3f} before rotation, {probe['biological']:.3f} on the biological "
+        f"coordinates (chance {probe['chance']:.3f}); {summary['n_technical']} technical dimensions "
+        + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters "
+           f"(probe on what the clusters see: {probe['clusters']:.3f})."
+           if summary.get("technical_weight") else "left out of the clusters."),
+        f"{summary['k']} tissue clusters:",
+    ]
+    if summary.get("densitometry"):
+        lines.insert(2, "Patch densitometry appended to the latents before the rotation, "
+                        f"weight {summary['densitometry']:g}.")
+    lines += [f"  {k}: {summary['cluster_names'][k]} ({n} patches)" for k, n in summary["cluster_sizes"].items()]
+    if summary["ari_vs_truth"] is not None:
+        lines.append(f"Agreement with the phantom tissue truth: ARI {summary['ari_vs_truth']:.3f}.")
+    return "\n".join(lines)
