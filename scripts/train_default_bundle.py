@@ -52,16 +52,18 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from latentharmonize.phantom import generate_cohort
-    from latentharmonize.training.trainer import CHECKPOINT_DIR, format_summary, train
+    from latentharmonize.training import TrainConfig, train
+    from latentharmonize.training.checkpoints import CHECKPOINT_DIR
+    from latentharmonize.training.summary import format_summary
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lh-default-cohort-") as tmp:
         generate_cohort(tmp, n_patients=args.patients, seed=args.seed)
         print(f"phantom cohort: {args.patients} patients in {time.perf_counter() - t0:.0f} s", flush=True)
-        summary = train(Path(tmp) / "cohort.csv", args.out, seed=args.seed, epochs=args.epochs,
-                        encoder=args.encoder, device="cpu", overwrite=True, clusters=args.clusters,
-                        calibrate=args.calibrate, densitometry=args.densitometry,
-                        densitometry_smooth_mm=args.densitometry_smooth)
+        config = TrainConfig(seed=args.seed, epochs=args.epochs, encoder=args.encoder, device="cpu",
+                             clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
+                             densitometry_smooth_mm=args.densitometry_smooth)
+        summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped
     print(format_summary(summary))
     print(f"bundle written to {args.out} in {time.perf_counter() - t0:.0f} s")

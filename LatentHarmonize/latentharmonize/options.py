@@ -20,8 +20,8 @@ def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
                         help=f"where to run the encoder: auto (a GPU if there is one), cpu or cuda (default {default})")
 
 
-def add_seed(parser: argparse.ArgumentParser, help: str = "random seed (default 0)") -> None:
-    parser.add_argument("--seed", type=int, default=0, help=help)
+def add_seed(parser: argparse.ArgumentParser, default: int = 0, help: str = "random seed") -> None:
+    parser.add_argument("--seed", type=int, default=default, help=f"{help} (default {default})")
 
 
 def add_overwrite(parser: argparse.ArgumentParser, what: str = "results already in the output folder") -> None:

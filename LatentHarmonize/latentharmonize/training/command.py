@@ -15,7 +15,7 @@ DEFAULTS = TrainConfig()
 def add_arguments(parser) -> None:
     parser.add_argument("cohort", help="cohort table (CSV with image, patient, acquisition; optional mask, truth)")
     options.add_out(parser, "model bundle folder to write")
-    options.add_seed(parser)
+    options.add_seed(parser, default=DEFAULTS.seed)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help=f"training epochs (default {DEFAULT_EPOCHS})")
     budget.add_argument("--max-minutes", type=float, default=DEFAULTS.max_minutes,
