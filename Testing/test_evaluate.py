@@ -4,9 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentharmonize.evaluation.evaluate import (PAPER_GAIN_PERCENT, ScanLatents, assign_clusters, consistency, consistency_per_patient,
-                                      goal_check, outcome_redraws, patient_profiles, probe, relative_gains,
-                                      risk_reproducibility, rotated_versus, tissue_readout, truth_agreement)
+from latentharmonize.evaluation.consistency import consistency, consistency_per_patient, probe, truth_agreement
+from latentharmonize.evaluation.encoding import Encoders, ScanLatents, encode_row, load_volumes, training_rows
+from latentharmonize.evaluation.evaluate import FIGURES, evaluate
+from latentharmonize.evaluation.figures import plot_traversals
+from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT, goal_check, relative_gains, rotated_versus
+from latentharmonize.evaluation.representations import LabelBaseline, assign_clusters, feature_names, of_kind
+from latentharmonize.evaluation.survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility,
+                                                            tissue_readout)
+
+REPRESENTATIONS = feature_names()
+LABEL_BASELINES = [r.name for r in of_kind(LabelBaseline)]
 
 
 def _scan(patient, acquisition, keys, labels, truth=None, latents=None, time=1.0, event=1):
@@ -259,7 +267,6 @@ def _tiny_bundle(folder, kind, cohort_csv, spec=None):
     from latentharmonize.bundle import ModelBundle, save_bundle
     from latentharmonize.clusters import TissueClusters
     from latentharmonize.cohort import read_cohort
-    from latentharmonize.evaluation.evaluate import _load_volumes
     from latentharmonize.networks import build_model
     from latentharmonize.patches import encode_dense, PatchSpec
     from latentharmonize.rotation import LatentRotation
@@ -268,7 +275,7 @@ def _tiny_bundle(folder, kind, cohort_csv, spec=None):
     model = build_model(kind, seed=len(kind), latent_dim=6, width=8)
     latents, acquisitions = [], []
     for _, row in read_cohort(cohort_csv).iterrows():
-        hu, lung, grid, _, _ = _load_volumes(row, spec)
+        hu, lung, grid, _, _ = load_volumes(row, spec)
         dense = encode_dense(model, hu, lung, grid, spec)
         latents.append(dense.latents)
         acquisitions += [row["acquisition"]] * len(dense.latents)
@@ -284,16 +291,15 @@ def _tiny_bundle(folder, kind, cohort_csv, spec=None):
 def test_traversals_of_a_densitometry_bundle_decode_the_encoder_part(tmp_path):
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cohort import read_cohort
-    from latentharmonize.evaluation.evaluate import Encoders, _encode_row, _training_rows, plot_traversals
 
     train_csv = _write_cohort(tmp_path / "train", 2, seed=1)
     entry = {"weight": 1.0, "center": [-800.0] * 5 + [0.2] * 3, "scale": [100.0] * 5 + [0.2] * 3}
     bundle = load_bundle(_tiny_bundle(tmp_path / "model", "ae", train_csv, spec={"densitometry": entry}))
     assert bundle.rotation.rotation_.shape == (14, 14)
     encoders = Encoders(bundle)
-    scans = [_encode_row(row, "train", encoders)[0] for _, row in read_cohort(train_csv).iterrows()]
+    scans = [encode_row(row, "train", encoders)[0] for _, row in read_cohort(train_csv).iterrows()]
     assert all(s.latents["entangled"].shape[1] == 14 for s in scans)
-    sds = plot_traversals(bundle, scans, _training_rows(scans, 200, 0), tmp_path / "traversals.png")
+    sds = plot_traversals(bundle, scans, training_rows(scans, 200, 0), tmp_path / "traversals.png")
     assert set(sds) == {"technical 1", "biological 1"} and all(sd > 0 for sd in sds.values())
     assert (tmp_path / "traversals.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -302,7 +308,6 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     import json
 
     from latentharmonize.cli import main
-    from latentharmonize.evaluation.evaluate import FIGURES, LABEL_BASELINES, REPRESENTATIONS
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 3, seed=2)
@@ -372,14 +377,11 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
         assert f"{metrics['rotated_versus'][other]['c_index']['difference']:+.3f}" in report
     assert main(args) == 2  # existing results are not overwritten
     with pytest.raises(Exception, match="also training scans"):
-        from latentharmonize.evaluation.evaluate import evaluate
         evaluate(train_csv, tmp_path / "again", model=model, train_cohort=train_csv, quick=True)
 
 
 def test_evaluate_survival_on_a_separate_cohort(tmp_path):
     import json
-
-    from latentharmonize.evaluation.evaluate import evaluate
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 2, seed=2)
@@ -404,8 +406,6 @@ def test_evaluate_survival_on_a_separate_cohort(tmp_path):
 def test_evaluate_without_truth_skips_the_truth_measurements(tmp_path):
     """A real cohort has no voxel truth: no truth agreement, no tissue read-out, and the report says so."""
     import pandas as pd
-
-    from latentharmonize.evaluation.evaluate import evaluate
 
     train_csv = _write_cohort(tmp_path / "train", 4, seed=1)
     test_csv = _write_cohort(tmp_path / "test", 2, seed=2)

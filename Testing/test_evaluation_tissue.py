@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentharmonize.evaluation.evaluate import ScanLatents, goal_check, relative_gains
+from latentharmonize.evaluation.encoding import ScanLatents
+from latentharmonize.evaluation.goals import goal_check, relative_gains
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, kernel_robustness, low_attenuation_cluster, normal_cluster,
                                                patch_mean_hu, reference_clusters, threshold_classes, tissue_recall)
 from latentharmonize.patches import PatchSpec

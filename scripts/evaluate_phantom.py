@@ -24,8 +24,10 @@ import sys
 from pathlib import Path
 
 from latentharmonize.errors import LatentHarmonizeError
-from latentharmonize.evaluation.evaluate import (FIGURES, PAPER_GAIN_PERCENT, evaluate, format_summary, redraw_rows,
-                                      reproducibility_rows, versus_rows)
+from latentharmonize.evaluation.command import format_summary
+from latentharmonize.evaluation.evaluate import FIGURES, evaluate
+from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT
+from latentharmonize.evaluation.report import redraw_rows, reproducibility_rows, versus_rows
 from latentharmonize.evaluation.tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
 
@@ -163,9 +165,9 @@ def main(argv=None) -> int:
         if args.survival_patients > 0:
             survival_csv = _cohort(args.work / f"survival{args.survival_patients}", args.survival_patients,
                                    seed + SURVIVAL_SEED_OFFSET, per_patient=1, drawn=held)
-        metrics = evaluate(test_csv, args.work / "eval", model=model, train_cohort=train_csv, unoranic=unoranic,
-                           seed=args.seed, quick=args.quick, overwrite=True, progress=progress,
-                           survival_cohort=survival_csv)
+        metrics = evaluate(test_csv, args.work / "eval", model=model, train_cohort=train_csv,
+                           bundles={"unoranic": unoranic} if unoranic else None, seed=args.seed, quick=args.quick,
+                           overwrite=True, progress=progress, survival_cohort=survival_csv)
     except LatentHarmonizeError as err:
         print(f"evaluate_phantom: error: {err}", file=sys.stderr)
         return err.exit_code

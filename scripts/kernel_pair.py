@@ -6,7 +6,7 @@ Both scans are read (NRRD, NIfTI, MHA or a DICOM folder), their lungs segmented,
 each patch's mean lung HU (-950, -700, -300) on the same 5 mm lattice and context. At the lattice points both
 scans have in the lung it reports ARI, NMI and matched Dice of each labelling, every cluster's share of the lung
 in both scans and its change in percentage points, the low-attenuation cluster's share change (the rule of
-``evaluation_tissue``: the largest cluster is normal) and LAA-950's. Nothing is written beside the data.
+``evaluation.tissue``: the largest cluster is normal) and LAA-950's. Nothing is written beside the data.
 
     python scripts/kernel_pair.py SOFT SHARP [--model BUNDLE] [--json OUT.json]
 """
@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from latentharmonize.bundle import load_bundle
-from latentharmonize.evaluation.evaluate import Encoders, _common_rows, _encode_row
+from latentharmonize.evaluation.consistency import common_rows
+from latentharmonize.evaluation.encoding import Encoders, encode_row
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, low_attenuation_cluster,
                                                normal_cluster, threshold_classes)
 from latentharmonize.evaluation.metrics import label_agreement
@@ -30,12 +31,12 @@ from latentharmonize.evaluation.metrics import label_agreement
 def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:
     bundle = load_bundle(model)
     encoders = Encoders(bundle, device=device)
-    scans = [_encode_row(pd.Series({"image": str(path), "patient": "pair", "acquisition": kind}), "eval", encoders)[0]
+    scans = [encode_row(pd.Series({"image": str(path), "patient": "pair", "acquisition": kind}), "eval", encoders)[0]
              for kind, path in (("soft", soft), ("sharp", sharp))]
     for s in scans:
         s.labels["clusters"] = np.asarray(bundle.clusters.predict(bundle.rotation.cluster_features(s.latents["entangled"])))
         s.labels[THRESHOLD_BASELINE] = threshold_classes(s.latents[PATCH_MEAN_HU])
-    rows = _common_rows(scans)
+    rows = common_rows(scans)
     hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in scans])
     out = {"model": bundle.sha256[:12], "common_points": int(len(rows[0])),
            "laa950": {k: s.densitometry["laa950"] for k, s in zip(("soft", "sharp"), scans)}}

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,10 @@ import numpy as np
 from latentharmonize.bundle import load_bundle
 from latentharmonize.cohort import read_cohort
 from latentharmonize.patches import lattice_hu_statistics
-from latentharmonize.evaluation.evaluate import (Encoders, _encode_row, _load_volumes, _select_patients, _training_rows,
-                                      consistency, consistency_per_patient, probe, truth_agreement)
+from latentharmonize.evaluation.consistency import consistency, consistency_per_patient, probe, truth_agreement
+from latentharmonize.evaluation.encoding import Encoders, encode_row, load_volumes, training_rows
+from latentharmonize.evaluation.evaluate import select_patients
+from latentharmonize.evaluation.representations import patch_statistics
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
                                                threshold_classes, tissue_recall)
 from latentharmonize.patches import DenseLatents, aggregate_context
@@ -47,13 +50,13 @@ def prototype_features(micro, n_micro: int, radius: int):
     return features
 
 
-def add_smoothed_statistics(scan, row, spec: dict, smooth_mm: float) -> None:
+def add_smoothed_statistics(scan, row, spec, smooth_mm: float) -> None:
     """``scan.latents["smoothed_hu_statistics"]`` and ``["calibrated_smoothed_hu_statistics"]``: patch HU statistics
     of the in-plane blurred scan, without and with the air/fat calibration, context-averaged."""
     from scipy.ndimage import gaussian_filter
 
     for name, calibration in (("smoothed_hu_statistics", None), ("calibrated_smoothed_hu_statistics", "air_fat")):
-        hu, lung, _, _, _ = _load_volumes(row, {**spec, "calibration": calibration})
+        hu, lung, _, _, _ = load_volumes(row, replace(spec, calibration=calibration))
         sigma = smooth_mm / np.asarray(spec.spacing[:2])[::-1]
         blurred = gaussian_filter(np.where(lung, hu, -850.0), sigma=(0, *sigma))
         stats = lattice_hu_statistics(blurred, lung, scan.positions, spec)
@@ -142,16 +145,16 @@ def main(argv=None) -> int:
     parser.add_argument("--train-patients", type=int, default=None)
     parser.add_argument("--test-patients", type=int, default=None)
     args = parser.parse_args(argv)
-    train_rows = _select_patients(read_cohort(args.train), args.train_patients)
-    test_rows = _select_patients(read_cohort(args.test), args.test_patients)
+    train_rows = select_patients(read_cohort(args.train), args.train_patients)
+    test_rows = select_patients(read_cohort(args.test), args.test_patients)
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     base = None
     for model in args.model:
         bundle = load_bundle(model)
-        encoders = Encoders(bundle)
-        train = [_encode_row(r, "train", encoders)[0] for _, r in train_rows.iterrows()]
-        test = [_encode_row(r, "eval", encoders)[0] for _, r in test_rows.iterrows()]
-        rows = _training_rows(train, args.train_latents, args.seed)
+        encoders = Encoders(bundle, statistics=patch_statistics())
+        train = [encode_row(r, "train", encoders)[0] for _, r in train_rows.iterrows()]
+        test = [encode_row(r, "eval", encoders)[0] for _, r in test_rows.iterrows()]
+        rows = training_rows(train, args.train_latents, args.seed)
         if base is None and not args.skip_statistics:
             for scans, table in ((train, train_rows), (test, test_rows)):
                 for scan, (_, row) in zip(scans, table.iterrows()):

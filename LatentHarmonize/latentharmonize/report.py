@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 
+from . import pages
 from .render import DisplayVolumes
 
 REGION_ORDER = ("whole", "right", "left", "upper", "middle", "lower")
@@ -121,7 +122,7 @@ def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dic
         for c in clusters)
     facts = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in (details or {}).items())
     figures = "".join(
-        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+        f"<figure><img alt='{html.escape(caption)}' src='{pages.png_uri(png)}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, png in (pictures or {}).items())
     notes = "".join(f"<li><b>{html.escape(w['code'])}</b>: {html.escape(w['message'])}</li>" for w in warnings or [])
     parts = {"TITLE": html.escape(title), "FACTS": facts, "TOGGLES": toggles, "FIGURES": figures,
@@ -130,14 +131,15 @@ def build_report(dv: DisplayVolumes, composition: dict, title: str, details: dic
              "DENSITOMETRY": densitometry_table_html(composition),
              "DATA": _payload(dv, clusters)}
     # one pass, so text inserted for one placeholder is never scanned for another
-    return re.sub(r"%([A-Z]+)%", lambda m: parts[m.group(1)], _TEMPLATE)
+    body = re.sub(r"%([A-Z]+)%", lambda m: parts[m.group(1)], _BODY)
+    return pages.page(f"LatentHarmonize – {parts['TITLE']}", _STYLE, body, head=_HEAD)
 
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
+_HEAD = """
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>LatentHarmonize – %TITLE%</title>
-<style>
+"""
+
+_STYLE = """
 body{font-family:system-ui,sans-serif;margin:1em 2em;background:#fafafa;color:#222}
 h1{font-size:1.3em} dl{display:grid;grid-template-columns:max-content auto;gap:0 1em} dt{font-weight:600}
 .viewer{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}
@@ -151,8 +153,9 @@ td:nth-child(2){text-align:left} #densitometry td:first-child{text-align:left}
 figure{display:inline-block;margin:1em 1em 0 0} figure img{max-width:520px}
 #status{color:#a00}
 .warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0;max-width:60em}
-</style></head>
-<body>
+"""
+
+_BODY = """
 <h1>LatentHarmonize – %TITLE%</h1>
 %WARNINGS%<dl>%FACTS%</dl>
 <div class="viewer">
@@ -264,5 +267,4 @@ async function main() {
 }
 main().catch(err => { document.getElementById("status").textContent = "Could not show the slices: " + err; throw err; });
 </script>
-</body></html>
 """

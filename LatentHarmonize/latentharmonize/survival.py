@@ -15,7 +15,6 @@ columns (``time``, ``event``, covariates such as ``age``, ``sex``, ``fvc``) and 
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import json
 import re
@@ -25,15 +24,29 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
+from lifelines import CoxPHFitter, KaplanMeierFitter
+from lifelines.exceptions import ConvergenceError
+from lifelines.statistics import multivariate_logrank_test
+from lifelines.utils import concordance_index
+from matplotlib.figure import Figure
+from sklearn.model_selection import KFold, StratifiedKFold
 
-from . import options
+from . import options, pages
 from .atomic import StagedOutput
 from .errors import InputError
-from .evaluation.metrics import percentile_ci
+from .tissue import TISSUES
 
 CLUSTER_FRACTION = re.compile(r"^frac_\d+_")   # batch's per-cluster columns, e.g. frac_3_ground_glass
 DEFAULT_COVARIATES = ("age", "sex", "fvc")
 OUTPUTS = ("report.html", "hazard_ratios.csv", "km.png", "metrics.json")
+
+
+def percentile_ci(boots) -> list:
+    """Percentile 95 % interval of bootstrap values, ignoring resamples where the statistic was undefined (NaN);
+    NaN bounds when no resample gave one."""
+    boots = np.asarray(boots, dtype=float)
+    finite = boots[np.isfinite(boots)]
+    return [float(v) for v in np.quantile(finite, [0.025, 0.975])] if finite.size else [float("nan")] * 2
 
 
 def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: str, event_col: str) -> pd.DataFrame:
@@ -57,8 +70,6 @@ def _check_survival_table(df: pd.DataFrame, features: Sequence[str], time_col: s
 
 
 def _fit_cox(data: pd.DataFrame, time_col: str, event_col: str, penalizer: float):
-    from lifelines import CoxPHFitter
-    from lifelines.exceptions import ConvergenceError
 
     try:
         with warnings.catch_warnings():
@@ -77,7 +88,6 @@ def _usable_features(data: pd.DataFrame, features: Sequence[str]) -> List[str]:
 def cross_validated_risk(df: pd.DataFrame, features: Sequence[str], time_col: str = "time", event_col: str = "event",
                          n_splits: int = 5, penalizer: float = 0.1, seed: int = 0) -> np.ndarray:
     """Out-of-fold Cox log partial hazards: each patient's risk comes from a model that never saw them."""
-    from sklearn.model_selection import KFold, StratifiedKFold
 
     data = _check_survival_table(df, features, time_col, event_col)
     n_events, n_censored = int(data[event_col].sum()), int((1 - data[event_col]).sum())
@@ -117,7 +127,6 @@ def _bootstrap_c(time, event, risks: Sequence, n_boot: int, seed: int) -> np.nda
 
     Resamples without one comparable pair (small cohorts) have no C to give and are left out.
     """
-    from lifelines.utils import concordance_index
 
     rng = np.random.default_rng(seed)
     boots = []
@@ -132,7 +141,6 @@ def _bootstrap_c(time, event, risks: Sequence, n_boot: int, seed: int) -> np.nda
 
 def c_index_with_ci(time, event, risk, n_boot: int = 1000, seed: int = 0) -> Dict[str, object]:
     """Harrell's C of risk scores (higher risk = earlier event) and a patient bootstrap 95 % CI."""
-    from lifelines.utils import concordance_index
 
     time, event, risk = (np.asarray(v, dtype=float) for v in (time, event, risk))
     c = float(concordance_index(time, -risk, event))
@@ -146,7 +154,6 @@ def c_index_difference(time, event, risk_a, risk_b, n_boot: int = 1000, seed: in
     Both scores are judged on the same resamples, so the CI reflects how much the *difference* varies, which is
     narrower than comparing two separate CIs when the scores agree on most patients.
     """
-    from lifelines.utils import concordance_index
 
     time, event, risk_a, risk_b = (np.asarray(v, dtype=float) for v in (time, event, risk_a, risk_b))
     if not (time.shape == event.shape == risk_a.shape == risk_b.shape):
@@ -189,9 +196,6 @@ def plot_km_by_risk(time, event, risk, path, n_groups: int = 2, title: str = "Ka
 
     Returns the group sizes and the multivariate log-rank p-value.
     """
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import multivariate_logrank_test
-    from matplotlib.figure import Figure
 
     time, event, risk = (np.asarray(v, dtype=float) for v in (time, event, risk))
     edges = np.quantile(risk, np.linspace(0, 1, n_groups + 1)[1:-1])
@@ -219,7 +223,6 @@ def composition_features(table: pd.DataFrame, selection: str = "clusters") -> Li
     fractions ``frac_<tissue>``; anything else: a comma-separated list of column names. The most
     abundant fraction is left out as the reference (fractions sum to 1, so one is redundant).
     """
-    from .tissue import TISSUES
 
     if selection == "clusters":
         columns = [c for c in table.columns if CLUSTER_FRACTION.match(c)]
@@ -295,34 +298,28 @@ def encode_covariates(table: pd.DataFrame, covariates: Sequence[str]) -> tuple:
     return table, columns
 
 
-def _png_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+_STYLE = """body{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}td:first-child,th:first-child{text-align:left}"""
 
 
-def _html_report(metrics: dict, hrs: pd.DataFrame, km_uri: str) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{m['c_index']:.3f}</td><td>{m['c_index_ci'][0]:.3f} – {m['c_index_ci'][1]:.3f}</td>"
-        f"<td>{len(m['features'])}</td></tr>" for name, m in metrics["models"].items())
-    hr_rows = "".join(
-        f"<tr><td>{html.escape(r.feature)}</td><td>{r.hazard_ratio_per_sd:.2f}</td><td>{r.ci_low:.2f} – {r.ci_high:.2f}</td>"
-        f"<td>{r.p:.3g}</td></tr>" for r in hrs.itertuples())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>LatentHarmonize survival report</title>
-<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}</style></head>
-<body><h1>Survival from lung tissue composition</h1>
+def _html_report(metrics: dict, hrs: pd.DataFrame, km_png: bytes) -> str:
+    rows = [[html.escape(name), f"{m['c_index']:.3f}", f"{m['c_index_ci'][0]:.3f} – {m['c_index_ci'][1]:.3f}",
+             str(len(m["features"]))] for name, m in metrics["models"].items()]
+    hr_rows = [[html.escape(r.feature), f"{r.hazard_ratio_per_sd:.2f}", f"{r.ci_low:.2f} – {r.ci_high:.2f}", f"{r.p:.3g}"]
+               for r in hrs.itertuples()]
+    body = f"""<h1>Survival from lung tissue composition</h1>
 <p>{metrics['n_patients']} patients, {metrics['n_events']} events. Penalised Cox proportional hazards
 (penalizer {metrics['penalizer']}), {metrics['n_splits']}-fold cross-validated C-index (risk of each patient predicted by a
 model that did not see them), 95 % bootstrap confidence interval over patients (seed {metrics['seed']}).</p>
 <h2>Cross-validated C-index</h2>
-<table><tr><th>model</th><th>C-index</th><th>95 % CI</th><th>features</th></tr>{rows}</table>
+{pages.table(rows, ["model", "C-index", "95 % CI", "features"])}
 <h2>Hazard ratios (composition + clinical, all patients)</h2>
 <p>Per standard deviation of each feature; composition reference: {html.escape(metrics['reference_note'])}.</p>
-<table><tr><th>feature</th><th>HR per SD</th><th>95 % CI</th><th>p</th></tr>{hr_rows}</table>
+{pages.table(hr_rows, ["feature", "HR per SD", "95 % CI", "p"])}
 <h2>Kaplan–Meier by cross-validated risk group</h2>
-<img alt="Kaplan-Meier curves" src="{km_uri}" width="550">
-</body></html>
+<img alt="Kaplan-Meier curves" src="{pages.png_uri(km_png)}" width="550">
 """
+    return pages.page("LatentHarmonize survival report", _STYLE, body)
 
 
 def survival_report(table: pd.DataFrame, features: Sequence[str], covariates: Sequence[str], out_dir,
@@ -347,7 +344,7 @@ def survival_report(table: pd.DataFrame, features: Sequence[str], covariates: Se
         metrics["km"] = plot_km_by_risk(table[time_col], table[event_col], risk, staged.path("km.png"))
         hrs.to_csv(staged.path("hazard_ratios.csv"), index=False, float_format="%.6g")
         staged.path("metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        staged.path("report.html").write_text(_html_report(metrics, hrs, _png_data_uri(staged.path("km.png"))), encoding="utf-8")
+        staged.path("report.html").write_text(_html_report(metrics, hrs, staged.path("km.png").read_bytes()), encoding="utf-8")
     return metrics
 
 

@@ -23,7 +23,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+import harmonypy
 import torch
+from concept_erasure import LeaceFitter
+from neuroCombat import neuroCombat
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
@@ -77,8 +80,6 @@ class ComBatHarmonizer(BaseEstimator):
         self.mean_only = mean_only
 
     def fit(self, X, batch) -> "ComBatHarmonizer":
-        from neuroCombat import neuroCombat
-
         X, batch = _check_latents(X, batch)
         levels, counts = np.unique(batch, return_counts=True)
         if levels.size < 2:
@@ -141,8 +142,6 @@ class HarmonyHarmonizer(BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, batch) -> "HarmonyHarmonizer":
-        import harmonypy
-
         X, batch = _check_latents(X, batch)
         levels = np.unique(batch)
         if levels.size < 2:
@@ -187,8 +186,6 @@ class LeaceHarmonizer(BaseEstimator):
     latent (it needs no acquisition label at transform time)."""
 
     def fit(self, X, batch) -> "LeaceHarmonizer":
-        from concept_erasure import LeaceFitter
-
         X, batch = _check_latents(X, batch)
         self.batches_, codes = np.unique(batch, return_inverse=True)
         if self.batches_.size < 2:

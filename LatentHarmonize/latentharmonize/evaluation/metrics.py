@@ -20,6 +20,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from ..errors import InputError
+from ..survival import percentile_ci
 
 METRICS = ("ari", "nmi", "dice")
 
@@ -79,14 +80,6 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, lev
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(low), float(high)
-
-
-def percentile_ci(boots) -> list:
-    """Percentile 95 % interval of bootstrap values, ignoring resamples where the statistic was undefined (NaN);
-    NaN bounds when no resample gave one."""
-    boots = np.asarray(boots, dtype=float)
-    finite = boots[np.isfinite(boots)]
-    return [float(v) for v in np.quantile(finite, [0.025, 0.975])] if finite.size else [float("nan")] * 2
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Dict[str, object]:

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import InputError
+from ..patches import extract_patches
 from ..tissue import TISSUE_LABELS
 
 HU_CLASS_THRESHOLDS = (-950.0, -700.0, -300.0)
@@ -31,9 +33,6 @@ KERNEL_COLUMNS = ("kernel", "kernel_sharpness")
 
 def patch_mean_hu(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
     """Mean HU of the lung voxels of each patch at lattice ``positions``, float32 [n, 1]."""
-    from ..errors import InputError
-    from ..patches import extract_patches
-
     values = extract_patches(np.where(lung, hu, 0.0).astype(np.float32), positions, spec).reshape(len(positions), -1)
     counts = extract_patches(lung.astype(np.float32), positions, spec).reshape(len(positions), -1).sum(axis=1)
     if np.any(counts == 0):

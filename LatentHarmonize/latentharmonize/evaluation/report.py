@@ -1,0 +1,135 @@
+"""The evaluation's ``report.html``: every measure as a table, the goal check, and the figures embedded."""
+from __future__ import annotations
+
+import html
+import json
+from typing import List
+
+from .. import pages
+from .goals import PAPER_GAIN_PERCENT, paired_verdict
+from .representations import REGISTRY
+from .tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
+
+_STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"""
+
+
+def _ci(m: dict, key: str) -> str:
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key]:.3f} <small>({lo:.3f}–{hi:.3f})</small>"
+
+
+VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
+
+
+def versus_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the 'rotated minus other' table: per other representation, each metric's paired difference, its
+    95 % CI and the verdict (the README and the HTML report show the same text)."""
+    rows = []
+    for other, diffs in metrics.get("rotated_versus", {}).items():
+        cells = [other]
+        for m in VERSUS_COLUMNS:
+            d = diffs.get(m)
+            cells.append("" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) "
+                                              f"{paired_verdict(d['ci'])}")
+        rows.append(cells)
+    return rows
+
+
+def reproducibility_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the risk-reproducibility table: ICC with CI, and rotated minus it (paired CI and verdict)."""
+    rows = []
+    for name, m in metrics.get("risk_reproducibility", {}).items():
+        d = metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc")
+        versus = "" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
+        rows.append([name, f"{m['icc']:.3f} ({m['icc_ci'][0]:.3f}–{m['icc_ci'][1]:.3f})", versus])
+    return rows
+
+
+def redraw_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the outcome-redraw table: expected C-index ± SD over fresh outcome draws, and how often rotated leads."""
+    redraws = metrics.get("survival_redraws", {})
+    ahead = redraws.get("rotated_ahead_share", {})
+    return [[name, f"{m['mean']:.3f} ± {m['sd']:.3f}", f"{100 * ahead[name]:.0f} %" if name in ahead else ""]
+            for name, m in redraws.get("c_index", {}).items()]
+
+
+def _redraw_section(metrics: dict, rows: List[List[str]]) -> str:
+    if not rows:
+        return "<p>Not a phantom cohort with true fractions and age.</p>"
+    return (f"<p>The same risks, scored against {metrics['survival_redraws']['n_draws']} fresh outcomes drawn from the "
+            "phantom's own hazard for the same patients: the spread one cohort's outcome draw puts on the C-index, and "
+            "the share of draws in which rotated is ahead.</p>"
+            + pages.table([[html.escape(c) for c in row] for row in rows], ["features", "expected C-index ± SD", "rotated ahead in"]))
+
+
+def _kernel_section(metrics: dict) -> str:
+    rows = kernel_rows(metrics)
+    if not rows:
+        return "<p>No patient scanned with a soft and a sharp kernel under otherwise equal settings.</p>"
+    return (f"<p>{metrics['kernel_robustness']['n_pairs']} soft/sharp pairs; the low-attenuation cluster's share of "
+            "the lung beside LAA-950 (% lung voxels below -950 HU).</p>"
+            + pages.table([[html.escape(c) for c in row] for row in rows], KERNEL_HEAD))
+
+
+def _readout_rows(metrics: dict) -> List[List[str]]:
+    """Rows of the tissue read-out table: balanced accuracy, read-out and cluster composition C-index."""
+    return [[html.escape(n), f"{m['balanced_accuracy']:.3f}", _ci(m, "c_index") if "c_index" in m else "–",
+             f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
+            for n, m in metrics.get("tissue_readout", {}).items() if n != "chance"]
+
+
+def render_report(metrics: dict, staged, figures: List[str]) -> str:
+    """The page: ``staged.path(name)`` holds each of the ``figures`` (PNG) it embeds."""
+    cons, probe_acc = metrics["consistency"], metrics["probe"]
+    cons_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi"), _ci(m, "dice"),
+                  f"{probe_acc[n]:.3f}" if n in probe_acc else "–"] for n, m in cons.items()]
+    gains = metrics["relative_gain"]
+    gain_rows = [[m.upper(), f"{gains['rotated_vs_entangled_percent'][m]:+.2f} %", f"+{gains['paper_percent'][m]:.2f} %"]
+                 for m in PAPER_GAIN_PERCENT]
+    truth_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi")] for n, m in metrics["truth_agreement"].items()]
+    surv_rows = [[html.escape(n), _ci(m, "c_index"), str(len(m["features"]))] for n, m in metrics["survival"].items()]
+    readout = metrics.get("tissue_readout", {})
+    readout_rows = _readout_rows(metrics)
+    repro_rows = reproducibility_rows(metrics)
+    redraws = redraw_rows(metrics)
+    skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
+    figures = "".join(f"<h3>{html.escape(name[:-4].replace('_', ' '))}</h3><img alt='{name}' "
+                      f"src='{pages.png_uri(staged.path(name).read_bytes())}'>" for name in figures)
+    notes = "".join(f" {r.note}" for r in REGISTRY if r.note and r.name in cons)
+    body = f"""<h1>LatentHarmonize evaluation</h1>
+<p>Model {html.escape(metrics['model']['sha256'][:12])}; {metrics['n_eval_patients']} held-out patients
+({metrics['n_eval_scans']} scans), clusters and harmonizers fitted on {metrics['n_train_scans']} training scans; K = {metrics['n_clusters']};
+seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.</p>
+<h2>Consistency across acquisitions (mean, 95 % bootstrap CI over patients) and acquisition probe</h2>
+{pages.table(cons_rows, ['representation', 'ARI', 'NMI', 'Dice', 'probe accuracy'])}
+<p>Probe chance level: {probe_acc['chance']:.3f}.{notes}</p>
+<h2>Rotated over entangled: relative gain</h2>{pages.table(gain_rows, ['metric', 'this run', 'paper'])}
+<h2>Agreement with the phantom truth</h2>{pages.table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
+<h2>Tissue found by the clusters (phantom truth, worst acquisition)</h2>
+<p>Emphysema recall: share of true emphysema cells in the cluster with the lowest median patch HU; the other columns:
+share of each tissue outside the cluster that holds most normal lung.</p>
+{pages.table([[html.escape(c) for c in row] for row in recall_rows(metrics)], RECALL_HEAD) if metrics.get('tissue_recall') else '<p>No truth in this cohort.</p>'}
+<h2>Kernel-robust emphysema: soft versus sharp reconstruction of the same patient</h2>
+{_kernel_section(metrics)}
+<h2>Survival: cross-validated Cox C-index</h2>{pages.table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
+<h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
+<p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
+{pages.table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+<h2>Survival over fresh outcome draws (phantom only)</h2>
+{_redraw_section(metrics, redraws)}
+<h2>Risk reproducibility across acquisitions</h2>
+<p>One penalised Cox model per feature set, fitted on the survival patients, scores each evaluation scan on its own;
+ICC(A,1) of the log risk over patients × acquisitions (1: the scanner changes nobody's risk). Paired: rotated minus
+the other on the same patient resamples.</p>
+{pages.table([[html.escape(c) for c in row] for row in repro_rows], ['features', 'risk ICC (95 % CI)', 'rotated minus']) if repro_rows else '<p>Not run (see below).</p>'}
+<h2>Tissue read-out (phantom diagnostic)</h2>
+<p>A linear classifier of the true tissue, fitted on each representation's training patches: how much tissue and
+outcome information the representation holds, whatever its clusters find. Chance balanced accuracy:
+{readout.get('chance', {}).get('balanced_accuracy', float('nan')):.3f}.</p>
+{pages.table(readout_rows, ['representation', 'tissue balanced accuracy', 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No read-out: the training scans carry no truth, or it was not run (see below).</p>'}
+<h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
+{'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
+<h2>Figures</h2>{figures}
+"""
+    return pages.page("LatentHarmonize evaluation", _STYLE, body)

@@ -1,0 +1,274 @@
+"""The representations ``evaluate`` compares, as one registry.
+
+Each entry is a small class that declares what it is by its base class:
+
+- :class:`Representation`: features fitted on the training scans' latents (``entangled``, ``rotated``);
+- :class:`LatentHarmonizer`: a harmonizer fitted on the training latents and their acquisitions (ComBat, Harmony,
+  LEACE);
+- :class:`ImageHarmonizer`: fitted on the training scans' lung HU, applied to each CT before encoding
+  (histogram matching);
+- :class:`OtherEncoder`: the latent of another bundle's encoder, given on the command line (``--unoranic``);
+- :class:`PatchStatistic`: no encoder, a statistic of each patch computed at encoding time (``hu_statistics``);
+- :class:`LabelBaseline`: labels without clustering; compared on consistency, truth and tissue, not probed and
+  given no survival profile (``hu_threshold_classes``).
+
+``reference = True`` keeps an entry out of the goal check's baselines (rotated need not beat it); ``note`` is a
+sentence the report adds under the consistency table.
+
+Adding a baseline: write one subclass of the fitting kind (a ``name`` and its one method) and add one instance to
+``REGISTRY``; encoding, clustering, every measure, the report and the summary iterate over the registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ..clusters import TissueClusters
+from ..errors import InputError
+from ..patches import lattice_hu_statistics
+from ..progress import Progress
+from .encoding import ScanLatents, stack
+from .harmonizers import ComBatHarmonizer, HarmonyHarmonizer, HistogramMatcher, LeaceHarmonizer
+from .tissue import PATCH_MEAN_HU, THRESHOLD_BASELINE, threshold_classes
+
+Features = Callable[[ScanLatents], np.ndarray]
+
+
+@dataclass
+class Training:
+    """What a representation is fitted on: the bundle, the encoded training scans and their fitting rows."""
+
+    bundle: object
+    scans: List[ScanLatents]
+    rows: Dict[int, np.ndarray]
+    seed: int
+
+    def stack(self, source: str):
+        return stack(self.scans, self.rows, source)
+
+
+class Representation:
+    """Features of every scan, fitted on the training latents: ``fit(training) -> f(scan) -> [n, d]``."""
+
+    name = ""
+    reference = False
+    note = ""
+
+    def fit(self, training: Training) -> Features:
+        raise NotImplementedError
+
+    def missing(self, sources: set) -> Optional[str]:
+        """Why this representation cannot run on scans holding ``sources`` (None: it can)."""
+        return None
+
+
+class LatentHarmonizer(Representation):
+    """A harmonizer (``fit(X, batch)``, ``transform(X, batch)``) fitted on the training latents and acquisitions."""
+
+    def harmonizer(self, seed: int):
+        raise NotImplementedError
+
+    def fit(self, training: Training) -> Features:
+        fitted = self.harmonizer(training.seed).fit(*training.stack("entangled"))
+        return lambda s: fitted.transform(s.latents["entangled"], np.full(len(s.keys), s.acquisition))
+
+
+class ImageHarmonizer(Representation):
+    """Fitted on regular samples of the training scans' lung HU; each CT is encoded again after ``transform(hu,
+    lung)`` (its latents are the source named like the representation)."""
+
+    def fit_images(self, samples: List[np.ndarray], seed: int):
+        raise NotImplementedError
+
+    def fit(self, training: Training) -> Features:
+        return lambda s: s.latents[self.name]
+
+
+class OtherEncoder(Representation):
+    """The latent of another bundle's encoder at the same lattice points; the bundle comes from ``--<option>``."""
+
+    option = ""
+    help = ""
+    title = ""  # how the report names the missing bundle
+
+    def fit(self, training: Training) -> Features:
+        return lambda s: s.latents[self.name]
+
+    def missing(self, sources: set) -> Optional[str]:
+        return None if self.name in sources else f"no {self.title} bundle given (--{self.option} DIR)"
+
+
+class PatchStatistic(Representation):
+    """No encoder: ``statistic(hu, lung, positions, spec) -> [n, d]`` of each patch, context-averaged like the
+    latents, standardised on the training rows (one scale for k-means)."""
+
+    def statistic(self, hu, lung, positions, spec) -> np.ndarray:
+        raise NotImplementedError
+
+    def fit(self, training: Training) -> Features:
+        scaler = StandardScaler().fit(training.stack(self.name)[0])
+        return lambda s: scaler.transform(s.latents[self.name])
+
+
+class LabelBaseline(Representation):
+    """Labels each scan directly: ``labels(scan) -> [n]``; no features, no clustering, no probe, no survival."""
+
+    def labels(self, scan: ScanLatents) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Entangled(Representation):
+    name = "entangled"
+
+    def fit(self, training: Training) -> Features:
+        return lambda s: s.latents["entangled"]
+
+
+class Rotated(Representation):
+    name = "rotated"
+
+    def fit(self, training: Training) -> Features:
+        rotation = training.bundle.rotation
+        return lambda s: rotation.cluster_features(s.latents["entangled"])
+
+
+class ComBat(LatentHarmonizer):
+    name = "combat"
+
+    def harmonizer(self, seed: int):
+        return ComBatHarmonizer()
+
+
+class Harmony(LatentHarmonizer):
+    name = "harmony"
+
+    def harmonizer(self, seed: int):
+        return HarmonyHarmonizer(random_state=seed)
+
+
+class Leace(LatentHarmonizer):
+    name = "leace"
+
+    def harmonizer(self, seed: int):
+        return LeaceHarmonizer()
+
+
+class HistogramMatching(ImageHarmonizer):
+    name = "histogram_matching"
+
+    def fit_images(self, samples: List[np.ndarray], seed: int):
+        return HistogramMatcher(random_state=seed).fit(samples, [np.ones(s.shape, bool) for s in samples])
+
+
+class Unoranic(OtherEncoder):
+    name = "unoranic"
+    option = "unoranic"
+    title = "unORANIC"
+    help = "bundle trained with --encoder unoranic, for the unoranic baseline"
+
+
+class HuStatistics(PatchStatistic):
+    name = "hu_statistics"
+    reference = True
+    note = ("<i>hu_statistics</i> uses no encoder: the HU quantiles and threshold shares of each patch, the "
+            "reference a learned representation has to beat.")
+
+    def statistic(self, hu, lung, positions, spec) -> np.ndarray:
+        return lattice_hu_statistics(hu, lung, positions, spec)
+
+
+class HuThresholdClasses(LabelBaseline):
+    name = THRESHOLD_BASELINE
+
+    def labels(self, scan: ScanLatents) -> np.ndarray:
+        return threshold_classes(scan.latents[PATCH_MEAN_HU])
+
+
+REGISTRY = (Entangled(), Rotated(), ComBat(), Harmony(), Leace(), HistogramMatching(), Unoranic(), HuStatistics(),
+            HuThresholdClasses())
+# rotated is what the goal check judges, entangled what it gains over: neither is a baseline to beat
+SUBJECTS = ("entangled", "rotated")
+
+
+def of_kind(kind: type) -> list:
+    return [r for r in REGISTRY if isinstance(r, kind)]
+
+
+def feature_names() -> List[str]:
+    """Names of the clustered representations (every entry but the label baselines), in registry order."""
+    return [r.name for r in REGISTRY if not isinstance(r, LabelBaseline)]
+
+
+def goal_baselines(names) -> List[str]:
+    """Those of ``names`` the goal check asks rotated to beat: not a subject, not a reference."""
+    excluded = set(SUBJECTS) | {r.name for r in REGISTRY if r.reference}
+    return [n for n in names if n not in excluded]
+
+
+def patch_statistics() -> Dict[str, Callable]:
+    """The patch statistics to compute at encoding time, by name (``Encoders(statistics=...)``)."""
+    return {r.name: r.statistic for r in of_kind(PatchStatistic)}
+
+
+def fit_image_harmonizers(samples: List[np.ndarray], seed: int) -> dict:
+    return {r.name: r.fit_images(samples, seed) for r in of_kind(ImageHarmonizer)}
+
+
+def fit_features(training: Training, skipped: dict) -> Dict[str, Features]:
+    """Fit every clustered representation the training scans' sources allow; the others are noted in ``skipped``."""
+    sources = set(training.scans[0].latents)
+    funcs: Dict[str, Features] = {}
+    for r in REGISTRY:
+        if isinstance(r, LabelBaseline):
+            continue
+        reason = r.missing(sources)
+        if reason:
+            skipped[r.name] = reason
+        else:
+            funcs[r.name] = r.fit(training)
+    return funcs
+
+
+def fit_tissue_readout(features: np.ndarray, truth: np.ndarray, seed: int):
+    """Class-balanced logistic regression of the true tissue (labels > 0) on a representation's features."""
+    lung = truth > 0
+    if len(np.unique(truth[lung])) < 2:
+        raise InputError("The training patches hold fewer than two true tissue classes; the tissue read-out needs more "
+                         "(diseased) training patients.")
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed))
+    return model.fit(features[lung], truth[lung])
+
+
+def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
+                    n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
+    """Fit one ``TissueClusters`` per representation on the training rows and label every scan with it; where the
+    training scans carry the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
+    with_truth = all(s.truth is not None for s in train)
+    for k, (name, f) in enumerate(funcs.items()):
+        features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
+        clusters = TissueClusters(n_clusters=n_clusters, random_state=seed).fit(features)
+        readout = None
+        if with_truth:
+            try:
+                readout = fit_tissue_readout(features, np.concatenate([train[i].truth[r] for i, r in rows.items()]), seed)
+            except InputError as err:
+                skipped["tissue_readout"] = str(err)
+        for s in scans:
+            scan_features = f(s)
+            s.labels[name] = np.asarray(clusters.predict(scan_features))
+            if readout is not None:
+                s.readout[name] = readout.predict(scan_features).astype(np.int64)
+        progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} clusters")
+
+
+def label_with_baselines(scans: List[ScanLatents]) -> List[str]:
+    """Give every scan the labels of each label baseline; returns their names."""
+    for r in of_kind(LabelBaseline):
+        for s in scans:
+            s.labels[r.name] = r.labels(s)
+    return [r.name for r in of_kind(LabelBaseline)]
