@@ -57,10 +57,10 @@ def _bundle_training_cohort(model, folder: Path) -> Path:
 
 
 def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed: int, progress) -> Path:
-    from latentharmonize.training.trainer import train
+    from latentharmonize.training import TrainConfig, train
 
     if not (path / "manifest.json").exists():
-        train(cohort_csv, path, seed=seed, epochs=epochs, encoder=encoder, progress=progress)
+        train(cohort_csv, path, TrainConfig(seed=seed, epochs=epochs, encoder=encoder), progress=progress)
     return path
 
 
