@@ -2,8 +2,9 @@
 
 Pipeline: lung mask (automatic, or the one given) -> model grid -> vessels and airways -> dense latents of the
 parenchyma -> cluster labels with confidence per patch -> label map on the CT's own grid at voxel level ->
-composition and densitometry. :func:`analyze_image` is the public entry; ``latentharmonize.analyze`` reads the files,
-runs the same steps and writes the outputs (see docs/analyze.md).
+composition and densitometry. :func:`analyze_image` is the public entry; ``latentharmonize.analyze``
+(:mod:`latentharmonize.analyze_command`) reads the files, runs the same steps and writes the outputs (see
+docs/analyze.md).
 """
 from __future__ import annotations
 

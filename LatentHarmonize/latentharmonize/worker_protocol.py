@@ -23,7 +23,7 @@ SHOWN_CHARS = 200
 
 @dataclass(frozen=True)
 class Request:
-    """One analysis to run: the arguments of :func:`~latentharmonize.analyze.analyze`, and an id echoed back."""
+    """One analysis to run: the arguments of :func:`~latentharmonize.analyze_command.analyze`, and an id echoed back."""
 
     ct: str
     out: str
