@@ -94,6 +94,28 @@ def test_the_product_path_and_its_runners_import_the_package_at_the_top_only():
             assert line in top, f"{path.name}:{line}: import of {module} inside a function"
 
 
+def test_the_backend_has_no_import_cycle():
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = {module for _, module in _module_imports(path)}
+    graph = {name: {m for m in modules if m in graph and m != name} for name, modules in graph.items()}
+    state = {}
+
+    def visit(name, trail):
+        state[name] = "open"
+        for module in sorted(graph[name]):
+            assert state.get(module) != "open", " -> ".join(trail + [name, module])
+            if module not in state:
+                visit(module, trail + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
 def test_no_function_of_the_product_path_is_over_60_lines():
     for path in _files(PRODUCT):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

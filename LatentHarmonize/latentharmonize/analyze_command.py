@@ -120,7 +120,8 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
         raise
     if progress is not None:
         progress(100, "done", f"results in {out_dir}")
-    return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, done.composition, done.record)
+    return AnalysisResult(Path(out_dir), {k: Path(out_dir) / v for k, v in files.items()}, done.composition,
+                          done.record)
 
 
 @contextlib.contextmanager
