@@ -67,6 +67,14 @@ def bridge():
     return slicer_bridge
 
 
+def bridgeTables():
+    """The bridge's composition tables (they need pandas): imported once the dependencies are installed."""
+    bridge()  # puts the module folder on the path
+    from latentharmonize.slicer_bridge import tables
+
+    return tables
+
+
 def phantomSamplePath() -> pathlib.Path:
     return pathlib.Path(slicer.app.cachePath) / "LatentHarmonize" / f"{SAMPLE_NAME}.nrrd"
 
@@ -389,7 +397,7 @@ class LatentHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addLog(_("Analysis finished in {seconds:.0f} s.").format(seconds=run.elapsed()))
 
     def _showSummary(self, composition) -> None:
-        lines = [f"{name}: {percent:.1f} %" for _label, name, percent in bridge().whole_lung_summary(composition)]
+        lines = [f"{name}: {percent:.1f} %" for _label, name, percent in bridgeTables().whole_lung_summary(composition)]
         self.ui.summaryLabel.text = "\n".join(lines)
 
     # --- results and QC
@@ -992,10 +1000,10 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
             confidenceArray.array, slicer.util.vtkMatrixFromArray(confidenceArray.ijk_to_ras),
             f"{inputVolume.GetName()} confidence")
 
-        composition = b.read_composition(outputs.composition_csv)
+        composition = bridgeTables().read_composition(outputs.composition_csv)
         table: "vtkMRMLTableNode" = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
                                                                         f"{inputVolume.GetName()} composition")
-        self.fillTable(table, b.table_columns(composition))
+        self.fillTable(table, bridgeTables().table_columns(composition))
         densitometry: "vtkMRMLTableNode" = slicer.mrmlScene.AddNewNodeByClass(
             "vtkMRMLTableNode", f"{inputVolume.GetName()} densitometry")
         self.fillTable(densitometry, b.densitometry_columns(b.read_densitometry(outputs.composition_json)))
@@ -1181,11 +1189,11 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         referenceVolume = self.referenceVolume(segmentation)
         labels = self.segmentLabels(segmentation)
         names = {d.label: d.name for d in self.currentDefinitions(segmentation)}
-        composition = bridge().recompute_composition(
+        composition = bridgeTables().recompute_composition(
             self.labelMap(segmentation, referenceVolume, labels), slicer.util.arrayFromVolume(referenceVolume),
             slicer.util.arrayFromVolume(self.lungRegions(segmentation)), self.ijkToRAS(referenceVolume), names)
         if table is not None:
-            self.fillTable(table, bridge().table_columns(composition))
+            self.fillTable(table, bridgeTables().table_columns(composition))
         return composition
 
     # --- export
@@ -1225,7 +1233,7 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         composition = self.recomputeComposition(segmentation)
         written = [folder / f"{name}_composition.csv", folder / f"{name}_composition.json",
                    folder / f"{name}_segment_statistics.csv", folder / f"{name}.seg.nrrd"]
-        b.export_composition(composition, b.cluster_names(definitions), b.cluster_colors(definitions),
+        bridgeTables().export_composition(composition, b.cluster_names(definitions), b.cluster_colors(definitions),
                              written[0], written[1], model_id=segmentation.GetAttribute(MODEL_ID_ATTRIBUTE) or None)
         self.segmentStatistics(segmentation, volume, written[2])
         nodes = [(segmentation, written[3])]
@@ -1279,7 +1287,7 @@ class LatentHarmonizeTest(ScriptedLoadableModuleTest):
         results = logic.loadResults(run)
         segmentIDs = list(results.segmentation.GetSegmentation().GetSegmentIDs())
         self.assertGreater(len(segmentIDs), 1)
-        whole = bridge().whole_lung_summary(results.composition)
+        whole = bridgeTables().whole_lung_summary(results.composition)
         self.assertAlmostEqual(sum(percent for _label, _name, percent in whole), 100.0, places=3)
 
         self.delayDisplay("QC: status, jump, rename, merge, recompute")
@@ -1290,7 +1298,7 @@ class LatentHarmonizeTest(ScriptedLoadableModuleTest):
         before = {label: percent for label, _name, percent in whole}
         logic.mergeClusters(results.segmentation, segmentIDs[:2])
         recomputed = logic.recomputeComposition(results.segmentation, results.table)
-        after = {label: percent for label, _name, percent in bridge().whole_lung_summary(recomputed)}
+        after = {label: percent for label, _name, percent in bridgeTables().whole_lung_summary(recomputed)}
         target, source = labels[segmentIDs[0]], labels[segmentIDs[1]]
         self.assertNotIn(source, after)
         self.assertAlmostEqual(after[target], before[target] + before[source], places=3)

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from latentharmonize.analyze import STAGES, analyze, check_geometry, input_name, output_names
+from latentharmonize.analyze_command import analyze, input_name, output_names
+from latentharmonize.pipeline import STAGES, check_geometry
 from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL
 from latentharmonize.cli import main as cli_main
 from latentharmonize.errors import InputError, NoLungFoundError, OutputError
@@ -275,7 +276,7 @@ def test_mask_on_another_grid_and_cli_error_message(scan, bundle_dir, tmp_path, 
 
 
 def test_lung_voxels_take_the_cluster_of_the_nearest_valid_patch_centre():
-    from latentharmonize.analyze import ct_lookup, nearest_valid_index
+    from latentharmonize.pipeline import ct_lookup, nearest_valid_index
     from latentharmonize.grid import ModelGrid
 
     lattice = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(5.0, 5.0, 2.5), shape=(1, 1, 4))  # centres x = 0, 5, 10, 15
@@ -394,7 +395,7 @@ def test_label_map_interpolates_centroid_distances_between_patch_centres():
     grid's 1.25 mm, not the nearest centre; vessels found at the CT's resolution replace the tissue label."""
     from types import SimpleNamespace
 
-    from latentharmonize.analyze import _cluster_maps
+    from latentharmonize.pipeline import _cluster_maps
     from latentharmonize.clusters import TissueClusters
     from latentharmonize.grid import ModelGrid
     from latentharmonize.patches import DenseLatents

@@ -1,6 +1,6 @@
 """The backend's shape, read from its source: the import graph, the product path's boundary, sizes.
 
-The product path is everything ``latentharmonize.analyze`` imports: a CT in, a tissue map out. The research wing
+The product path is everything ``latentharmonize.analyze_command`` (``analyze``, and ``pipeline.analyze_image``) imports: a CT in, a tissue map out. The research wing
 (``training``, ``evaluation``, ``phantom``) and the cohort runner (``batch``) may import it, never the reverse.
 docs/contributing.md states these rules; this file keeps them.
 """
@@ -92,7 +92,7 @@ def closure(start: str) -> set:
     return seen
 
 
-PRODUCT_PATH = closure("latentharmonize.analyze")
+PRODUCT_PATH = closure("latentharmonize.analyze_command")  # the file wrapper, and with it pipeline.analyze_image
 
 
 def test_no_backend_module_imports_inside_a_function():
@@ -119,7 +119,8 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_the_product_path_never_imports_the_research_wing():
-    assert {"latentharmonize.patches", "latentharmonize.bundle", "latentharmonize.lungmask"} <= PRODUCT_PATH
+    assert {"latentharmonize.pipeline", "latentharmonize.patches", "latentharmonize.bundle",
+            "latentharmonize.lungmask"} <= PRODUCT_PATH
     leaks = sorted(m for m in PRODUCT_PATH if m.startswith(RESEARCH))
     assert not leaks, f"analyze reaches research code: {leaks}"
 
@@ -151,10 +152,10 @@ def test_the_graph_reader_sees_relative_and_nested_imports():
     """The checks above are only as good as the parser: a known edge, a known nested import and the module
     names must come out as the source says."""
     assert "latentharmonize.patches" in GRAPH["latentharmonize.bundle"]
-    assert "latentharmonize.options" in GRAPH["latentharmonize.analyze"]
+    assert "latentharmonize.options" in GRAPH["latentharmonize.analyze_command"]
     tree_with_nested = "def f():\n    from .grid import ModelGrid\n"
     node = ast.parse(tree_with_nested).body[0].body[0]
-    assert _resolve("latentharmonize.analyze", node) == ["latentharmonize.grid"]
+    assert _resolve("latentharmonize.pipeline", node) == ["latentharmonize.grid"]
 
 
 # ----------------------------------------------------------------------------- docs/architecture.md

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from latentharmonize import batch
-from latentharmonize.analyze import analyze
+from latentharmonize import batch, bench
+from latentharmonize.analyze_command import analyze
 from latentharmonize.cli import main as cli_main
 from latentharmonize.errors import InputError
 
@@ -255,7 +255,7 @@ def test_a_worker_killed_mid_scan_loses_and_duplicates_nothing(tmp_path, cohort_
 
 @pytest.mark.slow  # starts its own cluster: ~20 s of worker start-up on 2 busy cores
 def test_benchmark_reports_scans_per_minute(cohort_csv, bundle_dir, tmp_path, capsys):
-    figures = batch.benchmark(workers=(1,), model=bundle_dir, cohort_csv=cohort_csv, workdir=tmp_path)
+    figures = bench.batch_benchmark(workers=(1,), model=bundle_dir, cohort_csv=cohort_csv, workdir=tmp_path)
     assert figures["n_scans"] == 4 and figures["cohort"] == "cohort"
     rate = figures["by_workers"][1]["scans_per_minute"]
     assert rate == pytest.approx(60 * 4 / figures["by_workers"][1]["seconds"], rel=0.02) and figures["speedup"] == 1.0

@@ -138,7 +138,7 @@ def test_laa950_follows_the_true_emphysema_fraction_of_the_phantom():
 def lobe_runs(tmp_path_factory):
     """analyze on the small phantom with its automatic mask, and with that mask cut into five lobes, given as a plain
     label map and as a named .seg.nrrd."""
-    from latentharmonize.analyze import analyze
+    from latentharmonize import analyze
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
     from latentharmonize.writers import write_segmentation
 
@@ -180,7 +180,7 @@ def test_analyze_gives_composition_and_densitometry_per_lobe(lobe_runs):
 
 
 def test_a_plain_right_left_mask_keeps_its_output(lobe_runs, tmp_path):
-    from latentharmonize.analyze import analyze
+    from latentharmonize import analyze
 
     auto = lobe_runs[0]
     given = analyze(auto.record["input"], tmp_path / "out", device="cpu", mask=auto.files["lungs"],

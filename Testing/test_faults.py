@@ -24,7 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 from latentharmonize import atomic
-from latentharmonize.analyze import analyze, output_names
+from latentharmonize.analyze_command import analyze, output_names
 from latentharmonize.atomic import STAGING_PREFIX
 from latentharmonize.bundle import ARRAYS_FILE, MANIFEST
 from latentharmonize.cli import main as cli_main
@@ -157,7 +157,7 @@ def test_device_file_is_refused(tmp_path, bundle_dir, special):  # noqa: F811
 @pytest.mark.parametrize("size, spacing, words", [((200, 200, 120), (0.05, 0.05, 0.05), "not in millimetres"),
                                                   ((200, 200, 6), (1.8, 1.8, 2.5), "from head to feet")])
 def test_headers_not_in_mm_or_too_short_are_refused(size, spacing, words):
-    from latentharmonize.analyze import check_geometry
+    from latentharmonize.pipeline import check_geometry
 
     image = sitk.Image(list(size), sitk.sitkUInt8)
     image.SetSpacing(spacing)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from latentharmonize.analyze import analyze
+from latentharmonize.analyze_command import analyze
 from latentharmonize.cli import main as cli_main
 from latentharmonize.outputs import output_names
 from latentharmonize.report_command import REPORT_KINDS

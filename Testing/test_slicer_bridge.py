@@ -16,12 +16,13 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from latentharmonize import analyze, bundle as bundle_module, slicer_bridge as bridge, writers
+from latentharmonize import analyze_command, bundle as bundle_module, slicer_bridge as bridge, worker_protocol, writers
+from latentharmonize.slicer_bridge import tables
 from latentharmonize.composition import composition_table, composition_to_json
 from latentharmonize.errors import InputError, OutputError
 from latentharmonize.progress import Progress
 
-MODULE_DIR = Path(bridge.__file__).resolve().parents[1]
+MODULE_DIR = Path(bridge.__file__).resolve().parents[2]
 NAMES = {1: "normal", 2: "emphysema", 3: "ground_glass"}
 COLORS = {1: (0.0, 0.45, 0.7), 2: (0.9, 0.62, 0.0), 3: (0.0, 0.62, 0.45)}
 DENSITOMETRY = [{"region": region, "laa950_pct": laa, "haa700_250_pct": haa, "mld_hu": mld, "perc15_hu": p15,
@@ -106,10 +107,10 @@ def test_worker_command_and_request_are_what_the_worker_reads(tmp_path):
     line = bridge.worker_request(tmp_path / "chest.nrrd", tmp_path / "out", mask_path=tmp_path / "mask.nrrd",
                                  model_dir=tmp_path / "bundle", device="GPU", request_id=4)
     assert line.endswith("\n") and line.count("\n") == 1
-    assert worker.parse_request(line) == worker.Request(
+    assert worker_protocol.parse_request(line) == worker_protocol.Request(
         str(tmp_path / "chest.nrrd"), str(tmp_path / "out"), mask=str(tmp_path / "mask.nrrd"),
         model=str(tmp_path / "bundle"), device="cuda", overwrite=False, report=False, id=4)
-    minimal = worker.parse_request(bridge.worker_request("a.nrrd", "o", mask_path="", model_dir=None, device="CPU"))
+    minimal = worker_protocol.parse_request(bridge.worker_request("a.nrrd", "o", mask_path="", model_dir=None, device="CPU"))
     assert minimal.mask is None and minimal.model is None and minimal.device == "cpu"
 
 
@@ -169,9 +170,9 @@ def test_bundle_marker_is_the_bundle_manifest():
 def test_names_match_what_analyze_writes(tmp_path):
     name = bridge.safe_volume_name("CT chest (2)/ä")
     assert name == "CT_chest_2" and bridge.safe_volume_name("***") == "volume"
-    assert analyze.input_name(tmp_path / f"{name}.nrrd") == name
+    assert analyze_command.input_name(tmp_path / f"{name}.nrrd") == name
     paths = bridge.AnalysisOutputs(tmp_path, name)
-    expected = analyze.output_names(name)
+    expected = analyze_command.output_names(name)
     for kind, path in [("segmentation", paths.segmentation), ("labels", paths.clusters), ("confidence", paths.confidence),
                        ("lungs", paths.lungs), ("composition_csv", paths.composition_csv),
                        ("composition_json", paths.composition_json), ("report", paths.report_html)]:
@@ -201,7 +202,7 @@ def test_progress_lines_and_failure_message():
 
 
 def test_the_worker_result_line_decides_the_outcome():
-    from latentharmonize.worker import WorkerResult, format_result_line
+    from latentharmonize.worker_protocol import WorkerResult, format_result_line
 
     done = bridge.BackendLog()
     assert done.feed("LH-PROGRESS 100 done results in /x\n").percent == 100
@@ -378,8 +379,8 @@ def test_label_and_confidence_volumes_match_the_input_grid(outputs):
 
 
 def test_table_columns_and_summary(outputs):
-    table = bridge.read_composition(outputs["out"] / "composition.csv")
-    columns = dict(bridge.table_columns(table))
+    table = tables.read_composition(outputs["out"] / "composition.csv")
+    columns = dict(tables.table_columns(table))
     assert list(columns) == ["Region", "Label", "Cluster", "Fraction (%)", "Volume (mL)", "Mean (HU)", "SD (HU)"]
     assert columns["Region"].dtype.kind == "U" and columns["Fraction (%)"].dtype == np.float64
     whole = table.region == "whole"
@@ -387,7 +388,7 @@ def test_table_columns_and_summary(outputs):
     voxel_ml = np.prod(np.linalg.norm(IJK_TO_RAS[:3, :3], axis=0)) / 1000
     np.testing.assert_allclose(columns["Volume (mL)"][whole.to_numpy()].sum(), (outputs["lungs"] > 0).sum() * voxel_ml,
                                rtol=1e-5)
-    summary = bridge.whole_lung_summary(table)
+    summary = tables.whole_lung_summary(table)
     counts = np.bincount(outputs["labels"][outputs["lungs"] > 0], minlength=4)
     assert [s[0] for s in summary] == list(np.argsort(-counts[1:]) + 1)
     assert summary[0][2] == pytest.approx(100 * counts.max() / counts.sum(), rel=1e-5)
@@ -397,7 +398,7 @@ def test_composition_csv_with_foreign_columns_is_refused(tmp_path):
     path = tmp_path / "composition.csv"
     pd.DataFrame({"region": ["whole"], "fraction": [1.0]}).to_csv(path, index=False)
     with pytest.raises(OutputError, match="lacks the columns"):
-        bridge.read_composition(path)
+        tables.read_composition(path)
 
 
 # ------------------------------------------------------------------------------------------- QC edits
@@ -409,7 +410,7 @@ def test_merging_two_clusters_adds_their_fractions(outputs):
     names = bridge.cluster_names(bridge.merge_definitions(
         bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd"), [3]))
     assert names == {1: "normal", 2: "emphysema"}
-    after = bridge.recompute_composition(merged, outputs["ct"], outputs["lungs"], IJK_TO_RAS, names)
+    after = tables.recompute_composition(merged, outputs["ct"], outputs["lungs"], IJK_TO_RAS, names)
     after = after.set_index(["region", "label"])
     for region in ("whole", "right", "left", "upper", "middle", "lower"):
         if (region, 2) not in after.index:
@@ -422,10 +423,10 @@ def test_merging_two_clusters_adds_their_fractions(outputs):
 
 
 def test_recompute_without_edits_reproduces_the_analyze_table(outputs):
-    again = bridge.recompute_composition(outputs["labels"], outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
+    again = tables.recompute_composition(outputs["labels"], outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
     pd.testing.assert_frame_equal(again, outputs["table"])
     with pytest.raises(InputError, match="export the segments in the CT's geometry"):
-        bridge.recompute_composition(outputs["labels"][:, :-1], outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
+        tables.recompute_composition(outputs["labels"][:, :-1], outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
 
 
 def test_erased_voxels_become_unlabelled(outputs):
@@ -433,7 +434,7 @@ def test_erased_voxels_become_unlabelled(outputs):
     masks = [(label, outputs["labels"] == label) for label in NAMES]
     masks[0] = (1, masks[0][1] & (np.indices(outputs["labels"].shape)[0] > 2))
     edited = bridge.labels_from_masks(masks)
-    table = bridge.recompute_composition(edited, outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
+    table = tables.recompute_composition(edited, outputs["ct"], outputs["lungs"], IJK_TO_RAS, NAMES)
     whole = table[table.region == "whole"].set_index("label")
     erased = ((outputs["labels"] == 1) & (np.indices(outputs["labels"].shape)[0] <= 2)).sum()
     assert whole.loc[0, "name"] == "unlabelled"
@@ -498,8 +499,8 @@ def test_export_composition_writes_csv_and_json(outputs, tmp_path):
     definitions = bridge.rename_cluster(bridge.read_segment_definitions(outputs["out"] / "chest.seg.nrrd"), 1, "healthy")
     found = bridge.locate_outputs(outputs["out"], "chest")
     names = bridge.cluster_names(definitions)
-    table = bridge.recompute_composition(outputs["labels"], outputs["ct"], outputs["lungs"], IJK_TO_RAS, names)
-    bridge.export_composition(table, names, bridge.cluster_colors(definitions), tmp_path / "c.csv", tmp_path / "c.json",
+    table = tables.recompute_composition(outputs["labels"], outputs["ct"], outputs["lungs"], IJK_TO_RAS, names)
+    tables.export_composition(table, names, bridge.cluster_colors(definitions), tmp_path / "c.csv", tmp_path / "c.json",
                               model_id=bridge.read_model_id(found))
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c.csv"), pd.read_csv(outputs["out"] / "composition.csv")
                                   .assign(name=lambda t: t.name.replace("normal", "healthy")))
@@ -598,8 +599,8 @@ def test_backend_run_through_the_bridge_end_to_end(backend_case):
     assert confidence.min() >= 0 and confidence.max() <= 1
 
     # the table shown after loading and the one recomputed from the unedited segments agree
-    shown = bridge.read_composition(outputs.composition_csv)
-    recomputed = bridge.recompute_composition(labels.array, backend_case["array"],
+    shown = tables.read_composition(outputs.composition_csv)
+    recomputed = tables.recompute_composition(labels.array, backend_case["array"],
                                               bridge.read_volume_array(outputs.lungs).array,
                                               backend_case["ijk_to_ras"], bridge.cluster_names(definitions))
     pd.testing.assert_frame_equal(recomputed, shown, check_exact=False, rtol=1e-5, check_dtype=False)

@@ -32,7 +32,7 @@ from test_slicer_bridge import IJK_TO_RAS, outputs  # noqa: F401  (the fixture i
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "LatentHarmonize"
 MODULE_FILE = MODULE_DIR / "LatentHarmonize.py"
-BRIDGE_FILE = MODULE_DIR / "latentharmonize" / "slicer_bridge.py"
+BRIDGE_FILES = sorted((MODULE_DIR / "latentharmonize" / "slicer_bridge").glob("*.py"))
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "LatentHarmonize.ui"
 API = json.loads((ROOT / "Testing" / "data" / "slicer_api.json").read_text())
 
@@ -179,7 +179,7 @@ BASE_METHODS = {  # methods inherited from Slicer's Python base classes and the 
 
 
 def _bridge_names() -> tuple:
-    tree = ast.parse(BRIDGE_FILE.read_text())
+    tree = ast.Module(body=[n for f in BRIDGE_FILES for n in ast.parse(f.read_text()).body], type_ignores=[])
     functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     members = {m.name for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body
                if isinstance(m, ast.FunctionDef)}
@@ -307,7 +307,7 @@ class SlicerApiChecker:
         if isinstance(func, ast.Name):
             if func.id == "super":
                 return f"super:{cls}"
-            if func.id == "bridge":
+            if func.id in ("bridge", "bridgeTables"):
                 return "ns:bridge"
             if func.id in self.module_classes:
                 return "pn" if self._is_parameter_node(func.id) else f"mod:{func.id}"
@@ -742,8 +742,8 @@ def test_cmake_lists_every_file_the_module_needs():
     scripts = _expand(_cmake_set(text, "MODULE_PYTHON_SCRIPTS"), text)
     resources = _expand(_cmake_set(text, "MODULE_PYTHON_RESOURCES"), text)
     listed = scripts | resources
-    assert {"LatentHarmonize.py", "latentharmonize/__init__.py", "latentharmonize/slicer_bridge.py",
-            "latentharmonize/analyze.py", "latentharmonize/__main__.py"} <= scripts
+    assert {"LatentHarmonize.py", "latentharmonize/__init__.py", "latentharmonize/slicer_bridge/__init__.py",
+            "latentharmonize/analyze_command.py", "latentharmonize/pipeline.py", "latentharmonize/__main__.py"} <= scripts
     assert {"Resources/Icons/LatentHarmonize.png", "Resources/UI/LatentHarmonize.ui",
             "Resources/requirements.txt"} <= resources
     missing_on_disk = sorted(f for f in listed if not (MODULE_DIR / f).is_file())
@@ -796,7 +796,7 @@ def test_reference_api_copy_is_the_shared_reference():
 
 # ------------------------------------------------------------------------------------------- (d) import and compile
 
-@pytest.mark.parametrize("path", [MODULE_FILE, BRIDGE_FILE,
+@pytest.mark.parametrize("path", [MODULE_FILE, *BRIDGE_FILES,
                                   MODULE_DIR / "Testing" / "Python" / "LatentHarmonizeBridgeTest.py"])
 def test_sources_compile_for_python_3_9(path):
     ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
@@ -960,7 +960,7 @@ def _load_module(monkeypatch, calls=None):
 # the result line (an error for a CT named *nolung*); it exits without answering for *crash* and hangs for *slow*.
 FAKE_WORKER = """
 import json, sys, time
-from latentharmonize.worker import WorkerResult, format_result_line
+from latentharmonize.worker_protocol import WorkerResult, format_result_line
 for line in sys.stdin:
     request = json.loads(line)
     print("request " + line.strip(), flush=True)
@@ -1278,19 +1278,27 @@ def test_requirements_leave_out_monai_which_the_analysis_never_imports():
     and the Slicer bridge reach (following every relative import, also inside functions) never import it."""
     package = MODULE_DIR / "latentharmonize"
 
+    def source(name):  # dotted name below the package ("" is the package itself) -> its file, or None
+        path = package.joinpath(*name.split(".")) if name else package
+        return next((f for f in (path.with_suffix(".py"), path / "__init__.py") if f.is_file()), None)
+
     def imports(name):
-        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        file = source(name)
+        here = name.split(".") if file.name == "__init__.py" and name else name.split(".")[:-1]
+        tree = ast.parse(file.read_text(encoding="utf-8"))
         inner, outer = set(), set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                inner |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here[:len(here) - node.level + 1]
+                inner |= ({".".join(base + node.module.split("."))} if node.module
+                          else {".".join(base + [a.name]) for a in node.names})
             elif isinstance(node, ast.ImportFrom) and node.module:
                 outer.add(node.module.split(".")[0])
             elif isinstance(node, ast.Import):
                 outer |= {a.name.split(".")[0] for a in node.names}
-        return {n for n in inner if (package / f"{n}.py").is_file()}, outer
+        return {n for n in inner if source(n) is not None}, outer
 
-    seen, todo, external = set(), ["worker", "analyze", "slicer_bridge", "cli", "__init__"], set()
+    seen, todo, external = set(), ["worker", "analyze_command", "pipeline", "slicer_bridge", "cli", ""], set()
     while todo:
         name = todo.pop()
         if name not in seen:
@@ -1299,7 +1307,7 @@ def test_requirements_leave_out_monai_which_the_analysis_never_imports():
             external |= outer
             todo += sorted(inner)
     assert "monai" not in external
-    assert "train" not in seen and "training_data" not in seen
+    assert not {n.split(".")[0] for n in seen} & {"training", "evaluation", "phantom", "batch"}
     requirements = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
     assert not re.search(r"^monai", requirements, re.M)
 

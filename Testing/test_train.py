@@ -153,7 +153,7 @@ def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_coh
 
     import pandas as pd
 
-    from latentharmonize.analyze import analyze
+    from latentharmonize import analyze
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main
     from latentharmonize.phantom import VENDORS
@@ -175,7 +175,7 @@ def test_calibrate_option_reaches_the_bundle_and_every_analysis(tiny_phantom_coh
 def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysis(tiny_phantom_cohort, tmp_path):
     import json
 
-    from latentharmonize.analyze import analyze
+    from latentharmonize import analyze
     from latentharmonize.densitometry import HU_STATISTIC_NAMES
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main

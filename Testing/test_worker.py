@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from latentharmonize.analyze import analyze
+from latentharmonize.analyze_command import analyze
 from latentharmonize.errors import BundleError, InputError
 from latentharmonize.outputs import output_names
 from latentharmonize.progress import parse_progress_line
-from latentharmonize.worker import (ModelCache, Request, WorkerResult, bundle_fingerprint, format_request, handle,
-                                    format_result_line, parse_request, parse_result_line)
+from latentharmonize.worker import ModelCache, bundle_fingerprint, handle
+from latentharmonize.worker_protocol import (Request, WorkerResult, format_request, format_result_line, parse_request,
+                                             parse_result_line)
 
 
 def _worker(*options) -> subprocess.Popen:
@@ -200,7 +201,7 @@ def test_result_lines_round_trip_and_other_lines_are_not_results():
 # ------------------------------------------------------------------------------------------- the model cache
 
 def test_cached_model_is_reloaded_when_the_bundle_changes(tmp_path):
-    from latentharmonize.analyze import load_model
+    from latentharmonize.pipeline import load_model
     from latentharmonize.bundle import default_bundle_path, set_cluster_names
 
     bundle = shutil.copytree(default_bundle_path(), tmp_path / "bundle")
@@ -242,7 +243,7 @@ def test_cache_key_follows_folder_contents_and_device(tmp_path):
 
 
 def test_warm_up_loads_the_model_once_for_the_first_request():
-    from latentharmonize.analyze import load_model
+    from latentharmonize.pipeline import load_model
     from latentharmonize.worker import warm_up
 
     loads = []

@@ -55,7 +55,7 @@ def check_phantom(patient_index: int, seed: int, full: bool) -> None:
     import SimpleITK as sitk
     from sklearn.metrics import adjusted_rand_score
 
-    from latentharmonize.analyze import _cluster_maps, ct_lookup, nearest_valid_index
+    from latentharmonize.pipeline import _cluster_maps, ct_lookup, nearest_valid_index
     from latentharmonize.bundle import load_bundle
     from latentharmonize.grid import to_model_grid
     from latentharmonize.lungmask import segment_lungs

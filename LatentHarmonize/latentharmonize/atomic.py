@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .errors import DISK_FULL_ERRNOS, OutputError, os_error_message
+from .errors import DISK_FULL_ERRNOS, LatentHarmonizeError, OutputError, os_error_message
 
 STAGING_PREFIX = ".latentharmonize-staging-"
 LOCK_FILE = "lock"            # held (flock / msvcrt lock) by the live run that owns the staging folder
@@ -45,7 +45,10 @@ def _check_writable(out_dir: Path) -> None:
 
 def disk_full(path: Path, exc: BaseException) -> OutputError | None:
     """An OutputError naming a full disk when ``exc`` (a failed write into ``path``) came from one: ENOSPC or a
-    quota error, or a library's write error (ITK, VTK) while the disk has almost no free space left."""
+    quota error, or a library's write error (ITK, VTK) while the disk has almost no free space left. Our own errors
+    (OutputError and ResourceError are OSErrors too) already say what happened."""
+    if isinstance(exc, LatentHarmonizeError):
+        return None
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return OutputError(os_error_message(exc, f"writing into {path}"))
     if isinstance(exc, (OSError, RuntimeError)):
@@ -207,6 +210,8 @@ class StagedOutput:
             _refuse_inputs(self.out_dir, [*self.names, *self.replaces], inputs)
             recover_leftovers(self.out_dir)
             existing = [n for n in [*self.names, *self.replaces] if os.path.lexists(self.out_dir / n)]
+        except LatentHarmonizeError:
+            raise
         except OSError as exc:
             raise OutputError(os_error_message(exc, f"Preparing the output folder {self.out_dir}")) from exc
         if existing and not overwrite:
@@ -244,6 +249,8 @@ class StagedOutput:
                 full = disk_full(self.out_dir, exc)  # measured before the staged files are deleted
                 if full is not None:
                     raise full from exc
+        except LatentHarmonizeError:
+            raise
         except OSError as error:
             full = disk_full(self.out_dir, error)
             message = str(full) if full else os_error_message(error, f"Publishing the results in {self.out_dir}")

@@ -1,6 +1,6 @@
 """Cohort analysis on a Dask distributed cluster; CLI ``batch``.
 
-Every scan of a cohort table is analysed by :func:`latentharmonize.analyze.analyze` in a Dask task, into
+Every scan of a cohort table is analysed by :func:`latentharmonize.analyze_command.analyze` in a Dask task, into
 ``OUT/<patient>/<acquisition>/``. The run is resumable and fault tolerant:
 
 * a scan whose ``analysis.json`` records the same input SHA-256 and model SHA-256 is skipped;
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import json
+import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,21 +30,25 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import pandas as pd
+import psutil
+from distributed import Client, LocalCluster, as_completed
 
-from .atomic import STAGING_PREFIX, atomic_write_text
-from .errors import InputError, LatentHarmonizeError
-from .progress import Progress
 from . import options
+from .analyze_command import analyze
+from .atomic import STAGING_PREFIX, atomic_write_text
+from .bundle import default_bundle_path, load_bundle
+from .cohort import read_cohort
+from .errors import InputError
+from .io import image_sha256
+from .patches import encode_dense, resolve_device
+from .progress import Progress
+from .scans import load_scan
 
 FRACTION_PREFIX = "frac_"
 FAILURE_COLUMNS = ["patient", "acquisition", "image", "error_type", "message"]
 COMPOSITION_NAME = "composition.csv"
 FAILURES_NAME = "failures.csv"
 SCAN_RECORD = "analysis.json"
-# Modules analyze imports on first use (torch, MONAI, scikit-learn, VTK...): a worker imports them as it starts.
-ANALYSIS_STACK = ("latentharmonize.analyze", "latentharmonize.bundle", "latentharmonize.patches",
-                  "latentharmonize.lungmask", "latentharmonize.composition", "latentharmonize.writers",
-                  "latentharmonize.render", "latentharmonize.report")
 MEMORY_PER_WORKER_GB = 4.0  # peak memory of one full-size analyze on CPU, rounded up
 
 AnalyzeFn = Callable[..., object]
@@ -108,8 +112,6 @@ def scan_dir(out_dir, patient: str, acquisition: str) -> Path:
 
 def read_cohort_tables(cohort_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (validated cohort with resolved paths, the same rows exactly as written in the CSV)."""
-    from .cohort import read_cohort
-
     cohort = read_cohort(cohort_csv).reset_index(drop=True)
     raw = pd.read_csv(cohort_csv, dtype=str, keep_default_na=False, skipinitialspace=True)
     raw.columns = [str(c).strip() for c in raw.columns]
@@ -146,8 +148,6 @@ def is_finished(out_dir, input_sha256: str, model_sha256: str, mask: Optional[st
                 with_report: bool = False) -> bool:
     """True when ``out_dir`` holds a complete analysis of this input, by this model, with this lung mask (and,
     if ``with_report``, its QC report)."""
-    import json
-
     try:
         record = json.loads((Path(out_dir) / SCAN_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -170,12 +170,9 @@ def process_scan(task: ScanTask, model: Optional[str], model_sha256: str, device
     """Analyse one scan unless already done; errors become a ``failed`` outcome instead of stopping the batch."""
     t0 = time.perf_counter()
     try:
-        from .io import image_sha256
-
         if is_finished(task.out_dir, image_sha256(task.image), model_sha256, task.mask, write_report):
             return ScanOutcome(task.index, "skipped", time.perf_counter() - t0)
-        if analyze_fn is None:
-            from .analyze import analyze as analyze_fn
+        analyze_fn = analyze_fn or analyze
         # Dask runs a scan's task again only once its previous worker is gone, so leftovers are not in use;
         # overwrite: whatever is in the folder is stale, or half-published by a killed worker.
         remove_stale_staging(task.out_dir)
@@ -192,19 +189,8 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- Dask
 
-def dask_setup(worker) -> None:
-    """Dask preload hook (``preload=["latentharmonize.batch"]``): import the analysis stack before the worker
-    joins, so no scan waits on a cold worker, and a worker restarted after a crash only takes work once ready."""
-    import importlib
-
-    for module in ANALYSIS_STACK:
-        importlib.import_module(module)
-
-
 def default_workers(threads_per_worker: int = 1, memory_per_worker_gb: float = MEMORY_PER_WORKER_GB) -> int:
     """Worker processes that fit this machine: limited by CPU cores and by memory for one scan each."""
-    import psutil
-
     cores = os.cpu_count() or 1
     memory_gb = psutil.virtual_memory().total / 2**30
     return max(1, min(cores // max(1, threads_per_worker), int(memory_gb // memory_per_worker_gb)))
@@ -215,10 +201,6 @@ def dask_client(scheduler: Optional[str] = None, workers: Optional[int] = None, 
                 timeout: str = "30s") -> Iterator["distributed.Client"]:  # noqa: F821
     """A client on an existing scheduler (``tcp://host:port``, connecting within ``timeout``) or on a local
     cluster of worker processes."""
-    import logging
-
-    from distributed import Client, LocalCluster
-
     if scheduler:
         try:
             client = Client(scheduler, timeout=timeout)
@@ -231,7 +213,8 @@ def dask_client(scheduler: Optional[str] = None, workers: Optional[int] = None, 
     if workers is not None and workers < 1 or threads_per_worker < 1:
         raise InputError("--workers and --threads-per-worker must be at least 1.")
     n_workers = workers or default_workers(threads_per_worker)
-    # preload: a worker imports the analysis stack before it joins, so no task waits on a cold (re)started worker.
+    # preload: a worker imports this module, and with it the analysis stack, before it joins, so no task waits on a
+    # cold (re)started worker, and a worker restarted after a crash only takes work once ready.
     with LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                       dashboard_address=":0", silence_logs=logging.ERROR, preload=[__name__]) as cluster, \
             Client(cluster) as client:
@@ -254,8 +237,6 @@ def run_scans(client, tasks: list[ScanTask], model: Optional[str], model_sha256:
     A task whose workers keep dying (Dask gives up after ``distributed.scheduler.allowed-failures`` retries)
     comes back as a ``failed`` outcome with error type ``KilledWorker``.
     """
-    from distributed import as_completed
-
     run_id = uuid.uuid4().hex[:8]
     pending = {client.submit(process_scan, task, model, model_sha256, device, write_report, analyze_fn,
                              key=f"latentharmonize-scan-{run_id}-{task.index}", pure=False): task for task in tasks}
@@ -322,16 +303,11 @@ def failures_table(raw_cohort: pd.DataFrame, tasks: list[ScanTask], outcomes: li
 @functools.lru_cache(maxsize=2)
 def _worker_bundle(model: str):
     """The bundle loaded once per worker process (and verified then), not once per scan."""
-    from .bundle import load_bundle
-
     return load_bundle(model)
 
 
 def _encode_scan(row: pd.Series, model: str, device: str):
     """Worker side: one scan on the model grid, densely encoded by the bundle's encoder."""
-    from .patches import encode_dense, resolve_device
-    from .scans import load_scan
-
     bundle = _worker_bundle(model)
     scan = load_scan(row, bundle.spec)
     torch_device = resolve_device(device)
@@ -345,8 +321,6 @@ def encode_cohort(cohort_csv, model=None, device: str = "auto", client=None, sch
     Each worker reads its scan, finds the lungs (or reads the ``mask`` column), resamples onto the model grid and
     encodes every valid patch with the bundle's encoder (``patches.encode_dense``); only latents travel back.
     """
-    from .cohort import read_cohort
-
     model_path, _ = model_identity(model)
     cohort = read_cohort(cohort_csv)
     keys = list(zip(cohort["patient"].astype(str), cohort["acquisition"].astype(str)))
@@ -360,64 +334,10 @@ def encode_cohort(cohort_csv, model=None, device: str = "auto", client=None, sch
     return latents
 
 
-# ---------------------------------------------------------------- benchmark
-
-def phantom_benchmark_cohort(folder, n_scans: int, seed: int = 0, full: bool = False) -> Path:
-    """Write a phantom cohort with at least ``n_scans`` scans and a ``bench.csv`` listing exactly ``n_scans``."""
-    from .phantom import DEFAULT_ACQUISITIONS, generate_cohort
-
-    if n_scans < 1:
-        raise InputError(f"n_scans must be at least 1, got {n_scans}.")
-    folder = Path(folder)
-    table = generate_cohort(folder, math.ceil(n_scans / len(DEFAULT_ACQUISITIONS)), seed, full=full)
-    atomic_write_text(folder / "bench.csv", table.head(n_scans).to_csv(index=False))
-    return folder / "bench.csv"
-
-
-def benchmark(n_scans: int = 4, workers=(1, 2), model=None, cohort_csv=None, full: bool = False, seed: int = 0,
-              device: str = "cpu", write_report: bool = False, workdir=None, verbose: bool = True) -> dict:
-    """Scans per minute of ``batch`` on local clusters of 1, 2, ... worker processes (1 thread each).
-
-    The cohort is ``cohort_csv`` (all its scans) or the first ``n_scans`` scans of a new phantom cohort. Each worker count gets a
-    fresh cluster whose workers import the analysis stack before the clock starts; the time covers submitting every
-    scan to the last result (model loading, reading, analysis, writing), not cluster start-up, which is reported
-    apart. Returns ``{"n_scans", "cohort", "by_workers": {workers: {"seconds", "scans_per_minute",
-    "startup_s"}}, "speedup"}`` (speedup: scans per minute with the most workers over the fewest).
-    """
-    if not workers or any(int(w) < 1 for w in workers):
-        raise InputError(f"workers must list worker counts of at least 1, got {workers!r}.")
-    cohort_csv_given = cohort_csv is not None
-    with tempfile.TemporaryDirectory(prefix="latentharmonize-bench-", dir=workdir) as tmp:
-        cohort_csv = cohort_csv or phantom_benchmark_cohort(Path(tmp) / "cohort", n_scans, seed, full)
-        by_workers = {}
-        for n_workers in workers:
-            t0 = time.perf_counter()
-            with dask_client(workers=n_workers) as client:  # workers preload the analysis stack
-                startup = time.perf_counter() - t0
-                summary = run_batch(cohort_csv, Path(tmp) / f"out-{n_workers}", model=model, device=device,
-                                    write_report=write_report, client=client)
-            if summary.failed:
-                first = next(o for o in summary.outcomes if o.status == "failed")
-                raise LatentHarmonizeError(f"Benchmark scan failed ({first.error_type}: {first.message}); "
-                                           "fix it with `latentharmonize analyze` on that scan first.")
-            by_workers[int(n_workers)] = {"seconds": round(summary.seconds, 2),
-                                          "scans_per_minute": round(summary.scans_per_minute, 2),
-                                          "startup_s": round(startup, 2)}
-            if verbose:
-                print(f"batch benchmark: {n_workers} worker(s): {summary.analyzed} scans in {summary.seconds:.1f} s "
-                      f"= {summary.scans_per_minute:.2f} scans/min (cluster start-up {startup:.1f} s)", flush=True)
-    rates = [by_workers[w]["scans_per_minute"] for w in sorted(by_workers)]
-    source = "cohort" if cohort_csv_given else ("full phantom" if full else "small phantom")
-    return {"n_scans": int(summary.n_scans), "cohort": source, "by_workers": by_workers,
-            "speedup": round(rates[-1] / rates[0], 2) if rates[0] > 0 else float("nan")}
-
-
 # ---------------------------------------------------------------- entry points
 
 def model_identity(model=None) -> tuple[str, str]:
     """(bundle folder, bundle SHA-256); ``None`` means the default bundle. Loads once to verify it."""
-    from .bundle import default_bundle_path, load_bundle
-
     path = Path(model) if model is not None else Path(default_bundle_path())
     return str(path.resolve()), load_bundle(path).sha256
 
@@ -429,7 +349,7 @@ def run_batch(cohort_csv, out_dir, model=None, scheduler: Optional[str] = None, 
 
     ``client``: an existing ``distributed.Client`` (otherwise one is made from ``scheduler``/``workers``).
     ``write_report``: also write each scan's QC pictures, surfaces and report.html (as analyze does).
-    ``analyze_fn`` replaces :func:`latentharmonize.analyze.analyze` (same signature), e.g. for tests.
+    ``analyze_fn`` replaces :func:`latentharmonize.analyze_command.analyze` (same signature), e.g. for tests.
     """
     out_dir = Path(out_dir).resolve()
     cohort, raw = read_cohort_tables(cohort_csv)

@@ -12,6 +12,7 @@ time-boxed and, when it would take longer, extrapolated from the patches it did 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -21,7 +22,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+import SimpleITK as sitk
+import torch
+
 from . import options
+from .analyze_command import LAPS, input_name
+from .atomic import atomic_write_text
+from .batch import dask_client, run_batch
+from .bundle import load_bundle
+from .errors import InputError, LatentHarmonizeError
+from .grid import to_model_grid
+from .io import read_ct
+from .patches import encode_dense, encode_patches_naive, resolve_device, valid_centres
+from .phantom import DEFAULT_ACQUISITIONS, acquire, generate_cohort, make_patient
+from .worker_protocol import format_request, parse_result_line
 
 NAIVE_TIME_BOX_S = 8.0
 PRELOAD_WAIT_S = 10.0  # between opening the Slicer module and clicking Analyze: picking the volume, at the least
@@ -31,10 +46,6 @@ TARGET_RSS_GB = 3.0
 
 def make_scan(path, full: bool, seed: int = 0) -> dict:
     """Write one phantom acquisition to ``path``; returns its size, spacing and generation time."""
-    import SimpleITK as sitk
-
-    from .phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
-
     t0 = time.perf_counter()
     image = acquire(make_patient(0, seed, full=full), DEFAULT_ACQUISITIONS[0])
     sitk.WriteImage(image, str(path), True, 1)
@@ -70,8 +81,6 @@ def run_worker_child(scan, out_dir, model=None, device: str = "auto", report: bo
     ``--preload`` (as the Slicer module starts it when the module is opened) and the first request is sent that many
     seconds later, like a user who picks a volume before clicking Analyze. Returns the first and last (warm) times
     and the last run's record."""
-    from .worker import format_request, parse_result_line
-
     command = [sys.executable, "-m", "latentharmonize", "worker"]
     if preload_wait_s is not None:
         command += ["--preload", str(model or "default"), "--preload-device", device]
@@ -103,13 +112,6 @@ def run_worker_child(scan, out_dir, model=None, device: str = "auto", report: bo
 
 def compare_naive(scan, lungs_path, model=None, device: str = "auto", time_box_s: float = NAIVE_TIME_BOX_S) -> dict:
     """Dense vs patch-by-patch encoding of the same model-grid volume (naive path time-boxed, extrapolated)."""
-    import SimpleITK as sitk
-
-    from .bundle import load_bundle
-    from .grid import to_model_grid
-    from .io import read_ct
-    from .patches import encode_dense, encode_patches_naive, resolve_device, valid_centres
-
     bundle = load_bundle(model)
     spec, dev = bundle.spec, resolve_device(device)
     ct, lungs = read_ct(scan), sitk.ReadImage(str(lungs_path))
@@ -142,9 +144,6 @@ def _timed(fn, *args, **kwargs) -> tuple:
 
 
 def machine() -> dict:
-    import psutil
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 1024 ** 3, 1), "gpu": gpu,
@@ -155,8 +154,6 @@ def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None
               report: bool = True) -> dict:
     """Time ``analyze`` on a phantom scan made for the purpose (or on ``scan``) and compare dense with naive
     encoding. Returns the figures."""
-    from .analyze import input_name
-
     with tempfile.TemporaryDirectory(prefix="lh-bench-", dir=workdir) as tmp:
         out = Path(tmp) / "out"
         figures = {"machine": machine()}
@@ -175,10 +172,58 @@ def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None
     return figures
 
 
+# ----------------------------------------------------------------------------- batch on Dask
+
+def phantom_benchmark_cohort(folder, n_scans: int, seed: int = 0, full: bool = False) -> Path:
+    """Write a phantom cohort with at least ``n_scans`` scans and a ``bench.csv`` listing exactly ``n_scans``."""
+    if n_scans < 1:
+        raise InputError(f"n_scans must be at least 1, got {n_scans}.")
+    folder = Path(folder)
+    table = generate_cohort(folder, math.ceil(n_scans / len(DEFAULT_ACQUISITIONS)), seed, full=full)
+    atomic_write_text(folder / "bench.csv", table.head(n_scans).to_csv(index=False))
+    return folder / "bench.csv"
+
+
+def batch_benchmark(n_scans: int = 4, workers=(1, 2), model=None, cohort_csv=None, full: bool = False, seed: int = 0,
+              device: str = "cpu", write_report: bool = False, workdir=None, verbose: bool = True) -> dict:
+    """Scans per minute of ``latentharmonize batch`` on local clusters of 1, 2, ... worker processes (1 thread each).
+
+    The cohort is ``cohort_csv`` (all its scans) or the first ``n_scans`` scans of a new phantom cohort. Each worker count gets a
+    fresh cluster whose workers import the analysis stack before the clock starts; the time covers submitting every
+    scan to the last result (model loading, reading, analysis, writing), not cluster start-up, which is reported
+    apart. Returns ``{"n_scans", "cohort", "by_workers": {workers: {"seconds", "scans_per_minute",
+    "startup_s"}}, "speedup"}`` (speedup: scans per minute with the most workers over the fewest).
+    """
+    if not workers or any(int(w) < 1 for w in workers):
+        raise InputError(f"workers must list worker counts of at least 1, got {workers!r}.")
+    cohort_csv_given = cohort_csv is not None
+    with tempfile.TemporaryDirectory(prefix="latentharmonize-bench-", dir=workdir) as tmp:
+        cohort_csv = cohort_csv or phantom_benchmark_cohort(Path(tmp) / "cohort", n_scans, seed, full)
+        by_workers = {}
+        for n_workers in workers:
+            t0 = time.perf_counter()
+            with dask_client(workers=n_workers) as client:  # workers preload the analysis stack
+                startup = time.perf_counter() - t0
+                summary = run_batch(cohort_csv, Path(tmp) / f"out-{n_workers}", model=model, device=device,
+                                    write_report=write_report, client=client)
+            if summary.failed:
+                first = next(o for o in summary.outcomes if o.status == "failed")
+                raise LatentHarmonizeError(f"Benchmark scan failed ({first.error_type}: {first.message}); "
+                                           "fix it with `latentharmonize analyze` on that scan first.")
+            by_workers[int(n_workers)] = {"seconds": round(summary.seconds, 2),
+                                          "scans_per_minute": round(summary.scans_per_minute, 2),
+                                          "startup_s": round(startup, 2)}
+            if verbose:
+                print(f"batch benchmark: {n_workers} worker(s): {summary.analyzed} scans in {summary.seconds:.1f} s "
+                      f"= {summary.scans_per_minute:.2f} scans/min (cluster start-up {startup:.1f} s)", flush=True)
+    rates = [by_workers[w]["scans_per_minute"] for w in sorted(by_workers)]
+    source = "cohort" if cohort_csv_given else ("full phantom" if full else "small phantom")
+    return {"n_scans": int(summary.n_scans), "cohort": source, "by_workers": by_workers,
+            "speedup": round(rates[-1] / rates[0], 2) if rates[0] > 0 else float("nan")}
+
+
 def _in_pipeline_order(timings: dict) -> list:
     """(stage, seconds) pairs in the order analyze runs them (analysis.json stores keys sorted)."""
-    from .analyze import LAPS
-
     order = [*LAPS, "total"]
     return sorted(timings.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 
@@ -223,7 +268,7 @@ def add_arguments(parser) -> None:
                         help="full-size phantom (512x512x~300, the size the targets refer to); default: small, quick")
     options.add_device(parser)
     options.add_model(parser)
-    parser.add_argument("--batch", action="store_true", help="also benchmark cohort analysis on Dask (batch.benchmark)")
+    parser.add_argument("--batch", action="store_true", help="also benchmark cohort analysis on Dask (bench.batch_benchmark)")
     parser.add_argument("--scan", default=None, help="benchmark on this CT instead of a phantom scan")
     options.add_no_report(parser)
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -237,8 +282,6 @@ def run(args) -> int:
     figures = benchmark(full=args.full, device=args.device, model=args.model, workdir=args.workdir, scan=args.scan,
                         report=args.write_report)
     if args.batch:
-        from .batch import benchmark as batch_benchmark
-
         figures["batch"] = batch_benchmark(n_scans=4, workers=(1, 2), model=args.model, full=args.full,
                                            device=args.device, workdir=args.workdir, verbose=False)
     print(format_report(figures))

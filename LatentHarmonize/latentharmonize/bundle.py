@@ -28,11 +28,17 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from . import __version__
 from .atomic import StagedOutput, atomic_write_bytes
 from .clusters import TissueClusters, default_colors
 from .errors import BundleError, InputError
+from .networks import build_model
 from .patches import PatchSpec, n_features
 from .rotation import LatentRotation
 
@@ -195,8 +201,6 @@ class ModelBundle:
 
     def encoder(self, device="cpu"):
         """The trained network (``networks.build_model``) with its weights, in eval mode on ``device``."""
-        from .networks import build_model
-
         enc = self.manifest["encoder"]
         try:
             model = build_model(enc["kind"], **enc["config"])
@@ -224,9 +228,6 @@ class ModelBundle:
 
     def _payload(self) -> dict:
         """Bytes of the data files, in a deterministic serialisation."""
-        from safetensors.numpy import save as save_arrays
-        from safetensors.torch import save as save_tensors
-
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.encoder_state.items()}
         return {ENCODER_FILE: save_tensors(tensors), ARRAYS_FILE: save_arrays(self._arrays())}
 
@@ -389,10 +390,6 @@ def bundle_folder(path=None) -> Path:
 
 def load_bundle(path=None) -> ModelBundle:
     """Load and verify a model bundle folder (default: :func:`default_bundle_path`)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load as load_arrays
-    from safetensors.torch import load as load_tensors
-
     folder = bundle_folder(path)
     if not folder.is_dir():
         if path is None:

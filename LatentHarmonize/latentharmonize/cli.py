@@ -16,7 +16,7 @@ from . import __version__
 from .errors import REPORT_BUG, as_user_error
 
 COMMANDS = {
-    "analyze": ("latentharmonize.analyze", "analyze one chest CT: cluster map, composition, QC report"),
+    "analyze": ("latentharmonize.analyze_command", "analyze one chest CT: cluster map, composition, QC report"),
     "train": ("latentharmonize.training", "train encoder, latent rotation and tissue clusters into a model bundle"),
     "evaluate": ("latentharmonize.evaluation", "measure cluster consistency, probe and survival against baselines"),
     "phantom": ("latentharmonize.phantom", "generate a multi-patient, multi-acquisition chest CT phantom cohort"),

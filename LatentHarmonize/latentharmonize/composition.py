@@ -21,9 +21,8 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .grid import mask_box
-from .segments import MaskSegments, segment_codes
+from .segments import REGIONS, MaskSegments, segment_codes
 
-REGIONS = ("whole", "right", "left", "upper", "middle", "lower")
 COLUMNS = ["region", "label", "name", "fraction", "volume_ml", "mean_hu", "sd_hu"]
 UNLABELLED = "unlabelled"
 RIGHT_LUNG, LEFT_LUNG = 1, 2

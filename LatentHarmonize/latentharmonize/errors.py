@@ -1,4 +1,8 @@
-"""Errors that reach the user: each says what was wrong and what to do about it."""
+"""Errors that reach the user: each says what was wrong and what to do about it.
+
+Each also subclasses the builtin of its meaning, so callers that know only Python's own errors catch them too:
+a bad input or bundle is a ``ValueError``; an unusable output folder or a refusal of the system is an ``OSError``.
+"""
 from __future__ import annotations
 
 import errno
@@ -14,7 +18,7 @@ class LatentHarmonizeError(Exception):
     exit_code = 2
 
 
-class InputError(LatentHarmonizeError):
+class InputError(LatentHarmonizeError, ValueError):
     """The input image, mask, cohort table or option is not usable."""
 
 
@@ -22,15 +26,15 @@ class NoLungFoundError(InputError):
     """Automatic lung segmentation found nothing that looks like lung."""
 
 
-class BundleError(LatentHarmonizeError):
+class BundleError(LatentHarmonizeError, ValueError):
     """A model bundle is missing, incomplete, tampered with, or of an unknown version."""
 
 
-class OutputError(LatentHarmonizeError):
+class OutputError(LatentHarmonizeError, OSError):
     """The output folder cannot be written, or would overwrite existing results."""
 
 
-class ResourceError(LatentHarmonizeError):
+class ResourceError(LatentHarmonizeError, OSError):
     """The system refused an operation: a full disk, a path too long, a missing permission, not enough memory."""
 
 

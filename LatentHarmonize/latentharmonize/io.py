@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+from .lungmask import split_left_right
 
 SUPPORTED = ".nrrd, .nii, .nii.gz, .mha, .mhd or a DICOM series folder"
 WRITABLE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -45,10 +46,15 @@ def read_ct(path) -> sitk.Image:
     Returns an ``Int16`` (integer data) or ``Float32`` image.
     """
     path = Path(path)
-    image = _read_any(path, "CT")
-    image = _as_3d_scalar(image, path)
-    minimum, maximum = _finite_range(image, path)
-    _check_hounsfield(image, path, f"intensities {minimum:g} .. {maximum:g}")
+    return check_ct(_read_any(path, "CT"), path)
+
+
+def check_ct(image: sitk.Image, name="The CT image") -> sitk.Image:
+    """``image`` checked as :func:`read_ct` checks a file (``name`` in the messages): a 3D volume in Hounsfield
+    units, returned as ``Int16`` (integer data) or ``Float32``."""
+    image = _as_3d_scalar(image, name)
+    minimum, maximum = _finite_range(image, name)
+    _check_hounsfield(image, name, f"intensities {minimum:g} .. {maximum:g}")
     return _as_ct_pixel_type(image, minimum, maximum)
 
 
@@ -60,22 +66,26 @@ def read_mask(path, reference: sitk.Image, tol: float = 1e-3) -> sitk.Image:
     into right (1) and left (2) with :func:`latentharmonize.lungmask.split_left_right`.
     """
     path = Path(path)
-    mask = _as_3d_scalar(_read_any(path, "mask"), path)
+    return as_lung_mask(_as_3d_scalar(_read_any(path, "mask"), path), reference, tol, f"Mask {path}")
+
+
+def as_lung_mask(mask: sitk.Image, reference: sitk.Image, tol: float = 1e-3, name="The lung mask") -> sitk.Image:
+    """A lung mask image on the grid of ``reference`` as :func:`read_mask` takes a file (``name`` in the messages):
+    UInt8, 1 the patient's right lung, 2 the left."""
     if not same_geometry(mask, reference, tol=tol):
         difference = _geometry_difference(mask, reference, tol)
-        raise InputError(f"Mask {path} does not lie on the CT's voxel grid: {difference}. "
+        raise InputError(f"{name} does not lie on the CT's voxel grid: {difference}. "
                          "Resample the mask onto the CT (e.g. in 3D Slicer: Resample Scalar/Vector/DWI Volume "
                          "with the CT as reference and nearest-neighbour interpolation), then try again.")
     labels = sitk.GetArrayViewFromImage(mask)
     low, high = labels.min(), labels.max()
     if not (np.isfinite(low) and np.isfinite(high)):
-        raise InputError(f"Mask {path} contains NaN or infinite values; a mask must hold integer labels.")
+        raise InputError(f"{name} contains NaN or infinite values; a mask must hold integer labels.")
     if low == high == 0:
-        raise InputError(f"Mask {path} is empty (all voxels are 0); nonzero voxels must mark the lungs.")
+        raise InputError(f"{name} is empty (all voxels are 0); nonzero voxels must mark the lungs.")
     if labels.dtype.kind in "iu" and low >= 0 and high == 2 and (labels == 1).any():  # labels are exactly {1, 2}
         return _order_sides(sitk.Cast(mask, sitk.sitkUInt8), reference)
-    from .lungmask import split_left_right  # SciPy: imported only when a mask needs splitting
-
+    mask = sitk.Image(mask)  # the caller's image keeps its geometry
     mask.CopyInformation(reference)  # equal within tol: use the CT's exact geometry
     return split_left_right(mask)
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import SimpleITK as sitk
+
+from .grid import lung_bounding_box_mm
 
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500 HU
 PNG_METADATA = {"Software": "LatentHarmonize"}
@@ -42,8 +45,6 @@ def window_to_uint8(hu: np.ndarray, window=LUNG_WINDOW) -> np.ndarray:
 
 def _display_grid(lungs: sitk.Image, max_size: int) -> sitk.Image:
     """Reference image: isotropic axial grid over the lung bounding box plus a margin."""
-    from .grid import lung_bounding_box_mm
-
     lo, hi = lung_bounding_box_mm(lungs)
     start, stop = lo - MARGIN_MM, hi + MARGIN_MM
     spacing = max(float((stop - start).max()) / max_size, min(lungs.GetSpacing()))
@@ -127,6 +128,7 @@ def _mosaic(tiles: list, columns: int, pad: int = 4) -> tuple:
 
 def _save_figure(image: np.ndarray, path, annotations: list, legend: list, scale: float = 1.0) -> None:
     """Save ``image`` at 1:1 pixels (times ``scale``) with text annotations and a colour legend below."""
+    # lazy, as all of matplotlib and VTK here: a run without QC pictures (--no-report, Slicer's) never pays their import
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.patches import Patch
 
@@ -196,9 +198,8 @@ def _vtk():
     """The VTK classes used here, imported from their modules (importing ``vtk`` itself loads all of VTK)."""
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # off-screen without X
+    # lazy: only a run with QC pictures imports VTK, and the window setting above must come first
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL render window)
-    from types import SimpleNamespace
-
     from vtkmodules.util import numpy_support
     from vtkmodules.vtkCommonDataModel import vtkImageData
     from vtkmodules.vtkFiltersCore import vtkPolyDataNormals, vtkThreshold, vtkWindowedSincPolyDataFilter
@@ -313,7 +314,7 @@ def render_3d(surface, colors: dict, path, size: int = 480, translucent_label: i
     w, h, _ = shot.GetDimensions()
     rgb = vtk.numpy_support.vtk_to_numpy(shot.GetPointData().GetScalars())[:, :3].reshape(h, w, 3)[::-1].copy()
     window.Finalize()
-    import matplotlib.image
+    import matplotlib.image  # lazy: see _save_figure
 
     matplotlib.image.imsave(str(path), rgb, metadata=PNG_METADATA)
     return rgb

@@ -15,9 +15,15 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import options
+from .analyze_command import input_name, interrupt_on_sigterm, read_scan, write_qc_and_report
 from .atomic import StagedOutput
 from .errors import BundleError, InputError
+from .io import image_sha256, same_geometry
 from .outputs import output_names
+from .pipeline import (ImageAnalysis, encode_patches, load_model, map_legend, model_grid_hu, patch_clusters,
+                       stage_progress)
+from .progress import Progress
+from .structures import segment_structures
 
 REPORT_KINDS = ("montage", "gallery", "view3d", "surfaces", "report")
 _MAPS = ("labels", "confidence", "lungs")
@@ -45,11 +51,6 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
     used (default: the bundled model). Both must be those of the analysis (SHA-256 checked). Existing report files
     are refused unless ``overwrite``.
     """
-    from .analyze import (Computed, _read_scan, _scaled, encode_patches, input_name, load_model, model_grid_hu,
-                          patch_clusters, write_qc_and_report)
-    from .io import image_sha256, same_geometry
-    from .structures import segment_structures
-
     folder = Path(folder)
     record = _read_record(folder)
     name = input_name(record["input"])
@@ -60,7 +61,7 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
     ct_path = Path(ct) if ct is not None else Path(record["input"])
     if not ct_path.exists():
         raise InputError(f"The analysed CT is not at {ct_path}; give it with --ct PATH.")
-    _scaled(progress, "load")(0, message=f"checking {ct_path.name}")
+    stage_progress(progress, "load")(0, message=f"checking {ct_path.name}")
     if image_sha256(ct_path) != record["input_sha256"]:
         raise InputError(f"{ct_path} is not the CT this folder was analysed from (its SHA-256 differs from "
                          "analysis.json's input_sha256); give that CT with --ct PATH.")
@@ -72,7 +73,7 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
             raise BundleError(f"The model bundle {model or '(bundled default)'} is not the one this folder was "
                               f"analysed with (model SHA-256 {record['model_sha256'][:12]}...); give that bundle with "
                               "--model.")
-        image = _read_scan(ct_path)
+        image = read_scan(ct_path)
         maps = {}
         for kind in _MAPS:
             maps[kind] = sitk.ReadImage(str(folder / files[kind]))
@@ -87,9 +88,12 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
                              f"{record['n_patches']} the analysis recorded; analyze again.")
         labels_n, conf_n = patch_clusters(dense, bundle)
         composition_json = (folder / files["composition_json"]).read_text(encoding="utf-8")
-        done = Computed(image, maps["lungs"], hu, dense, labels_n, conf_n, maps["labels"], maps["confidence"],
-                        None, None, composition_json, record)
-        write_qc_and_report(staged, files, name, done, bundle, progress)
+        names, colors = map_legend(bundle)
+        done = ImageAnalysis(ct=image, lungs=maps["lungs"], labels=maps["labels"], confidence=maps["confidence"],
+                             composition=None, densitometry=None, names=names, colors=colors, record=record,
+                             composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
+                             patch_confidence=conf_n)
+        write_qc_and_report(staged, files, name, done, bundle.spec, progress)
     if progress is not None:
         progress(100, "done", f"report in {folder / files['report']}")
     return folder / files["report"]
@@ -107,10 +111,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .analyze import _interrupt_on_sigterm
-    from .progress import Progress
-
-    _interrupt_on_sigterm()
+    interrupt_on_sigterm()
     started = time.perf_counter()
     progress = Progress(machine=args.progress_lines, quiet=args.quiet)
     path = build_report(args.folder, ct=args.ct, model=args.model, device=args.device, overwrite=args.overwrite,

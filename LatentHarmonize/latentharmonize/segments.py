@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import slicerio
+
+# The built-in regions of the composition and densitometry tables, whose names a segment does not take
+REGIONS = ("whole", "right", "left", "upper", "middle", "lower")
 
 
 @dataclass
@@ -26,27 +30,33 @@ class MaskSegments:
 def read_segments(path, reference: sitk.Image) -> MaskSegments | None:
     """The segments of the mask file ``path`` (already accepted by :func:`latentharmonize.io.read_mask` for
     ``reference``, the CT), or None when it has fewer than two segments or is a plain 1/2 right/left mask."""
-    from .composition import REGIONS
-
     path = Path(path)
     if path.is_dir():
         return None  # a mask given as a DICOM series folder is taken as lungs only
-    image = sitk.ReadImage(str(path))
+    seg_path = path if path.name.lower().endswith(".seg.nrrd") else None
+    return _segments(sitk.ReadImage(str(path)), reference, seg_path)
+
+
+def label_segments(mask: sitk.Image, reference: sitk.Image) -> MaskSegments | None:
+    """The segments of a plain label-map mask image (regions ``segment_<value>``) on the grid of ``reference``, or
+    None when it has fewer than two values or is a plain 1/2 right/left mask."""
+    return _segments(mask, reference, None)
+
+
+def _segments(image: sitk.Image, reference: sitk.Image, seg_path: Path | None) -> MaskSegments | None:
+    """Segments of a mask image; ``seg_path``: the ``.seg.nrrd`` it was read from, whose header names them."""
     values = sitk.GetArrayFromImage(image)
     if values.dtype.kind == "f":
         if not np.array_equal(values, np.round(values)):
             return None  # not a label map (e.g. a probability mask): no segments
         values = values.astype(np.int64)
     present = [int(v) for v in np.unique(values) if v != 0]
-    is_seg = path.name.lower().endswith(".seg.nrrd")
-    if len(present) < 2 or (not is_seg and present == [1, 2]):
+    if len(present) < 2 or (seg_path is None and present == [1, 2]):
         return None
     given = {}
-    if is_seg:
-        import slicerio
-
+    if seg_path is not None:
         # one layer: read_mask refuses a multi-layer (overlapping) segmentation, which SimpleITK reads as vectors
-        described = slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
+        described = slicerio.read_segmentation(str(seg_path), skip_voxels=True)["segments"]
         given = {int(s["labelValue"]): str(s["name"]) for s in described}
     names, taken = {}, set(REGIONS)
     for value in present:
@@ -56,7 +66,7 @@ def read_segments(path, reference: sitk.Image) -> MaskSegments | None:
         taken.add(name)
         names[value] = name
     labels = sitk.GetImageFromArray(values)
-    labels.CopyInformation(reference)  # read_mask accepted the mask's geometry as the CT's
+    labels.CopyInformation(reference)  # the mask was accepted on the CT's geometry
     return MaskSegments(labels, names)
 
 
