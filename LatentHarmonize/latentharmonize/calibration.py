@@ -44,6 +44,7 @@ from scipy import ndimage, stats
 
 from .errors import InputError
 from .lungmask import AIR_HU, PAD_HU, outside_air
+from .structures import TRACHEA_AIR_HU, trachea_seed
 
 METHODS = ("air_fat",)
 REFERENCE_AIR_HU = -1000.0
@@ -161,8 +162,6 @@ def tracheal_air(hu: np.ndarray, lung: np.ndarray, step: int, seed: np.ndarray, 
     (below ``structures.TRACHEA_AIR_HU``) outside the lungs that joins the seed, its noise holes filled slice by
     slice, eroded ``TRACHEA_CORE_MM`` in-plane away from the wall.
     """
-    from .structures import TRACHEA_AIR_HU
-
     out = np.zeros(hu.shape, bool)
     if not seed.any():
         return out
@@ -188,8 +187,6 @@ def reference_regions(ct: sitk.Image, lungs: sitk.Image, tracheal: bool = True) 
     mask (on the CT's grid). Outside air and fat are read on slices about ``REFERENCE_SLICE_MM`` apart (every
     ``SLICE_STEP``-th at most), tracheal air (a small region) on every slice, and only if ``tracheal`` (otherwise it
     is empty)."""
-    from .structures import trachea_seed
-
     full_hu, full_lung, (sx, sy, sz) = _axial_up(ct, lungs)
     step = max(1, min(SLICE_STEP, int(round(REFERENCE_SLICE_MM / sz))))
     hu = full_hu[::step].astype(np.float32)
