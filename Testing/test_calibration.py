@@ -140,7 +140,7 @@ def test_analysis_records_the_reference_or_the_warning(scans, cropped_scans, tmp
     import json
     from dataclasses import replace
 
-    from latentharmonize.analyze import analyze
+    from latentharmonize import analyze
     from latentharmonize.bundle import ModelBundle, load_bundle, save_bundle
 
     shipped = load_bundle()
