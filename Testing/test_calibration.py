@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
-from latentharmonize.calibration import (UNAVAILABLE, CalibrationError, CalibrationUnavailable, HUCalibration,
-                                         air_level, calibrate_grid_hu, estimate_calibration, fat_level,
-                                         reference_levels)
+from latentharmonize.calibration import (FAT_RANGE_HU, REFERENCE_SLICE_MM, SLICE_STEP, SOFT_TISSUE_HU, UNAVAILABLE,
+                                         CalibrationError, CalibrationUnavailable, HUCalibration, _axial_up,
+                                         _in_plane_dilation, air_level, calibrate_grid_hu, estimate_calibration,
+                                         fat_level, reference_levels, reference_regions)
 from latentharmonize.errors import InputError
-from latentharmonize.lungmask import segment_lungs
+from latentharmonize.lungmask import AIR_HU, PAD_HU, outside_air, segment_lungs
 from latentharmonize.patches import PatchSpec
 from latentharmonize.phantom import DEFAULT_ACQUISITIONS, VENDORS, acquire_all, make_patient
 
@@ -108,6 +110,48 @@ def test_cropped_field_of_view_calibrates_like_the_whole_scan(scans, cropped_sca
     assert cropped.air_hu == pytest.approx(whole.air_hu, abs=3.0)
     for hu in (-950.0, -850.0):
         assert cropped.apply(np.array([hu]))[0] == pytest.approx(whole.apply(np.array([hu]))[0], abs=3.0)
+
+
+# --- speed: the references are computed in the box around body and lungs, with the same voxels ----------------------
+
+
+@pytest.mark.parametrize("border", [False, True])
+def test_in_plane_dilation_is_ndimage_s(border):
+    mask = np.random.default_rng(2).random((3, 40, 50)) > 0.93
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    for iterations in (1, 3):
+        np.testing.assert_array_equal(_in_plane_dilation(mask, iterations, border=border),
+                                      ndimage.binary_dilation(mask, in_plane, iterations, border_value=int(border)))
+
+
+def _regions_on_whole_planes(ct: sitk.Image, lungs: sitk.Image) -> dict:
+    """The references as defined (calibration.py's docstring), with ndimage on the whole plane of every slice read:
+    what reference_regions computed before it worked in the box around body and lungs."""
+    hu, lung, (_, _, sz) = _axial_up(ct, lungs)
+    step = max(1, min(SLICE_STEP, int(round(REFERENCE_SLICE_MM / sz))))
+    hu, lung = hu[::step].astype(np.float32), lung[::step] > 0
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    near_lung = ndimage.binary_dilation(lung, in_plane, iterations=2)
+    outside = outside_air(hu < AIR_HU)
+    air = ndimage.binary_erosion(outside & ~near_lung, in_plane, iterations=3) & (hu > PAD_HU)
+    body = ~ndimage.binary_dilation(outside, in_plane, iterations=2) & ~near_lung
+    soft = ndimage.binary_erosion(body & (hu > SOFT_TISSUE_HU[0]) & (hu < SOFT_TISSUE_HU[1]), in_plane)
+    soft &= (hu > FAT_RANGE_HU[0]) & (hu < FAT_RANGE_HU[1])
+    return {"outside_air": hu[air], "fat": hu[soft]}
+
+
+@pytest.mark.parametrize("which", ["whole", "cropped", "no_air"])
+def test_box_reads_the_voxels_of_the_whole_planes(scans, cropped_scans, which):
+    """The box lies inside the image (whole scan) or reaches its edges (lungs cut by the field of view): the same
+    voxels either way, so the same levels."""
+    ct, lungs = {"whole": scans["A"], "cropped": cropped_scans["A"],
+                 "no_air": _no_air_around(cropped_scans["C"][0])}[which]
+    fast = reference_regions(ct, lungs, tracheal=False)
+    for name, values in _regions_on_whole_planes(ct, lungs).items():
+        assert fast[name].dtype == values.dtype
+        np.testing.assert_array_equal(np.sort(fast[name]), np.sort(values))
 
 
 def test_tracheal_air_reads_like_the_air_around_the_body_on_the_phantom(scans):
