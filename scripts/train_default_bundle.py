@@ -7,11 +7,12 @@ thread count and a fixed creation date (SOURCE_DATE_EPOCH) give the same bundle 
 About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine).
 
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
-        [--calibrate] [--densitometry [WEIGHT]] [--densitometry-smooth MM] [--clusters K]
+        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--clusters K]
 
-The representation options are those of ``latentharmonize train`` and default to the shipped bundle's (none), so a
-candidate default (e.g. ``--calibrate --densitometry 2 --densitometry-smooth 2.5 --clusters 4``, issue 19) is
-trained the same reproducible way into another ``--out``.
+The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
+calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
+2.5 mm Gaussian, 4 clusters (``docs/experiments/2026-12-04-representation.md``: the option that finds emphysema and
+stays kernel-robust on real scans). Other values train a candidate the same reproducible way into another ``--out``.
 """
 from __future__ import annotations
 
@@ -37,14 +38,13 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", default="ae", choices=["ae", "vae", "unoranic"])
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: fixed for reproducible bytes, and fastest on a busy machine)")
-    parser.add_argument("--clusters", type=int, default=None,
-                        help="number of tissue clusters (default: chosen by stability, as train does)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="calibrate each scan's HU on its own air and fat references before encoding")
-    parser.add_argument("--densitometry", type=float, nargs="?", const=1.0, default=None, metavar="WEIGHT",
-                        help="append patch densitometry to the latent before the rotation (train --densitometry)")
-    parser.add_argument("--densitometry-smooth", type=float, default=0.0, metavar="MM",
-                        help="in-plane Gaussian sigma (mm) before the densitometry (train --densitometry-smooth)")
+    parser.add_argument("--clusters", type=int, default=4, help="number of tissue clusters (default 4)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="calibrate each scan's HU on its own air and fat references before encoding (default on)")
+    parser.add_argument("--densitometry", type=float, default=1.0, metavar="WEIGHT",
+                        help="weight of the patch densitometry appended to the latent before the rotation (default 1)")
+    parser.add_argument("--densitometry-smooth", type=float, default=2.5, metavar="MM",
+                        help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", CREATED)
