@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # --device, and the "device" of a worker request (worker_protocol)
 
 
 def add_out(parser: argparse.ArgumentParser, help: str) -> None:
