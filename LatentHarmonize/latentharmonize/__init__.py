@@ -8,7 +8,7 @@
 
 This package never imports ``slicer``; the 3D Slicer module runs it in a background process. Importing it stays
 light (no PyTorch): the Slicer module imports ``latentharmonize.slicer_bridge`` before PyTorch may be installed, so
-the names below that need PyTorch, pandas or scikit-learn are imported on first use, from the modules named in
+the names below that need PyTorch, pandas, scikit-learn or SciPy are imported on first use, from the modules named in
 ``_LAZY``.
 """
 from __future__ import annotations
