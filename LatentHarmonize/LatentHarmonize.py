@@ -1234,7 +1234,8 @@ class LatentHarmonizeLogic(ScriptedLoadableModuleLogic):
         written = [folder / f"{name}_composition.csv", folder / f"{name}_composition.json",
                    folder / f"{name}_segment_statistics.csv", folder / f"{name}.seg.nrrd"]
         bridgeTables().export_composition(composition, b.cluster_names(definitions), b.cluster_colors(definitions),
-                             written[0], written[1], model_id=segmentation.GetAttribute(MODEL_ID_ATTRIBUTE) or None)
+                                          written[0], written[1],
+                                          model_id=segmentation.GetAttribute(MODEL_ID_ATTRIBUTE) or None)
         self.segmentStatistics(segmentation, volume, written[2])
         nodes = [(segmentation, written[3])]
         if densitometry is not None:

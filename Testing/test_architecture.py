@@ -125,6 +125,16 @@ def test_the_product_path_never_imports_the_research_wing():
     assert not leaks, f"analyze reaches research code: {leaks}"
 
 
+def test_contributing_md_names_the_product_path():
+    """The product path row of docs/contributing.md names exactly the modules ``analyze`` reaches."""
+    text = (PACKAGE.parents[1] / "docs" / "contributing.md").read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| **product path**")).split("|")[2]
+    row = re.sub(r"\([^)]*\)", "", row)  # the functions named in parentheses
+    named = {"latentharmonize." + name.removesuffix(".py") for name in re.findall(r"`([a-z_]+(?:\.py)?)`", row)}
+    assert named == PRODUCT_PATH, (f"missing: {sorted(PRODUCT_PATH - named)}; "
+                                   f"not on the path: {sorted(named - PRODUCT_PATH)}")
+
+
 def test_the_backend_never_imports_slicer():
     for name, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):

@@ -71,3 +71,13 @@ def test_missing_ct_or_folder_says_what_to_give(runs, tmp_path, capsys):
     assert "--ct PATH" in capsys.readouterr().err
     assert cli_main(["report", str(tmp_path)]) == 2
     assert "no analysis.json" in capsys.readouterr().err
+
+
+def test_quiet_help_says_the_path_is_still_printed():
+    import argparse
+
+    from latentharmonize import report_command
+
+    parser = argparse.ArgumentParser()
+    report_command.add_arguments(parser)
+    assert "report's path" in " ".join(parser.format_help().split())  # what run() prints even with --quiet

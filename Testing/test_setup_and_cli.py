@@ -59,3 +59,41 @@ def test_user_errors_print_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "missing.nrrd" in proc.stderr
+
+
+def _command_seeing_the_environment(monkeypatch) -> dict:
+    """A stand-in command module registered with the CLI; returns what its ``run`` saw of OMP_WAIT_POLICY."""
+    import os
+    import types
+
+    seen = {}
+
+    def run(args) -> int:
+        seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        return 0
+
+    module = types.ModuleType("fake_command")
+    module.add_arguments = lambda parser: None
+    module.run = run
+    monkeypatch.setitem(sys.modules, "fake_command", module)
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_command", "a stand-in"))
+    return seen
+
+
+def test_backend_commands_wait_passively_and_keep_the_users_choice(monkeypatch):
+    seen = _command_seeing_the_environment(monkeypatch)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert cli.main(["fake"]) == 0 and seen["policy"] == "PASSIVE"
+    seen.clear()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert cli.main(["fake"]) == 0 and seen["policy"] == "ACTIVE"
+
+
+def test_importing_the_package_leaves_the_openmp_policy_alone():
+    """3D Slicer's own process imports the bridge (and so the package): its OpenMP settings are not ours to change."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, latentharmonize, latentharmonize.slicer_bridge; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"

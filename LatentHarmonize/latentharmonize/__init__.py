@@ -8,24 +8,17 @@
 
 This package never imports ``slicer``; the 3D Slicer module runs it in a background process. Importing it stays
 light (no PyTorch): the Slicer module imports ``latentharmonize.slicer_bridge`` before PyTorch may be installed, so
-the names below that need PyTorch, pandas or scikit-learn are imported on first use, from the modules named in
+the names below that need PyTorch, pandas, scikit-learn or SciPy are imported on first use, from the modules named in
 ``_LAZY``.
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 from .errors import (BundleError, Cancelled, InputError, LatentHarmonizeError, NoLungFoundError, OutputError,
                      ResourceError)
 
 __version__ = "0.1.0"
-
-# PyTorch's OpenMP threads spin while they wait for work. When other programs keep the cores busy (3D Slicer itself,
-# another analysis), spinning threads hold each other up: on the shared 2-core CPU the encoding took 1-3.4 s instead
-# of 0.5 s. Waiting passively costs little when the machine is idle (0.27 -> 0.29 s there). OpenMP reads this when
-# PyTorch loads, which any submodule may do, so it is set here, first; a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Public name -> the module defining it, imported when the name is first used (PEP 562)
 _LAZY = {

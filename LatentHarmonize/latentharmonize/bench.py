@@ -185,7 +185,7 @@ def phantom_benchmark_cohort(folder, n_scans: int, seed: int = 0, full: bool = F
 
 
 def batch_benchmark(n_scans: int = 4, workers=(1, 2), model=None, cohort_csv=None, full: bool = False, seed: int = 0,
-              device: str = "cpu", write_report: bool = False, workdir=None, verbose: bool = True) -> dict:
+                    device: str = "cpu", write_report: bool = False, workdir=None, verbose: bool = True) -> dict:
     """Scans per minute of ``latentharmonize batch`` on local clusters of 1, 2, ... worker processes (1 thread each).
 
     The cohort is ``cohort_csv`` (all its scans) or the first ``n_scans`` scans of a new phantom cohort. Each worker count gets a

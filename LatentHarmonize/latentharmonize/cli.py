@@ -46,6 +46,13 @@ QUICK_EXIT = {"analyze", "worker", "report"}
 def main(argv=None) -> int:
     """Run a command. ``argv`` None means the program's own command line, and then a command of
     :data:`QUICK_EXIT` ends the process itself with its exit code instead of returning."""
+    # PyTorch's OpenMP threads spin while they wait for work. When other programs keep the cores busy (3D Slicer itself,
+    # another analysis), spinning threads hold each other up: on the shared 2-core CPU the encoding took 1-3.4 s
+    # instead of 0.5 s. Waiting passively costs little when the machine is idle (0.27 -> 0.29 s there). OpenMP reads
+    # this when PyTorch loads, so it is set here, before the command's module is imported; the processes a command
+    # starts (batch's Dask workers, bench's analyze runs) inherit it. Only the backend's own processes: importing the
+    # package (as 3D Slicer's process does for the bridge) leaves the environment alone. A value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

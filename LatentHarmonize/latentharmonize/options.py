@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # --device, and the "device" of a worker request (worker_protocol)
 
 
 def add_out(parser: argparse.ArgumentParser, help: str) -> None:
@@ -33,11 +33,12 @@ def add_no_report(parser: argparse.ArgumentParser) -> None:
                         help="skip report.html and the QC pictures (faster; `latentharmonize report` makes them later)")
 
 
-def add_output_style(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
+def add_output_style(parser: argparse.ArgumentParser, quiet: bool = True,
+                     quiet_help: str = "print nothing but errors") -> None:
     """``--progress-lines`` (machine-readable progress, what the Slicer module reads) and, where the command has a
-    human summary, ``--quiet``."""
+    human summary, ``--quiet`` (``quiet_help``: what it still prints)."""
     if quiet:
-        parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+        parser.add_argument("--quiet", action="store_true", help=quiet_help)
     parser.add_argument("--progress-lines", action="store_true",
                         help="print progress as machine-readable LH-PROGRESS lines (for the Slicer module or scripts)")
 

@@ -107,7 +107,7 @@ def add_arguments(parser) -> None:
     options.add_model(parser, "model bundle folder of the analysis (default: the bundled model)")
     options.add_device(parser)
     options.add_overwrite(parser, "a report already in the folder")
-    options.add_output_style(parser)
+    options.add_output_style(parser, quiet_help="print nothing but errors and the report's path")  # run() prints it
 
 
 def run(args) -> int:

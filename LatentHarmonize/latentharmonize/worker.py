@@ -40,10 +40,10 @@ from .analyze_command import analyze, interrupt_on_sigterm
 from .bundle import DATA_FILES, MANIFEST, bundle_folder
 from .errors import REPORT_BUG, Cancelled, InputError, as_user_error
 from .patches import autocast_for, extract_patches, resolve_device
+from .options import DEVICES
 from .pipeline import load_model
 from .progress import Progress
-from .worker_protocol import (DEFAULT_IDLE_TIMEOUT_S, DEVICES, SHOWN_CHARS, WorkerResult, format_result_line,
-                              parse_request)
+from .worker_protocol import DEFAULT_IDLE_TIMEOUT_S, SHOWN_CHARS, WorkerResult, format_result_line, parse_request
 
 
 # ----------------------------------------------------------------------------- the loaded model

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from .errors import InputError
+from .options import DEVICES
 
 RESULT_PREFIX = "LH-RESULT"
-DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 # A request is a few paths and flags; anything far longer is refused unread, and error messages quote at most
 # SHOWN_CHARS of what the request held, so a hostile request cannot make the answer itself huge.
