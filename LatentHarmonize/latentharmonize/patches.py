@@ -23,9 +23,10 @@ import torch
 from scipy import ndimage
 
 from .calibration import METHODS as CALIBRATIONS
+from .calibration import calibrate_grid_hu
 from .densitometry import HU_STATISTIC_NAMES, patch_hu_statistics, smooth_lung
 from .errors import InputError
-from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid
+from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, to_model_grid
 from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
@@ -133,6 +134,16 @@ class PatchSpec:
     def n_statistics(self) -> int:
         """Columns the densitometry appends to each latent (0 without it)."""
         return len(HU_STATISTIC_NAMES) if self.densitometry is not None else 0
+
+
+def model_grid_hu(ct, lungs, spec: PatchSpec, required: bool = False) -> tuple:
+    """``(hu, lung, grid, calibration)``: the lung box of a CT (SimpleITK images) on the model grid of ``spec``, HU
+    calibrated if the spec asks (``calibration`` None otherwise). A scan without usable air/fat references is
+    refused when ``required`` (training), else kept uncalibrated with the warning the calibration carries
+    (analyze)."""
+    hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm, align_px=(spec.stride, spec.stride, 1))
+    hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=required)
+    return hu, lung, grid, calibration
 
 
 def n_features(latent_dim: int, spec: PatchSpec) -> int:

@@ -23,15 +23,14 @@ from scipy import ndimage
 
 from . import __version__
 from .bundle import ModelBundle, load_bundle
-from .calibration import calibrate_grid_hu
 from .clusters import nearest_with_confidence
 from .composition import composition_table, composition_to_json, lung_cells, lung_volumes_from_table
 from .densitometry import densitometry_table
 from .errors import BundleError, InputError, NoLungFoundError
-from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box, to_model_grid
+from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
-from .patches import DenseLatents, PatchSpec, encode_dense, resolve_device
+from .patches import DenseLatents, PatchSpec, encode_dense, model_grid_hu, resolve_device
 from .segments import label_segments
 from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, refine_on_ct, segment_structures
 
@@ -265,16 +264,6 @@ def load_model(model=None, device="auto") -> tuple:
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
     device = resolve_device(device)
     return bundle, device, bundle.encoder(device)
-
-
-def model_grid_hu(ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> tuple:
-    """``(hu, lung, grid, calibration)``: the lung box on the model grid of the bundle's ``spec``, HU calibrated
-    if the bundle asks (``calibration`` None otherwise)."""
-    hu, lung_grid, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
-                                        align_px=(spec.stride, spec.stride, 1))
-    # required=False: a scan without usable air/fat references is analysed uncalibrated, with a warning (issue 19)
-    hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=False)
-    return hu, lung_grid, grid, calibration
 
 
 def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progress=None):

@@ -20,7 +20,8 @@ from .atomic import StagedOutput
 from .errors import BundleError, InputError
 from .io import image_sha256, same_geometry
 from .outputs import output_names
-from .pipeline import (ImageAnalysis, encode_patches, load_model, map_legend, model_grid_hu, patch_clusters,
+from .patches import model_grid_hu
+from .pipeline import (ImageAnalysis, encode_patches, load_model, map_legend, patch_clusters,
                        stage_progress)
 from .progress import Progress
 from .structures import segment_structures

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .calibration import calibrate_grid_hu
 from .cohort import optional_path
 from .errors import InputError
-from .grid import ModelGrid, resample_onto, to_model_grid
+from .grid import ModelGrid, resample_onto
 from .io import read_ct, read_mask
 from .lungmask import segment_lungs
-from .patches import PatchSpec
+from .patches import PatchSpec, model_grid_hu
 
 
 @dataclass
@@ -41,9 +40,7 @@ def read_scan(row) -> tuple:
 
 def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> Scan:
     """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
-    hu, lung, grid = to_model_grid(ct, lungs, spec.spacing, spec.margin_mm,
-                                   align_px=(spec.stride, spec.stride, 1))
-    hu, _ = calibrate_grid_hu(hu, ct, lungs, spec)
+    hu, lung, grid, _ = model_grid_hu(ct, lungs, spec, required=True)
     truth_path = optional_path(row, "truth")
     truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
     return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
