@@ -130,9 +130,14 @@ def write_composition(table: pd.DataFrame, csv_path, json_path, json_text: str) 
     Path(json_path).write_text(json_text, encoding="utf-8")
 
 
+def table_csv(table: pd.DataFrame) -> str:
+    """A table as the CSV text every output uses: fixed float format (6 significant digits), Unix line ends."""
+    return table.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
 def write_table(table: pd.DataFrame, csv_path) -> None:
-    """Write a table as CSV with a fixed float format (6 significant digits)."""
-    Path(csv_path).write_text(table.to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
+    """Write a table as CSV (:func:`table_csv`)."""
+    Path(csv_path).write_text(table_csv(table), encoding="utf-8")
 
 
 def write_json(data: dict, path) -> None:

@@ -14,6 +14,7 @@ import pandas as pd
 from ..atomic import atomic_write_text
 from ..composition import COLUMNS, composition_table, composition_to_json
 from ..errors import InputError, OutputError
+from ..writers import table_csv
 from .volumes import image_from_array
 
 # Column titles shown in Slicer's table view, with units
@@ -74,5 +75,5 @@ def recompute_composition(labels_kji: np.ndarray, ct_kji: np.ndarray, lungs_kji:
 
 def export_composition(table, names: dict, colors: dict, csv_path, json_path, model_id: Optional[str] = None) -> None:
     """Write the (recomputed) composition as CSV and JSON, atomically, in the analyze formats."""
-    atomic_write_text(csv_path, table.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+    atomic_write_text(csv_path, table_csv(table))
     atomic_write_text(json_path, composition_to_json(table, names, colors, model_id=model_id))
