@@ -22,17 +22,19 @@ def _ci(m: dict, key: str) -> str:
 VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
 
 
+def _paired(d) -> str:
+    """One paired difference as a cell: rotated minus the other, its 95 % CI and the verdict ("" when not measured)."""
+    if d is None:
+        return ""
+    return f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
+
+
 def versus_rows(metrics: dict) -> List[List[str]]:
     """Rows of the 'rotated minus other' table: per other representation, each metric's paired difference, its
     95 % CI and the verdict (the README and the HTML report show the same text)."""
     rows = []
     for other, diffs in metrics.get("rotated_versus", {}).items():
-        cells = [other]
-        for m in VERSUS_COLUMNS:
-            d = diffs.get(m)
-            cells.append("" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) "
-                                              f"{paired_verdict(d['ci'])}")
-        rows.append(cells)
+        rows.append([other, *(_paired(diffs.get(m)) for m in VERSUS_COLUMNS)])
     return rows
 
 
@@ -40,8 +42,7 @@ def reproducibility_rows(metrics: dict) -> List[List[str]]:
     """Rows of the risk-reproducibility table: ICC with CI, and rotated minus it (paired CI and verdict)."""
     rows = []
     for name, m in metrics.get("risk_reproducibility", {}).items():
-        d = metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc")
-        versus = "" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
+        versus = _paired(metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc"))
         rows.append([name, f"{m['icc']:.3f} ({m['icc_ci'][0]:.3f}–{m['icc_ci'][1]:.3f})", versus])
     return rows
 
