@@ -85,14 +85,13 @@ class EvalConfig:
     max_train_patients: Optional[int] = None
     max_eval_patients: Optional[int] = None
     max_survival_patients: Optional[int] = None
-    device: str = "cpu"
 
     @classmethod
-    def for_run(cls, seed: int, quick: bool, device: str = "cpu") -> "EvalConfig":
+    def for_run(cls, seed: int, quick: bool) -> "EvalConfig":
         if quick:  # a smoke run: few patients and latents, enough to exercise every step
             return cls(seed=seed, quick=True, train_latents=3000, probe_samples=1500, n_boot=200, outcome_draws=30,
-                       max_train_patients=4, max_eval_patients=3, max_survival_patients=8, device=device)
-        return cls(seed=seed, device=device)
+                       max_train_patients=4, max_eval_patients=3, max_survival_patients=8)
+        return cls(seed=seed)
 
 
 @dataclass
@@ -223,7 +222,7 @@ def evaluate(cohort_csv, out_dir, model=None, train_cohort=None, bundles: Option
     the training and evaluation patients; it must share no scan with the training cohort.
     """
     progress = progress or Progress(quiet=True)
-    cfg = EvalConfig.for_run(seed, quick, device)
+    cfg = EvalConfig.for_run(seed, quick)
     t0 = time.perf_counter()
     held_out = {"eval": select_patients(read_cohort(cohort_csv), cfg.max_eval_patients),
                 "survival": _read_survival_cohort(survival_cohort, cfg)}

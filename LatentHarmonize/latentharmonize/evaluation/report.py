@@ -14,6 +14,11 @@ _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#
 td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"""
 
 
+def _text_table(rows: List[List[str]], head: List[str]) -> str:
+    """A table of plain-text cells, escaped here: the row builders return text, which the README tables use too."""
+    return pages.table([[html.escape(c) for c in row] for row in rows], head)
+
+
 def _ci(m: dict, key: str) -> str:
     lo, hi = m[f"{key}_ci"]
     return f"{m[key]:.3f} <small>({lo:.3f}–{hi:.3f})</small>"
@@ -22,17 +27,19 @@ def _ci(m: dict, key: str) -> str:
 VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
 
 
+def _paired(d) -> str:
+    """One paired difference as a cell: rotated minus the other, its 95 % CI and the verdict ("" when not measured)."""
+    if d is None:
+        return ""
+    return f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
+
+
 def versus_rows(metrics: dict) -> List[List[str]]:
     """Rows of the 'rotated minus other' table: per other representation, each metric's paired difference, its
     95 % CI and the verdict (the README and the HTML report show the same text)."""
     rows = []
     for other, diffs in metrics.get("rotated_versus", {}).items():
-        cells = [other]
-        for m in VERSUS_COLUMNS:
-            d = diffs.get(m)
-            cells.append("" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) "
-                                              f"{paired_verdict(d['ci'])}")
-        rows.append(cells)
+        rows.append([other, *(_paired(diffs.get(m)) for m in VERSUS_COLUMNS)])
     return rows
 
 
@@ -40,8 +47,7 @@ def reproducibility_rows(metrics: dict) -> List[List[str]]:
     """Rows of the risk-reproducibility table: ICC with CI, and rotated minus it (paired CI and verdict)."""
     rows = []
     for name, m in metrics.get("risk_reproducibility", {}).items():
-        d = metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc")
-        versus = "" if d is None else f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
+        versus = _paired(metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc"))
         rows.append([name, f"{m['icc']:.3f} ({m['icc_ci'][0]:.3f}–{m['icc_ci'][1]:.3f})", versus])
     return rows
 
@@ -60,7 +66,7 @@ def _redraw_section(metrics: dict, rows: List[List[str]]) -> str:
     return (f"<p>The same risks, scored against {metrics['survival_redraws']['n_draws']} fresh outcomes drawn from the "
             "phantom's own hazard for the same patients: the spread one cohort's outcome draw puts on the C-index, and "
             "the share of draws in which rotated is ahead.</p>"
-            + pages.table([[html.escape(c) for c in row] for row in rows], ["features", "expected C-index ± SD", "rotated ahead in"]))
+            + _text_table(rows, ["features", "expected C-index ± SD", "rotated ahead in"]))
 
 
 def _kernel_section(metrics: dict) -> str:
@@ -69,7 +75,7 @@ def _kernel_section(metrics: dict) -> str:
         return "<p>No patient scanned with a soft and a sharp kernel under otherwise equal settings.</p>"
     return (f"<p>{metrics['kernel_robustness']['n_pairs']} soft/sharp pairs; the low-attenuation cluster's share of "
             "the lung beside LAA-950 (% lung voxels below -950 HU).</p>"
-            + pages.table([[html.escape(c) for c in row] for row in rows], KERNEL_HEAD))
+            + _text_table(rows, KERNEL_HEAD))
 
 
 def _readout_rows(metrics: dict) -> List[List[str]]:
@@ -109,20 +115,20 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <h2>Tissue found by the clusters (phantom truth, worst acquisition)</h2>
 <p>Emphysema recall: share of true emphysema cells in the cluster with the lowest median patch HU; the other columns:
 share of each tissue outside the cluster that holds most normal lung.</p>
-{pages.table([[html.escape(c) for c in row] for row in recall_rows(metrics)], RECALL_HEAD) if metrics.get('tissue_recall') else '<p>No truth in this cohort.</p>'}
+{_text_table(recall_rows(metrics), RECALL_HEAD) if metrics.get('tissue_recall') else '<p>No truth in this cohort.</p>'}
 <h2>Kernel-robust emphysema: soft versus sharp reconstruction of the same patient</h2>
 {_kernel_section(metrics)}
 <h2>Survival: cross-validated Cox C-index</h2>{pages.table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
-{pages.table([[html.escape(c) for c in row] for row in versus_rows(metrics)], ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+{_text_table(versus_rows(metrics), ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
 <h2>Survival over fresh outcome draws (phantom only)</h2>
 {_redraw_section(metrics, redraws)}
 <h2>Risk reproducibility across acquisitions</h2>
 <p>One penalised Cox model per feature set, fitted on the survival patients, scores each evaluation scan on its own;
 ICC(A,1) of the log risk over patients × acquisitions (1: the scanner changes nobody's risk). Paired: rotated minus
 the other on the same patient resamples.</p>
-{pages.table([[html.escape(c) for c in row] for row in repro_rows], ['features', 'risk ICC (95 % CI)', 'rotated minus']) if repro_rows else '<p>Not run (see below).</p>'}
+{_text_table(repro_rows, ['features', 'risk ICC (95 % CI)', 'rotated minus']) if repro_rows else '<p>Not run (see below).</p>'}
 <h2>Tissue read-out (phantom diagnostic)</h2>
 <p>A linear classifier of the true tissue, fitted on each representation's training patches: how much tissue and
 outcome information the representation holds, whatever its clusters find. Chance balanced accuracy:

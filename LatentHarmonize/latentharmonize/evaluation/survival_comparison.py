@@ -21,7 +21,6 @@ from .metrics import icc_with_ci
 HU_THRESHOLD_FEATURES = ("laa950", "haa700", "mld", "perc15")
 
 
-
 def _mean_fractions(label_maps: List[np.ndarray], n_labels: int) -> np.ndarray:
     """Fraction of each label 1..n_labels per scan, averaged over the scans."""
     return np.mean([np.bincount(labels, minlength=n_labels + 1)[1:n_labels + 1] / len(labels) for labels in label_maps], axis=0)
@@ -108,11 +107,11 @@ def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], nam
     if not {"time", "event"} <= set(table.columns):
         return {}, {}
     profiles = scan_profiles(eval_scans, names, n_clusters)
-    by_patient = profiles.groupby("patient")["acquisition"].apply(set)
-    shared = sorted(set.intersection(*by_patient)) if len(by_patient) else []
-    if len(by_patient) < 3 or len(shared) < 2:
+    acquisitions_of = profiles.groupby("patient")["acquisition"].apply(set)
+    shared = sorted(set.intersection(*acquisitions_of)) if len(acquisitions_of) else []
+    if len(acquisitions_of) < 3 or len(shared) < 2:
         skipped["risk_reproducibility"] = (f"needs at least 3 evaluation patients scanned under the same 2 or more "
-                                           f"acquisitions; got {len(by_patient)} patients sharing {len(shared)}.")
+                                           f"acquisitions; got {len(acquisitions_of)} patients sharing {len(shared)}.")
         return {}, {}
     profiles = profiles[profiles["acquisition"].isin(shared)]
     risks = {}
@@ -124,12 +123,12 @@ def risk_reproducibility(table: pd.DataFrame, eval_scans: List[ScanLatents], nam
             continue
         matrix = pd.DataFrame({"p": profiles["patient"], "a": profiles["acquisition"], "r": risk}).pivot_table(
             index="p", columns="a", values="r", aggfunc="mean")
-        risks[name] = matrix.loc[sorted(by_patient.index), shared].to_numpy()
+        risks[name] = matrix.loc[sorted(acquisitions_of.index), shared].to_numpy()
     if not risks:
         return {}, {}
     summary, boots = icc_with_ci(risks, n_boot=n_boot, seed=seed)
     for m in summary.values():
-        m.update({"n_patients": len(by_patient), "acquisitions": shared})
+        m.update({"n_patients": len(acquisitions_of), "acquisitions": shared})
     order = list(risks)
     versus = {}
     if "rotated" in summary:

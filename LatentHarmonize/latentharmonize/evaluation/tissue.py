@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..patches import extract_patches
+from ..patches import PatchSpec, extract_patches
 from ..tissue import TISSUE_LABELS
 
 HU_CLASS_THRESHOLDS = (-950.0, -700.0, -300.0)
@@ -31,13 +31,14 @@ SETTING_COLUMNS = ("kernel", "kernel_sharpness", "vendor", "hu_scale", "hu_offse
 KERNEL_COLUMNS = ("kernel", "kernel_sharpness")
 
 
-def patch_mean_hu(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: dict) -> np.ndarray:
-    """Mean HU of the lung voxels of each patch at lattice ``positions``, float32 [n, 1]."""
-    values = extract_patches(np.where(lung, hu, 0.0).astype(np.float32), positions, spec).reshape(len(positions), -1)
-    counts = extract_patches(lung.astype(np.float32), positions, spec).reshape(len(positions), -1).sum(axis=1)
+def patch_mean_hu(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """Mean HU of the lung voxels of each patch at lattice ``positions``, float32 [n, 1] (patches cut once, NaN
+    outside the lung, as :func:`latentharmonize.patches.lattice_hu_statistics` cuts them)."""
+    values = extract_patches(np.where(lung, hu, np.nan).astype(np.float32), positions, spec).reshape(len(positions), -1)
+    counts = np.count_nonzero(~np.isnan(values), axis=1)
     if np.any(counts == 0):
         raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
-    return (values.sum(axis=1) / counts)[:, None].astype(np.float32)
+    return (np.nansum(values, axis=1) / counts)[:, None].astype(np.float32)
 
 
 def threshold_classes(mean_hu: np.ndarray) -> np.ndarray:

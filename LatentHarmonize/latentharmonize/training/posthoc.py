@@ -16,7 +16,7 @@ from ..progress import Progress
 from ..rotation import LatentRotation, chance_level
 from ..scans import load_scan
 from .config import TrainConfig
-from .samples import PairedPatches
+from .samples import PairedPatches, cohort_patients
 
 
 @dataclass
@@ -75,13 +75,13 @@ def context_latents(model, cohort, samples: PairedPatches, spec: PatchSpec, devi
     """Latents of the sampled rows exactly as ``analyze`` will see them: each scan is encoded densely, with the
     spec's context aggregation, and every row takes the latent at its physical point.
 
-    Scans are visited in the order ``load_cohort_samples`` numbered them (patients by first appearance, then rows).
+    Scans are visited in the order ``load_cohort_samples`` numbered them (:func:`.samples.cohort_patients`).
     """
     out = np.zeros((len(samples), n_features(model.latent_dim, spec)), np.float32)
-    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
+    patients = cohort_patients(cohort)
     index = 0
-    for n, patient in enumerate(patients):
-        for _, row in cohort[cohort["patient"].astype(str) == patient].iterrows():
+    for n, (patient, rows_of_patient) in enumerate(patients):
+        for _, row in rows_of_patient.iterrows():
             scan = load_scan(row, spec)
             dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
             where = {key: i for i, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}

@@ -10,6 +10,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from ..cohort import read_cohort
 from ..densitometry import PROFILE_KEYS, patch_profiles
@@ -130,6 +131,19 @@ def patient_seed(seed: int, n: int) -> int:
     return seed * 100003 + n
 
 
+def cohort_patients(cohort: pd.DataFrame) -> list:
+    """``(patient, rows)`` of each patient of a cohort table, in order of first appearance: the order that numbers
+    the patients' seeds and the sampled scans (``PairedPatches.scan``)."""
+    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
+    return [(patient, cohort[cohort["patient"].astype(str) == patient]) for patient in patients]
+
+
+def sample_patient(rows: pd.DataFrame, per_patient: int, spec: PatchSpec, seed: int) -> PairedPatches:
+    """Read one patient's scans onto the model grid and draw its paired patches (one task of the distributed path)."""
+    scans = [load_scan(row, spec) for _, row in rows.iterrows()]
+    return sample_paired_patches(scans, per_patient, spec, seed=seed)
+
+
 def load_cohort_samples(cohort_csv, config: TrainConfig, spec: PatchSpec, progress: Progress | None = None) -> tuple:
     """Read every scan, resample it to the model grid and draw ``config.per_patient`` paired patches patient by
     patient (the serial path; :mod:`.distributed` is the Dask one).
@@ -137,12 +151,10 @@ def load_cohort_samples(cohort_csv, config: TrainConfig, spec: PatchSpec, progre
     Returns ``(samples, cohort DataFrame)``. Only one patient's volumes are held in memory at a time.
     """
     cohort = read_cohort(cohort_csv)
-    patients = list(dict.fromkeys(cohort["patient"].astype(str)))
+    patients = cohort_patients(cohort)
     parts = []
-    for n, patient in enumerate(patients):
-        rows = cohort[cohort["patient"].astype(str) == patient]
-        scans = [load_scan(row, spec) for _, row in rows.iterrows()]
-        parts.append(sample_paired_patches(scans, config.per_patient, spec, seed=patient_seed(config.seed, n)))
+    for n, (patient, rows) in enumerate(patients):
+        parts.append(sample_patient(rows, config.per_patient, spec, patient_seed(config.seed, n)))
         if progress is not None:
-            progress(5 + 15 * (n + 1) / len(patients), "patches", f"patient {patient}: {len(scans)} scans")
+            progress(5 + 15 * (n + 1) / len(patients), "patches", f"patient {patient}: {len(rows)} scans")
     return concat_samples(parts), cohort
