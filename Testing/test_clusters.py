@@ -6,7 +6,7 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
-from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION,
+from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION, LOWER,
                                       NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, cluster_profiles,
                                       default_colors, name_clusters)
 from latentharmonize.densitometry import patch_profiles
@@ -91,15 +91,17 @@ def test_name_clusters_from_crafted_profiles():
     profiles = [profile(-975, 0.8, 0.0, 0.0), profile(-860, 0.05, 0.05, 0.02), profile(-550, 0.0, 0.9, 0.03),
                 profile(-680, 0.02, 0.45, 0.25), profile(-700, 0.4, 0.5, 0.3), profile(10, 0.0, 1.0, 0.95),
                 profile(-760, 0.02, 0.2, 0.05),
-                profile(-890, 0.33, 0.04, 0.01)]  # the last: normal lung through a sharp kernel
+                profile(-890, 0.33, 0.04, 0.01),  # darker than normal lung (or normal lung through a sharp kernel)
+                profile(-870, 0.33, 0.04, 0.01)]  # a median within normal lung's range stays normal-appearing
     assert name_clusters(profiles) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER,
-                                       NORMAL + " 2"]
+                                       LOWER, NORMAL + " 2"]
 
 
 def test_emphysema_like_only_below_the_documented_thresholds():
     assert name_clusters([profile(-935, 0.45, 0.0, 0.0)]) == [LOW_ATTENUATION]  # median < -930
     assert name_clusters([profile(-900, 0.55, 0.0, 0.0)]) == [LOW_ATTENUATION]  # most voxels < -950
-    assert name_clusters([profile(-925, 0.45, 0.0, 0.0)]) == [NORMAL]
+    assert name_clusters([profile(-925, 0.45, 0.0, 0.0)]) == [LOWER]  # darker than normal, short of emphysema-like
+    assert LOWER not in DISEASE_NAMES
 
 
 def test_a_profile_always_gets_the_same_name():

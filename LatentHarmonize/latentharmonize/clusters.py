@@ -47,7 +47,8 @@ RETICULAR = "reticular-like"
 HONEYCOMB = "honeycombing-like"
 DENSE = "consolidation-like"
 HIGHER = "higher-attenuation lung"
-TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER)
+LOWER = "lower-attenuation lung"
+TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER, LOWER)
 DISEASE_NAMES = (LOW_ATTENUATION, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)
 # each tissue name keeps the same colour in every model: palette entries in TISSUE_NAMES order
 NAME_COLORS = {name: PALETTE[i] for i, name in enumerate(TISSUE_NAMES)}
@@ -64,6 +65,8 @@ NAMING_THRESHOLDS = {
     "ground_glass_median_hu": -700.0,  # median at least this (most voxels raised into ground glass) ...
     "reticular_dense_frac": 0.15,     # ... or, above ``raised_median_hu``, this share of dense lines (> -300): reticular
     "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least
+    "lowered_median_hu": -880.0,      # median below normal lung's ...
+    "lowered_low_frac": 0.15,         # ... and this share of voxels below -950: lower-attenuation lung
 }
 
 
@@ -280,6 +283,8 @@ def _name_one(p: Mapping[str, float]) -> str:
         return GROUND_GLASS
     if median > t["raised_median_hu"]:
         return HIGHER
+    if median < t["lowered_median_hu"] and low >= t["lowered_low_frac"]:
+        return LOWER
     return NORMAL
 
 
@@ -294,7 +299,9 @@ def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
     4. median > -800 HU and >= 15 % dense-line voxels (> -300 HU): reticular-like;
     5. median >= -700 HU (most voxels raised into ground glass): ground-glass-like;
     6. median > -800 HU: higher-attenuation lung (raised, but short of ground glass);
-    7. otherwise: normal-appearing lung.
+    7. median < -880 HU and >= 15 % of voxels below -950 HU: lower-attenuation lung (darker than normal lung, short
+       of emphysema-like; normal lung read through a sharp kernel can look so too, hence no disease name);
+    8. otherwise: normal-appearing lung.
 
     A disease-like name needs the bulk of the patch (its median) or a large share of its voxels to look like the
     disease: a vessel or a bronchus crossing normal lung fills a minority of a 20 mm patch and leaves the median at
