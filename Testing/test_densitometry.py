@@ -11,7 +11,9 @@ import SimpleITK as sitk
 import slicerio
 
 from latentharmonize.composition import composition_table
-from latentharmonize.densitometry import COLUMNS, densitometry_table, density_indices
+from latentharmonize.densitometry import (COLUMNS, HU_STATISTIC_QUANTILES, PATCH_BLOCK, densitometry_table,
+                                          density_indices, patch_hu_statistics)
+from latentharmonize.errors import InputError
 from latentharmonize.segments import read_segments
 
 
@@ -206,3 +208,42 @@ def test_survival_baseline_uses_the_same_definitions():
     assert baseline["mld"] == pytest.approx(ours.mld_hu, rel=1e-12)
     assert baseline["perc15"] == ours.perc15_hu == np.percentile(values.astype(float), 15)
     assert baseline["haa700"] == pytest.approx(100 * np.mean(values > -700))
+
+
+def _reference_patch_hu_statistics(values: np.ndarray) -> np.ndarray:
+    """The plain definition: sort each whole row (NaN last), take the nearest ranks, count the thresholds."""
+    values = values.reshape(len(values), -1)
+    n_lung = np.count_nonzero(~np.isnan(values), axis=1)
+    ranks = np.rint(np.outer(n_lung - 1, np.asarray(HU_STATISTIC_QUANTILES) / 100.0)).astype(np.int64)
+    quantiles = np.take_along_axis(np.sort(values, axis=1), ranks, axis=1)
+    shares = [np.count_nonzero(test, axis=1) / n_lung for test in (values < -950, values > -700, values > -300)]
+    return np.column_stack([quantiles, *shares]).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (5, 3, 4, 4), (40, 512), (40, 513), (30, 3, 16, 16), (20, 1100),
+                                   (2 * PATCH_BLOCK + 5, 2, 8, 8)])
+def test_patch_hu_statistics_equals_one_sort_per_row(shape):
+    """Bit for bit the statistics of one sort of each whole row, for rows of one to every voxel in the lung,
+    float HU and integer HU with many ties, lung at the start, the end or scattered."""
+    rng = np.random.default_rng(sum(shape))
+    for values in (rng.normal(-800, 250, shape), np.round(rng.normal(-800, 250, shape)), rng.integers(-960, -940, shape)):
+        values = values.astype(np.float32).reshape(shape[0], -1)
+        width = values.shape[1]
+        n_lung = rng.integers(1, width + 1, len(values))
+        n_lung[: min(3, len(values))] = [1, width, max(1, width // 2)][: min(3, len(values))]
+        layout = rng.integers(0, 3, len(values))  # lung first, last, or scattered
+        lung = np.arange(width) < n_lung[:, None]
+        lung[layout == 1] = lung[layout == 1, ::-1]
+        for row in np.flatnonzero(layout == 2):
+            lung[row] = rng.permutation(lung[row])
+        patches = np.where(lung, values, np.nan).astype(np.float32).reshape(shape)
+        expected = _reference_patch_hu_statistics(patches)
+        result = patch_hu_statistics(patches)
+        assert result.dtype == np.float32 and result.tobytes() == expected.tobytes()
+
+
+def test_patch_hu_statistics_refuses_a_patch_without_lung():
+    values = np.full((3, 3, 4, 4), -800.0, np.float32)
+    values[1] = np.nan
+    with pytest.raises(InputError):
+        patch_hu_statistics(values)

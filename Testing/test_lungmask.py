@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from latentharmonize.errors import InputError, NoLungFoundError
-from latentharmonize.lungmask import (PAD_HU, assess_mask, lung_volumes_ml, segment_lungs, segment_lungs_detailed,
-                                      split_left_right)
+from latentharmonize.lungmask import (_IN_PLANE, PAD_HU, assess_mask, lung_volumes_ml, outside_air, segment_lungs,
+                                      segment_lungs_detailed, split_left_right)
 
 # CI keeps the shared data next to the repository; elsewhere point LATENTHARMONIZE_REAL_CT at the folder
 REAL_CT = Path(os.environ.get("LATENTHARMONIZE_REAL_CT",
@@ -459,3 +460,14 @@ def test_analyze_publishes_warnings(tmp_path, capsys):
             assert set(warning) == {"code", "message"} and warning["message"].endswith(".")
             assert f"Warning ({warning['code']}): {warning['message']}" in printed
             assert warning["code"] in report and "Check before use" in report
+
+
+def test_outside_air_is_the_air_labels_touching_the_border():
+    """The label lookup marks exactly the in-plane air components that reach a side of their slice."""
+    rng = np.random.default_rng(7)
+    for shape, share in (((4, 20, 30), 0.3), ((3, 25, 25), 0.55), ((2, 1, 9), 0.5), ((2, 6, 6), 0.0)):
+        air = rng.random(shape) < share
+        labels, _ = ndimage.label(air, _IN_PLANE)
+        faces = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                                labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+        assert np.array_equal(outside_air(air), np.isin(labels, faces[faces > 0]))

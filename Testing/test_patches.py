@@ -202,3 +202,29 @@ def test_dense_encoding_applies_the_spec_context():
     with_context = encode_dense(model, scan.hu, scan.lung, scan.grid, PatchSpec(context_radius=1))
     np.testing.assert_allclose(with_context.latents, aggregate_context(plain, 1).latents, atol=1e-6)
     assert not np.allclose(with_context.latents, plain.latents)
+
+
+def test_lattice_hu_statistics_equals_one_sort_per_patch_over_several_blocks():
+    """Patches cut a block at a time give bit for bit the statistics of all patches cut at once and each sorted
+    whole (NaN outside the lung sorting last), for blob-shaped lungs and patches with one to every voxel lung."""
+    from scipy import ndimage
+
+    from latentharmonize.densitometry import HU_STATISTIC_QUANTILES, PATCH_BLOCK
+    from latentharmonize.patches import extract_patches, lattice_hu_statistics
+
+    rng = np.random.default_rng(3)
+    spec = PatchSpec()
+    hu = rng.normal(-750.0, 200.0, (20, 100, 100)).astype(np.float32)
+    lung = ndimage.gaussian_filter(rng.random(hu.shape), 3.0) > 0.5
+    lung[:, :50, :50] = True
+    lung[10, 60, 60] = True  # a lone lung voxel
+    zz, yy, xx = np.meshgrid(*(np.arange(k) for k in (18, 22, 22)), indexing="ij")
+    every = np.stack([zz.ravel(), yy.ravel(), xx.ravel()], axis=1)
+    patches = extract_patches(np.where(lung, hu, np.nan).astype(np.float32), every, spec).reshape(len(every), -1)
+    n_lung = np.count_nonzero(~np.isnan(patches), axis=1)
+    positions, patches, n_lung = every[n_lung > 0], patches[n_lung > 0], n_lung[n_lung > 0]
+    assert len(positions) > 2 * PATCH_BLOCK and n_lung.min() == 1 and n_lung.max() == patches.shape[1]
+    ranks = np.rint(np.outer(n_lung - 1, np.asarray(HU_STATISTIC_QUANTILES) / 100.0)).astype(np.int64)
+    shares = [np.count_nonzero(test, axis=1) / n_lung for test in (patches < -950, patches > -700, patches > -300)]
+    expected = np.column_stack([np.take_along_axis(np.sort(patches, axis=1), ranks, axis=1), *shares])
+    assert lattice_hu_statistics(hu, lung, positions, spec).tobytes() == expected.astype(np.float32).tobytes()

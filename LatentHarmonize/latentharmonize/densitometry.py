@@ -138,20 +138,59 @@ HU_STATISTIC_QUANTILES = (10, 25, 50, 75, 90)
 HU_STATISTIC_NAMES = tuple(f"q{q}" for q in HU_STATISTIC_QUANTILES) + ("below_950", "above_700", "above_300")
 
 
+PATCH_BLOCK = 2048  # patches per block of :func:`patch_hu_statistics`; a caller cutting patches may cut as many
+_SORTED_PART = 512  # the longest row numpy's vectorised sort takes without a slower partitioning pass
+
+
 def patch_hu_statistics(values: np.ndarray) -> np.ndarray:
     """Per patch: HU quantiles and threshold shares of its lung voxels, float32 [n, 8] (columns
     ``HU_STATISTIC_NAMES``). ``values`` [n, ...] holds each patch's HU with NaN where it is not lung. Quantiles are
-    the nearest-rank values of the lung voxels of the patch."""
+    the nearest-rank values of the lung voxels of the patch.
+
+    Rows go in blocks that stay in cache, each row sorted as two parts of at most :data:`_SORTED_PART` voxels
+    (numpy's vectorised sort takes such short rows several times faster than one of 768) and each quantile picked
+    from the two sorted parts by :func:`_kth_of_two`: the same values as one sort of the whole row."""
     values = values.reshape(len(values), -1)
-    n_lung = np.count_nonzero(~np.isnan(values), axis=1)
+    blocks = [_block_statistics(values[start:start + PATCH_BLOCK]) for start in range(0, len(values), PATCH_BLOCK)]
+    return np.vstack(blocks)
+
+
+def _block_statistics(values: np.ndarray) -> np.ndarray:
+    n_lung = _count_per_row(~np.isnan(values))
     if np.any(n_lung == 0):
         raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
-    ranked = np.sort(values, axis=1)  # NaN (not lung) sorts last
     ranks = np.rint(np.outer(n_lung - 1, np.asarray(HU_STATISTIC_QUANTILES) / 100.0)).astype(np.int64)
-    quantiles = np.take_along_axis(ranked, ranks, axis=1)
-    shares = [np.count_nonzero(test, axis=1) / n_lung for test in
+    first = np.sort(values[:, :_SORTED_PART], axis=1)  # NaN (not lung) sorts last; every rank is below n_lung
+    rest = np.sort(values[:, _SORTED_PART:], axis=1)
+    quantiles = _kth_of_two(first, rest, ranks) if rest.shape[1] else np.take_along_axis(first, ranks, axis=1)
+    shares = [_count_per_row(test) / n_lung for test in
               (values < LAA_THRESHOLD_HU, values > HAA_THRESHOLD_HU, values > DENSE_THRESHOLD_HU)]
     return np.column_stack([quantiles, *shares]).astype(np.float32)
+
+
+def _count_per_row(test: np.ndarray) -> np.ndarray:
+    """``np.count_nonzero(test, axis=1)`` of a boolean [n, m], summed as bytes (several times faster)."""
+    return test.view(np.int8).sum(axis=1, dtype=np.int32)
+
+
+def _kth_of_two(first: np.ndarray, second: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Per row, the values of 0-based ``ranks`` [n, m] in the union of the sorted rows of ``first`` [n, a] and
+    ``second`` [n, b], NaN counting as above every number: a binary search, all rows at once, for how many of the
+    rank + 1 smallest come from ``first``. Each rank must be below the row's count of numbers."""
+    a, b = first.shape[1], second.shape[1]
+    first, second = first.ravel(), second.ravel()
+    at_first = np.arange(len(ranks))[:, None] * a
+    at_second = np.arange(len(ranks))[:, None] * b + ranks  # second[row, rank - i] is second[at_second - i]
+    lo, hi = np.maximum(ranks + 1 - b, 0), np.minimum(ranks + 1, a)
+    while np.any(lo < hi):
+        i = (lo + hi) >> 1  # below a and at most rank where lo < hi; elsewhere clipped and not used
+        x, y = first[at_first + np.minimum(i, a - 1)], second[at_second - np.minimum(i, ranks)]
+        below = (x < y) | (np.isnan(y) & ~np.isnan(x))
+        lo = np.where(below & (lo < hi), i + 1, lo)
+        hi = np.where(below, hi, i)
+    last_first = first[at_first + np.maximum(lo - 1, 0)]
+    last_second = second[at_second - np.minimum(lo, ranks)]
+    return np.where(lo == 0, last_second, np.where(lo == ranks + 1, last_first, np.maximum(last_first, last_second)))
 
 
 # Per-patch HU statistics (centre slice) whose cluster means make a cluster's profile; the names use the median

@@ -157,11 +157,12 @@ def _centre_x_index(region: np.ndarray) -> float:
 def outside_air(air: np.ndarray) -> np.ndarray:
     """Air connected to the image border within its own axial slice (the air around the body where the field of
     view holds the whole body; used as the air reference of HU calibration)."""
-    labels, _ = ndimage.label(air, _IN_PLANE)
-    faces = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                            labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
-    border_ids = np.unique(faces[faces > 0])
-    return np.isin(labels, border_ids)
+    labels, n = ndimage.label(air, _IN_PLANE)
+    border = np.zeros(n + 1, bool)  # per label: does it touch the border (a lookup, several times np.isin's speed)
+    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[face] = True
+    border[0] = False
+    return border[labels]
 
 
 def outside_body(air: np.ndarray, tissue: np.ndarray, hu: np.ndarray, pixel_mm2: float) -> tuple:

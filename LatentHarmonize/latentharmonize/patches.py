@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from .calibration import METHODS as CALIBRATIONS
 from .calibration import calibrate_grid_hu
-from .densitometry import HU_STATISTIC_NAMES, patch_hu_statistics, smooth_lung
+from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
 from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, to_model_grid
 from .networks import PATCH_SIZE, SLICES, STRIDE
@@ -152,8 +152,12 @@ def n_features(latent_dim: int, spec: PatchSpec) -> int:
 
 
 def lattice_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
-    """:func:`densitometry.patch_hu_statistics` of the lung voxels of each patch at lattice ``positions``."""
-    return patch_hu_statistics(extract_patches(np.where(lung, hu, np.nan).astype(np.float32), positions, spec))
+    """:func:`densitometry.patch_hu_statistics` of the lung voxels of each patch at lattice ``positions``, the
+    patches cut a block at a time (all of them at once would not stay in cache)."""
+    volume = np.where(lung, hu, np.nan).astype(np.float32)
+    blocks = [patch_hu_statistics(extract_patches(volume, positions[start:start + PATCH_BLOCK], spec))
+              for start in range(0, len(positions), PATCH_BLOCK)]
+    return np.vstack(blocks)
 
 
 def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
