@@ -12,6 +12,7 @@ import contextlib
 import functools
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -151,15 +152,10 @@ def patch_clusters(dense, bundle) -> tuple:
     return nearest_with_confidence(patch_distances(dense, bundle))
 
 
-def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
-    """Cluster label and confidence per patch, then both maps on the CT grid at voxel level.
-
-    Each patch's distances to the K centroids are filled over the patch lattice (nearest valid centre), linearly
-    interpolated onto the model grid (1.25 mm in-plane instead of the 5 mm lattice), and each voxel takes its
-    nearest centroid with the margin confidence, as a patch does; a patch centre keeps its own label. On the CT
-    grid, the vessels and airways found at the CT's resolution (``structures.refine_on_ct``) replace the tissue
-    label (confidence 1: a rule, not a cluster assignment).
-    """
+def _cluster_values(dense, bundle, ct, lungs, grid, structures, lookup=None) -> tuple:
+    """What :func:`_cluster_maps` computes before the maps are scattered onto the CT grid: ``(labels_n, conf_n,
+    lookup, labels, confidence)``, the last two one value per lung voxel of ``lookup`` (a :func:`ct_lookup` of
+    ``grid``, computed here when not given)."""
     distances = patch_distances(dense, bundle)
     labels_n, conf_n = nearest_with_confidence(distances)
     lattice = dense.lattice
@@ -177,7 +173,7 @@ def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
     resample.SetUseNearestNeighborExtrapolator(True)  # the model grid's margin beyond the outermost centres
     fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
     fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, distances.shape[1])
-    lookup = ct_lookup(grid, ct, lungs)
+    lookup = ct_lookup(grid, ct, lungs) if lookup is None else lookup
     # the nearest centroid once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
     needed = np.zeros(len(fine), dtype=bool)
     needed[lookup.index] = True
@@ -185,10 +181,24 @@ def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
     where = np.zeros(len(fine), dtype=np.int64)
     where[rows] = np.arange(len(rows))
     lab_rows, conf_rows = nearest_with_confidence(fine[rows])
-    labels, confidence = lab_rows[where[lookup.index]], conf_rows[where[lookup.index]]
+    row_of_voxel = where[lookup.index]
+    labels, confidence = lab_rows[row_of_voxel], conf_rows[row_of_voxel]
     found = refine_on_ct(structures, lookup.index, sitk.GetArrayViewFromImage(ct).ravel()[lookup.voxels])
     anatomy = found > 0
     labels[anatomy], confidence[anatomy] = found[anatomy], 1.0
+    return labels_n, conf_n, lookup, labels, confidence
+
+
+def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
+    """Cluster label and confidence per patch, then both maps on the CT grid at voxel level.
+
+    Each patch's distances to the K centroids are filled over the patch lattice (nearest valid centre), linearly
+    interpolated onto the model grid (1.25 mm in-plane instead of the 5 mm lattice), and each voxel takes its
+    nearest centroid with the margin confidence, as a patch does; a patch centre keeps its own label. On the CT
+    grid, the vessels and airways found at the CT's resolution (``structures.refine_on_ct``) replace the tissue
+    label (confidence 1: a rule, not a cluster assignment).
+    """
+    labels_n, conf_n, lookup, labels, confidence = _cluster_values(dense, bundle, ct, lungs, grid, structures)
     return labels_n, conf_n, lookup.scatter(labels, ct), lookup.scatter(confidence, ct)
 
 
@@ -321,7 +331,11 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
     """The pipeline from a checked CT to label map and composition (nothing written). ``model``: ``(bundle, device,
     encoder)`` of :func:`load_model`; ``find_lungs(ct, step)``: :func:`automatic_lungs`, :func:`given_lungs` or a
     mask file's reader, giving ``(lungs, source, assessment, segments)`` (segments: lobes, a region each);
-    ``source``: the CT's path, recorded as ``input``."""
+    ``source``: the CT's path, recorded as ``input``.
+
+    Steps that need only earlier results run in worker threads beside the main line (SimpleITK, numpy and scipy
+    release the GIL): the CT-to-model-grid lookup beside vessels, airways and encoding, the densitometry beside the
+    cluster maps, the confidence map beside the composition."""
     bundle, device, encoder = model
     lungs, mask_source, assessment, segments = find_lungs(ct, stage_progress(progress, "mask"))
     timer.lap("mask")
@@ -329,39 +343,58 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
     stage_progress(progress, "grid")(0, message="resampling onto the model grid")
     hu, lung_grid, grid, calibration = model_grid_hu(ct, lungs, bundle.spec)
     timer.lap("grid")
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentharmonize-pipeline") as pool:
+        lookup = pool.submit(ct_lookup, grid, ct, lungs)
+        stage_progress(progress, "structures")(0, message="vessels and airways")
+        structures = segment_structures(hu, lung_grid, grid.spacing)
+        timer.lap("structures")
 
-    stage_progress(progress, "structures")(0, message="vessels and airways")
-    structures = segment_structures(hu, lung_grid, grid.spacing)
-    timer.lap("structures")
+        dense = encode_patches(encoder, hu, lung_grid & (structures == 0), grid, bundle.spec, device, progress)
+        timer.lap("encode")
 
-    dense = encode_patches(encoder, hu, lung_grid & (structures == 0), grid, bundle.spec, device, progress)
-    timer.lap("encode")
+        stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
+        tables = pool.submit(_lung_tables, ct, lungs, segments)
+        labels_n, conf_n, lookup, labels, confidence = _cluster_values(dense, bundle, ct, lungs, grid, structures,
+                                                                       lookup.result())
+        confidence = pool.submit(lookup.scatter, confidence, ct)
+        labels = lookup.scatter(labels, ct)
+        timer.lap("cluster")
 
-    stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
-    labels_n, conf_n, labels, confidence = _cluster_maps(dense, bundle, ct, lungs, grid, structures)
-    timer.lap("cluster")
+        stage_progress(progress, "composition")(0, message="tissue composition per lung and zone")
+        names, colors = map_legend(bundle)
+        cells, densitometry = tables.result()
+        table = composition_table(labels, ct, lungs, names, segments, cells=cells)
+        volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
+        composition_json = composition_to_json(table, names, colors, bundle.sha256, volumes, densitometry)
+        confidence = confidence.result()
+        timer.lap("composition")
 
-    stage_progress(progress, "composition")(0, message="tissue composition per lung and zone")
-    names, colors = map_legend(bundle)
-    cells = lung_cells(lungs)  # the lung voxels' (side, zone) cells, shared by both tables
-    table = composition_table(labels, ct, lungs, names, segments, cells=cells)
-    densitometry = densitometry_table(ct, lungs, segments, cells=cells)
-    volumes = lung_volumes_from_table(table)  # every lung voxel is in the table: same as the mask's volumes
-    composition_json = composition_to_json(table, names, colors, bundle.sha256, volumes, densitometry)
-    timer.lap("composition")
+    record = _run_record(source, bundle, device, mask_source, assessment, calibration, len(dense.latents), volumes,
+                         ct, grid)
+    return ImageAnalysis(ct=ct, lungs=lungs, labels=labels, confidence=confidence, composition=table,
+                         densitometry=densitometry, names=names, colors=colors, record=record,
+                         composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
+                         patch_confidence=conf_n)
 
-    record = {  # analyze has no random step; "seed" is the one the model was trained with
+
+def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments) -> tuple:
+    """``(cells, densitometry)``: the lung voxels' (side, zone) cells, shared by the composition and densitometry
+    tables, and the densitometry table (neither needs the label map)."""
+    cells = lung_cells(lungs)
+    return cells, densitometry_table(ct, lungs, segments, cells=cells)
+
+
+def _run_record(source, bundle, device, mask_source, assessment, calibration, n_patches: int, volumes: dict,
+                ct: sitk.Image, grid) -> dict:
+    """The run record (analysis.json less the input hash, outputs and timings)."""
+    return {  # analyze has no random step; "seed" is the one the model was trained with
         "input": source, "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
         "device": str(device), "mask": mask_source,
         "warnings": assessment.warnings + ([calibration.warning] if getattr(calibration, "warning", None) else []),
         "lung_mask": assessment.as_dict(),
         "hu_calibration": None if calibration is None else calibration.as_dict(),
-        "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
+        "n_patches": int(n_patches), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
     }
-    return ImageAnalysis(ct=ct, lungs=lungs, labels=labels, confidence=confidence, composition=table,
-                         densitometry=densitometry, names=names, colors=colors, record=record,
-                         composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
-                         patch_confidence=conf_n)
