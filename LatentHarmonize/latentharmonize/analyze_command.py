@@ -169,16 +169,16 @@ def write_qc_and_report(staged, files, name: str, done: ImageAnalysis, spec, pro
     qc = stage_progress(progress, "qc")
     qc(0, message="QC montage")
     dv = render.display_volumes(done.ct, done.labels, done.confidence, done.lungs)
-    render.render_montage(dv, done.names, done.colors, staged.path(files["montage"]))
-    qc(30, message="exemplar patches")
-    gallery = _gallery(done.hu, done.patches, done.patch_labels, done.patch_confidence, spec)
-    render.render_gallery(gallery, done.names, done.colors, staged.path(files["gallery"]))
-    qc(50, message="3D view of the cluster surfaces")
-    surface = render.cluster_surfaces(*render.coarsen_labels(dv.labels, dv.spacing), dv.origin)
-    render.write_vtp(surface, staged.path(files["surfaces"]))
-    composition = json.loads(done.composition_json)
-    largest = max(composition["regions"]["whole"], key=lambda e: e["fraction"])["label"]
-    render.render_3d(surface, done.colors, staged.path(files["view3d"]), translucent_label=largest)
+    # the 2D pictures (matplotlib) are drawn in a worker thread while this one builds and renders the surfaces (VTK)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-qc") as pool:
+        pictures_2d = pool.submit(_draw_2d, staged, files, done, dv, spec)
+        qc(50, message="3D view of the cluster surfaces")
+        surface = render.cluster_surfaces(*render.coarsen_labels(dv.labels, dv.spacing), dv.origin)
+        render.write_vtp(surface, staged.path(files["surfaces"]))
+        composition = json.loads(done.composition_json)
+        largest = max(composition["regions"]["whole"], key=lambda e: e["fraction"])["label"]
+        render.render_3d(surface, done.colors, staged.path(files["view3d"]), translucent_label=largest)
+        pictures_2d.result()
 
     stage_progress(progress, "report")(0, message="report.html")
     record, volumes = done.record, done.record["lung_volumes_ml"]
@@ -189,6 +189,13 @@ def write_qc_and_report(staged, files, name: str, done: ImageAnalysis, spec, pro
                 "Most confident patches per cluster": staged.path(files["gallery"]).read_bytes()}
     page = build_report(dv, composition, name, details, pictures, record.get("warnings"))  # none before issue 20
     staged.path(files["report"]).write_text(page, encoding="utf-8")
+
+
+def _draw_2d(staged, files, done: ImageAnalysis, dv, spec) -> None:
+    """The montage and the gallery of exemplar patches (QC pictures drawn with matplotlib)."""
+    render.render_montage(dv, done.names, done.colors, staged.path(files["montage"]))
+    gallery = _gallery(done.hu, done.patches, done.patch_labels, done.patch_confidence, spec)
+    render.render_gallery(gallery, done.names, done.colors, staged.path(files["gallery"]))
 
 
 def _gallery(hu, dense, labels_n, conf_n, spec) -> dict:
