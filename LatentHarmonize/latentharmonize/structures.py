@@ -28,6 +28,8 @@ clusters use 1..K, K < 200.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import ndimage
 
@@ -66,8 +68,11 @@ def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     box = mask_box(lung)
     if box is None:
         return out
-    out[box][vessels(hu[box], lung[box], spacing)] = VESSEL_LABEL
-    out[airways(hu, lung, spacing)] = AIRWAY_LABEL  # the whole grid: the trachea may lie above the lungs' box
+    # the airways are traced in a worker thread while this one finds the vessels (scipy and numpy release the GIL)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-airways") as pool:
+        airway = pool.submit(airways, hu, lung, spacing)  # the whole grid: the trachea may lie above the lungs' box
+        out[box][vessels(hu[box], lung[box], spacing)] = VESSEL_LABEL
+        out[airway.result()] = AIRWAY_LABEL
     return out
 
 
