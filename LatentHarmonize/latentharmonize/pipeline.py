@@ -12,7 +12,7 @@ import contextlib
 import functools
 import platform
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -290,15 +290,10 @@ def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progr
 
 
 def automatic_lungs(ct: sitk.Image, step: Callable) -> tuple:
-    """``(lungs, source, assessment, segments)`` of the automatic lung segmentation; an impossible mask is refused.
-    The assessment is a Future: it is made in a worker thread while :func:`run_pipeline` resamples onto the model
-    grid, and its refusal of an impossible mask is raised when the pipeline takes it, before the vessels."""
+    """``(lungs, source, assessment, segments)`` of the automatic lung segmentation; an impossible mask is refused."""
     step(0, message="segmenting the lungs")
     found = segment_lungs_detailed(ct)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-assess")
-    assessment = pool.submit(assess_mask, found.lungs, ct, found.excluded_air_ml)
-    pool.shutdown(wait=False)  # the thread ends with its one task
-    return found.lungs, "automatic", assessment, None
+    return found.lungs, "automatic", assess_mask(found.lungs, ct, found.excluded_air_ml), None
 
 
 def given_lungs(mask: sitk.Image, ct: sitk.Image, step: Callable) -> tuple:
@@ -335,8 +330,8 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
                  source: Optional[str]) -> ImageAnalysis:
     """The pipeline from a checked CT to label map and composition (nothing written). ``model``: ``(bundle, device,
     encoder)`` of :func:`load_model`; ``find_lungs(ct, step)``: :func:`automatic_lungs`, :func:`given_lungs` or a
-    mask file's reader, giving ``(lungs, source, assessment, segments)`` (segments: lobes, a region each; the
-    assessment may be a Future of it); ``source``: the CT's path, recorded as ``input``.
+    mask file's reader, giving ``(lungs, source, assessment, segments)`` (segments: lobes, a region each);
+    ``source``: the CT's path, recorded as ``input``.
 
     Steps that need only earlier results run in worker threads beside the main line (SimpleITK, numpy and scipy
     release the GIL): the CT-to-model-grid lookup beside vessels, airways and encoding, the densitometry beside the
@@ -346,10 +341,7 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
     timer.lap("mask")
 
     stage_progress(progress, "grid")(0, message="resampling onto the model grid")
-    try:
-        hu, lung_grid, grid, calibration = model_grid_hu(ct, lungs, bundle.spec)
-    finally:  # an assessment made beside the model grid (automatic_lungs): its refusal of the mask comes first
-        assessment = assessment.result() if isinstance(assessment, Future) else assessment
+    hu, lung_grid, grid, calibration = model_grid_hu(ct, lungs, bundle.spec)
     timer.lap("grid")
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentharmonize-pipeline") as pool:
         lookup = pool.submit(ct_lookup, grid, ct, lungs)
