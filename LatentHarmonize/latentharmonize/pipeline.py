@@ -343,6 +343,9 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
     stage_progress(progress, "grid")(0, message="resampling onto the model grid")
     hu, lung_grid, grid, calibration = model_grid_hu(ct, lungs, bundle.spec)
     timer.lap("grid")
+    # GetArrayViewFromImage first makes an image's buffer its own (MakeUnique), which would move it under a view
+    # another thread holds: done here, once, before the threads read the CT and the mask
+    sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(lungs)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentharmonize-pipeline") as pool:
         lookup = pool.submit(ct_lookup, grid, ct, lungs)
         stage_progress(progress, "structures")(0, message="vessels and airways")
