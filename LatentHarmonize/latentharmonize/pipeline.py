@@ -152,10 +152,9 @@ def patch_clusters(dense, bundle) -> tuple:
     return nearest_with_confidence(patch_distances(dense, bundle))
 
 
-def _cluster_values(dense, bundle, ct, lungs, grid, structures, lookup=None) -> tuple:
+def _cluster_values(dense, bundle, ct, grid, structures, lookup) -> tuple:
     """What :func:`_cluster_maps` computes before the maps are scattered onto the CT grid: ``(labels_n, conf_n,
-    lookup, labels, confidence)``, the last two one value per lung voxel of ``lookup`` (a :func:`ct_lookup` of
-    ``grid``, computed here when not given)."""
+    labels, confidence)``, the last two one value per lung voxel of ``lookup`` (the :func:`ct_lookup` of ``grid``)."""
     distances = patch_distances(dense, bundle)
     labels_n, conf_n = nearest_with_confidence(distances)
     lattice = dense.lattice
@@ -173,7 +172,6 @@ def _cluster_values(dense, bundle, ct, lungs, grid, structures, lookup=None) -> 
     resample.SetUseNearestNeighborExtrapolator(True)  # the model grid's margin beyond the outermost centres
     fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
     fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, distances.shape[1])
-    lookup = ct_lookup(grid, ct, lungs) if lookup is None else lookup
     # the nearest centroid once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
     needed = np.zeros(len(fine), dtype=bool)
     needed[lookup.index] = True
@@ -186,7 +184,7 @@ def _cluster_values(dense, bundle, ct, lungs, grid, structures, lookup=None) -> 
     found = refine_on_ct(structures, lookup.index, sitk.GetArrayViewFromImage(ct).ravel()[lookup.voxels])
     anatomy = found > 0
     labels[anatomy], confidence[anatomy] = found[anatomy], 1.0
-    return labels_n, conf_n, lookup, labels, confidence
+    return labels_n, conf_n, labels, confidence
 
 
 def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
@@ -198,7 +196,8 @@ def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
     grid, the vessels and airways found at the CT's resolution (``structures.refine_on_ct``) replace the tissue
     label (confidence 1: a rule, not a cluster assignment).
     """
-    labels_n, conf_n, lookup, labels, confidence = _cluster_values(dense, bundle, ct, lungs, grid, structures)
+    lookup = ct_lookup(grid, ct, lungs)
+    labels_n, conf_n, labels, confidence = _cluster_values(dense, bundle, ct, grid, structures, lookup)
     return labels_n, conf_n, lookup.scatter(labels, ct), lookup.scatter(confidence, ct)
 
 
@@ -357,8 +356,8 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
 
         stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
         tables = pool.submit(_lung_tables, ct, lungs, segments)
-        labels_n, conf_n, lookup, labels, confidence = _cluster_values(dense, bundle, ct, lungs, grid, structures,
-                                                                       lookup.result())
+        lookup = lookup.result()
+        labels_n, conf_n, labels, confidence = _cluster_values(dense, bundle, ct, grid, structures, lookup)
         confidence = pool.submit(lookup.scatter, confidence, ct)
         labels = lookup.scatter(labels, ct)
         timer.lap("cluster")
