@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .calibration import METHODS as CALIBRATIONS
-from .calibration import calibrate_grid_hu
+from .calibration import METHODS as CALIBRATIONS, calibrate_grid_hu
 from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
 from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, to_model_grid
