@@ -390,21 +390,22 @@ def test_cuda_without_a_gpu_is_refused_before_work(scan, bundle_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_label_map_interpolates_centroid_distances_between_patch_centres():
-    """Between two patch centres the label follows the linearly interpolated centroid distances at the model
-    grid's 1.25 mm, not the nearest centre; vessels found at the CT's resolution replace the tissue label."""
+def test_label_map_interpolates_cluster_probabilities_between_patch_centres():
+    """Between two patch centres the label follows the linearly interpolated cluster probabilities (dissimilarities
+    1 - p) at the model grid's 1.25 mm, not the nearest centre; vessels found at the CT's resolution replace the
+    tissue label."""
     from types import SimpleNamespace
 
     from latentharmonize.pipeline import _cluster_maps
-    from latentharmonize.clusters import TissueClusters
     from latentharmonize.grid import ModelGrid
     from latentharmonize.patches import DenseLatents
 
     lattice = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(5.0, 5.0, 2.5), shape=(1, 1, 4))  # centres x = 0, 5, 10, 15
     grid = ModelGrid(origin=(0.0, 0.0, 0.0), spacing=(1.25, 1.25, 2.5), shape=(1, 1, 13))  # x = 0, 1.25 .. 15
-    clusters = TissueClusters.from_state({"centroids": np.array([[0.0, 0.0], [1.0, 0.0]])}, {"k": 2})
+    # two clusters whose probability is linear in the first feature: p2 = feature, p1 = 1 - feature
+    clusters = SimpleNamespace(transform=lambda z: np.stack([z[:, 0], 1.0 - z[:, 0]], axis=1))
     bundle = SimpleNamespace(clusters=clusters, rotation=SimpleNamespace(cluster_features=lambda x: x))
-    # distances to the two centroids: (0, 1) at x = 0, (0.6, 0.4) at x = 5: equal at x = 4.17 mm, not at 2.5 mm
+    # dissimilarities to the two clusters: (0, 1) at x = 0, (0.6, 0.4) at x = 5: equal at x = 4.17 mm, not at 2.5 mm
     latents = np.array([[0.0, 0.0], [0.6, 0.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
     dense = DenseLatents(latents=latents, positions=np.array([[0, 0, i] for i in range(4)]), lattice=lattice)
     ct = sitk.Image([20, 3, 1], sitk.sitkInt16) - 850  # x = -1.5 .. 17.5 mm, 1 mm voxels, lung HU
@@ -424,7 +425,7 @@ def test_label_map_interpolates_centroid_distances_between_patch_centres():
     expected[x == 10.5] = VESSEL_LABEL
     np.testing.assert_array_equal(row, expected)
     conf = sitk.GetArrayFromImage(confidence)[0, 1]
-    assert conf[x == -0.5][0] == pytest.approx(1.0)  # reads the grid at a patch centre, on its centroid
+    assert conf[x == -0.5][0] == pytest.approx(1.0)  # reads the grid at a patch centre, certainly cluster 1
     assert conf[x == 3.5][0] == pytest.approx(0.1, abs=1e-5)  # (0.55 - 0.45) / 1 at 3.75 mm
     assert conf[x == 10.5][0] == 1.0
     assert not sitk.GetArrayFromImage(labels)[0, [0, 2]].any()

@@ -1,4 +1,5 @@
-"""TissueClusters: planted clusters, stability-chosen K, confidence, naming, colours, determinism."""
+"""TissueClusters: planted clusters, stability-chosen K, mixture confidence, naming and merging by name, colours,
+determinism."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION, LOWER,
                                       NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, cluster_profiles,
-                                      default_colors, name_clusters)
+                                      default_colors, fit_named_clusters, name_clusters)
 from latentharmonize.densitometry import patch_profiles
 from latentharmonize.errors import InputError
 
@@ -49,29 +50,74 @@ def test_fixed_k_order_by_and_determinism(planted):
     hu = np.array([-900.0, -850, -600, -400, 20])[truth]  # a planted "mean HU" per true cluster
     a = TissueClusters(n_clusters=5, random_state=3).fit(Z, order_by=hu)
     b = TissueClusters(n_clusters=5, random_state=3).fit(Z, order_by=hu)
-    np.testing.assert_array_equal(a.centroids_, b.centroids_)
+    np.testing.assert_array_equal(a.means_, b.means_)
+    np.testing.assert_array_equal(a.covariances_, b.covariances_)
     # labels follow ascending mean HU, so label = true cluster + 1
     np.testing.assert_array_equal(a.labels_, truth + 1)
     assert np.all(np.diff(a.order_values_) > 0)
 
 
-def test_confidence_in_unit_interval_and_low_on_bisector(planted):
+def test_confidence_is_the_margin_of_the_two_most_probable_clusters(planted):
     Z, _ = planted
     tc = TissueClusters(n_clusters=5).fit(Z)
     labels, conf = tc.predict_with_confidence(Z)
     assert labels.dtype == np.uint8 and conf.dtype == np.float32
     assert np.all((conf >= 0) & (conf <= 1))
-    c = tc.centroids_
-    assert np.all(tc.predict_with_confidence(c)[1] > 0.999)  # at a centroid
-    # midpoint between the two closest centroids: equidistant, so confidence 0
-    dists = np.linalg.norm(c[:, None] - c[None], axis=2) + np.eye(5) * 1e9
-    i, j = np.unravel_index(dists.argmin(), dists.shape)
-    _, mid_conf = tc.predict_with_confidence(((c[i] + c[j]) / 2)[None])
-    assert mid_conf[0] < 1e-6
-    near = c[i] + 0.45 * (c[j] - c[i])  # closer to i, still near the bisector
-    lab, cf = tc.predict_with_confidence(near[None])
-    assert lab[0] == i + 1 and 0 < cf[0] < 0.2
-    np.testing.assert_allclose(cf[0], (0.55 - 0.45) / 1.0, atol=1e-6)
+    p = tc.predict_proba(Z)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(labels, p.argmax(axis=1) + 1)
+    top = -np.sort(-p, axis=1)
+    np.testing.assert_allclose(conf, (top[:, 0] - top[:, 1]) / (2 - top[:, 0] - top[:, 1]), atol=1e-5)
+    assert np.all(tc.predict_with_confidence(tc.means_)[1] > 0.99)  # a component's mean, far from the others
+    # on the way between the two nearest means the label switches, where the two are equally likely
+    d = np.linalg.norm(tc.means_[:, None] - tc.means_[None], axis=2) + np.eye(5) * 1e9
+    i, j = np.unravel_index(d.argmin(), d.shape)
+    path = tc.means_[i] + np.linspace(0, 1, 2001)[:, None] * (tc.means_[j] - tc.means_[i])
+    lab, cf = tc.predict_with_confidence(path)
+    assert lab[0] == i + 1 and lab[-1] == j + 1 and cf.min() < 0.01
+
+
+def test_mixture_keeps_a_compact_tissue_that_kmeans_cuts():
+    """The reason for the mixture: a small compact group (emphysema) beside a large elongated one (normal lung)."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    large = rng.normal(size=(3000, 2)) * [4.0, 0.5]
+    small = rng.normal(size=(300, 2)) * 0.4 + [0.0, 3.0]
+    Z = np.vstack([large, small])
+    truth = np.repeat([0, 1], [3000, 300])
+    mixture = TissueClusters(n_clusters=2, random_state=0).fit(Z).labels_
+    kmeans = KMeans(n_clusters=2, n_init=10, random_state=0).fit(Z).labels_
+    assert adjusted_rand_score(truth, mixture) > 0.9
+    assert adjusted_rand_score(truth, kmeans) < 0.3
+
+
+def test_components_of_one_name_merge_into_one_cluster():
+    rng = np.random.default_rng(1)
+    means = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = np.repeat([0, 1, 2], 200)
+    Z = means[truth] + rng.normal(size=(600, 2))
+    median = np.array([-870.0, -850.0, -960.0])[truth]  # two normal-looking components, one emphysema-like
+    stats = {"median_hu": median, "mean_hu": median, "frac_below_950": np.array([0.02, 0.01, 0.7])[truth],
+             "frac_above_300": np.full(600, 0.01)}
+    clusters, labels, profiles, names = fit_named_clusters(Z, stats, 3, 0, order_by=stats["mean_hu"])
+    assert clusters.n_components_ == 3 and clusters.n_clusters_ == 2
+    assert names == [LOW_ATTENUATION, NORMAL]  # ordered by mean HU
+    np.testing.assert_array_equal(labels, np.where(truth == 2, 1, 2))
+    assert [p["n"] for p in profiles] == [200, 400]
+    np.testing.assert_array_equal(clusters.predict(Z), labels)
+    assert clusters.predict_proba(Z).shape == (600, 2)
+    back = TissueClusters.from_state(*clusters.export_state())
+    for x, y in zip(back.predict_with_confidence(Z), clusters.predict_with_confidence(Z)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_merge_needs_every_label(planted):
+    tc = TissueClusters(n_clusters=3).fit(planted[0])
+    with pytest.raises(InputError, match="every label used"):
+        tc.merge([1, 3, 3])
+    with pytest.raises(InputError, match="3 components"):
+        tc.merge([1, 2])
 
 
 def test_state_round_trip(planted):
@@ -189,6 +235,7 @@ def test_palette_and_default_colors():
     colors = default_colors([NORMAL, DENSE, NORMAL + " 2", "my cluster"])
     assert colors[0] == NAME_COLORS[NORMAL] and colors[1] == NAME_COLORS[DENSE]
     assert len(set(colors)) == 4  # repeats and unknown names get unused palette colours
+    assert len(set(NAME_COLORS.values())) == len(NAME_COLORS)  # every tissue name its own colour
 
 
 @pytest.mark.parametrize("kwargs, match", [

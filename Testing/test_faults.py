@@ -324,13 +324,13 @@ def _hand_edit(model: Path) -> None:
     (model / MANIFEST).write_text(json.dumps(m))
 
 
-def _nan_centroids(model: Path) -> None:
+def _nan_cluster_means(model: Path) -> None:
     from safetensors.numpy import load, save
 
     from latentharmonize.bundle import _sealed_manifest_bytes
 
     arrays = load((model / ARRAYS_FILE).read_bytes())
-    arrays["clusters.centroids"][:] = np.nan
+    arrays["clusters.means"][:] = np.nan
     data = save(arrays)
     (model / ARRAYS_FILE).write_bytes(data)
     m = json.loads((model / MANIFEST).read_text())
@@ -351,7 +351,7 @@ def _nan_margin(model: Path) -> None:
     (model / MANIFEST).write_text(text)
 
 
-@pytest.mark.parametrize("damage, words", [(_hand_edit, "does not match its checksum"), (_nan_centroids, "NaN"),
+@pytest.mark.parametrize("damage, words", [(_hand_edit, "does not match its checksum"), (_nan_cluster_means, "NaN"),
                                            (_path_entry, "path-like file entries"), (_nan_margin, "not valid JSON")])
 def test_tampered_bundle_is_refused_before_any_output(scan, bundle_dir, tmp_path, capsys, damage, words):  # noqa: F811
     model = _bundle_copy(bundle_dir, tmp_path)

@@ -11,8 +11,9 @@ About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine)
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
-2.5 mm Gaussian, 4 clusters (``docs/experiments/2026-12-04-representation.md``: the option that finds emphysema and
-stays kernel-robust on real scans). Other values train a candidate the same reproducible way into another ``--out``.
+2.5 mm Gaussian (``docs/experiments/2026-12-04-representation.md``: the option that finds emphysema and stays
+kernel-robust on real scans), and 5 mixture components, merged by name into the tissue clusters
+(``docs/experiments/2026-12-04-mixture-clusters.md``). Other values train a candidate the same reproducible way into another ``--out``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", default="ae", choices=["ae", "vae", "unoranic"])
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: fixed for reproducible bytes, and fastest on a busy machine)")
-    parser.add_argument("--clusters", type=int, default=4, help="number of tissue clusters (default 4)")
+    parser.add_argument("--clusters", type=int, default=5,
+                        help="mixture components, merged by name into the tissue clusters (default 5)")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="calibrate each scan's HU on its own air and fat references before encoding (default on)")
     parser.add_argument("--densitometry", type=float, default=1.0, metavar="WEIGHT",

@@ -6,7 +6,8 @@
       manifest.json         format version, patch spec, encoder, rotation, clusters (names, colours),
                             training summary, probe accuracy, SHA-256 of every other file
       encoder.safetensors   encoder + decoder weights (safetensors)
-      arrays.safetensors    rotation matrix, latent mean, singular values, probe curve, centroids
+      arrays.safetensors    rotation matrix, latent mean, singular values, probe curve, cluster
+                            mixture (means, covariances, weights, component groups)
 
 The SHA-256 of the manifest's content (``ModelBundle.sha256``, also stored in the manifest as
 ``manifest_sha256``) identifies the model in analysis records. Loading verifies that checksum, the
@@ -42,7 +43,7 @@ from .networks import build_model
 from .patches import PatchSpec, n_features
 from .rotation import LatentRotation
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Gaussian-mixture clusters (1: k-means centroids)
 MANIFEST = "manifest.json"
 ENCODER_FILE = "encoder.safetensors"
 ARRAYS_FILE = "arrays.safetensors"
@@ -247,15 +248,15 @@ def _validate(bundle: ModelBundle) -> None:
     if int(m["rotation"].get("n_technical", -1)) != rot.n_technical_:
         raise BundleError("The manifest's n_technical disagrees with the stored rotation.")
     cl = bundle.clusters
-    if cl.centroids_.shape[1] != rot.n_cluster_features_:
-        raise BundleError(f"The centroids have {cl.centroids_.shape[1]} dimensions but the rotation's cluster features have "
-                          f"{rot.n_cluster_features_}.")
+    if cl.means_.shape[1] != rot.n_cluster_features_:
+        raise BundleError(f"The cluster means have {cl.means_.shape[1]} dimensions but the rotation's cluster features "
+                          f"have {rot.n_cluster_features_}.")
     c = m["clusters"]
     k = cl.n_clusters_
     if not (int(c.get("k", -1)) == k and list(c.get("labels", [])) == list(range(1, k + 1))
             and len(c.get("names", [])) == k and len(c.get("colors", [])) == k):
         raise BundleError(f"The manifest's clusters section (k, labels, names, colors) does not describe the "
-                          f"{k} stored centroids.")
+                          f"{k} stored clusters.")
     missing = [key for key in SPEC_KEYS if key not in m["patch_spec"]]
     if missing:
         raise BundleError(f"The patch spec lacks {missing}.")

@@ -1,22 +1,27 @@
-"""Tissue clusters of the biological latent coordinates: fitting, naming and colours.
+"""Tissue clusters of the rotation's cluster features: fitting, naming and colours.
 
-``TissueClusters`` is k-means on the biological coordinates of :class:`~latentharmonize.rotation.LatentRotation`.
-Labels are ``1..K`` (0 is background in label maps); clusters are numbered in a deterministic order
-(ascending mean of ``order_by``, e.g. patch mean HU, else of the first biological coordinate).
+``TissueClusters`` is a Gaussian mixture (full covariances) on the cluster features of
+:class:`~latentharmonize.rotation.LatentRotation`. Each component has its own covariance, so a small, compact tissue
+(low-attenuation lung) keeps its own boundary beside the large, elongated spread of normal lung; k-means, with one
+shared spherical scale, cut emphysema in two at the midpoint between centroids (see
+``docs/experiments/2026-12-04-mixture-clusters.md``). :func:`fit_named_clusters` names every component from the HU
+profile of its patches and merges the components that get the same name into one cluster: normal lung may take
+several components, and a tissue type is one cluster, one colour and one segment.
 
-Choosing K (``n_clusters=None``): for each K in ``k_range``, pairs of random subsamples (a share
-``subsample`` of the rows, without replacement) are clustered independently and the two partitions
-are compared on the rows both subsamples hold, by the adjusted Rand index (ARI). A K whose
-clusters are real structure gives the same partition on any subsample (ARI near 1); a K that cuts a
-homogeneous group in two cuts it differently each time. The chosen K is the *largest* K whose mean
-ARI is at least ``(1 - stability_tolerance)`` times the best: never less reproducible than the best choice,
-but as fine-grained as reproducibility allows (tissue types are many; the most stable K alone is
-often the coarsest). Subsamples rather than bootstrap resamples: repeated rows of a bootstrap draw
-form artificial tight groups that make large K look stable.
+Labels are ``1..C`` (0 is background in label maps); components are numbered in a deterministic order (ascending
+mean of ``order_by``, e.g. patch mean HU, else of the first feature) and clusters take the order of their first
+component.
 
-Confidence of a prediction: with ``d1 <= d2`` the distances to the nearest and second-nearest
-centroid, ``confidence = (d2 - d1) / (d2 + d1)`` in [0, 1]: 0 on the bisector between two centroids,
-1 at a centroid.
+Choosing the number of components (``n_clusters=None``): for each K in ``k_range``, pairs of random subsamples (a
+share ``subsample`` of the rows, without replacement) are fitted independently and the two partitions are compared
+on the rows both subsamples hold, by the adjusted Rand index (ARI). The chosen K is the *largest* K whose mean ARI is
+at least ``(1 - stability_tolerance)`` times the best: never less reproducible than the best choice, but as
+fine-grained as reproducibility allows. Subsamples rather than bootstrap resamples: repeated rows of a bootstrap
+draw form artificial tight groups that make large K look stable.
+
+Confidence of a prediction: with ``p1 >= p2`` the two largest posterior probabilities of the clusters and
+``d = 1 - p`` their dissimilarities, ``confidence = (d2 - d1) / (d2 + d1)`` in [0, 1]: 0 where two clusters are
+equally likely, 1 where one cluster has all the probability.
 """
 from __future__ import annotations
 
@@ -27,11 +32,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
-from sklearn.cluster import KMeans
+from scipy.special import logsumexp
+from sklearn.mixture import GaussianMixture
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from .densitometry import PROFILE_KEYS
 from .errors import InputError
 
 # Okabe & Ito (2008) colour-blind-safe set (without black), then Paul Tol's "bright" scheme.
@@ -50,9 +55,13 @@ HIGHER = "higher-attenuation lung"
 LOWER = "lower-attenuation lung"
 TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER, LOWER)
 DISEASE_NAMES = (LOW_ATTENUATION, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)
-# each tissue name keeps the same colour in every model: palette entries in TISSUE_NAMES order
+# each tissue name keeps the same colour in every model: palette entries in TISSUE_NAMES order, except lower-attenuation
+# lung, whose entry in that order (Tol blue) could not be told from higher-attenuation lung's (Okabe-Ito blue) on a
+# real scan's map: it takes Tol purple
 NAME_COLORS = {name: PALETTE[i] for i, name in enumerate(TISSUE_NAMES)}
+NAME_COLORS[LOWER] = PALETTE[12]
 
+NAMING_KEYS = ("median_hu", "frac_below_950", "frac_above_300")  # the profile values the naming rules read
 WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproducible clusters
 # Thresholds of the naming rules (HU and voxel shares), from typical lung CT values (field notes section 2):
 # normal parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50, vessels +40.
@@ -82,12 +91,12 @@ def _is_int(value) -> bool:
 
 
 class TissueClusters(ClusterMixin, BaseEstimator):
-    """k-means tissue clusters with stability-selected K and margin confidence.
+    """Gaussian-mixture tissue clusters with a stability-selected number of components and margin confidence.
 
     Parameters
     ----------
     n_clusters : int or None
-        Number of clusters; None chooses K in ``k_range`` by subsample stability.
+        Number of mixture components (before :meth:`merge`); None chooses it in ``k_range`` by subsample stability.
     k_range : (int, int)
         Smallest and largest K tried when ``n_clusters`` is None (inclusive).
     n_bootstrap : int
@@ -99,13 +108,15 @@ class TissueClusters(ClusterMixin, BaseEstimator):
     max_samples : int
         Rows (random subset) used for the stability search, to keep it fast on dense latents.
     n_init : int
-        k-means restarts of the final fit.
+        Restarts of the final fit (the one with the highest likelihood is kept).
+    reg_covar : float
+        Added to each covariance's diagonal, so that a component on a flat direction stays invertible.
     random_state : int
         Seed of every random choice.
     """
 
     def __init__(self, n_clusters=None, k_range=(4, 10), n_bootstrap=10, subsample=0.8, stability_tolerance=0.02,
-                 max_samples=4000, n_init=10, random_state=0):
+                 max_samples=4000, n_init=3, reg_covar=1e-4, random_state=0):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.n_bootstrap = n_bootstrap
@@ -113,10 +124,12 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         self.stability_tolerance = stability_tolerance
         self.max_samples = max_samples
         self.n_init = n_init
+        self.reg_covar = reg_covar
         self.random_state = random_state
 
     def fit(self, Z, y=None, order_by=None):
-        """Cluster ``Z`` [n, dims]; ``order_by`` ([n], e.g. patch mean HU) sets the label order."""
+        """Fit the mixture on ``Z`` [n, dims]; ``order_by`` ([n], e.g. patch mean HU) sets the component order.
+        Each component is its own cluster until :meth:`merge`."""
         Z = _check_points(Z)
         order_by = self._check_order_by(order_by, Z.shape[0])
         rng = np.random.default_rng(self.random_state)
@@ -132,43 +145,92 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         else:
             k = self._check_n_clusters(Z.shape[0])
             self.stability_ = {}
-        km = KMeans(n_clusters=k, n_init=self.n_init, random_state=int(rng.integers(2 ** 31))).fit(Z)
-        raw = km.labels_
+        mixture = self._mixture(k, self.n_init, int(rng.integers(2 ** 31))).fit(Z)
+        responsibilities = mixture.predict_proba(Z)
         keys = order_by if order_by is not None else Z[:, 0]
-        self.order_values_ = np.array([keys[raw == c].mean() for c in range(k)])
-        order = np.lexsort((km.cluster_centers_[:, 0], self.order_values_))
-        self.order_values_ = self.order_values_[order]
-        self.centroids_ = km.cluster_centers_[order]
-        self.n_clusters_ = k
+        values = keys @ responsibilities / np.maximum(responsibilities.sum(axis=0), 1e-300)
+        order = np.lexsort((mixture.means_[:, 0], values))
+        self.order_values_ = values[order]
+        self.means_ = mixture.means_[order]
+        self.covariances_ = mixture.covariances_[order]
+        self.weights_ = mixture.weights_[order]
+        self._set_components()
         self.n_features_in_ = Z.shape[1]
-        self.labels_ = self.predict(Z)
+        self.groups_, self.n_clusters_ = np.arange(1, k + 1), k
+        self.component_labels_ = self.predict(Z)
+        return self.merge(self.groups_)
+
+    def merge(self, groups):
+        """Make clusters of components: ``groups[i]`` is the cluster label (1..C, each used) of component i + 1."""
+        check_is_fitted(self, "means_")
+        groups = np.asarray(groups).ravel()
+        c = int(groups.max()) if groups.size else 0
+        if (groups.shape[0] != self.n_components_ or not np.issubdtype(groups.dtype, np.integer)
+                or set(groups.tolist()) != set(range(1, c + 1))):
+            raise InputError(f"groups must give each of the {self.n_components_} components a cluster label 1..C, "
+                             f"every label used; got {groups.tolist()}.")
+        self.groups_ = groups.astype(np.int64)
+        self.n_clusters_ = c
+        if hasattr(self, "component_labels_"):
+            self.labels_ = self.groups_[self.component_labels_ - 1].astype(self.component_labels_.dtype)
         return self
 
     def predict(self, Z) -> np.ndarray:
-        """Cluster label 1..K of each row (nearest centroid)."""
+        """Cluster label 1..C of each row (the most probable cluster)."""
         return self.predict_with_confidence(Z)[0]
 
     def fit_predict(self, Z, y=None, order_by=None) -> np.ndarray:
         return self.fit(Z, order_by=order_by).labels_
 
     def predict_with_confidence(self, Z) -> tuple:
-        """(labels 1..K as uint8 when K < 256, confidence (d2 - d1) / (d2 + d1) in [0, 1] as float32)."""
+        """(labels 1..C as uint8 when C < 256, margin confidence in [0, 1] as float32; see the module docstring)."""
         return nearest_with_confidence(self.transform(Z))
 
+    def predict_proba(self, Z) -> np.ndarray:
+        """Posterior probability of each cluster, float64 [n, C] (the sum over its components)."""
+        responsibilities = np.exp(self._log_responsibilities(Z))
+        out = np.zeros((len(responsibilities), self.n_clusters_))
+        for component, cluster in enumerate(self.groups_):
+            out[:, cluster - 1] += responsibilities[:, component]
+        return out
+
     def transform(self, Z) -> np.ndarray:
-        """Euclidean distance of each row to each centroid, float64 [n, K] (scikit-learn's k-means convention)."""
-        check_is_fitted(self, "centroids_")
-        Z = _check_points(Z)
-        if Z.shape[1] != self.centroids_.shape[1]:
-            raise InputError(f"Got {Z.shape[1]} biological dimensions but the clusters were fitted on "
-                             f"{self.centroids_.shape[1]}; use the rotation these clusters belong to.")
-        sq = (np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.centroids_.T
-              + np.einsum("ij,ij->i", self.centroids_, self.centroids_)[None, :])
-        return np.sqrt(np.maximum(sq, 0.0))
+        """Dissimilarity of each row to each cluster, ``1 - posterior probability``, float64 [n, C]: lower is nearer,
+        and it interpolates between patch centres as the probabilities do."""
+        return 1.0 - self.predict_proba(Z)
 
     # ------------------------------------------------------------------ helpers
+    def _mixture(self, k: int, n_init: int, seed: int) -> GaussianMixture:
+        return GaussianMixture(n_components=k, covariance_type="full", n_init=n_init, reg_covar=self.reg_covar,
+                               random_state=seed)
+
+    def _set_components(self) -> None:
+        """Cholesky factors of the precisions and log normalisers, from means, covariances and weights."""
+        self.n_components_ = len(self.means_)
+        try:
+            chol = np.linalg.cholesky(self.covariances_)
+        except np.linalg.LinAlgError as exc:
+            raise InputError(f"A cluster covariance is not positive definite ({exc}).") from exc
+        eye = np.eye(self.means_.shape[1])
+        self._precision_chol = np.stack([np.linalg.solve(c, eye).T for c in chol])
+        log_det = np.log(np.diagonal(self._precision_chol, axis1=1, axis2=2)).sum(axis=1)
+        self._log_norm = np.log(self.weights_) + log_det - 0.5 * self.means_.shape[1] * np.log(2 * np.pi)
+
+    def _log_responsibilities(self, Z) -> np.ndarray:
+        """log posterior probability of each component, [n, K]."""
+        check_is_fitted(self, "means_")
+        Z = _check_points(Z)
+        if Z.shape[1] != self.means_.shape[1]:
+            raise InputError(f"Got {Z.shape[1]} feature dimensions but the clusters were fitted on "
+                             f"{self.means_.shape[1]}; use the rotation these clusters belong to.")
+        log_p = np.empty((Z.shape[0], self.n_components_))
+        for k, (mean, prec) in enumerate(zip(self.means_, self._precision_chol)):
+            y = Z @ prec - mean @ prec
+            log_p[:, k] = self._log_norm[k] - 0.5 * np.einsum("ij,ij->i", y, y)
+        return log_p - logsumexp(log_p, axis=1, keepdims=True)
+
     def _stability(self, Z: np.ndarray, k: int, rng: np.random.Generator) -> float:
-        """Mean ARI between k-means partitions of two random subsamples, on the rows they share."""
+        """Mean ARI between mixture partitions of two random subsamples, on the rows they share."""
         if Z.shape[0] > self.max_samples:
             Z = Z[np.sort(rng.choice(Z.shape[0], self.max_samples, replace=False))]
         n = Z.shape[0]
@@ -177,10 +239,7 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         for _ in range(self.n_bootstrap):
             a, b = (np.sort(rng.choice(n, m, replace=False)) for _ in range(2))
             common = np.intersect1d(a, b)
-            labels = []
-            for rows in (a, b):
-                km = KMeans(n_clusters=k, n_init=3, random_state=int(rng.integers(2 ** 31))).fit(Z[rows])
-                labels.append(km.predict(Z[common]))
+            labels = [self._mixture(k, 1, int(rng.integers(2 ** 31))).fit(Z[rows]).predict(Z[common]) for rows in (a, b)]
             scores.append(adjusted_rand_score(*labels))
         return float(np.mean(scores))
 
@@ -218,9 +277,11 @@ class TissueClusters(ClusterMixin, BaseEstimator):
     # ------------------------------------------------------------ persistence
     def export_state(self) -> tuple:
         """(arrays, meta): what a model bundle stores to rebuild these fitted clusters."""
-        check_is_fitted(self, "centroids_")
-        arrays = {"centroids": self.centroids_, "order_values": self.order_values_}
-        meta = {"k": int(self.n_clusters_), "stability": {str(k): float(s) for k, s in self.stability_.items()},
+        check_is_fitted(self, "means_")
+        arrays = {"means": self.means_, "covariances": self.covariances_, "weights": self.weights_,
+                  "groups": self.groups_, "order_values": self.order_values_}
+        meta = {"k": int(self.n_clusters_), "n_components": int(self.n_components_),
+                "stability": {str(k): float(s) for k, s in self.stability_.items()},
                 "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}}
         return arrays, meta
 
@@ -231,22 +292,30 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         if isinstance(params.get("k_range"), list):
             params["k_range"] = tuple(params["k_range"])
         tc = cls(**params)
-        centroids = np.asarray(arrays["centroids"], dtype=np.float64)
-        k = int(meta["k"])
-        if centroids.ndim != 2 or centroids.shape[0] != k or k < 2:
-            raise InputError(f"Stored centroids have shape {centroids.shape} but K={k}.")
-        tc.centroids_ = centroids
-        tc.order_values_ = np.asarray(arrays.get("order_values", np.zeros(k)), dtype=np.float64)
-        tc.n_clusters_ = k
-        tc.n_features_in_ = centroids.shape[1]
+        means = np.asarray(arrays["means"], dtype=np.float64)
+        n = int(meta["n_components"])
+        if means.ndim != 2 or means.shape[0] != n or n < 2:
+            raise InputError(f"Stored cluster means have shape {means.shape} but {n} components.")
+        tc.means_ = means
+        tc.covariances_ = np.asarray(arrays["covariances"], dtype=np.float64).reshape(n, means.shape[1], means.shape[1])
+        tc.weights_ = np.asarray(arrays["weights"], dtype=np.float64).reshape(n)
+        tc.order_values_ = np.asarray(arrays["order_values"], dtype=np.float64)
+        tc._set_components()
+        tc.merge(np.asarray(arrays["groups"], dtype=np.int64))
+        if tc.n_clusters_ != int(meta["k"]):
+            raise InputError(f"Stored cluster groups make {tc.n_clusters_} clusters but K={meta['k']}.")
+        tc.n_features_in_ = means.shape[1]
         tc.stability_ = {int(kk): float(s) for kk, s in meta.get("stability", {}).items()}
         return tc
 
 
 def nearest_with_confidence(distances) -> tuple:
-    """From centroid distances [n, K]: (label 1..K of the nearest, uint8 when K < 256; confidence
-    (d2 - d1) / (d2 + d1) as float32). Also used on distances interpolated between patch centres."""
+    """From cluster dissimilarities [n, K] (:meth:`TissueClusters.transform`): (label 1..K of the nearest, uint8
+    when K < 256; confidence (d2 - d1) / (d2 + d1) as float32, 1 where there is one cluster). Also used on
+    dissimilarities interpolated between patch centres."""
     dist = np.asarray(distances)
+    if dist.shape[1] == 1:
+        return np.ones(len(dist), np.uint8), np.ones(len(dist), np.float32)
     two = np.partition(dist, 1, axis=1)
     d1, d2 = two[:, 0], two[:, 1]
     total = d1 + d2
@@ -310,15 +379,40 @@ def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
     """
     names, seen = [], {}
     for i, p in enumerate(profiles):
-        missing = [k for k in PROFILE_KEYS if k not in p]
+        missing = [k for k in NAMING_KEYS if k not in p]
         if missing:
-            raise InputError(f"Cluster profile {i + 1} lacks {missing}; each profile needs {list(PROFILE_KEYS)}.")
-        if not all(np.isfinite(float(p[k])) for k in PROFILE_KEYS):
+            raise InputError(f"Cluster profile {i + 1} lacks {missing}; each profile needs {list(NAMING_KEYS)}.")
+        if not all(np.isfinite(float(p[k])) for k in NAMING_KEYS):
             raise InputError(f"Cluster profile {i + 1} has a non-finite value (empty cluster?): {dict(p)}.")
         base = _name_one(p)
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base} {seen[base]}")
     return names
+
+
+def base_name(name: str) -> str:
+    """A cluster name without the " 2", " 3" ... that :func:`name_clusters` adds to a repeated name."""
+    return re.sub(r" \d+$", "", name)
+
+
+def fit_named_clusters(features, stats: Mapping[str, np.ndarray], n_clusters, random_state: int,
+                       order_by=None) -> tuple:
+    """Fit :class:`TissueClusters` on ``features`` [n, d], name each component from the HU profile of its rows
+    (``stats``: per-row patch statistics holding ``NAMING_KEYS``) and merge the components of one name.
+
+    Returns (clusters, cluster label 1..C of each row, the C cluster profiles, their C distinct names). A component
+    that no row falls in takes the name of the component with the nearest mean.
+    """
+    clusters = TissueClusters(n_clusters=n_clusters, random_state=random_state).fit(features, order_by=order_by)
+    components = cluster_profiles(clusters.component_labels_, stats, clusters.n_components_)
+    filled = [i for i, p in enumerate(components) if p["n"] > 0]
+    filled_names = dict(zip(filled, (base_name(n) for n in name_clusters([components[i] for i in filled]))))
+    means = clusters.means_
+    names = [filled_names.get(i) or filled_names[min(filled, key=lambda j: np.linalg.norm(means[j] - means[i]))]
+             for i in range(clusters.n_components_)]
+    distinct = list(dict.fromkeys(names))  # in component order: ascending ``order_by``
+    clusters.merge(np.array([distinct.index(n) + 1 for n in names]))
+    return clusters, clusters.labels_, cluster_profiles(clusters.labels_, stats, clusters.n_clusters_), distinct
 
 
 def default_colors(names: Sequence[str]) -> list:
@@ -327,8 +421,7 @@ def default_colors(names: Sequence[str]) -> list:
     used, colors = set(), []
     spare = [c for c in PALETTE if c not in NAME_COLORS.values()] + list(NAME_COLORS.values())
     for name in names:
-        base = re.sub(r" \d+$", "", name)
-        color = NAME_COLORS.get(base)
+        color = NAME_COLORS.get(base_name(name))
         if color is None or color in used:
             free = [c for c in spare if c not in used]
             color = free[0] if free else PALETTE[len(colors) % len(PALETTE)]

@@ -141,27 +141,28 @@ def ct_lookup(lattice, ct: sitk.Image, lungs: sitk.Image) -> CtLookup:
     return CtLookup(tuple(lung.shape), row_start[row] + column, sitk.GetArrayViewFromImage(crop).ravel()[in_box])
 
 
-def patch_distances(dense, bundle) -> np.ndarray:
-    """Distance of every patch to each cluster centroid, float32 [n, K]: what the patch labels and the voxel-level
-    map are both read from, so analyze and ``latentharmonize report`` label each patch alike."""
+def patch_dissimilarities(dense, bundle) -> np.ndarray:
+    """Dissimilarity of every patch to each cluster (1 - posterior probability), float32 [n, K]: what the patch
+    labels and the voxel-level map are both read from, so analyze and ``latentharmonize report`` label each patch
+    alike."""
     return bundle.clusters.transform(bundle.rotation.cluster_features(dense.latents)).astype(np.float32)
 
 
 def patch_clusters(dense, bundle) -> tuple:
     """Cluster label (UInt8) and confidence (Float32) of every patch."""
-    return nearest_with_confidence(patch_distances(dense, bundle))
+    return nearest_with_confidence(patch_dissimilarities(dense, bundle))
 
 
 def _cluster_values(dense, bundle, ct, grid, structures, lookup) -> tuple:
     """What :func:`_cluster_maps` computes before the maps are scattered onto the CT grid: ``(labels_n, conf_n,
     labels, confidence)``, the last two one value per lung voxel of ``lookup`` (the :func:`ct_lookup` of ``grid``)."""
-    distances = patch_distances(dense, bundle)
-    labels_n, conf_n = nearest_with_confidence(distances)
+    dissimilarity = patch_dissimilarities(dense, bundle)
+    labels_n, conf_n = nearest_with_confidence(dissimilarity)
     lattice = dense.lattice
     valid = np.zeros(lattice.shape, dtype=bool)
-    field = np.zeros(tuple(lattice.shape) + (distances.shape[1],), dtype=np.float32)
+    field = np.zeros(tuple(lattice.shape) + (dissimilarity.shape[1],), dtype=np.float32)
     pos = tuple(dense.positions.T)
-    valid[pos], field[pos] = True, distances
+    valid[pos], field[pos] = True, dissimilarity
     field = field[nearest_valid_index(valid, tuple(lattice.spacing[::-1]))]
     image = sitk.GetImageFromArray(field, isVector=True)
     image.SetOrigin(tuple(float(v) for v in lattice.origin))
@@ -171,8 +172,8 @@ def _cluster_values(dense, bundle, ct, grid, structures, lookup) -> tuple:
     resample.SetInterpolator(sitk.sitkLinear)
     resample.SetUseNearestNeighborExtrapolator(True)  # the model grid's margin beyond the outermost centres
     fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
-    fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, distances.shape[1])
-    # the nearest centroid once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
+    fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, dissimilarity.shape[1])
+    # the most probable cluster once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
     needed = np.zeros(len(fine), dtype=bool)
     needed[lookup.index] = True
     rows = np.flatnonzero(needed)
@@ -190,9 +191,9 @@ def _cluster_values(dense, bundle, ct, grid, structures, lookup) -> tuple:
 def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
     """Cluster label and confidence per patch, then both maps on the CT grid at voxel level.
 
-    Each patch's distances to the K centroids are filled over the patch lattice (nearest valid centre), linearly
-    interpolated onto the model grid (1.25 mm in-plane instead of the 5 mm lattice), and each voxel takes its
-    nearest centroid with the margin confidence, as a patch does; a patch centre keeps its own label. On the CT
+    Each patch's cluster probabilities (as dissimilarities, 1 - p) are filled over the patch lattice (nearest valid
+    centre), linearly interpolated onto the model grid (1.25 mm in-plane instead of the 5 mm lattice), and each voxel
+    takes its most probable cluster with the margin confidence, as a patch does; a patch centre keeps its own label. On the CT
     grid, the vessels and airways found at the CT's resolution (``structures.refine_on_ct``) replace the tissue
     label (confidence 1: a rule, not a cluster assignment).
     """

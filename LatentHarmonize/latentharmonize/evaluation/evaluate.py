@@ -153,7 +153,7 @@ def _label(bundle, train, evals, survivors, cfg: EvalConfig, progress: Progress,
     """Fit each representation on the training scans and label every scan with its clusters (or baseline labels)."""
     rows = training_rows(train, cfg.train_latents, cfg.seed)
     funcs = fit_features(Training(bundle, train, rows, cfg.seed), skipped)
-    n_clusters = int(len(bundle.clusters.centroids_))
+    n_clusters = int(bundle.clusters.n_components_)
     assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped)
     compared = list(funcs) + label_with_baselines(train + evals + survivors)
     return Encoded(train, evals, survivors, rows, funcs, compared, n_clusters)

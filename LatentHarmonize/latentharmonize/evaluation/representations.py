@@ -28,7 +28,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..clusters import TissueClusters
+from ..clusters import fit_named_clusters
+from ..densitometry import HU_STATISTIC_NAMES
 from ..errors import InputError
 from ..patches import lattice_hu_statistics
 from ..progress import Progress
@@ -244,14 +245,26 @@ def fit_tissue_readout(features: np.ndarray, truth: np.ndarray, seed: int):
     return model.fit(features[lung], truth[lung])
 
 
+def naming_statistics(scan: ScanLatents) -> Dict[str, np.ndarray]:
+    """Per point, the patch statistics cluster names are read from (``clusters.NAMING_KEYS``, and the mean HU), taken
+    from the ``hu_statistics`` source: the same HU of the bundle's grid that ``train`` names its clusters from."""
+    columns = dict(zip(HU_STATISTIC_NAMES, scan.latents[HuStatistics.name].T))
+    return {"mean_hu": np.ravel(scan.latents[PATCH_MEAN_HU]), "median_hu": columns["q50"],
+            "frac_below_950": columns["below_950"], "frac_above_700": columns["above_700"],
+            "frac_above_300": columns["above_300"]}
+
+
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
                     n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
-    """Fit one ``TissueClusters`` per representation on the training rows and label every scan with it; where the
-    training scans carry the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
+    """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
+    named from their patches' HU and merged by name) and label every scan with them; where the training scans carry
+    the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
     with_truth = all(s.truth is not None for s in train)
+    stats = {key: np.concatenate([naming_statistics(train[i])[key][r] for i, r in rows.items()])
+             for key in naming_statistics(train[0])}
     for k, (name, f) in enumerate(funcs.items()):
         features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
-        clusters = TissueClusters(n_clusters=n_clusters, random_state=seed).fit(features)
+        clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"])[0]
         readout = None
         if with_truth:
             try:

@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--encoder", choices=sorted(MODEL_KINDS), default=DEFAULTS.encoder,
                         help=f"encoder variant (default {DEFAULTS.encoder})")
     parser.add_argument("--clusters", type=int, default=DEFAULTS.clusters,
-                        help="number of tissue clusters (default: chosen by stability)")
+                        help="Gaussian-mixture components, merged by the names of their HU profiles into the tissue "
+                             "clusters (default: chosen by stability)")
     parser.add_argument("--n-technical", default=DEFAULTS.n_technical,
                         help="technical latent dimensions to rotate out (default auto: until the probe is at chance)")
     options.add_device(parser, default=DEFAULTS.device)

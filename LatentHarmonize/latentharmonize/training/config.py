@@ -27,7 +27,7 @@ class TrainConfig:
     seed: int = 0
     epochs: int | None = None  # None: DEFAULT_EPOCHS, unless max_minutes is the budget
     max_minutes: float | None = None
-    clusters: int | None = None  # None: K chosen by stability
+    clusters: int | None = None  # mixture components; None: K chosen by stability
     n_technical: int | str = "auto"
     per_patient: int = 400
     latent_dim: int = DEFAULT_LATENT_DIM

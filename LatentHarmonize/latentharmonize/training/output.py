@@ -18,7 +18,7 @@ def refuse_existing_bundle(out_dir: Path, overwrite: bool) -> None:
 
 
 def save_trained_bundle(out_dir: Path, model, fit: PosthocFit, summary: dict, overwrite: bool) -> ModelBundle:
-    """Assemble the model bundle (manifest, weights, rotation, centroids) and write it atomically."""
+    """Assemble the model bundle (manifest, weights, rotation, clusters) and write it atomically."""
     training = {k: v for k, v in summary.items() if k != "probe"}
     bundle = ModelBundle.create(name=out_dir.resolve().name, encoder_config=model.config,
                                 encoder_state=model.state_dict(), spec=fit.spec, rotation=fit.rotation,

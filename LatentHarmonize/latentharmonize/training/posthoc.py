@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from ..clusters import TissueClusters, cluster_profiles, default_colors, name_clusters
+from ..clusters import TissueClusters, default_colors, fit_named_clusters
 from ..densitometry import HU_STATISTIC_NAMES
 from ..patches import PatchDensitometry, PatchSpec, autocast_for, encode_dense, n_features, point_keys
 from ..progress import Progress
@@ -147,8 +147,8 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
     scores = {}
     for weight in weights:
         rotation.set_params(technical_weight=float(weight))
-        labels = TissueClusters(n_clusters=n_clusters, random_state=seed).fit_predict(
-            rotation.cluster_features(latents, scans=samples.scan))
+        labels = fit_named_clusters(rotation.cluster_features(latents, scans=samples.scan), samples.stats, n_clusters,
+                                    seed)[1]
         scores[float(weight)] = float(adjusted_rand_score(labels[pairs[:, 0]], labels[pairs[:, 1]]))
     best = max(scores, key=lambda w: (scores[w], -w))  # ties: the smaller weight
     rotation.set_params(technical_weight=best)
@@ -156,9 +156,8 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
 
 
 def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
-    """k-means tissue clusters on the rotation's cluster features, named from the HU profile of their patches."""
-    clusters = TissueClusters(n_clusters=n_clusters, random_state=seed)
-    labels = clusters.fit_predict(features, order_by=samples.stats["mean_hu"])
-    profiles = cluster_profiles(labels, samples.stats, clusters.n_clusters_)
-    names = name_clusters(profiles)
+    """Mixture tissue clusters on the rotation's cluster features, components named from the HU profile of their
+    patches and merged by name (:func:`clusters.fit_named_clusters`)."""
+    clusters, labels, profiles, names = fit_named_clusters(features, samples.stats, n_clusters, seed,
+                                                           order_by=samples.stats["mean_hu"])
     return clusters, labels, profiles, names, default_colors(names)
