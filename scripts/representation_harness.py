@@ -1,14 +1,15 @@
 """Small harness for representation experiments (issue 19): tissue and consistency of several clusterings.
 
-Encodes a training and a test cohort with each given bundle once, then, for each representation, fits k-means
-(``TissueClusters``, K clusters, seeded) on a seeded subsample of training latents and measures on the test scans
+Encodes a training and a test cohort with each given bundle once, then, for each representation, fits the tissue
+clusters as ``train`` and ``evaluate`` do (``fit_named_clusters``: K mixture components, seeded, named from their
+patches' HU and merged by name) on a seeded subsample of training latents and measures on the test scans
 what ``evaluate`` measures: consistency across acquisitions (ARI, NMI, Dice), agreement with the phantom truth,
 emphysema recall into the low-attenuation cluster and abnormal tissue outside the normal cluster (worst
 acquisition), the low-attenuation share's soft-to-sharp change beside LAA-950, the acquisition probe, and the
 emphysema-versus-normal separation d' of a linear discriminant. No survival, no harmonization baselines: minutes.
 
 Representations per bundle: ``entangled``, ``rotated`` (the bundle's cluster features), and their texture-prototype
-variants (``+prototypes``: many k-means micro-clusters, then k-means of each point's local histogram of
+variants (``+prototypes``: many k-means micro-clusters, then the tissue clusters of each point's local histogram of
 micro-clusters, after Yang, Angelini et al.'s lung texture patterns); once per run: ``hu_statistics`` (the patch
 HU statistics reference), its prototype variant, ``smoothed_hu_statistics`` (the same statistics of the scan after
 an in-plane Gaussian blur of ``--smooth-mm``, which takes most of a sharp kernel's extra noise out before the
@@ -35,7 +36,8 @@ from latentharmonize.patches import lattice_hu_statistics
 from latentharmonize.evaluation.consistency import consistency, consistency_per_patient, probe, truth_agreement
 from latentharmonize.evaluation.encoding import Encoders, encode_row, load_volumes, training_rows
 from latentharmonize.evaluation.evaluate import select_patients
-from latentharmonize.evaluation.representations import patch_statistics
+from latentharmonize.clusters import fit_named_clusters
+from latentharmonize.evaluation.representations import naming_statistics, patch_statistics
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
                                                threshold_classes, tissue_recall)
 from latentharmonize.patches import DenseLatents, aggregate_context
@@ -81,8 +83,6 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import StandardScaler
 
-    from latentharmonize.clusters import TissueClusters
-
     for name, f in list(funcs.items()) if n_micro else []:
         X = np.concatenate([f(train[i])[r] for i, r in rows.items()])
         micro = KMeans(n_clusters=n_micro, n_init=2, random_state=seed).fit(StandardScaler().fit(X).transform(X))
@@ -94,12 +94,14 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
         proto = prototype_features(Micro(), n_micro, radius)
         funcs[f"{name}+prototypes"] = (lambda g, p: lambda s: p(s, g(s)))(f, proto)
     out = {}
+    stats = {key: np.concatenate([naming_statistics(train[i])[key][r] for i, r in rows.items()])
+             for key in naming_statistics(train[0])}
     truth_train = np.concatenate([train[i].truth[r] for i, r in rows.items()])
     truth_test = np.concatenate([s.truth for s in test])
     for name, f in funcs.items():
         t0 = time.perf_counter()
         X = np.concatenate([f(train[i])[r] for i, r in rows.items()])
-        clusters = TissueClusters(n_clusters=k, random_state=seed).fit(X)
+        clusters = fit_named_clusters(X, stats, k, seed, order_by=stats["mean_hu"])[0]
         for s in train + test:
             s.labels[name] = np.asarray(clusters.predict(f(s)))
         out[name] = {"dprime_emphysema": emphysema_dprime(X, truth_train, np.concatenate([f(s) for s in test]), truth_test),
