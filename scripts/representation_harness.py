@@ -37,7 +37,7 @@ from latentharmonize.evaluation.consistency import consistency, consistency_per_
 from latentharmonize.evaluation.encoding import Encoders, encode_row, load_volumes, training_rows
 from latentharmonize.evaluation.evaluate import select_patients
 from latentharmonize.clusters import fit_named_clusters
-from latentharmonize.evaluation.representations import naming_statistics, patch_statistics
+from latentharmonize.evaluation.representations import patch_statistics, training_naming_statistics
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
                                                threshold_classes, tissue_recall)
 from latentharmonize.patches import DenseLatents, aggregate_context
@@ -94,8 +94,7 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
         proto = prototype_features(Micro(), n_micro, radius)
         funcs[f"{name}+prototypes"] = (lambda g, p: lambda s: p(s, g(s)))(f, proto)
     out = {}
-    stats = {key: np.concatenate([naming_statistics(train[i])[key][r] for i, r in rows.items()])
-             for key in naming_statistics(train[0])}
+    stats = training_naming_statistics(train, rows)
     truth_train = np.concatenate([train[i].truth[r] for i, r in rows.items()])
     truth_test = np.concatenate([s.truth for s in test])
     for name, f in funcs.items():

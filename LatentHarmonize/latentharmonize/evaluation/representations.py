@@ -254,14 +254,19 @@ def naming_statistics(scan: ScanLatents) -> Dict[str, np.ndarray]:
             "frac_above_300": columns["above_300"]}
 
 
+def training_naming_statistics(train: List[ScanLatents], rows) -> Dict[str, np.ndarray]:
+    """:func:`naming_statistics` of the training rows (``rows``: scan index -> row indices), stacked."""
+    per_scan = {i: naming_statistics(train[i]) for i in rows}
+    return {key: np.concatenate([per_scan[i][key][r] for i, r in rows.items()]) for key in next(iter(per_scan.values()))}
+
+
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
                     n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
     """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
     named from their patches' HU and merged by name) and label every scan with them; where the training scans carry
     the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
     with_truth = all(s.truth is not None for s in train)
-    stats = {key: np.concatenate([naming_statistics(train[i])[key][r] for i, r in rows.items()])
-             for key in naming_statistics(train[0])}
+    stats = training_naming_statistics(train, rows)
     for k, (name, f) in enumerate(funcs.items()):
         features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
         clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"])[0]
