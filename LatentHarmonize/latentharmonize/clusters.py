@@ -116,7 +116,7 @@ class TissueClusters(ClusterMixin, BaseEstimator):
     """
 
     def __init__(self, n_clusters=None, k_range=(4, 10), n_bootstrap=10, subsample=0.8, stability_tolerance=0.02,
-                 max_samples=4000, n_init=3, reg_covar=1e-4, random_state=0):
+                 max_samples=4000, n_init=10, reg_covar=1e-4, random_state=0):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.n_bootstrap = n_bootstrap

@@ -155,14 +155,27 @@ def _label(bundle, train, evals, survivors, cfg: EvalConfig, progress: Progress,
     funcs = fit_features(Training(bundle, train, rows, cfg.seed), skipped)
     n_clusters = int(bundle.clusters.n_components_)
     assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped)
-    compared = list(funcs) + label_with_baselines(train + evals + survivors)
+    # the paper's pair (rotated against entangled) is always measured; another representation whose components all
+    # got one name is not, since a constant map agrees with itself across scanners
+    compared = [n for n in funcs if n in ("rotated", "entangled") or not _one_cluster(n, train, skipped)]
+    compared += label_with_baselines(train + evals + survivors)
     return Encoded(train, evals, survivors, rows, funcs, compared, n_clusters)
+
+
+def _one_cluster(name: str, train, skipped: dict) -> bool:
+    """Whether every component of a representation got the same name, so that its map is one cluster (recorded in
+    ``skipped``)."""
+    if len(np.unique(np.concatenate([s.labels[name] for s in train]))) > 1:
+        return False
+    skipped[f"clusters:{name}"] = ("all its mixture components got one name from their HU profile: one cluster, "
+                                   "left out of the cluster measures")
+    return True
 
 
 def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> tuple:
     """Every measure of the labelled scans; returns (metrics, survival table, cross-validated risks,
     reproducibility data for its figure)."""
-    seed, names = cfg.seed, list(e.funcs)
+    seed, names = cfg.seed, [n for n in e.funcs if n in e.compared]  # representations with a cluster map
     per_patient = consistency_per_patient(e.evals, e.compared)
     references = reference_clusters(e.train, e.compared)
     metrics: dict = {
@@ -173,11 +186,11 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
         "kernel_robustness": kernel_robustness(e.evals, references),
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
-    table = patient_profiles(e.survivors or e.train + e.evals, names, e.n_clusters)
+    table = patient_profiles(e.survivors or e.train + e.evals, list(e.funcs), e.n_clusters)
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
     metrics["rotated_versus"] = rotated_versus(per_patient, table, risks, cfg.n_boot, seed)
     metrics["survival_redraws"] = outcome_redraws(table, risks, cfg.outcome_draws, seed)
-    metrics["tissue_readout"] = tissue_readout(e.evals, table, names, seed, cfg.n_boot, skipped)
+    metrics["tissue_readout"] = tissue_readout(e.evals, table, list(e.funcs), seed, cfg.n_boot, skipped)
     metrics["risk_reproducibility"], reproducibility = risk_reproducibility(table, e.evals, names, e.n_clusters,
                                                                             cfg.n_boot, seed, skipped)
     for other, diff in reproducibility.get("versus", {}).items():

@@ -281,7 +281,7 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
             s.labels[name] = np.asarray(clusters.predict(scan_features))
             if readout is not None:
                 s.readout[name] = readout.predict(scan_features).astype(np.int64)
-        progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} clusters")
+        progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} mixture components")
 
 
 def label_with_baselines(scans: List[ScanLatents]) -> List[str]:
