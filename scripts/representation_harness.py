@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--test", required=True)
     parser.add_argument("--model", action="append", required=True, help="bundle folder (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file of the results")
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, default=None, help="mixture components (default: each bundle's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-latents", type=int, default=20000)
     parser.add_argument("--micro", type=int, default=32, help="micro-clusters of the prototype variants (0: none)")
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
                 st = StandardScaler().fit(np.concatenate([train[i].latents[source][r] for i, r in rows.items()]))
                 funcs[source] = (lambda src, fitted: lambda s: fitted.transform(s.latents[src]))(source, st)
             base = model
-        results[str(model)] = measure(funcs, train, test, rows, args.k, args.seed, args.micro, args.radius)
+        k = args.k or bundle.clusters.n_components_
+        results[str(model)] = measure(funcs, train, test, rows, k, args.seed, args.micro, args.radius)
         print(json.dumps({str(model): results[str(model)]}, indent=1), flush=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
