@@ -252,7 +252,7 @@ from latentharmonize import atomic
 real = os.replace
 def slow(src, dst):
     print("LH-FAULT replace", flush=True, file=sys.stderr)
-    time.sleep(0.15)
+    time.sleep(0.5)  # wide enough that a busy CI machine still signals mid-publication
     real(src, dst)
 atomic.os.replace = slow
 from latentharmonize.cli import main
