@@ -246,8 +246,11 @@ def test_a_later_run_removes_what_a_crashed_run_left(results, scan, bundle_dir, 
 # ----------------------------------------------------------------------------- signals while publishing
 
 # Runs the CLI with every os.replace slowed down and announced on stderr, so a signal can land mid-publication.
+# A suite started as a background job (`cmd &`) passes Ctrl-C on ignored, and Python keeps ignoring it; the script
+# restores Python's own Ctrl-C handler, as under a terminal, so the test is about how analyze handles it.
 _SLOW_PUBLISH = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from latentharmonize import atomic
 real = os.replace
 def slow(src, dst):
@@ -266,10 +269,7 @@ def test_signal_during_publishing_leaves_old_or_new_never_a_mix(results, scan, b
     out = _folder_with_old_results(results, tmp_path)
     command = [sys.executable, "-c", _SLOW_PUBLISH, "analyze", str(scan), "--out", str(out), "--model",
                str(bundle_dir), "--device", "cpu", "--no-report", "--overwrite", "--quiet"]
-    # A job started in the background (`cmd &`) inherits Ctrl-C ignored, and Python then keeps ignoring it; the
-    # child gets the default disposition back, as under a terminal, so the test is about how analyze handles it.
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     moves = 0
     for line in process.stderr:
         moves += line.startswith("LH-FAULT replace")
