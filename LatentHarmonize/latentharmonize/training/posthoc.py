@@ -49,12 +49,12 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
         latents = context_latents(model, cohort, samples, spec, device, progress)
     rotation, probe = fit_rotation(latents, samples, config.n_technical, config.seed)
     progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
-    weight, weight_scores = select_technical_weight(rotation, latents, samples, config.clusters, config.seed)
+    weight, weight_scores, clusters = select_technical_weight(rotation, latents, samples, config.clusters,
+                                                              config.seed)
+    tissue, labels, profiles, names, colors = clusters
+    progress(80, "cluster", f"technical weight {weight:g}; {len(names)} tissue clusters")
     probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",
                                                 groups=samples.point, scans=samples.scan)
-    progress(80, "cluster", f"technical weight {weight:g}; clustering")
-    tissue, labels, profiles, names, colors = fit_clusters(rotation.cluster_features(latents, scans=samples.scan),
-                                                           samples, config.clusters, config.seed)
     return PosthocFit(spec, mse, rotation, probe, weight, weight_scores, tissue, labels, profiles, names, colors)
 
 
@@ -134,25 +134,25 @@ TECHNICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatches, n_clusters: int | None,
                             seed: int, weights=TECHNICAL_WEIGHTS) -> tuple:
-    """Set ``rotation.technical_weight`` to the candidate whose k-means clusters agree best across acquisitions of
-    the same training points (ARI over the cross-acquisition pairs); returns (weight, {weight: ARI}).
+    """Set ``rotation.technical_weight`` to the candidate whose tissue clusters (:func:`fit_clusters`) agree best
+    across acquisitions of the same training points (ARI over the cross-acquisition pairs); returns (weight,
+    {weight: ARI}, the clusters fitted at that weight, as :func:`fit_clusters` returns them).
 
     Only training pairs are used: no outcome and no held-out scan. Each scan's technical coordinates are re-centred
     on the median of its sampled points, which estimates the median over all its lung that ``analyze`` takes.
     """
     pairs = samples.pairs()
-    if rotation.n_technical_ == 0 or len(pairs) == 0:
-        rotation.set_params(technical_weight=0.0)
-        return 0.0, {}
-    scores = {}
-    for weight in weights:
-        rotation.set_params(technical_weight=float(weight))
-        labels = fit_named_clusters(rotation.cluster_features(latents, scans=samples.scan), samples.stats, n_clusters,
-                                    seed)[1]
-        scores[float(weight)] = float(adjusted_rand_score(labels[pairs[:, 0]], labels[pairs[:, 1]]))
+    candidates = weights if rotation.n_technical_ and len(pairs) else (0.0,)
+    fits = {}
+    for weight in map(float, candidates):
+        rotation.set_params(technical_weight=weight)
+        fits[weight] = fit_clusters(rotation.cluster_features(latents, scans=samples.scan), samples, n_clusters, seed)
+    if len(fits) == 1:  # no technical coordinates or no pairs to choose by: they stay out of the clusters
+        return 0.0, {}, fits[0.0]
+    scores = {w: float(adjusted_rand_score(fit[1][pairs[:, 0]], fit[1][pairs[:, 1]])) for w, fit in fits.items()}
     best = max(scores, key=lambda w: (scores[w], -w))  # ties: the smaller weight
     rotation.set_params(technical_weight=best)
-    return best, scores
+    return best, scores, fits[best]
 
 
 def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
