@@ -33,7 +33,7 @@ from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
 from .patches import DenseLatents, PatchSpec, encode_dense, model_grid_hu, resolve_device
 from .segments import label_segments
-from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, refine_on_ct, segment_structures
+from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, parenchyma, refine_on_ct, segment_structures
 
 # Geometry the model can read (see check_geometry); typical chest CT: 0.6-0.9 mm pixels, 0.6-5 mm slices.
 MAX_INPLANE_SPACING_MM = 3.0
@@ -352,7 +352,7 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
         structures = segment_structures(hu, lung_grid, grid.spacing)
         timer.lap("structures")
 
-        dense = encode_patches(encoder, hu, lung_grid & (structures == 0), grid, bundle.spec, device, progress)
+        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress)
         timer.lap("encode")
 
         stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")

@@ -2,7 +2,8 @@
 
 A cohort table row names a CT (``image``), optionally its lung mask (``mask``) and tissue truth (``truth``), with
 ``patient`` and ``acquisition`` (:mod:`latentharmonize.cohort`). :func:`load_scan` reads them and puts them on the
-model grid of a patch spec, HU calibrated as the spec says: the same grid ``analyze`` encodes.
+model grid of a patch spec, HU calibrated as the spec says, with the vessels and airways found on it: the same grid
+and the same parenchyma ``analyze`` encodes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .grid import ModelGrid, resample_onto
 from .io import read_ct, read_mask
 from .lungmask import segment_lungs
 from .patches import PatchSpec, model_grid_hu
+from .structures import parenchyma, segment_structures
 
 
 @dataclass
@@ -28,7 +30,13 @@ class Scan:
     hu: np.ndarray
     lung: np.ndarray
     grid: ModelGrid
+    structures: np.ndarray  # vessels and airways (``structures.segment_structures``)
     truth: np.ndarray | None = None
+
+    @property
+    def parenchyma(self) -> np.ndarray:
+        """The lung without vessels and airways: the voxels patches are cut from."""
+        return parenchyma(self.lung, self.structures)
 
 
 def read_scan(row) -> tuple:
@@ -39,11 +47,12 @@ def read_scan(row) -> tuple:
 
 
 def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> Scan:
-    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
+    """One cohort row on the model grid: CT, lung mask, vessels and airways and, if the row has one, tissue truth."""
     hu, lung, grid, _ = model_grid_hu(ct, lungs, spec, required=True)
     truth_path = optional_path(row, "truth")
     truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
-    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
+    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, segment_structures(hu, lung, grid.spacing),
+                truth)
 
 
 def load_scan(row, spec: PatchSpec) -> Scan:

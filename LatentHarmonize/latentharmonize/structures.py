@@ -76,6 +76,12 @@ def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     return out
 
 
+def parenchyma(lung: np.ndarray, structures: np.ndarray) -> np.ndarray:
+    """The lung without its vessels and airways: what patches are cut from and tissue clusters describe, in
+    ``analyze``, ``batch``, training and evaluation alike."""
+    return lung & (structures == 0)
+
+
 def hessian_eigenvalues(smooth: np.ndarray, at: np.ndarray, spacing) -> np.ndarray:
     """Eigenvalues [n, 3] of the Hessian of ``smooth`` [z, y, x] at flat indices ``at`` (not on the border),
     sorted by magnitude, from central differences (``spacing`` (x, y, z) mm). Closed form for symmetric 3 x 3

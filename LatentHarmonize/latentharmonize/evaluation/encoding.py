@@ -41,10 +41,11 @@ class ScanLatents:
 
 
 def load_volumes(row: pd.Series, spec):
-    """One cohort row on the model grid: HU, lung, grid, truth (or None), and densitometry of the native CT."""
+    """One cohort row on the model grid: HU, parenchyma (the lung without vessels and airways, which is what
+    ``analyze`` encodes), grid, truth (or None), and densitometry of the native CT's whole lung."""
     ct, lungs = read_scan(row)
     scan = scan_on_grid(row, ct, lungs, spec)
-    return scan.hu, scan.lung, scan.grid, scan.truth, lung_hu_indices(ct, lungs)
+    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs)
 
 
 def _clinical(row: pd.Series) -> Dict[str, object]:
@@ -80,30 +81,30 @@ class Encoders:
 
 def encode_row(row: pd.Series, split: str, encoders: Encoders, transforms: Optional[dict] = None) -> tuple:
     """Encode one scan under every source; ``transforms``: fitted image-level harmonizers by name, each scan
-    encoded again after ``transform(hu, lung)``. Returns (ScanLatents, regular sample of its lung HU)."""
-    hu, lung, grid, truth, dens = load_volumes(row, encoders.spec)
-    dense = encoders.encode(hu, lung, grid)
+    encoded again after ``transform(hu, parenchyma)``. Returns (ScanLatents, regular sample of its parenchyma HU)."""
+    hu, parenchyma, grid, truth, dens = load_volumes(row, encoders.spec)
+    dense = encoders.encode(hu, parenchyma, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
     latents = {"entangled": dense.latents}
     for name, statistic in {**encoders.statistics, PATCH_MEAN_HU: patch_mean_hu}.items():
-        values = replace(dense, latents=statistic(hu, lung, dense.positions, encoders.spec))
+        values = replace(dense, latents=statistic(hu, parenchyma, dense.positions, encoders.spec))
         latents[name] = aggregate_context(values, encoders.spec.context_radius).latents
     for name in encoders.others:
-        latents[name] = _align_rows(encoders.encode(hu, lung, grid, name), dense)
-    latents.update(transformed_latents(hu, lung, grid, encoders, transforms or {}))
+        latents[name] = _align_rows(encoders.encode(hu, parenchyma, grid, name), dense)
+    latents.update(transformed_latents(hu, parenchyma, grid, encoders, transforms or {}))
     scan = ScanLatents(patient=str(row["patient"]), acquisition=str(row["acquisition"]), split=split,
                        keys=point_keys(dense.lattice, dense.positions), positions=dense.positions, latents=latents,
                        truth=None if truth is None else truth[centre_pixels(dense.positions, encoders.spec)].astype(np.int64),
                        densitometry=dens, clinical=_clinical(row),
                        setting={c: row[c] for c in SETTING_COLUMNS if c in row.index})
-    values = hu[lung]
+    values = hu[parenchyma]
     return scan, values[:: max(values.size // 50000, 1)]
 
 
-def transformed_latents(hu, lung, grid, encoders: Encoders, transforms: dict) -> Dict[str, np.ndarray]:
+def transformed_latents(hu, parenchyma, grid, encoders: Encoders, transforms: dict) -> Dict[str, np.ndarray]:
     """Latents of the scan after each image-level harmonizer (same lattice points as its entangled latents)."""
-    return {name: encoders.encode(t.transform(hu, lung), lung, grid).latents for name, t in transforms.items()}
+    return {name: encoders.encode(t.transform(hu, parenchyma), parenchyma, grid).latents for name, t in transforms.items()}
 
 
 def _align_rows(other, reference) -> np.ndarray:
@@ -129,8 +130,8 @@ def encode_training(rows: pd.DataFrame, encoders: Encoders, fit_transforms: Call
         progress(30 * (i + 1) / len(rows), "encode", f"training scan {i + 1}/{len(rows)}")
     transforms = fit_transforms(samples)
     for i, (_, row) in enumerate(rows.iterrows()):  # the transformed latents need the fitted harmonizers
-        hu, lung, grid, _, _ = load_volumes(row, encoders.spec)
-        scans[i].latents.update(transformed_latents(hu, lung, grid, encoders, transforms))
+        hu, parenchyma, grid, _, _ = load_volumes(row, encoders.spec)
+        scans[i].latents.update(transformed_latents(hu, parenchyma, grid, encoders, transforms))
         progress(30 + 10 * (i + 1) / len(rows), "encode", f"image-harmonized training scan {i + 1}/{len(rows)}")
     return scans, transforms
 
