@@ -8,8 +8,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
 from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION, LOWER,
-                                      NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, cluster_profiles,
-                                      default_colors, fit_named_clusters, name_clusters)
+                                      NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, acquisition_covariance,
+                                      cluster_profiles, default_colors, fit_named_clusters, name_clusters)
 from latentharmonize.densitometry import patch_profiles
 from latentharmonize.errors import InputError
 
@@ -110,6 +110,43 @@ def test_components_of_one_name_merge_into_one_cluster():
     back = TissueClusters.from_state(*clusters.export_state())
     for x, y in zip(back.predict_with_confidence(Z), clusters.predict_with_confidence(Z)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_acquisition_covariance_is_the_scatter_one_acquisition_adds():
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(20000, 3)) * 5.0
+    scatter = np.array([[1.0, 0.4, 0.0], [0.4, 0.5, 0.0], [0.0, 0.0, 0.1]])
+    read = [points + rng.multivariate_normal(np.zeros(3), scatter, size=len(points)) for _ in range(2)]
+    np.testing.assert_allclose(acquisition_covariance(*read), scatter, atol=0.03)
+    with pytest.raises(InputError, match="Paired rows must match"):
+        acquisition_covariance(read[0], read[1][:-1])
+
+
+def test_widening_by_the_acquisition_covariance_keeps_labels_across_scanners():
+    """A large tissue thin along axis 1 beside a small one wide along it; the second scanner moves points along axis
+    1. Widened by that scatter, the same points keep their labels across the scanners more often, and the labels
+    follow the tissue as well as before."""
+    rng = np.random.default_rng(0)
+    tissue = np.vstack([rng.normal(size=(3000, 2)) * [1.0, 0.3], rng.normal(size=(600, 2)) * [0.6, 1.5] + [3.0, 0.0]])
+    truth = np.repeat([0, 1], [3000, 600])
+    scans = [tissue + rng.normal(size=tissue.shape) * [0.05, sd] for sd in (0.1, 0.8)]
+    widening = acquisition_covariance(*scans)
+    fits = {name: TissueClusters(n_clusters=2, random_state=0).fit(np.vstack(scans), acquisition_covariance=cov)
+            for name, cov in (("plain", None), ("widened", widening))}
+    agreement = {name: adjusted_rand_score(*(tc.predict(s) for s in scans)) for name, tc in fits.items()}
+    tissue_ari = {name: np.mean([adjusted_rand_score(truth, tc.predict(s)) for s in scans]) for name, tc in fits.items()}
+    assert agreement["widened"] > agreement["plain"] + 0.01
+    assert tissue_ari["widened"] > tissue_ari["plain"] - 0.01
+    # the mixture itself is the same fit; only its covariances grow, by exactly the widening
+    np.testing.assert_allclose(fits["widened"].covariances_ - fits["plain"].covariances_,
+                               np.broadcast_to(widening, fits["plain"].covariances_.shape))
+    np.testing.assert_array_equal(fits["widened"].means_, fits["plain"].means_)
+
+
+@pytest.mark.parametrize("covariance", [np.eye(3), -np.eye(4), np.triu(np.ones((4, 4))), np.full((4, 4), np.nan)])
+def test_a_bad_acquisition_covariance_is_refused(planted, covariance):
+    with pytest.raises(InputError, match="acquisition_covariance must be"):
+        TissueClusters(n_clusters=3).fit(planted[0], acquisition_covariance=covariance)
 
 
 def test_merge_needs_every_label(planted):

@@ -48,6 +48,28 @@ def test_consistency_compares_labels_at_common_points_only():
     assert out["stable"]["mean_common_points"] == 35
 
 
+def test_training_acquisition_covariance_pairs_each_patients_acquisitions_at_shared_points():
+    """The widening evaluate gives each representation: its features' scatter between two acquisitions of a
+    patient, at the points both hold (shifted lattices must be matched by key, not by row)."""
+    from latentharmonize.clusters import acquisition_covariance
+    from latentharmonize.evaluation.representations import training_acquisition_covariance
+
+    rng = np.random.default_rng(0)
+    scans, first, second = [], [], []
+    for p in range(2):
+        tissue = rng.normal(size=(45, 2)) * 4.0
+        read = [tissue + rng.normal(size=(45, 2)) * [0.1, 1.0] for _ in range(2)]
+        scans += [_scan(f"p{p}", "a", _grid_keys(40), {}, latents=read[0][:40]),
+                  _scan(f"p{p}", "b", _grid_keys(40, shift=5), {}, latents=read[1][5:])]
+        first.append(read[0][5:40])
+        second.append(read[1][5:40])
+    scans.append(_scan("alone", "a", _grid_keys(40), {}, latents=rng.normal(size=(40, 2)) * 50.0))  # no pair: no part
+    got = training_acquisition_covariance(lambda s: s.latents["entangled"], scans)
+    np.testing.assert_allclose(got, acquisition_covariance(np.concatenate(first), np.concatenate(second)))
+    assert got[1, 1] > 10 * got[0, 0]  # the scanner moved points along the second feature
+    assert training_acquisition_covariance(lambda s: s.latents["entangled"], scans[-1:]) is None
+
+
 def test_rotated_versus_pairs_patients_and_judges_by_the_ci():
     import pandas as pd
 

@@ -114,7 +114,11 @@ def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort,
     k = bundle.clusters.n_clusters_  # the 3 components merged by the names of their HU profiles
     assert bundle.clusters.n_components_ == 3 and 1 <= k <= 3 and len(bundle.names) == k
     assert "Acquisition probe accuracy" in printed and "ARI" in printed
-    assert f"3 mixture components, named from their patches' HU and merged by name into {k} tissue cluster" in printed
+    # the cohort has cross-acquisition pairs, so the components are widened by their acquisition scatter
+    widening = bundle.manifest["training"]["acquisition_widening"]
+    assert widening > 0
+    assert (f"3 mixture components, widened by the training pairs' acquisition scatter ({100 * widening:.1f} % of a "
+            f"component's spread), named from their patches' HU and merged by name into {k} tissue cluster") in printed
     assert bundle.manifest["encoder"]["kind"] == "ae" and bundle.manifest["encoder"]["latent_dim"] == 8
     assert bundle.rotation.rotation_.shape == (8, 8)
     training = bundle.manifest["training"]

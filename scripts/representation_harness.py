@@ -1,8 +1,8 @@
 """Small harness for representation experiments (issue 19): tissue and consistency of several clusterings.
 
 Encodes a training and a test cohort with each given bundle once, then, for each representation, fits the tissue
-clusters as ``train`` and ``evaluate`` do (``fit_named_clusters``: K mixture components, seeded, named from their
-patches' HU and merged by name) on a seeded subsample of training latents and measures on the test scans
+clusters as ``train`` and ``evaluate`` do (``fit_named_clusters``: K mixture components, seeded, widened by the
+representation's acquisition covariance on the training pairs, named from their patches' HU and merged by name) on a seeded subsample of training latents and measures on the test scans
 what ``evaluate`` measures: consistency across acquisitions (ARI, NMI, Dice), agreement with the phantom truth,
 emphysema recall into the low-attenuation cluster and abnormal tissue outside the normal cluster (worst
 acquisition), the low-attenuation share's soft-to-sharp change beside LAA-950, the acquisition probe, and the
@@ -37,7 +37,8 @@ from latentharmonize.evaluation.consistency import consistency, consistency_per_
 from latentharmonize.evaluation.encoding import Encoders, encode_row, load_volumes, training_rows
 from latentharmonize.evaluation.evaluate import select_patients
 from latentharmonize.clusters import fit_named_clusters
-from latentharmonize.evaluation.representations import patch_statistics, training_naming_statistics
+from latentharmonize.evaluation.representations import (patch_statistics, training_acquisition_covariance,
+                                                       training_naming_statistics)
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, kernel_robustness, reference_clusters,
                                                threshold_classes, tissue_recall)
 from latentharmonize.patches import DenseLatents, aggregate_context
@@ -100,7 +101,8 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
     for name, f in funcs.items():
         t0 = time.perf_counter()
         X = np.concatenate([f(train[i])[r] for i, r in rows.items()])
-        clusters = fit_named_clusters(X, stats, k, seed, order_by=stats["mean_hu"])[0]
+        clusters = fit_named_clusters(X, stats, k, seed, order_by=stats["mean_hu"],
+                                      acquisition_covariance=training_acquisition_covariance(f, train))[0]
         for s in train + test:
             s.labels[name] = np.asarray(clusters.predict(f(s)))
         out[name] = {"dprime_emphysema": emphysema_dprime(X, truth_train, np.concatenate([f(s) for s in test]), truth_test),

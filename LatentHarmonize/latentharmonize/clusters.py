@@ -19,6 +19,12 @@ at least ``(1 - stability_tolerance)`` times the best: never less reproducible t
 fine-grained as reproducibility allows. Subsamples rather than bootstrap resamples: repeated rows of a bootstrap
 draw form artificial tight groups that make large K look stable.
 
+Widening by the acquisition covariance: the same lung point read under two acquisitions lands at two places in
+feature space. :func:`acquisition_covariance` measures that scatter on paired rows (half the second moment of their
+differences: the covariance one acquisition adds to a point), and ``fit(..., acquisition_covariance=...)`` adds it
+to every component's covariance. A boundary is then softer along the directions in which a change of scanner moves
+points, and firmer along those in which only tissue does (``docs/experiments/2026-12-05-acquisition-widening.md``).
+
 Confidence of a prediction: with ``p1 >= p2`` the two largest posterior probabilities of the clusters and
 ``d = 1 - p`` their dissimilarities, ``confidence = (d2 - d1) / (d2 + d1)`` in [0, 1]: 0 where two clusters are
 equally likely, 1 where one cluster has all the probability.
@@ -86,6 +92,29 @@ def _check_points(Z, name: str = "Z") -> np.ndarray:
         raise InputError(f"Biological coordinates {name} must be a finite 2-D array [n_patches, dims]: {exc}") from exc
 
 
+def acquisition_covariance(first, second) -> np.ndarray:
+    """The covariance one acquisition adds to a point's features, [dims, dims]: ``first`` and ``second`` [m, dims]
+    hold the same m lung points under two acquisitions (row i of each is one point), and with ``d`` their
+    differences this is ``d.T @ d / (2 m)`` (a difference carries the scatter of two acquisitions)."""
+    first, second = _check_points(first, "first"), _check_points(second, "second")
+    if first.shape != second.shape:
+        raise InputError(f"Paired rows must match: first has shape {first.shape}, second {second.shape}.")
+    d = first - second
+    return d.T @ d / (2.0 * len(d))
+
+
+def _check_covariance(covariance, dims: int):
+    """None (no widening) or the validated symmetric, positive semi-definite [dims, dims] array."""
+    if covariance is None:
+        return None
+    c = np.asarray(covariance, dtype=np.float64)
+    if (c.shape != (dims, dims) or not np.all(np.isfinite(c)) or not np.allclose(c, c.T)
+            or np.linalg.eigvalsh(c).min() < -1e-9 * max(float(np.trace(c)), 1.0)):
+        raise InputError(f"acquisition_covariance must be a finite, symmetric, positive semi-definite [{dims}, {dims}] "
+                         f"array (clusters.acquisition_covariance); got shape {c.shape}.")
+    return c
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -127,11 +156,13 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         self.reg_covar = reg_covar
         self.random_state = random_state
 
-    def fit(self, Z, y=None, order_by=None):
-        """Fit the mixture on ``Z`` [n, dims]; ``order_by`` ([n], e.g. patch mean HU) sets the component order.
-        Each component is its own cluster until :meth:`merge`."""
+    def fit(self, Z, y=None, order_by=None, acquisition_covariance=None):
+        """Fit the mixture on ``Z`` [n, dims]; ``order_by`` ([n], e.g. patch mean HU) sets the component order;
+        ``acquisition_covariance`` ([dims, dims], from :func:`acquisition_covariance`) is added to every component's
+        covariance. Each component is its own cluster until :meth:`merge`."""
         Z = _check_points(Z)
         order_by = self._check_order_by(order_by, Z.shape[0])
+        widening = _check_covariance(acquisition_covariance, Z.shape[1])
         rng = np.random.default_rng(self.random_state)
         if self.n_clusters is None:
             ks = self._check_k_range(Z.shape[0])
@@ -152,7 +183,10 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         order = np.lexsort((mixture.means_[:, 0], values))
         self.order_values_ = values[order]
         self.means_ = mixture.means_[order]
-        self.covariances_ = mixture.covariances_[order]
+        fitted = mixture.covariances_[order]
+        self.covariances_ = fitted if widening is None else fitted + widening
+        # what the widening adds: its trace against the mean trace of the fitted covariances
+        self.widening_share_ = 0.0 if widening is None else float(np.trace(widening) / np.trace(fitted, axis1=1, axis2=2).mean())
         self.weights_ = mixture.weights_[order]
         self._set_components()
         self.n_features_in_ = Z.shape[1]
@@ -396,14 +430,16 @@ def base_name(name: str) -> str:
 
 
 def fit_named_clusters(features, stats: Mapping[str, np.ndarray], n_clusters, random_state: int,
-                       order_by=None) -> tuple:
-    """Fit :class:`TissueClusters` on ``features`` [n, d], name each component from the HU profile of its rows
-    (``stats``: per-row patch statistics holding ``NAMING_KEYS``) and merge the components of one name.
+                       order_by=None, acquisition_covariance=None) -> tuple:
+    """Fit :class:`TissueClusters` on ``features`` [n, d] (components widened by ``acquisition_covariance`` when
+    given), name each component from the HU profile of its rows (``stats``: per-row patch statistics holding
+    ``NAMING_KEYS``) and merge the components of one name.
 
     Returns (clusters, cluster label 1..C of each row, the C cluster profiles, their C distinct names). A component
     that no row falls in takes the name of the component with the nearest mean.
     """
-    clusters = TissueClusters(n_clusters=n_clusters, random_state=random_state).fit(features, order_by=order_by)
+    clusters = TissueClusters(n_clusters=n_clusters, random_state=random_state).fit(
+        features, order_by=order_by, acquisition_covariance=acquisition_covariance)
     components = cluster_profiles(clusters.component_labels_, stats, clusters.n_components_)
     filled = [i for i, p in enumerate(components) if p["n"] > 0]
     filled_names = dict(zip(filled, (base_name(n) for n in name_clusters([components[i] for i in filled]))))

@@ -20,6 +20,7 @@ Adding a baseline: write one subclass of the fitting kind (a ``name`` and its on
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -28,11 +29,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..clusters import fit_named_clusters
+from ..clusters import acquisition_covariance, fit_named_clusters
 from ..densitometry import HU_STATISTIC_NAMES
 from ..errors import InputError
 from ..patches import lattice_hu_statistics
 from ..progress import Progress
+from .consistency import by_patient, common_rows
 from .encoding import ScanLatents, stack
 from .harmonizers import ComBatHarmonizer, HarmonyHarmonizer, HistogramMatcher, LeaceHarmonizer
 from .tissue import PATCH_MEAN_HU, THRESHOLD_BASELINE, threshold_classes
@@ -260,16 +262,34 @@ def training_naming_statistics(train: List[ScanLatents], rows) -> Dict[str, np.n
     return {key: np.concatenate([per_scan[i][key][r] for i, r in rows.items()]) for key in next(iter(per_scan.values()))}
 
 
+def training_acquisition_covariance(f: Features, train: List[ScanLatents]) -> Optional[np.ndarray]:
+    """:func:`clusters.acquisition_covariance` of a representation's features over the training pairs: every two
+    acquisitions of a training patient, at the lattice points all its acquisitions hold (``train`` pairs points the
+    same way). None when no training patient has two acquisitions."""
+    first, second = [], []
+    for scans in by_patient(train).values():
+        rows = common_rows(scans)
+        if len(scans) < 2 or len(rows[0]) == 0:
+            continue
+        features = [f(s)[r] for s, r in zip(scans, rows)]
+        for a, b in itertools.combinations(features, 2):
+            first.append(a)
+            second.append(b)
+    return acquisition_covariance(np.concatenate(first), np.concatenate(second)) if first else None
+
+
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
                     n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
     """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
-    named from their patches' HU and merged by name) and label every scan with them; where the training scans carry
+    widened by the representation's own acquisition covariance on the training pairs, named from their patches' HU
+    and merged by name) and label every scan with them; where the training scans carry
     the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
     with_truth = all(s.truth is not None for s in train)
     stats = training_naming_statistics(train, rows)
     for k, (name, f) in enumerate(funcs.items()):
         features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
-        clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"])[0]
+        clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
+                                      acquisition_covariance=training_acquisition_covariance(f, train))[0]
         readout = None
         if with_truth:
             try:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from ..clusters import TissueClusters, default_colors, fit_named_clusters
+from ..clusters import TissueClusters, acquisition_covariance, default_colors, fit_named_clusters
 from ..densitometry import HU_STATISTIC_NAMES
 from ..patches import PatchDensitometry, PatchSpec, autocast_for, encode_dense, n_features, point_keys
 from ..progress import Progress
@@ -156,8 +156,12 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
 
 
 def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:
-    """Mixture tissue clusters on the rotation's cluster features, components named from the HU profile of their
-    patches and merged by name (:func:`clusters.fit_named_clusters`)."""
+    """Mixture tissue clusters on the rotation's cluster features, components widened by the acquisition covariance
+    of the training pairs (when the cohort has pairs), named from the HU profile of their patches and merged by name
+    (:func:`clusters.fit_named_clusters`)."""
+    pairs = samples.pairs()
+    widening = acquisition_covariance(features[pairs[:, 0]], features[pairs[:, 1]]) if len(pairs) else None
     clusters, labels, profiles, names = fit_named_clusters(features, samples.stats, n_clusters, seed,
-                                                           order_by=samples.stats["mean_hu"])
+                                                           order_by=samples.stats["mean_hu"],
+                                                           acquisition_covariance=widening)
     return clusters, labels, profiles, names, default_colors(names)

@@ -23,6 +23,7 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
         "probe": fit.probe, "n_technical": int(fit.rotation.n_technical_), "technical_weight": fit.technical_weight,
         "technical_weight_pair_ari": {f"{w:g}": a for w, a in fit.weight_scores.items()},
         "k": int(fit.clusters.n_clusters_), "n_components": int(fit.clusters.n_components_),
+        "acquisition_widening": fit.clusters.widening_share_,
         "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(fit.profiles, start=1)},
         "cluster_names": {int(k): n for k, n in enumerate(fit.names, start=1)},
         "cluster_profiles": fit.profiles, "ari_vs_truth": _ari_vs_truth(fit.labels, samples),
@@ -51,8 +52,11 @@ def format_summary(summary: dict) -> str:
         + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters "
            f"(probe on what the clusters see: {probe['clusters']:.3f})."
            if summary.get("technical_weight") else "left out of the clusters."),
-        f"{summary['n_components']} mixture components, named from their patches' HU and merged by name into "
-        f"{summary['k']} tissue cluster{'s' if summary['k'] != 1 else ''}:",
+        f"{summary['n_components']} mixture components"
+        + (f", widened by the training pairs' acquisition scatter ({100 * summary['acquisition_widening']:.1f} % of "
+           "a component's spread)" if summary.get("acquisition_widening") else "")
+        + f", named from their patches' HU and merged by name into {summary['k']} tissue "
+          f"cluster{'s' if summary['k'] != 1 else ''}:",
     ]
     if summary.get("densitometry"):
         lines.insert(2, "Patch densitometry appended to the latents before the rotation, "
