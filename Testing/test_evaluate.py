@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from latentharmonize.errors import InputError
 from latentharmonize.evaluation.consistency import consistency, consistency_per_patient, probe, truth_agreement
 from latentharmonize.evaluation.encoding import Encoders, ScanLatents, encode_row, load_volumes, training_rows
 from latentharmonize.evaluation.evaluate import FIGURES, evaluate
@@ -68,6 +69,28 @@ def test_training_acquisition_covariance_pairs_each_patients_acquisitions_at_sha
     np.testing.assert_allclose(got, acquisition_covariance(np.concatenate(first), np.concatenate(second)))
     assert got[1, 1] > 10 * got[0, 0]  # the scanner moved points along the second feature
     assert training_acquisition_covariance(lambda s: s.latents["entangled"], scans[-1:]) is None
+
+
+def test_batch_harmonizers_are_left_out_on_acquisitions_unseen_in_training():
+    """Held-out scanner settings: ComBat and Harmony can only correct acquisitions they were fitted on (their
+    transform refuses the others), so evaluate leaves them out with the reason; LEACE needs no label and stays."""
+    from latentharmonize.evaluation.harmonizers import ComBatHarmonizer, HarmonyHarmonizer
+    from latentharmonize.evaluation.representations import REGISTRY
+
+    by_name = {r.name: r for r in REGISTRY}
+    seen, held_out = {"a_soft", "b_sharp"}, {"a_soft", "c_unseen"}
+    for name in ("combat", "harmony"):
+        assert by_name[name].unfit_for(seen, held_out) == ("corrects only acquisitions seen in training; 1 held-out "
+                                                           "acquisitions are not (e.g. 'c_unseen')")
+        assert by_name[name].unfit_for(seen, {"a_soft"}) is None
+    assert by_name["leace"].unfit_for(seen, held_out) is None
+    assert by_name["rotated"].unfit_for(seen, held_out) is None
+    rng = np.random.default_rng(0)
+    X, batch = rng.normal(size=(200, 4)), np.repeat(sorted(seen), 100)
+    for harmonizer in (ComBatHarmonizer(), HarmonyHarmonizer(random_state=0)):
+        fitted = harmonizer.fit(X, batch)
+        with pytest.raises(InputError, match="cannot correct unseen"):
+            fitted.transform(X[:5], np.full(5, "c_unseen"))
 
 
 def test_rotated_versus_pairs_patients_and_judges_by_the_ci():

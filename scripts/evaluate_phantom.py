@@ -12,8 +12,8 @@ cohort for that baseline; run ``latentharmonize evaluate``, and copy
 
 With ``--drawn-settings`` the cohorts draw each scan's kernel, dose, thickness and calibration from continuous ranges
 (``latentharmonize.phantom.SETTING_RANGES``): training patients from the ``train`` ranges, test and survival patients
-from the ``heldout`` ones, which do not overlap; a bundle is then trained here on that training cohort (or
-``--model`` with ``--train-cohort``).
+from the ``heldout`` ones, which do not overlap; a bundle is then trained here on that training cohort with the
+shipped default's options (or ``--model`` with ``--train-cohort``).
 """
 from __future__ import annotations
 
@@ -56,12 +56,23 @@ def _bundle_training_cohort(model, folder: Path) -> Path:
     return _cohort(folder, int(training["n_patients"]), int(training["seed"]))
 
 
-def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed: int, progress) -> Path:
+def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed: int, progress, **options) -> Path:
     from latentharmonize.training import TrainConfig, train
 
     if not (path / "manifest.json").exists():
-        train(cohort_csv, path, TrainConfig(seed=seed, epochs=epochs, encoder=encoder), progress=progress)
+        train(cohort_csv, path, TrainConfig(seed=seed, epochs=epochs, encoder=encoder, **options), progress=progress)
     return path
+
+
+def _default_options() -> dict:
+    """The representation options of the shipped default bundle, so that a bundle trained here is of its kind."""
+    from latentharmonize.bundle import default_bundle_path, load_bundle
+
+    bundle = load_bundle(default_bundle_path())
+    trained = bundle.manifest["training"]
+    return {"calibrate": bundle.spec.calibration is not None, "densitometry": trained.get("densitometry"),
+            "densitometry_smooth_mm": trained.get("densitometry_smooth_mm", 0.0),
+            "clusters": trained.get("n_components")}
 
 
 def markdown_table(metrics: dict) -> str:
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
         if args.drawn_settings and not (Path(model) / "manifest.json").exists():
             seed, epochs = args.seed, None
             train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, seed, drawn="train")
-            model = _bundle(Path(model), train_csv, "ae", None, seed, progress)
+            model = _bundle(Path(model), train_csv, "ae", None, seed, progress, **_default_options())
         elif args.drawn_settings:
             if args.train_cohort is None:
                 raise SystemExit("--drawn-settings with an existing --model needs its --train-cohort.")
@@ -157,7 +168,7 @@ def main(argv=None) -> int:
             seed, epochs = args.seed, None
             train_csv = args.train_cohort or _cohort(args.work / "train", args.train_patients, seed)
             print(f"No bundle at {model}: training one on {train_csv}")
-            model = _bundle(args.work / "model", train_csv, "ae", None, seed, progress)
+            model = _bundle(args.work / "model", train_csv, "ae", None, seed, progress, **_default_options())
         test_csv = _cohort(args.work / "test", args.test_patients, seed + TEST_SEED_OFFSET, drawn=held)
         unoranic = None if args.no_unoranic else _bundle(args.work / "unoranic", train_csv, "unoranic",
                                                          args.unoranic_epochs or epochs, seed, progress)

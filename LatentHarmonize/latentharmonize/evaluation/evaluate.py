@@ -152,7 +152,7 @@ def _encode(encoders: Encoders, train_rows, held_out: dict, seed: int, progress:
 def _label(bundle, train, evals, survivors, cfg: EvalConfig, progress: Progress, skipped: dict) -> Encoded:
     """Fit each representation on the training scans and label every scan with its clusters (or baseline labels)."""
     rows = training_rows(train, cfg.train_latents, cfg.seed)
-    funcs = fit_features(Training(bundle, train, rows, cfg.seed), skipped)
+    funcs = fit_features(Training(bundle, train, rows, cfg.seed), skipped, {s.acquisition for s in evals + survivors})
     n_clusters = int(bundle.clusters.n_components_)
     assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped)
     # the paper's pair (rotated against entangled) is always measured; another representation whose components all

@@ -69,12 +69,26 @@ class Representation:
         """Why this representation cannot run on scans holding ``sources`` (None: it can)."""
         return None
 
+    def unfit_for(self, seen: set, held_out: set) -> Optional[str]:
+        """Why this representation cannot label held-out scans of the acquisitions ``held_out`` when trained on
+        ``seen`` (None: it can)."""
+        return None
+
 
 class LatentHarmonizer(Representation):
     """A harmonizer (``fit(X, batch)``, ``transform(X, batch)``) fitted on the training latents and acquisitions."""
 
+    corrects_unseen = False  # whether it can correct an acquisition that no training scan had
+
     def harmonizer(self, seed: int):
         raise NotImplementedError
+
+    def unfit_for(self, seen: set, held_out: set) -> Optional[str]:
+        unseen = sorted(held_out - seen)
+        if self.corrects_unseen or not unseen:
+            return None
+        return (f"corrects only acquisitions seen in training; {len(unseen)} held-out acquisitions are not "
+                f"(e.g. {unseen[0]!r})")
 
     def fit(self, training: Training) -> Features:
         fitted = self.harmonizer(training.seed).fit(*training.stack("entangled"))
@@ -156,6 +170,7 @@ class Harmony(LatentHarmonizer):
 
 class Leace(LatentHarmonizer):
     name = "leace"
+    corrects_unseen = True  # the eraser needs no acquisition label at transform time
 
     def harmonizer(self, seed: int):
         return LeaceHarmonizer()
@@ -222,14 +237,17 @@ def fit_image_harmonizers(samples: List[np.ndarray], seed: int) -> dict:
     return {r.name: r.fit_images(samples, seed) for r in of_kind(ImageHarmonizer)}
 
 
-def fit_features(training: Training, skipped: dict) -> Dict[str, Features]:
-    """Fit every clustered representation the training scans' sources allow; the others are noted in ``skipped``."""
+def fit_features(training: Training, skipped: dict, held_out_acquisitions: set = frozenset()) -> Dict[str, Features]:
+    """Fit every clustered representation the training scans' sources allow and that can label scans of the
+    ``held_out_acquisitions`` (ComBat and Harmony correct only acquisitions they were fitted on: on scanner settings
+    held out of training they cannot run); the others are noted in ``skipped``."""
     sources = set(training.scans[0].latents)
+    seen = {s.acquisition for s in training.scans}
     funcs: Dict[str, Features] = {}
     for r in REGISTRY:
         if isinstance(r, LabelBaseline):
             continue
-        reason = r.missing(sources)
+        reason = r.missing(sources) or r.unfit_for(seen, set(held_out_acquisitions))
         if reason:
             skipped[r.name] = reason
         else:
