@@ -83,7 +83,7 @@ def context_latents(model, cohort, samples: PairedPatches, spec: PatchSpec, devi
     for n, (patient, rows_of_patient) in enumerate(patients):
         for _, row in rows_of_patient.iterrows():
             scan = load_scan(row, spec)
-            dense = encode_dense(model, scan.hu, scan.parenchyma, scan.grid, spec, device)
+            dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
             where = {key: i for i, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}
             rows = np.flatnonzero(samples.scan == index)
             out[rows] = dense.latents[[where[key] for key in map(tuple, samples.keys[rows].tolist())]]

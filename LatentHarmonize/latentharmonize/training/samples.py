@@ -55,7 +55,7 @@ def _common_points(scans: list, spec: PatchSpec) -> tuple[np.ndarray, list]:
     """Keys of lattice points valid in every scan of one patient, and each scan's positions of those points."""
     per_scan = []
     for scan in scans:
-        pos = np.argwhere(valid_centres(scan.parenchyma, spec))
+        pos = np.argwhere(valid_centres(scan.lung, spec))
         keys = point_keys(patch_lattice(scan.grid, spec), pos)
         per_scan.append({tuple(k): p for k, p in zip(keys.tolist(), pos)})
     common = sorted(set.intersection(*(set(d) for d in per_scan)))
@@ -106,7 +106,7 @@ def concat_samples(parts: list) -> PairedPatches:
 
 def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarray, point_ids: np.ndarray,
                   spec: PatchSpec) -> dict:
-    filled = np.where(scan.parenchyma, scan.hu, np.float32(spec.outside_fill_hu))
+    filled = np.where(scan.lung, scan.hu, np.float32(spec.outside_fill_hu))
     raw = extract_patches(filled, positions, spec)
     lo, hi = spec.hu_window
     rows = {"patches": ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32),
