@@ -202,14 +202,15 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     # on a training scan the appended columns are centred, with twice the latent coordinates' mean SD
     row = read_cohort(tiny_phantom_cohort).iloc[0]
     scan = load_scan(row, bundle.spec)
-    dense = encode_dense(bundle.encoder("cpu"), scan.hu, scan.parenchyma, scan.grid, bundle.spec).latents
+    dense = encode_dense(bundle.encoder("cpu"), scan.hu, scan.lung, scan.grid, bundle.spec).latents  # as trained
     appended = dense[:, 6:]
     assert np.all(np.abs(appended.mean(axis=0)) < 1.5 * appended.std(axis=0).max())
     ratio = appended.std(axis=0).mean() / dense[:, :6].std(axis=0).mean()
     assert 1.0 < ratio < 3.0
     analyze(row["image"], tmp_path / "analysis", model=out, device="cpu", write_report=False)
-    # analyze encodes the same parenchyma patches that training fitted the statistics on
-    assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["n_patches"] == len(dense)
+    # analyze encodes the parenchyma: the lung's patches less those centred on a vessel or airway
+    parenchyma = encode_dense(bundle.encoder("cpu"), scan.hu, scan.parenchyma, scan.grid, bundle.spec).latents
+    assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["n_patches"] == len(parenchyma)
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(InputError, match="--densitometry must be a positive weight"):
             TrainConfig(densitometry=bad)
