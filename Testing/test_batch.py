@@ -200,8 +200,7 @@ def test_encode_cohort_gives_each_scan_its_dense_latents(cohort_csv, bundle_dir,
     assert list(latents) == [(p, a) for p in ("P000", "P001") for a in ACQUISITIONS]
     bundle = load_bundle(bundle_dir)
     scan = load_scan(read_cohort(cohort_csv).iloc[3], bundle.spec)
-    # the parenchyma, as analyze encodes it: vessels and airways do not drive the patches
-    expected = encode_dense(bundle.encoder("cpu"), scan.hu, scan.parenchyma, scan.grid, bundle.spec, "cpu")
+    expected = encode_dense(bundle.encoder("cpu"), scan.hu, scan.lung, scan.grid, bundle.spec, "cpu")
     got = latents[("P001", ACQUISITIONS[1])]
     assert np.array_equal(got.positions, expected.positions)
     assert np.allclose(got.latents, expected.latents, atol=1e-5)

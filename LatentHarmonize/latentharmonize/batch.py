@@ -307,11 +307,12 @@ def _worker_bundle(model: str):
 
 
 def _encode_scan(row: pd.Series, model: str, device: str):
-    """Worker side: one scan's parenchyma on the model grid, densely encoded by the bundle's encoder."""
+    """Worker side: one scan on the model grid, densely encoded by the bundle's encoder as training encodes it
+    (whole-lung patches), for refitting the rotation or the clusters."""
     bundle = _worker_bundle(model)
     scan = load_scan(row, bundle.spec)
     torch_device = resolve_device(device)
-    return encode_dense(bundle.encoder(torch_device), scan.hu, scan.parenchyma, scan.grid, bundle.spec, torch_device)
+    return encode_dense(bundle.encoder(torch_device), scan.hu, scan.lung, scan.grid, bundle.spec, torch_device)
 
 
 def encode_cohort(cohort_csv, model=None, device: str = "auto", client=None, scheduler: Optional[str] = None,

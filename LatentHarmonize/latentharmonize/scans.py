@@ -35,7 +35,7 @@ class Scan:
 
     @property
     def parenchyma(self) -> np.ndarray:
-        """The lung without vessels and airways: the voxels patches are cut from."""
+        """The lung without vessels and airways: the voxels ``analyze`` and ``evaluate`` cut patches from."""
         return parenchyma(self.lung, self.structures)
 
 

@@ -77,8 +77,8 @@ def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
 
 
 def parenchyma(lung: np.ndarray, structures: np.ndarray) -> np.ndarray:
-    """The lung without its vessels and airways: what patches are cut from and tissue clusters describe, in
-    ``analyze``, ``batch``, training and evaluation alike."""
+    """The lung without its vessels and airways: what ``analyze`` and ``evaluate`` cut patches from, so that tissue
+    clusters describe the parenchyma. (Training reads whole-lung patches: docs/training.md says why.)"""
     return lung & (structures == 0)
 
 
