@@ -65,10 +65,10 @@ def test_training_acquisition_covariance_pairs_each_patients_acquisitions_at_sha
         first.append(read[0][5:40])
         second.append(read[1][5:40])
     scans.append(_scan("alone", "a", _grid_keys(40), {}, latents=rng.normal(size=(40, 2)) * 50.0))  # no pair: no part
-    got = training_acquisition_covariance(lambda s: s.latents["entangled"], scans)
+    got = training_acquisition_covariance(scans, [s.latents["entangled"] for s in scans])
     np.testing.assert_allclose(got, acquisition_covariance(np.concatenate(first), np.concatenate(second)))
     assert got[1, 1] > 10 * got[0, 0]  # the scanner moved points along the second feature
-    assert training_acquisition_covariance(lambda s: s.latents["entangled"], scans[-1:]) is None
+    assert training_acquisition_covariance(scans[-1:], [scans[-1].latents["entangled"]]) is None
 
 
 def test_batch_harmonizers_are_left_out_on_acquisitions_unseen_in_training():

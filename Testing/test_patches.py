@@ -12,7 +12,6 @@ from latentharmonize.networks import build_model
 from latentharmonize.patches import (DenseLatents, PatchSpec, aggregate_context, densitometry_features, encode_dense,
                                      encode_patches_naive, normalize_hu, patch_lattice, point_keys, valid_centres)
 from latentharmonize.scans import Scan
-from latentharmonize.structures import segment_structures
 from latentharmonize.training.augment import training_dataset
 from latentharmonize.training.samples import sample_paired_patches
 
@@ -45,11 +44,7 @@ def acquisition(spacing, origin, size, seed=None):
 def patient_scans(patient="p1"):
     thin = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72))
     thick = acquisition((0.8, 0.8, 5.0), (-39.6, -33.6, -37.5), (100, 86, 16), seed=1)
-    scans = []
-    for name, (ct, lung) in (("thin", thin), ("thick", thick)):
-        hu, mask, grid = to_model_grid(ct, lung)
-        scans.append(Scan(patient, name, hu, mask, grid, segment_structures(hu, mask, grid.spacing)))
-    return scans
+    return [Scan(patient, name, *to_model_grid(ct, lung)) for name, (ct, lung) in (("thin", thin), ("thick", thick))]
 
 
 def test_normalize_window_and_outside_fill():

@@ -100,9 +100,10 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
     truth_test = np.concatenate([s.truth for s in test])
     for name, f in funcs.items():
         t0 = time.perf_counter()
-        X = np.concatenate([f(train[i])[r] for i, r in rows.items()])
+        train_features = [f(s) for s in train]
+        X = np.concatenate([train_features[i][r] for i, r in rows.items()])
         clusters = fit_named_clusters(X, stats, k, seed, order_by=stats["mean_hu"],
-                                      acquisition_covariance=training_acquisition_covariance(f, train))[0]
+                                      acquisition_covariance=training_acquisition_covariance(train, train_features))[0]
         for s in train + test:
             s.labels[name] = np.asarray(clusters.predict(f(s)))
         out[name] = {"dprime_emphysema": emphysema_dprime(X, truth_train, np.concatenate([f(s) for s in test]), truth_test),

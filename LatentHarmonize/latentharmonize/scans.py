@@ -8,6 +8,7 @@ and the same parenchyma ``analyze`` encodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,8 +31,13 @@ class Scan:
     hu: np.ndarray
     lung: np.ndarray
     grid: ModelGrid
-    structures: np.ndarray  # vessels and airways (``structures.segment_structures``)
     truth: np.ndarray | None = None
+
+    @cached_property
+    def structures(self) -> np.ndarray:
+        """Vessels and airways on the model grid (``structures.segment_structures``), found on first use: training
+        reads whole-lung patches and never needs them."""
+        return segment_structures(self.hu, self.lung, self.grid.spacing)
 
     @property
     def parenchyma(self) -> np.ndarray:
@@ -47,12 +53,11 @@ def read_scan(row) -> tuple:
 
 
 def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> Scan:
-    """One cohort row on the model grid: CT, lung mask, vessels and airways and, if the row has one, tissue truth."""
+    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
     hu, lung, grid, _ = model_grid_hu(ct, lungs, spec, required=True)
     truth_path = optional_path(row, "truth")
     truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
-    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, segment_structures(hu, lung, grid.spacing),
-                truth)
+    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
 
 
 def load_scan(row, spec: PatchSpec) -> Scan:

@@ -280,16 +280,17 @@ def training_naming_statistics(train: List[ScanLatents], rows) -> Dict[str, np.n
     return {key: np.concatenate([per_scan[i][key][r] for i, r in rows.items()]) for key in next(iter(per_scan.values()))}
 
 
-def training_acquisition_covariance(f: Features, train: List[ScanLatents]) -> Optional[np.ndarray]:
-    """:func:`clusters.acquisition_covariance` of a representation's features over the training pairs: every two
-    acquisitions of a training patient, at the lattice points all its acquisitions hold (``train`` pairs points the
-    same way). None when no training patient has two acquisitions."""
+def training_acquisition_covariance(train: List[ScanLatents], features: List[np.ndarray]) -> Optional[np.ndarray]:
+    """:func:`clusters.acquisition_covariance` of a representation's ``features`` of the training scans (one array
+    per scan of ``train``) over the training pairs: every two acquisitions of a training patient, at the lattice
+    points all its acquisitions hold (``train`` pairs points the same way). None when no patient has two."""
+    of_scan = {id(s): x for s, x in zip(train, features)}
     first, second = [], []
     for scans in by_patient(train).values():
         rows = common_rows(scans)
         if len(scans) < 2 or len(rows[0]) == 0:
             continue
-        features = [f(s)[r] for s, r in zip(scans, rows)]
+        features = [of_scan[id(s)][r] for s, r in zip(scans, rows)]
         for a, b in itertools.combinations(features, 2):
             first.append(a)
             second.append(b)
@@ -305,9 +306,10 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
     with_truth = all(s.truth is not None for s in train)
     stats = training_naming_statistics(train, rows)
     for k, (name, f) in enumerate(funcs.items()):
-        features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
+        train_features = [f(s) for s in train]
+        features = np.concatenate([train_features[i][r] for i, r in rows.items()])
         clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
-                                      acquisition_covariance=training_acquisition_covariance(f, train))[0]
+                                      acquisition_covariance=training_acquisition_covariance(train, train_features))[0]
         readout = None
         if with_truth:
             try:
