@@ -135,3 +135,29 @@ def test_refinement_follows_the_ct_hu():
     ct_hu = np.array([20.0, -850.0, 10.0, 30.0, -990.0, -600.0])
     # dense voxels in or next to a grid vessel are vessel; air in a grid airway is airway; lung stays tissue (0)
     assert refine_on_ct(coarse, index, ct_hu).tolist() == [VESSEL_LABEL, 0, VESSEL_LABEL, 0, AIRWAY_LABEL, 0]
+
+
+def test_evaluate_reads_the_parenchyma_that_analyze_encodes(chest, tmp_path):
+    """A cohort row's volumes for evaluate: the lung less the vessels found on the model grid (the mask analyze
+    encodes), while the scan keeps its whole lung for training."""
+    import pandas as pd
+    import SimpleITK as sitk
+
+    from latentharmonize.evaluation.encoding import load_volumes
+    from latentharmonize.patches import PatchSpec
+    from latentharmonize.scans import load_scan
+    from latentharmonize.structures import parenchyma
+
+    hu, lung, vessel, _, _ = chest
+    row = {"patient": "p", "acquisition": "a"}
+    for name, array in (("image", hu.astype(np.int16)), ("mask", lung.astype(np.uint8))):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(SPACING)
+        row[name] = str(tmp_path / f"{name}.nrrd")
+        sitk.WriteImage(image, row[name])
+    row = pd.Series(row)
+    scan = load_scan(row, PatchSpec())
+    _, read, _, _, _ = load_volumes(row, PatchSpec())
+    assert (scan.structures == VESSEL_LABEL).sum() > 0.5 * vessel.sum()  # the grid is the chest's own spacing
+    np.testing.assert_array_equal(read, parenchyma(scan.lung, scan.structures))
+    assert scan.lung.sum() - read.sum() == np.count_nonzero(scan.structures)
