@@ -98,3 +98,23 @@ def test_lattice_image_round_trips_into_ct_geometry():
     assert (back == truth).mean() > 0.97
     with pytest.raises(ValueError, match="shape"):
         lattice_to_image(mask[:-1], grid)
+
+
+def test_lowpass_blurs_each_slice_alone_and_keeps_the_mean():
+    from latentharmonize.grid import lowpass_in_plane
+
+    rng = np.random.default_rng(0)
+    hu = (-800.0 + 50.0 * rng.normal(size=(6, 64, 64))).astype(np.float32)
+    assert lowpass_in_plane(hu, 0.0, (1.25, 1.25, 2.5)) is hu
+    blurred = lowpass_in_plane(hu, 1.25, (1.25, 1.25, 2.5))
+    assert blurred.dtype == np.float32 and blurred.shape == hu.shape
+    # white noise under a unit-pixel Gaussian keeps 1 / (2 sqrt(pi)) of its SD in two dimensions
+    assert np.std(blurred[:, 8:-8, 8:-8]) == pytest.approx(50.0 / (2 * np.sqrt(np.pi)), rel=0.08)
+    assert np.mean(blurred) == pytest.approx(np.mean(hu), abs=0.5)
+    impulse = np.zeros((5, 21, 21), np.float32)
+    impulse[2, 10, 10] = 1.0
+    spread = lowpass_in_plane(impulse, 2.0, (1.0, 1.0, 2.5))
+    assert np.all(spread[[0, 1, 3, 4]] == 0) and spread[2].sum() == pytest.approx(1.0, abs=1e-4)
+    # anisotropic pixels: the SD is in mm, so the blur reaches as far in mm along x and y
+    wide = lowpass_in_plane(impulse, 2.0, (0.5, 1.0, 2.5))[2]
+    assert wide[10, 10 + 4] == pytest.approx(wide[10 + 2, 10], rel=1e-3)

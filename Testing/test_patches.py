@@ -228,3 +228,20 @@ def test_lattice_hu_statistics_equals_one_sort_per_patch_over_several_blocks():
     shares = [np.count_nonzero(test, axis=1) / n_lung for test in (patches < -950, patches > -700, patches > -300)]
     expected = np.column_stack([np.take_along_axis(np.sort(patches, axis=1), ranks, axis=1), *shares])
     assert lattice_hu_statistics(hu, lung, positions, spec).tobytes() == expected.astype(np.float32).tobytes()
+
+
+def test_the_spec_lowpass_blurs_the_model_grid_hu_that_everything_reads():
+    from latentharmonize.grid import lowpass_in_plane
+    from latentharmonize.patches import model_grid_hu
+
+    ct, lung = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72), seed=3)
+    plain, lung_plain, grid, _ = model_grid_hu(ct, lung, PatchSpec())
+    blurred, lung_blurred, same_grid, _ = model_grid_hu(ct, lung, PatchSpec(lowpass_mm=1.0))
+    assert same_grid == grid and np.array_equal(lung_plain, lung_blurred)
+    np.testing.assert_array_equal(blurred, lowpass_in_plane(plain, 1.0, grid.spacing))
+    assert np.std(np.diff(blurred, axis=2)) < 0.7 * np.std(np.diff(plain, axis=2))
+    assert PatchSpec.from_dict(PatchSpec(lowpass_mm=1.0).to_dict()).lowpass_mm == 1.0
+    assert PatchSpec.from_dict({}).lowpass_mm == 0.0  # bundles from before the option read their scans unblurred
+    for bad in (-0.5, 11.0, float("nan"), True, "1"):
+        with pytest.raises(InputError, match="lowpass_mm"):
+            PatchSpec(lowpass_mm=bad)

@@ -104,6 +104,22 @@ def test_soft_and_sharp_share_anatomy_and_noise(patient):
     assert 100 * (sharp[lungs] < -950).mean() > 100 * (soft[lungs] < -950).mean() + 2   # kernel inflates the EI
 
 
+def test_the_model_grid_lowpass_brings_soft_and_sharp_kernels_together(patient):
+    from latentharmonize.grid import lowpass_in_plane
+
+    soft, sharp = ph.acquire_all(patient, ph.DEFAULT_ACQUISITIONS[:2])
+    lungs = ndimage.binary_erosion(sitk.GetArrayFromImage(patient.truth) > 0, iterations=3)
+
+    def kernel_gap(sigma_mm):
+        a, b = (lowpass_in_plane(_array(im).astype(np.float32), sigma_mm, soft.GetSpacing()) for im in (soft, sharp))
+        laa = [100 * (v[lungs] < -950).mean() for v in (a, b)]
+        return np.sqrt(np.mean((a - b)[lungs] ** 2)), laa[1] - laa[0]
+
+    (rms_raw, laa_raw), (rms, laa) = kernel_gap(0.0), kernel_gap(1.0)
+    assert rms < 0.4 * rms_raw                         # the same raw scan reads alike once both are blurred
+    assert laa_raw > 4 and abs(laa) < 0.25 * laa_raw   # and the sharp kernel's emphysema index inflation is gone
+
+
 def test_vendor_calibration_and_dose(patient):
     base = ph.Acquisition("base", "standard", "A", 100.0, 1.25)
     vendor_b = ph.Acquisition("vendor_b", "standard", "B", 100.0, 1.25)

@@ -70,6 +70,8 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
         TrainConfig(n_technical=24)
     with pytest.raises(InputError, match="context_radius"):
         TrainConfig(context_radius=-1)
+    with pytest.raises(InputError, match="--lowpass"):
+        TrainConfig(lowpass_mm=-1.0)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{}")
     with pytest.raises(OutputError, match="--overwrite"):
@@ -88,6 +90,8 @@ def test_command_line_defaults_are_the_config_defaults_and_the_fingerprint_cover
     assert TrainConfig().epoch_budget == 20 and TrainConfig(max_minutes=5.0).epoch_budget is None
     plain, calibrated = TrainConfig().fingerprint(), TrainConfig(calibrate=True).fingerprint()
     assert plain["patch_spec"]["calibration"] is None and calibrated["patch_spec"]["calibration"] == "air_fat"
+    blurred = config_from_args(parser.parse_args(["cohort.csv", "--out", "m", "--lowpass", "1"]))
+    assert blurred.patch_spec().lowpass_mm == 1.0 and blurred.fingerprint()["patch_spec"]["lowpass_mm"] == 1.0
     # the budget and where the run goes are not settings of the weights: --resume --epochs 30 extends a run
     assert TrainConfig(epochs=30, device="cpu", workers=2).fingerprint() == plain
 

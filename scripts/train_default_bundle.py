@@ -7,7 +7,7 @@ thread count and a fixed creation date (SOURCE_DATE_EPOCH) give the same bundle 
 About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine).
 
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
-        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--clusters K]
+        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--lowpass MM] [--clusters K]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
                         help="weight of the patch densitometry appended to the latent before the rotation (default 1)")
     parser.add_argument("--densitometry-smooth", type=float, default=2.5, metavar="MM",
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
+    parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
+                        help="in-plane Gaussian sigma (mm) of every scan on the model grid before encoding (default 1)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", CREATED)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         print(f"phantom cohort: {args.patients} patients in {time.perf_counter() - t0:.0f} s", flush=True)
         config = TrainConfig(seed=args.seed, epochs=args.epochs, encoder=args.encoder, device="cpu",
                              clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
-                             densitometry_smooth_mm=args.densitometry_smooth)
+                             densitometry_smooth_mm=args.densitometry_smooth, lowpass_mm=args.lowpass)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped
     print(format_summary(summary))

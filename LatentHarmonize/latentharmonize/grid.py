@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import InputError, NoLungFoundError
 
@@ -123,6 +124,15 @@ def resample_onto(image: sitk.Image, grid: ModelGrid, nearest: bool, default: fl
     out_type = image.GetPixelID() if nearest else sitk.sitkFloat32
     resampled = sitk.Resample(image, grid.reference_image(), sitk.Transform(), interp, float(default), out_type)
     return sitk.GetArrayFromImage(resampled)
+
+
+def lowpass_in_plane(hu: np.ndarray, sigma_mm: float, spacing) -> np.ndarray:
+    """``hu`` [z, y, x] blurred by an in-plane Gaussian of SD ``sigma_mm`` on a grid of ``spacing`` (x, y, z) mm;
+    ``hu`` itself when ``sigma_mm`` is 0. Slices stay apart: the slice thickness is the scan's own."""
+    if not sigma_mm:
+        return hu
+    sigma_px = (0.0, sigma_mm / float(spacing[1]), sigma_mm / float(spacing[0]))
+    return ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma_px, mode="nearest")
 
 
 def to_model_grid(ct: sitk.Image, lungs: sitk.Image, spacing=DEFAULT_SPACING,

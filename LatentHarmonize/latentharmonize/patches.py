@@ -25,7 +25,7 @@ from scipy import ndimage
 from .calibration import METHODS as CALIBRATIONS, calibrate_grid_hu
 from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
-from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, to_model_grid
+from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, lowpass_in_plane, to_model_grid
 from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
@@ -91,6 +91,9 @@ class PatchSpec:
     context_radius: int = 1
     # Internal-reference HU calibration before encoding (calibration.py): None or "air_fat".
     calibration: str | None = None
+    # In-plane Gaussian SD (mm) of the model-grid HU before anything reads it (grid.lowpass_in_plane): every
+    # reconstruction kernel is brought to one resolution, so a sharp kernel's texture cannot pass for tissue.
+    lowpass_mm: float = 0.0
     densitometry: PatchDensitometry | None = None
 
     def __post_init__(self):
@@ -102,6 +105,8 @@ class PatchSpec:
             raise InputError(f"context_radius must be 0 or more lattice steps, got {self.context_radius}.")
         if self.calibration is not None and self.calibration not in CALIBRATIONS:
             raise InputError(f"calibration must be null or one of {CALIBRATIONS}, got {self.calibration!r}.")
+        if not (_is_real(self.lowpass_mm) and 0 <= self.lowpass_mm <= 10):
+            raise InputError(f"lowpass_mm must be a number of mm in 0..10, got {self.lowpass_mm!r}.")
         lo, hi = self.hu_window
         if not lo < hi:
             raise InputError(f"hu_window must be [low, high] with low < high, got {list(self.hu_window)}.")
@@ -137,12 +142,12 @@ class PatchSpec:
 
 def model_grid_hu(ct, lungs, spec: PatchSpec, required: bool = False) -> tuple:
     """``(hu, lung, grid, calibration)``: the lung box of a CT (SimpleITK images) on the model grid of ``spec``, HU
-    calibrated if the spec asks (``calibration`` None otherwise). A scan without usable air/fat references is
-    refused when ``required`` (training), else kept uncalibrated with the warning the calibration carries
-    (analyze)."""
+    calibrated if the spec asks (``calibration`` None otherwise) and low-passed in-plane by its ``lowpass_mm``. A scan
+    without usable air/fat references is refused when ``required`` (training), else kept uncalibrated with the
+    warning the calibration carries (analyze)."""
     hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm, align_px=(spec.stride, spec.stride, 1))
     hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=required)
-    return hu, lung, grid, calibration
+    return lowpass_in_plane(hu, spec.lowpass_mm, spec.spacing), lung, grid, calibration
 
 
 def n_features(latent_dim: int, spec: PatchSpec) -> int:

@@ -53,6 +53,10 @@ def add_arguments(parser) -> None:
                         help="with --densitometry: read the statistics from the lung blurred in-plane with this "
                              f"Gaussian SD, so a sharp kernel's extra noise does not count as emphysema (default "
                              f"{DEFAULTS.densitometry_smooth_mm:g})")
+    parser.add_argument("--lowpass", dest="lowpass_mm", type=float, default=DEFAULTS.lowpass_mm, metavar="MM",
+                        help="blur every scan in-plane with this Gaussian SD on the model grid before encoding (in "
+                             "training and in every analysis with this bundle), so soft and sharp kernels reach one "
+                             f"resolution (default {DEFAULTS.lowpass_mm:g}; the shipped bundle uses 1)")
     options.add_dask(parser, "sampling the cohort's patches")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/.checkpoints")
     options.add_overwrite(parser, "an existing bundle in --out")
@@ -73,6 +77,7 @@ def config_from_args(args) -> TrainConfig:
         clusters=args.clusters, n_technical=_n_technical(args.n_technical), per_patient=args.per_patient,
         latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
         densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm, calibrate=args.calibrate,
+        lowpass_mm=args.lowpass_mm,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)
 
 

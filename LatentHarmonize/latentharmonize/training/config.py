@@ -38,6 +38,7 @@ class TrainConfig:
     densitometry: float | None = None  # weight of the patch statistics appended to the latents
     densitometry_smooth_mm: float = 0.0
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
+    lowpass_mm: float = 0.0  # in-plane Gaussian SD of the model-grid HU (the spec's lowpass_mm)
     context_radius: int = PatchSpec.context_radius
     device: str = "auto"
     scheduler: str | None = None  # Dask scheduler address for sampling the cohort
@@ -48,6 +49,8 @@ class TrainConfig:
         _check_budget(self)
         _check_sizes(self)
         _check_densitometry(self)
+        if not (_is_real(self.lowpass_mm) and 0 <= self.lowpass_mm <= 10):
+            raise InputError(f"--lowpass must be a Gaussian SD of 0 to 10 mm, got {self.lowpass_mm!r}.")
         self.patch_spec()  # the spec validates the context radius
 
     @property
@@ -57,7 +60,8 @@ class TrainConfig:
 
     def patch_spec(self) -> PatchSpec:
         """The spec the encoder is trained on (``train`` appends the fitted densitometry entry later)."""
-        return PatchSpec(context_radius=self.context_radius, calibration="air_fat" if self.calibrate else None)
+        return PatchSpec(context_radius=self.context_radius, calibration="air_fat" if self.calibrate else None,
+                         lowpass_mm=self.lowpass_mm)
 
     def model_kwargs(self) -> dict:
         kwargs = {"latent_dim": self.latent_dim, "width": self.width}
