@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check vessels, airways and the voxel-level label map: on a phantom patient against its truth, or on real scans.
 
-    .venv/bin/python scripts/check_structures.py phantom [--patient 0] [--seed 7] [--full]
+    .venv/bin/python scripts/check_structures.py phantom [--patient 0] [--seed 7] [--full] [--model BUNDLE]
     .venv/bin/python scripts/check_structures.py scan RESULT_DIR [RESULT_DIR ...]
 
 ``phantom`` makes one patient, rebuilds the truth of its vessels and airways from the generator's tubes (voxels
@@ -51,21 +51,20 @@ def phantom_truth(patient_index: int, seed: int, full: bool):
     return patient, truth
 
 
-def check_phantom(patient_index: int, seed: int, full: bool) -> None:
+def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None:
     import SimpleITK as sitk
     from sklearn.metrics import adjusted_rand_score
 
     from latentharmonize.pipeline import _cluster_maps, ct_lookup, nearest_valid_index
     from latentharmonize.bundle import load_bundle
-    from latentharmonize.grid import to_model_grid
     from latentharmonize.lungmask import segment_lungs
     from latentharmonize.evaluation.metrics import mask_dice
-    from latentharmonize.patches import encode_dense
+    from latentharmonize.patches import encode_dense, model_grid_hu
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
     from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, segment_structures
     from latentharmonize.tissue import TISSUES
 
-    bundle = load_bundle()
+    bundle = load_bundle(model)
     encoder, spec = bundle.encoder("cpu"), bundle.spec
     patient, truth = phantom_truth(patient_index, seed, full)
     structure_truth = sitk.GetImageFromArray(truth)
@@ -74,8 +73,7 @@ def check_phantom(patient_index: int, seed: int, full: bool) -> None:
           f"of the structures, {np.count_nonzero(truth == 1) / np.count_nonzero(sitk.GetArrayViewFromImage(patient.truth)):.1%} of the lung")
     for acq, ct in zip(DEFAULT_ACQUISITIONS, acquire_all(patient, DEFAULT_ACQUISITIONS)):
         lungs = segment_lungs(ct)
-        hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
-                                       align_px=(spec.stride, spec.stride, 1))
+        hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)  # calibrated and low-passed as analyze reads it
         found = segment_structures(hu, lung, grid.spacing)
         parenchyma = encode_dense(encoder, hu, lung & (found == 0), grid, spec, "cpu")
         labels = sitk.GetArrayFromImage(_cluster_maps(parenchyma, bundle, ct, lungs, grid, found)[2])
@@ -145,11 +143,12 @@ def main(argv=None) -> int:
     ph.add_argument("--patient", type=int, default=0)
     ph.add_argument("--seed", type=int, default=7)
     ph.add_argument("--full", action="store_true", help="the full-size 512 x 512 x 300 patient")
+    ph.add_argument("--model", help="model bundle folder (default: the shipped one)")
     sc = sub.add_parser("scan")
     sc.add_argument("results", nargs="+", help="output folders of latentharmonize analyze")
     args = parser.parse_args(argv)
     if args.mode == "phantom":
-        check_phantom(args.patient, args.seed, args.full)
+        check_phantom(args.patient, args.seed, args.full, args.model)
     else:
         check_scans(args.results)
     return 0
