@@ -230,17 +230,32 @@ def test_lattice_hu_statistics_equals_one_sort_per_patch_over_several_blocks():
     assert lattice_hu_statistics(hu, lung, positions, spec).tobytes() == expected.astype(np.float32).tobytes()
 
 
-def test_the_spec_lowpass_blurs_the_model_grid_hu_that_everything_reads():
+def test_the_spec_lowpass_blurs_what_the_encoder_reads_and_not_the_model_grid_hu():
     from latentharmonize.grid import lowpass_in_plane
-    from latentharmonize.patches import model_grid_hu
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
+    from latentharmonize.patches import PatchDensitometry, model_grid_hu
 
-    ct, lung = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72), seed=3)
-    plain, lung_plain, grid, _ = model_grid_hu(ct, lung, PatchSpec())
-    blurred, lung_blurred, same_grid, _ = model_grid_hu(ct, lung, PatchSpec(lowpass_mm=1.0))
-    assert same_grid == grid and np.array_equal(lung_plain, lung_blurred)
-    np.testing.assert_array_equal(blurred, lowpass_in_plane(plain, 1.0, grid.spacing))
-    assert np.std(np.diff(blurred, axis=2)) < 0.7 * np.std(np.diff(plain, axis=2))
-    assert PatchSpec.from_dict(PatchSpec(lowpass_mm=1.0).to_dict()).lowpass_mm == 1.0
+    torch.manual_seed(0)
+    model = build_model("ae", latent_dim=4, width=8).eval()
+    ct, mask = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72), seed=3)
+    n = len(HU_STATISTIC_NAMES)
+    densitometry = PatchDensitometry(1.0, (0.0,) * n, (1.0,) * n)
+    plain, blurred = PatchSpec(densitometry=densitometry), PatchSpec(densitometry=densitometry, lowpass_mm=1.0)
+    hu, lung, grid, _ = model_grid_hu(ct, mask, blurred)
+    np.testing.assert_array_equal(hu, model_grid_hu(ct, mask, plain)[0])  # the vessel filter reads HU as resampled
+    smooth = lowpass_in_plane(hu, 1.0, grid.spacing)
+    assert np.std(np.diff(smooth, axis=2)) < 0.7 * np.std(np.diff(hu, axis=2))
+    expected = encode_dense(model, smooth, lung, grid, plain)
+    for encode in (encode_dense, encode_patches_naive):
+        got = encode(model, hu, lung, grid, blurred)
+        np.testing.assert_array_equal(got.positions, expected.positions)
+        np.testing.assert_allclose(got.latents, expected.latents, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(encode_dense(model, hu, lung, grid, plain).latents, expected.latents, atol=1e-3)
+    scan = Scan("p", "a", hu, lung, grid)
+    rows = sample_paired_patches([scan], 20, blurred, seed=0)
+    again = sample_paired_patches([Scan("p", "a", smooth, lung, grid)], 20, plain, seed=0)
+    np.testing.assert_array_equal(rows.patches, again.patches)  # training patches are the encoder's input too
+    assert PatchSpec.from_dict(blurred.to_dict()).lowpass_mm == 1.0
     assert PatchSpec.from_dict({}).lowpass_mm == 0.0  # bundles from before the option read their scans unblurred
     for bad in (-0.5, 11.0, float("nan"), True, "1"):
         with pytest.raises(InputError, match="lowpass_mm"):

@@ -91,8 +91,9 @@ class PatchSpec:
     context_radius: int = 1
     # Internal-reference HU calibration before encoding (calibration.py): None or "air_fat".
     calibration: str | None = None
-    # In-plane Gaussian SD (mm) of the model-grid HU before anything reads it (grid.lowpass_in_plane): every
-    # reconstruction kernel is brought to one resolution, so a sharp kernel's texture cannot pass for tissue.
+    # In-plane Gaussian SD (mm) of the model-grid HU the encoder and the densitometry read (grid.lowpass_in_plane):
+    # every reconstruction kernel is brought to one resolution, so a sharp kernel's texture cannot pass for tissue.
+    # The vessels and airways are found on the HU as resampled, where thin airway walls keep their contrast.
     lowpass_mm: float = 0.0
     densitometry: PatchDensitometry | None = None
 
@@ -142,12 +143,12 @@ class PatchSpec:
 
 def model_grid_hu(ct, lungs, spec: PatchSpec, required: bool = False) -> tuple:
     """``(hu, lung, grid, calibration)``: the lung box of a CT (SimpleITK images) on the model grid of ``spec``, HU
-    calibrated if the spec asks (``calibration`` None otherwise) and low-passed in-plane by its ``lowpass_mm``. A scan
-    without usable air/fat references is refused when ``required`` (training), else kept uncalibrated with the
-    warning the calibration carries (analyze)."""
+    calibrated if the spec asks (``calibration`` None otherwise). A scan without usable air/fat references is
+    refused when ``required`` (training), else kept uncalibrated with the warning the calibration carries
+    (analyze)."""
     hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm, align_px=(spec.stride, spec.stride, 1))
     hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=required)
-    return lowpass_in_plane(hu, spec.lowpass_mm, spec.spacing), lung, grid, calibration
+    return hu, lung, grid, calibration
 
 
 def n_features(latent_dim: int, spec: PatchSpec) -> int:
@@ -273,11 +274,13 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
                  device="cpu", progress: Progress | None = None, slabs_per_batch: int | None = None) -> DenseLatents:
     """Encode every valid lattice centre of a model-grid volume, streaming batches of slabs over z.
 
-    Each batch holds ``slabs_per_batch`` 3-slice slabs cropped in-plane to the rows/columns that carry a valid
-    centre (exact, since crops keep the 4-px alignment); memory stays bounded by one batch.
+    The encoder and the densitometry read ``hu`` low-passed by the spec's ``lowpass_mm``. Each batch holds
+    ``slabs_per_batch`` 3-slice slabs cropped in-plane to the rows/columns that carry a valid centre (exact, since
+    crops keep the 4-px alignment); memory stays bounded by one batch.
     """
     if hu.shape != lung.shape or tuple(hu.shape) != tuple(grid.shape):
         raise InputError(f"hu {hu.shape}, lung {lung.shape} and grid {tuple(grid.shape)} must have one shape.")
+    hu = lowpass_in_plane(hu, spec.lowpass_mm, spec.spacing)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     lattice = patch_lattice(grid, spec)
     valid = valid_centres(lung, spec)
@@ -344,6 +347,7 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     positions = np.argwhere(valid_centres(lung, spec))[:limit]
+    hu = lowpass_in_plane(hu, spec.lowpass_mm, spec.spacing)
     volume = normalize_hu(hu, lung, spec)
     model = model.to(device).eval()
     out = []

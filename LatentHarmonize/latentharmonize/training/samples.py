@@ -15,6 +15,7 @@ import pandas as pd
 from ..cohort import read_cohort
 from ..densitometry import PROFILE_KEYS, patch_profiles
 from ..errors import InputError
+from ..grid import lowpass_in_plane
 from ..patches import PatchSpec, centre_pixels, extract_patches, patch_lattice, point_keys, valid_centres
 from ..progress import Progress
 from ..scans import Scan, load_scan
@@ -106,7 +107,8 @@ def concat_samples(parts: list) -> PairedPatches:
 
 def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarray, point_ids: np.ndarray,
                   spec: PatchSpec) -> dict:
-    filled = np.where(scan.lung, scan.hu, np.float32(spec.outside_fill_hu))
+    hu = lowpass_in_plane(scan.hu, spec.lowpass_mm, spec.spacing)  # what encode_dense reads
+    filled = np.where(scan.lung, hu, np.float32(spec.outside_fill_hu))
     raw = extract_patches(filled, positions, spec)
     lo, hi = spec.hu_window
     rows = {"patches": ((np.clip(raw, lo, hi) - lo) / (hi - lo)).astype(np.float32),
