@@ -73,7 +73,7 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
           f"of the structures, {np.count_nonzero(truth == 1) / np.count_nonzero(sitk.GetArrayViewFromImage(patient.truth)):.1%} of the lung")
     for acq, ct in zip(DEFAULT_ACQUISITIONS, acquire_all(patient, DEFAULT_ACQUISITIONS)):
         lungs = segment_lungs(ct)
-        hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)  # calibrated and low-passed as analyze reads it
+        hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)  # calibrated as analyze reads it (encode_dense low-passes)
         found = segment_structures(hu, lung, grid.spacing)
         parenchyma = encode_dense(encoder, hu, lung & (found == 0), grid, spec, "cpu")
         labels = sitk.GetArrayFromImage(_cluster_maps(parenchyma, bundle, ct, lungs, grid, found)[2])
