@@ -164,28 +164,34 @@ def _cluster_values(dense, bundle, ct, grid, structures, lookup) -> tuple:
     pos = tuple(dense.positions.T)
     valid[pos], field[pos] = True, dissimilarity
     field = field[nearest_valid_index(valid, tuple(lattice.spacing[::-1]))]
-    image = sitk.GetImageFromArray(field, isVector=True)
-    image.SetOrigin(tuple(float(v) for v in lattice.origin))
-    image.SetSpacing(tuple(float(v) for v in lattice.spacing))
     resample = sitk.ResampleImageFilter()
     resample.SetReferenceImage(grid.reference_image())
     resample.SetInterpolator(sitk.sitkLinear)
     resample.SetUseNearestNeighborExtrapolator(True)  # the model grid's margin beyond the outermost centres
-    fine_image = resample.Execute(image)  # held: the array below is a view of its buffer
-    fine = sitk.GetArrayViewFromImage(fine_image).reshape(-1, dissimilarity.shape[1])
     # the most probable cluster once per model-grid voxel that some lung voxel of the CT reads (fewer than those voxels)
-    needed = np.zeros(len(fine), dtype=bool)
+    needed = np.zeros(int(np.prod(grid.shape)), dtype=bool)
     needed[lookup.index] = True
     rows = np.flatnonzero(needed)
-    where = np.zeros(len(fine), dtype=np.int64)
+    where = np.zeros(len(needed), dtype=np.int64)
     where[rows] = np.arange(len(rows))
-    lab_rows, conf_rows = nearest_with_confidence(fine[rows])
+    lab_rows, conf_rows = nearest_with_confidence(np.column_stack(
+        [_resampled(field[..., k], lattice, resample, rows) for k in range(field.shape[-1])]))
     row_of_voxel = where[lookup.index]
     labels, confidence = lab_rows[row_of_voxel], conf_rows[row_of_voxel]
     found = refine_on_ct(structures, lookup.index, sitk.GetArrayViewFromImage(ct).ravel()[lookup.voxels])
     anatomy = found > 0
     labels[anatomy], confidence[anatomy] = found[anatomy], 1.0
     return labels_n, conf_n, labels, confidence
+
+
+def _resampled(values: np.ndarray, lattice, resample: sitk.ResampleImageFilter, rows: np.ndarray) -> np.ndarray:
+    """``values`` [z, y, x] on ``lattice`` resampled by ``resample``, at the flat indices ``rows`` of its output.
+    One cluster's map at a time: ITK interpolates a scalar image faster than a vector image, to the same values."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(values))
+    image.SetOrigin(tuple(float(v) for v in lattice.origin))
+    image.SetSpacing(tuple(float(v) for v in lattice.spacing))
+    resampled = resample.Execute(image)  # held while its buffer is read through the view
+    return sitk.GetArrayViewFromImage(resampled).ravel()[rows]
 
 
 def _cluster_maps(dense, bundle, ct, lungs, grid, structures) -> tuple:
