@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -181,12 +182,13 @@ def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarra
     return ((raw - np.asarray(entry.center, np.float32)) / np.asarray(entry.scale, np.float32)).astype(np.float32)
 
 
-def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: PatchSpec) -> np.ndarray:
+def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: PatchSpec, features=None) -> np.ndarray:
+    """``latents`` with the spec's densitometry columns appended (``features``: those columns, already computed)."""
     if spec.densitometry is None:
         return latents
     if len(latents) == 0:
         return np.zeros((0, n_features(latents.shape[1], spec)), np.float32)
-    return np.hstack([latents, densitometry_features(hu, lung, positions, spec)])
+    return np.hstack([latents, densitometry_features(hu, lung, positions, spec) if features is None else features])
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -276,7 +278,9 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
 
     The encoder and the densitometry read ``hu`` low-passed by the spec's ``lowpass_mm``. Each batch holds
     ``slabs_per_batch`` 3-slice slabs cropped in-plane to the rows/columns that carry a valid centre (exact, since
-    crops keep the 4-px alignment); memory stays bounded by one batch.
+    crops keep the 4-px alignment); memory stays bounded by one batch. The spec's densitometry columns are computed
+    in a worker thread meanwhile (numpy releases the GIL; they need the positions only, which the batches give in
+    ``np.argwhere`` order).
     """
     if hu.shape != lung.shape or tuple(hu.shape) != tuple(grid.shape):
         raise InputError(f"hu {hu.shape}, lung {lung.shape} and grid {tuple(grid.shape)} must have one shape.")
@@ -289,7 +293,10 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     model = model.to(device).eval()
     latents, positions = [], []
     n_batches = max(math.ceil(len(slabs) / batch), 1)
-    with torch.inference_mode(), autocast_for(device):
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-densitometry") as pool, \
+            torch.inference_mode(), autocast_for(device):
+        features = (pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec)
+                    if spec.densitometry is not None and valid.any() else None)
         for b, start in enumerate(range(0, len(slabs), batch)):
             ks = slabs[start: start + batch]
             lat, pos = _encode_slab_batch(model, hu, lung, valid, ks, spec, device)
@@ -297,10 +304,11 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
             positions.append(pos)
             if progress is not None:
                 progress(100.0 * (b + 1) / n_batches, "encode", f"slab batch {b + 1}/{n_batches}")
+        features = None if features is None else features.result()
     latents = np.concatenate(latents or [np.zeros((0, model.latent_dim), np.float32)])
     positions = np.concatenate(positions or [np.zeros((0, 3), np.int64)])
-    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec), positions=positions,
-                         lattice=lattice)
+    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec, features),
+                         positions=positions, lattice=lattice)
     return aggregate_context(dense, spec.context_radius)
 
 
