@@ -332,6 +332,17 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     assert f"first request {figures['preloaded']['first_s']:.1f} s" in text
 
 
+def test_bench_worker_reads_the_uncompressed_copy_the_slicer_module_hands_over(scan, tmp_path):
+    from latentharmonize.bench import as_slicer_hands_it_over
+
+    copy = as_slicer_hands_it_over(scan, tmp_path / "scratch.nrrd")
+    original, handed = sitk.ReadImage(str(scan)), sitk.ReadImage(str(copy))
+    assert np.array_equal(sitk.GetArrayViewFromImage(original), sitk.GetArrayViewFromImage(handed))
+    assert handed.GetSpacing() == original.GetSpacing() and handed.GetOrigin() == original.GetOrigin()
+    header = copy.read_bytes().split(b"\n\n", 1)[0]
+    assert b"encoding: raw" in header
+
+
 def test_bench_creates_a_missing_workdir(tmp_path, monkeypatch):
     from latentharmonize import bench
 
