@@ -33,10 +33,10 @@ from .atomic import atomic_write_text
 from .batch import dask_client, run_batch
 from .bundle import load_bundle
 from .errors import InputError, LatentHarmonizeError
-from .grid import to_model_grid
 from .io import read_ct
-from .patches import encode_dense, encode_patches_naive, resolve_device, valid_centres
+from .patches import encode_dense, encode_patches_naive, model_grid_hu, resolve_device, valid_centres
 from .phantom import DEFAULT_ACQUISITIONS, acquire, generate_cohort, make_patient
+from .structures import parenchyma, segment_structures
 from .worker_protocol import format_request, parse_result_line
 
 NAIVE_TIME_BOX_S = 8.0
@@ -119,12 +119,13 @@ def run_worker_child(scan, out_dir, model=None, device: str = "auto", report: bo
 
 
 def compare_naive(scan, lungs_path, model=None, device: str = "auto", time_box_s: float = NAIVE_TIME_BOX_S) -> dict:
-    """Dense vs patch-by-patch encoding of the same model-grid volume (naive path time-boxed, extrapolated)."""
+    """Dense vs patch-by-patch encoding of the same model-grid volume (naive path time-boxed, extrapolated): the
+    parenchyma ``analyze`` encodes, on its calibrated model grid."""
     bundle = load_bundle(model)
     spec, dev = bundle.spec, resolve_device(device)
     ct, lungs = read_ct(scan), sitk.ReadImage(str(lungs_path))
-    hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
-                                   align_px=(spec.stride, spec.stride, 1))
+    hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)
+    lung = parenchyma(lung, segment_structures(hu, lung, grid.spacing))
     encoder = bundle.encoder(dev)
     dense, dense_s, dense_cpu = _timed(encode_dense, encoder, hu, lung, grid, spec, dev)
     total = int(valid_centres(lung, spec).sum())
