@@ -70,7 +70,7 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
         TrainConfig(n_technical=24)
     with pytest.raises(InputError, match="context_radius"):
         TrainConfig(context_radius=-1)
-    with pytest.raises(InputError, match="--lowpass"):
+    with pytest.raises(InputError, match="lowpass_mm"):
         TrainConfig(lowpass_mm=-1.0)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{}")

@@ -4,9 +4,9 @@
 wall time includes start-up and the peak resident memory is that of the analysis alone. Per-stage times come from
 the run's ``analysis.json``. Then a resident ``latentharmonize worker`` (what the Slicer module keeps running)
 analyzes the same scan twice, read from an uncompressed NRRD copy as the module hands a volume over
-(``slicer_bridge.volumes.write_input_volume``; a gzip-compressed scan takes about 0.4 s longer to read): the second request, with the libraries and the model already loaded, is the warm time
-set beside the one-shot (cold) time, and a worker started with ``--preload`` answers its very first request
-warm. Then, in this process, the dense fully-convolutional encoding is compared with the
+(``slicer_bridge.volumes.write_input_volume``; a gzip-compressed scan takes about 0.4 s longer to read): the second
+request, with the libraries and the model already loaded, is the warm time set beside the one-shot (cold) time, and
+a worker started with ``--preload`` answers its very first request warm. Then, in this process, the dense fully-convolutional encoding is compared with the
 naive path that cuts out and encodes every patch separately, on the same model-grid volume; the naive path is
 time-boxed and, when it would take longer, extrapolated from the patches it did encode (the output says so).
 """
@@ -254,11 +254,9 @@ def format_report(figures: dict) -> str:
              "wall s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["timings_s"]))
              + f"  (the rest, {run['wall_s'] - record['timings_s']['total']:.1f} s, is Python start-up before the "
                "first lap; the model's imports are in 'model')",
-             f"resident worker (latentharmonize worker, as in Slicer, reading the uncompressed copy the module hands "
-             f"over): first request {warm['first_s']:.1f} s "
-             f"(start-up included), second request {warm['warm_s']:.1f} s warm (target <= {TARGET_WARM_S:g} s); "
-             f"separate analyze / warm = "
-             f"{warm['cold_over_warm']:.1f}x",
+             "resident worker (latentharmonize worker, as in Slicer, reading the uncompressed copy the module hands "
+             f"over): first request {warm['first_s']:.1f} s (start-up included), second request {warm['warm_s']:.1f} s "
+             f"warm (target <= {TARGET_WARM_S:g} s); separate analyze / warm = {warm['cold_over_warm']:.1f}x",
              f"preloaded worker (started with --preload, as when the Slicer module opens; first request sent "
              f"{PRELOAD_WAIT_S:g} s later): first request {figures['preloaded']['first_s']:.1f} s",
              "warm wall s per stage: " + "  ".join(f"{k} {v:.2f}"

@@ -49,9 +49,7 @@ class TrainConfig:
         _check_budget(self)
         _check_sizes(self)
         _check_densitometry(self)
-        if not (_is_real(self.lowpass_mm) and 0 <= self.lowpass_mm <= 10):
-            raise InputError(f"--lowpass must be a Gaussian SD of 0 to 10 mm, got {self.lowpass_mm!r}.")
-        self.patch_spec()  # the spec validates the context radius
+        self.patch_spec()  # the spec validates the context radius and the low-pass
 
     @property
     def epoch_budget(self) -> int | None:
