@@ -61,7 +61,7 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
     from latentharmonize.evaluation.metrics import mask_dice
     from latentharmonize.patches import encode_dense, model_grid_hu
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
-    from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, segment_structures
+    from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, parenchyma, segment_structures
     from latentharmonize.tissue import TISSUES
 
     bundle = load_bundle(model)
@@ -75,8 +75,8 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
         lungs = segment_lungs(ct)
         hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)  # calibrated as analyze reads it (encode_dense low-passes)
         found = segment_structures(hu, lung, grid.spacing)
-        parenchyma = encode_dense(encoder, hu, lung & (found == 0), grid, spec, "cpu")
-        labels = sitk.GetArrayFromImage(_cluster_maps(parenchyma, bundle, ct, lungs, grid, found)[2])
+        dense = encode_dense(encoder, hu, parenchyma(lung, found), grid, spec, "cpu")
+        labels = sitk.GetArrayFromImage(_cluster_maps(dense, bundle, ct, lungs, grid, found)[2])
         # the previous map: nearest valid patch centre, patches with the vessels in them
         whole = encode_dense(encoder, hu, lung, grid, spec, "cpu")
         lattice = whole.lattice

@@ -24,7 +24,7 @@ from .patches import model_grid_hu
 from .pipeline import (ImageAnalysis, encode_patches, load_model, map_legend, patch_clusters,
                        stage_progress)
 from .progress import Progress
-from .structures import segment_structures
+from .structures import parenchyma, segment_structures
 
 REPORT_KINDS = ("montage", "gallery", "view3d", "surfaces", "report")
 _MAPS = ("labels", "confidence", "lungs")
@@ -83,7 +83,7 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
             maps[kind].CopyInformation(image)  # exactly the geometry analyze drew with
         hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
         structures = segment_structures(hu, lung_grid, grid.spacing)
-        dense = encode_patches(encoder, hu, lung_grid & (structures == 0), grid, bundle.spec, device, progress)
+        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress)
         if len(dense.latents) != record["n_patches"]:
             raise InputError(f"The lung mask in {folder} gives {len(dense.latents)} patches, not the "
                              f"{record['n_patches']} the analysis recorded; analyze again.")
