@@ -118,3 +118,36 @@ def test_lowpass_blurs_each_slice_alone_and_keeps_the_mean():
     # anisotropic pixels: the SD is in mm, so the blur reaches as far in mm along x and y
     wide = lowpass_in_plane(impulse, 2.0, (0.5, 1.0, 2.5))[2]
     assert wide[10, 10 + 4] == pytest.approx(wide[10 + 2, 10], rel=1e-3)
+
+
+def _soft_tissue_block(noise_sd, seed=0, shape=(16, 80, 80)):
+    """A 40 HU soft-tissue slab with white noise, lung (-850 HU) in its middle third."""
+    rng = np.random.default_rng(seed)
+    hu = np.full(shape, 40.0, np.float32)
+    hu[:, 27:53, 27:53] = -850.0
+    return hu + noise_sd * rng.normal(size=shape).astype(np.float32)
+
+
+def test_soft_tissue_noise_follows_the_noise_and_needs_soft_tissue():
+    from latentharmonize.grid import soft_tissue_noise
+
+    spacing = (1.25, 1.25, 2.5)
+    quiet, loud = soft_tissue_noise(_soft_tissue_block(10.0), spacing), soft_tissue_noise(_soft_tissue_block(20.0), spacing)
+    assert loud == pytest.approx(2 * quiet, rel=0.05)  # linear in the noise SD
+    assert soft_tissue_noise(_soft_tissue_block(20.0), spacing, 1.25) < 0.5 * loud  # the blur takes the fine band out
+    lung_only = np.full((16, 80, 80), -850.0, np.float32)
+    assert soft_tissue_noise(lung_only, spacing) is None
+
+
+def test_noise_matched_sigma_blurs_a_noisier_scan_more_down_to_the_target():
+    from latentharmonize.grid import LOWPASS_STEP_MM, MAX_LOWPASS_MM, noise_matched_sigma, soft_tissue_noise
+
+    spacing = (1.25, 1.25, 2.5)
+    soft, sharp = _soft_tissue_block(8.0), _soft_tissue_block(24.0, seed=1)
+    target = soft_tissue_noise(soft, spacing, 1.0)
+    s_soft, s_sharp = (noise_matched_sigma(v, spacing, target, 0.5) for v in (soft, sharp))
+    assert 0.5 <= s_soft <= 1.0 < s_sharp < MAX_LOWPASS_MM
+    # the smallest step that meets the target: one step less does not
+    assert soft_tissue_noise(sharp, spacing, s_sharp) <= target < soft_tissue_noise(sharp, spacing, s_sharp - LOWPASS_STEP_MM)
+    assert noise_matched_sigma(sharp, spacing, 1e-3, 0.5) == MAX_LOWPASS_MM  # unreachable: the largest blur
+    assert noise_matched_sigma(np.full((16, 80, 80), -850.0, np.float32), spacing, target, 0.75) == 0.75  # no soft tissue

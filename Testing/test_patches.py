@@ -260,3 +260,31 @@ def test_the_spec_lowpass_blurs_what_the_encoder_reads_and_not_the_model_grid_hu
     for bad in (-0.5, 11.0, float("nan"), True, "1"):
         with pytest.raises(InputError, match="lowpass_mm"):
             PatchSpec(lowpass_mm=bad)
+
+
+def test_a_noise_target_raises_the_blur_of_a_noisy_scan_and_the_encoding_says_how_much():
+    from latentharmonize.grid import lowpass_in_plane, noise_matched_sigma
+    from latentharmonize.patches import encoder_input, model_grid_hu
+
+    torch.manual_seed(0)
+    model = build_model("ae", latent_dim=4, width=8).eval()
+    ct, mask = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72), seed=3)
+    fixed, matched = PatchSpec(lowpass_mm=1.0), PatchSpec(lowpass_mm=1.0, lowpass_noise_hu=0.5)
+    hu, lung, grid, _ = model_grid_hu(ct, mask, matched)
+    chest_wall = 40.0 + 30.0 * np.random.default_rng(0).normal(size=hu.shape)  # noisy soft tissue around the lung
+    hu = np.where(lung, hu, chest_wall).astype(np.float32)
+    sigma = noise_matched_sigma(hu, grid.spacing, 0.5, 1.0)
+    assert sigma > 1.0  # this scan is noisier than the target at the floor
+    got, used = encoder_input(hu, matched)
+    assert used == sigma and np.array_equal(got, lowpass_in_plane(hu, sigma, grid.spacing))
+    assert encoder_input(hu, fixed)[1] == 1.0
+    for encode in (encode_dense, encode_patches_naive):
+        dense = encode(model, hu, lung, grid, matched)
+        plain = encode(model, lowpass_in_plane(hu, sigma, grid.spacing), lung, grid, PatchSpec())
+        assert dense.lowpass_mm == sigma and plain.lowpass_mm == 0.0
+        np.testing.assert_allclose(dense.latents, plain.latents, rtol=1e-4, atol=1e-4)
+    assert PatchSpec.from_dict(matched.to_dict()).lowpass_noise_hu == 0.5
+    assert PatchSpec.from_dict({}).lowpass_noise_hu is None  # earlier bundles: the fixed blur
+    for bad in (0.0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(InputError, match="lowpass_noise_hu"):
+            PatchSpec(lowpass_noise_hu=bad)

@@ -120,6 +120,25 @@ def test_the_model_grid_lowpass_brings_soft_and_sharp_kernels_together(patient):
     assert laa_raw > 4 and abs(laa) < 0.25 * laa_raw   # and the sharp kernel's emphysema index inflation is gone
 
 
+def test_the_noise_matched_lowpass_blurs_sharp_and_low_dose_scans_more(patient):
+    from latentharmonize.grid import lowpass_in_plane, noise_matched_sigma, soft_tissue_noise
+
+    images = ph.acquire_all(patient, ph.DEFAULT_ACQUISITIONS)
+    soft, sharp, low_dose, thick = (_array(im).astype(np.float32) for im in images)
+    spacing = images[0].GetSpacing()
+    lungs = ndimage.binary_erosion(sitk.GetArrayFromImage(patient.truth) > 0, iterations=3)
+    target = soft_tissue_noise(soft, spacing, 1.0)
+    sigma = {name: noise_matched_sigma(v, im.GetSpacing(), target, 1.0)
+             for name, v, im in zip(("soft", "sharp", "low_dose", "thick"), (soft, sharp, low_dose, thick), images)}
+    assert sigma["soft"] == 1.0 and sigma["sharp"] > sigma["low_dose"] > 1.0 and sigma["thick"] > 1.0
+
+    def gap(sigma_sharp):  # lung RMS difference between the soft scan at 1 mm and the sharp one
+        a, b = lowpass_in_plane(soft, 1.0, spacing), lowpass_in_plane(sharp, sigma_sharp, spacing)
+        return np.sqrt(np.mean((a - b)[lungs] ** 2))
+
+    assert gap(sigma["sharp"]) < 0.85 * gap(1.0)
+
+
 def test_vendor_calibration_and_dose(patient):
     base = ph.Acquisition("base", "standard", "A", 100.0, 1.25)
     vendor_b = ph.Acquisition("vendor_b", "standard", "B", 100.0, 1.25)

@@ -72,6 +72,8 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
         TrainConfig(context_radius=-1)
     with pytest.raises(InputError, match="lowpass_mm"):
         TrainConfig(lowpass_mm=-1.0)
+    with pytest.raises(InputError, match="lowpass_noise_hu"):
+        TrainConfig(lowpass_noise_hu=0.0)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{}")
     with pytest.raises(OutputError, match="--overwrite"):
@@ -92,6 +94,9 @@ def test_command_line_defaults_are_the_config_defaults_and_the_fingerprint_cover
     assert plain["patch_spec"]["calibration"] is None and calibrated["patch_spec"]["calibration"] == "air_fat"
     blurred = config_from_args(parser.parse_args(["cohort.csv", "--out", "m", "--lowpass", "1"]))
     assert blurred.patch_spec().lowpass_mm == 1.0 and blurred.fingerprint()["patch_spec"]["lowpass_mm"] == 1.0
+    matched = config_from_args(parser.parse_args(["cohort.csv", "--out", "m", "--lowpass", "1", "--lowpass-noise", "1.5"]))
+    assert matched.patch_spec().lowpass_noise_hu == 1.5 and matched.fingerprint() != blurred.fingerprint()
+    assert TrainConfig().patch_spec().lowpass_noise_hu is None
     # the budget and where the run goes are not settings of the weights: --resume --epochs 30 extends a run
     assert TrainConfig(epochs=30, device="cpu", workers=2).fingerprint() == plain
 
@@ -266,3 +271,30 @@ def test_resume_refuses_a_checkpoint_of_other_inputs_and_resumes_a_matching_one(
     assert main([*args, "--resume", "--overwrite"]) == 0
     assert "Resuming from the checkpoint after epoch 1." in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["files"] == first
+
+
+def test_lowpass_noise_option_blurs_the_sharp_scan_more_in_every_analysis(tiny_phantom_cohort, tmp_path):
+    import json
+
+    from latentharmonize import analyze
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.grid import soft_tissue_noise
+    from latentharmonize.patches import PatchSpec
+    from latentharmonize.scans import load_scan
+
+    rows = read_cohort(tiny_phantom_cohort).query("patient == 'P000'")
+    rows = {row["acquisition"]: row for _, row in rows.iterrows()}
+    soft = load_scan(rows["a_soft_thin"], PatchSpec())
+    target = soft_tissue_noise(soft.hu, soft.grid.spacing, 1.0)  # the soft kernel at the floor meets it
+    out = tmp_path / "model"
+    code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
+                 "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--lowpass", "1",
+                 "--lowpass-noise", f"{target + 0.01:.3f}"])
+    assert code == 0 and load_bundle(out).spec.lowpass_noise_hu == pytest.approx(target + 0.01, abs=1e-3)
+    used = {}
+    for acquisition in ("a_soft_thin", "c_sharp_thick"):
+        analyze(rows[acquisition]["image"], tmp_path / acquisition, model=out, device="cpu", write_report=False)
+        used[acquisition] = json.loads((tmp_path / acquisition / "analysis.json").read_text())["encoder_lowpass_mm"]
+    assert used["a_soft_thin"] == 1.0 and used["c_sharp_thick"] > 1.0

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
     parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
                         help="in-plane Gaussian sigma (mm) of every scan on the model grid before encoding (default 1)")
+    parser.add_argument("--lowpass-noise", type=float, default=None, metavar="HU",
+                        help="raise each scan's blur until its soft-tissue noise is at most HU (default off)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", CREATED)
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
         print(f"phantom cohort: {args.patients} patients in {time.perf_counter() - t0:.0f} s", flush=True)
         config = TrainConfig(seed=args.seed, epochs=args.epochs, encoder=args.encoder, device="cpu",
                              clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
-                             densitometry_smooth_mm=args.densitometry_smooth, lowpass_mm=args.lowpass)
+                             densitometry_smooth_mm=args.densitometry_smooth, lowpass_mm=args.lowpass,
+                             lowpass_noise_hu=args.lowpass_noise)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped
     print(format_summary(summary))

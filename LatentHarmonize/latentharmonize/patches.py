@@ -26,7 +26,8 @@ from scipy import ndimage
 from .calibration import METHODS as CALIBRATIONS, calibrate_grid_hu
 from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
-from .grid import DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, lowpass_in_plane, to_model_grid
+from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, lowpass_in_plane, noise_matched_sigma,
+                   to_model_grid)
 from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
@@ -96,6 +97,10 @@ class PatchSpec:
     # every reconstruction kernel is brought to one resolution, so a sharp kernel's texture cannot pass for tissue.
     # The vessels and airways are found on the HU as resampled, where thin airway walls keep their contrast.
     lowpass_mm: float = 0.0
+    # Soft-tissue noise (HU, grid.soft_tissue_noise) each scan is blurred down to, from lowpass_mm up: a sharp or
+    # low-dose kernel gets more blur than a soft one, so both reach the encoder at one noise level. None: every scan
+    # gets lowpass_mm.
+    lowpass_noise_hu: float | None = None
     densitometry: PatchDensitometry | None = None
 
     def __post_init__(self):
@@ -109,6 +114,8 @@ class PatchSpec:
             raise InputError(f"calibration must be null or one of {CALIBRATIONS}, got {self.calibration!r}.")
         if not (_is_real(self.lowpass_mm) and 0 <= self.lowpass_mm <= 10):
             raise InputError(f"lowpass_mm must be a number of mm in 0..10, got {self.lowpass_mm!r}.")
+        if self.lowpass_noise_hu is not None and not (_is_real(self.lowpass_noise_hu) and self.lowpass_noise_hu > 0):
+            raise InputError(f"lowpass_noise_hu must be null or a positive number of HU, got {self.lowpass_noise_hu!r}.")
         lo, hi = self.hu_window
         if not lo < hi:
             raise InputError(f"hu_window must be [low, high] with low < high, got {list(self.hu_window)}.")
@@ -150,6 +157,15 @@ def model_grid_hu(ct, lungs, spec: PatchSpec, required: bool = False) -> tuple:
     hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm, align_px=(spec.stride, spec.stride, 1))
     hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=required)
     return hu, lung, grid, calibration
+
+
+def encoder_input(hu: np.ndarray, spec: PatchSpec) -> tuple[np.ndarray, float]:
+    """``(blurred hu, sigma_mm)``: the model-grid HU the encoder and the densitometry read, and the in-plane
+    Gaussian SD that made it (the spec's ``lowpass_mm``, raised to match ``lowpass_noise_hu`` where set)."""
+    sigma = spec.lowpass_mm
+    if spec.lowpass_noise_hu is not None:
+        sigma = noise_matched_sigma(hu, spec.spacing, spec.lowpass_noise_hu, spec.lowpass_mm)
+    return lowpass_in_plane(hu, sigma, spec.spacing), float(sigma)
 
 
 def n_features(latent_dim: int, spec: PatchSpec) -> int:
@@ -266,6 +282,7 @@ class DenseLatents:
     latents: np.ndarray  # float32 [n, d], one row per valid patch (centre inside the lung)
     positions: np.ndarray  # int [n, 3] (z, y, x) indices into `lattice`
     lattice: ModelGrid  # grid of all patch centres (in-plane spacing = stride * grid spacing)
+    lowpass_mm: float = 0.0  # in-plane Gaussian SD the encoder's input was blurred with (encoder_input)
 
 
 def _slab_batch(device: torch.device) -> int:
@@ -276,7 +293,7 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
                  device="cpu", progress: Progress | None = None, slabs_per_batch: int | None = None) -> DenseLatents:
     """Encode every valid lattice centre of a model-grid volume, streaming batches of slabs over z.
 
-    The encoder and the densitometry read ``hu`` low-passed by the spec's ``lowpass_mm``. Each batch holds
+    The encoder and the densitometry read ``hu`` low-passed as :func:`encoder_input` says. Each batch holds
     ``slabs_per_batch`` 3-slice slabs cropped in-plane to the rows/columns that carry a valid centre (exact, since
     crops keep the 4-px alignment); memory stays bounded by one batch. The spec's densitometry columns are computed
     in a worker thread meanwhile (numpy releases the GIL; they need the positions only, which the batches give in
@@ -284,7 +301,7 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     """
     if hu.shape != lung.shape or tuple(hu.shape) != tuple(grid.shape):
         raise InputError(f"hu {hu.shape}, lung {lung.shape} and grid {tuple(grid.shape)} must have one shape.")
-    hu = lowpass_in_plane(hu, spec.lowpass_mm, spec.spacing)
+    hu, sigma = encoder_input(hu, spec)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     lattice = patch_lattice(grid, spec)
     valid = valid_centres(lung, spec)
@@ -308,7 +325,7 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     latents = np.concatenate(latents or [np.zeros((0, model.latent_dim), np.float32)])
     positions = np.concatenate(positions or [np.zeros((0, 3), np.int64)])
     dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec, features),
-                         positions=positions, lattice=lattice)
+                         positions=positions, lattice=lattice, lowpass_mm=sigma)
     return aggregate_context(dense, spec.context_radius)
 
 
@@ -355,7 +372,7 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     positions = np.argwhere(valid_centres(lung, spec))[:limit]
-    hu = lowpass_in_plane(hu, spec.lowpass_mm, spec.spacing)
+    hu, sigma = encoder_input(hu, spec)
     volume = normalize_hu(hu, lung, spec)
     model = model.to(device).eval()
     out = []
@@ -366,4 +383,4 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
     latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
     latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec)
     return aggregate_context(DenseLatents(latents=latents, positions=positions.astype(np.int64),
-                                          lattice=patch_lattice(grid, spec)), spec.context_radius)
+                                          lattice=patch_lattice(grid, spec), lowpass_mm=sigma), spec.context_radius)

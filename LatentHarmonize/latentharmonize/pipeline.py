@@ -378,8 +378,7 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
         confidence = confidence.result()
         timer.lap("composition")
 
-    record = _run_record(source, bundle, device, mask_source, assessment, calibration, len(dense.latents), volumes,
-                         ct, grid)
+    record = _run_record(source, bundle, device, mask_source, assessment, calibration, dense, volumes, ct, grid)
     return ImageAnalysis(ct=ct, lungs=lungs, labels=labels, confidence=confidence, composition=table,
                          densitometry=densitometry, names=names, colors=colors, record=record,
                          composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
@@ -393,7 +392,7 @@ def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments) -> tuple:
     return cells, densitometry_table(ct, lungs, segments, cells=cells)
 
 
-def _run_record(source, bundle, device, mask_source, assessment, calibration, n_patches: int, volumes: dict,
+def _run_record(source, bundle, device, mask_source, assessment, calibration, dense: DenseLatents, volumes: dict,
                 ct: sitk.Image, grid) -> dict:
     """The run record (analysis.json less the input hash, outputs and timings)."""
     return {  # analyze has no random step; "seed" is the one the model was trained with
@@ -403,7 +402,8 @@ def _run_record(source, bundle, device, mask_source, assessment, calibration, n_
         "warnings": assessment.warnings + ([calibration.warning] if getattr(calibration, "warning", None) else []),
         "lung_mask": assessment.as_dict(),
         "hu_calibration": None if calibration is None else calibration.as_dict(),
-        "n_patches": int(n_patches), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
+        "encoder_lowpass_mm": float(dense.lowpass_mm),
+        "n_patches": int(len(dense.latents)), "lung_volumes_ml": {k: float(v) for k, v in volumes.items()},
         "ct": {"size": list(ct.GetSize()), "spacing": list(ct.GetSpacing())}, "model_grid": grid.to_dict(),
         "versions": _versions(),
     }

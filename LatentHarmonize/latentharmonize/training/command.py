@@ -57,6 +57,10 @@ def add_arguments(parser) -> None:
                         help="blur every scan in-plane with this Gaussian SD on the model grid before encoding (in "
                              "training and in every analysis with this bundle), so soft and sharp kernels reach one "
                              f"resolution (default {DEFAULTS.lowpass_mm:g}; the shipped bundle uses 1)")
+    parser.add_argument("--lowpass-noise", dest="lowpass_noise_hu", type=float, default=DEFAULTS.lowpass_noise_hu,
+                        metavar="HU", help="raise each scan's blur from --lowpass until the noise of its flat soft "
+                                           "tissue is at most this many HU, so sharp and low-dose kernels reach the "
+                                           "encoder at a soft kernel's noise (default: off)")
     options.add_dask(parser, "sampling the cohort's patches")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/.checkpoints")
     options.add_overwrite(parser, "an existing bundle in --out")
@@ -77,7 +81,7 @@ def config_from_args(args) -> TrainConfig:
         clusters=args.clusters, n_technical=_n_technical(args.n_technical), per_patient=args.per_patient,
         latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
         densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm, calibrate=args.calibrate,
-        lowpass_mm=args.lowpass_mm,
+        lowpass_mm=args.lowpass_mm, lowpass_noise_hu=args.lowpass_noise_hu,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     densitometry_smooth_mm: float = 0.0
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
     lowpass_mm: float = 0.0  # in-plane Gaussian SD of the model-grid HU (the spec's lowpass_mm)
+    lowpass_noise_hu: float | None = None  # soft-tissue noise each scan is blurred down to (the spec's)
     context_radius: int = PatchSpec.context_radius
     device: str = "auto"
     scheduler: str | None = None  # Dask scheduler address for sampling the cohort
@@ -59,7 +60,7 @@ class TrainConfig:
     def patch_spec(self) -> PatchSpec:
         """The spec the encoder is trained on (``train`` appends the fitted densitometry entry later)."""
         return PatchSpec(context_radius=self.context_radius, calibration="air_fat" if self.calibrate else None,
-                         lowpass_mm=self.lowpass_mm)
+                         lowpass_mm=self.lowpass_mm, lowpass_noise_hu=self.lowpass_noise_hu)
 
     def model_kwargs(self) -> dict:
         kwargs = {"latent_dim": self.latent_dim, "width": self.width}

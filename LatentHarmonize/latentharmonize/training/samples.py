@@ -15,8 +15,8 @@ import pandas as pd
 from ..cohort import read_cohort
 from ..densitometry import PROFILE_KEYS, patch_profiles
 from ..errors import InputError
-from ..grid import lowpass_in_plane
-from ..patches import PatchSpec, centre_pixels, extract_patches, patch_lattice, point_keys, valid_centres
+from ..patches import (PatchSpec, centre_pixels, encoder_input, extract_patches, patch_lattice, point_keys,
+                       valid_centres)
 from ..progress import Progress
 from ..scans import Scan, load_scan
 from .config import TrainConfig
@@ -107,7 +107,7 @@ def concat_samples(parts: list) -> PairedPatches:
 
 def _rows_of_scan(scan: Scan, index: int, positions: np.ndarray, keys: np.ndarray, point_ids: np.ndarray,
                   spec: PatchSpec) -> dict:
-    hu = lowpass_in_plane(scan.hu, spec.lowpass_mm, spec.spacing)  # what encode_dense reads
+    hu, _ = encoder_input(scan.hu, spec)  # what encode_dense reads
     filled = np.where(scan.lung, hu, np.float32(spec.outside_fill_hu))
     raw = extract_patches(filled, positions, spec)
     lo, hi = spec.hu_window
