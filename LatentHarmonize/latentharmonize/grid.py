@@ -144,19 +144,27 @@ MAX_LOWPASS_MM = 3.0
 LOWPASS_STEP_MM = 0.125
 
 
+def _flat_soft_tissue(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(slices, flat)``: up to NOISE_SLICES evenly spaced slices of ``hu`` and their flat soft tissue
+    (SOFT_TISSUE_HU, eroded 2 px in-plane)."""
+    slices = np.asarray(hu[np.unique(np.linspace(0, len(hu) - 1, min(NOISE_SLICES, len(hu))).astype(int))],
+                        dtype=np.float32)
+    lo, hi = SOFT_TISSUE_HU
+    return slices, ndimage.binary_erosion((slices > lo) & (slices < hi), np.ones((1, 5, 5), bool))
+
+
+def _fine_band(slices: np.ndarray, flat: np.ndarray, spacing, sigma_mm: float) -> float:
+    blurred = lowpass_in_plane(slices, sigma_mm, spacing)
+    fine = blurred - ndimage.gaussian_filter(blurred, (0, 1, 1), mode="nearest")
+    return float(np.median(np.abs(fine[flat])))
+
+
 def soft_tissue_noise(hu: np.ndarray, spacing, sigma_mm: float = 0.0) -> float | None:
     """Median absolute fine band (the image minus its 1-pixel in-plane Gaussian) of ``hu`` blurred in-plane by
     ``sigma_mm``, over flat soft tissue (SOFT_TISSUE_HU, eroded 2 px in-plane) on up to NOISE_SLICES evenly spaced
     slices; None where fewer than NOISE_MIN_VOXELS such voxels exist."""
-    slices = np.asarray(hu[np.unique(np.linspace(0, len(hu) - 1, min(NOISE_SLICES, len(hu))).astype(int))],
-                        dtype=np.float32)
-    lo, hi = SOFT_TISSUE_HU
-    flat = ndimage.binary_erosion((slices > lo) & (slices < hi), np.ones((1, 5, 5), bool))
-    if flat.sum() < NOISE_MIN_VOXELS:
-        return None
-    blurred = lowpass_in_plane(slices, sigma_mm, spacing)
-    fine = blurred - ndimage.gaussian_filter(blurred, (0, 1, 1), mode="nearest")
-    return float(np.median(np.abs(fine[flat])))
+    slices, flat = _flat_soft_tissue(hu)
+    return _fine_band(slices, flat, spacing, sigma_mm) if flat.sum() >= NOISE_MIN_VOXELS else None
 
 
 def noise_matched_sigma(hu: np.ndarray, spacing, target_hu: float, min_mm: float) -> float:
@@ -164,14 +172,16 @@ def noise_matched_sigma(hu: np.ndarray, spacing, target_hu: float, min_mm: float
     the scan's soft-tissue noise (:func:`soft_tissue_noise`) is at most ``target_hu``: a sharp or low-dose
     reconstruction is blurred until its noise matches a soft one's. ``min_mm`` where the scan has too little flat
     soft tissue to measure; MAX_LOWPASS_MM where no step reaches the target."""
+    slices, flat = _flat_soft_tissue(hu)
+    if flat.sum() < NOISE_MIN_VOXELS:
+        return float(min_mm)
     steps = np.arange(min_mm, MAX_LOWPASS_MM + LOWPASS_STEP_MM / 2, LOWPASS_STEP_MM)
-    first = soft_tissue_noise(hu, spacing, float(steps[0]))
-    if first is None or first <= target_hu:
+    if _fine_band(slices, flat, spacing, float(steps[0])) <= target_hu:
         return float(min_mm)
     lo, hi = 0, len(steps) - 1  # noise falls as the blur grows: bisect for the first step at or under the target
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if soft_tissue_noise(hu, spacing, float(steps[mid])) <= target_hu:
+        if _fine_band(slices, flat, spacing, float(steps[mid])) <= target_hu:
             hi = mid
         else:
             lo = mid
