@@ -72,7 +72,8 @@ def _default_options() -> dict:
     trained = bundle.manifest["training"]
     return {"calibrate": bundle.spec.calibration is not None, "densitometry": trained.get("densitometry"),
             "densitometry_smooth_mm": trained.get("densitometry_smooth_mm", 0.0),
-            "lowpass_mm": bundle.spec.lowpass_mm, "clusters": trained.get("n_components")}
+            "lowpass_mm": bundle.spec.lowpass_mm, "lowpass_noise_hu": bundle.spec.lowpass_noise_hu,
+            "clusters": trained.get("n_components")}
 
 
 def markdown_table(metrics: dict) -> str:

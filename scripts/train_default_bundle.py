@@ -7,7 +7,8 @@ thread count and a fixed creation date (SOURCE_DATE_EPOCH) give the same bundle 
 About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine).
 
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
-        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--lowpass MM] [--clusters K]
+        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--lowpass MM] [--lowpass-noise HU]
+        [--clusters K]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
@@ -49,8 +50,9 @@ def main(argv=None) -> int:
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
     parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
                         help="in-plane Gaussian sigma (mm) of every scan on the model grid before encoding (default 1)")
-    parser.add_argument("--lowpass-noise", type=float, default=None, metavar="HU",
-                        help="raise each scan's blur until its soft-tissue noise is at most HU (default off)")
+    parser.add_argument("--lowpass-noise", type=float, default=1.3, metavar="HU",
+                        help="raise each scan's blur from --lowpass until its soft-tissue noise is at most HU "
+                             "(default 1.3; 0: every scan gets --lowpass)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", CREATED)
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         config = TrainConfig(seed=args.seed, epochs=args.epochs, encoder=args.encoder, device="cpu",
                              clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
                              densitometry_smooth_mm=args.densitometry_smooth, lowpass_mm=args.lowpass,
-                             lowpass_noise_hu=args.lowpass_noise)
+                             lowpass_noise_hu=args.lowpass_noise or None)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped
     print(format_summary(summary))
