@@ -150,4 +150,5 @@ def test_noise_matched_sigma_blurs_a_noisier_scan_more_down_to_the_target():
     # the smallest step that meets the target: one step less does not
     assert soft_tissue_noise(sharp, spacing, s_sharp) <= target < soft_tissue_noise(sharp, spacing, s_sharp - LOWPASS_STEP_MM)
     assert noise_matched_sigma(sharp, spacing, 1e-3, 0.5) == MAX_LOWPASS_MM  # unreachable: the largest blur
+    assert noise_matched_sigma(sharp, spacing, 1e-3, 4.0) == 4.0  # a floor above the search keeps the floor
     assert noise_matched_sigma(np.full((16, 80, 80), -850.0, np.float32), spacing, target, 0.75) == 0.75  # no soft tissue

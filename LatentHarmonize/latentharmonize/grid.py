@@ -171,7 +171,9 @@ def noise_matched_sigma(hu: np.ndarray, spacing, target_hu: float, min_mm: float
     """The smallest in-plane Gaussian SD (mm, ``min_mm`` up to MAX_LOWPASS_MM in LOWPASS_STEP_MM steps) at which
     the scan's soft-tissue noise (:func:`soft_tissue_noise`) is at most ``target_hu``: a sharp or low-dose
     reconstruction is blurred until its noise matches a soft one's. ``min_mm`` where the scan has too little flat
-    soft tissue to measure; MAX_LOWPASS_MM where no step reaches the target."""
+    soft tissue to measure, or where it is MAX_LOWPASS_MM or more; MAX_LOWPASS_MM where no step reaches the target."""
+    if min_mm >= MAX_LOWPASS_MM:
+        return float(min_mm)
     slices, flat = _flat_soft_tissue(hu)
     if flat.sum() < NOISE_MIN_VOXELS:
         return float(min_mm)
