@@ -280,8 +280,8 @@ def test_lowpass_noise_option_blurs_the_sharp_scan_more_in_every_analysis(tiny_p
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cli import main
     from latentharmonize.cohort import read_cohort
-    from latentharmonize.grid import soft_tissue_noise
-    from latentharmonize.patches import PatchSpec
+    from latentharmonize.grid import MAX_LOWPASS_MM, soft_tissue_noise
+    from latentharmonize.patches import NOISY_SCAN, PatchSpec
     from latentharmonize.scans import load_scan
 
     rows = read_cohort(tiny_phantom_cohort).query("patient == 'P000'")
@@ -293,8 +293,19 @@ def test_lowpass_noise_option_blurs_the_sharp_scan_more_in_every_analysis(tiny_p
                  "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--lowpass", "1",
                  "--lowpass-noise", f"{target + 0.01:.3f}"])
     assert code == 0 and load_bundle(out).spec.lowpass_noise_hu == pytest.approx(target + 0.01, abs=1e-3)
-    used = {}
+    records = {}
     for acquisition in ("a_soft_thin", "c_sharp_thick"):
         analyze(rows[acquisition]["image"], tmp_path / acquisition, model=out, device="cpu", write_report=False)
-        used[acquisition] = json.loads((tmp_path / acquisition / "analysis.json").read_text())["encoder_lowpass_mm"]
-    assert used["a_soft_thin"] == 1.0 and used["c_sharp_thick"] > 1.0
+        records[acquisition] = json.loads((tmp_path / acquisition / "analysis.json").read_text())
+    assert records["a_soft_thin"]["encoder_lowpass_mm"] == 1.0 and records["c_sharp_thick"]["encoder_lowpass_mm"] > 1.0
+    assert all(NOISY_SCAN not in [w["code"] for w in r["warnings"]] for r in records.values())
+    # a target no blur reaches: the largest blur, and a warning that the clusters may follow the noise
+    code = main(["train", str(tiny_phantom_cohort), "--out", str(tmp_path / "strict"), "--epochs", "1", "--clusters",
+                 "2", "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--lowpass", "1",
+                 "--lowpass-noise", "0.01"])
+    assert code == 0
+    analyze(rows["c_sharp_thick"]["image"], tmp_path / "noisy", model=tmp_path / "strict", device="cpu",
+            write_report=False)
+    record = json.loads((tmp_path / "noisy" / "analysis.json").read_text())
+    assert record["encoder_lowpass_mm"] == MAX_LOWPASS_MM
+    assert [w for w in record["warnings"] if w["code"] == NOISY_SCAN][0]["message"].startswith("This scan is noisier")

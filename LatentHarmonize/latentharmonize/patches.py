@@ -26,8 +26,8 @@ from scipy import ndimage
 from .calibration import METHODS as CALIBRATIONS, calibrate_grid_hu
 from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
-from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, ModelGrid, lowpass_in_plane, noise_matched_sigma,
-                   to_model_grid)
+from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, MAX_LOWPASS_MM, ModelGrid, lowpass_in_plane,
+                   noise_matched_sigma, soft_tissue_noise, to_model_grid)
 from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
@@ -166,6 +166,25 @@ def encoder_input(hu: np.ndarray, spec: PatchSpec) -> tuple[np.ndarray, float]:
     if spec.lowpass_noise_hu is not None:
         sigma = noise_matched_sigma(hu, spec.spacing, spec.lowpass_noise_hu, spec.lowpass_mm)
     return lowpass_in_plane(hu, sigma, spec.spacing), float(sigma)
+
+
+NOISY_SCAN = "noise_above_target"
+
+
+def noise_warning(hu: np.ndarray, spec: PatchSpec, sigma_mm: float) -> dict | None:
+    """The warning ``noise_above_target`` where the noise-matched blur (``sigma_mm``, from :func:`encoder_input`)
+    stopped at its largest step with the scan's soft tissue still noisier than the spec's target; else None."""
+    if spec.lowpass_noise_hu is None or sigma_mm < MAX_LOWPASS_MM:
+        return None
+    noise = soft_tissue_noise(hu, spec.spacing, sigma_mm)
+    if noise is None or noise <= spec.lowpass_noise_hu:
+        return None
+    return {"code": NOISY_SCAN, "message": (
+        f"This scan is noisier than the model reads: even through a {sigma_mm:g} mm in-plane blur its soft tissue "
+        f"keeps {noise:.1f} HU of fine-grained noise, against the {spec.lowpass_noise_hu:g} HU of the soft-kernel "
+        "scans the model was built for (a very sharp kernel, a low dose, or both). Noise reads as darker and more "
+        "textured lung, so the lower-attenuation share and the texture clusters may follow it. Analyse a softer "
+        "or thicker reconstruction of the same scan if there is one.")}
 
 
 def n_features(latent_dim: int, spec: PatchSpec) -> int:

@@ -31,7 +31,7 @@ from .errors import BundleError, InputError, NoLungFoundError
 from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
-from .patches import DenseLatents, PatchSpec, encode_dense, model_grid_hu, resolve_device
+from .patches import DenseLatents, PatchSpec, encode_dense, model_grid_hu, noise_warning, resolve_device
 from .segments import label_segments
 from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, parenchyma, refine_on_ct, segment_structures
 
@@ -378,7 +378,10 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
         confidence = confidence.result()
         timer.lap("composition")
 
-    record = _run_record(source, bundle, device, mask_source, assessment, calibration, dense, volumes, ct, grid)
+    warnings = [w for w in (getattr(calibration, "warning", None), noise_warning(hu, bundle.spec, dense.lowpass_mm))
+                if w]
+    record = _run_record(source, bundle, device, mask_source, assessment, calibration, warnings, dense, volumes, ct,
+                         grid)
     return ImageAnalysis(ct=ct, lungs=lungs, labels=labels, confidence=confidence, composition=table,
                          densitometry=densitometry, names=names, colors=colors, record=record,
                          composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
@@ -392,14 +395,14 @@ def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments) -> tuple:
     return cells, densitometry_table(ct, lungs, segments, cells=cells)
 
 
-def _run_record(source, bundle, device, mask_source, assessment, calibration, dense: DenseLatents, volumes: dict,
-                ct: sitk.Image, grid) -> dict:
-    """The run record (analysis.json less the input hash, outputs and timings)."""
+def _run_record(source, bundle, device, mask_source, assessment, calibration, warnings: list, dense: DenseLatents,
+                volumes: dict, ct: sitk.Image, grid) -> dict:
+    """The run record (analysis.json less the input hash, outputs and timings); ``warnings`` after the mask's."""
     return {  # analyze has no random step; "seed" is the one the model was trained with
         "input": source, "model_sha256": bundle.sha256,
         "model_name": bundle.manifest.get("name"), "seed": bundle.manifest.get("training", {}).get("seed"),
         "device": str(device), "mask": mask_source,
-        "warnings": assessment.warnings + ([calibration.warning] if getattr(calibration, "warning", None) else []),
+        "warnings": assessment.warnings + warnings,
         "lung_mask": assessment.as_dict(),
         "hu_calibration": None if calibration is None else calibration.as_dict(),
         "encoder_lowpass_mm": float(dense.lowpass_mm),
