@@ -4,7 +4,7 @@
 Generates the phantom cohort (fixed seed) in a temporary folder, runs the same code as
 ``latentharmonize train`` on it, and writes the bundle. Reproducible: fixed seeds, an epoch budget, a fixed
 thread count and a fixed creation date (SOURCE_DATE_EPOCH) give the same bundle bytes on the same platform.
-About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine).
+About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine, 7 min beside two other jobs).
 
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
         [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--lowpass MM] [--lowpass-noise HU]
@@ -13,8 +13,9 @@ About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine)
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
 2.5 mm Gaussian (``docs/experiments/2026-12-04-representation.md``: the option that finds emphysema and stays
-kernel-robust on real scans), and 5 mixture components, merged by name into the tissue clusters
-(``docs/experiments/2026-12-04-mixture-clusters.md``). Other values train a candidate the same reproducible way into another ``--out``.
+kernel-robust on real scans), an in-plane low-pass of at least 1 mm on what the encoder reads, raised per scan
+until its soft tissue's noise is at most 1.3 HU (``docs/experiments/2026-12-05-noise-matched-lowpass.md``), and 5
+mixture components, merged by name into the tissue clusters (``docs/experiments/2026-12-04-mixture-clusters.md``). Other values train a candidate the same reproducible way into another ``--out``.
 """
 from __future__ import annotations
 
