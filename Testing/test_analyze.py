@@ -325,6 +325,8 @@ def test_bench_reports_every_figure(scan, bundle_dir, tmp_path):
     assert run["peak_rss_gb"] > 0 and run["cpu_s"] > 0 and run["wall_s"] > 0
     assert enc["patches"] == run["record"]["n_patches"] and enc["naive_patches_measured"] > 0
     assert warm["record"]["n_patches"] == run["record"]["n_patches"] and warm["warm_s"] > 0
+    # the worker is sent the Slicer module's request: no QC pictures or report, which the module makes on demand
+    assert "qc_report" in run["record"]["timings_s"] and "qc_report" not in warm["record"]["timings_s"]
     assert warm["cold_over_warm"] == round(run["wall_s"] / warm["warm_s"], 1)
     assert figures["preloaded"]["record"]["n_patches"] == run["record"]["n_patches"]
     text = format_report(figures)

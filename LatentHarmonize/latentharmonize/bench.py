@@ -37,7 +37,8 @@ from .io import read_ct
 from .patches import encode_dense, encode_patches_naive, model_grid_hu, resolve_device, valid_centres
 from .phantom import DEFAULT_ACQUISITIONS, acquire, generate_cohort, make_patient
 from .structures import parenchyma, segment_structures
-from .worker_protocol import format_request, parse_result_line
+from .slicer_bridge.backend import worker_request
+from .worker_protocol import parse_result_line
 
 NAIVE_TIME_BOX_S = 8.0
 PRELOAD_WAIT_S = 10.0  # between opening the Slicer module and clicking Analyze: picking the volume, at the least
@@ -81,10 +82,12 @@ def run_analyze_child(scan, out_dir, model=None, device: str = "auto", report: b
             "record": record}
 
 
-def run_worker_child(scan, out_dir, model=None, device: str = "auto", report: bool = True, requests: int = 2,
+def run_worker_child(scan, out_dir, model=None, device: str = "auto", requests: int = 2,
                      preload_wait_s: float | None = None) -> dict:
     """Start ``latentharmonize worker`` in a child process and send it ``requests`` analyses of ``scan``, one after
-    another, each into its own folder. Wall time of each, from sending the request to its result line; the first
+    another, each into its own folder, as the Slicer module's request line (``slicer_bridge.backend.worker_request``:
+    no QC pictures or report, which the module builds on demand). Wall time of each, from sending the request to its
+    result line; the first
     also counts the worker's start-up, unless ``preload_wait_s`` is given: then the worker is started with
     ``--preload`` (as the Slicer module starts it when the module is opened) and the first request is sent that many
     seconds later, like a user who picks a volume before clicking Analyze. Returns the first and last (warm) times
@@ -103,8 +106,7 @@ def run_worker_child(scan, out_dir, model=None, device: str = "auto", report: bo
             for n in range(1, requests + 1):
                 if n > 1:
                     started = time.perf_counter()
-                process.stdin.write(format_request(scan, Path(out_dir) / f"request-{n}", model=model, device=device,
-                                                   overwrite=True, report=report))
+                process.stdin.write(worker_request(scan, Path(out_dir) / f"request-{n}", model_dir=model, device=device))
                 process.stdin.flush()
                 result = next((r for r in map(parse_result_line, process.stdout) if r is not None), None)
                 if result is None or not result.ok:
@@ -172,9 +174,9 @@ def benchmark(full: bool = False, device: str = "auto", model=None, workdir=None
         figures["analyze"] = run_analyze_child(scan, out, model, device, report)
         figures["analyze"]["report"] = report
         handed_over = as_slicer_hands_it_over(scan, Path(tmp) / "slicer_scratch.nrrd")
-        figures["worker"] = run_worker_child(handed_over, Path(tmp) / "worker", model, device, report)
+        figures["worker"] = run_worker_child(handed_over, Path(tmp) / "worker", model, device)
         figures["worker"]["cold_over_warm"] = round(figures["analyze"]["wall_s"] / figures["worker"]["warm_s"], 1)
-        figures["preloaded"] = run_worker_child(handed_over, Path(tmp) / "preloaded", model, device, report,
+        figures["preloaded"] = run_worker_child(handed_over, Path(tmp) / "preloaded", model, device,
                                                 requests=1, preload_wait_s=PRELOAD_WAIT_S)
         record = figures["analyze"]["record"]
         figures.setdefault("scan", {"size": record["ct"]["size"], "spacing": record["ct"]["spacing"]})
@@ -254,8 +256,9 @@ def format_report(figures: dict) -> str:
              "wall s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["timings_s"]))
              + f"  (the rest, {run['wall_s'] - record['timings_s']['total']:.1f} s, is Python start-up before the "
                "first lap; the model's imports are in 'model')",
-             "resident worker (latentharmonize worker, as in Slicer, reading the uncompressed copy the module hands "
-             f"over): first request {warm['first_s']:.1f} s (start-up included), second request {warm['warm_s']:.1f} s "
+             "resident worker (latentharmonize worker, sent the Slicer module's request: the uncompressed copy the "
+             "module hands over, no report, which the module builds on demand): first request "
+             f"{warm['first_s']:.1f} s (start-up included), second request {warm['warm_s']:.1f} s "
              f"warm (target <= {TARGET_WARM_S:g} s); separate analyze / warm = {warm['cold_over_warm']:.1f}x",
              f"preloaded worker (started with --preload, as when the Slicer module opens; first request sent "
              f"{PRELOAD_WAIT_S:g} s later): first request {figures['preloaded']['first_s']:.1f} s",
