@@ -2,13 +2,14 @@
 
 ``analyze`` runs in a child process exactly as a user would run it (``python -m latentharmonize analyze``), so the
 wall time includes start-up and the peak resident memory is that of the analysis alone. Per-stage times come from
-the run's ``analysis.json``. Then a resident ``latentharmonize worker`` (what the Slicer module keeps running)
-analyzes the same scan twice, read from an uncompressed NRRD copy as the module hands a volume over
-(``slicer_bridge.volumes.write_input_volume``; a gzip-compressed scan takes about 0.4 s longer to read): the second
-request, with the libraries and the model already loaded, is the warm time set beside the one-shot (cold) time, and
-a worker started with ``--preload`` answers its very first request warm. Then, in this process, the dense fully-convolutional encoding is compared with the
-naive path that cuts out and encodes every patch separately, on the same model-grid volume; the naive path is
-time-boxed and, when it would take longer, extrapolated from the patches it did encode (the output says so).
+the run's ``analysis.json``. Then a resident ``latentharmonize worker`` (what the Slicer module keeps running) is
+sent the module's own request for the same scan twice: an uncompressed NRRD copy, as the module hands a volume over
+(``slicer_bridge.volumes.write_input_volume``; a gzip-compressed scan takes about 0.4 s longer to read), and no
+report, which the module builds on demand. The second request, with the libraries and the model already loaded, is
+the warm time set beside the one-shot (cold) time, and a worker started with ``--preload`` answers its very first
+request warm. Then, in this process, the dense fully-convolutional encoding is compared with the naive path that
+cuts out and encodes every patch separately, on the same model-grid volume; the naive path is time-boxed and, when
+it would take longer, extrapolated from the patches it did encode (the output says so).
 """
 from __future__ import annotations
 
@@ -85,13 +86,12 @@ def run_analyze_child(scan, out_dir, model=None, device: str = "auto", report: b
 def run_worker_child(scan, out_dir, model=None, device: str = "auto", requests: int = 2,
                      preload_wait_s: float | None = None) -> dict:
     """Start ``latentharmonize worker`` in a child process and send it ``requests`` analyses of ``scan``, one after
-    another, each into its own folder, as the Slicer module's request line (``slicer_bridge.backend.worker_request``:
-    no QC pictures or report, which the module builds on demand). Wall time of each, from sending the request to its
-    result line; the first
-    also counts the worker's start-up, unless ``preload_wait_s`` is given: then the worker is started with
-    ``--preload`` (as the Slicer module starts it when the module is opened) and the first request is sent that many
-    seconds later, like a user who picks a volume before clicking Analyze. Returns the first and last (warm) times
-    and the last run's record."""
+    another, each into its own folder, as the Slicer module's request line
+    (``slicer_bridge.backend.worker_request``: no QC pictures or report, which the module builds on demand). Wall
+    time of each, from sending the request to its result line; the first also counts the worker's start-up, unless
+    ``preload_wait_s`` is given: then the worker is started with ``--preload`` (as the Slicer module starts it when
+    the module is opened) and the first request is sent that many seconds later, like a user who picks a volume
+    before clicking Analyze. Returns the first and last (warm) times and the last run's record."""
     command = [sys.executable, "-m", "latentharmonize", "worker"]
     if preload_wait_s is not None:
         command += ["--preload", str(model or "default"), "--preload-device", device]
