@@ -79,6 +79,19 @@ def emphysema_dprime(train_x, train_truth, test_x, test_truth) -> float:
     return float(abs(a.mean() - b.mean()) / np.sqrt(0.5 * (a.var() + b.var())))
 
 
+def truth_by_cluster(test, name: str, cluster_names) -> dict:
+    """Per cluster of representation ``name`` on the test scans: its share of the lung points and, per true
+    tissue, the share of that tissue's points it holds (what a seed or a setting moves between clusters)."""
+    labels = np.concatenate([s.labels[name] for s in test])
+    truth = np.concatenate([s.truth for s in test])
+    out = {}
+    for k, cluster in enumerate(cluster_names, start=1):
+        here = labels == k
+        out[cluster] = {"share": round(float(here.mean()), 3),
+                        **{t: round(float(here[truth == v].mean()), 3) for t, v in TISSUE_LABELS.items() if (truth == v).any()}}
+    return out
+
+
 def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, radius: int) -> dict:
     """Fit and measure every representation of ``funcs`` (plus prototype variants unless ``n_micro`` is 0)."""
     from sklearn.cluster import KMeans
@@ -102,11 +115,13 @@ def measure(funcs: dict, train, test, rows, k: int, seed: int, n_micro: int, rad
         t0 = time.perf_counter()
         train_features = [f(s) for s in train]
         X = np.concatenate([train_features[i][r] for i, r in rows.items()])
-        clusters = fit_named_clusters(X, stats, k, seed, order_by=stats["mean_hu"],
-                                      acquisition_covariance=training_acquisition_covariance(train, train_features))[0]
+        clusters, _, _, cluster_names = fit_named_clusters(
+            X, stats, k, seed, order_by=stats["mean_hu"],
+            acquisition_covariance=training_acquisition_covariance(train, train_features))
         for s in train + test:
             s.labels[name] = np.asarray(clusters.predict(f(s)))
         out[name] = {"dprime_emphysema": emphysema_dprime(X, truth_train, np.concatenate([f(s) for s in test]), truth_test),
+                     "truth_by_cluster": truth_by_cluster(test, name, cluster_names),
                      "seconds": round(time.perf_counter() - t0, 1)}
     for s in train + test:
         s.labels[THRESHOLD_BASELINE] = threshold_classes(s.latents[PATCH_MEAN_HU])
