@@ -9,8 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION, LOWER,
                                       NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, acquisition_covariance,
-                                      cluster_profiles, component_name, default_colors, fit_named_clusters,
-                                      name_clusters, patch_names)
+                                      cluster_profiles, default_colors, fit_named_clusters, name_clusters)
 from latentharmonize.densitometry import patch_profiles
 from latentharmonize.errors import InputError
 
@@ -111,41 +110,6 @@ def test_components_of_one_name_merge_into_one_cluster():
     back = TissueClusters.from_state(*clusters.export_state())
     for x, y in zip(back.predict_with_confidence(Z), clusters.predict_with_confidence(Z)):
         np.testing.assert_array_equal(x, y)
-
-
-def _rows(medians, dense=0.01):
-    medians = np.asarray(medians, float)
-    return {"median_hu": medians, "mean_hu": medians, "frac_below_950": np.full(len(medians), 0.01),
-            "frac_above_300": np.full(len(medians), dense)}
-
-
-def test_a_component_of_mostly_normal_patches_joins_normal_lung():
-    """Dependent normal lung: three in four of its patches normal (-840 HU), one in four ground glass (-600 HU). Its
-    mean profile is raised (median -780: higher-attenuation lung by the rules), but it is normal lung with a
-    minority of disease, so it merges with the other normal component, apart from the ground-glass one."""
-    rng = np.random.default_rng(2)
-    means = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    truth = np.repeat([0, 1, 2], 200)
-    Z = means[truth] + rng.normal(size=(600, 2))
-    dependent = np.where(np.arange(200) % 4 == 0, -600.0, -840.0)
-    stats = _rows(np.concatenate([np.full(200, -870.0), dependent, np.full(200, -550.0)]))
-    assert name_clusters(cluster_profiles(truth + 1, stats, 3)) == [NORMAL, HIGHER, GROUND_GLASS]  # the mean profiles
-    clusters, labels, profiles, names = fit_named_clusters(Z, stats, 3, 0, order_by=stats["mean_hu"])
-    assert clusters.n_clusters_ == 2 and names == [NORMAL, GROUND_GLASS]
-    np.testing.assert_array_equal(labels, np.where(truth == 2, 2, 1))
-
-
-def test_component_name_follows_its_patches_where_they_disagree_with_its_mean_on_normal_lung():
-    profile_of = lambda medians: cluster_profiles(np.ones(len(medians), int), _rows(medians), 1)[0]
-    mostly_normal = [-840.0] * 7 + [-600.0] * 3  # mean median -768: higher-attenuation lung by the mean
-    assert name_clusters([profile_of(mostly_normal)]) == [HIGHER]
-    assert component_name(profile_of(mostly_normal), patch_names(_rows(mostly_normal))) == NORMAL
-    mostly_raised = [-925.0] * 4 + [-695.0] * 4 + [-790.0] * 2  # mean median -806: normal by the mean
-    assert name_clusters([profile_of(mostly_raised)]) == [NORMAL]
-    assert component_name(profile_of(mostly_raised), patch_names(_rows(mostly_raised))) == GROUND_GLASS
-    emphysema = [-960.0] * 6 + [-870.0] * 4
-    assert component_name(profile_of(emphysema), patch_names(_rows(emphysema))) == LOW_ATTENUATION
-    assert list(patch_names(_rows([-960.0, -870.0, -600.0, 20.0]))) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, DENSE]
 
 
 def test_acquisition_covariance_is_the_scatter_one_acquisition_adds():

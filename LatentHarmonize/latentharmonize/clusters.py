@@ -6,9 +6,7 @@
 shared spherical scale, cut emphysema in two at the midpoint between centroids (see
 ``docs/experiments/2026-12-04-mixture-clusters.md``). :func:`fit_named_clusters` names every component from the HU
 profile of its patches and merges the components that get the same name into one cluster: normal lung may take
-several components, and a tissue type is one cluster, one colour and one segment. Whether a component joins normal
-lung is decided by its patches' own names (:func:`component_name`), not by its mean profile alone: a component of
-dependent normal lung has a mean median near the -800 HU line, and fell either side of it with the training seed.
+several components, and a tissue type is one cluster, one colour and one segment.
 
 Labels are ``1..C`` (0 is background in label maps); components are numbered in a deterministic order (ascending
 mean of ``order_by``, e.g. patch mean HU, else of the first feature) and clusters take the order of their first
@@ -426,34 +424,6 @@ def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
     return names
 
 
-def patch_names(stats: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The name each patch would get alone: :func:`name_clusters`' rules applied to every row of ``stats`` (per-patch
-    statistics holding ``NAMING_KEYS``)."""
-    n = len(np.asarray(stats[NAMING_KEYS[0]]))
-    return np.array([_name_one({k: float(np.asarray(stats[k])[i]) for k in NAMING_KEYS}) for i in range(n)], dtype=object)
-
-
-def component_name(profile: Mapping[str, float], names_of_patches: np.ndarray) -> str:
-    """The base name of a mixture component from its mean ``profile`` and its patches' own names (:func:`patch_names`):
-
-    - most of its patches normal-appearing: normal-appearing lung, whatever the mean profile says (a component of
-      dependent or vessel-rich normal lung has a raised mean profile from the minority of its patches that are not);
-    - most of them not, but the mean profile normal-appearing: the most common name among the others (ties: the
-      first in ``TISSUE_NAMES`` order);
-    - otherwise the mean profile's name.
-    """
-    own = _name_one(profile)
-    names_of_patches = np.asarray(names_of_patches, dtype=object)
-    if len(names_of_patches) == 0:
-        return own
-    if np.mean(names_of_patches == NORMAL) > 0.5:
-        return NORMAL
-    if own == NORMAL:
-        others = [n for n in TISSUE_NAMES if n != NORMAL]
-        return max(others, key=lambda n: (int(np.sum(names_of_patches == n)), -others.index(n)))
-    return own
-
-
 def base_name(name: str) -> str:
     """A cluster name without the " 2", " 3" ... that :func:`name_clusters` adds to a repeated name."""
     return re.sub(r" \d+$", "", name)
@@ -462,8 +432,8 @@ def base_name(name: str) -> str:
 def fit_named_clusters(features, stats: Mapping[str, np.ndarray], n_clusters, random_state: int,
                        order_by=None, acquisition_covariance=None) -> tuple:
     """Fit :class:`TissueClusters` on ``features`` [n, d] (components widened by ``acquisition_covariance`` when
-    given), name each component from the HU profile of its rows and their own names (:func:`component_name`;
-    ``stats``: per-row patch statistics holding ``NAMING_KEYS``) and merge the components of one name.
+    given), name each component from the HU profile of its rows (``stats``: per-row patch statistics holding
+    ``NAMING_KEYS``) and merge the components of one name.
 
     Returns (clusters, cluster label 1..C of each row, the C cluster profiles, their C distinct names). A component
     that no row falls in takes the name of the component with the nearest mean.
@@ -472,9 +442,7 @@ def fit_named_clusters(features, stats: Mapping[str, np.ndarray], n_clusters, ra
         features, order_by=order_by, acquisition_covariance=acquisition_covariance)
     components = cluster_profiles(clusters.component_labels_, stats, clusters.n_components_)
     filled = [i for i, p in enumerate(components) if p["n"] > 0]
-    name_clusters([components[i] for i in filled])  # refuses, readably, profiles the rules cannot read
-    own = patch_names(stats)
-    filled_names = {i: component_name(components[i], own[clusters.component_labels_ == i + 1]) for i in filled}
+    filled_names = dict(zip(filled, (base_name(n) for n in name_clusters([components[i] for i in filled]))))
     means = clusters.means_
     names = [filled_names.get(i) or filled_names[min(filled, key=lambda j: np.linalg.norm(means[j] - means[i]))]
              for i in range(clusters.n_components_)]
