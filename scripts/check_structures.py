@@ -2,6 +2,7 @@
 """Check vessels, airways and the voxel-level label map: on a phantom patient against its truth, or on real scans.
 
     .venv/bin/python scripts/check_structures.py phantom [--patient 0] [--seed 7] [--full] [--model BUNDLE]
+    .venv/bin/python scripts/check_structures.py cohort PHANTOM_DIR [--patients P000,P003]
     .venv/bin/python scripts/check_structures.py scan RESULT_DIR [RESULT_DIR ...]
 
 ``phantom`` makes one patient, rebuilds the truth of its vessels and airways from the generator's tubes (voxels
@@ -9,7 +10,9 @@ more than half inside a vessel or airway lumen, within the lung truth; the phant
 and for each default acquisition reports the Dice of the found vessels and airways, the share of each truth tissue
 wrongly taken as vessel, and the agreement (ARI) of the label map with the truth tissue on the parenchyma voxels:
 the previous nearest-patch map with vessels left in the patches against the interpolated map of parenchyma-only
-patches. ``scan`` reads the outputs of ``latentharmonize analyze`` on real scans and reports the structures'
+patches. ``cohort`` reads a phantom cohort already written (for instance one with drawn, held-out settings) and
+reports, per scan, the vessels found on the model grid against the truth rebuilt from the cohort's seed: recall,
+precision, and the share of each abnormal tissue taken as vessel. ``scan`` reads the outputs of ``latentharmonize analyze`` on real scans and reports the structures'
 volumes and where each cluster lies (near the lung border, near a found vessel): nothing is written, so real data
 stays out of the repository.
 """
@@ -106,6 +109,48 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
               flush=True)
 
 
+def check_cohort(folder: Path, patients=None) -> None:
+    import json
+
+    import SimpleITK as sitk
+
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.lungmask import segment_lungs
+    from latentharmonize.patches import model_grid_hu
+    from latentharmonize.structures import VESSEL_LABEL, segment_structures
+    from latentharmonize.tissue import TISSUES
+
+    seed = json.loads((folder / "phantom.json").read_text())["seed"]
+    rows = read_cohort(folder / "cohort.csv")
+    spec = load_bundle(None).spec
+    for patient_id, scans in rows.groupby("patient", sort=True):
+        if patients and patient_id not in patients:
+            continue
+        patient, truth = phantom_truth(int(str(patient_id).lstrip("P")), seed, False)
+        if not np.array_equal(sitk.GetArrayViewFromImage(patient.truth), sitk.GetArrayFromImage(sitk.ReadImage(str(scans["truth"].iloc[0])))):
+            raise SystemExit(f"{patient_id}: the rebuilt patient differs from the cohort's truth; is this a phantom cohort?")
+        structure_truth = sitk.GetImageFromArray(truth)
+        structure_truth.CopyInformation(patient.truth)
+        for _, row in scans.iterrows():
+            ct = sitk.ReadImage(str(row["image"]))
+            hu, lung, grid, _ = model_grid_hu(ct, segment_lungs(ct), spec)
+            found = (segment_structures(hu, lung, grid.spacing) == VESSEL_LABEL) & lung
+
+            def on_grid(image):
+                return sitk.GetArrayFromImage(sitk.Resample(image, grid.reference_image(), sitk.Transform(),
+                                                            sitk.sitkNearestNeighbor))
+            vessel, tissue = (on_grid(structure_truth) == 1) & lung, on_grid(patient.truth)
+            taken = "  ".join(f"{name} {np.mean(found[(tissue == k) & lung & ~vessel]):.0%}"
+                              for k, name in enumerate(TISSUES, start=1)
+                              if k > 2 and np.count_nonzero((tissue == k) & lung & ~vessel) >= 200)
+            print(f"{patient_id} {row['acquisition']} (kernel {row.get('kernel')}, {float(row['thickness']):.2f} mm, "
+                  f"{float(row['dose']):.0f} mAs): vessels truth {np.mean(vessel[lung]):.1%} / found "
+                  f"{np.mean(found[lung]):.1%} of the lung; recall {np.mean(found[vessel]):.2f}, precision "
+                  f"{np.mean(vessel[found]) if found.any() else float('nan'):.2f}; tissue taken as vessel: {taken}",
+                  flush=True)
+
+
 def check_scans(results) -> None:
     import json
 
@@ -144,11 +189,16 @@ def main(argv=None) -> int:
     ph.add_argument("--seed", type=int, default=7)
     ph.add_argument("--full", action="store_true", help="the full-size 512 x 512 x 300 patient")
     ph.add_argument("--model", help="model bundle folder (default: the shipped one)")
+    co = sub.add_parser("cohort")
+    co.add_argument("folder", type=Path, help="a phantom cohort folder (cohort.csv, phantom.json)")
+    co.add_argument("--patients", help="comma-separated patient ids (default: all)")
     sc = sub.add_parser("scan")
     sc.add_argument("results", nargs="+", help="output folders of latentharmonize analyze")
     args = parser.parse_args(argv)
     if args.mode == "phantom":
         check_phantom(args.patient, args.seed, args.full, args.model)
+    elif args.mode == "cohort":
+        check_cohort(args.folder, args.patients.split(",") if args.patients else None)
     else:
         check_scans(args.results)
     return 0
