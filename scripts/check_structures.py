@@ -12,9 +12,9 @@ wrongly taken as vessel, and the agreement (ARI) of the label map with the truth
 the previous nearest-patch map with vessels left in the patches against the interpolated map of parenchyma-only
 patches. ``cohort`` reads a phantom cohort already written (for instance one with drawn, held-out settings) and
 reports, per scan, the vessels found on the model grid against the truth rebuilt from the cohort's seed: recall,
-precision, and the share of each abnormal tissue taken as vessel. ``scan`` reads the outputs of ``latentharmonize analyze`` on real scans and reports the structures'
-volumes and where each cluster lies (near the lung border, near a found vessel): nothing is written, so real data
-stays out of the repository.
+precision, and the share of each abnormal tissue taken as vessel. ``scan`` reads the outputs of ``latentharmonize
+analyze`` on real scans and reports the structures' volumes and where each cluster lies (near the lung border, near
+a found vessel): nothing is written, so real data stays out of the repository.
 """
 from __future__ import annotations
 
@@ -121,15 +121,18 @@ def check_cohort(folder: Path, patients=None) -> None:
     from latentharmonize.structures import VESSEL_LABEL, segment_structures
     from latentharmonize.tissue import TISSUES
 
-    seed = json.loads((folder / "phantom.json").read_text())["seed"]
+    manifest = json.loads((folder / "phantom.json").read_text())
+    seed, full = manifest["seed"], bool(manifest.get("full", False))
     rows = read_cohort(folder / "cohort.csv")
     spec = load_bundle(None).spec
     for patient_id, scans in rows.groupby("patient", sort=True):
         if patients and patient_id not in patients:
             continue
-        patient, truth = phantom_truth(int(str(patient_id).lstrip("P")), seed, False)
-        if not np.array_equal(sitk.GetArrayViewFromImage(patient.truth), sitk.GetArrayFromImage(sitk.ReadImage(str(scans["truth"].iloc[0])))):
-            raise SystemExit(f"{patient_id}: the rebuilt patient differs from the cohort's truth; is this a phantom cohort?")
+        patient, truth = phantom_truth(int(str(patient_id).lstrip("P")), seed, full)
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(scans["truth"].iloc[0])))
+        if not np.array_equal(sitk.GetArrayViewFromImage(patient.truth), written):
+            raise SystemExit(f"{patient_id}: the rebuilt patient differs from the cohort's truth; is this a phantom "
+                             "cohort made by this version?")
         structure_truth = sitk.GetImageFromArray(truth)
         structure_truth.CopyInformation(patient.truth)
         for _, row in scans.iterrows():
