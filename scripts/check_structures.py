@@ -116,6 +116,7 @@ def check_cohort(folder: Path, patients=None) -> None:
 
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cohort import read_cohort
+    from latentharmonize.grid import resample_onto
     from latentharmonize.lungmask import segment_lungs
     from latentharmonize.patches import model_grid_hu
     from latentharmonize.structures import VESSEL_LABEL, segment_structures
@@ -139,11 +140,8 @@ def check_cohort(folder: Path, patients=None) -> None:
             ct = sitk.ReadImage(str(row["image"]))
             hu, lung, grid, _ = model_grid_hu(ct, segment_lungs(ct), spec)
             found = (segment_structures(hu, lung, grid.spacing) == VESSEL_LABEL) & lung
-
-            def on_grid(image):
-                return sitk.GetArrayFromImage(sitk.Resample(image, grid.reference_image(), sitk.Transform(),
-                                                            sitk.sitkNearestNeighbor))
-            vessel, tissue = (on_grid(structure_truth) == 1) & lung, on_grid(patient.truth)
+            vessel = (resample_onto(structure_truth, grid, nearest=True, default=0) == 1) & lung
+            tissue = resample_onto(patient.truth, grid, nearest=True, default=0)
             taken = "  ".join(f"{name} {np.mean(found[(tissue == k) & lung & ~vessel]):.0%}"
                               for k, name in enumerate(TISSUES, start=1)
                               if k > 2 and np.count_nonzero((tissue == k) & lung & ~vessel) >= 200)
