@@ -175,6 +175,54 @@ def test_smoothed_densitometry_reads_the_statistics_of_the_blurred_lung_only():
             PatchSpec.from_dict({"densitometry": {**entry, "smooth_mm": bad}})
 
 
+def test_a_total_densitometry_blur_gives_scans_low_passed_differently_one_blur():
+    """With ``smooth_total`` the statistics see ``smooth_mm`` in all, the encoder's low-pass included: a scan the
+    low-pass blurred more gets less added, so one lung low-passed two ways reads alike; stacked, it does not."""
+    from dataclasses import replace
+
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES, smooth_lung
+    from latentharmonize.grid import lowpass_in_plane
+    from latentharmonize.patches import PatchDensitometry, model_grid_hu
+
+    n = len(HU_STATISTIC_NAMES)
+    total = PatchDensitometry(1.0, (0.0,) * n, (1.0,) * n, 2.5, smooth_total=True)
+    stacked = replace(total, smooth_total=False)
+    assert total.added_smooth_mm(1.5) == pytest.approx(2.0) and total.added_smooth_mm(3.0) == 0.0
+    assert stacked.added_smooth_mm(1.5) == 2.5 and replace(total, smooth_mm=None).added_smooth_mm(1.0) == 0.0
+
+    rng = np.random.default_rng(0)
+    hu = np.full((5, 96, 96), 40.0, np.float32)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 8:88, 8:88] = True
+    hu[lung] = -860.0 + rng.normal(0.0, 80.0, lung.sum())
+    spacing = PatchSpec().spacing
+    positions = np.argwhere(valid_centres(lung, PatchSpec()))
+    soft, sharp = (smooth_lung(hu, lung, sigma, spacing) for sigma in (1.8, 0.6))  # one lung, two low-passes
+
+    def gap(entry):
+        spec = PatchSpec(densitometry=entry)
+        return np.abs(densitometry_features(soft, lung, positions, spec, 1.8)
+                      - densitometry_features(sharp, lung, positions, spec, 0.6)).mean()
+
+    assert gap(total) < 0.2 * gap(stacked)
+
+    # both encoding paths hand the densitometry the low-pass they applied
+    model = build_model("ae", seed=0, latent_dim=4, width=8).eval()
+    ct, mask = acquisition((0.9, 0.9, 1.0), (-40.3, -35.2, -36.0), (90, 80, 72), seed=3)
+    spec = PatchSpec(densitometry=total, lowpass_mm=1.0, context_radius=0)
+    hu, lung, grid, _ = model_grid_hu(ct, mask, spec)
+    for encode in (encode_dense, encode_patches_naive):
+        dense = encode(model, hu, lung, grid, spec)
+        expected = densitometry_features(lowpass_in_plane(hu, 1.0, grid.spacing), lung, dense.positions, spec, 1.0)
+        np.testing.assert_allclose(dense.latents[:, 4:], expected, rtol=1e-5, atol=1e-4)
+        assert not np.allclose(dense.latents[:, 4:], densitometry_features(
+            lowpass_in_plane(hu, 1.0, grid.spacing), lung, dense.positions, replace(spec, densitometry=stacked), 1.0))
+    assert PatchSpec.from_dict(spec.to_dict()).densitometry.smooth_total
+    assert "smooth_total" not in replace(spec, densitometry=stacked).to_dict()["densitometry"]  # earlier bundles
+    with pytest.raises(InputError, match="densitometry must be null"):
+        PatchSpec.from_dict({"densitometry": {**total.to_dict(), "smooth_total": "yes"}})
+
+
 def test_dense_encoding_refuses_mismatched_inputs():
     scan = patient_scans()[1]
     model = build_model("ae", latent_dim=4, width=8)

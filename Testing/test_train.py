@@ -201,11 +201,13 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
 
     out = tmp_path / "model"
     code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
-                 "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--densitometry", "2"])
+                 "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--densitometry", "2",
+                 "--densitometry-smooth", "2", "--densitometry-smooth-total"])
     assert code == 0
     bundle = load_bundle(out)
     entry = bundle.spec.densitometry
     assert entry.weight == 2.0 and len(entry.center) == len(entry.scale) == len(HU_STATISTIC_NAMES)
+    assert entry.smooth_mm == 2.0 and entry.smooth_total and bundle.manifest["training"]["densitometry_smooth_total"]
     n = 6 + len(HU_STATISTIC_NAMES)
     assert bundle.rotation.rotation_.shape == (n, n) and bundle.manifest["training"]["densitometry"] == 2.0
     # on a training scan the appended columns are centred, with twice the latent coordinates' mean SD
@@ -226,6 +228,9 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     for smooth, weight in ((-1.0, 1.0), (float("nan"), 1.0), (2.0, None)):
         with pytest.raises(InputError, match="--densitometry-smooth"):
             TrainConfig(densitometry=weight, densitometry_smooth_mm=smooth)
+    for smooth, total in ((0.0, True), (2.5, "yes")):
+        with pytest.raises(InputError, match="--densitometry-smooth-total"):
+            TrainConfig(densitometry=1.0, densitometry_smooth_mm=smooth, densitometry_smooth_total=total)
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):

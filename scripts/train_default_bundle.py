@@ -7,8 +7,8 @@ thread count and a fixed creation date (SOURCE_DATE_EPOCH) give the same bundle 
 About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine, 7 min beside two other jobs).
 
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
-        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--lowpass MM] [--lowpass-noise HU]
-        [--clusters K]
+        [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--[no-]densitometry-smooth-total]
+        [--lowpass MM] [--lowpass-noise HU] [--clusters K]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
                         help="weight of the patch densitometry appended to the latent before the rotation (default 1)")
     parser.add_argument("--densitometry-smooth", type=float, default=2.5, metavar="MM",
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
+    parser.add_argument("--densitometry-smooth-total", action=argparse.BooleanOptionalAction, default=False,
+                        help="make --densitometry-smooth the total blur, the encoder's low-pass included (default off)")
     parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
                         help="in-plane Gaussian sigma (mm) of every scan on the model grid before encoding (default 1)")
     parser.add_argument("--lowpass-noise", type=float, default=1.3, metavar="HU",
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
         print(f"phantom cohort: {args.patients} patients in {time.perf_counter() - t0:.0f} s", flush=True)
         config = TrainConfig(seed=args.seed, epochs=args.epochs, encoder=args.encoder, device="cpu",
                              clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
-                             densitometry_smooth_mm=args.densitometry_smooth, lowpass_mm=args.lowpass,
+                             densitometry_smooth_mm=args.densitometry_smooth,
+                             densitometry_smooth_total=args.densitometry_smooth_total, lowpass_mm=args.lowpass,
                              lowpass_noise_hu=args.lowpass_noise or None)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped

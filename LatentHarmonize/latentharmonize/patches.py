@@ -31,16 +31,24 @@ from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, MAX_LOWPASS_MM, ModelGrid
 from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
+_DENSITOMETRY_FORM = (f"a weight > 0, {len(HU_STATISTIC_NAMES)} finite centres and {len(HU_STATISTIC_NAMES)} positive "
+                      f"scales (one per statistic {list(HU_STATISTIC_NAMES)}), an optional smooth_mm >= 0 and an "
+                      "optional boolean smooth_total")
+
+
 @dataclass(frozen=True)
 class PatchDensitometry:
     """Patch densitometry appended to each latent before the rotation (:func:`densitometry_features`):
     ``(statistic - center) / scale`` per statistic of ``densitometry.HU_STATISTIC_NAMES``; ``train --densitometry``
-    fits centre and scale on the training patches. ``smooth_mm``: statistics of :func:`densitometry.smooth_lung`."""
+    fits centre and scale on the training patches. ``smooth_mm``: statistics of :func:`densitometry.smooth_lung`, on
+    top of the encoder's low-pass, or with ``smooth_total`` as the total in-plane blur, the low-pass included
+    (:meth:`added_smooth_mm`)."""
 
     weight: float
     center: tuple
     scale: tuple
     smooth_mm: float | None = None
+    smooth_total: bool = False
 
     def __post_init__(self):
         n = len(HU_STATISTIC_NAMES)
@@ -50,23 +58,35 @@ class PatchDensitometry:
             center = scale = np.zeros(0)
         ok = (center.shape == scale.shape == (n,) and np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
               and np.all(scale > 0) and _is_real(self.weight) and self.weight > 0
-              and (self.smooth_mm is None or (_is_real(self.smooth_mm) and self.smooth_mm >= 0)))
+              and (self.smooth_mm is None or (_is_real(self.smooth_mm) and self.smooth_mm >= 0))
+              and isinstance(self.smooth_total, bool))
         if not ok:
-            raise InputError(f"densitometry must be null or a weight > 0 (and an optional smooth_mm >= 0) with {n} "
-                             f"finite centres and {n} positive scales (one per statistic {list(HU_STATISTIC_NAMES)}), "
-                             f"got {self.to_dict()!r}; the model bundle is damaged or was edited by hand.")
+            raise InputError(f"densitometry must be null or {_DENSITOMETRY_FORM}, got {self.to_dict()!r}; the model "
+                             "bundle is damaged or was edited by hand.")
 
     @classmethod
     def from_dict(cls, entry) -> "PatchDensitometry":
-        if not (isinstance(entry, dict) and {"weight", "center", "scale"} <= set(entry) <= {"weight", "center", "scale", "smooth_mm"}):
-            raise InputError(f"densitometry must be null or a weight > 0 (and an optional smooth_mm >= 0) with "
-                             f"centres and scales per statistic {list(HU_STATISTIC_NAMES)}, got {entry!r}; the model "
-                             "bundle is damaged or was edited by hand.")
+        keys = {"weight", "center", "scale"}
+        if not (isinstance(entry, dict) and keys <= set(entry) <= keys | {"smooth_mm", "smooth_total"}):
+            raise InputError(f"densitometry must be null or {_DENSITOMETRY_FORM}, got {entry!r}; the model bundle is "
+                             "damaged or was edited by hand.")
         center, scale = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (entry["center"], entry["scale"]))
-        return cls(entry["weight"], center, scale, entry.get("smooth_mm"))
+        return cls(entry["weight"], center, scale, entry.get("smooth_mm"), entry.get("smooth_total", False))
+
+    def added_smooth_mm(self, lowpass_mm: float) -> float:
+        """SD (mm) of the blur the statistics add to HU already low-passed with SD ``lowpass_mm``. Gaussian SDs add
+        in quadrature, so a total ``smooth_mm`` adds sqrt(smooth_mm² − lowpass_mm²), and nothing where the low-pass
+        alone reaches it: every scan's statistics then see one blur, whatever its kernel asked of the low-pass."""
+        if not self.smooth_mm:
+            return 0.0
+        if not self.smooth_total:
+            return float(self.smooth_mm)
+        return math.sqrt(max(float(self.smooth_mm) ** 2 - float(lowpass_mm) ** 2, 0.0))
 
     def to_dict(self) -> dict:
         smooth = {} if self.smooth_mm is None else {"smooth_mm": self.smooth_mm}
+        if self.smooth_total:  # bundles without the key stack smooth_mm on the low-pass, as before the key existed
+            smooth["smooth_total"] = True
         listed = [list(v) if isinstance(v, tuple) else v for v in (self.center, self.scale)]
         return {"weight": self.weight, "center": listed[0], "scale": listed[1], **smooth}
 
@@ -201,29 +221,35 @@ def lattice_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarra
     return np.vstack(blocks)
 
 
-def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
+def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec,
+                          lowpass_mm: float = 0.0) -> np.ndarray:
     """Each patch's HU quantiles and threshold shares (:func:`lattice_hu_statistics`) as ``(value - center) /
     scale``, float32 [n, 8]: what the spec's ``densitometry`` appends to the latents.
 
     The latent spends its few dimensions on vessels; emphysema is a shift of the voxel histogram the autoencoder
     barely needs to reconstruct. Appending the histogram before the rotation lets the paired rotation take out
     what the kernel and dose do to it (the emphysema index of a sharp kernel) and keep what the tissue does.
-    With ``smooth_mm`` in the entry the statistics are read from :func:`densitometry.smooth_lung` of the scan.
+    With ``smooth_mm`` in the entry the statistics are read from :func:`densitometry.smooth_lung` of the scan, which
+    ``hu`` reaches low-passed with SD ``lowpass_mm`` (:func:`encoder_input`).
     """
     entry = spec.densitometry
-    if entry.smooth_mm:
-        hu = smooth_lung(hu, lung, float(entry.smooth_mm), spec.spacing)
+    added = entry.added_smooth_mm(lowpass_mm)
+    if added:
+        hu = smooth_lung(hu, lung, added, spec.spacing)
     raw = lattice_hu_statistics(hu, lung, positions, spec)
     return ((raw - np.asarray(entry.center, np.float32)) / np.asarray(entry.scale, np.float32)).astype(np.float32)
 
 
-def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: PatchSpec, features=None) -> np.ndarray:
+def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: PatchSpec, lowpass_mm: float,
+                       features=None) -> np.ndarray:
     """``latents`` with the spec's densitometry columns appended (``features``: those columns, already computed)."""
     if spec.densitometry is None:
         return latents
     if len(latents) == 0:
         return np.zeros((0, n_features(latents.shape[1], spec)), np.float32)
-    return np.hstack([latents, densitometry_features(hu, lung, positions, spec) if features is None else features])
+    if features is None:
+        features = densitometry_features(hu, lung, positions, spec, lowpass_mm)
+    return np.hstack([latents, features])
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -331,7 +357,7 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     n_batches = max(math.ceil(len(slabs) / batch), 1)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-densitometry") as pool, \
             torch.inference_mode(), autocast_for(device):
-        features = (pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec)
+        features = (pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec, sigma)
                     if spec.densitometry is not None and valid.any() else None)
         for b, start in enumerate(range(0, len(slabs), batch)):
             ks = slabs[start: start + batch]
@@ -343,7 +369,7 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
         features = None if features is None else features.result()
     latents = np.concatenate(latents or [np.zeros((0, model.latent_dim), np.float32)])
     positions = np.concatenate(positions or [np.zeros((0, 3), np.int64)])
-    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec, features),
+    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec, sigma, features),
                          positions=positions, lattice=lattice, lowpass_mm=sigma)
     return aggregate_context(dense, spec.context_radius)
 
@@ -400,6 +426,6 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
             patches = extract_patches(volume, positions[start: start + batch_size], spec)
             out.append(model.encode(torch.from_numpy(patches).to(device)).float().cpu().numpy())
     latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
-    latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec)
+    latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec, sigma)
     return aggregate_context(DenseLatents(latents=latents, positions=positions.astype(np.int64),
                                           lattice=patch_lattice(grid, spec), lowpass_mm=sigma), spec.context_radius)

@@ -53,6 +53,10 @@ def add_arguments(parser) -> None:
                         help="with --densitometry: read the statistics from the lung blurred in-plane with this "
                              f"Gaussian SD, so a sharp kernel's extra noise does not count as emphysema (default "
                              f"{DEFAULTS.densitometry_smooth_mm:g})")
+    parser.add_argument("--densitometry-smooth-total", dest="densitometry_smooth_total", action="store_true",
+                        help="with --densitometry-smooth: make MM the total in-plane blur the statistics see, the "
+                             "--lowpass/--lowpass-noise blur included, so every kernel's statistics see one blur "
+                             "(default: MM is added on top of it)")
     parser.add_argument("--lowpass", dest="lowpass_mm", type=float, default=DEFAULTS.lowpass_mm, metavar="MM",
                         help="blur every scan in-plane with this Gaussian SD on the model grid before encoding (in "
                              "training and in every analysis with this bundle), so soft and sharp kernels reach one "
@@ -80,7 +84,8 @@ def config_from_args(args) -> TrainConfig:
         encoder=args.encoder, seed=args.seed, epochs=args.epochs, max_minutes=args.max_minutes,
         clusters=args.clusters, n_technical=_n_technical(args.n_technical), per_patient=args.per_patient,
         latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
-        densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm, calibrate=args.calibrate,
+        densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm,
+        densitometry_smooth_total=args.densitometry_smooth_total, calibrate=args.calibrate,
         lowpass_mm=args.lowpass_mm, lowpass_noise_hu=args.lowpass_noise_hu,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)
 

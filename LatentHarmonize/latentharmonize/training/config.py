@@ -37,6 +37,7 @@ class TrainConfig:
     low_attenuation_channel: bool = False  # ae only: also encode a channel of voxels below LAA_THRESHOLD_HU
     densitometry: float | None = None  # weight of the patch statistics appended to the latents
     densitometry_smooth_mm: float = 0.0
+    densitometry_smooth_total: bool = False  # densitometry_smooth_mm counts the low-pass in (the spec's smooth_total)
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
     lowpass_mm: float = 0.0  # in-plane Gaussian SD of the model-grid HU (the spec's lowpass_mm)
     lowpass_noise_hu: float | None = None  # soft-tissue noise each scan is blurred down to (the spec's)
@@ -111,6 +112,10 @@ def _check_densitometry(config: TrainConfig) -> None:
         raise InputError(f"--densitometry must be a positive weight (1 is the usual choice), got {weight!r}.")
     if not (_is_real(smooth) and smooth >= 0) or (smooth and weight is None):
         raise InputError(f"--densitometry-smooth must be 0 or more mm, and goes with --densitometry; got {smooth!r}.")
+    total = config.densitometry_smooth_total
+    if not isinstance(total, bool) or (total and not smooth):
+        raise InputError(f"--densitometry-smooth-total goes with a --densitometry-smooth above 0; got {total!r} "
+                         f"with {smooth!r} mm.")
 
 
 def _is_int(value) -> bool:

@@ -44,7 +44,7 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
     spec = config.patch_spec()
     if config.densitometry is not None:
         spec, latents = fit_densitometry(model, cohort, samples, spec, config.densitometry, device, progress,
-                                         config.densitometry_smooth_mm)
+                                         config.densitometry_smooth_mm, config.densitometry_smooth_total)
     elif spec.context_radius > 0:
         latents = context_latents(model, cohort, samples, spec, device, progress)
     rotation, probe = fit_rotation(latents, samples, config.n_technical, config.seed)
@@ -95,24 +95,25 @@ def context_latents(model, cohort, samples: PairedPatches, spec: PatchSpec, devi
 
 
 def fit_densitometry(model, cohort, samples: PairedPatches, spec: PatchSpec, weight: float, device: torch.device,
-                     progress: Progress | None = None, smooth_mm: float = 0.0) -> tuple:
+                     progress: Progress | None = None, smooth_mm: float = 0.0, smooth_total: bool = False) -> tuple:
     """The spec with a fitted ``densitometry`` entry, and the training rows' latents with its columns appended.
 
     Each statistic is centred on its mean over the training rows and scaled so that its SD is ``weight`` times the
     mean SD of the encoder's latent coordinates: at weight 1 the eight statistics weigh like eight latent
     coordinates in the rotation and the clusters. ``smooth_mm`` > 0: statistics of the in-plane smoothed lung
-    (``densitometry.smooth_lung``).
+    (``densitometry.smooth_lung``); ``smooth_total``: ``smooth_mm`` counts the encoder's low-pass in.
     """
     n = len(HU_STATISTIC_NAMES)
     smooth = float(smooth_mm) if smooth_mm else None
-    raw_spec = replace(spec, densitometry=PatchDensitometry(float(weight), (0.0,) * n, (1.0,) * n, smooth))
+    raw_spec = replace(spec, densitometry=PatchDensitometry(float(weight), (0.0,) * n, (1.0,) * n, smooth,
+                                                            bool(smooth_total)))
     latents = context_latents(model, cohort, samples, raw_spec, device, progress)  # statistics as they are
     d = model.latent_dim
     center = latents[:, d:].mean(axis=0)
     sd = np.maximum(latents[:, d:].std(axis=0), 1e-6)  # a statistic constant over the training rows stays 0
     scale = sd / (weight * latents[:, :d].std(axis=0).mean())
     latents[:, d:] = (latents[:, d:] - center) / scale
-    entry = PatchDensitometry(float(weight), tuple(float(v) for v in center), tuple(float(v) for v in scale), smooth)
+    entry = replace(raw_spec.densitometry, center=tuple(float(v) for v in center), scale=tuple(float(v) for v in scale))
     return replace(spec, densitometry=entry), latents
 
 

@@ -29,6 +29,7 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
         "cluster_profiles": fit.profiles, "ari_vs_truth": _ari_vs_truth(fit.labels, samples),
         **({"densitometry": float(config.densitometry)} if config.densitometry is not None else {}),
         **({"densitometry_smooth_mm": float(config.densitometry_smooth_mm)} if config.densitometry_smooth_mm else {}),
+        **({"densitometry_smooth_total": True} if config.densitometry_smooth_total else {}),
     }
 
 
