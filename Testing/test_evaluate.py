@@ -338,6 +338,31 @@ def _tiny_bundle(folder, kind, cohort_csv, spec=None):
     return folder
 
 
+def test_bundle_clusters_label_each_scan_as_analyze_does_while_rotated_refits(tmp_path):
+    from types import SimpleNamespace
+
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.evaluation.representations import REGISTRY, Training, own_clusters, patch_statistics
+    from latentharmonize.pipeline import patch_clusters
+    from latentharmonize.progress import Progress
+
+    train_csv = _write_cohort(tmp_path / "train", 2, seed=1)
+    bundle = load_bundle(_tiny_bundle(tmp_path / "model", "ae", train_csv))
+    encoders = Encoders(bundle, statistics=patch_statistics())
+    scans = [encode_row(row, "train", encoders)[0] for _, row in read_cohort(train_csv).iterrows()]
+    rows = training_rows(scans, 400, 0)
+    training = Training(bundle, scans, rows, 0)
+    funcs = {r.name: r.fit(training) for r in REGISTRY if r.name in ("entangled", "rotated", "bundle_clusters")}
+    fitted = own_clusters(training, funcs)
+    assert set(fitted) == {"bundle_clusters"} and fitted["bundle_clusters"] is bundle.clusters
+    assign_clusters(funcs, scans, scans, rows, 2, 0, Progress(quiet=True), {}, fitted)
+    for scan in scans:
+        painted = patch_clusters(SimpleNamespace(latents=scan.latents["entangled"]), bundle)[0]
+        np.testing.assert_array_equal(scan.labels["bundle_clusters"], painted)
+        assert set(np.unique(scan.labels["rotated"])) <= {1, 2}  # the refit has the 2 components asked for
+
+
 def test_traversals_of_a_densitometry_bundle_decode_the_encoder_part(tmp_path):
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cohort import read_cohort

@@ -64,7 +64,7 @@ from .figures import (plot_consistency, plot_km, plot_label_maps, plot_latent_pc
 from .goals import goal_check, relative_gains, rotated_versus
 from .report import render_report
 from .representations import (Training, assign_clusters, fit_features, fit_image_harmonizers, label_with_baselines,
-                              patch_statistics)
+                              own_clusters, patch_statistics)
 from .survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility, survival_comparison,
                                   tissue_readout)
 from .tissue import kernel_robustness, reference_clusters, tissue_recall
@@ -152,9 +152,11 @@ def _encode(encoders: Encoders, train_rows, held_out: dict, seed: int, progress:
 def _label(bundle, train, evals, survivors, cfg: EvalConfig, progress: Progress, skipped: dict) -> Encoded:
     """Fit each representation on the training scans and label every scan with its clusters (or baseline labels)."""
     rows = training_rows(train, cfg.train_latents, cfg.seed)
-    funcs = fit_features(Training(bundle, train, rows, cfg.seed), skipped, {s.acquisition for s in evals + survivors})
+    training = Training(bundle, train, rows, cfg.seed)
+    funcs = fit_features(training, skipped, {s.acquisition for s in evals + survivors})
     n_clusters = int(bundle.clusters.n_components_)
-    assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped)
+    assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped,
+                    own_clusters(training, funcs))
     # the paper's pair (rotated against entangled) is always measured; another representation whose components all
     # got one name is not, since a constant map agrees with itself across scanners
     compared = [n for n in funcs if n in ("rotated", "entangled") or not _one_cluster(n, train, skipped)]

@@ -3,6 +3,8 @@
 Each entry is a small class that declares what it is by its base class:
 
 - :class:`Representation`: features fitted on the training scans' latents (``entangled``, ``rotated``);
+  ``bundle_clusters`` are the rotated features labelled by the bundle's own clusters instead of a refit
+  (:meth:`Representation.own_clusters`);
 - :class:`LatentHarmonizer`: a harmonizer fitted on the training latents and their acquisitions (ComBat, Harmony,
   LEACE);
 - :class:`ImageHarmonizer`: fitted on the training scans' lung HU, applied to each CT before encoding
@@ -72,6 +74,11 @@ class Representation:
     def unfit_for(self, seen: set, held_out: set) -> Optional[str]:
         """Why this representation cannot label held-out scans of the acquisitions ``held_out`` when trained on
         ``seen`` (None: it can)."""
+        return None
+
+    def own_clusters(self, training: Training):
+        """The fitted clusters this representation labels scans with, if it brings its own (None: they are fitted
+        on the training rows like every other representation's, :func:`assign_clusters`)."""
         return None
 
 
@@ -154,6 +161,19 @@ class Rotated(Representation):
         return lambda s: rotation.cluster_features(s.latents["entangled"])
 
 
+class BundleClusters(Rotated):
+    """The rotated features labelled by the clusters ``train`` fitted and the bundle ships: what ``analyze`` paints.
+    The ``rotated`` row refits its clusters here like every other representation's, at the evaluation's seed."""
+
+    name = "bundle_clusters"
+    reference = True
+    note = ("bundle_clusters: the rotated features labelled by the bundle's own clusters (what analyze paints), not "
+            "refitted here")
+
+    def own_clusters(self, training: Training):
+        return training.bundle.clusters
+
+
 class ComBat(LatentHarmonizer):
     name = "combat"
 
@@ -207,7 +227,7 @@ class HuThresholdClasses(LabelBaseline):
         return threshold_classes(scan.latents[PATCH_MEAN_HU])
 
 
-REGISTRY = (Entangled(), Rotated(), ComBat(), Harmony(), Leace(), HistogramMatching(), Unoranic(), HuStatistics(),
+REGISTRY = (Entangled(), Rotated(), BundleClusters(), ComBat(), Harmony(), Leace(), HistogramMatching(), Unoranic(), HuStatistics(),
             HuThresholdClasses())
 # rotated is what the goal check judges, entangled what it gains over: neither is a baseline to beat
 SUBJECTS = ("entangled", "rotated")
@@ -297,19 +317,28 @@ def training_acquisition_covariance(train: List[ScanLatents], features: List[np.
     return acquisition_covariance(np.concatenate(first), np.concatenate(second)) if first else None
 
 
+def own_clusters(training: Training, names) -> dict:
+    """{name: clusters} of those of ``names`` whose registry entry brings its own clusters."""
+    brought = {r.name: r.own_clusters(training) for r in REGISTRY if r.name in names}
+    return {name: clusters for name, clusters in brought.items() if clusters is not None}
+
+
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
-                    n_clusters: int, seed: int, progress: Progress, skipped: dict) -> None:
+                    n_clusters: int, seed: int, progress: Progress, skipped: dict, fitted: Optional[dict] = None) -> None:
     """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
     widened by the representation's own acquisition covariance on the training pairs, named from their patches' HU
-    and merged by name) and label every scan with them; where the training scans carry
-    the phantom truth, also fit the tissue read-out and store its labels in ``readout``."""
+    and merged by name) and label every scan with them; ``fitted``: {name: clusters} to label with instead of a fit
+    (:func:`own_clusters`). Where the training scans carry the phantom truth, also fit the tissue read-out and store
+    its labels in ``readout``."""
     with_truth = all(s.truth is not None for s in train)
     stats = training_naming_statistics(train, rows)
     for k, (name, f) in enumerate(funcs.items()):
         train_features = [f(s) for s in train]
         features = np.concatenate([train_features[i][r] for i, r in rows.items()])
-        clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
-                                      acquisition_covariance=training_acquisition_covariance(train, train_features))[0]
+        clusters = (fitted or {}).get(name)
+        if clusters is None:
+            clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
+                                          acquisition_covariance=training_acquisition_covariance(train, train_features))[0]
         readout = None
         if with_truth:
             try:
