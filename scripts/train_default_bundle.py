@@ -11,9 +11,10 @@ About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine,
         [--lowpass MM] [--lowpass-noise HU] [--clusters K]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
-calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane with a
-2.5 mm Gaussian (``docs/experiments/2026-12-04-representation.md``: the option that finds emphysema and stays
-kernel-robust on real scans), an in-plane low-pass of at least 1 mm on what the encoder reads, raised per scan
+calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane to a
+total 2.5 mm Gaussian, the encoder's low-pass included (``docs/experiments/2026-12-04-representation.md``: the
+option that finds emphysema and stays kernel-robust on real scans; the total,
+``docs/experiments/2026-12-05-total-densitometry-blur.md``), an in-plane low-pass of at least 1 mm on what the encoder reads, raised per scan
 until its soft tissue's noise is at most 1.3 HU (``docs/experiments/2026-12-05-noise-matched-lowpass.md``), and 5
 mixture components, merged by name into the tissue clusters (``docs/experiments/2026-12-04-mixture-clusters.md``).
 Other values train a candidate the same reproducible way into another ``--out``.
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
                         help="weight of the patch densitometry appended to the latent before the rotation (default 1)")
     parser.add_argument("--densitometry-smooth", type=float, default=2.5, metavar="MM",
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
-    parser.add_argument("--densitometry-smooth-total", action=argparse.BooleanOptionalAction, default=False,
-                        help="make --densitometry-smooth the total blur, the encoder's low-pass included (default off)")
+    parser.add_argument("--densitometry-smooth-total", action=argparse.BooleanOptionalAction, default=True,
+                        help="make --densitometry-smooth the total blur, the encoder's low-pass included (default on)")
     parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
                         help="in-plane Gaussian sigma (mm) of every scan on the model grid before encoding (default 1)")
     parser.add_argument("--lowpass-noise", type=float, default=1.3, metavar="HU",
