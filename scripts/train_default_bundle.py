@@ -14,9 +14,10 @@ The representation options are those of ``latentharmonize train`` and default to
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane to a
 total 2.5 mm Gaussian, the encoder's low-pass included (``docs/experiments/2026-12-04-representation.md``: the
 option that finds emphysema and stays kernel-robust on real scans; the total,
-``docs/experiments/2026-12-05-total-densitometry-blur.md``), an in-plane low-pass of at least 1 mm on what the encoder reads, raised per scan
-until its soft tissue's noise is at most 1.3 HU (``docs/experiments/2026-12-05-noise-matched-lowpass.md``), and 5
-mixture components, merged by name into the tissue clusters (``docs/experiments/2026-12-04-mixture-clusters.md``).
+``docs/experiments/2026-12-05-total-densitometry-blur.md``), an in-plane low-pass of at least 1 mm on what the
+encoder reads, raised per scan until its soft tissue's noise is at most 1.3 HU
+(``docs/experiments/2026-12-05-noise-matched-lowpass.md``), and 5 mixture components, merged by name into the tissue
+clusters (``docs/experiments/2026-12-04-mixture-clusters.md``).
 Other values train a candidate the same reproducible way into another ``--out``.
 """
 from __future__ import annotations

@@ -227,8 +227,8 @@ class HuThresholdClasses(LabelBaseline):
         return threshold_classes(scan.latents[PATCH_MEAN_HU])
 
 
-REGISTRY = (Entangled(), Rotated(), BundleClusters(), ComBat(), Harmony(), Leace(), HistogramMatching(), Unoranic(), HuStatistics(),
-            HuThresholdClasses())
+REGISTRY = (Entangled(), Rotated(), BundleClusters(), ComBat(), Harmony(), Leace(), HistogramMatching(), Unoranic(),
+            HuStatistics(), HuThresholdClasses())
 # rotated is what the goal check judges, entangled what it gains over: neither is a baseline to beat
 SUBJECTS = ("entangled", "rotated")
 
@@ -324,7 +324,8 @@ def own_clusters(training: Training, names) -> dict:
 
 
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
-                    n_clusters: int, seed: int, progress: Progress, skipped: dict, fitted: Optional[dict] = None) -> None:
+                    n_clusters: int, seed: int, progress: Progress, skipped: dict,
+                    fitted: Optional[dict] = None) -> None:
     """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
     widened by the representation's own acquisition covariance on the training pairs, named from their patches' HU
     and merged by name) and label every scan with them; ``fitted``: {name: clusters} to label with instead of a fit
@@ -337,8 +338,9 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
         features = np.concatenate([train_features[i][r] for i, r in rows.items()])
         clusters = (fitted or {}).get(name)
         if clusters is None:
+            widening = training_acquisition_covariance(train, train_features)
             clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
-                                          acquisition_covariance=training_acquisition_covariance(train, train_features))[0]
+                                          acquisition_covariance=widening)[0]
         readout = None
         if with_truth:
             try:
