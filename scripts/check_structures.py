@@ -54,6 +54,20 @@ def phantom_truth(patient_index: int, seed: int, full: bool):
     return patient, truth
 
 
+def taken_as_vessel(is_vessel: np.ndarray, tissue: np.ndarray, where: np.ndarray, first: int = 1,
+                    min_voxels: int = 1) -> str:
+    """Per truth tissue label ``first`` and up with at least ``min_voxels`` voxels in ``where``, the share of those
+    voxels found as vessel, as one printable line."""
+    from latentharmonize.tissue import TISSUES
+
+    shares = []
+    for k, name in enumerate(TISSUES, start=1):
+        voxels = where & (tissue == k)
+        if k >= first and np.count_nonzero(voxels) >= min_voxels:
+            shares.append(f"{name} {np.mean(is_vessel[voxels]):.0%}")
+    return "  ".join(shares)
+
+
 def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None:
     import SimpleITK as sitk
     from sklearn.metrics import adjusted_rand_score
@@ -65,7 +79,6 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
     from latentharmonize.patches import encode_dense, model_grid_hu
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
     from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, parenchyma, segment_structures
-    from latentharmonize.tissue import TISSUES
 
     bundle = load_bundle(model)
     encoder, spec = bundle.encoder("cpu"), bundle.spec
@@ -93,9 +106,7 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
             return sitk.GetArrayFromImage(sitk.Resample(image, ct, sitk.Transform(), sitk.sitkNearestNeighbor))
         tissue, structure = on_ct(patient.truth), on_ct(structure_truth)
         in_lung = labels > 0
-        false_vessel = "  ".join(
-            f"{name} {np.mean(labels[in_lung & (tissue == k) & (structure == 0)] == VESSEL_LABEL):.0%}"
-            for k, name in enumerate(TISSUES, start=1) if np.any(in_lung & (tissue == k) & (structure == 0)))
+        false_vessel = taken_as_vessel(labels == VESSEL_LABEL, tissue, in_lung & (structure == 0))
         rows = np.flatnonzero((in_lung & (tissue > 0) & (structure == 0)).ravel())
         new_map, old_map, want = labels.ravel()[rows], old.ravel()[rows], tissue.ravel()[rows]
         tissue_voxels = new_map < VESSEL_LABEL
@@ -120,7 +131,6 @@ def check_cohort(folder: Path, patients=None) -> None:
     from latentharmonize.lungmask import segment_lungs
     from latentharmonize.patches import model_grid_hu
     from latentharmonize.structures import VESSEL_LABEL, segment_structures
-    from latentharmonize.tissue import TISSUES
 
     manifest = json.loads((folder / "phantom.json").read_text())
     seed, full = manifest["seed"], bool(manifest.get("full", False))
@@ -142,9 +152,7 @@ def check_cohort(folder: Path, patients=None) -> None:
             found = (segment_structures(hu, lung, grid.spacing) == VESSEL_LABEL) & lung
             vessel = (resample_onto(structure_truth, grid, nearest=True, default=0) == 1) & lung
             tissue = resample_onto(patient.truth, grid, nearest=True, default=0)
-            taken = "  ".join(f"{name} {np.mean(found[(tissue == k) & lung & ~vessel]):.0%}"
-                              for k, name in enumerate(TISSUES, start=1)
-                              if k > 2 and np.count_nonzero((tissue == k) & lung & ~vessel) >= 200)
+            taken = taken_as_vessel(found, tissue, lung & ~vessel, first=3, min_voxels=200)
             print(f"{patient_id} {row['acquisition']} (kernel {row.get('kernel')}, {float(row['thickness']):.2f} mm, "
                   f"{float(row['dose']):.0f} mAs): vessels truth {np.mean(vessel[lung]):.1%} / found "
                   f"{np.mean(found[lung]):.1%} of the lung; recall {np.mean(found[vessel]):.2f}, precision "
