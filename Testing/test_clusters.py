@@ -7,9 +7,10 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
-from latentharmonize.clusters import (DENSE, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, LOW_ATTENUATION, LOWER,
-                                      NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters, acquisition_covariance,
-                                      cluster_profiles, default_colors, fit_named_clusters, name_clusters)
+from latentharmonize.clusters import (DENSE, DENSE_STRUCTURES, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB,
+                                      LOW_ATTENUATION, LOWER, NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters,
+                                      acquisition_covariance, cluster_profiles, default_colors, fit_named_clusters,
+                                      name_clusters)
 from latentharmonize.densitometry import patch_profiles
 from latentharmonize.errors import InputError
 
@@ -97,9 +98,10 @@ def test_components_of_one_name_merge_into_one_cluster():
     means = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     truth = np.repeat([0, 1, 2], 200)
     Z = means[truth] + rng.normal(size=(600, 2))
-    median = np.array([-870.0, -850.0, -960.0])[truth]  # two normal-looking components, one emphysema-like
-    stats = {"median_hu": median, "mean_hu": median, "frac_below_950": np.array([0.02, 0.01, 0.7])[truth],
-             "frac_above_300": np.full(600, 0.01)}
+    # two normal-looking components (one vessel-rich: raised median, normal lower quartile), one emphysema-like
+    median = np.array([-870.0, -790.0, -960.0])[truth]
+    stats = {"median_hu": median, "mean_hu": median, "q25_hu": np.array([-900.0, -885.0, -975.0])[truth],
+             "frac_below_950": np.array([0.02, 0.01, 0.7])[truth], "frac_above_300": np.array([0.01, 0.17, 0.01])[truth]}
     clusters, labels, profiles, names = fit_named_clusters(Z, stats, 3, 0, order_by=stats["mean_hu"])
     assert clusters.n_components_ == 3 and clusters.n_clusters_ == 2
     assert names == [LOW_ATTENUATION, NORMAL]  # ordered by mean HU
@@ -165,9 +167,11 @@ def test_state_round_trip(planted):
         np.testing.assert_array_equal(x, y)
 
 
-def profile(median, low, high700, high300, mean=None, sd=100.0):
-    return {"mean_hu": median if mean is None else mean, "sd_hu": sd, "median_hu": median, "frac_below_950": low,
-            "frac_above_700": high700, "frac_above_300": high300}
+def profile(median, low, high700, high300, mean=None, sd=100.0, q25=None):
+    """A cluster profile; the lower quartile defaults to 40 HU below the median."""
+    return {"mean_hu": median if mean is None else mean, "sd_hu": sd, "median_hu": median,
+            "q25_hu": median - 40.0 if q25 is None else q25, "frac_below_950": low, "frac_above_700": high700,
+            "frac_above_300": high300}
 
 
 def test_name_clusters_from_crafted_profiles():
@@ -178,6 +182,23 @@ def test_name_clusters_from_crafted_profiles():
                 profile(-870, 0.33, 0.04, 0.01)]  # a median within normal lung's range stays normal-appearing
     assert name_clusters(profiles) == [LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER,
                                        LOWER, NORMAL + " 2"]
+
+
+def test_raised_median_is_read_by_the_lower_quartile():
+    """A raised median over a normal lower quartile is structures crossing normal lung; a pattern's name needs the
+    parenchyma itself raised. Profiles of mixture components the phantom's evaluation fitted (rounded)."""
+    vessel_rich_normal = profile(-790, 0.05, 0.33, 0.17, q25=-886)  # 87 % normal lung, 9 % of the lung
+    assert name_clusters([vessel_rich_normal]) == [NORMAL]
+    normal_with_consolidation = profile(-722, 0.02, 0.41, 0.24, q25=-854)  # most of the consolidation, and vessels
+    assert name_clusters([normal_with_consolidation]) == [DENSE_STRUCTURES]
+    assert name_clusters([dict(normal_with_consolidation, frac_above_300=0.05)]) == [HIGHER]
+    raised_parenchyma = profile(-627, 0.02, 0.63, 0.12, q25=-762)  # ground glass, reticulation, honeycombing
+    assert name_clusters([raised_parenchyma]) == [GROUND_GLASS]
+    assert name_clusters([dict(raised_parenchyma, frac_above_300=0.17)]) == [RETICULAR]
+    assert name_clusters([dict(raised_parenchyma, q25_hu=-830.0)]) == [HIGHER]
+    # the lower quartile does not touch a median within normal lung's range, nor consolidation
+    assert name_clusters([profile(-850, 0.01, 0.1, 0.02, q25=-790)]) == [NORMAL]
+    assert name_clusters([profile(-250, 0.0, 0.9, 0.6, q25=-900)]) == [DENSE]
 
 
 def test_emphysema_like_only_below_the_documented_thresholds():

@@ -59,18 +59,22 @@ HONEYCOMB = "honeycombing-like"
 DENSE = "consolidation-like"
 HIGHER = "higher-attenuation lung"
 LOWER = "lower-attenuation lung"
-TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER, LOWER)
+DENSE_STRUCTURES = "lung with dense structures"
+TISSUE_NAMES = (LOW_ATTENUATION, NORMAL, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE, HIGHER, LOWER, DENSE_STRUCTURES)
 DISEASE_NAMES = (LOW_ATTENUATION, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)
 # each tissue name keeps the same colour in every model: palette entries in TISSUE_NAMES order, except lower-attenuation
 # lung, whose entry in that order (Tol blue) could not be told from higher-attenuation lung's (Okabe-Ito blue) on a
-# real scan's map: it takes Tol purple
+# real scan's map: it takes Tol purple; lung with dense structures, a mixture rather than a tissue, takes Tol grey
 NAME_COLORS = {name: PALETTE[i] for i, name in enumerate(TISSUE_NAMES)}
 NAME_COLORS[LOWER] = PALETTE[12]
+NAME_COLORS[DENSE_STRUCTURES] = PALETTE[13]
 
-NAMING_KEYS = ("median_hu", "frac_below_950", "frac_above_300")  # the profile values the naming rules read
+NAMING_KEYS = ("median_hu", "q25_hu", "frac_below_950", "frac_above_300")  # the profile values the naming rules read
 WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproducible clusters
 # Thresholds of the naming rules (HU and voxel shares), from typical lung CT values (field notes section 2):
 # normal parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50, vessels +40.
+# The lower-quartile ones sit between the phantom's normal lung (about -890) and its abnormal tissue (-660..-775);
+# see docs/experiments/2026-12-05-names-by-lower-quartile.md.
 NAMING_THRESHOLDS = {
     "emphysema_median_hu": -930.0,    # median below this, or ...
     "emphysema_low_frac": 0.5,        # ... most voxels below -950: low attenuation, emphysema-like
@@ -79,7 +83,10 @@ NAMING_THRESHOLDS = {
     "dense_median_hu": -300.0,        # median at least this (most voxels denser than ground glass): consolidation-like
     "ground_glass_median_hu": -700.0,  # median at least this (most voxels raised into ground glass) ...
     "reticular_dense_frac": 0.15,     # ... or, above ``raised_median_hu``, this share of dense lines (> -300): reticular
-    "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least
+    "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least, unless ...
+    "normal_background_q25_hu": -870.0,  # ... the lower quartile is normal lung's: structures in normal lung
+    "raised_background_q25_hu": -820.0,  # lower quartile above this: the parenchyma itself is raised (needed for the
+                                         # ground-glass-like and reticular-like names)
     "lowered_median_hu": -880.0,      # median below normal lung's ...
     "lowered_low_frac": 0.15,         # ... and this share of voxels below -950: lower-attenuation lung
 }
@@ -373,18 +380,23 @@ def cluster_profiles(labels, stats: Mapping[str, np.ndarray], n_clusters: int) -
 
 def _name_one(p: Mapping[str, float]) -> str:
     t = NAMING_THRESHOLDS
-    median, low, dense = p["median_hu"], p["frac_below_950"], p["frac_above_300"]
+    median, q25, low, dense = p["median_hu"], p["q25_hu"], p["frac_below_950"], p["frac_above_300"]
     if low >= t["honeycomb_low_frac"] and dense >= t["honeycomb_dense_frac"]:
         return HONEYCOMB
     if median < t["emphysema_median_hu"] or low > t["emphysema_low_frac"]:
         return LOW_ATTENUATION
     if median >= t["dense_median_hu"]:
         return DENSE
-    if median > t["raised_median_hu"] and dense >= t["reticular_dense_frac"]:
-        return RETICULAR
-    if median >= t["ground_glass_median_hu"]:
-        return GROUND_GLASS
     if median > t["raised_median_hu"]:
+        if q25 <= t["normal_background_q25_hu"]:
+            return NORMAL
+        if q25 > t["raised_background_q25_hu"]:
+            if dense >= t["reticular_dense_frac"]:
+                return RETICULAR
+            if median >= t["ground_glass_median_hu"]:
+                return GROUND_GLASS
+        elif dense >= t["reticular_dense_frac"]:
+            return DENSE_STRUCTURES
         return HIGHER
     if median < t["lowered_median_hu"] and low >= t["lowered_low_frac"]:
         return LOWER
@@ -399,17 +411,25 @@ def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
     1. >= 30 % air-cyst voxels (< -950 HU) and >= 20 % thick-wall voxels (> -300 HU): honeycombing-like;
     2. median < -930 HU or > 50 % of voxels below -950 HU: low attenuation, emphysema-like;
     3. median >= -300 HU (most voxels denser than ground glass): consolidation-like;
-    4. median > -800 HU and >= 15 % dense-line voxels (> -300 HU): reticular-like;
-    5. median >= -700 HU (most voxels raised into ground glass): ground-glass-like;
-    6. median > -800 HU: higher-attenuation lung (raised, but short of ground glass);
-    7. median < -880 HU and >= 15 % of voxels below -950 HU: lower-attenuation lung (darker than normal lung, short
+    4. median > -800 HU (raised above normal lung's), read by the lower quartile, the parenchyma between the
+       structures:
+       a. lower quartile <= -870 HU, normal lung's: normal-appearing lung (vessels or bronchial walls crossing
+          normal lung raise the median and leave the lower quartile alone);
+       b. lower quartile > -820 HU (the parenchyma itself raised) and >= 15 % dense-line voxels (> -300 HU):
+          reticular-like;
+       c. lower quartile > -820 HU and median >= -700 HU (most voxels raised into ground glass): ground-glass-like;
+       d. lower quartile <= -820 HU and >= 15 % dense voxels: lung with dense structures (near-normal parenchyma
+          with many vessels, bands or consolidated parts: a mixture, so no disease name);
+       e. otherwise: higher-attenuation lung (raised, but short of a pattern's profile);
+    5. median < -880 HU and >= 15 % of voxels below -950 HU: lower-attenuation lung (darker than normal lung, short
        of emphysema-like; normal lung read through a sharp kernel can look so too, hence no disease name);
-    8. otherwise: normal-appearing lung.
+    6. otherwise: normal-appearing lung.
 
-    A disease-like name needs the bulk of the patch (its median) or a large share of its voxels to look like the
-    disease: a vessel or a bronchus crossing normal lung fills a minority of a 20 mm patch and leaves the median at
-    normal lung's, so normal anatomy is named normal-appearing. The mean HU and SD are reported, not used: a vessel
-    at +40 HU moves them as much as disease does. A name used twice gets " 2", " 3" ... in order.
+    A disease-like name needs the bulk of the patch (its median and lower quartile) or a large share of its voxels
+    to look like the disease: a vessel or a bronchus crossing normal lung fills a minority of a 20 mm patch and
+    leaves the lower quartile, usually the median too, at normal lung's, so normal anatomy is named
+    normal-appearing. The mean HU and SD are reported, not used: a vessel at +40 HU moves them as much as disease
+    does. A name used twice gets " 2", " 3" ... in order.
     """
     names, seen = [], {}
     for i, p in enumerate(profiles):

@@ -290,7 +290,7 @@ def naming_statistics(scan: ScanLatents) -> Dict[str, np.ndarray]:
     from the ``hu_statistics`` source: the same HU of the bundle's grid that ``train`` names its clusters from."""
     columns = dict(zip(HU_STATISTIC_NAMES, scan.latents[HuStatistics.name].T))
     return {"mean_hu": np.ravel(scan.latents[PATCH_MEAN_HU]), "median_hu": columns["q50"],
-            "frac_below_950": columns["below_950"], "frac_above_700": columns["above_700"],
+            "q25_hu": columns["q25"], "frac_below_950": columns["below_950"], "frac_above_700": columns["above_700"],
             "frac_above_300": columns["above_300"]}
 
 
