@@ -73,7 +73,7 @@ NAMING_KEYS = ("median_hu", "q25_hu", "frac_below_950", "frac_above_300")  # the
 WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproducible clusters
 # Thresholds of the naming rules (HU and voxel shares), from typical lung CT values (field notes section 2):
 # normal parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50, vessels +40.
-# The lower-quartile ones sit between the phantom's normal lung (about -890) and its abnormal tissue (-660..-775);
+# The lower-quartile one sits between the phantom's normal lung (about -890) and its abnormal tissue (-660..-775);
 # see docs/experiments/2026-12-05-names-by-lower-quartile.md.
 NAMING_THRESHOLDS = {
     "emphysema_median_hu": -930.0,    # median below this, or ...
@@ -83,8 +83,7 @@ NAMING_THRESHOLDS = {
     "dense_median_hu": -300.0,        # median at least this (most voxels denser than ground glass): consolidation-like
     "ground_glass_median_hu": -700.0,  # median at least this (most voxels raised into ground glass) ...
     "reticular_dense_frac": 0.15,     # ... or, above ``raised_median_hu``, this share of dense lines (> -300): reticular
-    "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least, unless ...
-    "normal_background_q25_hu": -870.0,  # ... the lower quartile is normal lung's: structures in normal lung
+    "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least
     "raised_background_q25_hu": -820.0,  # lower quartile above this: the parenchyma itself is raised (needed for the
                                          # ground-glass-like and reticular-like names)
     "lowered_median_hu": -880.0,      # median below normal lung's ...
@@ -388,8 +387,6 @@ def _name_one(p: Mapping[str, float]) -> str:
     if median >= t["dense_median_hu"]:
         return DENSE
     if median > t["raised_median_hu"]:
-        if q25 <= t["normal_background_q25_hu"]:
-            return NORMAL
         if q25 > t["raised_background_q25_hu"]:
             if dense >= t["reticular_dense_frac"]:
                 return RETICULAR
@@ -413,23 +410,21 @@ def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
     3. median >= -300 HU (most voxels denser than ground glass): consolidation-like;
     4. median > -800 HU (raised above normal lung's), read by the lower quartile, the parenchyma between the
        structures:
-       a. lower quartile <= -870 HU, normal lung's: normal-appearing lung (vessels or bronchial walls crossing
-          normal lung raise the median and leave the lower quartile alone);
-       b. lower quartile > -820 HU (the parenchyma itself raised) and >= 15 % dense-line voxels (> -300 HU):
+       a. lower quartile > -820 HU (the parenchyma itself raised) and >= 15 % dense-line voxels (> -300 HU):
           reticular-like;
-       c. lower quartile > -820 HU and median >= -700 HU (most voxels raised into ground glass): ground-glass-like;
-       d. lower quartile <= -820 HU and >= 15 % dense voxels: lung with dense structures (near-normal parenchyma
+       b. lower quartile > -820 HU and median >= -700 HU (most voxels raised into ground glass): ground-glass-like;
+       c. lower quartile <= -820 HU and >= 15 % dense voxels: lung with dense structures (near-normal parenchyma
           with many vessels, bands or consolidated parts: a mixture, so no disease name);
-       e. otherwise: higher-attenuation lung (raised, but short of a pattern's profile);
+       d. otherwise: higher-attenuation lung (raised, but short of a pattern's profile);
     5. median < -880 HU and >= 15 % of voxels below -950 HU: lower-attenuation lung (darker than normal lung, short
        of emphysema-like; normal lung read through a sharp kernel can look so too, hence no disease name);
     6. otherwise: normal-appearing lung.
 
     A disease-like name needs the bulk of the patch (its median and lower quartile) or a large share of its voxels
     to look like the disease: a vessel or a bronchus crossing normal lung fills a minority of a 20 mm patch and
-    leaves the lower quartile, usually the median too, at normal lung's, so normal anatomy is named
-    normal-appearing. The mean HU and SD are reported, not used: a vessel at +40 HU moves them as much as disease
-    does. A name used twice gets " 2", " 3" ... in order.
+    leaves the median at normal lung's, so normal anatomy is named normal-appearing; many vessels raise the median
+    but leave the lower quartile there, and get a descriptive name. The mean HU and SD are reported, not used: a
+    vessel at +40 HU moves them as much as disease does. A name used twice gets " 2", " 3" ... in order.
     """
     names, seen = [], {}
     for i, p in enumerate(profiles):
