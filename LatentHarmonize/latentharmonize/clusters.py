@@ -82,7 +82,8 @@ NAMING_THRESHOLDS = {
     "honeycomb_dense_frac": 0.2,      # ... and thick wall voxels (> -300) at least this share: honeycombing-like
     "dense_median_hu": -300.0,        # median at least this (most voxels denser than ground glass): consolidation-like
     "ground_glass_median_hu": -700.0,  # median at least this (most voxels raised into ground glass) ...
-    "reticular_dense_frac": 0.15,     # ... or, above ``raised_median_hu``, this share of dense lines (> -300): reticular
+    "reticular_dense_frac": 0.15,     # ... or, above ``raised_median_hu``, this share of dense voxels (> -300):
+                                      # reticular-like lines, or dense structures where the lower quartile is low
     "raised_median_hu": -800.0,       # median above normal lung's: higher-attenuation lung at the least
     "raised_background_q25_hu": -820.0,  # lower quartile above this: the parenchyma itself is raised (needed for the
                                          # ground-glass-like and reticular-like names)
