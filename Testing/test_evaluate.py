@@ -417,6 +417,12 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "n_pairs"}
     assert kernel["laa950"]["mean_change_points"] < 0  # the sharp scans' +30 HU offset lowers LAA-950
     assert "Kernel-robust emphysema" in (out / "report.html").read_text()
+    spread = metrics["seed_spread"]  # the tissue goal's pair over mixture seeds, the run's own fit first
+    assert set(spread) - {"rotated_ahead"} == {"rotated", "hu_statistics"} - one_cluster
+    assert spread["rotated"]["seeds"] == [0, 1]
+    assert spread["rotated"]["truth_ari"][0] == pytest.approx(metrics["truth_agreement"]["rotated"]["ari"])
+    assert spread["rotated"]["consistency_ari"][0] == pytest.approx(metrics["consistency"]["rotated"]["ari"])
+    assert "Over mixture seeds" in (out / "report.html").read_text()
     assert metrics["probe"]["chance"] == pytest.approx(0.5, abs=0.05)
     assert set(metrics["survival"]) == (set(REPRESENTATIONS) - one_cluster) | {"hu_thresholds", "true_composition"}
     assert all(0.0 <= s["c_index"] <= 1.0 and s["n"] == 7 for s in metrics["survival"].values())

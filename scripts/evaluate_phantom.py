@@ -28,6 +28,7 @@ from latentharmonize.evaluation.command import format_summary
 from latentharmonize.evaluation.evaluate import FIGURES, evaluate
 from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT
 from latentharmonize.evaluation.report import redraw_rows, reproducibility_rows, versus_rows
+from latentharmonize.evaluation.seed_spread import SPREAD_HEAD, spread_rows
 from latentharmonize.evaluation.tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
 
@@ -99,7 +100,8 @@ def markdown_table(metrics: dict) -> str:
     lines += ["", "| rotated vs entangled | ARI | NMI | Dice |", "|---|---|---|---|",
               "| this phantom | " + " | ".join(f"{gains[m]:+.2f} %" for m in PAPER_GAIN_PERCENT) + " |",
               "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
-    for head, rows in ((RECALL_HEAD, recall_rows(metrics)), (KERNEL_HEAD, kernel_rows(metrics))):
+    for head, rows in ((SPREAD_HEAD, spread_rows(metrics)), (RECALL_HEAD, recall_rows(metrics)),
+                       (KERNEL_HEAD, kernel_rows(metrics))):
         if rows:
             lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(row) + " |" for row in rows]

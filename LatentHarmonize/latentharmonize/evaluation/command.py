@@ -54,6 +54,10 @@ def format_summary(metrics: dict) -> str:
     icc = metrics.get("risk_reproducibility", {})
     if icc:
         lines.append("risk ICC across acquisitions: " + ", ".join(f"{n} {m['icc']:.3f}" for n, m in icc.items()))
+    spread = metrics.get("seed_spread", {})
+    if spread:
+        lines.append("truth ARI over mixture seeds (mean): " + ", ".join(
+            f"{n} {m['truth_ari_mean']:.3f}" for n, m in spread.items() if n != "rotated_ahead"))
     g = metrics["relative_gain"]["rotated_vs_entangled_percent"]
     lines.append("rotated vs entangled: " + ", ".join(f"{m.upper()} {g[m]:+.2f} % (paper +{PAPER_GAIN_PERCENT[m]:.2f} %)"
                                                       for m in PAPER_GAIN_PERCENT))

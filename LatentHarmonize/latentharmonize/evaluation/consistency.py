@@ -69,15 +69,18 @@ def truth_agreement(eval_scans: List[ScanLatents], names, n_boot: int, seed: int
     """ARI/NMI/Dice of each representation's labels against the phantom truth at the patch centres."""
     if any(s.truth is None for s in eval_scans):
         return {}
-    out = {}
-    for n in names:
-        per_patient = []
-        for scans in by_patient(eval_scans).values():
-            scores = [label_agreement(s.labels[n][s.truth > 0], s.truth[s.truth > 0]) for s in scans if (s.truth > 0).any()]
-            if scores:
-                per_patient.append({k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]})
-        out[n] = summarize(per_patient, n_boot=n_boot, seed=seed)
-    return out
+    return {n: summarize(truth_per_patient(eval_scans, n), n_boot=n_boot, seed=seed) for n in names}
+
+
+def truth_per_patient(eval_scans: List[ScanLatents], name: str) -> List[Dict[str, float]]:
+    """One record per patient: representation ``name``'s ARI/NMI/Dice against the truth, averaged over the
+    patient's scans (scans with truth only)."""
+    per_patient = []
+    for scans in by_patient(eval_scans).values():
+        scores = [label_agreement(s.labels[name][s.truth > 0], s.truth[s.truth > 0]) for s in scans if (s.truth > 0).any()]
+        if scores:
+            per_patient.append({k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]})
+    return per_patient
 
 
 def probe(eval_scans: List[ScanLatents], funcs: Dict[str, Callable], samples: int, seed: int) -> dict:

@@ -33,7 +33,9 @@ are then labelled and compared:
    gives say how much tissue and outcome information the representation holds, whatever the clusters find;
 6. tissue (:mod:`.tissue`): emphysema recall into each representation's low-attenuation
    cluster and the abnormal tissues' share outside its normal cluster, per acquisition; the low-attenuation
-   cluster's share of the lung and LAA-950 between soft and sharp reconstructions of the same patient;
+   cluster's share of the lung and LAA-950 between soft and sharp reconstructions of the same patient; and
+   (:mod:`.seed_spread`, phantom) the truth and consistency ARI of ``rotated`` and ``hu_statistics`` refitted at
+   several mixture seeds, since one fit is one draw;
 7. pictures: consistency bars, label maps of one patient, Kaplan-Meier, PCA of latents by
    acquisition before and after rotation, decoded traversals along the top technical and
    biological directions.
@@ -65,6 +67,7 @@ from .goals import goal_check, relative_gains, rotated_versus
 from .report import render_report
 from .representations import (Training, assign_clusters, fit_features, fit_image_harmonizers, label_with_baselines,
                               own_clusters, patch_statistics)
+from .seed_spread import seed_spread
 from .survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility, survival_comparison,
                                   tissue_readout)
 from .tissue import kernel_robustness, reference_clusters, tissue_recall
@@ -82,6 +85,7 @@ class EvalConfig:
     probe_samples: int = 4000      # held-out latents the acquisition probe uses
     n_boot: int = 1000
     outcome_draws: int = 300       # phantom only: fresh outcomes drawn for the survival patients (outcome_redraws)
+    mixture_seeds: int = 5         # phantom only: seeds at which the tissue goal's pair is refitted (seed_spread)
     max_train_patients: Optional[int] = None
     max_eval_patients: Optional[int] = None
     max_survival_patients: Optional[int] = None
@@ -90,7 +94,7 @@ class EvalConfig:
     def for_run(cls, seed: int, quick: bool) -> "EvalConfig":
         if quick:  # a smoke run: few patients and latents, enough to exercise every step
             return cls(seed=seed, quick=True, train_latents=3000, probe_samples=1500, n_boot=200, outcome_draws=30,
-                       max_train_patients=4, max_eval_patients=3, max_survival_patients=8)
+                       mixture_seeds=2, max_train_patients=4, max_eval_patients=3, max_survival_patients=8)
         return cls(seed=seed)
 
 
@@ -186,6 +190,8 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
         "probe": probe(e.evals, e.funcs, cfg.probe_samples, seed),
         "tissue_recall": tissue_recall(e.evals, references),
         "kernel_robustness": kernel_robustness(e.evals, references),
+        "seed_spread": seed_spread({n: f for n, f in e.funcs.items() if n in e.compared}, e.evals, e.train,
+                                   cfg.train_latents, e.n_clusters, seed, cfg.mixture_seeds),
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
     table = patient_profiles(e.survivors or e.train + e.evals, list(e.funcs), e.n_clusters)

@@ -62,12 +62,17 @@ def goal_check(metrics: dict) -> dict:
 
 def tissue_goals(metrics: dict) -> dict:
     """Issue 19's tissue goals for the rotated clusters, where the cohort allows them: truth ARI at least the
-    ``hu_statistics`` reference's, emphysema recall >= 0.7 and each abnormal tissue mostly (> 0.5) outside the
-    normal cluster in every acquisition, and the low-attenuation share moving by <= 0.5 points soft to sharp."""
+    ``hu_statistics`` reference's (at the run's seed, and on average over the mixture seeds), emphysema recall
+    >= 0.7 and each abnormal tissue mostly (> 0.5) outside the normal cluster in every acquisition, and the
+    low-attenuation share moving by <= 0.5 points soft to sharp."""
     out = {}
     truth, recall = metrics.get("truth_agreement", {}), metrics.get("tissue_recall", {}).get("rotated")
     if "rotated" in truth and "hu_statistics" in truth:
         out["truth_ari_at_least_hu_statistics"] = bool(truth["rotated"]["ari"] >= truth["hu_statistics"]["ari"])
+    spread = metrics.get("seed_spread", {})
+    if "rotated_ahead" in spread:
+        out["truth_ari_at_least_hu_statistics_over_seeds"] = bool(
+            spread["rotated"]["truth_ari_mean"] >= spread["hu_statistics"]["truth_ari_mean"])
     if recall:
         worst = recall["min"]
         out["emphysema_recall_at_least_0.7"] = bool(worst.get("emphysema_recall", 0.0) >= 0.7)

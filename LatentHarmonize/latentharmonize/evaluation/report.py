@@ -8,6 +8,7 @@ from typing import List
 from .. import pages
 from .goals import PAPER_GAIN_PERCENT, paired_verdict
 from .representations import REGISTRY
+from .seed_spread import SPREAD_HEAD, spread_caption, spread_rows
 from .tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 
 _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}
@@ -85,6 +86,14 @@ def _readout_rows(metrics: dict) -> List[List[str]]:
             for n, m in metrics.get("tissue_readout", {}).items() if n != "chance"]
 
 
+def _spread_section(metrics: dict) -> str:
+    rows = spread_rows(metrics)
+    if not rows:
+        return ""
+    return (f"<h3>Over mixture seeds</h3><p>{html.escape(spread_caption(metrics))} Means over the held-out "
+            "patients.</p>" + _text_table(rows, SPREAD_HEAD))
+
+
 def render_report(metrics: dict, staged, figures: List[str]) -> str:
     """The page: ``staged.path(name)`` holds each of the ``figures`` (PNG) it embeds."""
     cons, probe_acc = metrics["consistency"], metrics["probe"]
@@ -112,6 +121,7 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <p>Probe chance level: {probe_acc['chance']:.3f}.{notes}</p>
 <h2>Rotated over entangled: relative gain</h2>{pages.table(gain_rows, ['metric', 'this run', 'paper'])}
 <h2>Agreement with the phantom truth</h2>{pages.table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
+{_spread_section(metrics)}
 <h2>Tissue found by the clusters (phantom truth, worst acquisition)</h2>
 <p>Emphysema recall: share of true emphysema cells in the cluster with the lowest median patch HU; the other columns:
 share of each tissue outside the cluster that holds most normal lung.</p>

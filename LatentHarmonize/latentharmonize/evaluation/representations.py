@@ -323,6 +323,14 @@ def own_clusters(training: Training, names) -> dict:
     return {name: clusters for name, clusters in brought.items() if clusters is not None}
 
 
+def refit_clusters(features, stats: Dict[str, np.ndarray], n_clusters: int, seed: int, widening):
+    """Tissue clusters fitted on one representation's training ``features`` as ``train`` fits them: ``n_clusters``
+    mixture components widened by ``widening`` (its acquisition covariance), named from ``stats`` and merged by
+    name."""
+    return fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
+                              acquisition_covariance=widening)[0]
+
+
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
                     n_clusters: int, seed: int, progress: Progress, skipped: dict,
                     fitted: Optional[dict] = None) -> None:
@@ -338,9 +346,8 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
         features = np.concatenate([train_features[i][r] for i, r in rows.items()])
         clusters = (fitted or {}).get(name)
         if clusters is None:
-            widening = training_acquisition_covariance(train, train_features)
-            clusters = fit_named_clusters(features, stats, n_clusters, seed, order_by=stats["mean_hu"],
-                                          acquisition_covariance=widening)[0]
+            clusters = refit_clusters(features, stats, n_clusters, seed,
+                                      training_acquisition_covariance(train, train_features))
         readout = None
         if with_truth:
             try:
