@@ -120,6 +120,8 @@ def _flip_byte(path):
     (lambda f: _edit_manifest(f, lambda m: m["files"].pop(ARRAYS_FILE)), "does not list arrays"),
     (lambda f: _edit_manifest(f, lambda m: m["clusters"]["names"].pop()), "clusters section"),
     (lambda f: _edit_manifest(f, lambda m: m["rotation"].update(n_technical=2)), "cluster features have 4"),
+    (lambda f: _edit_manifest(f, lambda m: m["rotation"]["params"].update(harmonized_columns=3)),
+     "read 3 harmonized columns, but the patch spec appends 0 densitometry columns"),
     (lambda f: _edit_manifest(f, lambda m: m["patch_spec"].update(densitometry={"weight": 1.0, "center": [0.0] * 8,
                                                                                 "scale": [1.0] * 8})),
      r"with the patch densitometry, if any\) is 14"),

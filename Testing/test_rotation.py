@@ -242,3 +242,34 @@ def test_bad_technical_weight_is_refused(planted, weight):
     rot = LatentRotation(n_technical=3, technical_weight=weight).fit(X, y, pairs=pairs)
     with pytest.raises(InputError, match="technical_weight must be"):
         rot.cluster_features(X)
+
+
+def test_harmonized_columns_are_the_last_inputs_with_the_technical_coordinates_removed(planted):
+    X, y, pairs, _, _ = planted
+    rot = LatentRotation(n_technical=3, harmonized_columns=4).fit(X, y, pairs=pairs)
+    assert rot.n_cluster_features_ == 4
+    Z = rot.transform(X)
+    Z[:, :3] = 0.0
+    np.testing.assert_allclose(rot.cluster_features(X), rot.inverse_transform(Z)[:, -4:], atol=1e-12)
+    # a shift along the technical subspace (what an acquisition adds) does not move them; a biological change does
+    technical = rot.technical_basis_
+    shifted = X + np.array([4.0, -2.0, 1.0]) @ technical.T
+    np.testing.assert_allclose(rot.cluster_features(shifted), rot.cluster_features(X), atol=1e-9)
+    biological_change = (np.eye(10) - technical @ technical.T)[:, -1]  # the last input, technical part removed
+    moved = rot.cluster_features(X + 2.0 * biological_change) - rot.cluster_features(X)
+    assert np.abs(moved[:, -1]).mean() > 2.0 * 0.5 * np.linalg.norm(biological_change) ** 2
+    arrays, meta = rot.export_state()
+    np.testing.assert_array_equal(LatentRotation.from_state(arrays, meta).cluster_features(X), rot.cluster_features(X))
+    del meta["params"]["harmonized_columns"]  # a bundle written before the option existed: the rotated coordinates
+    np.testing.assert_array_equal(LatentRotation.from_state(arrays, meta).cluster_features(X), rot.biological(X))
+
+
+@pytest.mark.parametrize("columns, weight, message", [(11, 0.0, "harmonized_columns must be"),
+                                                      (-1, 0.0, "harmonized_columns must be"),
+                                                      (2.0, 0.0, "harmonized_columns must be"),
+                                                      (4, 0.3, "exclude each other")])
+def test_bad_harmonized_columns_are_refused(planted, columns, weight, message):
+    X, y, pairs, _, _ = planted
+    rot = LatentRotation(n_technical=3, harmonized_columns=columns, technical_weight=weight).fit(X, y, pairs=pairs)
+    with pytest.raises(InputError, match=message):
+        rot.cluster_features(X)

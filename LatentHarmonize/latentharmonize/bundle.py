@@ -247,6 +247,10 @@ def _validate(bundle: ModelBundle) -> None:
                           f"densitometry, if any) is {d}.")
     if int(m["rotation"].get("n_technical", -1)) != rot.n_technical_:
         raise BundleError("The manifest's n_technical disagrees with the stored rotation.")
+    harmonized = getattr(rot, "harmonized_columns", 0)
+    if harmonized not in (0, spec.n_statistics):
+        raise BundleError(f"The rotation's clusters read {harmonized!r} harmonized columns, but the patch spec appends "
+                          f"{spec.n_statistics} densitometry columns; a bundle's clusters read all of them or none.")
     cl = bundle.clusters
     if cl.means_.shape[1] != rot.n_cluster_features_:
         raise BundleError(f"The cluster means have {cl.means_.shape[1]} dimensions but the rotation's cluster features "

@@ -50,6 +50,11 @@ is that scan's acquisition offset, since most lung is normal; subtracting it rem
 shift with no acquisition label (so it works for a scanner never seen in training) and keeps the
 contrast between the scan's own tissues. ``technical_weight`` is chosen at training time (see
 ``train.select_technical_weight``); 0 (the default, and what older bundles hold) drops them.
+
+With ``harmonized_columns=k`` the clusters read instead the last ``k`` input columns (the patch densitometry that
+``train --densitometry`` appends to the encoder's latent) as the rotation harmonizes them: the technical coordinates
+are removed and the rest is rotated back into the input space. The encoder's latent still shapes the rotation
+(it finds the technical directions with the statistics), but not the clusters, which it would split by anatomy.
 """
 from __future__ import annotations
 
@@ -195,6 +200,9 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         Seed of every random choice (probe subsets and folds).
     technical_weight : float
         Scale of the scan-re-centred technical coordinates in ``cluster_features`` (0: left out).
+    harmonized_columns : int
+        0: ``cluster_features`` are the rotated coordinates; k > 0: the last k input columns with the technical
+        coordinates removed (``technical_weight`` must then be 0).
 
     Attributes
     ----------
@@ -213,7 +221,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, n_technical="auto", method="auto", alpha=1.0, tolerance=0.05, max_technical=None,
-                 n_permutations=20, cv=5, probe_samples=4000, max_pairs=20000, random_state=0, technical_weight=0.0):
+                 n_permutations=20, cv=5, probe_samples=4000, max_pairs=20000, random_state=0, technical_weight=0.0,
+                 harmonized_columns=0):
         self.n_technical = n_technical
         self.method = method
         self.alpha = alpha
@@ -225,6 +234,7 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         self.max_pairs = max_pairs
         self.random_state = random_state
         self.technical_weight = technical_weight
+        self.harmonized_columns = harmonized_columns
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y, pairs=None, groups=None):
@@ -401,8 +411,11 @@ class LatentRotation(TransformerMixin, BaseEstimator):
 
     @property
     def n_cluster_features_(self) -> int:
-        """Width of ``cluster_features``: all coordinates with a technical weight, the biological ones without."""
+        """Width of ``cluster_features``: the harmonized columns, else all coordinates with a technical weight, the
+        biological ones without."""
         check_is_fitted(self, "rotation_")
+        if self._harmonized_columns():
+            return self._harmonized_columns()
         return self.rotation_.shape[0] if self._technical_weight() > 0 else self.rotation_.shape[0] - self.n_technical_
 
     def cluster_features(self, X, scans=None) -> np.ndarray:
@@ -411,7 +424,9 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         ``X`` holds the lung latents of one scan; for rows of several scans give ``scans`` ([n] scan ids), and
         each scan's technical coordinates are re-centred on that scan's own median.
         """
-        weight = self._technical_weight()
+        weight, k = self._technical_weight(), self._harmonized_columns()
+        if k:  # the projection of X - mean_ onto the biological subspace, plus mean_: its last k input columns
+            return self.biological(X) @ self.rotation_[-k:, self.n_technical_:].T + self.mean_[-k:]
         if weight == 0:
             return self.biological(X)
         Z = self.transform(X)
@@ -428,6 +443,15 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not np.isfinite(w) or w < 0:
             raise InputError(f"technical_weight must be a finite number >= 0, got {w!r}.")
         return float(w)
+
+    def _harmonized_columns(self) -> int:
+        k, d = self.harmonized_columns, self.rotation_.shape[0]
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= d:
+            raise InputError(f"harmonized_columns must be an integer in 0..{d}, got {k!r}.")
+        if k and self._technical_weight() > 0:
+            raise InputError("harmonized_columns and technical_weight exclude each other: clusters read either the "
+                             "harmonized columns or the rotated coordinates with the re-centred technical ones.")
+        return int(k)
 
     def inverse_transform(self, Z) -> np.ndarray:
         """Latents back from rotated coordinates (for decoding latent traversals)."""

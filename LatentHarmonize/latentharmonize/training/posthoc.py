@@ -48,9 +48,15 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
     elif spec.context_radius > 0:
         latents = context_latents(model, cohort, samples, spec, device, progress)
     rotation, probe = fit_rotation(latents, samples, config.n_technical, config.seed)
-    progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
-    weight, weight_scores, clusters = select_technical_weight(rotation, latents, samples, config.clusters,
-                                                              config.seed)
+    if config.cluster_features == "densitometry":
+        progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; clustering the harmonized densitometry")
+        rotation.set_params(harmonized_columns=len(HU_STATISTIC_NAMES))
+        weight, weight_scores = 0.0, {}
+        clusters = fit_clusters(rotation.cluster_features(latents), samples, config.clusters, config.seed)
+    else:
+        progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
+        weight, weight_scores, clusters = select_technical_weight(rotation, latents, samples, config.clusters,
+                                                                  config.seed)
     tissue, labels, profiles, names, colors = clusters
     progress(80, "cluster", f"technical weight {weight:g}; {len(names)} tissue clusters")
     probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",

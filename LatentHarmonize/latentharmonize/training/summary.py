@@ -30,6 +30,7 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
         **({"densitometry": float(config.densitometry)} if config.densitometry is not None else {}),
         **({"densitometry_smooth_mm": float(config.densitometry_smooth_mm)} if config.densitometry_smooth_mm else {}),
         **({"densitometry_smooth_total": True} if config.densitometry_smooth_total else {}),
+        **({"cluster_features": config.cluster_features} if config.cluster_features != "rotated" else {}),
     }
 
 
@@ -53,6 +54,8 @@ def format_summary(summary: dict) -> str:
         + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters "
            f"(probe on what the clusters see: {probe['clusters']:.3f})."
            if summary.get("technical_weight") else "left out of the clusters."),
+        *([f"The clusters read the patch densitometry with the technical coordinates removed (probe on it: "
+           f"{probe['clusters']:.3f})."] if summary.get("cluster_features") == "densitometry" else []),
         f"{summary['n_components']} mixture components"
         + (f", widened by the training pairs' acquisition scatter ({100 * summary['acquisition_widening']:.1f} % of "
            "a component's spread)" if summary.get("acquisition_widening") else "")
