@@ -233,7 +233,8 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
             TrainConfig(densitometry=1.0, densitometry_smooth_mm=smooth, densitometry_smooth_total=total)
 
 
-def test_densitometry_cluster_features_reach_the_bundle_and_every_analysis(tiny_phantom_cohort, tmp_path, capsys):
+def test_densitometry_clusters_read_the_harmonized_statistics_in_training_and_every_analysis(tiny_phantom_cohort,
+                                                                                             tmp_path, capsys):
     import SimpleITK as sitk
 
     from latentharmonize import analyze_image
@@ -245,26 +246,27 @@ def test_densitometry_cluster_features_reach_the_bundle_and_every_analysis(tiny_
     out = tmp_path / "model"
     code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "3",
                  "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--densitometry",
-                 "--cluster-features", "densitometry"])
+                 "--technical-weight", "0.2", "--n-technical", "2"])
     assert code == 0
-    assert "The clusters read the patch densitometry with the technical coordinates removed" in capsys.readouterr().out
+    assert "the clusters read it with the technical coordinates removed" in capsys.readouterr().out
     bundle = load_bundle(out)
     n = len(HU_STATISTIC_NAMES)
     rotation, trained = bundle.rotation, bundle.manifest["training"]
-    assert rotation.harmonized_columns == n and rotation.technical_weight == 0.0
-    assert trained["cluster_features"] == "densitometry" and trained["technical_weight_pair_ari"] == {}
-    assert bundle.clusters.means_.shape[1] == n
-    # analyze labels each patch from its statistics with the technical coordinates removed, computed here anew
+    assert rotation.harmonized_columns == n and rotation.technical_weight == 0.2 and rotation.n_technical_ == 2
+    assert trained["technical_weight_fixed"] and trained["technical_weight_pair_ari"] == {}
+    assert bundle.clusters.means_.shape[1] == 2 + n
+    # analyze labels each patch from its statistics with the technical coordinates removed and those coordinates,
+    # re-centred on the scan's median, beside them: computed here anew
     image = sitk.ReadImage(str(read_cohort(tiny_phantom_cohort).iloc[0]["image"]))
     result = analyze_image(image, bundle, device="cpu")
     rotated = rotation.transform(result.patches.latents)
-    rotated[:, :rotation.n_technical_] = 0.0
-    expected = bundle.clusters.predict(rotation.inverse_transform(rotated)[:, -n:])
-    np.testing.assert_array_equal(result.patch_labels, expected)
-    with pytest.raises(InputError, match="needs --densitometry"):
-        TrainConfig(cluster_features="densitometry")
-    with pytest.raises(InputError, match="--cluster-features must be one of"):
-        TrainConfig(densitometry=1.0, cluster_features="latent")
+    technical = rotated[:, :2] - np.median(rotated[:, :2], axis=0)
+    rotated[:, :2] = 0.0
+    features = np.hstack([0.2 * technical, rotation.inverse_transform(rotated)[:, -n:]])
+    np.testing.assert_array_equal(result.patch_labels, bundle.clusters.predict(features))
+    for bad in (-0.1, float("nan"), 101.0):
+        with pytest.raises(InputError, match="--technical-weight must be"):
+            TrainConfig(technical_weight=bad)
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):

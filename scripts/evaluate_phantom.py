@@ -74,7 +74,7 @@ def _default_options() -> dict:
     return {"calibrate": bundle.spec.calibration is not None, "densitometry": trained.get("densitometry"),
             "densitometry_smooth_mm": trained.get("densitometry_smooth_mm", 0.0),
             "densitometry_smooth_total": trained.get("densitometry_smooth_total", False),
-            "cluster_features": trained.get("cluster_features", "rotated"),
+            "technical_weight": trained["technical_weight"] if trained.get("technical_weight_fixed") else None,
             "lowpass_mm": bundle.spec.lowpass_mm, "lowpass_noise_hu": bundle.spec.lowpass_noise_hu,
             "clusters": trained.get("n_components")}
 

@@ -8,7 +8,7 @@ About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine,
 
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
         [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--[no-]densitometry-smooth-total]
-        [--cluster-features densitometry|rotated] [--lowpass MM] [--lowpass-noise HU] [--clusters K]
+        [--technical-weight W] [--lowpass MM] [--lowpass-noise HU] [--clusters K]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane to a
@@ -54,9 +54,8 @@ def main(argv=None) -> int:
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
     parser.add_argument("--densitometry-smooth-total", action=argparse.BooleanOptionalAction, default=True,
                         help="make --densitometry-smooth the total blur, the encoder's low-pass included (default on)")
-    parser.add_argument("--cluster-features", choices=["densitometry", "rotated"], default="densitometry",
-                        help="what the tissue clusters read: the densitometry as the rotation harmonizes it, or all "
-                             "rotated coordinates (default densitometry)")
+    parser.add_argument("--technical-weight", type=float, default=0.1, metavar="W",
+                        help="weight of the scan-re-centred technical coordinates in the clusters (default 0.1)")
     parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
                         help="in-plane Gaussian sigma (mm) of every scan on the model grid before encoding (default 1)")
     parser.add_argument("--lowpass-noise", type=float, default=1.3, metavar="HU",
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
                              clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
                              densitometry_smooth_mm=args.densitometry_smooth,
                              densitometry_smooth_total=args.densitometry_smooth_total,
-                             cluster_features=args.cluster_features, lowpass_mm=args.lowpass,
+                             technical_weight=args.technical_weight, lowpass_mm=args.lowpass,
                              lowpass_noise_hu=args.lowpass_noise or None)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped

@@ -51,10 +51,11 @@ shift with no acquisition label (so it works for a scanner never seen in trainin
 contrast between the scan's own tissues. ``technical_weight`` is chosen at training time (see
 ``train.select_technical_weight``); 0 (the default, and what older bundles hold) drops them.
 
-With ``harmonized_columns=k`` the clusters read instead the last ``k`` input columns (the patch densitometry that
-``train --densitometry`` appends to the encoder's latent) as the rotation harmonizes them: the technical coordinates
-are removed and the rest is rotated back into the input space. The encoder's latent still shapes the rotation
-(it finds the technical directions with the statistics), but not the clusters, which it would split by anatomy.
+With ``harmonized_columns=k`` the clusters read, in place of the biological coordinates, the last ``k`` input
+columns (the patch densitometry that ``train --densitometry`` appends to the encoder's latent) as the rotation
+harmonizes them: the technical coordinates are removed and the rest is rotated back into the input space. The
+encoder's latent still shapes the rotation (it finds the technical directions with the statistics), but not the
+clusters, which it would split by anatomy. The re-centred technical coordinates join them as above.
 """
 from __future__ import annotations
 
@@ -201,8 +202,8 @@ class LatentRotation(TransformerMixin, BaseEstimator):
     technical_weight : float
         Scale of the scan-re-centred technical coordinates in ``cluster_features`` (0: left out).
     harmonized_columns : int
-        0: ``cluster_features`` are the rotated coordinates; k > 0: the last k input columns with the technical
-        coordinates removed (``technical_weight`` must then be 0).
+        0: ``cluster_features`` hold the biological coordinates; k > 0: the last k input columns with the technical
+        coordinates removed in their place.
 
     Attributes
     ----------
@@ -411,12 +412,11 @@ class LatentRotation(TransformerMixin, BaseEstimator):
 
     @property
     def n_cluster_features_(self) -> int:
-        """Width of ``cluster_features``: the harmonized columns, else all coordinates with a technical weight, the
-        biological ones without."""
+        """Width of ``cluster_features``: the harmonized columns or the biological coordinates, plus the technical ones
+        with a technical weight."""
         check_is_fitted(self, "rotation_")
-        if self._harmonized_columns():
-            return self._harmonized_columns()
-        return self.rotation_.shape[0] if self._technical_weight() > 0 else self.rotation_.shape[0] - self.n_technical_
+        base = self._harmonized_columns() or self.rotation_.shape[0] - self.n_technical_
+        return base + (self.n_technical_ if self._technical_weight() > 0 else 0)
 
     def cluster_features(self, X, scans=None) -> np.ndarray:
         """What tissue clusters are fitted on and assigned from (see the module docstring).
@@ -425,18 +425,18 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         each scan's technical coordinates are re-centred on that scan's own median.
         """
         weight, k = self._technical_weight(), self._harmonized_columns()
-        if k:  # the projection of X - mean_ onto the biological subspace, plus mean_: its last k input columns
-            return self.biological(X) @ self.rotation_[-k:, self.n_technical_:].T + self.mean_[-k:]
-        if weight == 0:
-            return self.biological(X)
         Z = self.transform(X)
+        biological = Z[:, self.n_technical_:]
+        if k:  # the projection of X - mean_ onto the biological subspace, plus mean_: its last k input columns
+            biological = biological @ self.rotation_[-k:, self.n_technical_:].T + self.mean_[-k:]
+        if weight == 0:
+            return biological
         scans = np.zeros(len(Z), np.int64) if scans is None else _check_groups(scans, len(Z))
         technical = Z[:, :self.n_technical_]
         for scan in np.unique(scans):
             rows = scans == scan
             technical[rows] -= np.median(technical[rows], axis=0)
-        Z[:, :self.n_technical_] = weight * technical
-        return Z
+        return np.hstack([weight * technical, biological])
 
     def _technical_weight(self) -> float:
         w = self.technical_weight
@@ -448,9 +448,6 @@ class LatentRotation(TransformerMixin, BaseEstimator):
         k, d = self.harmonized_columns, self.rotation_.shape[0]
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= d:
             raise InputError(f"harmonized_columns must be an integer in 0..{d}, got {k!r}.")
-        if k and self._technical_weight() > 0:
-            raise InputError("harmonized_columns and technical_weight exclude each other: clusters read either the "
-                             "harmonized columns or the rotated coordinates with the re-centred technical ones.")
         return int(k)
 
     def inverse_transform(self, Z) -> np.ndarray:

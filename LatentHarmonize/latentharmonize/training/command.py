@@ -5,7 +5,7 @@ from .. import options
 from ..errors import InputError
 from ..networks import MODEL_KINDS
 from ..progress import Progress
-from .config import CLUSTER_FEATURES, DEFAULT_EPOCHS, TrainConfig
+from .config import DEFAULT_EPOCHS, TrainConfig
 from .summary import format_summary
 from .trainer import train
 
@@ -46,8 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--densitometry", type=float, nargs="?", const=1.0, default=DEFAULTS.densitometry,
                         metavar="WEIGHT",
                         help="append each patch's HU quantiles and threshold shares to its latent before the rotation "
-                             "(weight 1 when given without a value): clusters follow tissue and survival better, at "
-                             "some cost in consistency across scanners; see docs/training.md")
+                             "(weight 1 when given without a value), and cluster these statistics as the rotation "
+                             "harmonizes them, not the encoder's latent: clusters follow tissue, not anatomy; see "
+                             "docs/training.md")
     parser.add_argument("--densitometry-smooth", dest="densitometry_smooth_mm", type=float,
                         default=DEFAULTS.densitometry_smooth_mm, metavar="MM",
                         help="with --densitometry: read the statistics from the lung blurred in-plane with this "
@@ -57,11 +58,10 @@ def add_arguments(parser) -> None:
                         help="with --densitometry-smooth: make MM the total in-plane blur the statistics see, the "
                              "--lowpass/--lowpass-noise blur included, so every kernel's statistics see one blur "
                              "(default: MM is added on top of it)")
-    parser.add_argument("--cluster-features", choices=CLUSTER_FEATURES, default=DEFAULTS.cluster_features,
-                        help="with --densitometry: what the tissue clusters read; 'densitometry': the patch statistics "
-                             "with the rotation's technical coordinates removed, the encoder's latent left to the "
-                             "rotation (clusters follow tissue, not anatomy; see docs/training.md); 'rotated': all "
-                             f"rotated coordinates (default {DEFAULTS.cluster_features})")
+    parser.add_argument("--technical-weight", type=float, default=DEFAULTS.technical_weight, metavar="W",
+                        help="weight of the technical coordinates, re-centred on each scan's median, in what the "
+                             "clusters read (default: the candidate from 0 to 0.5 whose clusters agree best across the "
+                             "training pairs; the shipped bundle fixes 0.1, see docs/training.md)")
     parser.add_argument("--lowpass", dest="lowpass_mm", type=float, default=DEFAULTS.lowpass_mm, metavar="MM",
                         help="blur every scan in-plane with this Gaussian SD on the model grid before encoding (in "
                              "training and in every analysis with this bundle), so soft and sharp kernels reach one "
@@ -90,7 +90,7 @@ def config_from_args(args) -> TrainConfig:
         clusters=args.clusters, n_technical=_n_technical(args.n_technical), per_patient=args.per_patient,
         latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
         densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm,
-        densitometry_smooth_total=args.densitometry_smooth_total, cluster_features=args.cluster_features,
+        densitometry_smooth_total=args.densitometry_smooth_total, technical_weight=args.technical_weight,
         calibrate=args.calibrate,
         lowpass_mm=args.lowpass_mm, lowpass_noise_hu=args.lowpass_noise_hu,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)

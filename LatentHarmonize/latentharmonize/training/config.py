@@ -13,8 +13,6 @@ from ..networks import DEFAULT_LATENT_DIM, DEFAULT_WIDTH, MODEL_KINDS
 from ..patches import PatchSpec
 
 DEFAULT_EPOCHS = 20
-# What the tissue clusters read: the rotated coordinates, or the patch densitometry as the rotation harmonizes it
-CLUSTER_FEATURES = ("rotated", "densitometry")
 # How long and where a run goes, not what it computes: left out of the resume fingerprint, so that
 # `--resume --epochs 30` extends a 20-epoch run, possibly on another device or cluster.
 RUNTIME_FIELDS = ("epochs", "max_minutes", "device", "scheduler", "workers")
@@ -40,7 +38,7 @@ class TrainConfig:
     densitometry: float | None = None  # weight of the patch statistics appended to the latents
     densitometry_smooth_mm: float = 0.0
     densitometry_smooth_total: bool = False  # densitometry_smooth_mm counts the low-pass in (the spec's smooth_total)
-    cluster_features: str = "rotated"  # or "densitometry": the clusters read the densitometry as the rotation harmonizes it
+    technical_weight: float | None = None  # of the re-centred technical coordinates in the clusters; None: chosen
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
     lowpass_mm: float = 0.0  # in-plane Gaussian SD of the model-grid HU (the spec's lowpass_mm)
     lowpass_noise_hu: float | None = None  # soft-tissue noise each scan is blurred down to (the spec's)
@@ -119,11 +117,10 @@ def _check_densitometry(config: TrainConfig) -> None:
     if not isinstance(total, bool) or (total and not smooth):
         raise InputError(f"--densitometry-smooth-total goes with a --densitometry-smooth above 0; got {total!r} "
                          f"with {smooth!r} mm.")
-    if config.cluster_features not in CLUSTER_FEATURES:
-        raise InputError(f"--cluster-features must be one of {', '.join(CLUSTER_FEATURES)}, got "
-                         f"{config.cluster_features!r}.")
-    if config.cluster_features == "densitometry" and weight is None:
-        raise InputError("--cluster-features densitometry clusters the patch densitometry, so it needs --densitometry.")
+    technical = config.technical_weight
+    if technical is not None and not (_is_real(technical) and 0 <= technical <= 100):
+        raise InputError(f"--technical-weight must be a number from 0 to 100 (0.1 is the shipped bundle's), got "
+                         f"{technical!r}.")
 
 
 def _is_int(value) -> bool:

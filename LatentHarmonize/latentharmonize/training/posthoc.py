@@ -48,15 +48,17 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
     elif spec.context_radius > 0:
         latents = context_latents(model, cohort, samples, spec, device, progress)
     rotation, probe = fit_rotation(latents, samples, config.n_technical, config.seed)
-    if config.cluster_features == "densitometry":
-        progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; clustering the harmonized densitometry")
+    if config.densitometry is not None:  # the clusters read the statistics, harmonized, not the encoder's latent
         rotation.set_params(harmonized_columns=len(HU_STATISTIC_NAMES))
-        weight, weight_scores = 0.0, {}
-        clusters = fit_clusters(rotation.cluster_features(latents), samples, config.clusters, config.seed)
-    else:
+    if config.technical_weight is None:
         progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
         weight, weight_scores, clusters = select_technical_weight(rotation, latents, samples, config.clusters,
                                                                   config.seed)
+    else:
+        weight, weight_scores = float(config.technical_weight), {}
+        rotation.set_params(technical_weight=weight)
+        clusters = fit_clusters(rotation.cluster_features(latents, scans=samples.scan), samples, config.clusters,
+                                config.seed)
     tissue, labels, profiles, names, colors = clusters
     progress(80, "cluster", f"technical weight {weight:g}; {len(names)} tissue clusters")
     probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",

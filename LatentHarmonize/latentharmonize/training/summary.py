@@ -30,7 +30,7 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
         **({"densitometry": float(config.densitometry)} if config.densitometry is not None else {}),
         **({"densitometry_smooth_mm": float(config.densitometry_smooth_mm)} if config.densitometry_smooth_mm else {}),
         **({"densitometry_smooth_total": True} if config.densitometry_smooth_total else {}),
-        **({"cluster_features": config.cluster_features} if config.cluster_features != "rotated" else {}),
+        **({"technical_weight_fixed": True} if config.technical_weight is not None else {}),
     }
 
 
@@ -54,8 +54,6 @@ def format_summary(summary: dict) -> str:
         + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters "
            f"(probe on what the clusters see: {probe['clusters']:.3f})."
            if summary.get("technical_weight") else "left out of the clusters."),
-        *([f"The clusters read the patch densitometry with the technical coordinates removed (probe on it: "
-           f"{probe['clusters']:.3f})."] if summary.get("cluster_features") == "densitometry" else []),
         f"{summary['n_components']} mixture components"
         + (f", widened by the training pairs' acquisition scatter ({100 * summary['acquisition_widening']:.1f} % of "
            "a component's spread)" if summary.get("acquisition_widening") else "")
@@ -64,7 +62,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary.get("densitometry"):
         lines.insert(2, "Patch densitometry appended to the latents before the rotation, "
-                        f"weight {summary['densitometry']:g}.")
+                        f"weight {summary['densitometry']:g}; the clusters read it with the technical coordinates "
+                        "removed.")
     lines += [f"  {k}: {summary['cluster_names'][k]} ({n} patches)" for k, n in summary["cluster_sizes"].items()]
     if summary["ari_vs_truth"] is not None:
         lines.append(f"Agreement with the phantom tissue truth: ARI {summary['ari_vs_truth']:.3f}.")
