@@ -52,6 +52,7 @@ class TrainConfig:
         _check_budget(self)
         _check_sizes(self)
         _check_densitometry(self)
+        _check_technical_weight(self)
         self.patch_spec()  # the spec validates the context radius and the low-pass
 
     @property
@@ -117,10 +118,13 @@ def _check_densitometry(config: TrainConfig) -> None:
     if not isinstance(total, bool) or (total and not smooth):
         raise InputError(f"--densitometry-smooth-total goes with a --densitometry-smooth above 0; got {total!r} "
                          f"with {smooth!r} mm.")
-    technical = config.technical_weight
-    if technical is not None and not (_is_real(technical) and 0 <= technical <= 100):
+
+
+def _check_technical_weight(config: TrainConfig) -> None:
+    weight = config.technical_weight
+    if weight is not None and not (_is_real(weight) and 0 <= weight <= 100):
         raise InputError(f"--technical-weight must be a number from 0 to 100 (0.1 is the shipped bundle's), got "
-                         f"{technical!r}.")
+                         f"{weight!r}.")
 
 
 def _is_int(value) -> bool:
