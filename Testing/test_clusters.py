@@ -9,8 +9,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from latentharmonize.clusters import (DENSE, DENSE_STRUCTURES, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB,
                                       LOW_ATTENUATION, LOWER, NAME_COLORS, NORMAL, PALETTE, RETICULAR, TissueClusters,
-                                      acquisition_covariance, cluster_profiles, default_colors, fit_named_clusters,
-                                      name_clusters)
+                                      acquisition_covariance, base_name, cluster_profiles, default_colors,
+                                      fit_named_clusters, name_clusters, supported_names)
 from latentharmonize.densitometry import patch_profiles
 from latentharmonize.errors import InputError
 
@@ -319,3 +319,27 @@ def test_bad_inputs(planted):
     tc = TissueClusters(n_clusters=3).fit(Z)
     with pytest.raises(InputError, match="fitted on 4"):
         tc.predict(Z[:, :2])
+
+
+def test_a_disease_name_needs_most_of_the_clusters_own_patches():
+    """A cluster half normal lung, half consolidation has a raised mean profile that passes a pattern's rule, but
+    almost none of its patches do: it gets the descriptive name. A pure ground-glass cluster keeps its name."""
+    rng = np.random.default_rng(3)
+    n = 200
+    kind = np.repeat([0, 1, 2, 3], n)  # normal, ground glass, then the mixed cluster: normal and consolidation halves
+    Z = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [0.0, 10.0]])[kind] + rng.normal(scale=0.5, size=(4 * n, 2))
+    median = np.array([-850.0, -600.0, -860.0, -100.0])[kind] + rng.normal(scale=5.0, size=4 * n)
+    stats = {"median_hu": median, "mean_hu": median, "q25_hu": median - np.array([30.0, 60.0, 30.0, 80.0])[kind],
+             "frac_below_950": np.full(4 * n, 0.01), "frac_above_300": np.array([0.01, 0.05, 0.01, 0.9])[kind]}
+    _, labels, profiles, names = fit_named_clusters(Z, stats, 3, 0, order_by=stats["mean_hu"])
+    mixed = labels[kind == 3][0]
+    assert base_name(name_clusters([profiles[mixed - 1]])[0]) in DISEASE_NAMES  # what the mean profile alone says
+    assert names[mixed - 1] == HIGHER
+    assert names[labels[kind == 1][0] - 1] == GROUND_GLASS
+    assert names[labels[kind == 0][0] - 1] == NORMAL
+    # the rule reads the cluster's rows, not its mean profile: with every row raised the name stays
+    assert supported_names([GROUND_GLASS, RETICULAR], np.array([1, 1, 2, 2]),
+                           {"median_hu": np.array([-600.0, -620.0, -850.0, -300.0]),
+                            "q25_hu": np.array([-700.0, -700.0, -780.0, -800.0]),
+                            "frac_below_950": np.zeros(4), "frac_above_300": np.array([0.0, 0.0, 0.5, 0.5])}) \
+        == [GROUND_GLASS, HIGHER]

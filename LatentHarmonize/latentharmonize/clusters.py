@@ -70,6 +70,7 @@ NAME_COLORS[LOWER] = PALETTE[12]
 NAME_COLORS[DENSE_STRUCTURES] = PALETTE[13]
 
 NAMING_KEYS = ("median_hu", "q25_hu", "frac_below_950", "frac_above_300")  # the profile values the naming rules read
+NAME_SUPPORT = 0.5  # share of a cluster's own patches that must earn its disease-like name (:func:`supported_names`)
 WEAK_STABILITY = 0.5  # best mean ARI below this: warn that no K gives reproducible clusters
 # Thresholds of the naming rules (HU and voxel shares), from typical lung CT values (field notes section 2):
 # normal parenchyma about -850 HU, emphysema below -950, ground glass -700..-300, consolidation 0..+50, vessels +40.
@@ -445,11 +446,33 @@ def base_name(name: str) -> str:
     return re.sub(r" \d+$", "", name)
 
 
+def supported_names(names: Sequence[str], labels, stats: Mapping[str, np.ndarray]) -> list:
+    """``names`` of clusters 1..C, each disease-like name that fewer than :data:`NAME_SUPPORT` of the cluster's own
+    rows earn (each row's statistics named alone by the same rules) replaced by the descriptive name of its side of
+    normal lung: lower-attenuation lung for emphysema-like, higher-attenuation lung for the raised patterns. A name
+    used twice then gets " 2", " 3" ... in order.
+
+    A mixed cluster's mean profile can pass a pattern's rule that few of its patches pass: on the phantom, one
+    cluster of ground glass, reticulation, honeycombing and normal lung has a ground-glass-like mean profile while
+    43 % of its patches are ground-glass-like on their own; on real scans the same cluster takes hilar vessels."""
+    labels = np.asarray(labels).ravel()
+    columns = [np.asarray(stats[k], dtype=np.float64).ravel() for k in NAMING_KEYS]
+    own = np.array([_name_one(dict(zip(NAMING_KEYS, row))) for row in zip(*columns)])
+    supported, seen = [], {}
+    for k, name in enumerate(map(base_name, names), start=1):
+        if name in DISEASE_NAMES and np.mean(own[labels == k] == name) < NAME_SUPPORT:
+            name = LOWER if name == LOW_ATTENUATION else HIGHER
+        seen[name] = seen.get(name, 0) + 1
+        supported.append(name if seen[name] == 1 else f"{name} {seen[name]}")
+    return supported
+
+
 def fit_named_clusters(features, stats: Mapping[str, np.ndarray], n_clusters, random_state: int,
                        order_by=None, acquisition_covariance=None) -> tuple:
     """Fit :class:`TissueClusters` on ``features`` [n, d] (components widened by ``acquisition_covariance`` when
     given), name each component from the HU profile of its rows (``stats``: per-row patch statistics holding
-    ``NAMING_KEYS``) and merge the components of one name.
+    ``NAMING_KEYS``), merge the components of one name, and keep a disease-like name only where most of the
+    cluster's rows earn it (:func:`supported_names`).
 
     Returns (clusters, cluster label 1..C of each row, the C cluster profiles, their C distinct names). A component
     that no row falls in takes the name of the component with the nearest mean.
@@ -464,7 +487,8 @@ def fit_named_clusters(features, stats: Mapping[str, np.ndarray], n_clusters, ra
              for i in range(clusters.n_components_)]
     distinct = list(dict.fromkeys(names))  # in component order: ascending ``order_by``
     clusters.merge(np.array([distinct.index(n) + 1 for n in names]))
-    return clusters, clusters.labels_, cluster_profiles(clusters.labels_, stats, clusters.n_clusters_), distinct
+    return (clusters, clusters.labels_, cluster_profiles(clusters.labels_, stats, clusters.n_clusters_),
+            supported_names(distinct, clusters.labels_, stats))
 
 
 def default_colors(names: Sequence[str]) -> list:
