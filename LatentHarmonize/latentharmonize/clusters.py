@@ -457,11 +457,12 @@ def supported_names(names: Sequence[str], labels, stats: Mapping[str, np.ndarray
     43 % of its patches are ground-glass-like on their own; on real scans the same cluster takes hilar vessels."""
     labels = np.asarray(labels).ravel()
     columns = [np.asarray(stats[k], dtype=np.float64).ravel() for k in NAMING_KEYS]
-    own = np.array([_name_one(dict(zip(NAMING_KEYS, row))) for row in zip(*columns)])
     supported, seen = [], {}
     for k, name in enumerate(map(base_name, names), start=1):
-        if name in DISEASE_NAMES and np.mean(own[labels == k] == name) < NAME_SUPPORT:
-            name = LOWER if name == LOW_ATTENUATION else HIGHER
+        if name in DISEASE_NAMES:  # only these clusters' rows are named one by one
+            rows = zip(*(c[labels == k] for c in columns))
+            if np.mean([_name_one(dict(zip(NAMING_KEYS, row))) == name for row in rows]) < NAME_SUPPORT:
+                name = LOWER if name == LOW_ATTENUATION else HIGHER
         seen[name] = seen.get(name, 0) + 1
         supported.append(name if seen[name] == 1 else f"{name} {seen[name]}")
     return supported
