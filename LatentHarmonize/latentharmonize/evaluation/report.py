@@ -6,6 +6,7 @@ import json
 from typing import List
 
 from .. import pages
+from ..tissue import TISSUES
 from .goals import PAPER_GAIN_PERCENT, paired_verdict
 from .representations import REGISTRY
 from .seed_spread import SPREAD_HEAD, spread_caption, spread_rows
@@ -81,7 +82,9 @@ def _kernel_section(metrics: dict) -> str:
 
 def _readout_rows(metrics: dict) -> List[List[str]]:
     """Rows of the tissue read-out table: balanced accuracy, read-out and cluster composition C-index."""
-    return [[html.escape(n), f"{m['balanced_accuracy']:.3f}", _ci(m, "c_index") if "c_index" in m else "–",
+    return [[html.escape(n), f"{m['balanced_accuracy']:.3f}", f"{m['balanced_accuracy_worst_acquisition']:.3f}",
+             *(f"{m['recall'][t]:.2f}" if t in m["recall"] else "–" for t in TISSUES),
+             _ci(m, "c_index") if "c_index" in m else "–",
              f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
             for n, m in metrics.get("tissue_readout", {}).items() if n != "chance"]
 
@@ -141,9 +144,10 @@ the other on the same patient resamples.</p>
 {_text_table(repro_rows, ['features', 'risk ICC (95 % CI)', 'rotated minus']) if repro_rows else '<p>Not run (see below).</p>'}
 <h2>Tissue read-out (phantom diagnostic)</h2>
 <p>A linear classifier of the true tissue, fitted on each representation's training patches: how much tissue and
-outcome information the representation holds, whatever its clusters find. Chance balanced accuracy:
+outcome information the representation holds, whatever its clusters find; per tissue, the share of its patches
+read out as it, and the balanced accuracy of the acquisition where it is lowest. Chance balanced accuracy:
 {readout.get('chance', {}).get('balanced_accuracy', float('nan')):.3f}.</p>
-{pages.table(readout_rows, ['representation', 'tissue balanced accuracy', 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No read-out: the training scans carry no truth, or it was not run (see below).</p>'}
+{pages.table(readout_rows, ['representation', 'tissue balanced accuracy', 'worst acquisition', *(f"{t.replace('_', ' ')} recall" for t in TISSUES), 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No read-out: the training scans carry no truth, or it was not run (see below).</p>'}
 <h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
 {'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
 <h2>Figures</h2>{figures}

@@ -167,14 +167,23 @@ def outcome_redraws(table: pd.DataFrame, risks: Dict[str, np.ndarray], n_draws: 
 
 def tissue_readout(eval_scans: List[ScanLatents], table: pd.DataFrame, names, seed: int, n_boot: int, skipped: dict) -> dict:
     """Per representation: balanced accuracy of the tissue read-out on the evaluation patches (chance 1 / number of
-    tissues present) and the survival C-index of the tissue compositions it reads out. Empty without a read-out."""
+    tissues present), that of the acquisition where it is lowest, each tissue's recall (the share of its patches
+    read out as it), and the survival C-index of the tissue compositions it reads out. Empty without a read-out."""
     names = [n for n in names if eval_scans and all(n in s.readout for s in eval_scans)]
     if not names:
         return {}
     truth = np.concatenate([s.truth for s in eval_scans])
     lung = truth > 0
-    out: Dict[str, dict] = {n: {"balanced_accuracy": float(balanced_accuracy_score(
-        truth[lung], np.concatenate([s.readout[n] for s in eval_scans])[lung]))} for n in names}
+    acquisitions = np.concatenate([np.full(len(s.truth), s.acquisition) for s in eval_scans])[lung]
+    out: Dict[str, dict] = {}
+    for n in names:
+        found, true = np.concatenate([s.readout[n] for s in eval_scans])[lung], truth[lung]
+        out[n] = {"balanced_accuracy": float(balanced_accuracy_score(true, found)),
+                  "balanced_accuracy_worst_acquisition": min(
+                      float(balanced_accuracy_score(true[acquisitions == a], found[acquisitions == a]))
+                      for a in np.unique(acquisitions)),
+                  "recall": {t: float(np.mean(found[true == k] == k)) for k, t in enumerate(TISSUES, start=1)
+                             if np.any(true == k)}}
     out["chance"] = {"balanced_accuracy": 1.0 / len(np.unique(truth[lung]))}
     if {"time", "event"} <= set(table.columns):
         feature_sets = {n: _without_reference(table, [c for c in table.columns if c.startswith(f"readout:{n}:frac_")])
