@@ -81,7 +81,8 @@ def _kernel_section(metrics: dict) -> str:
 
 
 def _readout_rows(metrics: dict) -> List[List[str]]:
-    """Rows of the tissue read-out table: balanced accuracy, read-out and cluster composition C-index."""
+    """Rows of the tissue read-out table: balanced accuracy (pooled and the worst acquisition's), each tissue's
+    recall, read-out and cluster composition C-index."""
     return [[html.escape(n), f"{m['balanced_accuracy']:.3f}", f"{m['balanced_accuracy_worst_acquisition']:.3f}",
              *(f"{m['recall'][t]:.2f}" if t in m["recall"] else "–" for t in TISSUES),
              _ci(m, "c_index") if "c_index" in m else "–",
