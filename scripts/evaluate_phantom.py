@@ -27,11 +27,10 @@ from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.evaluation.command import format_summary
 from latentharmonize.evaluation.evaluate import FIGURES, evaluate
 from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT
-from latentharmonize.evaluation.report import redraw_rows, reproducibility_rows, versus_rows
+from latentharmonize.evaluation.report import READOUT_HEAD, readout_rows, redraw_rows, reproducibility_rows, versus_rows
 from latentharmonize.evaluation.seed_spread import SPREAD_HEAD, spread_rows
 from latentharmonize.evaluation.tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
-from latentharmonize.tissue import TISSUES
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED_OFFSET = 1000  # test patients come from another seed than any training cohort
@@ -120,17 +119,9 @@ def markdown_table(metrics: dict) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in redraws]
     readout = metrics.get("tissue_readout", {})
     if readout:
-        lines += ["", "| tissue read-out | tissue balanced accuracy | worst acquisition | "
-                  + " | ".join(f"{t.replace('_', ' ')} recall" for t in TISSUES)
-                  + " | read-out composition C-index | cluster composition C-index |", "|---" * (5 + len(TISSUES)) + "|"]
-        for name, m in readout.items():
-            if name != "chance":
-                c_index = ci(m, "c_index") if "c_index" in m else "–"
-                cluster_c = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
-                recalls = " | ".join(f"{m['recall'][t]:.2f}" if t in m["recall"] else "–" for t in TISSUES)
-                lines.append(f"| {name} | {m['balanced_accuracy']:.3f} | {m['balanced_accuracy_worst_acquisition']:.3f} | "
-                             f"{recalls} | {c_index} | {cluster_c} |")
-        lines.append(f"| chance | {readout['chance']['balanced_accuracy']:.3f} |" + " |" * (3 + len(TISSUES)))
+        lines += ["", "| " + " | ".join(READOUT_HEAD) + " |", "|" + "---|" * len(READOUT_HEAD)]
+        lines += ["| " + " | ".join(row) + " |" for row in readout_rows(metrics)]
+        lines.append(f"| chance | {readout['chance']['balanced_accuracy']:.3f} |" + " |" * (len(READOUT_HEAD) - 2))
     return "\n".join(lines) + "\n"
 
 

@@ -80,14 +80,23 @@ def _kernel_section(metrics: dict) -> str:
             + _text_table(rows, KERNEL_HEAD))
 
 
-def _readout_rows(metrics: dict) -> List[List[str]]:
+def readout_rows(metrics: dict) -> List[List[str]]:
     """Rows of the tissue read-out table: balanced accuracy (pooled and the worst acquisition's), each tissue's
-    recall, read-out and cluster composition C-index."""
-    return [[html.escape(n), f"{m['balanced_accuracy']:.3f}", f"{m['balanced_accuracy_worst_acquisition']:.3f}",
-             *(f"{m['recall'][t]:.2f}" if t in m["recall"] else "–" for t in TISSUES),
-             _ci(m, "c_index") if "c_index" in m else "–",
-             f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics["survival"] else "–"]
-            for n, m in metrics.get("tissue_readout", {}).items() if n != "chance"]
+    recall, read-out composition C-index with CI, and the cluster composition's C-index (report and README)."""
+    rows = []
+    for n, m in metrics.get("tissue_readout", {}).items():
+        if n == "chance":
+            continue
+        c_index = f"{m['c_index']:.3f} ({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})" if "c_index" in m else "–"
+        rows.append([n, f"{m['balanced_accuracy']:.3f}", f"{m['balanced_accuracy_worst_acquisition']:.3f}",
+                     *(f"{m['recall'][t]:.2f}" if t in m["recall"] else "–" for t in TISSUES), c_index,
+                     f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics.get("survival", {}) else "–"])
+    return rows
+
+
+READOUT_HEAD = ["tissue read-out", "tissue balanced accuracy", "worst acquisition",
+                *(f"{t.replace('_', ' ')} recall" for t in TISSUES), "read-out composition C-index",
+                "cluster composition C-index"]
 
 
 def _spread_section(metrics: dict) -> str:
@@ -109,7 +118,7 @@ def render_report(metrics: dict, staged, figures: List[str]) -> str:
     truth_rows = [[html.escape(n), _ci(m, "ari"), _ci(m, "nmi")] for n, m in metrics["truth_agreement"].items()]
     surv_rows = [[html.escape(n), _ci(m, "c_index"), str(len(m["features"]))] for n, m in metrics["survival"].items()]
     readout = metrics.get("tissue_readout", {})
-    readout_rows = _readout_rows(metrics)
+    readout_table = readout_rows(metrics)
     repro_rows = reproducibility_rows(metrics)
     redraws = redraw_rows(metrics)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
@@ -148,7 +157,7 @@ the other on the same patient resamples.</p>
 outcome information the representation holds, whatever its clusters find; per tissue, the share of its patches
 read out as it, and the balanced accuracy of the acquisition where it is lowest. Chance balanced accuracy:
 {readout.get('chance', {}).get('balanced_accuracy', float('nan')):.3f}.</p>
-{pages.table(readout_rows, ['representation', 'tissue balanced accuracy', 'worst acquisition', *(f"{t.replace('_', ' ')} recall" for t in TISSUES), 'read-out composition C-index', 'cluster composition C-index']) if readout_rows else '<p>No read-out: the training scans carry no truth, or it was not run (see below).</p>'}
+{_text_table(readout_table, READOUT_HEAD) if readout_table else '<p>No read-out: the training scans carry no truth, or it was not run (see below).</p>'}
 <h2>Goal check</h2><pre>{html.escape(json.dumps(metrics['goal'], indent=1))}</pre>
 {'<h2>Not run</h2><ul>' + skipped + '</ul>' if skipped else ''}
 <h2>Figures</h2>{figures}
