@@ -48,8 +48,8 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
     elif spec.context_radius > 0:
         latents = context_latents(model, cohort, samples, spec, device, progress)
     rotation, probe = fit_rotation(latents, samples, config.n_technical, config.seed)
-    if config.densitometry is not None:  # the clusters read the statistics, harmonized, not the encoder's latent
-        rotation.set_params(harmonized_columns=len(HU_STATISTIC_NAMES))
+    # with densitometry the clusters read the statistics, harmonized, not the encoder's latent (0 columns without)
+    rotation.set_params(harmonized_columns=spec.n_statistics)
     if config.technical_weight is None:
         progress(78, "cluster", f"{rotation.n_technical_} technical dimensions; choosing their re-centred weight")
         weight, weight_scores, clusters = select_technical_weight(rotation, latents, samples, config.clusters,
