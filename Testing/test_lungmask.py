@@ -339,6 +339,28 @@ def test_gas_below_the_lungs_is_not_lung(chest):
     assert _warning_codes(found.lungs, image, found.excluded_air_ml) == ["air_excluded"]
 
 
+def test_the_dome_of_an_organ_under_a_lung_is_not_lung(chest):
+    """The top of the liver bulges up into the right lung's base: in the slices that cut the dome it is ringed by
+    lung, like a nodule, but carries on into the abdomen below. It stays out of the mask; the 0 HU consolidation
+    ringed by lung in 3D stays in."""
+    ct, truth, parts = chest
+    hu, true = _arr(ct), _arr(truth)
+    nz, ny, nx = hu.shape
+    sx, sy, sz = ct.GetSpacing()
+    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) * s for n, s in ((nz, sz), (ny, sy), (nx, sx))],
+                          indexing="ij", sparse=True)
+    liver = np.broadcast_to(z <= -40.0 - ((x + 60.0) ** 2 + (y - 5.0) ** 2) / 40.0, hu.shape) & (true == 1)
+    hu[liver] = np.round(50 + np.random.default_rng(6).normal(0, 20, liver.sum()))
+    ringed = [k for k in range(nz) if liver[k].any() and not np.any(liver[k] & ndimage.binary_dilation(true[k] != 1))]
+    assert len(ringed) >= 3, "the dome is ringed by lung in several slices"
+    image = sitk.GetImageFromArray(hu)
+    image.CopyInformation(ct)
+    labels = _arr(segment_lungs(image))
+    assert np.mean(labels[liver] > 0) < 0.05
+    assert np.all(labels[parts["consolidation"]] > 0)
+    assert dice(labels > 0, (true > 0) & ~liver) > 0.95
+
+
 def test_implausible_unequal_and_cut_lungs_are_reported(chest):
     ct, truth, _ = chest
     labels = _arr(truth)

@@ -14,7 +14,8 @@ the boundary is refined at full resolution. Steps:
 4. the lungs are split into right (1) and left (2) by physical LPS x (the patient's left is +x);
    lungs that touch are eroded until they separate, then grown back to their nearest seed;
 5. each lung is closed with a 12 mm ball and its holes are filled per axial slice, so vessels,
-   nodules, consolidation and subpleural fibrosis are part of the mask;
+   nodules, consolidation and subpleural fibrosis are part of the mask; a hole that opens onto the outside in the
+   next slice (the dome of the liver or spleen) is not filled;
 6. back on the CT grid, voxels deep inside the working mask are lung whatever their HU, and in the
    boundary band only air-like voxels are, so the edge is as sharp as the CT.
 
@@ -42,6 +43,7 @@ BODY_PART = 0.2              # a tissue region this share of a slice's largest i
 MIN_JUDGED_ML = 1.0           # smaller air pockets are neither judged nor counted as excluded gas
 WORK_SPACING_MM = 2.0         # voxel size of the working copy
 CLOSING_RADIUS_MM = 12.0      # rolling ball: takes in subpleural consolidation, fibrosis and juxtapleural nodules
+OPEN_HOLE_FRACTION = 0.5      # an in-plane hole touching this much outside across z is an organ's dome, not lung
 MIN_LUNG_ML = 100.0           # less air than this inside the body means no lung in the scan
 KEEP_FRACTION = 0.1           # an air component smaller than this fraction of the largest is not lung
 TRACHEA_AREA_MM2 = (30.0, 1000.0)  # cross-section of an adult trachea is about 80..700 mm^2
@@ -386,7 +388,29 @@ def _fill_one_lung(lung: np.ndarray, spacing: np.ndarray):
     # padding keeps the closing from eroding a lung cut by the volume edge
     padded = np.pad(lung[box], [(m, m) for m in margin])
     closed = _closing(padded, CLOSING_RADIUS_MM, spacing)[tuple(slice(m, -m) for m in margin)]
-    return box, ndimage.binary_fill_holes(closed, _IN_PLANE)
+    return box, fill_enclosed(closed)
+
+
+def fill_enclosed(closed: np.ndarray) -> np.ndarray:
+    """``closed`` [z, y, x] with its holes per axial slice filled, except holes that open onto the outside across
+    the slice above or below over at least ``OPEN_HOLE_FRACTION`` of their largest cross-section.
+
+    A nodule or a consolidation ringed by lung is a hole in each of its slices and is closed above and below by
+    lung. The top of the liver or spleen under the diaphragm's dome is also ringed by lung in the slices that cut the
+    dome, but carries on into the abdomen in the next slice: on real scans (LIDC-IDRI) such domes put 5-21 mL of
+    liver and spleen into the lung. Beyond the lungs' box is outside."""
+    filled = ndimage.binary_fill_holes(closed, _IN_PLANE)
+    holes, n = ndimage.label(filled & ~closed)
+    if n == 0:
+        return filled
+    outside = np.pad(~filled, ((1, 1), (0, 0), (0, 0)), constant_values=True)
+    # per hole: its voxels with outside in the slice below or above, and its largest cross-section
+    contact = sum(np.bincount(holes[neighbour & (holes > 0)], minlength=n + 1)
+                  for neighbour in (outside[:-2], outside[2:]))
+    largest = np.max([np.bincount(holes[z].ravel(), minlength=n + 1) for z in np.flatnonzero(holes.any(axis=(1, 2)))],
+                     axis=0)
+    opened = np.flatnonzero(contact[1:] >= OPEN_HOLE_FRACTION * largest[1:]) + 1
+    return filled & ~np.isin(holes, opened)
 
 
 def _closing(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
