@@ -18,7 +18,9 @@ option that finds emphysema and stays kernel-robust on real scans; the total,
 encoder reads, raised per scan until its soft tissue's noise is at most 1.3 HU
 (``docs/experiments/2026-12-05-noise-matched-lowpass.md``), and 5 mixture components, merged by name into the tissue
 clusters (``docs/experiments/2026-12-04-mixture-clusters.md``).
-Other values train a candidate the same reproducible way into another ``--out``.
+Other values train a candidate the same reproducible way into another ``--out``. Since the automatic lung mask
+stopped taking in the organ domes under the diaphragm, the defaults train ``1b8c6be46f8d…``, not the shipped bundle,
+which was trained with the mask before that fix (docs/training.md says why it is kept).
 """
 from __future__ import annotations
 
