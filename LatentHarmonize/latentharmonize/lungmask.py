@@ -388,10 +388,10 @@ def _fill_one_lung(lung: np.ndarray, spacing: np.ndarray):
     # padding keeps the closing from eroding a lung cut by the volume edge
     padded = np.pad(lung[box], [(m, m) for m in margin])
     closed = _closing(padded, CLOSING_RADIUS_MM, spacing)[tuple(slice(m, -m) for m in margin)]
-    return box, fill_enclosed(closed)
+    return box, _fill_enclosed(closed)
 
 
-def fill_enclosed(closed: np.ndarray) -> np.ndarray:
+def _fill_enclosed(closed: np.ndarray) -> np.ndarray:
     """``closed`` [z, y, x] with its holes per axial slice filled, except holes that open onto the outside across
     the slice above or below over at least ``OPEN_HOLE_FRACTION`` of their largest cross-section.
 
