@@ -27,7 +27,8 @@ from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.evaluation.command import format_summary
 from latentharmonize.evaluation.evaluate import FIGURES, evaluate
 from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT
-from latentharmonize.evaluation.report import READOUT_HEAD, readout_rows, redraw_rows, reproducibility_rows, versus_rows
+from latentharmonize.evaluation.report import (READOUT_HEAD, ci_text, readout_rows, redraw_rows, reproducibility_rows,
+                                                versus_rows)
 from latentharmonize.evaluation.seed_spread import SPREAD_HEAD, spread_rows
 from latentharmonize.evaluation.tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
@@ -85,14 +86,12 @@ def markdown_table(metrics: dict) -> str:
     cons, probe, surv, truth = metrics["consistency"], metrics["probe"], metrics["survival"], metrics["truth_agreement"]
     lines = ["| representation | ARI | NMI | Dice | ARI vs truth | acquisition probe | survival C-index |",
              "|---|---|---|---|---|---|---|"]
-
-    def ci(m, k):
-        return f"{m[k]:.3f} ({m[k + '_ci'][0]:.3f}–{m[k + '_ci'][1]:.3f})"
     for name, m in cons.items():
         c_index = f"{surv[name]['c_index']:.3f}" if name in surv else "–"
         truth_ari = f"{truth[name]['ari']:.3f}" if name in truth else "–"
         probe_acc = f"{probe[name]:.3f}" if name in probe else "–"
-        lines.append(f"| {name} | {ci(m, 'ari')} | {ci(m, 'nmi')} | {ci(m, 'dice')} | {truth_ari} | {probe_acc} | {c_index} |")
+        consistency = " | ".join(ci_text(m, k) for k in ("ari", "nmi", "dice"))
+        lines.append(f"| {name} | {consistency} | {truth_ari} | {probe_acc} | {c_index} |")
     lines.append(f"| chance | | | | | {probe['chance']:.3f} | |")
     for name in ("hu_thresholds", "true_composition"):
         if name in surv:

@@ -26,6 +26,12 @@ def _ci(m: dict, key: str) -> str:
     return f"{m[key]:.3f} <small>({lo:.3f}–{hi:.3f})</small>"
 
 
+def ci_text(m: dict, key: str) -> str:
+    """``m[key]`` with its 95 % interval ``m[key + "_ci"]``, as plain text (the report's tables and table.md)."""
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key]:.3f} ({lo:.3f}–{hi:.3f})"
+
+
 VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
 
 
@@ -50,7 +56,7 @@ def reproducibility_rows(metrics: dict) -> List[List[str]]:
     rows = []
     for name, m in metrics.get("risk_reproducibility", {}).items():
         versus = _paired(metrics.get("rotated_versus", {}).get(name, {}).get("risk_icc"))
-        rows.append([name, f"{m['icc']:.3f} ({m['icc_ci'][0]:.3f}–{m['icc_ci'][1]:.3f})", versus])
+        rows.append([name, ci_text(m, "icc"), versus])
     return rows
 
 
@@ -87,7 +93,7 @@ def readout_rows(metrics: dict) -> List[List[str]]:
     for n, m in metrics.get("tissue_readout", {}).items():
         if n == "chance":
             continue
-        c_index = f"{m['c_index']:.3f} ({m['c_index_ci'][0]:.3f}–{m['c_index_ci'][1]:.3f})" if "c_index" in m else "–"
+        c_index = ci_text(m, "c_index") if "c_index" in m else "–"
         rows.append([n, f"{m['balanced_accuracy']:.3f}", f"{m['balanced_accuracy_worst_acquisition']:.3f}",
                      *(f"{m['recall'][t]:.2f}" if t in m["recall"] else "–" for t in TISSUES), c_index,
                      f"{metrics['survival'][n]['c_index']:.3f}" if n in metrics.get("survival", {}) else "–"])
