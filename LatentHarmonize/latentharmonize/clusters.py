@@ -379,27 +379,29 @@ def cluster_profiles(labels, stats: Mapping[str, np.ndarray], n_clusters: int) -
     return profiles
 
 
-def _name_one(p: Mapping[str, float]) -> str:
+def name_rows(stats: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The name of each row's profile (``stats``: arrays of the ``NAMING_KEYS``), by the rules of
+    :func:`name_clusters` applied to every row at once; an object array of names."""
     t = NAMING_THRESHOLDS
-    median, q25, low, dense = p["median_hu"], p["q25_hu"], p["frac_below_950"], p["frac_above_300"]
-    if low >= t["honeycomb_low_frac"] and dense >= t["honeycomb_dense_frac"]:
-        return HONEYCOMB
-    if median < t["emphysema_median_hu"] or low > t["emphysema_low_frac"]:
-        return LOW_ATTENUATION
-    if median >= t["dense_median_hu"]:
-        return DENSE
-    if median > t["raised_median_hu"]:
-        if q25 > t["raised_background_q25_hu"]:
-            if dense >= t["reticular_dense_frac"]:
-                return RETICULAR
-            if median >= t["ground_glass_median_hu"]:
-                return GROUND_GLASS
-        elif dense >= t["reticular_dense_frac"]:
-            return DENSE_STRUCTURES
-        return HIGHER
-    if median < t["lowered_median_hu"] and low >= t["lowered_low_frac"]:
-        return LOWER
-    return NORMAL
+    median, q25, low, dense = (np.asarray(stats[k], dtype=np.float64) for k in NAMING_KEYS)
+    raised, background = median > t["raised_median_hu"], q25 > t["raised_background_q25_hu"]
+    lines = dense >= t["reticular_dense_frac"]
+    rules = [
+        (low >= t["honeycomb_low_frac"]) & (dense >= t["honeycomb_dense_frac"]),
+        (median < t["emphysema_median_hu"]) | (low > t["emphysema_low_frac"]),
+        median >= t["dense_median_hu"],
+        raised & background & lines,
+        raised & background & (median >= t["ground_glass_median_hu"]),
+        raised & ~background & lines,
+        raised,
+        (median < t["lowered_median_hu"]) & (low >= t["lowered_low_frac"]),
+    ]  # first match wins, in this order
+    names = [HONEYCOMB, LOW_ATTENUATION, DENSE, RETICULAR, GROUND_GLASS, DENSE_STRUCTURES, HIGHER, LOWER]
+    return np.select(rules, np.array(names, dtype=object), default=NORMAL)
+
+
+def _name_one(p: Mapping[str, float]) -> str:
+    return str(name_rows({k: [p[k]] for k in NAMING_KEYS})[0])
 
 
 def name_clusters(profiles: Sequence[Mapping[str, float]]) -> list:
@@ -456,13 +458,11 @@ def supported_names(names: Sequence[str], labels, stats: Mapping[str, np.ndarray
     cluster of ground glass, reticulation, honeycombing and normal lung has a ground-glass-like mean profile while
     43 % of its patches are ground-glass-like on their own; on real scans the same cluster takes hilar vessels."""
     labels = np.asarray(labels).ravel()
-    columns = [np.asarray(stats[k], dtype=np.float64).ravel() for k in NAMING_KEYS]
+    own = name_rows({k: np.asarray(stats[k]).ravel() for k in NAMING_KEYS})
     supported, seen = [], {}
     for k, name in enumerate(map(base_name, names), start=1):
-        if name in DISEASE_NAMES:  # only these clusters' rows are named one by one
-            rows = zip(*(c[labels == k] for c in columns))
-            if np.mean([_name_one(dict(zip(NAMING_KEYS, row))) == name for row in rows]) < NAME_SUPPORT:
-                name = LOWER if name == LOW_ATTENUATION else HIGHER
+        if name in DISEASE_NAMES and np.mean(own[labels == k] == name) < NAME_SUPPORT:
+            name = LOWER if name == LOW_ATTENUATION else HIGHER
         seen[name] = seen.get(name, 0) + 1
         supported.append(name if seen[name] == 1 else f"{name} {seen[name]}")
     return supported
