@@ -149,6 +149,42 @@ def test_densitometry_spec_appends_the_scaled_patch_statistics_on_both_encoding_
             PatchSpec.from_dict({"densitometry": bad})
 
 
+def test_core_statistics_read_the_parenchyma_away_from_structures_and_the_lung_edge():
+    """Partial volume next to a vessel and along the lung's edge raises unblurred HU; the core (the parenchyma
+    eroded by one voxel) leaves it out. A patch with no core reads its parenchyma, one with no parenchyma the lung."""
+    from scipy import ndimage
+
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
+    from latentharmonize.patches import core_statistics, lattice_hu_statistics
+
+    hu = np.full((5, 48, 48), 40.0, np.float32)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 4:44, 4:44] = True
+    hu[lung] = -860.0
+    edge = lung & ~ndimage.binary_erosion(lung, border_value=1)
+    vessel = np.zeros(hu.shape, bool)
+    vessel[:, 18:28, 18:28] = True
+    rim = ndimage.binary_dilation(vessel) & ~vessel
+    hu[edge | rim], hu[vessel] = -600.0, 40.0
+    parenchyma = lung & ~vessel
+    spec = PatchSpec()
+    positions = np.array([[1, 4, 4], [1, 1, 1]])  # across the vessel; at the lung's corner
+    q90 = HU_STATISTIC_NAMES.index("q90")
+    plain = lattice_hu_statistics(hu, parenchyma, positions, spec)
+    core = core_statistics(hu, parenchyma, positions, spec)
+    assert np.all(plain[:, q90] == -600.0) and np.all(core == np.asarray(
+        lattice_hu_statistics(np.full(hu.shape, -860.0, np.float32), parenchyma, positions, spec)))
+    thin = np.zeros(hu.shape, bool)
+    thin[:, 20, 4:44] = True  # one voxel thick: no core
+    np.testing.assert_array_equal(core_statistics(hu, thin, positions[:1], spec),
+                                  lattice_hu_statistics(hu, thin, positions[:1], spec))
+    nothing = np.zeros(hu.shape, bool)
+    np.testing.assert_array_equal(core_statistics(hu, nothing, positions, spec, lung=lung),
+                                  lattice_hu_statistics(hu, lung, positions, spec))
+    with pytest.raises(InputError, match="holds no lung voxel"):
+        core_statistics(hu, nothing, positions, spec)
+
+
 def test_smoothed_densitometry_reads_the_statistics_of_the_blurred_lung_only():
     from latentharmonize.densitometry import HU_STATISTIC_NAMES
     from latentharmonize.patches import lattice_hu_statistics

@@ -221,6 +221,30 @@ def lattice_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarra
     return np.vstack(blocks)
 
 
+def core_statistics(hu: np.ndarray, parenchyma: np.ndarray, positions: np.ndarray, spec: PatchSpec,
+                    lung: np.ndarray | None = None) -> np.ndarray:
+    """:func:`lattice_hu_statistics` of each patch's *core*: its parenchyma eroded by one model-grid voxel (3-D
+    cross), so away from the vessels and airways found, and from the lung's edge, whose partial volume raises
+    unblurred HU. ``hu`` as on the model grid, with no low-pass or smoothing: the second stage of the clusters
+    (:mod:`latentharmonize.two_stage`) reads texture the densitometry's blur takes away. A patch with no core voxel
+    reads its parenchyma, and one with no parenchyma voxel (training cuts whole-lung patches) the ``lung``."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+    core = ndimage.binary_erosion(parenchyma, border_value=1)  # the volume's edge is not the lung's
+    masks = [core, parenchyma] + ([] if lung is None else [lung])
+    out = np.full((len(positions), len(HU_STATISTIC_NAMES)), np.nan, np.float32)
+    todo = np.ones(len(positions), bool)
+    for mask in masks:
+        cut = extract_patches(np.asarray(mask, bool).view(np.uint8), positions, spec)
+        holds = cut.reshape(len(positions), -1).max(axis=1) > 0
+        now = todo & holds
+        if now.any():
+            out[now] = lattice_hu_statistics(hu, mask, positions[now], spec)
+        todo &= ~holds
+    if todo.any():
+        raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
+    return out
+
+
 def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec,
                           lowpass_mm: float = 0.0) -> np.ndarray:
     """Each patch's HU quantiles and threshold shares (:func:`lattice_hu_statistics`) as ``(value - center) /
@@ -328,6 +352,7 @@ class DenseLatents:
     positions: np.ndarray  # int [n, 3] (z, y, x) indices into `lattice`
     lattice: ModelGrid  # grid of all patch centres (in-plane spacing = stride * grid spacing)
     lowpass_mm: float = 0.0  # in-plane Gaussian SD the encoder's input was blurred with (encoder_input)
+    core: np.ndarray | None = None  # float32 [n, 8]: context-averaged core_statistics, where the clusters read them
 
 
 def _slab_batch(device: torch.device) -> int:
