@@ -72,13 +72,14 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
     import SimpleITK as sitk
     from sklearn.metrics import adjusted_rand_score
 
-    from latentharmonize.pipeline import _cluster_maps, ct_lookup, nearest_valid_index
+    from latentharmonize.pipeline import _cluster_maps, ct_lookup, encode_patches, nearest_valid_index
     from latentharmonize.bundle import load_bundle
     from latentharmonize.lungmask import segment_lungs
     from latentharmonize.evaluation.metrics import mask_dice
     from latentharmonize.patches import encode_dense, model_grid_hu
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
     from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, parenchyma, segment_structures
+    from latentharmonize.two_stage import reads_core
 
     bundle = load_bundle(model)
     encoder, spec = bundle.encoder("cpu"), bundle.spec
@@ -91,7 +92,7 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
         lungs = segment_lungs(ct)
         hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)  # calibrated as analyze reads it (encode_dense low-passes)
         found = segment_structures(hu, lung, grid.spacing)
-        dense = encode_dense(encoder, hu, parenchyma(lung, found), grid, spec, "cpu")
+        dense = encode_patches(encoder, hu, parenchyma(lung, found), grid, spec, "cpu", core=reads_core(bundle.clusters))
         labels = sitk.GetArrayFromImage(_cluster_maps(dense, bundle, ct, lungs, grid, found)[2])
         # the previous map: nearest valid patch centre, patches with the vessels in them
         whole = encode_dense(encoder, hu, lung, grid, spec, "cpu")

@@ -7,7 +7,9 @@
                             training summary, probe accuracy, SHA-256 of every other file
       encoder.safetensors   encoder + decoder weights (safetensors)
       arrays.safetensors    rotation matrix, latent mean, singular values, probe curve, cluster
-                            mixture (means, covariances, weights, component groups)
+                            mixture (means, covariances, weights, component groups); with two-stage
+                            clusters, both stages' mixtures, their maps to the final clusters and
+                            the core statistics' scale
 
 The SHA-256 of the manifest's content (``ModelBundle.sha256``, also stored in the manifest as
 ``manifest_sha256``) identifies the model in analysis records. Loading verifies that checksum, the
@@ -42,6 +44,7 @@ from .errors import BundleError, InputError
 from .networks import build_model
 from .patches import PatchSpec, n_features
 from .rotation import LatentRotation
+from .two_stage import TwoStageClusters, reads_core
 
 FORMAT_VERSION = 2  # 2: Gaussian-mixture clusters (1: k-means centroids)
 MANIFEST = "manifest.json"
@@ -132,7 +135,7 @@ class ModelBundle:
     manifest: dict
     encoder_state: dict
     rotation: LatentRotation
-    clusters: TissueClusters
+    clusters: TissueClusters | TwoStageClusters
     path: Optional[Path] = None
 
     @classmethod
@@ -252,9 +255,13 @@ def _validate(bundle: ModelBundle) -> None:
         raise BundleError(f"The rotation's clusters read {harmonized!r} harmonized columns, but the patch spec appends "
                           f"{spec.n_statistics} densitometry columns; a bundle's clusters read all of them or none.")
     cl = bundle.clusters
-    if cl.means_.shape[1] != rot.n_cluster_features_:
-        raise BundleError(f"The cluster means have {cl.means_.shape[1]} dimensions but the rotation's cluster features "
-                          f"have {rot.n_cluster_features_}.")
+    first = cl.first_ if reads_core(cl) else cl
+    if first.means_.shape[1] != rot.n_cluster_features_:
+        raise BundleError(f"The cluster means have {first.means_.shape[1]} dimensions but the rotation's cluster "
+                          f"features have {rot.n_cluster_features_}.")
+    if reads_core(cl) and cl.harmonized_columns != harmonized:
+        raise BundleError(f"The second stage of the clusters reads {cl.harmonized_columns} harmonized columns but the "
+                          f"rotation gives {harmonized}.")
     c = m["clusters"]
     k = cl.n_clusters_
     if not (int(c.get("k", -1)) == k and list(c.get("labels", [])) == list(range(1, k + 1))
@@ -414,7 +421,8 @@ def load_bundle(path=None) -> ModelBundle:
     try:
         rotation = LatentRotation.from_state(
             {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("rotation.")}, manifest["rotation"])
-        clusters = TissueClusters.from_state(
+        kind = TwoStageClusters if "first" in manifest["clusters"] else TissueClusters
+        clusters = kind.from_state(
             {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("clusters.")}, manifest["clusters"])
     except (KeyError, TypeError, ValueError, InputError) as exc:
         raise BundleError(f"The rotation/cluster arrays of {folder} are inconsistent with its manifest ({exc}); "

@@ -13,7 +13,7 @@ import functools
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,9 +31,11 @@ from .errors import BundleError, InputError, NoLungFoundError
 from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
-from .patches import DenseLatents, PatchSpec, encode_dense, model_grid_hu, noise_warning, resolve_device
+from .patches import (DenseLatents, PatchSpec, aggregate_context, core_statistics, encode_dense, model_grid_hu,
+                      noise_warning, resolve_device)
 from .segments import label_segments
 from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, parenchyma, refine_on_ct, segment_structures
+from .two_stage import reads_core, with_core
 
 # Geometry the model can read (see check_geometry); typical chest CT: 0.6-0.9 mm pixels, 0.6-5 mm slices.
 MAX_INPLANE_SPACING_MM = 3.0
@@ -145,7 +147,19 @@ def patch_dissimilarities(dense, bundle) -> np.ndarray:
     """Dissimilarity of every patch to each cluster (1 - posterior probability), float32 [n, K]: what the patch
     labels and the voxel-level map are both read from, so analyze and ``latentharmonize report`` label each patch
     alike."""
-    return bundle.clusters.transform(bundle.rotation.cluster_features(dense.latents)).astype(np.float32)
+    return bundle.clusters.transform(cluster_inputs(bundle, dense.latents, dense.core)).astype(np.float32)
+
+
+def cluster_inputs(bundle, latents, core=None) -> np.ndarray:
+    """What the bundle's clusters read of patches with these dense ``latents``: the rotation's cluster features,
+    and for two-stage clusters each patch's context-averaged core statistics after them (``core``)."""
+    features = bundle.rotation.cluster_features(latents)
+    if not reads_core(bundle.clusters):
+        return features
+    if core is None:
+        raise InputError("These clusters read each patch's core statistics; encode with encode_patches(..., "
+                         "core=True).")
+    return with_core(features, core)
 
 
 def patch_clusters(dense, bundle) -> tuple:
@@ -282,8 +296,9 @@ def load_model(model=None, device="auto") -> tuple:
     return bundle, device, bundle.encoder(device)
 
 
-def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progress=None):
-    """The dense latents of every patch whose centre lies in the parenchyma (deterministic kernels).
+def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progress=None, core: bool = False):
+    """The dense latents of every patch whose centre lies in the parenchyma (deterministic kernels); with ``core``,
+    also each patch's context-averaged :func:`patches.core_statistics` (what two-stage clusters read).
 
     The clusters describe the parenchyma: vessel and airway voxels are left out of ``parenchyma``, so they are filled
     like the outside of the lung (the spec's ``outside_fill_hu``) and do not drive the patches they cross.
@@ -292,6 +307,9 @@ def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progr
         dense = encode_dense(encoder, hu, parenchyma, grid, spec, device, progress=stage_progress(progress, "encode"))
     if len(dense.latents) == 0:
         raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
+    if core:
+        values = replace(dense, latents=core_statistics(hu, parenchyma, dense.positions, spec))
+        dense = replace(dense, core=aggregate_context(values, spec.context_radius).latents)
     return dense
 
 
@@ -358,7 +376,8 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
         structures = segment_structures(hu, lung_grid, grid.spacing)
         timer.lap("structures")
 
-        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress)
+        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress,
+                               core=reads_core(bundle.clusters))
         timer.lap("encode")
 
         stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")

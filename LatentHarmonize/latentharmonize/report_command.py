@@ -25,6 +25,7 @@ from .pipeline import (ImageAnalysis, encode_patches, load_model, map_legend, pa
                        stage_progress)
 from .progress import Progress
 from .structures import parenchyma, segment_structures
+from .two_stage import reads_core
 
 REPORT_KINDS = ("montage", "gallery", "view3d", "surfaces", "report")
 _MAPS = ("labels", "confidence", "lungs")
@@ -83,7 +84,8 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
             maps[kind].CopyInformation(image)  # exactly the geometry analyze drew with
         hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
         structures = segment_structures(hu, lung_grid, grid.spacing)
-        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress)
+        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress,
+                               core=reads_core(bundle.clusters))
         if len(dense.latents) != record["n_patches"]:
             raise InputError(f"The lung mask in {folder} gives {len(dense.latents)} patches, not the "
                              f"{record['n_patches']} the analysis recorded; analyze again.")
