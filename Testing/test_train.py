@@ -74,6 +74,9 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
         TrainConfig(lowpass_mm=-1.0)
     with pytest.raises(InputError, match="lowpass_noise_hu"):
         TrainConfig(lowpass_noise_hu=0.0)
+    for bad in ({"second_stage": 4}, {"second_stage": 1, "densitometry": 1.0}):  # it reads the harmonized statistics
+        with pytest.raises(InputError, match="--second-stage must be"):
+            TrainConfig(**bad)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{}")
     with pytest.raises(OutputError, match="--overwrite"):
@@ -267,6 +270,56 @@ def test_densitometry_clusters_read_the_harmonized_statistics_in_training_and_ev
     for bad in (-0.1, float("nan"), 101.0):
         with pytest.raises(InputError, match="--technical-weight must be"):
             TrainConfig(technical_weight=bad)
+
+
+@pytest.fixture(scope="module")
+def fibrosis_cohort(tmp_path_factory) -> Path:
+    """Two patients with raised tissue (fibrosis, inflammatory), under two acquisitions."""
+    from latentharmonize.phantom import generate_cohort
+
+    folder = tmp_path_factory.mktemp("fibrosis")
+    generate_cohort(folder, n_patients=2, seed=2, acquisitions=["a_soft_thin", "c_sharp_thick"])
+    return folder / "cohort.csv"
+
+
+def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_cohort, tmp_path, capsys):
+    """``--second-stage`` trains two-stage clusters; analyze computes each patch's core statistics and labels it by
+    both stages. The same second stage added to a one-stage bundle keeps its encoder, rotation and first stage.
+    (A one-epoch encoder's latent barely varies; a large densitometry weight gives its statistics room enough
+    for the mixture to separate raised lung.)"""
+    import SimpleITK as sitk
+
+    from latentharmonize import analyze_image
+    from latentharmonize.bundle import load_bundle
+    from latentharmonize.cli import main
+    from latentharmonize.cohort import read_cohort
+    from latentharmonize.training.second_stage import add_second_stage
+    from latentharmonize.two_stage import reads_core, with_core
+
+    common = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "150", "--latent-dim", "6", "--device",
+              "cpu", "--densitometry", "100", "--technical-weight", "0.1", "--seed", "3"]
+    assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "two"), *common, "--second-stage", "2"]) == 0
+    assert "second stage that reads each patch's core" in capsys.readouterr().out
+    two = load_bundle(tmp_path / "two")
+    assert reads_core(two.clusters) and two.clusters.second_ is not None and two.manifest["training"]["second_stage"] == 2
+    assert list(two.names.values()) == two.clusters.names_ and two.clusters.n_clusters_ == len(two.names)
+    image = sitk.ReadImage(str(read_cohort(fibrosis_cohort).iloc[0]["image"]))
+    result = analyze_image(image, two, device="cpu")
+    core = result.patches.core
+    assert core.shape == (len(result.patches.latents), 8)
+    features = two.rotation.cluster_features(result.patches.latents)
+    np.testing.assert_array_equal(result.patch_labels, two.clusters.predict(with_core(features, core)))
+
+    assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "one"), *common]) == 0
+    one = load_bundle(tmp_path / "one")
+    added = add_second_stage(one, fibrosis_cohort, 2, seed=3, per_patient=150)
+    assert added.sha256 != one.sha256 and added.manifest["training"]["second_stage_of"] == one.sha256
+    np.testing.assert_array_equal(added.clusters.first_.predict(features), one.clusters.predict(features))
+    # the same encoder, rotation, first stage, samples and seed: the second stage train fits
+    np.testing.assert_array_equal(added.clusters.predict(with_core(features, core)),
+                                  two.clusters.predict(with_core(features, core)))
+    with pytest.raises(InputError, match="already have a second stage"):
+        add_second_stage(two, fibrosis_cohort, 2, seed=3)
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):

@@ -70,6 +70,11 @@ def add_arguments(parser) -> None:
                         metavar="HU", help="raise each scan's blur from --lowpass until the noise of its flat soft "
                                            "tissue is at most this many HU, so sharp and low-dose kernels reach the "
                                            "encoder at a soft kernel's noise (default: off)")
+    parser.add_argument("--second-stage", dest="second_stage", type=int, default=DEFAULTS.second_stage, metavar="K",
+                        help="with --densitometry: split the raised clusters again with a K-component mixture that "
+                             "also reads the unblurred HU of each patch's core (parenchyma away from vessels, airways "
+                             "and the lung's edge), each patch earning a disease-like name on its own; see "
+                             "docs/training.md (default: off; the shipped bundle uses 4)")
     options.add_dask(parser, "sampling the cohort's patches")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/.checkpoints")
     options.add_overwrite(parser, "an existing bundle in --out")
@@ -91,7 +96,7 @@ def config_from_args(args) -> TrainConfig:
         latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
         densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm,
         densitometry_smooth_total=args.densitometry_smooth_total, technical_weight=args.technical_weight,
-        calibrate=args.calibrate,
+        calibrate=args.calibrate, second_stage=args.second_stage,
         lowpass_mm=args.lowpass_mm, lowpass_noise_hu=args.lowpass_noise_hu,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)
 

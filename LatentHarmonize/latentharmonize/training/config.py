@@ -40,6 +40,7 @@ class TrainConfig:
     densitometry_smooth_total: bool = False  # densitometry_smooth_mm counts the low-pass in (the spec's smooth_total)
     technical_weight: float | None = None  # of the re-centred technical coordinates in the clusters; None: chosen
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
+    second_stage: int | None = None  # components of the clusters' second stage (two_stage.py); None: one stage
     lowpass_mm: float = 0.0  # in-plane Gaussian SD of the model-grid HU (the spec's lowpass_mm)
     lowpass_noise_hu: float | None = None  # soft-tissue noise each scan is blurred down to (the spec's)
     context_radius: int = PatchSpec.context_radius
@@ -114,6 +115,10 @@ def _check_densitometry(config: TrainConfig) -> None:
         raise InputError(f"--densitometry must be a positive weight (1 is the usual choice), got {weight!r}.")
     if not (_is_real(smooth) and smooth >= 0) or (smooth and weight is None):
         raise InputError(f"--densitometry-smooth must be 0 or more mm, and goes with --densitometry; got {smooth!r}.")
+    stage = config.second_stage
+    if stage is not None and (not _is_int(stage) or stage < 2 or weight is None):
+        raise InputError(f"--second-stage must be an integer of at least 2 and goes with --densitometry (it reads the "
+                         f"harmonized statistics); got {stage!r}.")
     total = config.densitometry_smooth_total
     if not isinstance(total, bool) or (total and not smooth):
         raise InputError(f"--densitometry-smooth-total goes with a --densitometry-smooth above 0; got {total!r} "

@@ -9,12 +9,15 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from ..clusters import TissueClusters, acquisition_covariance, default_colors, fit_named_clusters
+from ..clusters import (TissueClusters, acquisition_covariance, cluster_profiles, default_colors,
+                        fit_named_clusters)
 from ..densitometry import HU_STATISTIC_NAMES
-from ..patches import PatchDensitometry, PatchSpec, autocast_for, encode_dense, n_features, point_keys
+from ..patches import (DenseLatents, PatchDensitometry, PatchSpec, aggregate_context, autocast_for, core_statistics,
+                       encode_dense, n_features, patch_lattice, point_keys, valid_centres)
 from ..progress import Progress
 from ..rotation import LatentRotation, chance_level
 from ..scans import load_scan
+from ..two_stage import N_CORE, TwoStageClusters, with_core
 from .config import TrainConfig
 from .samples import PairedPatches, cohort_patients
 
@@ -29,7 +32,7 @@ class PosthocFit:
     probe: dict
     technical_weight: float
     weight_scores: dict  # {candidate weight: ARI across the training pairs}
-    clusters: TissueClusters
+    clusters: TissueClusters | TwoStageClusters
     labels: np.ndarray  # cluster of each training row
     profiles: list
     names: list
@@ -59,6 +62,11 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
         rotation.set_params(technical_weight=weight)
         clusters = fit_clusters(rotation.cluster_features(latents, scans=samples.scan), samples, config.clusters,
                                 config.seed)
+    if config.second_stage:
+        progress(79, "cluster", f"second stage: {config.second_stage} components on the raised clusters")
+        core = core_rows(cohort, samples, spec)
+        clusters = fit_second_stage(clusters, rotation.cluster_features(latents, scans=samples.scan), core, samples,
+                                    config.second_stage, spec.n_statistics, config.seed)
     tissue, labels, profiles, names, colors = clusters
     progress(80, "cluster", f"technical weight {weight:g}; {len(names)} tissue clusters")
     probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",
@@ -81,24 +89,41 @@ def encode_rows(model, patches: np.ndarray, device: torch.device, batch: int = 1
 def context_latents(model, cohort, samples: PairedPatches, spec: PatchSpec, device: torch.device,
                     progress: Progress | None = None) -> np.ndarray:
     """Latents of the sampled rows exactly as ``analyze`` will see them: each scan is encoded densely, with the
-    spec's context aggregation, and every row takes the latent at its physical point.
+    spec's context aggregation, and every row takes the latent at its physical point."""
+    def dense_latents(scan):
+        return encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
 
-    Scans are visited in the order ``load_cohort_samples`` numbered them (:func:`.samples.cohort_patients`).
-    """
-    out = np.zeros((len(samples), n_features(model.latent_dim, spec)), np.float32)
+    return _at_sampled_rows(cohort, samples, spec, dense_latents, n_features(model.latent_dim, spec), progress,
+                            "dense latents with context")
+
+
+def core_rows(cohort, samples: PairedPatches, spec: PatchSpec) -> np.ndarray:
+    """The sampled rows' context-averaged :func:`patches.core_statistics`, as ``analyze`` computes them for the
+    second stage of the clusters (at every whole-lung lattice point, then taken at the rows' points)."""
+    def dense_core(scan):
+        positions = np.argwhere(valid_centres(scan.lung, spec))
+        values = core_statistics(scan.hu, scan.parenchyma, positions, spec, lung=scan.lung)
+        return aggregate_context(DenseLatents(values, positions, patch_lattice(scan.grid, spec)), spec.context_radius)
+
+    return _at_sampled_rows(cohort, samples, spec, dense_core, N_CORE)
+
+
+def _at_sampled_rows(cohort, samples: PairedPatches, spec: PatchSpec, dense_of, width: int,
+                     progress: Progress | None = None, what: str = "") -> np.ndarray:
+    """[len(samples), width]: for every scan, ``dense_of(scan)`` (a :class:`DenseLatents`) at the rows' points.
+    Scans are visited in the order ``load_cohort_samples`` numbered them (:func:`.samples.cohort_patients`)."""
+    out = np.zeros((len(samples), width), np.float32)
     patients = cohort_patients(cohort)
     index = 0
     for n, (patient, rows_of_patient) in enumerate(patients):
         for _, row in rows_of_patient.iterrows():
-            scan = load_scan(row, spec)
-            dense = encode_dense(model, scan.hu, scan.lung, scan.grid, spec, device)
+            dense = dense_of(load_scan(row, spec))
             where = {key: i for i, key in enumerate(map(tuple, point_keys(dense.lattice, dense.positions).tolist()))}
             rows = np.flatnonzero(samples.scan == index)
             out[rows] = dense.latents[[where[key] for key in map(tuple, samples.keys[rows].tolist())]]
             index += 1
         if progress is not None:
-            progress(70 + 8 * (n + 1) / len(patients), "rotate",
-                     f"patient {patient}: dense latents with context")
+            progress(70 + 8 * (n + 1) / len(patients), "rotate", f"patient {patient}: {what}")
     return out
 
 
@@ -162,6 +187,22 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
     best = max(scores, key=lambda w: (scores[w], -w))  # ties: the smaller weight
     rotation.set_params(technical_weight=best)
     return best, scores, fits[best]
+
+
+def fit_second_stage(clusters: tuple, features: np.ndarray, core: np.ndarray, samples: PairedPatches,
+                     n_second: int, harmonized_columns: int, seed: int) -> tuple:
+    """:class:`two_stage.TwoStageClusters` on the first stage ``clusters`` (as :func:`fit_clusters` returns them),
+    widened by the acquisition covariance of the training pairs; returns the same five things for the final
+    clusters."""
+    first, _, _, first_names, _ = clusters
+    X = with_core(features, core)
+    pairs = samples.pairs()
+    widening = acquisition_covariance(X[pairs[:, 0]], X[pairs[:, 1]]) if len(pairs) else None
+    two = TwoStageClusters(n_second=n_second, harmonized_columns=harmonized_columns, random_state=seed).fit(
+        X, first, first_names, samples.stats["mean_hu"], widening)
+    names = list(two.names_)
+    return (two, two.labels_, cluster_profiles(two.labels_, samples.stats, two.n_clusters_), names,
+            default_colors(names))
 
 
 def fit_clusters(features: np.ndarray, samples: PairedPatches, n_clusters: int | None, seed: int) -> tuple:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from ..two_stage import reads_core
 from .config import TrainConfig
 from .posthoc import PosthocFit
 from .samples import PairedPatches
@@ -23,18 +24,19 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
         "probe": fit.probe, "n_technical": int(fit.rotation.n_technical_), "technical_weight": fit.technical_weight,
         "technical_weight_pair_ari": {f"{w:g}": a for w, a in fit.weight_scores.items()},
         "k": int(fit.clusters.n_clusters_), "n_components": int(fit.clusters.n_components_),
-        "acquisition_widening": fit.clusters.widening_share_,
+        "acquisition_widening": (fit.clusters.first_ if reads_core(fit.clusters) else fit.clusters).widening_share_,
         "cluster_sizes": {int(k): int(p["n"]) for k, p in enumerate(fit.profiles, start=1)},
         "cluster_names": {int(k): n for k, n in enumerate(fit.names, start=1)},
-        "cluster_profiles": fit.profiles, "ari_vs_truth": _ari_vs_truth(fit.labels, samples),
+        "cluster_profiles": fit.profiles, "ari_vs_truth": ari_vs_truth(fit.labels, samples),
         **({"densitometry": float(config.densitometry)} if config.densitometry is not None else {}),
         **({"densitometry_smooth_mm": float(config.densitometry_smooth_mm)} if config.densitometry_smooth_mm else {}),
         **({"densitometry_smooth_total": True} if config.densitometry_smooth_total else {}),
         **({"technical_weight_fixed": True} if config.technical_weight is not None else {}),
+        **({"second_stage": int(config.second_stage)} if config.second_stage else {}),
     }
 
 
-def _ari_vs_truth(labels: np.ndarray, samples: PairedPatches):
+def ari_vs_truth(labels: np.ndarray, samples: PairedPatches):
     """Adjusted Rand index of the clusters against the tissue truth at the patch centres (phantom cohorts)."""
     if samples.truth is None:
         return None
@@ -64,6 +66,9 @@ def format_summary(summary: dict) -> str:
         lines.insert(2, "Patch densitometry appended to the latents before the rotation, "
                         f"weight {summary['densitometry']:g}; the clusters read it with the technical coordinates "
                         "removed.")
+    if summary.get("second_stage"):
+        lines[-1] = lines[-1][:-1] + (f", the raised side split again by a {summary['second_stage']}-component second "
+                                      "stage that reads each patch's core:")
     lines += [f"  {k}: {summary['cluster_names'][k]} ({n} patches)" for k, n in summary["cluster_sizes"].items()]
     if summary["ari_vs_truth"] is not None:
         lines.append(f"Agreement with the phantom tissue truth: ARI {summary['ari_vs_truth']:.3f}.")
