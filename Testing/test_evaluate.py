@@ -363,7 +363,7 @@ def test_bundle_clusters_label_each_scan_as_analyze_does_while_rotated_refits(tm
     assert set(fitted) == {"bundle_clusters"} and fitted["bundle_clusters"] is bundle.clusters
     assign_clusters(funcs, scans, scans, rows, 2, 0, Progress(quiet=True), {}, fitted)
     for scan in scans:
-        painted = patch_clusters(SimpleNamespace(latents=scan.latents["entangled"]), bundle)[0]
+        painted = patch_clusters(SimpleNamespace(latents=scan.latents["entangled"], core=None), bundle)[0]
         np.testing.assert_array_equal(scan.labels["bundle_clusters"], painted)
         assert set(np.unique(scan.labels["rotated"])) <= {1, 2}  # the refit has the 2 components asked for
 

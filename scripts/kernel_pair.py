@@ -22,10 +22,11 @@ import pandas as pd
 
 from latentharmonize.bundle import load_bundle
 from latentharmonize.evaluation.consistency import common_rows
-from latentharmonize.evaluation.encoding import Encoders, encode_row
+from latentharmonize.evaluation.encoding import CORE_STATISTICS, Encoders, encode_row
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, low_attenuation_cluster,
                                                normal_cluster, threshold_classes)
 from latentharmonize.evaluation.metrics import label_agreement
+from latentharmonize.pipeline import cluster_inputs
 
 
 def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:
@@ -34,7 +35,8 @@ def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:
     scans = [encode_row(pd.Series({"image": str(path), "patient": "pair", "acquisition": kind}), "eval", encoders)[0]
              for kind, path in (("soft", soft), ("sharp", sharp))]
     for s in scans:
-        s.labels["clusters"] = np.asarray(bundle.clusters.predict(bundle.rotation.cluster_features(s.latents["entangled"])))
+        s.labels["clusters"] = np.asarray(bundle.clusters.predict(
+            cluster_inputs(bundle, s.latents["entangled"], s.latents[CORE_STATISTICS])))
         s.labels[THRESHOLD_BASELINE] = threshold_classes(s.latents[PATCH_MEAN_HU])
     rows = common_rows(scans)
     hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in scans])

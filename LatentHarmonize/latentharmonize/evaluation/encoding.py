@@ -14,12 +14,13 @@ import pandas as pd
 
 from ..densitometry import lung_hu_indices
 from ..errors import InputError
-from ..patches import aggregate_context, centre_pixels, encode_dense, point_keys, resolve_device
+from ..patches import aggregate_context, centre_pixels, core_statistics, encode_dense, point_keys, resolve_device
 from ..progress import Progress
 from ..scans import read_scan, scan_on_grid
 from .tissue import PATCH_MEAN_HU, SETTING_COLUMNS, patch_mean_hu
 
 CLINICAL = ("time", "event", "age", "sex", "fvc")
+CORE_STATISTICS = "core_statistics"  # source: each patch's patches.core_statistics, what two-stage clusters read
 
 
 @dataclass
@@ -87,7 +88,8 @@ def encode_row(row: pd.Series, split: str, encoders: Encoders, transforms: Optio
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
     latents = {"entangled": dense.latents}
-    for name, statistic in {**encoders.statistics, PATCH_MEAN_HU: patch_mean_hu}.items():
+    computed = {**encoders.statistics, PATCH_MEAN_HU: patch_mean_hu, CORE_STATISTICS: core_statistics}
+    for name, statistic in computed.items():
         values = replace(dense, latents=statistic(hu, parenchyma, dense.positions, encoders.spec))
         latents[name] = aggregate_context(values, encoders.spec.context_radius).latents
     for name in encoders.others:

@@ -65,8 +65,8 @@ from .figures import (plot_consistency, plot_km, plot_label_maps, plot_latent_pc
                       plot_traversals)
 from .goals import goal_check, relative_gains, rotated_versus
 from .report import render_report
-from .representations import (Training, assign_clusters, fit_features, fit_image_harmonizers, label_with_baselines,
-                              own_clusters, patch_statistics)
+from .representations import (Training, assign_clusters, cluster_recipes, fit_features, fit_image_harmonizers,
+                              label_with_baselines, own_clusters, patch_statistics)
 from .seed_spread import seed_spread
 from .survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility, survival_comparison,
                                   tissue_readout)
@@ -109,6 +109,7 @@ class Encoded:
     funcs: dict                     # clustered representation -> features of a scan
     compared: List[str]             # clustered representations, then label baselines
     n_clusters: int
+    recipes: dict                   # clustered representation -> how its clusters are refitted
 
 
 def select_patients(cohort: pd.DataFrame, limit: Optional[int]) -> pd.DataFrame:
@@ -159,13 +160,14 @@ def _label(bundle, train, evals, survivors, cfg: EvalConfig, progress: Progress,
     training = Training(bundle, train, rows, cfg.seed)
     funcs = fit_features(training, skipped, {s.acquisition for s in evals + survivors})
     n_clusters = int(bundle.clusters.n_components_)
+    recipes = cluster_recipes(training, funcs)
     assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped,
-                    own_clusters(training, funcs))
+                    own_clusters(training, funcs), recipes)
     # the paper's pair (rotated against entangled) is always measured; another representation whose components all
     # got one name is not, since a constant map agrees with itself across scanners
     compared = [n for n in funcs if n in ("rotated", "entangled") or not _one_cluster(n, train, skipped)]
     compared += label_with_baselines(train + evals + survivors)
-    return Encoded(train, evals, survivors, rows, funcs, compared, n_clusters)
+    return Encoded(train, evals, survivors, rows, funcs, compared, n_clusters, recipes)
 
 
 def _one_cluster(name: str, train, skipped: dict) -> bool:
@@ -191,7 +193,7 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
         "tissue_recall": tissue_recall(e.evals, references),
         "kernel_robustness": kernel_robustness(e.evals, references),
         "seed_spread": seed_spread({n: f for n, f in e.funcs.items() if n in e.compared}, e.evals, e.train,
-                                   cfg.train_latents, e.n_clusters, seed, cfg.mixture_seeds),
+                                   cfg.train_latents, e.n_clusters, seed, cfg.mixture_seeds, e.recipes),
     }
     progress(80, "metrics", "consistency, truth agreement and probe done")
     table = patient_profiles(e.survivors or e.train + e.evals, list(e.funcs), e.n_clusters)

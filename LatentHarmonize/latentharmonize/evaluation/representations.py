@@ -22,6 +22,7 @@ Adding a baseline: write one subclass of the fitting kind (a ``name`` and its on
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -37,9 +38,10 @@ from ..errors import InputError
 from ..patches import lattice_hu_statistics
 from ..progress import Progress
 from .consistency import by_patient, common_rows
-from .encoding import ScanLatents, stack
+from .encoding import CORE_STATISTICS, ScanLatents, stack
 from .harmonizers import ComBatHarmonizer, HarmonyHarmonizer, HistogramMatcher, LeaceHarmonizer
 from .tissue import PATCH_MEAN_HU, THRESHOLD_BASELINE, threshold_classes
+from ..two_stage import fit_two_stage_clusters, reads_core, with_core
 
 Features = Callable[[ScanLatents], np.ndarray]
 
@@ -80,6 +82,10 @@ class Representation:
         """The fitted clusters this representation labels scans with, if it brings its own (None: they are fitted
         on the training rows like every other representation's, :func:`assign_clusters`)."""
         return None
+
+    def refit(self, training: Training, features, stats: Dict[str, np.ndarray], n_clusters: int, seed: int, widening):
+        """Clusters fitted on this representation's training ``features`` (:func:`refit_clusters`)."""
+        return refit_clusters(features, stats, n_clusters, seed, widening)
 
 
 class LatentHarmonizer(Representation):
@@ -154,11 +160,24 @@ class Entangled(Representation):
 
 
 class Rotated(Representation):
+    """The rotation's cluster features; with a bundle whose clusters have a second stage, each patch's core
+    statistics after them, and the refit has the bundle's two stages (:mod:`latentharmonize.two_stage`)."""
+
     name = "rotated"
 
     def fit(self, training: Training) -> Features:
         rotation = training.bundle.rotation
+        if reads_core(training.bundle.clusters):
+            return lambda s: with_core(rotation.cluster_features(s.latents["entangled"]), s.latents[CORE_STATISTICS])
         return lambda s: rotation.cluster_features(s.latents["entangled"])
+
+    def refit(self, training: Training, features, stats: Dict[str, np.ndarray], n_clusters: int, seed: int, widening):
+        shipped = training.bundle.clusters
+        if not reads_core(shipped):
+            return super().refit(training, features, stats, n_clusters, seed, widening)
+        return fit_two_stage_clusters(features, stats, n_clusters, shipped.n_second, seed, order_by=stats["mean_hu"],
+                                      acquisition_covariance=widening,
+                                      harmonized_columns=shipped.harmonized_columns)[0]
 
 
 class BundleClusters(Rotated):
@@ -317,6 +336,12 @@ def training_acquisition_covariance(train: List[ScanLatents], features: List[np.
     return acquisition_covariance(np.concatenate(first), np.concatenate(second)) if first else None
 
 
+def cluster_recipes(training: Training, names) -> Dict[str, Callable]:
+    """{name: fit(features, stats, n_clusters, seed, widening) -> clusters} of those of ``names`` in the registry:
+    how each representation's clusters are refitted."""
+    return {r.name: functools.partial(r.refit, training) for r in REGISTRY if r.name in names}
+
+
 def own_clusters(training: Training, names) -> dict:
     """{name: clusters} of those of ``names`` whose registry entry brings its own clusters."""
     brought = {r.name: r.own_clusters(training) for r in REGISTRY if r.name in names}
@@ -333,12 +358,13 @@ def refit_clusters(features, stats: Dict[str, np.ndarray], n_clusters: int, seed
 
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
                     n_clusters: int, seed: int, progress: Progress, skipped: dict,
-                    fitted: Optional[dict] = None) -> None:
+                    fitted: Optional[dict] = None, recipes: Optional[dict] = None) -> None:
     """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
     widened by the representation's own acquisition covariance on the training pairs, named from their patches' HU
-    and merged by name) and label every scan with them; ``fitted``: {name: clusters} to label with instead of a fit
-    (:func:`own_clusters`). Where the training scans carry the phantom truth, also fit the tissue read-out and store
-    its labels in ``readout``."""
+    and merged by name; ``recipes``: {name: fit function} where a representation refits otherwise,
+    :func:`cluster_recipes`) and label every scan with them; ``fitted``: {name: clusters} to label with instead of a
+    fit (:func:`own_clusters`). Where the training scans carry the phantom truth, also fit the tissue read-out and
+    store its labels in ``readout``."""
     with_truth = all(s.truth is not None for s in train)
     stats = training_naming_statistics(train, rows)
     for k, (name, f) in enumerate(funcs.items()):
@@ -346,8 +372,8 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
         features = np.concatenate([train_features[i][r] for i, r in rows.items()])
         clusters = (fitted or {}).get(name)
         if clusters is None:
-            clusters = refit_clusters(features, stats, n_clusters, seed,
-                                      training_acquisition_covariance(train, train_features))
+            clusters = (recipes or {}).get(name, refit_clusters)(
+                features, stats, n_clusters, seed, training_acquisition_covariance(train, train_features))
         readout = None
         if with_truth:
             try:

@@ -12,7 +12,7 @@ rotated is ahead.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -25,11 +25,13 @@ SPREAD_HEAD = ["representation", "truth ARI by seed", "mean", "consistency ARI b
 
 
 def seed_spread(funcs: Dict[str, Callable], evals: List[ScanLatents], train: List[ScanLatents], budget: int,
-                n_clusters: int, seed: int, n_seeds: int) -> dict:
+                n_clusters: int, seed: int, n_seeds: int, recipes: Optional[dict] = None) -> dict:
     """Per representation of :data:`SPREAD_NAMES` in ``funcs``: ``seeds``, ``truth_ari`` and ``consistency_ari`` (the
     held-out scans' means over patients, one per seed) and their ``*_mean``; ``rotated_ahead`` counts the seeds at
     which rotated's truth ARI is at least ``hu_statistics``'. The first seed is the run's own fit: the labels the
-    scans already carry. Empty when the held-out scans have no truth or ``funcs`` holds neither representation."""
+    scans already carry; ``recipes``: how a representation refits, where not by
+    :func:`.representations.refit_clusters` (:func:`.representations.cluster_recipes`). Empty when the held-out
+    scans have no truth or ``funcs`` holds neither representation."""
     names = [n for n in SPREAD_NAMES if n in funcs]
     if not names or any(s.truth is None for s in evals):
         return {}
@@ -37,7 +39,8 @@ def seed_spread(funcs: Dict[str, Callable], evals: List[ScanLatents], train: Lis
     widening = {n: training_acquisition_covariance(train, [funcs[n](s) for s in train]) for n in names}
     out = {n: {"seeds": seeds, "truth_ari": [], "consistency_ari": []} for n in names}
     for s in seeds:
-        labelled = evals if s == seed else _refit(funcs, names, evals, train, budget, n_clusters, s, widening)
+        labelled = evals if s == seed else _refit(funcs, names, evals, train, budget, n_clusters, s, widening,
+                                                  recipes or {})
         for n in names:
             out[n]["truth_ari"].append(float(np.mean([r["ari"] for r in truth_per_patient(labelled, n)])))
             out[n]["consistency_ari"].append(float(np.mean([r["ari"] for r in consistency_per_patient(labelled, [n])[n]])))
@@ -50,7 +53,7 @@ def seed_spread(funcs: Dict[str, Callable], evals: List[ScanLatents], train: Lis
     return out
 
 
-def _refit(funcs, names, evals, train, budget, n_clusters, seed, widening) -> List[ScanLatents]:
+def _refit(funcs, names, evals, train, budget, n_clusters, seed, widening, recipes) -> List[ScanLatents]:
     """Copies of ``evals`` labelled by each representation's clusters refitted at ``seed`` (the scans keep theirs)."""
     rows = training_rows(train, budget, seed)
     stats = training_naming_statistics(train, rows)
@@ -58,7 +61,7 @@ def _refit(funcs, names, evals, train, budget, n_clusters, seed, widening) -> Li
     for n in names:
         f = funcs[n]
         features = np.concatenate([f(train[i])[r] for i, r in rows.items()])
-        clusters = refit_clusters(features, stats, n_clusters, seed, widening[n])
+        clusters = recipes.get(n, refit_clusters)(features, stats, n_clusters, seed, widening[n])
         labels[n] = [np.asarray(clusters.predict(f(s))) for s in evals]
     return [replace(s, labels={n: labels[n][i] for n in names}) for i, s in enumerate(evals)]
 
