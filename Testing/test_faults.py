@@ -333,7 +333,8 @@ def _nan_cluster_means(model: Path) -> None:
     from latentharmonize.bundle import _sealed_manifest_bytes
 
     arrays = load((model / ARRAYS_FILE).read_bytes())
-    arrays["clusters.means"][:] = np.nan
+    for key in [k for k in arrays if k.startswith("clusters.") and k.endswith(".means")]:  # every stage's
+        arrays[key][:] = np.nan
     data = save(arrays)
     (model / ARRAYS_FILE).write_bytes(data)
     m = json.loads((model / MANIFEST).read_text())

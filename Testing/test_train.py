@@ -104,13 +104,18 @@ def test_command_line_defaults_are_the_config_defaults_and_the_fingerprint_cover
     assert TrainConfig(epochs=30, device="cpu", workers=2).fingerprint() == plain
 
 
-@pytest.fixture(scope="module")
-def tiny_phantom_cohort(tmp_path_factory) -> Path:
+def _two_patient_cohort(tmp_path_factory, name: str, seed: int) -> Path:
+    """Two phantom patients (phenotypes by the seed) under a soft thin and a sharp thick acquisition."""
     from latentharmonize.phantom import generate_cohort
 
-    folder = tmp_path_factory.mktemp("cohort")
-    generate_cohort(folder, n_patients=2, seed=5, acquisitions=["a_soft_thin", "c_sharp_thick"])
+    folder = tmp_path_factory.mktemp(name)
+    generate_cohort(folder, n_patients=2, seed=seed, acquisitions=["a_soft_thin", "c_sharp_thick"])
     return folder / "cohort.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom_cohort(tmp_path_factory) -> Path:
+    return _two_patient_cohort(tmp_path_factory, "cohort", 5)
 
 
 def test_short_real_training_run_produces_a_loadable_bundle(tiny_phantom_cohort, tmp_path, capsys):
@@ -274,12 +279,8 @@ def test_densitometry_clusters_read_the_harmonized_statistics_in_training_and_ev
 
 @pytest.fixture(scope="module")
 def fibrosis_cohort(tmp_path_factory) -> Path:
-    """Two patients with raised tissue (fibrosis, inflammatory), under two acquisitions."""
-    from latentharmonize.phantom import generate_cohort
-
-    folder = tmp_path_factory.mktemp("fibrosis")
-    generate_cohort(folder, n_patients=2, seed=2, acquisitions=["a_soft_thin", "c_sharp_thick"])
-    return folder / "cohort.csv"
+    """Two patients with raised tissue (fibrosis, inflammatory)."""
+    return _two_patient_cohort(tmp_path_factory, "fibrosis", 2)
 
 
 def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_cohort, tmp_path, capsys):

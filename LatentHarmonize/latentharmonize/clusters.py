@@ -324,16 +324,13 @@ class TissueClusters(ClusterMixin, BaseEstimator):
                   "groups": self.groups_, "order_values": self.order_values_}
         meta = {"k": int(self.n_clusters_), "n_components": int(self.n_components_),
                 "stability": {str(k): float(s) for k, s in self.stability_.items()},
-                "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}}
+                "params": stored_params(self)}
         return arrays, meta
 
     @classmethod
     def from_state(cls, arrays: dict, meta: dict) -> "TissueClusters":
         """Rebuild fitted clusters from :meth:`export_state` output (no refitting)."""
-        params = dict(meta.get("params", {}))
-        if isinstance(params.get("k_range"), list):
-            params["k_range"] = tuple(params["k_range"])
-        tc = cls(**params)
+        tc = with_stored_params(cls, meta)
         means = np.asarray(arrays["means"], dtype=np.float64)
         n = int(meta["n_components"])
         if means.ndim != 2 or means.shape[0] != n or n < 2:
@@ -349,6 +346,20 @@ class TissueClusters(ClusterMixin, BaseEstimator):
         tc.n_features_in_ = means.shape[1]
         tc.stability_ = {int(kk): float(s) for kk, s in meta.get("stability", {}).items()}
         return tc
+
+
+def stored_params(estimator) -> dict:
+    """An estimator's parameters as a bundle's manifest stores them (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in estimator.get_params().items()}
+
+
+def with_stored_params(cls, meta: Mapping):
+    """An unfitted ``cls`` with the parameters ``meta["params"]`` holds (:func:`stored_params`; a list becomes a
+    tuple again where the parameter's default is one)."""
+    defaults = cls().get_params()
+    params = {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
+              for k, v in meta.get("params", {}).items()}
+    return cls(**params)
 
 
 def nearest_with_confidence(distances) -> tuple:

@@ -35,7 +35,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .clusters import (DENSE, DENSE_STRUCTURES, DISEASE_NAMES, GROUND_GLASS, HIGHER, HONEYCOMB, NAMING_KEYS,
                        RETICULAR, TissueClusters, _check_points, base_name, fit_named_clusters,
-                       nearest_with_confidence, name_rows)
+                       name_rows, nearest_with_confidence, stored_params, with_stored_params)
 from .densitometry import HU_STATISTIC_NAMES
 from .errors import InputError
 
@@ -215,8 +215,7 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
         check_is_fitted(self, "names_")
         arrays, meta = {}, {"k": int(self.n_clusters_), "n_components": int(self.n_components_),
                             "final_names": list(self.names_), "fallback": int(self.fallback_),
-                            "params": {k: (list(v) if isinstance(v, tuple) else v)
-                                       for k, v in self.get_params().items()}}
+                            "params": stored_params(self)}
         stages = {"first": self.first_, "second": self.second_}
         for stage, clusters in stages.items():
             if clusters is not None:
@@ -230,10 +229,7 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
     @classmethod
     def from_state(cls, arrays: dict, meta: dict) -> "TwoStageClusters":
         """Rebuild from :meth:`export_state` output (no refitting)."""
-        params = dict(meta.get("params", {}))
-        if isinstance(params.get("core_columns"), list):
-            params["core_columns"] = tuple(params["core_columns"])
-        tc = cls(**params)
+        tc = with_stored_params(cls, meta)
 
         def stage(name):
             part = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}.")}
