@@ -464,3 +464,24 @@ def test_each_cluster_resampled_alone_gives_the_vector_images_values():
     rows = np.arange(0, expected.shape[0], 7)
     alone = np.column_stack([_resampled(field[..., k], lattice, resample, rows) for k in range(3)])
     np.testing.assert_array_equal(alone, expected[rows])
+
+
+def test_analyze_reads_each_patch_core_as_the_two_stage_clusters_need(scan, bundle):
+    """The default bundle's clusters have a second stage: encode_patches computes the core statistics beside the
+    encoder, and they are those of each encoded patch, averaged over the latents' context."""
+    from latentharmonize.io import read_ct
+    from latentharmonize.lungmask import segment_lungs
+    from latentharmonize.patches import DenseLatents, aggregate_context, core_statistics, model_grid_hu
+    from latentharmonize.pipeline import encode_patches
+    from latentharmonize.structures import parenchyma, segment_structures
+    from latentharmonize.two_stage import reads_core
+
+    assert reads_core(bundle.clusters)
+    ct = read_ct(scan)
+    hu, lung, grid, _ = model_grid_hu(ct, segment_lungs(ct), bundle.spec)
+    tissue = parenchyma(lung, segment_structures(hu, lung, grid.spacing))
+    dense = encode_patches(bundle.encoder("cpu"), hu, tissue, grid, bundle.spec, "cpu", core=True)
+    values = DenseLatents(core_statistics(hu, tissue, dense.positions, bundle.spec), dense.positions, dense.lattice)
+    expected = aggregate_context(values, bundle.spec.context_radius).latents
+    np.testing.assert_array_equal(dense.core, expected)
+    assert encode_patches(bundle.encoder("cpu"), hu, tissue, grid, bundle.spec, "cpu").core is None

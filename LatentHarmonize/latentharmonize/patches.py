@@ -229,6 +229,8 @@ def core_statistics(hu: np.ndarray, parenchyma: np.ndarray, positions: np.ndarra
     (:mod:`latentharmonize.two_stage`) reads texture the densitometry's blur takes away. A patch with no core voxel
     reads its parenchyma, and one with no parenchyma voxel (training cuts whole-lung patches) the ``lung``."""
     positions = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+    if len(positions) == 0:
+        return np.zeros((0, len(HU_STATISTIC_NAMES)), np.float32)
     core = ndimage.binary_erosion(parenchyma, border_value=1)  # the volume's edge is not the lung's
     masks = [core, parenchyma] + ([] if lung is None else [lung])
     out = np.full((len(positions), len(HU_STATISTIC_NAMES)), np.nan, np.float32)

@@ -32,7 +32,7 @@ from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
 from .patches import (DenseLatents, PatchSpec, aggregate_context, core_statistics, encode_dense, model_grid_hu,
-                      noise_warning, resolve_device)
+                      noise_warning, resolve_device, valid_centres)
 from .segments import label_segments
 from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, parenchyma, refine_on_ct, segment_structures
 from .two_stage import reads_core, with_core
@@ -303,13 +303,19 @@ def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progr
     The clusters describe the parenchyma: vessel and airway voxels are left out of ``parenchyma``, so they are filled
     like the outside of the lung (the spec's ``outside_fill_hu``) and do not drive the patches they cross.
     """
-    with _deterministic_torch():
-        dense = encode_dense(encoder, hu, parenchyma, grid, spec, device, progress=stage_progress(progress, "encode"))
-    if len(dense.latents) == 0:
-        raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the scan.")
-    if core:
-        values = replace(dense, latents=core_statistics(hu, parenchyma, dense.positions, spec))
-        dense = replace(dense, core=aggregate_context(values, spec.context_radius).latents)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-core") as pool:
+        # beside the encoder (numpy releases the GIL); encode_dense gives its patches in np.argwhere order
+        statistics = (pool.submit(core_statistics, hu, parenchyma, np.argwhere(valid_centres(parenchyma, spec)), spec)
+                      if core else None)
+        with _deterministic_torch():
+            dense = encode_dense(encoder, hu, parenchyma, grid, spec, device,
+                                 progress=stage_progress(progress, "encode"))
+        if len(dense.latents) == 0:
+            raise NoLungFoundError("The lung mask is too small to hold a single 20 mm patch; check the mask or the "
+                                   "scan.")
+        if statistics is not None:
+            values = replace(dense, latents=statistics.result())
+            dense = replace(dense, core=aggregate_context(values, spec.context_radius).latents)
     return dense
 
 
