@@ -37,11 +37,11 @@ from ..densitometry import HU_STATISTIC_NAMES
 from ..errors import InputError
 from ..patches import lattice_hu_statistics
 from ..progress import Progress
+from ..two_stage import fit_two_stage_clusters, reads_core, with_core
 from .consistency import by_patient, common_rows
 from .encoding import CORE_STATISTICS, ScanLatents, stack
 from .harmonizers import ComBatHarmonizer, HarmonyHarmonizer, HistogramMatcher, LeaceHarmonizer
 from .tissue import PATCH_MEAN_HU, THRESHOLD_BASELINE, threshold_classes
-from ..two_stage import fit_two_stage_clusters, reads_core, with_core
 
 Features = Callable[[ScanLatents], np.ndarray]
 

@@ -54,7 +54,8 @@ def format_summary(summary: dict) -> str:
         f"Acquisition probe accuracy: {probe['entangled']:.3f} before rotation, {probe['biological']:.3f} on the biological "
         f"coordinates (chance {probe['chance']:.3f}); {summary['n_technical']} technical dimensions "
         + (f"re-centred on each scan's median, weight {summary['technical_weight']:g}, for the clusters "
-           f"(probe on what the clusters see: {probe['clusters']:.3f})."
+           f"(probe on what the {'first stage sees' if summary.get('second_stage') else 'clusters see'}: "
+           f"{probe['clusters']:.3f})."
            if summary.get("technical_weight") else "left out of the clusters."),
         f"{summary['n_components']} mixture components"
         + (f", widened by the training pairs' acquisition scatter ({100 * summary['acquisition_widening']:.1f} % of "
