@@ -189,3 +189,38 @@ def test_evaluate_refits_both_stages_for_rotated_and_labels_bundle_clusters_as_a
     assert spread["rotated"]["truth_ari"][1] > 0.9
     no_recipe = seed_spread({"rotated": funcs["rotated"]}, scans, scans, 2000, 2, 0, n_seeds=2)
     assert no_recipe["rotated"]["truth_ari"][1] < spread["rotated"]["truth_ari"][1]
+
+
+def test_a_two_stage_bundle_with_inconsistent_stages_is_refused(tmp_path):
+    """The default bundle has two stages; a manifest whose second stage reads other harmonized columns than the
+    rotation gives, or arrays whose maps point past the final clusters, are refused on loading."""
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors.numpy import load, save
+
+    from latentharmonize.bundle import _sealed_manifest_bytes, default_bundle_path, load_bundle
+    from latentharmonize.errors import BundleError
+
+    def copy(name):
+        folder = tmp_path / name
+        shutil.copytree(default_bundle_path(), folder)
+        return folder, json.loads((folder / "manifest.json").read_text())
+
+    assert reads_core(load_bundle().clusters)
+    folder, manifest = copy("columns")
+    manifest["clusters"]["params"]["harmonized_columns"] = 4
+    (folder / "manifest.json").write_bytes(_sealed_manifest_bytes(manifest))
+    with pytest.raises(BundleError, match="second stage of the clusters reads 4 harmonized columns"):
+        load_bundle(folder)
+
+    folder, manifest = copy("maps")
+    arrays = load((folder / "arrays.safetensors").read_bytes())
+    arrays["clusters.second_map"] = arrays["clusters.second_map"] + 10.0
+    data = save(arrays)
+    (folder / "arrays.safetensors").write_bytes(data)
+    manifest["files"]["arrays.safetensors"] = hashlib.sha256(data).hexdigest()
+    (folder / "manifest.json").write_bytes(_sealed_manifest_bytes(manifest))
+    with pytest.raises(BundleError, match="inconsistent with its manifest"):
+        load_bundle(folder)
