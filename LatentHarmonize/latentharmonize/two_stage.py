@@ -166,10 +166,9 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
         return a
 
     def _second_features(self, X: np.ndarray) -> np.ndarray:
-        d1, k = X.shape[1] - N_CORE, int(self.harmonized_columns)
-        cols = [_column(c) for c in self.core_columns]
-        core = (X[:, d1 + np.array(cols)] - self.core_center_[cols]) / self.core_scale_[cols]
-        return np.hstack([X[:, d1 - k:d1], core])
+        """The second stage's features of input rows: :meth:`_second_map` of the rows, the core centred first."""
+        d1 = X.shape[1] - N_CORE
+        return (X - np.concatenate([np.zeros(d1), self.core_center_])) @ self._second_map(d1).T
 
     # --------------------------------------------------------------- predicting
     def predict_proba(self, X) -> np.ndarray:
