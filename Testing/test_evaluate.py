@@ -422,6 +422,12 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "n_pairs"}
     assert kernel["laa950"]["mean_change_points"] < 0  # the sharp scans' +30 HU offset lowers LAA-950
     assert "Kernel-robust emphysema" in (out / "report.html").read_text()
+    stability = metrics["cluster_stability"]  # each cluster of each compared map across a patient's acquisitions
+    assert set(stability) == compared
+    for name, clusters in stability.items():
+        assert sum(c["share_percent"] for c in clusters) == pytest.approx(100.0)
+        assert all(c["dice"] is None or 0.0 <= c["dice"] <= 1.0 for c in clusters)
+    assert "Each cluster across acquisitions" in (out / "report.html").read_text()
     spread = metrics["seed_spread"]  # the tissue goal's pair over mixture seeds, the run's own fit first
     assert set(spread) - {"rotated_ahead"} == {"rotated", "hu_statistics"} - one_cluster
     assert spread["rotated"]["seeds"] == [0, 1]

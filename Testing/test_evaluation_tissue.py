@@ -113,3 +113,28 @@ def test_goal_check_reports_the_tissue_goals():
     assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is False
     metrics["kernel_robustness"]["rotated"] = {"mean_abs_change_points": 0.4}
     assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is True
+
+
+def test_cluster_stability_follows_each_cluster_across_a_patients_acquisitions():
+    from latentharmonize.evaluation.cluster_stability import cluster_stability, stability_rows
+
+    def scan(patient, acquisition, labels, mean_hu):
+        s = _scan(patient, acquisition, labels, np.full(len(labels), NORMAL), mean_hu)
+        s.keys = np.column_stack([np.arange(len(labels)), np.zeros((len(labels), 2), np.int64)])  # one point per row
+        return s
+
+    hu = [-850, -840, -830, -820, -700, -690, -950, -960]
+    scans = [scan("p", "a", [1, 1, 1, 1, 2, 2, 3, 3], hu), scan("p", "b", [1, 1, 1, 2, 2, 2, 1, 1], hu),
+             scan("q", "a", [1, 2], [-850, -700]), scan("q", "b", [1, 2], [-850, -700])]
+    records = {c["label"]: c for c in cluster_stability(scans, scans, ["rep"])["rep"]}
+    # patient p: cluster 1 holds rows 0-3 in one scan, 0-2 and 6-7 in the other; q agrees everywhere
+    assert records[1]["dice"] == pytest.approx((2 * 3 / 9 + 1.0) / 2)
+    assert records[2]["dice"] == pytest.approx((2 * 2 / 5 + 1.0) / 2)
+    # cluster 3 is in one scan of p only (Dice 0) and in no scan of q, whose pair does not count for its Dice
+    assert records[3]["dice"] == 0.0 and records[3]["pairs_with_cluster"] == 1
+    assert records[3]["mean_abs_share_change_points"] == pytest.approx((25.0 + 0.0) / 2)
+    assert records[1]["mean_abs_share_change_points"] == pytest.approx((12.5 + 0.0) / 2)
+    assert records[3]["median_patch_hu"] == pytest.approx(-955.0)
+    assert sum(c["share_percent"] for c in records.values()) == pytest.approx(100.0)
+    rows = stability_rows({"cluster_stability": {"rep": list(records.values())}})
+    assert [r[:2] for r in rows] == [["rep", "1"], ["rep", "2"], ["rep", "3"]] and rows[2][4] == "0.000"

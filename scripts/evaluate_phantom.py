@@ -25,6 +25,7 @@ from pathlib import Path
 
 from latentharmonize.errors import LatentHarmonizeError
 from latentharmonize.evaluation.command import format_summary
+from latentharmonize.evaluation.cluster_stability import STABILITY_HEAD, stability_rows
 from latentharmonize.evaluation.evaluate import FIGURES, evaluate
 from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT
 from latentharmonize.evaluation.report import (READOUT_HEAD, ci_text, readout_rows, redraw_rows, reproducibility_rows,
@@ -101,7 +102,7 @@ def markdown_table(metrics: dict) -> str:
               "| this phantom | " + " | ".join(f"{gains[m]:+.2f} %" for m in PAPER_GAIN_PERCENT) + " |",
               "| paper (Pan et al. 2025) | " + " | ".join(f"+{PAPER_GAIN_PERCENT[m]:.2f} %" for m in PAPER_GAIN_PERCENT) + " |"]
     for head, rows in ((SPREAD_HEAD, spread_rows(metrics)), (RECALL_HEAD, recall_rows(metrics)),
-                       (KERNEL_HEAD, kernel_rows(metrics))):
+                       (KERNEL_HEAD, kernel_rows(metrics)), (STABILITY_HEAD, stability_rows(metrics))):
         if rows:
             lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(row) + " |" for row in rows]

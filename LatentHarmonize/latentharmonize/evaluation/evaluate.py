@@ -59,6 +59,7 @@ from ..bundle import load_bundle
 from ..cohort import read_cohort
 from ..errors import InputError
 from ..progress import Progress
+from .cluster_stability import cluster_stability
 from .consistency import by_patient, consistency, consistency_per_patient, probe, truth_agreement
 from .encoding import Encoders, ScanLatents, encode_held_out, encode_training, training_rows
 from .figures import (plot_consistency, plot_km, plot_label_maps, plot_latent_pca, plot_risk_reproducibility,
@@ -188,6 +189,7 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
     references = reference_clusters(e.train, e.compared)
     metrics: dict = {
         "consistency": consistency(per_patient, cfg.n_boot, seed),
+        "cluster_stability": cluster_stability(e.evals, e.train, e.compared),
         "truth_agreement": truth_agreement(e.evals, e.compared, cfg.n_boot, seed),
         "probe": probe(e.evals, e.funcs, cfg.probe_samples, seed),
         "tissue_recall": tissue_recall(e.evals, references),

@@ -7,6 +7,7 @@ from typing import List
 
 from .. import pages
 from ..tissue import TISSUES
+from .cluster_stability import STABILITY_HEAD, stability_rows
 from .goals import PAPER_GAIN_PERCENT, paired_verdict
 from .representations import REGISTRY
 from .seed_spread import SPREAD_HEAD, spread_caption, spread_rows
@@ -138,6 +139,11 @@ seed {metrics['seed']}{' (quick mode: subsampled)' if metrics['quick'] else ''}.
 <h2>Consistency across acquisitions (mean, 95 % bootstrap CI over patients) and acquisition probe</h2>
 {pages.table(cons_rows, ['representation', 'ARI', 'NMI', 'Dice', 'probe accuracy'])}
 <p>Probe chance level: {probe_acc['chance']:.3f}.{notes}</p>
+<h2>Each cluster across acquisitions</h2>
+<p>The matched Dice above is the unweighted mean over a map's clusters. Here, per cluster: its share of the lung, the
+Dice of its masks between two acquisitions of a patient (pairs where either scan has it), and how much its share of
+the lung changes between them.</p>
+{_text_table(stability_rows(metrics), STABILITY_HEAD)}
 <h2>Rotated over entangled: relative gain</h2>{pages.table(gain_rows, ['metric', 'this run', 'paper'])}
 <h2>Agreement with the phantom truth</h2>{pages.table(truth_rows, ['representation', 'ARI', 'NMI']) if truth_rows else '<p>No truth in this cohort.</p>'}
 {_spread_section(metrics)}
