@@ -10,7 +10,8 @@ from latentharmonize.errors import InputError
 from latentharmonize.grid import to_model_grid
 from latentharmonize.networks import build_model
 from latentharmonize.patches import (DenseLatents, PatchSpec, aggregate_context, densitometry_features, encode_dense,
-                                     encode_patches_naive, normalize_hu, patch_lattice, point_keys, valid_centres)
+                                     encode_patches_naive, normalize_hu, patch_lattice, point_keys, threads_beside,
+                                     valid_centres)
 from latentharmonize.scans import Scan
 from latentharmonize.training.augment import training_dataset
 from latentharmonize.training.samples import sample_paired_patches
@@ -372,3 +373,20 @@ def test_a_noise_target_raises_the_blur_of_a_noisy_scan_and_the_encoding_says_ho
     for bad in (0.0, -1.0, float("nan"), True, "1"):
         with pytest.raises(InputError, match="lowpass_noise_hu"):
             PatchSpec(lowpass_noise_hu=bad)
+
+
+def test_the_encoder_leaves_the_cores_of_the_threads_beside_it_and_gives_them_back():
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        with threads_beside(1):
+            assert torch.get_num_threads() == 3
+            with threads_beside(1):  # the core statistics' thread beside the densitometry's
+                assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with threads_beside(9):
+                assert torch.get_num_threads() == 1  # never fewer than one
+                raise RuntimeError("the encoder failed")
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(saved)

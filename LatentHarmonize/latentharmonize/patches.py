@@ -361,6 +361,18 @@ def _slab_batch(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
+@contextlib.contextmanager
+def threads_beside(busy: int):
+    """Torch's CPU threads for the duration, fewer by ``busy`` (at least one): the cores that ``busy`` numpy threads
+    working beside the encoder leave, so that the encoder's threads and theirs do not take turns on one core."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, saved - int(busy)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: PatchSpec = PatchSpec(),
                  device="cpu", progress: Progress | None = None, slabs_per_batch: int | None = None) -> DenseLatents:
     """Encode every valid lattice centre of a model-grid volume, streaming batches of slabs over z.
@@ -382,10 +394,10 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     model = model.to(device).eval()
     latents, positions = [], []
     n_batches = max(math.ceil(len(slabs) / batch), 1)
+    beside = spec.densitometry is not None and valid.any()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-densitometry") as pool, \
-            torch.inference_mode(), autocast_for(device):
-        features = (pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec, sigma)
-                    if spec.densitometry is not None and valid.any() else None)
+            torch.inference_mode(), autocast_for(device), threads_beside(int(beside)):
+        features = pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec, sigma) if beside else None
         for b, start in enumerate(range(0, len(slabs), batch)):
             ks = slabs[start: start + batch]
             lat, pos = _encode_slab_batch(model, hu, lung, valid, ks, spec, device)

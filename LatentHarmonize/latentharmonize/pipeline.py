@@ -32,7 +32,7 @@ from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
 from .patches import (DenseLatents, PatchSpec, aggregate_context, core_statistics, encode_dense, model_grid_hu,
-                      noise_warning, resolve_device, valid_centres)
+                      noise_warning, resolve_device, threads_beside, valid_centres)
 from .segments import label_segments
 from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, parenchyma, refine_on_ct, segment_structures
 from .two_stage import reads_core, with_core
@@ -307,7 +307,7 @@ def encode_patches(encoder, hu, parenchyma, grid, spec: PatchSpec, device, progr
         # beside the encoder (numpy releases the GIL); encode_dense gives its patches in np.argwhere order
         statistics = (pool.submit(core_statistics, hu, parenchyma, np.argwhere(valid_centres(parenchyma, spec)), spec)
                       if core else None)
-        with _deterministic_torch():
+        with _deterministic_torch(), threads_beside(int(core)):
             dense = encode_dense(encoder, hu, parenchyma, grid, spec, device,
                                  progress=stage_progress(progress, "encode"))
         if len(dense.latents) == 0:
