@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,32 @@ def test_a_path_too_long_is_an_error_result_not_a_traceback(tmp_path, capsys):
     result = handle(format_request(tmp_path / "ct.nrrd", tmp_path / ("d" * 300) / "out"), _no_model)
     assert not result.ok and result.exit_code == 2 and "too long" in result.error
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_the_worker_reuses_the_pages_of_freed_arrays_instead_of_faulting_in_fresh_ones():
+    # in a child process: the setting is process-wide and stays until exit
+    probe = textwrap.dedent("""
+        import resource, sys
+        import SimpleITK as sitk
+        from latentharmonize.worker import keep_touched_memory
+        if sys.argv[1] == "keep" and not keep_touched_memory():
+            print("unsupported"); sys.exit()
+        def faults_of_one_image():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            image = sitk.Image(1024, 1024, 200, sitk.sitkUInt8)  # 200 MB, zero-filled, above the 32 MB mmap limit
+            del image
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults_of_one_image()
+        print(faults_of_one_image())
+    """)
+    counts = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if out == "unsupported":
+            pytest.skip("not glibc")
+        counts[mode] = int(out)
+    pages = 200 * 2 ** 20 // 4096
+    assert counts["default"] > pages // 2  # every fresh mapping is zero-filled page by page again
+    assert counts["keep"] < pages // 20   # the second array lands on the first one's pages

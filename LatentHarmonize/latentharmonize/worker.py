@@ -16,7 +16,9 @@ same ``LH-PROGRESS`` lines as ``analyze --progress-lines`` and ends each request
 The loaded model is kept between requests while the bundle's files and the device stay the same. A failed request
 leaves nothing half-written (analyze stages its outputs) and the worker goes on with the next one. It exits with
 code 0 at the end of its input or after ``--idle-timeout`` seconds without a request, so it never lingers holding
-memory. SIGTERM (Cancel) interrupts the running request like Ctrl-C: the worker reports it and exits with 130.
+memory. While it runs, on Linux (glibc), it keeps the memory it has touched (:func:`keep_touched_memory`), so that
+a second request reuses the first one's pages instead of faulting in fresh ones. SIGTERM (Cancel) interrupts the
+running request like Ctrl-C: the worker reports it and exits with 130.
 The format is documented for users in docs/analyze.md.
 
 This is the server side, which loads the whole analysis; the protocol, all a client needs, is
@@ -24,6 +26,7 @@ This is the server side, which loads the whole analysis; the protocol, all a cli
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import queue
 import sys
@@ -44,6 +47,30 @@ from .options import DEVICES
 from .pipeline import load_model
 from .progress import Progress
 from .worker_protocol import DEFAULT_IDLE_TIMEOUT_S, SHOWN_CHARS, WorkerResult, format_result_line, parse_request
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_touched_memory() -> bool:
+    """Make this process's C allocator keep and reuse the memory it frees (glibc only; elsewhere nothing changes,
+    False is returned). Call it before any thread starts.
+
+    A request allocates about 1.5 GB of arrays on a full-size CT (numpy, SimpleITK, PyTorch), most of them larger
+    than glibc's 32 MB mmap limit: by default each is mapped fresh and freed back to the system, and the kernel
+    zero-fills every page again on the next request (about 120,000 page faults, 0.4 s of system time per warm request
+    on a 2-core CPU). Served from one heap that is not trimmed, the second request finds its pages mapped: the idle
+    worker holds its peak memory (about 1.7 GB instead of 1.0 GB) until it exits."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
 
 
 # ----------------------------------------------------------------------------- the loaded model
@@ -189,6 +216,7 @@ def run(args) -> int:
     if not args.idle_timeout > 0:
         raise InputError(f"--idle-timeout must be a positive number of seconds, got {args.idle_timeout:g}.")
     interrupt_on_sigterm()
+    keep_touched_memory()
     preload = None
     if args.preload is not None:
         preload = (None if args.preload == "default" else args.preload, args.preload_device)
