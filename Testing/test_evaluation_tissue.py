@@ -1,9 +1,11 @@
-"""Tissue measurements of evaluate: equal-scale threshold classes, tissue recall, kernel robustness."""
+"""Tissue measurements of evaluate: equal-scale threshold classes, tissue recall, kernel robustness and
+each cluster's stability across acquisitions."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from latentharmonize.evaluation.cluster_stability import cluster_stability, stability_rows
 from latentharmonize.evaluation.encoding import ScanLatents
 from latentharmonize.evaluation.goals import goal_check, relative_gains
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, kernel_robustness, low_attenuation_cluster, normal_cluster,
@@ -116,8 +118,6 @@ def test_goal_check_reports_the_tissue_goals():
 
 
 def test_cluster_stability_follows_each_cluster_across_a_patients_acquisitions():
-    from latentharmonize.evaluation.cluster_stability import cluster_stability, stability_rows
-
     def scan(patient, acquisition, labels, mean_hu):
         s = _scan(patient, acquisition, labels, np.full(len(labels), NORMAL), mean_hu)
         s.keys = np.column_stack([np.arange(len(labels)), np.zeros((len(labels), 2), np.int64)])  # one point per row
