@@ -427,6 +427,7 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     for name, clusters in stability.items():
         assert sum(c["share_percent"] for c in clusters) == pytest.approx(100.0)
         assert all(c["dice"] is None or 0.0 <= c["dice"] <= 1.0 for c in clusters)
+    assert all(c["name"] is None for c in stability["entangled"])  # one-stage clusters keep no names
     assert "Each cluster across acquisitions" in (out / "report.html").read_text()
     spread = metrics["seed_spread"]  # the tissue goal's pair over mixture seeds, the run's own fit first
     assert set(spread) - {"rotated_ahead"} == {"rotated", "hu_statistics"} - one_cluster

@@ -126,7 +126,8 @@ def test_cluster_stability_follows_each_cluster_across_a_patients_acquisitions()
     hu = [-850, -840, -830, -820, -700, -690, -950, -960]
     scans = [scan("p", "a", [1, 1, 1, 1, 2, 2, 3, 3], hu), scan("p", "b", [1, 1, 1, 2, 2, 2, 1, 1], hu),
              scan("q", "a", [1, 2], [-850, -700]), scan("q", "b", [1, 2], [-850, -700])]
-    records = {c["label"]: c for c in cluster_stability(scans, scans, ["rep"])["rep"]}
+    named = {"rep": ["low", "normal", "raised"]}
+    records = {c["label"]: c for c in cluster_stability(scans, scans, ["rep"], named)["rep"]}
     # patient p: cluster 1 holds rows 0-3 in one scan, 0-2 and 6-7 in the other; q agrees everywhere
     assert records[1]["dice"] == pytest.approx((2 * 3 / 9 + 1.0) / 2)
     assert records[2]["dice"] == pytest.approx((2 * 2 / 5 + 1.0) / 2)
@@ -136,5 +137,8 @@ def test_cluster_stability_follows_each_cluster_across_a_patients_acquisitions()
     assert records[1]["mean_abs_share_change_points"] == pytest.approx((12.5 + 0.0) / 2)
     assert records[3]["median_patch_hu"] == pytest.approx(-955.0)
     assert sum(c["share_percent"] for c in records.values()) == pytest.approx(100.0)
+    assert [records[k]["name"] for k in (1, 2, 3)] == ["low", "normal", "raised"]
     rows = stability_rows({"cluster_stability": {"rep": list(records.values())}})
-    assert [r[:2] for r in rows] == [["rep", "1"], ["rep", "2"], ["rep", "3"]] and rows[2][4] == "0.000"
+    assert [r[:3] for r in rows] == [["rep", "1", "low"], ["rep", "2", "normal"], ["rep", "3", "raised"]]
+    assert rows[2][5] == "0.000"  # cluster 3's Dice
+    assert cluster_stability(scans, scans, ["rep"])["rep"][0]["name"] is None  # clusters that keep no names

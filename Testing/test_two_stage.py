@@ -173,7 +173,9 @@ def test_evaluate_refits_both_stages_for_rotated_and_labels_bundle_clusters_as_a
     training = Training(bundle, scans, rows, 0)
     funcs = {r.name: r.fit(training) for r in REGISTRY if r.name in ("rotated", "bundle_clusters")}
     recipes = cluster_recipes(training, funcs)
-    assign_clusters(funcs, scans, scans, rows, 2, 0, Progress(quiet=True), {}, own_clusters(training, funcs), recipes)
+    names = assign_clusters(funcs, scans, scans, rows, 2, 0, Progress(quiet=True), {}, own_clusters(training, funcs),
+                            recipes)
+    assert names["bundle_clusters"] == list(model.names_)  # two-stage clusters keep their names for evaluate's tables
     for s in scans:
         X = with_core(s.latents["entangled"], s.latents[CORE_STATISTICS])
         np.testing.assert_array_equal(funcs["rotated"](s), X)
@@ -185,6 +187,7 @@ def test_evaluate_refits_both_stages_for_rotated_and_labels_bundle_clusters_as_a
     assert len(np.unique(refit)) == 3
     glass, dense = (np.bincount(refit[truth == k]).argmax() for k in (2, 3))
     assert glass != dense and np.mean(refit[truth == 2] == glass) > 0.95
+    assert names["rotated"][glass - 1] == "ground-glass-like"
     spread = seed_spread({"rotated": funcs["rotated"]}, scans, scans, 2000, 2, 0, n_seeds=2, recipes=recipes)
     assert spread["rotated"]["truth_ari"][1] > 0.9
     no_recipe = seed_spread({"rotated": funcs["rotated"]}, scans, scans, 2000, 2, 0, n_seeds=2)

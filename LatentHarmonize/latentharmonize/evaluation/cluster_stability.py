@@ -10,12 +10,13 @@ what a researcher needs before trusting one cluster's volume in a multi-scanner 
   the cluster's two masks, averaged over the pairs where either scan has the cluster;
 - share change: the mean absolute change of the cluster's share between two acquisitions of a patient (percentage
   points), over every pair;
-- the cluster is identified by its label and the median mean-HU of its training patches.
+- the cluster is identified by its label, its name where its clusters keep one, and the median mean-HU of its
+  training patches.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -24,9 +25,11 @@ from .metrics import mask_dice
 from .tissue import PATCH_MEAN_HU
 
 
-def cluster_stability(eval_scans: Sequence, train_scans: Sequence, names: Sequence[str]) -> Dict[str, List[dict]]:
-    """{representation: one record per cluster label} (module docstring); patients with fewer than two
-    acquisitions, or none sharing a lattice point, are left out."""
+def cluster_stability(eval_scans: Sequence, train_scans: Sequence, names: Sequence[str],
+                      cluster_names: Optional[Dict[str, List[str]]] = None) -> Dict[str, List[dict]]:
+    """{representation: one record per cluster label} (module docstring); ``cluster_names``: {representation: name
+    of label 1, 2, ...} where known. Patients with fewer than two acquisitions, or none sharing a lattice point, are
+    left out."""
     hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in train_scans])
     patients = [scans for scans in by_patient(list(eval_scans)).values() if len(scans) >= 2]
     rows = [common_rows(scans) for scans in patients]
@@ -46,7 +49,8 @@ def cluster_stability(eval_scans: Sequence, train_scans: Sequence, names: Sequen
                     change[k].append(100.0 * abs(float(in_a.mean()) - float(in_b.mean())))
                     if in_a.any() or in_b.any():
                         dice[k].append(mask_dice(in_a, in_b))
-        out[n] = [{"label": k,
+        named = (cluster_names or {}).get(n, [])
+        out[n] = [{"label": k, "name": named[k - 1] if 0 < k <= len(named) else None,
                    "median_patch_hu": float(np.median(hu[train_labels == k])) if np.any(train_labels == k) else None,
                    "share_percent": float(np.mean([100.0 * np.mean(s.labels[n] == k) for s in eval_scans])),
                    "dice": float(np.mean(dice[k])) if dice[k] else None,
@@ -56,7 +60,7 @@ def cluster_stability(eval_scans: Sequence, train_scans: Sequence, names: Sequen
     return out
 
 
-STABILITY_HEAD = ["representation", "cluster", "median patch HU (training)", "share of the lung (%)",
+STABILITY_HEAD = ["representation", "cluster", "name", "median patch HU (training)", "share of the lung (%)",
                   "Dice across acquisitions", "acquisition pairs holding it", "mean share change (points)"]
 
 
@@ -65,6 +69,6 @@ def stability_rows(metrics: dict) -> List[List[str]]:
     def number(value, form):
         return "–" if value is None else format(value, form)
 
-    return [[n, str(c["label"]), number(c["median_patch_hu"], ".0f"), f"{c['share_percent']:.1f}",
+    return [[n, str(c["label"]), c["name"] or "–", number(c["median_patch_hu"], ".0f"), f"{c['share_percent']:.1f}",
              number(c["dice"], ".3f"), str(c["pairs_with_cluster"]), number(c["mean_abs_share_change_points"], ".2f")]
             for n, clusters in metrics.get("cluster_stability", {}).items() for c in clusters]

@@ -111,6 +111,7 @@ class Encoded:
     compared: List[str]             # clustered representations, then label baselines
     n_clusters: int
     recipes: dict                   # clustered representation -> how its clusters are refitted
+    cluster_names: dict             # clustered representation -> name of label 1, 2, ..., where its clusters keep names
 
 
 def select_patients(cohort: pd.DataFrame, limit: Optional[int]) -> pd.DataFrame:
@@ -162,13 +163,13 @@ def _label(bundle, train, evals, survivors, cfg: EvalConfig, progress: Progress,
     funcs = fit_features(training, skipped, {s.acquisition for s in evals + survivors})
     n_clusters = int(bundle.clusters.n_components_)
     recipes = cluster_recipes(training, funcs)
-    assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress, skipped,
-                    own_clusters(training, funcs), recipes)
+    cluster_names = assign_clusters(funcs, train + evals + survivors, train, rows, n_clusters, cfg.seed, progress,
+                                    skipped, own_clusters(training, funcs), recipes)
     # the paper's pair (rotated against entangled) is always measured; another representation whose components all
     # got one name is not, since a constant map agrees with itself across scanners
     compared = [n for n in funcs if n in ("rotated", "entangled") or not _one_cluster(n, train, skipped)]
     compared += label_with_baselines(train + evals + survivors)
-    return Encoded(train, evals, survivors, rows, funcs, compared, n_clusters, recipes)
+    return Encoded(train, evals, survivors, rows, funcs, compared, n_clusters, recipes, cluster_names)
 
 
 def _one_cluster(name: str, train, skipped: dict) -> bool:
@@ -189,7 +190,7 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
     references = reference_clusters(e.train, e.compared)
     metrics: dict = {
         "consistency": consistency(per_patient, cfg.n_boot, seed),
-        "cluster_stability": cluster_stability(e.evals, e.train, e.compared),
+        "cluster_stability": cluster_stability(e.evals, e.train, e.compared, e.cluster_names),
         "truth_agreement": truth_agreement(e.evals, e.compared, cfg.n_boot, seed),
         "probe": probe(e.evals, e.funcs, cfg.probe_samples, seed),
         "tissue_recall": tissue_recall(e.evals, references),

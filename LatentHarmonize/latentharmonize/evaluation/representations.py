@@ -358,15 +358,17 @@ def refit_clusters(features, stats: Dict[str, np.ndarray], n_clusters: int, seed
 
 def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train: List[ScanLatents], rows,
                     n_clusters: int, seed: int, progress: Progress, skipped: dict,
-                    fitted: Optional[dict] = None, recipes: Optional[dict] = None) -> None:
+                    fitted: Optional[dict] = None, recipes: Optional[dict] = None) -> Dict[str, List[str]]:
     """Fit clusters per representation on the training rows as ``train`` does (``n_clusters`` mixture components,
     widened by the representation's own acquisition covariance on the training pairs, named from their patches' HU
     and merged by name; ``recipes``: {name: fit function} where a representation refits otherwise,
     :func:`cluster_recipes`) and label every scan with them; ``fitted``: {name: clusters} to label with instead of a
     fit (:func:`own_clusters`). Where the training scans carry the phantom truth, also fit the tissue read-out and
-    store its labels in ``readout``."""
+    store its labels in ``readout``. Returns the names of label 1, 2, ... of the representations whose clusters
+    keep their names (two-stage clusters, e.g. ``rotated`` and ``bundle_clusters`` of a two-stage bundle)."""
     with_truth = all(s.truth is not None for s in train)
     stats = training_naming_statistics(train, rows)
+    names = {}
     for k, (name, f) in enumerate(funcs.items()):
         train_features = [f(s) for s in train]
         features = np.concatenate([train_features[i][r] for i, r in rows.items()])
@@ -374,6 +376,8 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
         if clusters is None:
             clusters = (recipes or {}).get(name, refit_clusters)(
                 features, stats, n_clusters, seed, training_acquisition_covariance(train, train_features))
+        if getattr(clusters, "names_", None) is not None:
+            names[name] = [str(n) for n in clusters.names_]
         readout = None
         if with_truth:
             try:
@@ -386,6 +390,7 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
             if readout is not None:
                 s.readout[name] = readout.predict(scan_features).astype(np.int64)
         progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} mixture components")
+    return names
 
 
 def label_with_baselines(scans: List[ScanLatents]) -> List[str]:
