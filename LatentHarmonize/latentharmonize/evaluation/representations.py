@@ -364,8 +364,7 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
     and merged by name; ``recipes``: {name: fit function} where a representation refits otherwise,
     :func:`cluster_recipes`) and label every scan with them; ``fitted``: {name: clusters} to label with instead of a
     fit (:func:`own_clusters`). Where the training scans carry the phantom truth, also fit the tissue read-out and
-    store its labels in ``readout``. Returns the names of label 1, 2, ... of the representations whose clusters
-    keep their names (two-stage clusters, e.g. ``rotated`` and ``bundle_clusters`` of a two-stage bundle)."""
+    store its labels in ``readout``. Returns {name: names of labels 1, 2, ...} where clusters keep names (two-stage)."""
     with_truth = all(s.truth is not None for s in train)
     stats = training_naming_statistics(train, rows)
     names = {}
@@ -376,8 +375,7 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
         if clusters is None:
             clusters = (recipes or {}).get(name, refit_clusters)(
                 features, stats, n_clusters, seed, training_acquisition_covariance(train, train_features))
-        if getattr(clusters, "names_", None) is not None:
-            names[name] = [str(n) for n in clusters.names_]
+        names[name] = getattr(clusters, "names_", None)
         readout = None
         if with_truth:
             try:
@@ -390,7 +388,7 @@ def assign_clusters(funcs: Dict[str, Features], scans: List[ScanLatents], train:
             if readout is not None:
                 s.readout[name] = readout.predict(scan_features).astype(np.int64)
         progress(55 + 15 * (k + 1) / len(funcs), "clusters", f"{name}: {n_clusters} mixture components")
-    return names
+    return {name: [str(n) for n in named] for name, named in names.items() if named is not None}
 
 
 def label_with_baselines(scans: List[ScanLatents]) -> List[str]:
