@@ -8,8 +8,8 @@ what a researcher needs before trusting one cluster's volume in a multi-scanner 
 - share of the lung: the cluster's mean share of the held-out scans' lung points (%);
 - Dice across acquisitions: for every two acquisitions of a patient, at the lattice points both hold, the Dice of
   the cluster's two masks, averaged over the pairs where either scan has the cluster;
-- share change: the mean absolute change of the cluster's share between two acquisitions of a patient (percentage
-  points), over every pair;
+- share change: the mean absolute change of the cluster's share of those same points between two acquisitions of
+  a patient (percentage points), over every pair;
 - the cluster is identified by its label, its name where its clusters keep one, and the median mean-HU of its
   training patches.
 """
