@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from latentharmonize.calibration import (FAT_RANGE_HU, REFERENCE_SLICE_MM, SLICE_STEP, SOFT_TISSUE_HU, UNAVAILABLE,
                                          CalibrationError, CalibrationUnavailable, HUCalibration, _axial_up,
-                                         _in_plane_dilation, air_level, calibrate_grid_hu, estimate_calibration,
-                                         fat_level, reference_levels, reference_regions)
+                                         _in_plane_dilation, air_level, estimate_calibration,
+                                         fat_level, reference_levels, reference_regions, scan_calibration)
 from latentharmonize.errors import InputError
 from latentharmonize.lungmask import AIR_HU, PAD_HU, outside_air, segment_lungs
 from latentharmonize.patches import PatchSpec
@@ -57,10 +57,9 @@ def test_calibration_round_trip_and_record():
 
 def test_spec_without_calibration_leaves_hu_untouched(scans):
     hu = np.array([-900.0, 0.0], dtype=np.float32)
-    same, none = calibrate_grid_hu(hu, *scans["B"], PatchSpec())
-    assert none is None and same is hu
-    calibrated, found = calibrate_grid_hu(hu, *scans["B"], PatchSpec.from_dict({"calibration": "air_fat"}))
-    assert found is not None and calibrated[0] == pytest.approx((-900.0 - found.offset) / found.scale)
+    assert scan_calibration(*scans["B"], PatchSpec()) is None
+    found = scan_calibration(*scans["B"], PatchSpec.from_dict({"calibration": "air_fat"}))
+    assert found is not None and found.apply(hu)[0] == pytest.approx((-900.0 - found.offset) / found.scale)
     with pytest.raises(InputError, match="calibration must be"):
         PatchSpec.from_dict({"calibration": "tracheal"})
 
@@ -168,9 +167,9 @@ def test_without_air_analyze_goes_on_uncalibrated_and_warns(cropped_scans):
     ct, lungs = _no_air_around(cropped_scans["C"][0])
     hu = np.array([-900.0, 0.0], dtype=np.float32)
     with pytest.raises(CalibrationError, match="too little air around the body"):  # training refuses such a scan
-        calibrate_grid_hu(hu, ct, lungs, PatchSpec(calibration="air_fat"))
-    same, unavailable = calibrate_grid_hu(hu, ct, lungs, PatchSpec(calibration="air_fat"), required=False)
-    assert isinstance(unavailable, CalibrationUnavailable) and same is hu
+        scan_calibration(ct, lungs, PatchSpec(calibration="air_fat"))
+    unavailable = scan_calibration(ct, lungs, PatchSpec(calibration="air_fat"), required=False)
+    assert isinstance(unavailable, CalibrationUnavailable) and unavailable.apply(hu) is hu
     assert unavailable.warning["code"] == UNAVAILABLE
     assert "too little air around the body" in unavailable.warning["message"]
     assert unavailable.as_dict()["applied"] is False and unavailable.as_dict()["air_reference"] is None

@@ -174,6 +174,20 @@ def test_surfaces_vtp_and_offscreen_3d_view(tmp_path):
     assert (rgb[..., 0] > rgb[..., 1] + 30).sum() > 500
 
 
+def test_the_drawing_libraries_load_only_when_asked():
+    """A run without pictures (Slicer's) never imports matplotlib or VTK; ``analyze`` with pictures imports them
+    while it reads the scan. Checked in a fresh interpreter, where nothing else has imported them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from latentharmonize import render; "
+             "libraries = ('matplotlib.figure', 'matplotlib.image', 'vtkmodules.vtkRenderingCore'); "
+             "before = [m in sys.modules for m in libraries]; render.import_drawing_libraries(); "
+             "print(before, [m in sys.modules for m in libraries])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "[False, False, False] [True, True, True]", done.stderr
+
+
 def test_segment_kinds_carry_their_standard_terminology(tmp_path):
     """Each kind's TerminologyEntry, read back from the written file's header and by slicerio, in Slicer's format
     context~category~type~type modifier~anatomic context~anatomic region~region modifier."""

@@ -1,8 +1,8 @@
 """``latentharmonize analyze``: one chest CT file in; cluster map, composition table and QC report files out.
 
 :func:`analyze` reads the CT (and the lung mask file), runs :func:`latentharmonize.pipeline.run_pipeline` and writes
-its outputs. The CT is read in a worker thread while the model loads, and the volumes are compressed in worker
-threads while the QC pictures are drawn. Every check that can fail on the user's input (output folder, model bundle,
+its outputs. The CT is read in a worker thread while the model and the drawing libraries load, and the volumes are
+compressed in worker threads while the QC pictures are drawn. Every check that can fail on the user's input (output folder, model bundle,
 device, CT geometry) runs before the heavy work, and all files are published atomically at the end, so an error or a
 Ctrl-C leaves the output folder as it was. See docs/analyze.md for the outputs and the progress line format.
 """
@@ -99,8 +99,10 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
             input_hash = pool.submit(image_sha256, ct_path)
             bundle, device, encoder = (model_loader or load_model)(model, device)
             timer.lap("model")
+            if write_report:  # while the threads still read the scan, this one imports what the QC is drawn with
+                render.import_drawing_libraries()
             ct = ct_read.result()
-            timer.lap("load")  # what is left of reading the scan once the model is loaded
+            timer.lap("load")  # what is left of reading the scan once the model (and the drawing) is loaded
             find_lungs = automatic_lungs if mask is None else functools.partial(mask_file_lungs, mask)
             done = run_pipeline(ct, (bundle, device, encoder), find_lungs, progress, timer, source=str(ct_path))
             done.record["input_sha256"] = input_hash.result()

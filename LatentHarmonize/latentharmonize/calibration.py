@@ -29,7 +29,7 @@ The linear map through both points is applied to the model-grid HU before encodi
 found on slices about ``REFERENCE_SLICE_MM`` apart (every ``SLICE_STEP``-th slice at most, as many per mm of scan
 whatever the slice thickness): levels of large regions need no more.
 
-``calibrate_grid_hu(..., required=False)`` (analyze) does not refuse a scan without usable references (a field of
+``scan_calibration(..., required=False)`` (analyze) does not refuse a scan without usable references (a field of
 view cropped to the body on all sides, an air level that is no air): the HU are left as they are and the result
 (:class:`CalibrationUnavailable`) carries the warning ``calibration_unavailable``. Training (``required=True``)
 refuses such a scan, as it always did.
@@ -294,18 +294,18 @@ def estimate_calibration(ct: sitk.Image, lungs: sitk.Image, air_references=AIR_R
                            "or use a model bundle trained without --calibrate.")
 
 
-def calibrate_grid_hu(hu: np.ndarray, ct: sitk.Image, lungs: sitk.Image, spec, required: bool = True) -> tuple:
-    """(model-grid HU, calibration or None): the spec's calibration of ``ct`` applied to ``hu``.
+def scan_calibration(ct: sitk.Image, lungs: sitk.Image, spec, required: bool = True):
+    """The spec's calibration of ``ct``: None where the spec has none, else an :class:`HUCalibration` (``apply(hu)``
+    maps the scan's HU onto the reference levels).
 
-    With ``required`` a scan that cannot be calibrated is refused (InputError); without, its HU are returned as they
-    are with a :class:`CalibrationUnavailable` whose ``warning`` says so.
+    With ``required`` a scan that cannot be calibrated is refused (InputError); without, it gets a
+    :class:`CalibrationUnavailable`, whose ``apply`` leaves the HU as they are and whose ``warning`` says so.
     """
     if spec.calibration is None:
-        return hu, None
+        return None
     try:
-        calibration = estimate_calibration(ct, lungs)
+        return estimate_calibration(ct, lungs)
     except CalibrationError as error:
         if required:
             raise
-        return hu, CalibrationUnavailable(error.reason)
-    return calibration.apply(hu), calibration
+        return CalibrationUnavailable(error.reason)

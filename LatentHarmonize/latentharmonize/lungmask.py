@@ -434,7 +434,7 @@ def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) ->
         for side, future in done:  # each lung over its own box only: about half the voxels of a box around both
             if future.result() is not None:
                 box, inside = future.result()
-                out[box][inside] = side
+                np.copyto(out[box], side, where=inside)  # a fraction of the time of boolean indexing
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(ct)
     return result

@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .calibration import METHODS as CALIBRATIONS, calibrate_grid_hu
+from .calibration import METHODS as CALIBRATIONS, scan_calibration
 from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
 from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, MAX_LOWPASS_MM, ModelGrid, lowpass_in_plane,
@@ -174,9 +175,16 @@ def model_grid_hu(ct, lungs, spec: PatchSpec, required: bool = False) -> tuple:
     calibrated if the spec asks (``calibration`` None otherwise). A scan without usable air/fat references is
     refused when ``required`` (training), else kept uncalibrated with the warning the calibration carries
     (analyze)."""
-    hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm, align_px=(spec.stride, spec.stride, 1))
-    hu, calibration = calibrate_grid_hu(hu, ct, lungs, spec, required=required)
-    return hu, lung, grid, calibration
+    # The air and fat levels are measured on the CT in a worker thread while the lung box is resampled (numpy and
+    # ITK leave the GIL free). Array views are taken first: a view makes an image's buffer its own, which must not
+    # happen under another thread's read.
+    sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(lungs)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-calibration") as pool:
+        measured = pool.submit(scan_calibration, ct, lungs, spec, required)
+        hu, lung, grid = to_model_grid(ct, lungs, tuple(spec.spacing), spec.margin_mm,
+                                       align_px=(spec.stride, spec.stride, 1))
+        calibration = measured.result()
+    return (hu if calibration is None else calibration.apply(hu)), lung, grid, calibration
 
 
 def encoder_input(hu: np.ndarray, spec: PatchSpec) -> tuple[np.ndarray, float]:

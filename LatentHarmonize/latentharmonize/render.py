@@ -194,6 +194,16 @@ def render_gallery(gallery: dict, names: dict, colors: dict, path, zoom: int = 4
     _save_figure(image, path, notes, [])
 
 
+def import_drawing_libraries() -> None:
+    """Import what the QC pictures are drawn with (matplotlib, VTK: about 1 s in a fresh process) ahead of drawing:
+    ``analyze`` imports them while its worker threads read the scan. (Beside the pipeline instead, the imports held
+    the GIL from the lung mask's many short numpy steps and slowed it by more than they saved.)"""
+    _vtk()
+    import matplotlib.figure  # noqa: F401  (lazy: see _save_figure)
+    import matplotlib.image  # noqa: F401
+    import matplotlib.patches  # noqa: F401
+
+
 def _vtk():
     """The VTK classes used here, imported from their modules (importing ``vtk`` itself loads all of VTK)."""
     if not os.environ.get("DISPLAY"):
