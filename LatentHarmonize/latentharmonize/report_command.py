@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import SimpleITK as sitk
 
-from . import options
+from . import options, render
 from .analyze_command import input_name, interrupt_on_sigterm, read_scan, write_qc_and_report
 from .atomic import StagedOutput
 from .errors import BundleError, InputError
@@ -64,42 +65,64 @@ def build_report(folder, ct=None, model=None, device="auto", overwrite=False, pr
     if not ct_path.exists():
         raise InputError(f"The analysed CT is not at {ct_path}; give it with --ct PATH.")
     stage_progress(progress, "load")(0, message=f"checking {ct_path.name}")
-    if image_sha256(ct_path) != record["input_sha256"]:
-        raise InputError(f"{ct_path} is not the CT this folder was analysed from (its SHA-256 differs from "
-                         "analysis.json's input_sha256); give that CT with --ct PATH.")
-
-    # Refuses existing report files (unless overwrite) before the heavy work
-    with StagedOutput(folder, [files[k] for k in REPORT_KINDS], overwrite=overwrite) as staged:
-        bundle, device, encoder = load_model(model, device)
-        if bundle.sha256 != record["model_sha256"]:
-            raise BundleError(f"The model bundle {model or '(bundled default)'} is not the one this folder was "
-                              f"analysed with (model SHA-256 {record['model_sha256'][:12]}...); give that bundle with "
-                              "--model.")
-        image = read_scan(ct_path)
-        maps = {}
-        for kind in _MAPS:
-            maps[kind] = sitk.ReadImage(str(folder / files[kind]))
-            if not same_geometry(maps[kind], image):
-                raise InputError(f"{files[kind]} does not lie on the CT's grid; the folder is not this CT's analysis.")
-            maps[kind].CopyInformation(image)  # exactly the geometry analyze drew with
-        hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
-        structures = segment_structures(hu, lung_grid, grid.spacing)
-        dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress,
-                               core=reads_core(bundle.clusters))
-        if len(dense.latents) != record["n_patches"]:
-            raise InputError(f"The lung mask in {folder} gives {len(dense.latents)} patches, not the "
-                             f"{record['n_patches']} the analysis recorded; analyze again.")
-        labels_n, conf_n = patch_clusters(dense, bundle)
-        composition_json = (folder / files["composition_json"]).read_text(encoding="utf-8")
-        names, colors = map_legend(bundle)
-        done = ImageAnalysis(ct=image, lungs=maps["lungs"], labels=maps["labels"], confidence=maps["confidence"],
-                             composition=None, densitometry=None, names=names, colors=colors, record=record,
-                             composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
-                             patch_confidence=conf_n)
-        write_qc_and_report(staged, files, name, done, bundle.spec, progress)
+    # Worker threads hash and read the CT and read the maps (C++ and hashlib, outside the GIL) while this thread
+    # loads the model and imports the drawing libraries. The CT is checked before anything is staged.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentharmonize-report") as pool:
+        input_hash = pool.submit(image_sha256, ct_path)
+        scan = pool.submit(read_scan, ct_path)
+        if input_hash.result() != record["input_sha256"]:
+            raise InputError(f"{ct_path} is not the CT this folder was analysed from (its SHA-256 differs from "
+                             "analysis.json's input_sha256); give that CT with --ct PATH.")
+        stored = pool.submit(_read_maps, folder, files)
+        # Refuses existing report files (unless overwrite) before the heavy work
+        with StagedOutput(folder, [files[k] for k in REPORT_KINDS], overwrite=overwrite) as staged:
+            loaded = load_model(model, device)
+            if loaded[0].sha256 != record["model_sha256"]:
+                raise BundleError(f"The model bundle {model or '(bundled default)'} is not the one this folder was "
+                                  f"analysed with (model SHA-256 {record['model_sha256'][:12]}...); give that bundle "
+                                  "with --model.")
+            render.import_drawing_libraries()
+            image = scan.result()
+            maps = _on_the_ct_grid(stored.result(), image, files)
+            _draw(staged, files, name, record, folder, image, maps, loaded, progress)
     if progress is not None:
         progress(100, "done", f"report in {folder / files['report']}")
     return folder / files["report"]
+
+
+def _read_maps(folder: Path, files: dict) -> dict:
+    """The label, confidence and lung maps of the analysis in ``folder``."""
+    return {kind: sitk.ReadImage(str(folder / files[kind])) for kind in _MAPS}
+
+
+def _on_the_ct_grid(maps: dict, image: sitk.Image, files: dict) -> dict:
+    """The analysis' maps, refused unless they lie on the CT's grid, given exactly the geometry analyze drew with."""
+    for kind, volume in maps.items():
+        if not same_geometry(volume, image):
+            raise InputError(f"{files[kind]} does not lie on the CT's grid; the folder is not this CT's analysis.")
+        volume.CopyInformation(image)
+    return maps
+
+
+def _draw(staged, files, name, record, folder, image, maps, model, progress) -> None:
+    """Encode the lung again for the gallery's patches and draw what ``analyze`` draws into ``staged``; ``model``:
+    ``(bundle, device, encoder)`` of :func:`load_model`."""
+    bundle, device, encoder = model
+    hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
+    structures = segment_structures(hu, lung_grid, grid.spacing)
+    dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress,
+                           core=reads_core(bundle.clusters))
+    if len(dense.latents) != record["n_patches"]:
+        raise InputError(f"The lung mask in {folder} gives {len(dense.latents)} patches, not the "
+                         f"{record['n_patches']} the analysis recorded; analyze again.")
+    labels_n, conf_n = patch_clusters(dense, bundle)
+    composition_json = (folder / files["composition_json"]).read_text(encoding="utf-8")
+    names, colors = map_legend(bundle)
+    done = ImageAnalysis(ct=image, lungs=maps["lungs"], labels=maps["labels"], confidence=maps["confidence"],
+                         composition=None, densitometry=None, names=names, colors=colors, record=record,
+                         composition_json=composition_json, hu=hu, patches=dense, patch_labels=labels_n,
+                         patch_confidence=conf_n)
+    write_qc_and_report(staged, files, name, done, bundle.spec, progress)
 
 
 # ----------------------------------------------------------------------------- CLI
