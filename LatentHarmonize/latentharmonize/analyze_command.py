@@ -93,7 +93,7 @@ def analyze(ct_path, out_dir, model=None, mask=None, device="auto", overwrite=Fa
         with StagedOutput(out_dir, files.values(), overwrite=overwrite, replaces=earlier,
                           inputs=(ct_path, mask)) as staged, _workers() as pool:
             # Worker threads read and hash the scan (C++ and hashlib, outside the GIL) while this thread loads the
-            # model, which is mostly importing Python modules (PyTorch, scikit-learn). Model errors still come first.
+            # model (checks the bundle, reads its weights) and the drawing libraries. Model errors still come first.
             stage_progress(progress, "load")(0, message=f"reading {ct_path.name}")
             ct_read = pool.submit(read_scan, ct_path)
             input_hash = pool.submit(image_sha256, ct_path)

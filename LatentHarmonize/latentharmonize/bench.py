@@ -255,7 +255,7 @@ def format_report(figures: dict) -> str:
              "CPU s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["cpu_s"])),
              "wall s per stage: " + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(record["timings_s"]))
              + f"  (the rest, {run['wall_s'] - record['timings_s']['total']:.1f} s, is Python start-up before the "
-               "first lap; the model's imports are in 'model')",
+               "first lap: importing PyTorch, scikit-learn and the backend)",
              "resident worker (latentharmonize worker, sent the Slicer module's request: the uncompressed copy the "
              "module hands over, no report, which the module builds on demand): first request "
              f"{warm['first_s']:.1f} s (start-up included), second request {warm['warm_s']:.1f} s "
