@@ -7,9 +7,10 @@ sent the module's own request for the same scan four times: an uncompressed NRRD
 over (``slicer_bridge.volumes.write_input_volume``; a gzip-compressed scan takes about 0.4 s longer to read), and no
 report, which the module builds on demand. The three requests after the first, with the libraries and the model
 already loaded, are the warm times; their median is set beside the one-shot (cold) time, and a worker started with
-``--preload`` answers its very first request warm. Then, in this process, the dense fully-convolutional encoding is compared with the naive path that
-cuts out and encodes every patch separately, on the same model-grid volume; the naive path is time-boxed and, when
-it would take longer, extrapolated from the patches it did encode (the output says so).
+``--preload`` answers its very first request warm. Then, in this process, the dense fully-convolutional encoding is
+compared with the naive path that cuts out and encodes every patch separately, on the same model-grid volume; the
+naive path is time-boxed and, when it would take longer, extrapolated from the patches it did encode (the output
+says so).
 """
 from __future__ import annotations
 
