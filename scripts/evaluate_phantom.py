@@ -78,7 +78,7 @@ def _default_options() -> dict:
             "densitometry_smooth_total": trained.get("densitometry_smooth_total", False),
             "technical_weight": trained["technical_weight"] if trained.get("technical_weight_fixed") else None,
             "lowpass_mm": bundle.spec.lowpass_mm, "lowpass_noise_hu": bundle.spec.lowpass_noise_hu,
-            "clusters": trained.get("n_components")}
+            "clusters": trained.get("n_components"), "second_stage": trained.get("second_stage")}
 
 
 def markdown_table(metrics: dict) -> str:
