@@ -9,7 +9,6 @@ About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine,
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
         [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--[no-]densitometry-smooth-total]
         [--technical-weight W] [--lowpass MM] [--lowpass-noise HU] [--clusters K] [--second-stage K]
-        [--first-stage-from DIR]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane to a
@@ -20,10 +19,8 @@ encoder reads, raised per scan until its soft tissue's noise is at most 1.3 HU
 (``docs/experiments/2026-12-05-noise-matched-lowpass.md``), 5 mixture components, merged by name into the tissue
 clusters (``docs/experiments/2026-12-04-mixture-clusters.md``), and a 4-component second stage on the raised side
 (``docs/experiments/2026-12-06-two-stage-clusters.md``).
-Other values train a candidate the same reproducible way into another ``--out``. The shipped bundle's encoder,
-rotation and first stage were trained with the lung mask before it stopped taking in the organ domes under the
-diaphragm (``f63d9b376ccf…``, docs/training.md says why they are kept); ``--first-stage-from`` that bundle fits only
-the second stage, on the same phantom, which is how the shipped bundle was made (40 s).
+Other values train a candidate the same reproducible way into another ``--out``. The shipped bundle is this script's
+output with the defaults, on today's code (``docs/experiments/2026-12-06-default-from-scratch.md``).
 """
 from __future__ import annotations
 
@@ -68,9 +65,6 @@ def main(argv=None) -> int:
                              "(default 1.3; 0: every scan gets --lowpass)")
     parser.add_argument("--second-stage", type=int, default=4, metavar="K",
                         help="components of the clusters' second stage on the raised side (default 4; 0: none)")
-    parser.add_argument("--first-stage-from", type=Path, metavar="DIR",
-                        help="keep this bundle's encoder, rotation and first-stage clusters, and fit only the second "
-                             "stage on the same phantom (how the shipped bundle was made from f63d9b376ccf…)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", CREATED)
@@ -80,8 +74,6 @@ def main(argv=None) -> int:
     from latentharmonize.phantom import generate_cohort
     from latentharmonize.training import TrainConfig, train
     from latentharmonize.training.checkpoints import CHECKPOINT_DIR
-    from latentharmonize.bundle import load_bundle, save_bundle
-    from latentharmonize.training.second_stage import add_second_stage
     from latentharmonize.training.summary import format_summary
 
     t0 = time.perf_counter()
@@ -94,14 +86,7 @@ def main(argv=None) -> int:
                              densitometry_smooth_total=args.densitometry_smooth_total,
                              technical_weight=args.technical_weight, lowpass_mm=args.lowpass,
                              lowpass_noise_hu=args.lowpass_noise or None, second_stage=args.second_stage or None)
-        if args.first_stage_from:
-            bundle = add_second_stage(load_bundle(args.first_stage_from), Path(tmp) / "cohort.csv", args.second_stage,
-                                      seed=args.seed)
-            save_bundle(bundle, args.out, overwrite=True)
-            summary = {**bundle.manifest["training"], "probe": bundle.manifest["probe"],
-                       "train_seconds": round(time.perf_counter() - t0, 1)}
-        else:
-            summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
+        summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped
     print(format_summary(summary))
     print(f"bundle written to {args.out} in {time.perf_counter() - t0:.0f} s")
