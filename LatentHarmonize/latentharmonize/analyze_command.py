@@ -4,7 +4,8 @@
 its outputs. The CT is read in a worker thread while the model and the drawing libraries load, and the volumes are
 compressed in worker threads while the QC pictures are drawn. Every check that can fail on the user's input (output
 folder, model bundle, device, CT geometry) runs before the heavy work, and all files are published atomically at the
-end, so an error or a Ctrl-C leaves the output folder as it was. See docs/analyze.md for the outputs and the progress line format.
+end, so an error or a Ctrl-C leaves the output folder as it was. See docs/analyze.md for the outputs and the progress
+line format.
 """
 from __future__ import annotations
 

@@ -271,8 +271,8 @@ def format_report(figures: dict) -> str:
              f"{warm['cold_over_warm']:.1f}x",
              f"preloaded worker (started with --preload, as when the Slicer module opens; first request sent "
              f"{PRELOAD_WAIT_S:g} s later): first request {figures['preloaded']['first_s']:.1f} s",
-             "last warm request's wall s per stage: " + "  ".join(f"{k} {v:.2f}"
-                                                    for k, v in _in_pipeline_order(warm["record"]["timings_s"])),
+             "last warm request's wall s per stage: "
+             + "  ".join(f"{k} {v:.2f}" for k, v in _in_pipeline_order(warm["record"]["timings_s"])),
              f"encoding: {enc['patches']} patches, dense {enc['dense_s']:.2f} s = {enc['dense_patches_per_s']:.0f} "
              f"patches/s; naive patch-by-patch {enc['naive_s_for_all']:.1f} s "
              + (f"(extrapolated from {enc['naive_patches_measured']} patches in {enc['naive_s_measured']:.1f} s) "
