@@ -1,5 +1,5 @@
 """Tissue measurements of evaluate: equal-scale threshold classes, tissue recall, kernel robustness and
-each cluster's stability across acquisitions."""
+each cluster's stability across acquisitions; and the label make-up of an analysed phantom scan."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +8,10 @@ import pytest
 from latentharmonize.evaluation.cluster_stability import cluster_stability, stability_rows
 from latentharmonize.evaluation.encoding import ScanLatents
 from latentharmonize.evaluation.goals import goal_check, relative_gains
-from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, kernel_robustness, low_attenuation_cluster, normal_cluster,
-                                               patch_mean_hu, reference_clusters, threshold_classes, tissue_recall)
+from latentharmonize.errors import InputError
+from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, add_makeups, kernel_robustness, label_makeup,
+                                               low_attenuation_cluster, name_support, normal_cluster, patch_mean_hu,
+                                               reference_clusters, threshold_classes, tissue_recall)
 from latentharmonize.patches import PatchSpec
 from latentharmonize.tissue import TISSUE_LABELS
 
@@ -142,3 +144,23 @@ def test_cluster_stability_follows_each_cluster_across_a_patients_acquisitions()
     assert [r[:3] for r in rows] == [["rep", "1", "low"], ["rep", "2", "normal"], ["rep", "3", "raised"]]
     assert rows[2][5] == "0.000"  # cluster 3's Dice
     assert cluster_stability(scans, scans, ["rep"])["rep"][0]["name"] is None  # clusters that keep no names
+
+
+
+def test_label_makeup_counts_each_segments_true_tissue_and_checks_disease_names():
+    GG, CONS = TISSUE_LABELS["ground_glass"], TISSUE_LABELS["consolidation"]
+    labels = np.array([[0, 1, 1, 1, 3, 3, 3, 3, 200, 1]])
+    truth = np.array([[NORMAL, NORMAL, NORMAL, EMPH, GG, GG, GG, NORMAL, NORMAL, 0]])
+    names = {1: "normal-appearing lung", 3: "ground-glass-like", 200: "vessels"}
+    makeup = label_makeup(labels, truth, names)  # label 0 and truth 0 voxels left out
+    assert makeup["normal-appearing lung"]["normal"] == 2 and makeup["normal-appearing lung"]["emphysema"] == 1
+    assert makeup["ground-glass-like"]["ground_glass"] == 3 and makeup["ground-glass-like"]["normal"] == 1
+    assert makeup["vessels"]["normal"] == 1 and sum(makeup["vessels"].values()) == 1
+    assert name_support(makeup) == {"ground-glass-like": 0.75}  # neither normal lung nor vessels name a disease
+    other = label_makeup(np.array([3, 5]), np.array([CONS, CONS]), {3: "ground-glass-like", 5: "consolidation-like"})
+    total = add_makeups(makeup, other)
+    assert total["ground-glass-like"]["consolidation"] == 1 and total["ground-glass-like"]["ground_glass"] == 3
+    assert name_support(total) == {"ground-glass-like": 0.6, "consolidation-like": 1.0}
+    assert makeup["ground-glass-like"]["consolidation"] == 0  # the summed make-up is a new one
+    with pytest.raises(InputError, match="one grid"):
+        label_makeup(labels, truth[:, :5], names)

@@ -10,7 +10,9 @@
   median patch HU, if that median is below the normal cluster's. A representation without one has recall 0: a
   cluster that also holds most normal lung finds no emphysema, whatever share of it it holds;
 - kernel robustness: for each patient scanned with a soft and a sharp kernel under otherwise equal settings, the
-  change (percentage points) of the low-attenuation cluster's share of the lung, beside that of LAA-950.
+  change (percentage points) of the low-attenuation cluster's share of the lung, beside that of LAA-950;
+- label make-up (``scripts/cluster_makeup.py``): voxel by voxel, what tissue each segment of an analysed phantom
+  scan's label map holds, and for a disease-like name the share of its voxels that are the tissue it names.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..clusters import DENSE, GROUND_GLASS, HONEYCOMB, LOW_ATTENUATION, RETICULAR
 from ..errors import InputError
 from ..patches import PatchSpec, extract_patches
-from ..tissue import TISSUE_LABELS
+from ..tissue import TISSUE_LABELS, TISSUES
 
 HU_CLASS_THRESHOLDS = (-950.0, -700.0, -300.0)
 THRESHOLD_BASELINE = "hu_threshold_classes"
@@ -29,6 +32,9 @@ OUTSIDE_NORMAL_TISSUES = ("ground_glass", "reticulation", "honeycombing", "conso
 # Columns of a cohort table that describe an acquisition; a soft/sharp pair must agree on all but the kernel ones.
 SETTING_COLUMNS = ("kernel", "kernel_sharpness", "vendor", "hu_scale", "hu_offset", "dose", "thickness")
 KERNEL_COLUMNS = ("kernel", "kernel_sharpness")
+# the phantom tissue each disease-like cluster name (clusters.DISEASE_NAMES) claims
+NAMED_TISSUE = {LOW_ATTENUATION: "emphysema", GROUND_GLASS: "ground_glass", RETICULAR: "reticulation",
+                HONEYCOMB: "honeycombing", DENSE: "consolidation"}
 
 
 def patch_mean_hu(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
@@ -175,3 +181,38 @@ def kernel_rows(metrics: dict) -> List[List[str]]:
     """Rows of the kernel-robustness table: per representation (low-attenuation cluster) and LAA-950."""
     return [[n, f"{m['mean_abs_change_points']:.2f}", f"{m['mean_change_points']:+.2f}", f"{m['mean_share_soft_percent']:.1f}"]
             for n, m in metrics.get("kernel_robustness", {}).items() if n != "n_pairs"]
+
+
+def label_makeup(labels: np.ndarray, truth: np.ndarray, names: Dict[int, str]) -> Dict[str, Dict[str, int]]:
+    """Voxel counts of a label map against the phantom's tissue truth on the same grid: for each segment that holds
+    true lung, named by ``names`` (its label value otherwise), the count of each tissue of :data:`TISSUES`. Voxels of
+    label 0 or outside the truth's lung are left out."""
+    labels, truth = np.asarray(labels), np.asarray(truth)
+    if labels.shape != truth.shape:
+        raise InputError(f"The label map {labels.shape} and the tissue truth {truth.shape} must be on one grid.")
+    keep = (labels > 0) & (truth > 0) & (truth <= len(TISSUES))
+    width = len(TISSUES) + 1
+    counts = np.bincount(labels[keep].astype(np.int64) * width + truth[keep], minlength=width)
+    out: Dict[str, Dict[str, int]] = {}
+    for code in np.flatnonzero(counts):
+        label, tissue = divmod(int(code), width)
+        segment = out.setdefault(names.get(label, str(label)), dict.fromkeys(TISSUES, 0))
+        segment[TISSUES[tissue - 1]] += int(counts[code])
+    return out
+
+
+def add_makeups(total: Dict[str, Dict[str, int]], makeup: Dict[str, Dict[str, int]]) -> Dict[str, Dict[str, int]]:
+    """The voxel counts of two make-ups (:func:`label_makeup`) summed, segment by segment."""
+    out = {name: dict(counts) for name, counts in total.items()}
+    for name, counts in makeup.items():
+        segment = out.setdefault(name, dict.fromkeys(TISSUES, 0))
+        for tissue, n in counts.items():
+            segment[tissue] += n
+    return out
+
+
+def name_support(makeup: Dict[str, Dict[str, int]]) -> Dict[str, float]:
+    """For each disease-like segment name in a make-up: the share of its voxels that are the tissue it names (an
+    honest name holds mostly that tissue)."""
+    return {name: counts[NAMED_TISSUE[name]] / max(sum(counts.values()), 1)
+            for name, counts in makeup.items() if name in NAMED_TISSUE}
