@@ -146,7 +146,6 @@ def test_cluster_stability_follows_each_cluster_across_a_patients_acquisitions()
     assert cluster_stability(scans, scans, ["rep"])["rep"][0]["name"] is None  # clusters that keep no names
 
 
-
 def test_label_makeup_counts_each_segments_true_tissue_and_checks_disease_names():
     GG, CONS = TISSUE_LABELS["ground_glass"], TISSUE_LABELS["consolidation"]
     labels = np.array([[0, 1, 1, 1, 3, 3, 3, 3, 200, 1]])
