@@ -160,6 +160,8 @@ def test_label_makeup_counts_each_segments_true_tissue_and_checks_disease_names(
     total = add_makeups(makeup, other)
     assert total["ground-glass-like"]["consolidation"] == 1 and total["ground-glass-like"]["ground_glass"] == 3
     assert name_support(total) == {"ground-glass-like": 0.6, "consolidation-like": 1.0}
+    repeated = label_makeup(np.array([4, 4]), np.array([GG, NORMAL]), {4: "ground-glass-like 2"})
+    assert name_support(repeated) == {"ground-glass-like 2": 0.5}  # a repeated name claims the same tissue
     assert makeup["ground-glass-like"]["consolidation"] == 0  # the summed make-up is a new one
     with pytest.raises(InputError, match="one grid"):
         label_makeup(labels, truth[:, :5], names)

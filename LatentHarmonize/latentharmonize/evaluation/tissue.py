@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..clusters import DENSE, GROUND_GLASS, HONEYCOMB, LOW_ATTENUATION, RETICULAR
+from ..clusters import DENSE, GROUND_GLASS, HONEYCOMB, LOW_ATTENUATION, RETICULAR, base_name
 from ..errors import InputError
 from ..patches import PatchSpec, extract_patches
 from ..tissue import TISSUE_LABELS, TISSUES
@@ -212,7 +212,7 @@ def add_makeups(total: Dict[str, Dict[str, int]], makeup: Dict[str, Dict[str, in
 
 
 def name_support(makeup: Dict[str, Dict[str, int]]) -> Dict[str, float]:
-    """For each disease-like segment name in a make-up: the share of its voxels that are the tissue it names (an
-    honest name holds mostly that tissue)."""
-    return {name: counts[NAMED_TISSUE[name]] / max(sum(counts.values()), 1)
-            for name, counts in makeup.items() if name in NAMED_TISSUE}
+    """For each disease-like segment name in a make-up (a repeated one, "ground-glass-like 2", included): the share
+    of its voxels that are the tissue it names (an honest name holds mostly that tissue)."""
+    return {name: counts[NAMED_TISSUE[base_name(name)]] / max(sum(counts.values()), 1)
+            for name, counts in makeup.items() if base_name(name) in NAMED_TISSUE}
