@@ -24,7 +24,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 import latentharmonize as lh
-from latentharmonize.bundle import default_bundle_path, load_bundle
+from latentharmonize.bundle import load_bundle
+from latentharmonize.cohort import read_cohort
 from latentharmonize.evaluation.tissue import add_makeups, label_makeup, name_support
 from latentharmonize.io import read_ct
 from latentharmonize.tissue import TISSUES
@@ -57,13 +58,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
     args = parser.parse_args(argv)
 
-    bundle = load_bundle(args.model or default_bundle_path())
-    rows = pd.read_csv(args.cohort / "cohort.csv")
+    bundle = load_bundle(args.model)
+    rows = read_cohort(args.cohort / "cohort.csv")  # checked, with absolute paths
     patients = sorted(rows["patient"].unique())[:args.patients]
     rows = rows[rows["patient"].isin(patients)]
     total: dict = {}
     for _, row in rows.iterrows():
-        total = add_makeups(total, scan_makeup(args.cohort / row["image"], args.cohort / row["truth"], bundle))
+        total = add_makeups(total, scan_makeup(Path(row["image"]), Path(row["truth"]), bundle))
         print(f"{row['patient']} {row['acquisition']}", flush=True)
     support = name_support(total)
     text = "\n".join([
