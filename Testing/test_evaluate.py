@@ -9,7 +9,8 @@ from latentharmonize.evaluation.consistency import consistency, consistency_per_
 from latentharmonize.evaluation.encoding import Encoders, ScanLatents, encode_row, load_volumes, training_rows
 from latentharmonize.evaluation.evaluate import FIGURES, evaluate
 from latentharmonize.evaluation.figures import plot_traversals
-from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT, goal_check, relative_gains, rotated_versus
+from latentharmonize.evaluation.goals import (PAPER_GAIN_PERCENT, goal_check, paired_verdict, paired_versus,
+                                              relative_gains)
 from latentharmonize.evaluation.representations import LabelBaseline, assign_clusters, feature_names, of_kind
 from latentharmonize.evaluation.survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility,
                                                             tissue_readout)
@@ -93,17 +94,22 @@ def test_batch_harmonizers_are_left_out_on_acquisitions_unseen_in_training():
             fitted.transform(X[:5], np.full(5, "c_unseen"))
 
 
-def test_rotated_versus_pairs_patients_and_judges_by_the_ci():
+def test_paired_versus_pairs_patients_and_judges_by_the_ci():
     import pandas as pd
 
     rng = np.random.default_rng(4)
     base = rng.uniform(0.3, 0.7, 30)  # patients differ a lot; rotated is always a little better than "worse"
     per_patient = {"rotated": [{"ari": b + 0.05, "nmi": b, "dice": b} for b in base],
-                   "worse": [{"ari": b, "nmi": b, "dice": b + 0.01 * rng.normal()} for b in base]}
+                   "worse": [{"ari": b, "nmi": b, "dice": b + 0.01 * rng.normal()} for b in base],
+                   "bundle_clusters": [{"ari": b + 0.08, "nmi": b - 0.05, "dice": b} for b in base]}
     time = np.arange(1.0, 41.0)
     event = np.ones(40)
     risks = {"rotated": -time + rng.normal(0, 3, 40), "reversed": time.copy()}  # reversed ranks every pair wrongly
-    versus = rotated_versus(per_patient, pd.DataFrame({"time": time, "event": event}), risks, n_boot=300, seed=0)
+    table = pd.DataFrame({"time": time, "event": event})
+    versus = paired_versus("rotated", per_patient, table, risks, n_boot=300, seed=0)
+    bundle = paired_versus("bundle_clusters", per_patient, table, risks, n_boot=300, seed=0)
+    assert set(versus) == {"worse", "bundle_clusters", "reversed"} and set(bundle) == {"worse", "rotated"}
+    assert bundle["rotated"]["ari"]["difference"] == pytest.approx(0.03) and "c_index" not in bundle["rotated"]
     assert versus["worse"]["ari"]["difference"] == pytest.approx(0.05)
     assert versus["worse"]["ari"]["ci"][0] > 0  # a clear paired gain although the two means' own CIs overlap
     assert versus["worse"]["nmi"] == {"difference": 0.0, "ci": [0.0, 0.0]}
@@ -111,8 +117,10 @@ def test_rotated_versus_pairs_patients_and_judges_by_the_ci():
     goal = goal_check({"consistency": {"entangled": {"ari": 0.5, "nmi": 0.5, "dice": 0.5}, "rotated": {"ari": 0.6, "nmi": 0.6, "dice": 0.6}},
                        "relative_gain": relative_gains({"entangled": {"ari": 0.5, "nmi": 0.5, "dice": 0.5},
                                                         "rotated": {"ari": 0.6, "nmi": 0.6, "dice": 0.6}}),
-                       "probe": {"rotated": 0.5, "chance": 0.5}, "rotated_versus": versus})
+                       "probe": {"rotated": 0.5, "chance": 0.5}, "rotated_versus": versus, "bundle_versus": bundle})
     assert goal["paired_verdict"]["worse"]["ari"] == "better"
+    assert goal["bundle_paired_verdict"]["worse"]["ari"] == "better"
+    assert goal["bundle_paired_verdict"]["worse"]["nmi"] == "worse"
     assert goal["paired_verdict"]["worse"]["nmi"] == "tie"
     assert goal["paired_verdict"]["reversed"]["c_index"] == "better"
 
@@ -449,6 +457,15 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
         d = metrics["rotated_versus"][other]["c_index"]
         assert d["difference"] == pytest.approx(metrics["survival"]["rotated"]["c_index"] - metrics["survival"][other]["c_index"])
         assert metrics["goal"]["paired_verdict"][other]["c_index"] in ("better", "worse", "tie")
+    # the map analyze paints, judged against the same representations on the same patients where it is compared
+    assert ("bundle_versus" in metrics) == ("bundle_clusters" in compared)
+    assert ("The bundle's own clusters (the map analyze paints) minus" in (out / "report.html").read_text()) == (
+        "bundle_clusters" in compared)
+    for other in (others - {"bundle_clusters"}) & set(metrics.get("bundle_versus", {})):
+        d = metrics["bundle_versus"][other]["ari"]
+        assert d["difference"] == pytest.approx(metrics["consistency"]["bundle_clusters"]["ari"]
+                                                - metrics["consistency"][other]["ari"])
+        assert metrics["goal"]["bundle_paired_verdict"][other]["ari"] == paired_verdict(d["ci"])
     for name in FIGURES:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.html").read_text()

@@ -83,7 +83,8 @@ def _default_options() -> dict:
 
 def markdown_table(metrics: dict) -> str:
     """The README tables: consistency (with CIs), truth ARI, probe and C-index per representation, gains vs paper,
-    rotated minus every other representation paired over patients, and the tissue read-out where there is one."""
+    rotated (and the bundle's own clusters) minus every other representation paired over patients, and the tissue
+    read-out where there is one."""
     cons, probe, surv, truth = metrics["consistency"], metrics["probe"], metrics["survival"], metrics["truth_agreement"]
     lines = ["| representation | ARI | NMI | Dice | ARI vs truth | acquisition probe | survival C-index |",
              "|---|---|---|---|---|---|---|"]
@@ -108,6 +109,10 @@ def markdown_table(metrics: dict) -> str:
             lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "| rotated minus | ARI | NMI | Dice | survival C-index |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in versus_rows(metrics)]
+    bundle = versus_rows(metrics, "bundle_versus")
+    if bundle:
+        lines += ["", "| bundle's own clusters minus | ARI | NMI | Dice | survival C-index |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in bundle]
     repro = reproducibility_rows(metrics)
     if repro:
         lines += ["", "| risk reproducibility | risk ICC across acquisitions | rotated minus |", "|---|---|---|"]

@@ -64,7 +64,7 @@ from .consistency import by_patient, consistency, consistency_per_patient, probe
 from .encoding import Encoders, ScanLatents, encode_held_out, encode_training, training_rows
 from .figures import (plot_consistency, plot_km, plot_label_maps, plot_latent_pca, plot_risk_reproducibility,
                       plot_traversals)
-from .goals import goal_check, relative_gains, rotated_versus
+from .goals import goal_check, paired_versus, relative_gains
 from .report import render_report
 from .representations import (Training, assign_clusters, cluster_recipes, fit_features, fit_image_harmonizers,
                               label_with_baselines, own_clusters, patch_statistics)
@@ -201,7 +201,9 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
     progress(80, "metrics", "consistency, truth agreement and probe done")
     table = patient_profiles(e.survivors or e.train + e.evals, list(e.funcs), e.n_clusters)
     metrics["survival"], risks = survival_comparison(table, names, seed, cfg.n_boot, skipped)
-    metrics["rotated_versus"] = rotated_versus(per_patient, table, risks, cfg.n_boot, seed)
+    metrics["rotated_versus"] = paired_versus("rotated", per_patient, table, risks, cfg.n_boot, seed)
+    if "bundle_clusters" in per_patient:  # the map analyze paints, judged against the same baselines
+        metrics["bundle_versus"] = paired_versus("bundle_clusters", per_patient, table, risks, cfg.n_boot, seed)
     metrics["survival_redraws"] = outcome_redraws(table, risks, cfg.outcome_draws, seed)
     metrics["tissue_readout"] = tissue_readout(e.evals, table, list(e.funcs), seed, cfg.n_boot, skipped)
     metrics["risk_reproducibility"], reproducibility = risk_reproducibility(table, e.evals, names, e.n_clusters,

@@ -37,19 +37,31 @@ VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
 
 
 def _paired(d) -> str:
-    """One paired difference as a cell: rotated minus the other, its 95 % CI and the verdict ("" when not measured)."""
+    """One paired difference as a cell: rotated (or the bundle's clusters) minus the other, its 95 % CI and the
+    verdict ("" when not measured)."""
     if d is None:
         return ""
     return f"{d['difference']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}) {paired_verdict(d['ci'])}"
 
 
-def versus_rows(metrics: dict) -> List[List[str]]:
-    """Rows of the 'rotated minus other' table: per other representation, each metric's paired difference, its
-    95 % CI and the verdict (the README and the HTML report show the same text)."""
+def versus_rows(metrics: dict, key: str = "rotated_versus") -> List[List[str]]:
+    """Rows of the 'rotated minus other' table (``key`` ``bundle_versus``: the bundle's own clusters minus other):
+    per other representation, each metric's paired difference, its 95 % CI and the verdict (the README and the HTML
+    report show the same text)."""
     rows = []
-    for other, diffs in metrics.get("rotated_versus", {}).items():
+    for other, diffs in metrics.get(key, {}).items():
         rows.append([other, *(_paired(diffs.get(m)) for m in VERSUS_COLUMNS)])
     return rows
+
+
+def _bundle_versus_section(metrics: dict) -> str:
+    rows = versus_rows(metrics, "bundle_versus")
+    if not rows:
+        return ""
+    return ("<h2>The bundle's own clusters (the map analyze paints) minus each other representation, paired</h2>\n"
+            "<p>Rotated above is refitted on the training scans as every other representation is; the bundle's own "
+            "clusters are those fitted by <code>train</code>.</p>\n"
+            + _text_table(rows, ['other', 'ARI', 'NMI', 'Dice', 'C-index']))
 
 
 def reproducibility_rows(metrics: dict) -> List[List[str]]:
@@ -157,6 +169,7 @@ share of each tissue outside the cluster that holds most normal lung.</p>
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
 {_text_table(versus_rows(metrics), ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+{_bundle_versus_section(metrics)}
 <h2>Survival over fresh outcome draws (phantom only)</h2>
 {_redraw_section(metrics, redraws)}
 <h2>Risk reproducibility across acquisitions</h2>
