@@ -34,6 +34,7 @@ def ci_text(m: dict, key: str) -> str:
 
 
 VERSUS_COLUMNS = ("ari", "nmi", "dice", "c_index")
+VERSUS_HEAD = ["other", "ARI", "NMI", "Dice", "C-index"]
 
 
 def _paired(d) -> str:
@@ -61,7 +62,7 @@ def _bundle_versus_section(metrics: dict) -> str:
     return ("<h2>The bundle's own clusters (the map analyze paints) minus each other representation, paired</h2>\n"
             "<p>Rotated above is refitted on the training scans as every other representation is; the bundle's own "
             "clusters are those fitted by <code>train</code>.</p>\n"
-            + _text_table(rows, ['other', 'ARI', 'NMI', 'Dice', 'C-index']))
+            + _text_table(rows, VERSUS_HEAD))
 
 
 def reproducibility_rows(metrics: dict) -> List[List[str]]:
@@ -168,7 +169,7 @@ share of each tissue outside the cluster that holds most normal lung.</p>
 <h2>Survival: cross-validated Cox C-index</h2>{pages.table(surv_rows, ['features', 'C-index (95 % CI)', 'n features']) if surv_rows else '<p>No time/event columns.</p>'}
 <h2>Rotated minus each other representation, paired over the same patients (95 % bootstrap CI)</h2>
 <p>"tie": the CI contains 0, so this cohort cannot tell the two apart.</p>
-{_text_table(versus_rows(metrics), ['other', 'ARI', 'NMI', 'Dice', 'C-index'])}
+{_text_table(versus_rows(metrics), VERSUS_HEAD)}
 {_bundle_versus_section(metrics)}
 <h2>Survival over fresh outcome draws (phantom only)</h2>
 {_redraw_section(metrics, redraws)}
