@@ -163,6 +163,30 @@ def test_thickness_averages_thin_slices(patient):
         ph.acquire(patient, ph.Acquisition("too_thin", "soft", "A", 100.0, 0.5))
 
 
+def test_thicker_slices_average_a_scan_in_place():
+    from latentharmonize.phantom.acquisition import thicker_slices
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 100, size=(9, 4, 5)).astype(np.int16)
+    thin = sitk.GetImageFromArray(hu)
+    thin.SetSpacing((0.7, 0.7, 1.25))
+    thin.SetOrigin((10.0, -20.0, 30.0))
+    thin.SetDirection((1, 0, 0, 0, 0, -1, 0, 1, 0))            # coronal-like: the slice axis is not z
+    thick = thicker_slices(thin, 2.5)
+    a = sitk.GetArrayFromImage(thick)
+    assert a.dtype == np.int16 and a.shape == (4, 4, 5)        # 9 slices of 1.25 mm fill four of 2.5 mm
+    np.testing.assert_array_equal(a, np.rint(hu[:8].reshape(4, 2, 4, 5).astype(np.float32).mean(axis=1)))
+    assert thick.GetSpacing() == pytest.approx((0.7, 0.7, 2.5))
+    assert thick.GetDirection() == thin.GetDirection()
+    # each thick slice lies where the middle of its two thin slices lay
+    middle = (np.array(thin.TransformIndexToPhysicalPoint((0, 0, 0))) +
+              np.array(thin.TransformIndexToPhysicalPoint((0, 0, 1)))) / 2
+    np.testing.assert_allclose(thick.TransformIndexToPhysicalPoint((0, 0, 0)), middle)
+    with pytest.raises(InputError, match="at least the scan's 1.25 mm"):
+        thicker_slices(thin, 1.0)
+    with pytest.raises(InputError, match="do not fill one 20 mm"):
+        thicker_slices(thin, 20.0)
+
+
 def test_every_tissue_present_with_documented_hu_and_distinct_texture(cohort):
     out, table = cohort
     values = {t: [] for t in TISSUES}

@@ -29,11 +29,12 @@ from latentharmonize.evaluation.metrics import label_agreement
 from latentharmonize.pipeline import cluster_inputs
 
 
-def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:
+def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("soft", "sharp")) -> dict:
+    """The figures above for two scans of one patient, keyed by ``names``; every change is second minus first."""
     bundle = load_bundle(model)
     encoders = Encoders(bundle, device=device)
     scans = [encode_row(pd.Series({"image": str(path), "patient": "pair", "acquisition": kind}), "eval", encoders)[0]
-             for kind, path in (("soft", soft), ("sharp", sharp))]
+             for kind, path in zip(names, (first, second))]
     for s in scans:
         s.labels["clusters"] = np.asarray(bundle.clusters.predict(
             cluster_inputs(bundle, s.latents["entangled"], s.latents[CORE_STATISTICS])))
@@ -41,8 +42,8 @@ def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:
     rows = common_rows(scans)
     hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in scans])
     out = {"model": bundle.sha256[:12], "common_points": int(len(rows[0])),
-           "laa950": {k: s.densitometry["laa950"] for k, s in zip(("soft", "sharp"), scans)}}
-    out["laa950"]["change_points"] = out["laa950"]["sharp"] - out["laa950"]["soft"]
+           "laa950": {k: s.densitometry["laa950"] for k, s in zip(names, scans)}}
+    out["laa950"]["change_points"] = out["laa950"][names[1]] - out["laa950"][names[0]]
     for name in ("clusters", THRESHOLD_BASELINE):
         a, b = (s.labels[name][r] for s, r in zip(scans, rows))
         labels = np.concatenate([s.labels[name] for s in scans])
@@ -50,7 +51,7 @@ def compare(soft: Path, sharp: Path, model=None, device: str = "cpu") -> dict:
         normal = normal_cluster(labels)
         low = low_attenuation_cluster(labels, hu, normal)
         out[name] = {**label_agreement(a, b),
-                     "share_percent": {k: {"soft": v[0], "sharp": v[1], "change_points": v[1] - v[0]}
+                     "share_percent": {k: {names[0]: v[0], names[1]: v[1], "change_points": v[1] - v[0]}
                                        for k, v in shares.items()},
                      "max_abs_share_change_points": max(abs(v[1] - v[0]) for v in shares.values()),
                      "low_attenuation": low,
