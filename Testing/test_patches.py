@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from latentharmonize.errors import InputError
 from latentharmonize.grid import to_model_grid
@@ -258,6 +259,69 @@ def test_a_total_densitometry_blur_gives_scans_low_passed_differently_one_blur()
     assert "smooth_total" not in replace(spec, densitometry=stacked).to_dict()["densitometry"]  # earlier bundles
     with pytest.raises(InputError, match="densitometry must be null"):
         PatchSpec.from_dict({"densitometry": {**total.to_dict(), "smooth_total": "yes"}})
+
+
+def slab_scan(thickness: float, field: np.ndarray, fine_mm: float = 0.625):
+    """A CT of one lung texture ``field`` (a [z, y, x] grid of ``fine_mm`` voxels, 1 mm in-plane) acquired with
+    contiguous slices of ``thickness`` mm: each slice the mean of the fine slices it covers, as a scanner's slab."""
+    k = int(round(thickness / fine_mm))
+    slabs = field[: field.shape[0] // k * k].reshape(-1, k, *field.shape[1:]).mean(axis=1)
+    ct = sitk.GetImageFromArray(slabs.astype(np.float32))
+    ct.SetSpacing((1.0, 1.0, thickness))
+    ct.SetOrigin((-40.0, -40.0, -40.0 + thickness / 2 - fine_mm / 2))  # slab centres over the same fine extent
+    lung = sitk.GetImageFromArray(np.ones(slabs.shape, np.uint8))
+    lung.CopyInformation(ct)
+    return ct, lung
+
+
+def test_a_through_plane_total_gives_thin_and_thick_slices_one_resolution():
+    """With ``z_total_mm`` the statistics see one through-plane blur whatever the slice thickness: a thin scan is
+    blurred along z up to it, a 5 mm one (which reaches the model grid at about T/2 = 2.5 mm) not at all, so the
+    same lung acquired thin and thick reads closer alike than without it."""
+    from dataclasses import replace
+
+    from latentharmonize.densitometry import HU_STATISTIC_NAMES
+    from latentharmonize.patches import PatchDensitometry, model_grid_hu
+
+    n = len(HU_STATISTIC_NAMES)
+    in_plane = PatchDensitometry(1.0, (0.0,) * n, (1.0,) * n, 2.5, smooth_total=True)
+    total = replace(in_plane, z_total_mm=2.5)
+    assert total.added_z_mm(5.0) == 0.0 and in_plane.added_z_mm(1.25) == 0.0 and total.added_z_mm(None) == 0.0
+    assert total.added_z_mm(1.25) == pytest.approx(np.sqrt(2.5 ** 2 - 0.625 ** 2))
+
+    rng = np.random.default_rng(0)  # lung with structure at a few mm: finer along z than a 5 mm slice
+    field = -860.0 + 900.0 * ndimage.gaussian_filter(rng.normal(size=(128, 80, 80)), (3.0, 2.0, 2.0))
+    scans = [model_grid_hu(*slab_scan(t, field), PatchSpec()) for t in (1.25, 5.0)]
+    assert [grid.scan_z_mm for _, _, grid, _ in scans] == [1.25, 5.0]
+    (hu_a, lung_a, grid_a, _), (hu_b, lung_b, grid_b, _) = scans
+    # the lattice points both scans hold, as positions in each
+    positions = [np.argwhere(valid_centres(lung, PatchSpec())) for lung in (lung_a, lung_b)]
+    keys = [dict(zip(map(tuple, point_keys(patch_lattice(grid, PatchSpec()), pos)), pos))
+            for grid, pos in zip((grid_a, grid_b), positions)]
+    shared = sorted(set(keys[0]) & set(keys[1]))
+    assert len(shared) > 50
+    pos_a, pos_b = (np.array([k[key] for key in shared]) for k in keys)
+
+    def gap(entry):
+        spec = PatchSpec(densitometry=entry)
+        a = densitometry_features(hu_a, lung_a, pos_a, spec, 0.0, grid_a.scan_z_mm)
+        b = densitometry_features(hu_b, lung_b, pos_b, spec, 0.0, grid_b.scan_z_mm)
+        return np.abs(a - b).mean()
+
+    assert gap(total) < 0.5 * gap(in_plane)
+
+    # both encoding paths hand the densitometry the scan's slice spacing
+    model = build_model("ae", seed=0, latent_dim=4, width=8).eval()
+    spec = PatchSpec(densitometry=total, context_radius=0)
+    for encode in (encode_dense, encode_patches_naive):
+        dense = encode(model, hu_a, lung_a, grid_a, spec)
+        np.testing.assert_allclose(dense.latents[:, 4:], densitometry_features(hu_a, lung_a, dense.positions, spec,
+                                                                               dense.lowpass_mm, 1.25),
+                                   rtol=1e-5, atol=1e-4)
+    assert PatchSpec.from_dict(spec.to_dict()).densitometry.z_total_mm == 2.5
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="densitometry must be null"):
+            PatchSpec.from_dict({"densitometry": {**total.to_dict(), "z_total_mm": bad}})
 
 
 def test_dense_encoding_refuses_mismatched_inputs():

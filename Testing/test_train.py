@@ -210,22 +210,29 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     out = tmp_path / "model"
     code = main(["train", str(tiny_phantom_cohort), "--out", str(out), "--epochs", "1", "--clusters", "2",
                  "--patches-per-patient", "40", "--latent-dim", "6", "--device", "cpu", "--densitometry", "2",
-                 "--densitometry-smooth", "2", "--densitometry-smooth-total"])
+                 "--densitometry-smooth", "2", "--densitometry-smooth-total", "--densitometry-read-z", "1.5"])
     assert code == 0
     bundle = load_bundle(out)
     entry = bundle.spec.densitometry
     assert entry.weight == 2.0 and len(entry.center) == len(entry.scale) == len(HU_STATISTIC_NAMES)
     assert entry.smooth_mm == 2.0 and entry.smooth_total and bundle.manifest["training"]["densitometry_smooth_total"]
+    assert entry.z_total_mm == 1.5 and bundle.manifest["training"]["densitometry_read_z_mm"] == 1.5
     n = 6 + len(HU_STATISTIC_NAMES)
     assert bundle.rotation.rotation_.shape == (n, n) and bundle.manifest["training"]["densitometry"] == 2.0
-    # on a training scan the appended columns are centred, with twice the latent coordinates' mean SD
+    # trained on the scans as acquired: there the appended columns are centred, with twice the latent's mean SD
     row = read_cohort(tiny_phantom_cohort).iloc[0]
     scan = load_scan(row, bundle.spec)
-    dense = encode_dense(bundle.encoder("cpu"), scan.hu, scan.lung, scan.grid, bundle.spec).latents  # as trained
+    as_acquired = replace(bundle.spec, densitometry=replace(entry, z_total_mm=None))
+    dense = encode_dense(bundle.encoder("cpu"), scan.hu, scan.lung, scan.grid, as_acquired).latents
     appended = dense[:, 6:]
     assert np.all(np.abs(appended.mean(axis=0)) < 1.5 * appended.std(axis=0).max())
     ratio = appended.std(axis=0).mean() / dense[:, :6].std(axis=0).mean()
     assert 1.0 < ratio < 3.0
+    # analysis reads this scan's thinner slices blurred along z: the statistics change, the encoder's latent does not
+    read = encode_dense(bundle.encoder("cpu"), scan.hu, scan.lung, scan.grid, bundle.spec).latents
+    assert scan.grid.scan_z_mm / 2 < entry.z_total_mm
+    np.testing.assert_array_equal(read[:, :6], dense[:, :6])
+    assert np.abs(read[:, 6:] - appended).max() > 0.05 * appended.std()
     analyze(row["image"], tmp_path / "analysis", model=out, device="cpu", write_report=False)
     # analyze encodes the parenchyma: the lung's patches less those centred on a vessel or airway
     parenchyma = encode_dense(bundle.encoder("cpu"), scan.hu, scan.parenchyma, scan.grid, bundle.spec).latents
@@ -239,6 +246,9 @@ def test_densitometry_option_appends_scaled_statistics_and_reaches_every_analysi
     for smooth, total in ((0.0, True), (2.5, "yes")):
         with pytest.raises(InputError, match="--densitometry-smooth-total"):
             TrainConfig(densitometry=1.0, densitometry_smooth_mm=smooth, densitometry_smooth_total=total)
+    for z, weight in ((-1.0, 1.0), (float("nan"), 1.0), (1.5, None)):
+        with pytest.raises(InputError, match="--densitometry-read-z"):
+            TrainConfig(densitometry=weight, densitometry_read_z_mm=z)
 
 
 def test_densitometry_clusters_read_the_harmonized_statistics_in_training_and_every_analysis(tiny_phantom_cohort,

@@ -76,6 +76,7 @@ def _default_options() -> dict:
     return {"calibrate": bundle.spec.calibration is not None, "densitometry": trained.get("densitometry"),
             "densitometry_smooth_mm": trained.get("densitometry_smooth_mm", 0.0),
             "densitometry_smooth_total": trained.get("densitometry_smooth_total", False),
+            "densitometry_read_z_mm": (bundle.spec.densitometry.z_total_mm or 0.0) if bundle.spec.densitometry else 0.0,
             "technical_weight": trained["technical_weight"] if trained.get("technical_weight_fixed") else None,
             "lowpass_mm": bundle.spec.lowpass_mm, "lowpass_noise_hu": bundle.spec.lowpass_noise_hu,
             "clusters": trained.get("n_components"), "second_stage": trained.get("second_stage")}

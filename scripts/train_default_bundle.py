@@ -56,6 +56,10 @@ def main(argv=None) -> int:
                         help="in-plane Gaussian sigma (mm) before the densitometry (default 2.5)")
     parser.add_argument("--densitometry-smooth-total", action=argparse.BooleanOptionalAction, default=True,
                         help="make --densitometry-smooth the total blur, the encoder's low-pass included (default on)")
+    parser.add_argument("--densitometry-read-z", type=float, default=2.5, metavar="MM",
+                        help="through-plane Gaussian SD (mm) at which analysis reads each scan's densitometry, its "
+                             "slices included; fitted on the scans as acquired (default 2.5, that of 5 mm slices; 0: "
+                             "each scan as acquired)")
     parser.add_argument("--technical-weight", type=float, default=0.1, metavar="W",
                         help="weight of the scan-re-centred technical coordinates in the clusters (default 0.1)")
     parser.add_argument("--lowpass", type=float, default=1.0, metavar="MM",
@@ -84,6 +88,7 @@ def main(argv=None) -> int:
                              clusters=args.clusters, calibrate=args.calibrate, densitometry=args.densitometry,
                              densitometry_smooth_mm=args.densitometry_smooth,
                              densitometry_smooth_total=args.densitometry_smooth_total,
+                             densitometry_read_z_mm=args.densitometry_read_z,
                              technical_weight=args.technical_weight, lowpass_mm=args.lowpass,
                              lowpass_noise_hu=args.lowpass_noise or None, second_stage=args.second_stage or None)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)

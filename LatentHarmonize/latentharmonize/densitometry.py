@@ -211,12 +211,12 @@ def patch_profiles(hu_patches) -> dict:
             "frac_above_300": (flat > DENSE_THRESHOLD_HU).mean(axis=1)}
 
 
-def smooth_lung(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spacing) -> np.ndarray:
-    """In-plane Gaussian blur (SD ``sigma_mm``) of the lung HU on a grid of ``spacing`` (x, y, z) mm, normalised
-    over lung voxels so the chest wall does not bleed in; voxels outside the lung keep their HU. It removes most of a
-    sharp kernel's extra high-frequency noise, which otherwise fills the tails of the histogram (the emphysema
-    index), and keeps regional density."""
-    sigma = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[0])
+def smooth_lung(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spacing, sigma_z_mm: float = 0.0) -> np.ndarray:
+    """In-plane Gaussian blur (SD ``sigma_mm``; ``sigma_z_mm`` along z) of the lung HU on a grid of ``spacing``
+    (x, y, z) mm, normalised over lung voxels so the chest wall does not bleed in; voxels outside the lung keep their
+    HU. It removes most of a sharp kernel's extra high-frequency noise, which otherwise fills the tails of the
+    histogram (the emphysema index), and keeps regional density."""
+    sigma = (sigma_z_mm / spacing[2], sigma_mm / spacing[1], sigma_mm / spacing[0])
     weight = gaussian_filter(lung.astype(np.float32), sigma)
     blurred = gaussian_filter(np.where(lung, hu, 0.0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
     return np.where(lung, blurred, hu).astype(np.float32)

@@ -8,7 +8,7 @@ the same physical lattice points, which is what makes patches correspond across 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,6 +32,7 @@ class ModelGrid:
     origin: tuple
     spacing: tuple
     shape: tuple
+    scan_z_mm: float | None = None  # through-plane spacing of the scan resampled onto it (through_plane_spacing)
 
     def reference_image(self, pixel_type=sitk.sitkUInt8) -> sitk.Image:
         """An empty image with this grid's geometry (for resampling onto or from it)."""
@@ -46,8 +47,9 @@ class ModelGrid:
         return np.asarray(self.origin, dtype=np.float64) + idx * np.asarray(self.spacing, dtype=np.float64)
 
     def to_dict(self) -> dict:
+        scan = {} if self.scan_z_mm is None else {"scan_z_mm": float(self.scan_z_mm)}
         return {"origin": list(map(float, self.origin)), "spacing": list(map(float, self.spacing)),
-                "shape": list(map(int, self.shape))}
+                "shape": list(map(int, self.shape)), **scan}
 
 
 def _validate_spacing(spacing) -> tuple:
@@ -206,7 +208,14 @@ def to_model_grid(ct: sitk.Image, lungs: sitk.Image, spacing=DEFAULT_SPACING,
     if lungs.GetPixelID() != sitk.sitkUInt8:
         lungs = sitk.Cast(lungs, sitk.sitkUInt8)
     lung = resample_onto(lungs, grid, nearest=True, default=0) > 0
-    return hu, lung, grid
+    return hu, lung, replace(grid, scan_z_mm=through_plane_spacing(ct))
+
+
+def through_plane_spacing(image: sitk.Image) -> float:
+    """Spacing (mm) of the image axis closest to the patient's z: the slice spacing of an axial scan, which stands for
+    its slice thickness (an image file does not carry the thickness; contiguous slices have the two equal)."""
+    z_of_axis = np.abs(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[2])
+    return float(image.GetSpacing()[int(np.argmax(z_of_axis))])
 
 
 def lattice_to_image(values: np.ndarray, lattice: ModelGrid) -> sitk.Image:

@@ -33,8 +33,8 @@ from .networks import PATCH_SIZE, SLICES, STRIDE
 from .progress import Progress
 
 _DENSITOMETRY_FORM = (f"a weight > 0, {len(HU_STATISTIC_NAMES)} finite centres and {len(HU_STATISTIC_NAMES)} positive "
-                      f"scales (one per statistic {list(HU_STATISTIC_NAMES)}), an optional smooth_mm >= 0 and an "
-                      "optional boolean smooth_total")
+                      f"scales (one per statistic {list(HU_STATISTIC_NAMES)}), an optional smooth_mm >= 0, an "
+                      "optional boolean smooth_total and an optional z_total_mm > 0")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class PatchDensitometry:
     scale: tuple
     smooth_mm: float | None = None
     smooth_total: bool = False
+    z_total_mm: float | None = None
 
     def __post_init__(self):
         n = len(HU_STATISTIC_NAMES)
@@ -60,7 +61,8 @@ class PatchDensitometry:
         ok = (center.shape == scale.shape == (n,) and np.all(np.isfinite(center)) and np.all(np.isfinite(scale))
               and np.all(scale > 0) and _is_real(self.weight) and self.weight > 0
               and (self.smooth_mm is None or (_is_real(self.smooth_mm) and self.smooth_mm >= 0))
-              and isinstance(self.smooth_total, bool))
+              and isinstance(self.smooth_total, bool)
+              and (self.z_total_mm is None or (_is_real(self.z_total_mm) and self.z_total_mm > 0)))
         if not ok:
             raise InputError(f"densitometry must be null or {_DENSITOMETRY_FORM}, got {self.to_dict()!r}; the model "
                              "bundle is damaged or was edited by hand.")
@@ -68,11 +70,12 @@ class PatchDensitometry:
     @classmethod
     def from_dict(cls, entry) -> "PatchDensitometry":
         keys = {"weight", "center", "scale"}
-        if not (isinstance(entry, dict) and keys <= set(entry) <= keys | {"smooth_mm", "smooth_total"}):
+        if not (isinstance(entry, dict) and keys <= set(entry) <= keys | {"smooth_mm", "smooth_total", "z_total_mm"}):
             raise InputError(f"densitometry must be null or {_DENSITOMETRY_FORM}, got {entry!r}; the model bundle is "
                              "damaged or was edited by hand.")
         center, scale = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (entry["center"], entry["scale"]))
-        return cls(entry["weight"], center, scale, entry.get("smooth_mm"), entry.get("smooth_total", False))
+        return cls(entry["weight"], center, scale, entry.get("smooth_mm"), entry.get("smooth_total", False),
+                   entry.get("z_total_mm"))
 
     def added_smooth_mm(self, lowpass_mm: float) -> float:
         """SD (mm) of the blur the statistics add to HU already low-passed with SD ``lowpass_mm``. Gaussian SDs add
@@ -84,8 +87,19 @@ class PatchDensitometry:
             return float(self.smooth_mm)
         return math.sqrt(max(float(self.smooth_mm) ** 2 - float(lowpass_mm) ** 2, 0.0))
 
+    def added_z_mm(self, scan_z_mm: float | None) -> float:
+        """SD (mm) of the blur along z that brings a scan of slice spacing ``scan_z_mm`` to ``z_total_mm`` on the
+        model grid (0 without ``z_total_mm`` or a known spacing). Contiguous slices of thickness T average over a
+        box (variance T²/12), and resampling them linearly onto the model grid adds on average T²/6: a scan reaches
+        the grid with a through-plane SD of T/2, 2.5 mm for 5 mm slices, 0.6 mm for 1.25 mm ones."""
+        if not self.z_total_mm or not scan_z_mm:
+            return 0.0
+        return math.sqrt(max(float(self.z_total_mm) ** 2 - (float(scan_z_mm) / 2.0) ** 2, 0.0))
+
     def to_dict(self) -> dict:
         smooth = {} if self.smooth_mm is None else {"smooth_mm": self.smooth_mm}
+        if self.z_total_mm is not None:
+            smooth["z_total_mm"] = self.z_total_mm
         if self.smooth_total:  # bundles without the key stack smooth_mm on the low-pass, as before the key existed
             smooth["smooth_total"] = True
         listed = [list(v) if isinstance(v, tuple) else v for v in (self.center, self.scale)]
@@ -256,7 +270,7 @@ def core_statistics(hu: np.ndarray, parenchyma: np.ndarray, positions: np.ndarra
 
 
 def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarray, spec: PatchSpec,
-                          lowpass_mm: float = 0.0) -> np.ndarray:
+                          lowpass_mm: float = 0.0, scan_z_mm: float | None = None) -> np.ndarray:
     """Each patch's HU quantiles and threshold shares (:func:`lattice_hu_statistics`) as ``(value - center) /
     scale``, float32 [n, 8]: what the spec's ``densitometry`` appends to the latents.
 
@@ -267,22 +281,22 @@ def densitometry_features(hu: np.ndarray, lung: np.ndarray, positions: np.ndarra
     ``hu`` reaches low-passed with SD ``lowpass_mm`` (:func:`encoder_input`).
     """
     entry = spec.densitometry
-    added = entry.added_smooth_mm(lowpass_mm)
-    if added:
-        hu = smooth_lung(hu, lung, added, spec.spacing)
+    added, added_z = entry.added_smooth_mm(lowpass_mm), entry.added_z_mm(scan_z_mm)
+    if added or added_z:
+        hu = smooth_lung(hu, lung, added, spec.spacing, added_z)
     raw = lattice_hu_statistics(hu, lung, positions, spec)
     return ((raw - np.asarray(entry.center, np.float32)) / np.asarray(entry.scale, np.float32)).astype(np.float32)
 
 
 def _with_densitometry(latents: np.ndarray, hu, lung, positions, spec: PatchSpec, lowpass_mm: float,
-                       features=None) -> np.ndarray:
+                       scan_z_mm: float | None = None, features=None) -> np.ndarray:
     """``latents`` with the spec's densitometry columns appended (``features``: those columns, already computed)."""
     if spec.densitometry is None:
         return latents
     if len(latents) == 0:
         return np.zeros((0, n_features(latents.shape[1], spec)), np.float32)
     if features is None:
-        features = densitometry_features(hu, lung, positions, spec, lowpass_mm)
+        features = densitometry_features(hu, lung, positions, spec, lowpass_mm, scan_z_mm)
     return np.hstack([latents, features])
 
 
@@ -405,7 +419,8 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
     beside = spec.densitometry is not None and valid.any()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-densitometry") as pool, \
             torch.inference_mode(), autocast_for(device), threads_beside(int(beside)):
-        features = pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec, sigma) if beside else None
+        features = (pool.submit(densitometry_features, hu, lung, np.argwhere(valid), spec, sigma, grid.scan_z_mm)
+                    if beside else None)
         for b, start in enumerate(range(0, len(slabs), batch)):
             ks = slabs[start: start + batch]
             lat, pos = _encode_slab_batch(model, hu, lung, valid, ks, spec, device)
@@ -416,7 +431,8 @@ def encode_dense(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec:
         features = None if features is None else features.result()
     latents = np.concatenate(latents or [np.zeros((0, model.latent_dim), np.float32)])
     positions = np.concatenate(positions or [np.zeros((0, 3), np.int64)])
-    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec, sigma, features),
+    dense = DenseLatents(latents=_with_densitometry(latents, hu, lung, positions, spec, sigma, grid.scan_z_mm,
+                                                    features),
                          positions=positions, lattice=lattice, lowpass_mm=sigma)
     return aggregate_context(dense, spec.context_radius)
 
@@ -473,6 +489,6 @@ def encode_patches_naive(model, hu: np.ndarray, lung: np.ndarray, grid: ModelGri
             patches = extract_patches(volume, positions[start: start + batch_size], spec)
             out.append(model.encode(torch.from_numpy(patches).to(device)).float().cpu().numpy())
     latents = np.concatenate(out) if out else np.zeros((0, model.latent_dim), np.float32)
-    latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec, sigma)
+    latents = _with_densitometry(latents.astype(np.float32), hu, lung, positions, spec, sigma, grid.scan_z_mm)
     return aggregate_context(DenseLatents(latents=latents, positions=positions.astype(np.int64),
                                           lattice=patch_lattice(grid, spec), lowpass_mm=sigma), spec.context_radius)

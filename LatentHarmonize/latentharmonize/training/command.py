@@ -58,6 +58,12 @@ def add_arguments(parser) -> None:
                         help="with --densitometry-smooth: make MM the total in-plane blur the statistics see, the "
                              "--lowpass/--lowpass-noise blur included, so every kernel's statistics see one blur "
                              "(default: MM is added on top of it)")
+    parser.add_argument("--densitometry-read-z", dest="densitometry_read_z_mm", type=float,
+                        default=DEFAULTS.densitometry_read_z_mm, metavar="MM",
+                        help="with --densitometry: when analysing, blur each scan along z until its slices and the "
+                             "blur make a through-plane SD of MM (2.5: that of 5 mm slices), so that thin and thick "
+                             "scans of a patient get one map; training fits on the scans as acquired "
+                             f"(default {DEFAULTS.densitometry_read_z_mm:g}: each scan as acquired)")
     parser.add_argument("--technical-weight", type=float, default=DEFAULTS.technical_weight, metavar="W",
                         help="weight of the technical coordinates, re-centred on each scan's median, in what the "
                              "clusters read (default: the candidate from 0 to 0.5 whose clusters agree best across the "
@@ -95,7 +101,8 @@ def config_from_args(args) -> TrainConfig:
         clusters=args.clusters, n_technical=_n_technical(args.n_technical), per_patient=args.per_patient,
         latent_dim=args.latent_dim, low_attenuation_channel=args.low_attenuation_channel,
         densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm,
-        densitometry_smooth_total=args.densitometry_smooth_total, technical_weight=args.technical_weight,
+        densitometry_smooth_total=args.densitometry_smooth_total,
+        densitometry_read_z_mm=args.densitometry_read_z_mm, technical_weight=args.technical_weight,
         calibrate=args.calibrate, second_stage=args.second_stage,
         lowpass_mm=args.lowpass_mm, lowpass_noise_hu=args.lowpass_noise_hu,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)

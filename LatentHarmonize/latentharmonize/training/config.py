@@ -38,6 +38,7 @@ class TrainConfig:
     densitometry: float | None = None  # weight of the patch statistics appended to the latents
     densitometry_smooth_mm: float = 0.0
     densitometry_smooth_total: bool = False  # densitometry_smooth_mm counts the low-pass in (the spec's smooth_total)
+    densitometry_read_z_mm: float = 0.0  # through-plane SD analysis reads the statistics at; fitted as acquired
     technical_weight: float | None = None  # of the re-centred technical coordinates in the clusters; None: chosen
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
     second_stage: int | None = None  # components of the clusters' second stage (two_stage.py); None: one stage
@@ -119,6 +120,9 @@ def _check_densitometry(config: TrainConfig) -> None:
     if stage is not None and (not _is_int(stage) or stage < 2 or weight is None):
         raise InputError(f"--second-stage must be an integer of at least 2 and goes with --densitometry (it reads the "
                          f"harmonized statistics); got {stage!r}.")
+    z = config.densitometry_read_z_mm
+    if not (_is_real(z) and z >= 0) or (z and weight is None):
+        raise InputError(f"--densitometry-read-z must be 0 or more mm, and goes with --densitometry; got {z!r}.")
     total = config.densitometry_smooth_total
     if not isinstance(total, bool) or (total and not smooth):
         raise InputError(f"--densitometry-smooth-total goes with a --densitometry-smooth above 0; got {total!r} "

@@ -71,6 +71,8 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
     progress(80, "cluster", f"technical weight {weight:g}; {len(names)} tissue clusters")
     probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",
                                                 groups=samples.point, scans=samples.scan)
+    if config.densitometry_read_z_mm:  # everything above is fitted on the scans as acquired
+        spec = replace(spec, densitometry=replace(spec.densitometry, z_total_mm=float(config.densitometry_read_z_mm)))
     return PosthocFit(spec, mse, rotation, probe, weight, weight_scores, tissue, labels, profiles, names, colors)
 
 

@@ -31,6 +31,7 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
         **({"densitometry": float(config.densitometry)} if config.densitometry is not None else {}),
         **({"densitometry_smooth_mm": float(config.densitometry_smooth_mm)} if config.densitometry_smooth_mm else {}),
         **({"densitometry_smooth_total": True} if config.densitometry_smooth_total else {}),
+        **({"densitometry_read_z_mm": float(config.densitometry_read_z_mm)} if config.densitometry_read_z_mm else {}),
         **({"technical_weight_fixed": True} if config.technical_weight is not None else {}),
         **({"second_stage": int(config.second_stage)} if config.second_stage else {}),
     }
