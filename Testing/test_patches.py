@@ -264,12 +264,13 @@ def test_a_total_densitometry_blur_gives_scans_low_passed_differently_one_blur()
 def slab_scan(thickness: float, field: np.ndarray, fine_mm: float = 0.625):
     """A CT of one lung texture ``field`` (a [z, y, x] grid of ``fine_mm`` voxels, 1 mm in-plane) acquired with
     contiguous slices of ``thickness`` mm: each slice the mean of the fine slices it covers, as a scanner's slab."""
-    k = int(round(thickness / fine_mm))
-    slabs = field[: field.shape[0] // k * k].reshape(-1, k, *field.shape[1:]).mean(axis=1)
-    ct = sitk.GetImageFromArray(slabs.astype(np.float32))
-    ct.SetSpacing((1.0, 1.0, thickness))
-    ct.SetOrigin((-40.0, -40.0, -40.0 + thickness / 2 - fine_mm / 2))  # slab centres over the same fine extent
-    lung = sitk.GetImageFromArray(np.ones(slabs.shape, np.uint8))
+    from latentharmonize.phantom.acquisition import thicker_slices
+
+    fine = sitk.GetImageFromArray(field.astype(np.float32))
+    fine.SetSpacing((1.0, 1.0, fine_mm))
+    fine.SetOrigin((-40.0, -40.0, -40.0))
+    ct = thicker_slices(fine, thickness)  # slab centres over the same fine extent
+    lung = sitk.GetImageFromArray(np.ones(sitk.GetArrayViewFromImage(ct).shape, np.uint8))
     lung.CopyInformation(ct)
     return ct, lung
 
