@@ -13,7 +13,8 @@ slices in the lung window, the label map overlaid in the bundle's colours, vesse
 segments, on the report's display grid of at most 160 voxels per axis, about 2 mm) plus one axial slice at the CT's
 own resolution (the one with the most vessel voxels), laid out and saved as the QC montage is; the legend gives each
 segment's share of the lung. ``OUT/table.md`` (also printed) holds per scan the slice thickness, the HU calibration
-status, each segment's share of the lung and the vessel and airway volumes. Nothing else is written: the scans stay
+status, each segment's share of the lung, the vessel and airway volumes, and the lung's share below -950 HU and
+between -700 and -250 HU (``analyze``'s densitometry, to read the clusters against). Nothing else is written: the scans stay
 where they are. Rerun the same command after retraining the bundle to redraw pictures and table;
 the same inputs and bundle give the same bytes.
 
@@ -37,6 +38,7 @@ from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL
 SLICE_THICKNESS_TAG = "0018|0050"
 STRUCTURE_LABELS = (VESSEL_LABEL, AIRWAY_LABEL)
 PALETTE_COLOURS = 256  # of the written PNG (fewer mix up the overlay colours)
+DENSITOMETRY_COLUMNS = {"laa950_pct": "below −950 HU (% of lung)", "haa700_250_pct": "−700 to −250 HU (% of lung)"}
 LEGEND_WIDTH_PX = 760  # the figure is padded to this width, so the four legend columns fit
 
 
@@ -119,12 +121,15 @@ def draw_map(analysis, rows: list, path: Path) -> None:
 
 
 def table_row(name: str, thickness: float, analysis, rows: list, labels: list) -> str:
-    """One Markdown row: scan, thickness, calibration, shares of ``labels``, vessel and airway mL."""
+    """One Markdown row: scan, thickness, calibration, shares of ``labels``, vessel and airway mL, and the whole
+    lung's HU-threshold areas (the densitometry ``analyze`` writes), to read the clusters against."""
     shares = {label: share for label, _, share, _ in rows}
     volumes = {label: volume for label, _, _, volume in rows}
+    densitometry = analysis.densitometry.set_index("region").loc["whole"]
     cells = [name, f"{thickness:g}", calibration_status(analysis.record)]
     cells += [f"{shares.get(k, 0.0):.1f}" for k in labels]
     cells += [f"{volumes.get(k, 0.0):.1f}" for k in STRUCTURE_LABELS]
+    cells += [f"{densitometry[column]:.1f}" for column in DENSITOMETRY_COLUMNS]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -133,6 +138,7 @@ def table_header(names: dict) -> list:
     columns = ["scan", "slice thickness (mm)", "HU calibration"]
     columns += [f"{names[k]} (% of lung)" for k in sorted(names)]
     columns += ["vessels (mL)", "airways (mL)"]
+    columns += list(DENSITOMETRY_COLUMNS.values())
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
