@@ -344,6 +344,26 @@ def test_scan_variants(patient):
         ph.make_patient(0, SEED, variant="pelvis")
 
 
+def test_given_fractions_replace_the_phenotype_and_keep_the_anatomy(patient):
+    """A diffuse ground glass made to order: the truth holds the share asked for, no other disease, and outside the
+    lung the scan is the drawn patient's."""
+    diffuse = ph.make_patient(1, SEED, fractions={"ground_glass": 0.8})
+    assert diffuse.phenotype == "custom" and patient.phenotype == "fibrosis"
+    assert diffuse.fractions["ground_glass"] == pytest.approx(0.8, abs=0.02)
+    assert all(diffuse.fractions[t] == 0.0 for t in TISSUES if t not in ("normal", "ground_glass"))
+    lung = (_array(patient.truth) > 0) | (_array(diffuse.truth) > 0)
+    np.testing.assert_allclose(_array(diffuse.hu)[~lung], _array(patient.hu)[~lung], atol=1e-3)  # float32 rounding
+    # the ground glass is painted at its own level: the lung's median rises from normal lung's towards it
+    assert np.median(_array(diffuse.hu)[lung]) > np.median(_array(patient.hu)[lung]) + 100
+
+
+@pytest.mark.parametrize("fractions", [{"normal": 0.5}, {"fog": 0.1}, {}, {"emphysema": -0.1},
+                                       {"emphysema": 0.6, "ground_glass": 0.6}, {"emphysema": True}, [0.5]])
+def test_bad_fractions_are_refused(fractions):
+    with pytest.raises(InputError, match="fractions must"):
+        ph.make_patient(0, SEED, fractions=fractions)
+
+
 def test_kernel_between_named_kernels_and_reconstruction_by_parameters(patient):
     from latentharmonize.phantom import KERNELS, kernel_at, kernel_label
 

@@ -16,6 +16,8 @@ from .parenchyma import GGO_HU_RANGE
 from .phenotypes import draw_fractions, phenotype_of
 from .variants import VARIANTS, crop_view, variant_gas, variant_plan
 
+CUSTOM_PHENOTYPE = "custom"  # the phenotype of a patient whose disease fractions were given, not drawn
+
 
 @dataclass
 class Patient:
@@ -68,32 +70,53 @@ def to_image(array: np.ndarray, spacing, origin) -> sitk.Image:
     return image
 
 
-def make_patient(patient_index: int, seed: int, full: bool = False, variant: str = "chest") -> Patient:
+def make_patient(patient_index: int, seed: int, full: bool = False, variant: str = "chest",
+                 fractions: Optional[dict] = None) -> Patient:
     """Build patient ``patient_index`` of the cohort with ``seed``; independent of how many patients are made.
 
     ``variant`` (one of ``VARIANTS``) changes what the scan shows (``chest`` is the cohort's scan); the fractions,
-    FVC and outcome are those of the lung in view.
+    FVC and outcome are those of the lung in view. ``fractions`` (e.g. ``{"ground_glass": 0.8}``, a diffuse ground
+    glass) sets the target share of the lung of each disease tissue named, instead of the phenotype's draw (the
+    tissues not named get none, and the phenotype is ``custom``).
     """
     if int(patient_index) < 0:
         raise InputError(f"patient_index must be >= 0, got {patient_index}.")
     if variant not in VARIANTS:
         raise InputError(f"Unknown phantom variant {variant!r}; use one of {', '.join(VARIANTS)}.")
+    _check_fractions(fractions)
     grid = FULL_GRID if full else SMALL_GRID
     anatomy_rng, clinical_rng, noise_seed = _rngs(patient_index, seed)
     phenotype = phenotype_of(patient_index, seed)
     male = bool(clinical_rng.random() < 0.6)
     age = float(np.clip(clinical_rng.normal(66, 8), 40, 88))
-    targets = draw_fractions(phenotype, anatomy_rng)
+    drawn = draw_fractions(phenotype, anatomy_rng)  # drawn either way, so the anatomy after it is the same
+    targets = drawn if fractions is None else {name: float(share) for name, share in fractions.items()}
     plan = variant_plan(draw_body_plan(grid, anatomy_rng, male), grid, variant)
     gas = variant_gas(plan, variant, seed, patient_index)
     hu, labels, gas_mask = render_anatomy(plan, grid, anatomy_rng, targets,
                                           float(anatomy_rng.uniform(*GGO_HU_RANGE)), gas)
     grid, (hu, labels, gas_mask) = crop_view(variant, plan, grid, (hu, labels, gas_mask))
-    fractions = true_fractions(labels)
-    t, event = draw_outcome(fractions, age, clinical_rng)
+    measured = true_fractions(labels)
+    t, event = draw_outcome(measured, age, clinical_rng)
     return Patient(patient_id=patient_id(patient_index), index=int(patient_index), seed=int(seed),
                    hu=to_image(hu, grid.spacing, grid.origin), truth=to_image(labels, grid.spacing, grid.origin),
-                   phenotype=phenotype, fractions=fractions, age=round(age, 1), sex="M" if male else "F",
-                   fvc=round(draw_fvc(fractions, clinical_rng), 1), time=round(t, 3), event=event,
+                   phenotype=phenotype if fractions is None else CUSTOM_PHENOTYPE, fractions=measured,
+                   age=round(age, 1), sex="M" if male else "F",
+                   fvc=round(draw_fvc(measured, clinical_rng), 1), time=round(t, 3), event=event,
                    noise_seed=noise_seed, variant=variant,
                    gas=None if gas is None else to_image(gas_mask.view(np.uint8), grid.spacing, grid.origin))
+
+
+def _check_fractions(fractions: Optional[dict]) -> None:
+    """Refuse target fractions that name no disease tissue, or do not fit in one lung."""
+    if fractions is None:
+        return
+    diseases = [t for t in TISSUES if t != "normal"]
+    if not isinstance(fractions, dict) or not fractions or any(name not in diseases for name in fractions):
+        raise InputError(f"fractions must map disease tissues ({', '.join(diseases)}) to shares of the lung, got "
+                         f"{fractions!r}.")
+    shares = list(fractions.values())
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0 for v in shares) \
+            or sum(shares) > 1.0:
+        raise InputError(f"fractions must be shares of the lung between 0 and 1 that sum to at most 1, got "
+                         f"{fractions!r}.")
