@@ -9,11 +9,11 @@ from latentharmonize.evaluation.cluster_stability import cluster_stability, stab
 from latentharmonize.evaluation.encoding import ScanLatents
 from latentharmonize.evaluation.goals import goal_check, relative_gains
 from latentharmonize.errors import InputError
-from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, add_makeups, kernel_robustness, label_makeup,
-                                               low_attenuation_cluster, name_support, normal_cluster, patch_mean_hu,
-                                               reference_clusters, threshold_classes, tissue_recall)
+from latentharmonize.evaluation.tissue import (OUTSIDE_MASK, PATCH_MEAN_HU, add_makeups, kernel_robustness,
+                                               label_makeup, low_attenuation_cluster, name_support, normal_cluster,
+                                               patch_mean_hu, reference_clusters, threshold_classes, tissue_recall)
 from latentharmonize.patches import PatchSpec
-from latentharmonize.tissue import TISSUE_LABELS
+from latentharmonize.tissue import TISSUE_LABELS, TISSUES
 
 EMPH, NORMAL, RETIC = TISSUE_LABELS["emphysema"], TISSUE_LABELS["normal"], TISSUE_LABELS["reticulation"]
 
@@ -151,7 +151,8 @@ def test_label_makeup_counts_each_segments_true_tissue_and_checks_disease_names(
     labels = np.array([[0, 1, 1, 1, 3, 3, 3, 3, 200, 1]])
     truth = np.array([[NORMAL, NORMAL, NORMAL, EMPH, GG, GG, GG, NORMAL, NORMAL, 0]])
     names = {1: "normal-appearing lung", 3: "ground-glass-like", 200: "vessels"}
-    makeup = label_makeup(labels, truth, names)  # label 0 and truth 0 voxels left out
+    makeup = label_makeup(labels, truth, names)  # truth 0 voxels left out
+    assert makeup[OUTSIDE_MASK] == {**dict.fromkeys(TISSUES, 0), "normal": 1}  # true lung the mask missed
     assert makeup["normal-appearing lung"]["normal"] == 2 and makeup["normal-appearing lung"]["emphysema"] == 1
     assert makeup["ground-glass-like"]["ground_glass"] == 3 and makeup["ground-glass-like"]["normal"] == 1
     assert makeup["vessels"]["normal"] == 1 and sum(makeup["vessels"].values()) == 1

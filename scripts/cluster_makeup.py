@@ -8,10 +8,11 @@
 (seed 3026: the test cohort ``scripts/evaluate_phantom.py`` draws for the default bundle, trained with seed 2026.)
 Every scan of the cohort (or of its first ``--patients`` patients) is analysed as ``analyze`` does it, in memory
 (``latentharmonize.analyze_image``: automatic lung mask, CPU, default bundle unless ``--model``), and its label map is
-compared with the patient's tissue truth brought onto the scan's grid. ``--out`` gets two tables: where each true
-tissue goes, and what each segment holds; beside them, for each disease-like name, the share of its voxels that are
-the tissue it names. This script only orchestrates tested library functions (the analysis;
-``evaluation.tissue.label_makeup``, ``add_makeups`` and ``name_support``), so it has no test of its own.
+compared with the patient's tissue truth brought onto the scan's grid. ``--out`` gets three tables: how much of each
+true tissue lies inside the automatic lung mask, where each true tissue inside it goes, and what each segment holds;
+beside them, for each disease-like name, the share of its voxels that are the tissue it names. This script only
+orchestrates tested library functions (the analysis; ``evaluation.tissue.label_makeup``, ``add_makeups`` and
+``name_support``), so it has no test of its own.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import SimpleITK as sitk
 import latentharmonize as lh
 from latentharmonize.bundle import load_bundle
 from latentharmonize.cohort import read_cohort
-from latentharmonize.evaluation.tissue import add_makeups, label_makeup, name_support
+from latentharmonize.evaluation.tissue import OUTSIDE_MASK, add_makeups, label_makeup, name_support
 from latentharmonize.io import read_ct
 from latentharmonize.tissue import TISSUES
 
@@ -50,6 +51,15 @@ def percent_table(makeup: dict, by: str) -> str:
     return "\n".join([head, "|---|" + "---|" * len(TISSUES), *rows])
 
 
+def mask_table(makeup: dict) -> str:
+    """Markdown: the share (%) of each true tissue's voxels that the label map covers (not :data:`OUTSIDE_MASK`)."""
+    counts = pd.DataFrame(makeup).T.reindex(columns=list(TISSUES)).fillna(0)
+    outside = counts.loc[OUTSIDE_MASK] if OUTSIDE_MASK in counts.index else 0
+    inside = 1.0 - outside / counts.sum(axis=0)  # a tissue the scans lack: 0 / 0, shown as –
+    return "\n".join(["| " + " | ".join(TISSUES) + " |", "|" + "---|" * len(TISSUES),
+                      "| " + " | ".join("–" if pd.isna(v) else f"{100 * v:.1f}" for v in inside) + " |"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cohort", type=Path, help="phantom cohort folder (its cohort.csv names scans and truths)")
@@ -67,11 +77,15 @@ def main(argv=None) -> int:
         total = add_makeups(total, scan_makeup(Path(row["image"]), Path(row["truth"]), bundle))
         print(f"{row['patient']} {row['acquisition']}", flush=True)
     support = name_support(total)
+    mapped = {name: counts for name, counts in total.items() if name != OUTSIDE_MASK}
     text = "\n".join([
         f"# Label make-up on the phantom: bundle `{bundle.sha256[:12]}…`, {len(rows)} scans of {len(patients)} "
         f"patients of `{args.cohort.name}`", "",
-        "Where each true tissue's voxels go (each column sums to 100 %):", "", percent_table(total, "tissue"), "",
-        "What each segment holds (each row sums to 100 %):", "", percent_table(total, "segment"), "",
+        "How much of each true tissue lies inside the automatic lung mask, so that the map can show it:", "",
+        mask_table(total), "",
+        "Where each true tissue's voxels inside the mask go (each column sums to 100 %):", "",
+        percent_table(mapped, "tissue"), "",
+        "What each segment holds (each row sums to 100 %):", "", percent_table(mapped, "segment"), "",
         "Disease-like names, share of the segment that is the tissue named: "
         + (", ".join(f"{name} {100 * v:.1f} %" for name, v in support.items()) or "none in this map"), ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -183,14 +183,19 @@ def kernel_rows(metrics: dict) -> List[List[str]]:
             for n, m in metrics.get("kernel_robustness", {}).items() if n != "n_pairs"]
 
 
+OUTSIDE_MASK = "outside the lung mask"  # label_makeup's segment of the true lung the label map leaves out
+
+
 def label_makeup(labels: np.ndarray, truth: np.ndarray, names: Dict[int, str]) -> Dict[str, Dict[str, int]]:
     """Voxel counts of a label map against the phantom's tissue truth on the same grid: for each segment that holds
-    true lung, named by ``names`` (its label value otherwise), the count of each tissue of :data:`TISSUES`. Voxels of
-    label 0 or outside the truth's lung are left out."""
+    true lung, named by ``names`` (its label value otherwise), the count of each tissue of :data:`TISSUES`. True lung
+    the map leaves out (label 0: outside the lung mask) is the segment :data:`OUTSIDE_MASK`, since the map cannot
+    show tissue the mask missed; voxels outside the truth's lung are left out."""
     labels, truth = np.asarray(labels), np.asarray(truth)
     if labels.shape != truth.shape:
         raise InputError(f"The label map {labels.shape} and the tissue truth {truth.shape} must be on one grid.")
-    keep = (labels > 0) & (truth > 0) & (truth <= len(TISSUES))
+    names = {0: OUTSIDE_MASK, **names}
+    keep = (truth > 0) & (truth <= len(TISSUES))
     width = len(TISSUES) + 1
     counts = np.bincount(labels[keep].astype(np.int64) * width + truth[keep], minlength=width)
     out: Dict[str, Dict[str, int]] = {}
