@@ -42,15 +42,16 @@ def segment_shares(patient, bundle, given_truth: bool = False) -> list:
     out = []
     for acquisition in DEFAULT_ACQUISITIONS:
         ct = acquire(patient, acquisition)
+        truth = true_lung(patient, ct)
         try:
-            result = analyze_image(ct, bundle, true_lung(patient, ct) if given_truth else None, device="cpu")
+            result = analyze_image(ct, bundle, truth if given_truth else None, device="cpu")
         except NoLungFoundError:
             out.append(None)
             continue
         labels = sitk.GetArrayViewFromImage(result.labels)
         lung = labels[labels > 0]
         shares = {name: float(np.mean(lung == label)) for label, name in result.names.items()}
-        shares[IN_MASK] = lung.size / np.count_nonzero(sitk.GetArrayViewFromImage(true_lung(patient, ct)))
+        shares[IN_MASK] = lung.size / np.count_nonzero(sitk.GetArrayViewFromImage(truth))
         out.append(shares)
     return out
 

@@ -14,9 +14,9 @@ segments, on the report's display grid of at most 160 voxels per axis, about 2 m
 own resolution (the one with the most vessel voxels), laid out and saved as the QC montage is; the legend gives each
 segment's share of the lung. ``OUT/table.md`` (also printed) holds per scan the slice thickness, the HU calibration
 status, each segment's share of the lung, the vessel and airway volumes, and the lung's share below -950 HU and
-between -700 and -250 HU (``analyze``'s densitometry, to read the clusters against). Nothing else is written: the scans stay
-where they are. Rerun the same command after retraining the bundle to redraw pictures and table;
-the same inputs and bundle give the same bytes.
+between -700 and -250 HU (``analyze``'s densitometry, to read the clusters against). Nothing else is written: the
+scans stay where they are. Rerun the same command after retraining the bundle to redraw pictures and table; the same
+inputs and bundle give the same bytes.
 
 This script only orchestrates tested library functions (reading, analysis, the montage's tiles, layout and
 saving), so it has no test of its own.
@@ -38,7 +38,8 @@ from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL
 SLICE_THICKNESS_TAG = "0018|0050"
 STRUCTURE_LABELS = (VESSEL_LABEL, AIRWAY_LABEL)
 PALETTE_COLOURS = 256  # of the written PNG (fewer mix up the overlay colours)
-DENSITOMETRY_COLUMNS = {"laa950_pct": "below −950 HU (% of lung)", "haa700_250_pct": "−700 to −250 HU (% of lung)"}
+DENSITOMETRY_COLUMNS = {"laa950_pct": "below −950 HU (% of lung)",
+                        "haa700_250_pct": "−700 to −250 HU (% of lung)"}
 LEGEND_WIDTH_PX = 760  # the figure is padded to this width, so the four legend columns fit
 
 
