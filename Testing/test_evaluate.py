@@ -426,6 +426,12 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert set(recall["per_acquisition"]) == {"soft", "sharp"} and recall["normal"] == 2
     assert 0.0 <= recall["min"]["emphysema_recall"] <= 1.0 and 0.0 <= recall["min"]["reticulation_outside_normal"] <= 1.0
     assert set(metrics["tissue_recall"]) == compared
+    held = metrics["tissue_in_mask"]  # what the lung mask holds of each tissue, counted on the evaluation scans
+    assert set(held["per_acquisition"]) == {"soft", "sharp"} and all(0.0 < v <= 1.0 for v in held["min"].values())
+    assert recall["min"]["reticulation_found"] == pytest.approx(min(
+        r["reticulation_outside_normal"] * held["per_acquisition"][acq]["reticulation"]
+        for acq, r in recall["per_acquisition"].items()))
+    assert "inside the lung mask (every representation)" in (out / "report.html").read_text()
     kernel = metrics["kernel_robustness"]
     assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "n_pairs"}
     assert kernel["laa950"]["mean_change_points"] < 0  # the sharp scans' +30 HU offset lowers LAA-950

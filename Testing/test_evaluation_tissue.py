@@ -9,9 +9,10 @@ from latentharmonize.evaluation.cluster_stability import cluster_stability, stab
 from latentharmonize.evaluation.encoding import ScanLatents
 from latentharmonize.evaluation.goals import goal_check, relative_gains
 from latentharmonize.errors import InputError
-from latentharmonize.evaluation.tissue import (OUTSIDE_MASK, PATCH_MEAN_HU, add_makeups, kernel_robustness,
-                                               label_makeup, low_attenuation_cluster, name_support, normal_cluster,
-                                               patch_mean_hu, reference_clusters, threshold_classes, tissue_recall)
+from latentharmonize.evaluation.tissue import (MASK_ROW, OUTSIDE_MASK, PATCH_MEAN_HU, add_makeups,
+                                               kernel_robustness, label_makeup, low_attenuation_cluster, mask_holds,
+                                               name_support, normal_cluster, patch_mean_hu, recall_rows,
+                                               reference_clusters, threshold_classes, tissue_in_mask, tissue_recall)
 from latentharmonize.patches import PatchSpec
 from latentharmonize.tissue import TISSUE_LABELS, TISSUES
 
@@ -81,6 +82,40 @@ def test_tissue_recall_is_per_acquisition_and_keeps_the_worst():
     assert tissue_recall([no_truth], ref) == {}
 
 
+def test_what_the_mask_holds_bounds_the_tissue_the_map_finds():
+    """The cells lie inside the lung mask; a tissue the mask half leaves out is half found at best."""
+    import SimpleITK as sitk
+
+    truth = np.zeros((4, 4, 4), np.uint8)
+    truth[:2], truth[2:, :2] = NORMAL, RETIC  # 32 normal, 16 reticulation voxels
+    lungs = truth.copy()
+    lungs[2:, :2, :2] = 0  # the mask leaves out half the reticulation
+    images = []
+    for array in (truth, np.zeros(truth.shape, np.int16), lungs):  # truth, CT, lung mask
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        images.append(image)
+    held = tissue_in_mask(*images)
+    assert held == {"normal": [32, 32], "reticulation": [8, 16]}  # tissues absent from the truth are left out
+
+    ref = {"rep": {"low_attenuation": 3, "normal": 1}}
+    cells = np.array([RETIC] * 4 + [NORMAL] * 2)
+    soft = _scan("p", "soft", [2, 2, 2, 1, 1, 1], cells, np.zeros(6))  # 0.75 of the reticulation cells outside normal
+    sharp = _scan("q", "soft", [2, 2, 2, 2, 1, 1], cells, np.zeros(6))
+    soft.mask_holds, sharp.mask_holds = held, {"reticulation": [16, 16]}
+    assert mask_holds([soft, sharp]) == {"per_acquisition": {"soft": {"normal": 1.0, "reticulation": 0.75}},
+                                         "min": {"normal": 1.0, "reticulation": 0.75}}  # pooled: 24 of 32
+    record = tissue_recall([soft, sharp], ref)["rep"]["per_acquisition"]["soft"]
+    assert record["reticulation_outside_normal"] == pytest.approx(0.875)
+    assert record["reticulation_found"] == pytest.approx(0.875 * 0.75)
+    assert mask_holds([_scan("p", "soft", [1], [NORMAL], [0.0])]) == {}  # scans that did not count
+    assert recall_rows({"tissue_recall": {}, "tissue_in_mask": {"min": {"reticulation": 0.75}}}) == []
+    rows = recall_rows({"tissue_recall": {"rep": {"min": {}, "normal_median_hu": -850.0,
+                                                  "low_attenuation_median_hu": None}},
+                        "tissue_in_mask": {"min": {"reticulation": 0.75}}})
+    assert rows[-1] == [MASK_ROW, "", "", "–", "–", "0.75", "–", "–"]
+
+
 def test_kernel_robustness_pairs_soft_and_sharp_under_equal_settings_only():
     ref = {"rep": {"low_attenuation": 3}}
     truth = np.full(10, NORMAL)
@@ -112,6 +147,10 @@ def test_goal_check_reports_the_tissue_goals():
     assert goal["truth_ari_at_least_hu_statistics"] is False
     assert goal["emphysema_recall_at_least_0.7"] is True
     assert goal["abnormal_mostly_outside_normal"] == {"reticulation": False, "consolidation": True}
+    # counted over all of it: a consolidation the mask mostly leaves out is not mostly found
+    metrics["tissue_recall"]["rotated"]["min"]["consolidation_found"] = 0.2
+    assert goal_check(metrics)["abnormal_mostly_outside_normal"] == {"reticulation": False, "consolidation": False}
+    del metrics["tissue_recall"]["rotated"]["min"]["consolidation_found"]
     assert goal["low_attenuation_kernel_change_at_most_0.5_points"] is False
     metrics["kernel_robustness"] = {"laa950": {"mean_abs_change_points": 10.0}, "n_pairs": 2}  # rotated has none
     assert goal_check(metrics)["low_attenuation_kernel_change_at_most_0.5_points"] is False

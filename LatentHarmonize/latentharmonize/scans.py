@@ -52,12 +52,19 @@ def read_scan(row) -> tuple:
     return ct, (read_mask(mask, ct) if mask else segment_lungs(ct))
 
 
-def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec) -> Scan:
-    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth."""
+def read_truth(row) -> sitk.Image | None:
+    """The row's tissue truth label map (UInt8), or None when the row has none."""
+    path = optional_path(row, "truth")
+    return None if path is None else _read_truth(path)
+
+
+def scan_on_grid(row, ct: sitk.Image, lungs: sitk.Image, spec: PatchSpec, truth: sitk.Image | None = None) -> Scan:
+    """One cohort row on the model grid: CT, lung mask and, if the row has one, tissue truth (``truth``: the row's
+    truth image when the caller has read it already, :func:`read_truth`)."""
     hu, lung, grid, _ = model_grid_hu(ct, lungs, spec, required=True)
-    truth_path = optional_path(row, "truth")
-    truth = None if truth_path is None else resample_onto(_read_truth(truth_path), grid, nearest=True, default=0)
-    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, truth)
+    truth = read_truth(row) if truth is None else truth
+    on_grid = None if truth is None else resample_onto(truth, grid, nearest=True, default=0)
+    return Scan(str(row["patient"]), str(row["acquisition"]), hu, lung, grid, on_grid)
 
 
 def load_scan(row, spec: PatchSpec) -> Scan:

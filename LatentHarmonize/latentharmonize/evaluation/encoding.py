@@ -16,8 +16,8 @@ from ..densitometry import lung_hu_indices
 from ..errors import InputError
 from ..patches import aggregate_context, centre_pixels, core_statistics, encode_dense, point_keys, resolve_device
 from ..progress import Progress
-from ..scans import read_scan, scan_on_grid
-from .tissue import PATCH_MEAN_HU, SETTING_COLUMNS, patch_mean_hu
+from ..scans import read_scan, read_truth, scan_on_grid
+from .tissue import PATCH_MEAN_HU, SETTING_COLUMNS, patch_mean_hu, tissue_in_mask
 
 CLINICAL = ("time", "event", "age", "sex", "fvc")
 CORE_STATISTICS = "core_statistics"  # source: each patch's patches.core_statistics, what two-stage clusters read
@@ -39,14 +39,23 @@ class ScanLatents:
     labels: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> cluster label [n]
     readout: Dict[str, np.ndarray] = field(default_factory=dict)  # representation -> read-out tissue label [n]
     setting: Dict[str, object] = field(default_factory=dict)  # acquisition columns of the cohort row (kernel, ...)
+    mask_holds: Dict[str, list] = field(default_factory=dict)  # evaluation scans: tissue -> [voxels in the mask, all]
 
 
 def load_volumes(row: pd.Series, spec):
     """One cohort row on the model grid: HU, parenchyma (the lung without vessels and airways, which is what
     ``analyze`` encodes), grid, truth (or None), and densitometry of the native CT's whole lung."""
+    return _read_volumes(row, spec, count_tissue=False)[:5]
+
+
+def _read_volumes(row: pd.Series, spec, count_tissue: bool):
+    """:func:`load_volumes`, then with ``count_tissue`` how much of each true tissue the lung mask holds
+    (:func:`tissue.tissue_in_mask`; else empty)."""
     ct, lungs = read_scan(row)
-    scan = scan_on_grid(row, ct, lungs, spec)
-    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs)
+    truth = read_truth(row)
+    scan = scan_on_grid(row, ct, lungs, spec, truth)
+    held = tissue_in_mask(truth, ct, lungs) if count_tissue and truth is not None else {}
+    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs), held
 
 
 def _clinical(row: pd.Series) -> Dict[str, object]:
@@ -83,7 +92,8 @@ class Encoders:
 def encode_row(row: pd.Series, split: str, encoders: Encoders, transforms: Optional[dict] = None) -> tuple:
     """Encode one scan under every source; ``transforms``: fitted image-level harmonizers by name, each scan
     encoded again after ``transform(hu, parenchyma)``. Returns (ScanLatents, regular sample of its parenchyma HU)."""
-    hu, parenchyma, grid, truth, dens = load_volumes(row, encoders.spec)
+    # the tissue measures read the evaluation scans only, so only they count what the mask holds
+    hu, parenchyma, grid, truth, dens, held = _read_volumes(row, encoders.spec, count_tissue=split == "eval")
     dense = encoders.encode(hu, parenchyma, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
@@ -99,7 +109,7 @@ def encode_row(row: pd.Series, split: str, encoders: Encoders, transforms: Optio
                        keys=point_keys(dense.lattice, dense.positions), positions=dense.positions, latents=latents,
                        truth=None if truth is None else truth[centre_pixels(dense.positions, encoders.spec)].astype(np.int64),
                        densitometry=dens, clinical=_clinical(row),
-                       setting={c: row[c] for c in SETTING_COLUMNS if c in row.index})
+                       setting={c: row[c] for c in SETTING_COLUMNS if c in row.index}, mask_holds=held)
     values = hu[parenchyma]
     return scan, values[:: max(values.size // 50000, 1)]
 

@@ -71,7 +71,7 @@ from .representations import (Training, assign_clusters, cluster_recipes, fit_fe
 from .seed_spread import seed_spread
 from .survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility, survival_comparison,
                                   tissue_readout)
-from .tissue import kernel_robustness, reference_clusters, tissue_recall
+from .tissue import kernel_robustness, mask_holds, reference_clusters, tissue_recall
 
 FIGURES = ("consistency.png", "label_maps.png", "km.png", "risk_reproducibility.png", "latent_pca.png",
            "traversals.png")
@@ -194,6 +194,7 @@ def _measure(e: Encoded, cfg: EvalConfig, progress: Progress, skipped: dict) -> 
         "truth_agreement": truth_agreement(e.evals, e.compared, cfg.n_boot, seed),
         "probe": probe(e.evals, e.funcs, cfg.probe_samples, seed),
         "tissue_recall": tissue_recall(e.evals, references),
+        "tissue_in_mask": mask_holds(e.evals),
         "kernel_robustness": kernel_robustness(e.evals, references),
         "seed_spread": seed_spread({n: f for n, f in e.funcs.items() if n in e.compared}, e.evals, e.train,
                                    cfg.train_latents, e.n_clusters, seed, cfg.mixture_seeds, e.recipes),

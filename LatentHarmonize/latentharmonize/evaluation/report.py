@@ -162,7 +162,9 @@ the lung changes between them.</p>
 {_spread_section(metrics)}
 <h2>Tissue found by the clusters (phantom truth, worst acquisition)</h2>
 <p>Emphysema recall: share of true emphysema cells in the cluster with the lowest median patch HU; the other columns:
-share of each tissue outside the cluster that holds most normal lung.</p>
+share of each tissue outside the cluster that holds most normal lung. These cells lie inside the lung mask; the last
+row gives how much of each tissue the mask holds, so a share times it is the part of all that tissue the map shows
+(the goal check reads that product).</p>
 {_text_table(recall_rows(metrics), RECALL_HEAD) if metrics.get('tissue_recall') else '<p>No truth in this cohort.</p>'}
 <h2>Kernel-robust emphysema: soft versus sharp reconstruction of the same patient</h2>
 {_kernel_section(metrics)}

@@ -8,7 +8,9 @@
   normal cluster. The normal cluster holds the most true normal-lung training cells (without truth: the largest
   cluster); the low-attenuation cluster is, among the other clusters, the one whose training cells have the lowest
   median patch HU, if that median is below the normal cluster's. A representation without one has recall 0: a
-  cluster that also holds most normal lung finds no emphysema, whatever share of it it holds;
+  cluster that also holds most normal lung finds no emphysema, whatever share of it it holds. The cells lie inside
+  the lung mask; what the mask holds of each tissue (``mask_holds``) turns the share outside normal into the share of
+  all the tissue the map shows (``<tissue>_found``), which the goal reads;
 - kernel robustness: for each patient scanned with a soft and a sharp kernel under otherwise equal settings, the
   change (percentage points) of the low-attenuation cluster's share of the lung, beside that of LAA-950;
 - label make-up (``scripts/cluster_makeup.py``): voxel by voxel, what tissue each segment of an analysed phantom
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from ..clusters import DENSE, GROUND_GLASS, HONEYCOMB, LOW_ATTENUATION, RETICULAR, base_name
 from ..errors import InputError
@@ -90,19 +93,55 @@ def reference_clusters(train_scans: Sequence, names: Sequence[str]) -> Dict[str,
     return out
 
 
+def tissue_in_mask(truth, ct, lungs) -> Dict[str, List[int]]:
+    """Per tissue present, ``[voxels inside the lung mask, voxels]`` of the phantom truth brought (nearest) onto the
+    CT's grid: the map, read inside the mask, can show no more of a tissue than the mask holds."""
+    labels = sitk.GetArrayFromImage(sitk.Resample(truth, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    inside = sitk.GetArrayViewFromImage(lungs) > 0
+    counts = np.bincount(labels.ravel(), minlength=len(TISSUES) + 1)
+    held = np.bincount(labels[inside], minlength=len(TISSUES) + 1)
+    return {t: [int(held[TISSUE_LABELS[t]]), int(counts[TISSUE_LABELS[t]])] for t in TISSUES
+            if counts[TISSUE_LABELS[t]]}
+
+
+def _by_acquisition(scans: Sequence) -> Dict[str, list]:
+    out: Dict[str, list] = {}
+    for s in scans:
+        out.setdefault(s.acquisition, []).append(s)
+    return dict(sorted(out.items()))
+
+
+def mask_holds(eval_scans: Sequence) -> dict:
+    """Per acquisition, the share of each tissue's voxels inside the lung mask (:func:`tissue_in_mask`, pooled over
+    the acquisition's evaluation scans); ``min`` holds the worst acquisition. Empty when no scan was counted."""
+    per_acq = {}
+    for acq, scans in _by_acquisition(eval_scans).items():
+        totals: Dict[str, np.ndarray] = {}
+        for s in scans:
+            for t, pair in s.mask_holds.items():
+                totals[t] = totals.get(t, np.zeros(2, np.int64)) + pair
+        if totals:
+            per_acq[acq] = {t: float(inside / total) for t, (inside, total) in totals.items()}
+    if not per_acq:
+        return {}
+    keys = sorted({t for r in per_acq.values() for t in r})
+    return {"per_acquisition": per_acq, "min": {t: min(r[t] for r in per_acq.values() if t in r) for t in keys}}
+
+
 def tissue_recall(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
     """Per representation and acquisition: emphysema recall into the low-attenuation cluster and each abnormal
-    tissue's share outside the normal cluster, pooled over the acquisition's evaluation cells; ``min`` holds the
-    worst acquisition. Empty without truth; a tissue absent from an acquisition's scans is left out there."""
+    tissue's share outside the normal cluster, pooled over the acquisition's evaluation cells, which lie inside the
+    lung mask; where the scans counted what the mask holds (:func:`mask_holds`), also ``<tissue>_found``: that share
+    times the mask's share of the tissue, i.e. of all the tissue, the part the map shows outside normal lung. ``min``
+    holds the worst acquisition. Empty without truth; a tissue absent from an acquisition's scans is left out
+    there."""
     if not eval_scans or any(s.truth is None for s in eval_scans):
         return {}
-    by_acquisition: Dict[str, list] = {}
-    for s in eval_scans:
-        by_acquisition.setdefault(s.acquisition, []).append(s)
+    held = mask_holds(eval_scans).get("per_acquisition", {})
     out = {}
     for n, ref in references.items():
         per_acq: Dict[str, dict] = {}
-        for acq, scans in sorted(by_acquisition.items()):
+        for acq, scans in _by_acquisition(eval_scans).items():
             labels = np.concatenate([s.labels[n] for s in scans])
             truth = np.concatenate([s.truth for s in scans])
             record = {}
@@ -113,6 +152,8 @@ def tissue_recall(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
                 cells = truth == TISSUE_LABELS[t]
                 if cells.any():
                     record[f"{t}_outside_normal"] = float(np.mean(labels[cells] != ref["normal"]))
+                    if t in held.get(acq, {}):
+                        record[f"{t}_found"] = record[f"{t}_outside_normal"] * held[acq][t]
             per_acq[acq] = record
         keys = sorted({k for r in per_acq.values() for k in r})
         out[n] = {"per_acquisition": per_acq,
@@ -160,7 +201,8 @@ def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict
 
 def recall_rows(metrics: dict) -> List[List[str]]:
     """Rows of the tissue-recall table (worst acquisition): representation, low-attenuation cluster's median HU,
-    emphysema recall, and each abnormal tissue's share outside the normal cluster (report and README)."""
+    emphysema recall, and each abnormal tissue's share outside the normal cluster (report and README); then, where
+    the evaluation counted it, a row with the share of each tissue inside the lung mask, which bounds them all."""
     rows = []
     for n, m in metrics.get("tissue_recall", {}).items():
         worst = m["min"]
@@ -168,7 +210,14 @@ def recall_rows(metrics: dict) -> List[List[str]]:
                  for k in ("emphysema_recall", *(f"{t}_outside_normal" for t in OUTSIDE_NORMAL_TISSUES))]
         low = m["low_attenuation_median_hu"]
         rows.append([n, f"{m['normal_median_hu']:.0f}", "none" if low is None else f"{low:.0f}", *cells])
+    held = metrics.get("tissue_in_mask", {}).get("min")
+    if rows and held:
+        rows.append([MASK_ROW, "", "", *(f"{held[t]:.2f}" if t in held else "–"
+                                         for t in ("emphysema", *OUTSIDE_NORMAL_TISSUES))])
     return rows
+
+
+MASK_ROW = "inside the lung mask (every representation)"
 
 
 RECALL_HEAD = ["representation", "normal cluster median HU", "low-attenuation cluster median HU", "emphysema recall",
