@@ -211,11 +211,15 @@ def to_model_grid(ct: sitk.Image, lungs: sitk.Image, spacing=DEFAULT_SPACING,
     return hu, lung, replace(grid, scan_z_mm=through_plane_spacing(ct))
 
 
+def axial_axis(image: sitk.Image) -> int:
+    """The image axis (0 x, 1 y, 2 z, SimpleITK order) closest to the patient's cranio-caudal axis."""
+    return int(np.argmax(np.abs(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[2])))
+
+
 def through_plane_spacing(image: sitk.Image) -> float:
     """Spacing (mm) of the image axis closest to the patient's z: the slice spacing of an axial scan, which stands for
     its slice thickness (an image file does not carry the thickness; contiguous slices have the two equal)."""
-    z_of_axis = np.abs(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[2])
-    return float(image.GetSpacing()[int(np.argmax(z_of_axis))])
+    return float(image.GetSpacing()[axial_axis(image)])
 
 
 def lattice_to_image(values: np.ndarray, lattice: ModelGrid) -> sitk.Image:

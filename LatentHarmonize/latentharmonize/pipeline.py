@@ -28,7 +28,7 @@ from .clusters import nearest_with_confidence
 from .composition import composition_table, composition_to_json, lung_cells, lung_volumes_from_table
 from .densitometry import densitometry_table
 from .errors import BundleError, InputError, NoLungFoundError
-from .grid import box_resampler, lattice_to_image, lung_voxels, mask_box
+from .grid import axial_axis, box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
 from .patches import (DenseLatents, PatchSpec, aggregate_context, core_statistics, encode_dense, model_grid_hu,
@@ -61,10 +61,9 @@ def stage_progress(progress, stage: str):
 
 def check_geometry(ct: sitk.Image) -> None:
     """Refuse a CT whose voxel spacing or field of view is far from what the model reads (clear InputError)."""
-    direction = np.abs(np.asarray(ct.GetDirection(), dtype=float).reshape(3, 3))
     spacing = np.asarray(ct.GetSpacing(), dtype=float)
     extent = spacing * np.asarray(ct.GetSize(), dtype=float)
-    axial = int(np.argmax(direction[2]))  # image axis closest to the patient's cranio-caudal axis
+    axial = axial_axis(ct)
     inplane = [a for a in range(3) if a != axial]
     shown = "x".join(f"{s:.3g}" for s in spacing)
     if spacing.min() < MIN_SPACING_MM:
