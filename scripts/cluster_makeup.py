@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import latentharmonize as lh
 from latentharmonize.bundle import load_bundle
 from latentharmonize.cohort import read_cohort
-from latentharmonize.evaluation.tissue import OUTSIDE_MASK, add_makeups, label_makeup, name_support
+from latentharmonize.evaluation.tissue import OUTSIDE_MASK, add_makeups, label_makeup, name_support, truth_on
 from latentharmonize.io import read_ct
 from latentharmonize.tissue import TISSUES
 
@@ -36,7 +36,7 @@ def scan_makeup(ct_path: Path, truth_path: Path, bundle) -> dict:
     """:func:`label_makeup` of one phantom scan's label map, the truth resampled (nearest) onto the CT's grid."""
     ct = read_ct(str(ct_path))
     analysis = lh.analyze_image(ct, bundle, device="cpu")
-    truth = sitk.Resample(sitk.ReadImage(str(truth_path)), ct, sitk.Transform(), sitk.sitkNearestNeighbor)
+    truth = truth_on(ct, sitk.ReadImage(str(truth_path)))
     return label_makeup(sitk.GetArrayFromImage(analysis.labels), sitk.GetArrayFromImage(truth), analysis.names)
 
 

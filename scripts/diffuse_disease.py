@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from latentharmonize import analyze_image, load_bundle
 from latentharmonize.errors import NoLungFoundError
+from latentharmonize.evaluation.tissue import truth_on
 from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
 
 TISSUES = ("emphysema", "ground_glass", "reticulation", "honeycombing", "consolidation")
@@ -31,8 +32,7 @@ IN_MASK = "lung mask / true lung"
 
 def true_lung(patient, ct: sitk.Image) -> sitk.Image:
     """The patient's true lung (every tissue) on the scan's grid: a lung mask that holds all the disease."""
-    truth = sitk.Resample(patient.truth, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.Cast(truth > 0, sitk.sitkUInt8)
+    return sitk.Cast(truth_on(ct, patient.truth) > 0, sitk.sitkUInt8)
 
 
 def segment_shares(patient, bundle, given_truth: bool = False) -> list:

@@ -93,10 +93,15 @@ def reference_clusters(train_scans: Sequence, names: Sequence[str]) -> Dict[str,
     return out
 
 
+def truth_on(ct, truth):
+    """The phantom's tissue truth brought (nearest, 0 outside it) onto the CT's grid: a UInt8 image."""
+    return sitk.Resample(truth, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
 def tissue_in_mask(truth, ct, lungs) -> Dict[str, List[int]]:
-    """Per tissue present, ``[voxels inside the lung mask, voxels]`` of the phantom truth brought (nearest) onto the
-    CT's grid: the map, read inside the mask, can show no more of a tissue than the mask holds."""
-    labels = sitk.GetArrayFromImage(sitk.Resample(truth, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    """Per tissue present, ``[voxels inside the lung mask, voxels]`` of the phantom truth brought onto the CT's grid
+    (:func:`truth_on`): the map, read inside the mask, can show no more of a tissue than the mask holds."""
+    labels = sitk.GetArrayFromImage(truth_on(ct, truth))
     inside = sitk.GetArrayViewFromImage(lungs) > 0
     counts = np.bincount(labels.ravel(), minlength=len(TISSUES) + 1)
     held = np.bincount(labels[inside], minlength=len(TISSUES) + 1)
