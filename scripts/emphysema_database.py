@@ -16,7 +16,8 @@ product's analysis runs in memory (``latentharmonize.analyze_image``, default bu
 copy's label map is read against the slice's own HU. Each region of interest is found in its subject's slices (it is
 an exact crop of one) and read the same way. Printed (and written to ``--out``): per leading pattern and per severity,
 each segment's share of the lung beside the lung's share below -950 and -910 HU and its 15th percentile; per
-pattern of the regions of interest, the same; and how well each figure tells the slices with emphysema from those
+pattern of the regions of interest, the same, with how far a region's median lies above its slice's lung median;
+and how well each figure tells the slices with emphysema from those
 without (the area under the ROC curve, scikit-learn's ``roc_auc_score``, with the direction in which it separates).
 
 This script only orchestrates tested library functions (the analysis, the densitometry indices), so it has no test
@@ -107,10 +108,18 @@ def analyse_regions(folder: Path, maps: dict, names: dict) -> list:
     for path, pattern, subject in zip(files, labels, subjects):
         patch = read_hu(path)
         name, y, x = find_crop(patch, [(n, maps[n][0]) for n in maps if n.startswith(f"{subject}_")])
+        slice_hu, _, slice_lung = maps[name]
         hu, region_labels, lung = (a[y:y + patch.shape[0], x:x + patch.shape[1]] for a in maps[name])
         if lung.any():
-            rows.append({"pattern": PATTERNS[pattern], **slice_figures(hu, region_labels, lung, names)})
+            rows.append({"pattern": PATTERNS[pattern], **slice_figures(hu, region_labels, lung, names),
+                         "above_lung_hu": above_lung(hu[lung], slice_hu[slice_lung])})
     return rows
+
+
+def above_lung(region: np.ndarray, lung: np.ndarray) -> float:
+    """How far the region's median HU lies above its slice's lung median: density read against the patient's own
+    lung rather than against fixed bounds."""
+    return float(np.median(region) - np.median(lung))
 
 
 def summary(rows: list, key: str, columns: list) -> list:
@@ -157,7 +166,9 @@ def main(argv=None) -> int:
              "Slices by severity:", "", *summary(slices, "severity", density + segments), "",
              f"Emphysema slices holding at least {MARKED_PCT:g} % of each segment: "
              + ", ".join(f"{name} {n}" for name, n in marked.items()) + ".", "",
-             "Regions of interest by pattern:", "", *summary(regions, "pattern", density + segments), "",
+             "Regions of interest by pattern:", "",
+             *summary(regions, "pattern", density + [("median above the slice's lung (HU)", "above_lung_hu")]
+                      + segments), "",
              "Slices with emphysema against slices without:", "", *separation(slices, density + segments)]
     text = "\n".join(lines) + "\n"
     print(text)

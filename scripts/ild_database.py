@@ -18,8 +18,8 @@ with two lungs; only regions lying wholly in the rows read are counted. As for t
 (``latentharmonize.analyze_image``, default bundle unless ``--model``) and the middle copy's label map is read. A
 slice whose lung the automatic mask cannot find (under 100 mL in the stack) is reported and skipped.
 
-Printed (and written to ``--out``): per label, the slices and cases it was read on, the mean HU of its region, its
-share inside the lung mask, each segment's share of the region's lung, and on how many slices most of the region lies
+Printed (and written to ``--out``): per label, the slices and cases it was read on, the mean HU of its region, how
+far the median of its lung lies above its slice's lung median (in the rows read), its share inside the lung mask, each segment's share of the region's lung, and on how many slices most of the region lies
 outside normal-appearing and lower-attenuation lung and the vessels. This script only orchestrates tested library
 functions and the data's reading, so it has no test of its own.
 """
@@ -37,7 +37,7 @@ from matplotlib.path import Path as Polygon
 
 import latentharmonize as lh
 from latentharmonize.errors import NoLungFoundError
-from emphysema_database import as_volume
+from emphysema_database import above_lung, as_volume
 
 NOT_ABNORMAL = ("normal-appearing lung", "lower-attenuation lung", "vessels", "airways")
 MIN_PIXELS = 20  # a region with fewer lung pixels in the rows read is not counted
@@ -90,6 +90,7 @@ def region_rows(case: str, hu: np.ndarray, rows_read: int, labels: np.ndarray, l
         if np.count_nonzero(inside) < MIN_PIXELS:
             continue
         row = {"label": label, "case": case, "kernel": kernel, "mean_hu": float(hu[region].mean()),
+               "above_lung_hu": above_lung(hu[inside], hu[:rows_read][lung[:rows_read]]),
                "in_mask_pct": 100.0 * np.count_nonzero(inside) / np.count_nonzero(region)}
         row.update({name: 100.0 * np.count_nonzero(labels[inside] == value) / np.count_nonzero(inside)
                     for value, name in names.items()})
@@ -126,12 +127,14 @@ def label_table(rows: list) -> list:
     """Markdown lines: per label, its slices and cases, mean HU, share inside the mask, each segment's mean share of
     the region's lung, and the slices where most of the region lies outside normal lung."""
     segments = [k for k in rows[0] if k.endswith("lung") or k in ("ground-glass-like", "vessels", "airways")]
-    header = ["label", "slices", "cases", "mean HU", "inside the lung mask (%)"] + [f"{s} (%)" for s in segments]
+    header = ["label", "slices", "cases", "mean HU", "median above the slice's lung (HU)", "inside the lung mask (%)"]
+    header += [f"{s} (%)" for s in segments]
     lines = ["| " + " | ".join(header + ["slices mostly outside normal"]) + " |", "|" + "---|" * (len(header) + 1)]
     for label in sorted({r["label"] for r in rows}):
         group = [r for r in rows if r["label"] == label]
         cells = [label, str(len(group)), str(len({r["case"] for r in group})),
-                 f"{np.mean([r['mean_hu'] for r in group]):.0f}", f"{np.mean([r['in_mask_pct'] for r in group]):.0f}"]
+                 f"{np.mean([r['mean_hu'] for r in group]):.0f}", f"{np.mean([r['above_lung_hu'] for r in group]):.0f}",
+                 f"{np.mean([r['in_mask_pct'] for r in group]):.0f}"]
         cells += [f"{np.mean([r[s] for r in group]):.1f}" for s in segments]
         cells.append(str(sum(r["abnormal_pct"] > 50 for r in group)))
         lines.append("| " + " | ".join(cells) + " |")
