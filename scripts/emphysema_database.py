@@ -143,14 +143,29 @@ def separation(rows: list, columns: list) -> list:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path, help="the database folder (slices/, patches/ and the CSV files)")
+def slice_database_parser(doc: str, folder_help: str) -> argparse.ArgumentParser:
+    """The options of a script that analyses a database of single slices: the folder, ``--model``, ``--stack`` and
+    ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help=folder_help)
     parser.add_argument("--model", help="model bundle folder (default: the bundled model)")
     parser.add_argument("--stack", type=int, default=48, help="copies of each slice in its volume (default 48)")
+    parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
+    return parser
+
+
+def report(lines: list, out: Path | None) -> None:
+    """Print the Markdown ``lines``, and write them to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text, encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    parser = slice_database_parser(__doc__, "the database folder (slices/, patches/ and the CSV files)")
     parser.add_argument("--pixel-mm", type=float, default=0.78, help="in-plane pixel size (default 0.78 mm)")
     parser.add_argument("--slice-mm", type=float, default=1.25, help="slice spacing of the stack (default 1.25 mm)")
-    parser.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
 
     slices, maps, names = analyse_slices(args.folder, args)
@@ -170,10 +185,7 @@ def main(argv=None) -> int:
              *summary(regions, "pattern", density + [("median above the slice's lung (HU)", "above_lung_hu")]
                       + segments), "",
              "Slices with emphysema against slices without:", "", *separation(slices, density + segments)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    report(lines, args.out)
     return 0
 
 

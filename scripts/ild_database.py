@@ -25,7 +25,6 @@ functions and the data's reading, so it has no test of its own.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from matplotlib.path import Path as Polygon
 
 import latentharmonize as lh
 from latentharmonize.errors import NoLungFoundError
-from emphysema_database import above_lung, as_volume
+from emphysema_database import above_lung, as_volume, report, slice_database_parser
 
 NOT_ABNORMAL = ("normal-appearing lung", "lower-attenuation lung", "vessels", "airways")
 MIN_PIXELS = 20  # a region with fewer lung pixels in the rows read is not counted
@@ -89,13 +88,12 @@ def region_rows(case: str, hu: np.ndarray, rows_read: int, labels: np.ndarray, l
         inside = region & lung
         if np.count_nonzero(inside) < MIN_PIXELS:
             continue
-        row = {"label": label, "case": case, "kernel": kernel, "mean_hu": float(hu[region].mean()),
-               "above_lung_hu": above_lung(hu[inside], hu[:rows_read][lung[:rows_read]]),
-               "in_mask_pct": 100.0 * np.count_nonzero(inside) / np.count_nonzero(region)}
-        row.update({name: 100.0 * np.count_nonzero(labels[inside] == value) / np.count_nonzero(inside)
-                    for value, name in names.items()})
-        row["abnormal_pct"] = 100.0 - sum(row.get(name, 0.0) for name in NOT_ABNORMAL)
-        out.append(row)
+        shares = {name: 100.0 * np.count_nonzero(labels[inside] == value) / np.count_nonzero(inside)
+                  for value, name in sorted(names.items())}
+        out.append({"label": label, "case": case, "kernel": kernel, "mean_hu": float(hu[region].mean()),
+                    "above_lung_hu": above_lung(hu[inside], hu[:rows_read][lung[:rows_read]]),
+                    "in_mask_pct": 100.0 * np.count_nonzero(inside) / np.count_nonzero(region), "shares": shares,
+                    "abnormal_pct": 100.0 - sum(shares.get(name, 0.0) for name in NOT_ABNORMAL)})
     return out
 
 
@@ -126,7 +124,7 @@ def analyse_case(folder: Path, args) -> list:
 def label_table(rows: list) -> list:
     """Markdown lines: per label, its slices and cases, mean HU, share inside the mask, each segment's mean share of
     the region's lung, and the slices where most of the region lies outside normal lung."""
-    segments = [k for k in rows[0] if k.endswith("lung") or k in ("ground-glass-like", "vessels", "airways")]
+    segments = list(rows[0]["shares"])
     header = ["label", "slices", "cases", "mean HU", "median above the slice's lung (HU)", "inside the lung mask (%)"]
     header += [f"{s} (%)" for s in segments]
     lines = ["| " + " | ".join(header + ["slices mostly outside normal"]) + " |", "|" + "---|" * (len(header) + 1)]
@@ -135,30 +133,21 @@ def label_table(rows: list) -> list:
         cells = [label, str(len(group)), str(len({r["case"] for r in group})),
                  f"{np.mean([r['mean_hu'] for r in group]):.0f}", f"{np.mean([r['above_lung_hu'] for r in group]):.0f}",
                  f"{np.mean([r['in_mask_pct'] for r in group]):.0f}"]
-        cells += [f"{np.mean([r[s] for r in group]):.1f}" for s in segments]
+        cells += [f"{np.mean([r['shares'][s] for r in group]):.1f}" for s in segments]
         cells.append(str(sum(r["abnormal_pct"] > 50 for r in group)))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path, help="the database's ILD_DB_txtROIs folder")
-    parser.add_argument("--model", help="model bundle folder (default: the bundled model)")
-    parser.add_argument("--stack", type=int, default=48, help="copies of each slice in its volume (default 48)")
-    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    args = parser.parse_args(argv)
-
+    args = slice_database_parser(__doc__, "the database's ILD_DB_txtROIs folder").parse_args(argv)
     rows = []
     for case in sorted((p for p in args.folder.iterdir() if p.is_dir()), key=lambda p: p.name):
         rows += analyse_case(case, args)
         print(f"case {case.name}: {len(rows)} regions so far", file=sys.stderr, flush=True)
     if not rows:
         raise SystemExit(f"{args.folder}: no outlined region with lung in it was found")
-    text = "\n".join(label_table(rows)) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    report(label_table(rows), args.out)
     return 0
 
 
