@@ -174,9 +174,11 @@ def main(argv=None) -> int:
     density = [("below −950 HU (%)", "laa950_pct"), ("below −910 HU (%)", "laa910_pct"),
                ("15th percentile (HU)", "perc15_hu"), ("mean (HU)", "mld_hu")]
     marked = {name: sum(r[name] >= MARKED_PCT for r in slices if r["pattern"] != NO_EMPHYSEMA) for _, name in segments}
+    mostly = [{"pattern": r["pattern"], **{name: 100.0 * (r[name] > 50) for _, name in segments}} for r in regions]
     lowpass = [r["lowpass_mm"] for r in slices]
     lines = [f"{len(slices)} slices, {len(regions)} regions of interest holding lung; the encoder's noise-matched "
-             f"low-pass {min(lowpass):g}–{max(lowpass):g} mm.", "",
+             f"low-pass {min(lowpass):g}–{max(lowpass):g} mm ({lowpass.count(max(lowpass))} slices at "
+             f"{max(lowpass):g} mm, {lowpass.count(min(lowpass))} at {min(lowpass):g} mm).", "",
              "Slices by leading pattern:", "", *summary(slices, "pattern", density + segments), "",
              "Slices by severity:", "", *summary(slices, "severity", density + segments), "",
              f"Emphysema slices holding at least {MARKED_PCT:g} % of each segment: "
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
              "Regions of interest by pattern:", "",
              *summary(regions, "pattern", density + [("median above the slice's lung (HU)", "above_lung_hu")]
                       + segments), "",
+             "Regions of interest mostly (over 50 % of their lung) in each segment:", "",
+             *summary(mostly, "pattern", [(f"{name} (% of regions)", name) for _, name in segments]), "",
              "Slices with emphysema against slices without:", "", *separation(slices, density + segments)]
     report(lines, args.out)
     return 0
