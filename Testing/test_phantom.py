@@ -364,6 +364,27 @@ def test_bad_fractions_are_refused(fractions):
         ph.make_patient(0, SEED, fractions=fractions)
 
 
+def test_a_denser_normal_lung_moves_only_the_normal_parenchyma(patient):
+    """normal_shift_hu makes the normal parenchyma that much denser, as a smaller breath does, and leaves the truth,
+    the diseased lung and everything outside the lung as they were."""
+    denser = ph.make_patient(1, SEED, normal_shift_hu=100.0)
+    truth = _array(patient.truth)
+    np.testing.assert_array_equal(_array(denser.truth), truth)
+    change = _array(denser.hu) - _array(patient.hu)
+    normal = truth == TISSUE_LABELS["normal"]
+    assert np.median(change[normal]) == pytest.approx(100.0, abs=0.5)  # vessels' partial volume takes a little
+    assert np.abs(change[(truth > 0) & ~normal]).max() < 1e-3
+    lung = ndimage.binary_dilation(truth > 0, iterations=2)  # the lung's partial-volume rim moves a little too
+    assert np.abs(change[~lung]).max() < 1e-3
+    assert denser.fractions == patient.fractions
+
+
+@pytest.mark.parametrize("shift", [-10.0, 301.0, float("nan"), True, "100"])
+def test_a_normal_shift_out_of_range_is_refused(shift):
+    with pytest.raises(InputError, match="normal_shift_hu must be"):
+        ph.make_patient(0, SEED, normal_shift_hu=shift)
+
+
 def test_kernel_between_named_kernels_and_reconstruction_by_parameters(patient):
     from latentharmonize.phantom import KERNELS, kernel_at, kernel_label
 

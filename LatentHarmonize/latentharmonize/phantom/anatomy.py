@@ -99,8 +99,10 @@ class _Lung:
     ggo_level: float
 
 
-def _lung(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fractions: dict, ggo_level: float) -> _Lung:
-    """Tubes, tissue regions and textures of the lung, drawn from ``rng`` in this order."""
+def _lung(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fractions: dict, ggo_level: float,
+          normal_shift_hu: float = 0.0) -> _Lung:
+    """Tubes, tissue regions and textures of the lung, drawn from ``rng`` in this order; ``normal_shift_hu`` is added
+    to the normal parenchyma with the gravity gradient."""
     k = grid.shape[2] * grid.spacing[0] / 358.0
     tubes = airway_and_vessel_tubes(plan, grid, rng)
     occupancy = {name: splat_tubes(t, grid) for name, t in tubes.items()}
@@ -114,7 +116,8 @@ def _lung(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fractions: d
     texture = Lattice.covering(box_axes, 2.0 if min(grid.spacing) >= 1.0 else 1.5)
     tex_fine, tex_coarse = bandpass_field(texture, rng, 7.0), bandpass_field(texture, rng, 12.0)
     y, x = ya[by][:, None], xa[bx][None, :]
-    dependent = (plan.gravity_hu * np.clip(0.5 + 0.5 * (y - plan.yc) / plan.Bc, 0, 1)).astype(np.float32)
+    gravity = plan.gravity_hu * np.clip(0.5 + 0.5 * (y - plan.yc) / plan.Bc, 0, 1)
+    dependent = (gravity + normal_shift_hu).astype(np.float32)
     return _Lung(box=(by, bx), y=y, x=x, dependent=dependent, occupancy=occupancy, scores=scores,
                  thresholds=thresholds, coarse=Upsampler(coarse, box_axes), smooth=smooth,
                  texture=Upsampler(texture, box_axes), tex_fine=tex_fine, tex_coarse=tex_coarse, ggo_level=ggo_level)
@@ -203,10 +206,11 @@ def _paint_lung(h: np.ndarray, plan: BodyPlan, lung: _Lung, z: np.ndarray, zs: s
 
 
 def render_anatomy(plan: BodyPlan, grid: FineGrid, rng: np.random.Generator, fractions: dict,
-                   ggo_level: float, gas: np.ndarray = None) -> tuple:
+                   ggo_level: float, gas: np.ndarray = None, normal_shift_hu: float = 0.0) -> tuple:
     """HU (float32), truth labels (uint8, tissue label in the lung, 0 elsewhere) and the gas mask (bool) on the fine
-    grid; ``gas``: ellipsoids of gas below the diaphragm (``variants.gas_pockets``), none by default."""
-    lung = _lung(plan, grid, rng, fractions, ggo_level)
+    grid; ``gas``: ellipsoids of gas below the diaphragm (``variants.gas_pockets``), none by default;
+    ``normal_shift_hu``: HU added to the normal parenchyma (see ``make_patient``)."""
+    lung = _lung(plan, grid, rng, fractions, ggo_level, normal_shift_hu)
     section = _section(plan, grid, rng, gas)
     za = grid.axes()[0]
     by, bx = lung.box

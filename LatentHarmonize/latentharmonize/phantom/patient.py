@@ -17,6 +17,7 @@ from .phenotypes import draw_fractions, phenotype_of
 from .variants import VARIANTS, crop_view, variant_gas, variant_plan
 
 CUSTOM_PHENOTYPE = "custom"  # the phenotype of a patient whose disease fractions were given, not drawn
+MAX_NORMAL_SHIFT_HU = 300.0  # normal parenchyma at -905 + 300 HU is still aerated lung (below the mask's -400 HU)
 
 
 @dataclass
@@ -71,19 +72,24 @@ def to_image(array: np.ndarray, spacing, origin) -> sitk.Image:
 
 
 def make_patient(patient_index: int, seed: int, full: bool = False, variant: str = "chest",
-                 fractions: Optional[dict] = None) -> Patient:
+                 fractions: Optional[dict] = None, normal_shift_hu: float = 0.0) -> Patient:
     """Build patient ``patient_index`` of the cohort with ``seed``; independent of how many patients are made.
 
     ``variant`` (one of ``VARIANTS``) changes what the scan shows (``chest`` is the cohort's scan); the fractions,
     FVC and outcome are those of the lung in view. ``fractions`` (e.g. ``{"ground_glass": 0.8}``, a diffuse ground
     glass) sets the target share of the lung of each disease tissue named, instead of the phenotype's draw (the
-    tissues not named get none, and the phenotype is ``custom``).
+    tissues not named get none, and the phenotype is ``custom``). ``normal_shift_hu`` (0 to ``MAX_NORMAL_SHIFT_HU``)
+    makes the normal parenchyma that much denser, as in a lung held at a smaller breath: real normal lungs differ by
+    more than 100 HU between patients and scans, the cohort's phantom lungs do not (docs/real-scans.md).
     """
     if int(patient_index) < 0:
         raise InputError(f"patient_index must be >= 0, got {patient_index}.")
     if variant not in VARIANTS:
         raise InputError(f"Unknown phantom variant {variant!r}; use one of {', '.join(VARIANTS)}.")
     _check_fractions(fractions)
+    if isinstance(normal_shift_hu, bool) or not isinstance(normal_shift_hu, (int, float)) \
+            or not 0.0 <= normal_shift_hu <= MAX_NORMAL_SHIFT_HU:
+        raise InputError(f"normal_shift_hu must be between 0 and {MAX_NORMAL_SHIFT_HU:g} HU, got {normal_shift_hu!r}.")
     grid = FULL_GRID if full else SMALL_GRID
     anatomy_rng, clinical_rng, noise_seed = _rngs(patient_index, seed)
     phenotype = phenotype_of(patient_index, seed)
@@ -94,7 +100,7 @@ def make_patient(patient_index: int, seed: int, full: bool = False, variant: str
     plan = variant_plan(draw_body_plan(grid, anatomy_rng, male), grid, variant)
     gas = variant_gas(plan, variant, seed, patient_index)
     hu, labels, gas_mask = render_anatomy(plan, grid, anatomy_rng, targets,
-                                          float(anatomy_rng.uniform(*GGO_HU_RANGE)), gas)
+                                          float(anatomy_rng.uniform(*GGO_HU_RANGE)), gas, float(normal_shift_hu))
     grid, (hu, labels, gas_mask) = crop_view(variant, plan, grid, (hu, labels, gas_mask))
     measured = true_fractions(labels)
     t, event = draw_outcome(measured, age, clinical_rng)
