@@ -33,11 +33,15 @@ from latentharmonize.tissue import TISSUES
 
 
 def scan_makeup(ct_path: Path, truth_path: Path, bundle) -> dict:
-    """:func:`label_makeup` of one phantom scan's label map, the truth resampled (nearest) onto the CT's grid."""
-    ct = read_ct(str(ct_path))
+    """:func:`image_makeup` of one phantom scan and its truth, read from their files."""
+    return image_makeup(read_ct(str(ct_path)), sitk.ReadImage(str(truth_path)), bundle)
+
+
+def image_makeup(ct: sitk.Image, truth: sitk.Image, bundle) -> dict:
+    """:func:`label_makeup` of a phantom scan's label map, the truth resampled (nearest) onto the CT's grid."""
     analysis = lh.analyze_image(ct, bundle, device="cpu")
-    truth = truth_on(ct, sitk.ReadImage(str(truth_path)))
-    return label_makeup(sitk.GetArrayFromImage(analysis.labels), sitk.GetArrayFromImage(truth), analysis.names)
+    return label_makeup(sitk.GetArrayFromImage(analysis.labels), sitk.GetArrayFromImage(truth_on(ct, truth)),
+                        analysis.names)
 
 
 def percent_table(makeup: dict, by: str) -> str:

@@ -10,19 +10,18 @@ phantom lungs all share one normal density. For each shift, the first ``--patien
 are made with their normal parenchyma that much denser (``phantom.make_patient(..., normal_shift_hu=...)``; their
 disease is unchanged), scanned under the four default acquisitions and analysed in memory
 (``latentharmonize.analyze_image``, automatic lung mask, default bundle unless ``--model``). Printed: one Markdown
-row per shift and true tissue, with where its voxels inside the lung mask go (``evaluation.tissue.label_makeup``,
-pooled over patients and acquisitions). The script only orchestrates tested library functions, hence no test of
-its own.
+row per shift and true tissue, with where its voxels inside the lung mask go (``scripts/cluster_makeup.py``'s
+``image_makeup``, pooled over patients and acquisitions). The script only orchestrates tested library functions,
+hence no test of its own.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-import SimpleITK as sitk
-
-from latentharmonize import analyze_image, load_bundle
-from latentharmonize.evaluation.tissue import OUTSIDE_MASK, add_makeups, label_makeup, truth_on
+from cluster_makeup import image_makeup
+from latentharmonize import load_bundle
+from latentharmonize.evaluation.tissue import OUTSIDE_MASK, add_makeups
 from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
 from latentharmonize.tissue import TISSUES
 
@@ -33,11 +32,7 @@ def makeup_at(shift: float, patients: int, bundle) -> dict:
     for index in range(patients):
         patient = make_patient(index, 0, normal_shift_hu=shift)
         for acquisition in DEFAULT_ACQUISITIONS:
-            ct = acquire(patient, acquisition)
-            analysis = analyze_image(ct, bundle, device="cpu")
-            total = add_makeups(total, label_makeup(sitk.GetArrayFromImage(analysis.labels),
-                                                    sitk.GetArrayFromImage(truth_on(ct, patient.truth)),
-                                                    analysis.names))
+            total = add_makeups(total, image_makeup(acquire(patient, acquisition), patient.truth, bundle))
     return total
 
 
