@@ -174,17 +174,44 @@ def test_core_statistics_read_the_parenchyma_away_from_structures_and_the_lung_e
     q90 = HU_STATISTIC_NAMES.index("q90")
     plain = lattice_hu_statistics(hu, parenchyma, positions, spec)
     core = core_statistics(hu, parenchyma, positions, spec)
-    assert np.all(plain[:, q90] == -600.0) and np.all(core == np.asarray(
+    assert np.all(plain[:, q90] == -600.0) and np.all(core[:, :-1] == np.asarray(
         lattice_hu_statistics(np.full(hu.shape, -860.0, np.float32), parenchyma, positions, spec)))
+    assert np.all(core[:, -1] == 0.0)  # the core is -860 HU at every depth: nothing stands above it
     thin = np.zeros(hu.shape, bool)
     thin[:, 20, 4:44] = True  # one voxel thick: no core
-    np.testing.assert_array_equal(core_statistics(hu, thin, positions[:1], spec),
+    np.testing.assert_array_equal(core_statistics(hu, thin, positions[:1], spec)[:, :-1],
                                   lattice_hu_statistics(hu, thin, positions[:1], spec))
     nothing = np.zeros(hu.shape, bool)
-    np.testing.assert_array_equal(core_statistics(hu, nothing, positions, spec, lung=lung),
+    np.testing.assert_array_equal(core_statistics(hu, nothing, positions, spec, lung=lung)[:, :-1],
                                   lattice_hu_statistics(hu, lung, positions, spec))
     with pytest.raises(InputError, match="holds no lung voxel"):
         core_statistics(hu, nothing, positions, spec)
+
+
+def test_above_depth_reads_a_patch_against_the_lung_at_its_own_depth():
+    """A lung growing denser towards its back (gravity) by 150 HU: a patch of it stands no higher above the lung
+    at its depth than anywhere else, while a raised blob stands above its depth by what it adds. Lung denser than
+    -700 HU at a depth is disease, not breath: the reference stops there, so a lung all at -600 HU stands 100 HU
+    above it."""
+    from latentharmonize.patches import CORE_STATISTIC_NAMES, DEPTH_REFERENCE_MAX_HU, core_statistics, depth_reference
+
+    spec = PatchSpec()
+    lung = np.zeros((5, 96, 96), bool)
+    lung[:, 2:94, 2:94] = True
+    rows = np.arange(96, dtype=np.float32)
+    hu = np.broadcast_to(-900.0 + 150.0 * rows[None, :, None] / 95.0, lung.shape).astype(np.float32).copy()
+    blob = np.zeros(lung.shape, bool)
+    blob[:, 60:76, 10:26] = True  # one patch's area, towards the back
+    hu[blob] += 200.0
+    positions = np.array([[1, 15, 20], [1, 2, 20], [1, 15, 2]])  # back, front; the blob's patch at the back
+    above = core_statistics(hu, lung, positions, spec)[:, CORE_STATISTIC_NAMES.index("above_depth")]
+    assert abs(above[0]) < 5.0 and abs(above[1]) < 5.0
+    assert 150.0 < above[2] < 210.0
+    reference = depth_reference(hu, lung, np.array([10, 67]), spec.spacing[1])
+    assert reference[1] - reference[0] > 70.0  # the back's lung is denser, as the reference reads
+    dense = np.where(lung, -600.0, 40.0).astype(np.float32)
+    assert DEPTH_REFERENCE_MAX_HU == -700.0
+    np.testing.assert_allclose(core_statistics(dense, lung, positions, spec)[:, -1], 100.0)
 
 
 def test_smoothed_densitometry_reads_the_statistics_of_the_blurred_lung_only():

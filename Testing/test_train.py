@@ -77,6 +77,10 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
     for bad in ({"second_stage": 4}, {"second_stage": 1, "densitometry": 1.0}):  # it reads the harmonized statistics
         with pytest.raises(InputError, match="--second-stage must be"):
             TrainConfig(**bad)
+    for bad in ({"depth_contrast_hu": 50.0, "densitometry": 1.0},  # it tests the second stage's names
+                {"depth_contrast_hu": -1.0, "densitometry": 1.0, "second_stage": 4}):
+        with pytest.raises(InputError, match="--depth-contrast must be"):
+            TrainConfig(**bad)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text("{}")
     with pytest.raises(OutputError, match="--overwrite"):
@@ -309,21 +313,23 @@ def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_coho
 
     common = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "150", "--latent-dim", "6", "--device",
               "cpu", "--densitometry", "100", "--technical-weight", "0.1", "--seed", "3"]
-    assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "two"), *common, "--second-stage", "2"]) == 0
+    assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "two"), *common, "--second-stage", "2",
+                 "--depth-contrast", "40"]) == 0
     assert "second stage that reads each patch's core" in capsys.readouterr().out
     two = load_bundle(tmp_path / "two")
     assert reads_core(two.clusters) and two.clusters.second_ is not None and two.manifest["training"]["second_stage"] == 2
     assert list(two.names.values()) == two.clusters.names_ and two.clusters.n_clusters_ == len(two.names)
+    assert two.clusters.min_above_depth_hu == 40.0
     image = sitk.ReadImage(str(read_cohort(fibrosis_cohort).iloc[0]["image"]))
     result = analyze_image(image, two, device="cpu")
     core = result.patches.core
-    assert core.shape == (len(result.patches.latents), 8)
+    assert core.shape == (len(result.patches.latents), 9)  # the eight statistics and above_depth
     features = two.rotation.cluster_features(result.patches.latents)
     np.testing.assert_array_equal(result.patch_labels, two.clusters.predict(with_core(features, core)))
 
     assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "one"), *common]) == 0
     one = load_bundle(tmp_path / "one")
-    added = add_second_stage(one, fibrosis_cohort, 2, seed=3, per_patient=150)
+    added = add_second_stage(one, fibrosis_cohort, 2, seed=3, per_patient=150, depth_contrast_hu=40.0)
     assert added.sha256 != one.sha256 and added.manifest["training"]["second_stage_of"] == one.sha256
     np.testing.assert_array_equal(added.clusters.first_.predict(features), one.clusters.predict(features))
     # the same encoder, rotation, first stage, samples and seed: the second stage train fits

@@ -6,18 +6,20 @@ from latentharmonize.clusters import (DENSE_STRUCTURES, GROUND_GLASS, HIGHER, LO
                                       acquisition_covariance, fit_named_clusters, name_rows)
 from latentharmonize.densitometry import HU_STATISTIC_NAMES
 from latentharmonize.errors import InputError
+from latentharmonize.patches import CORE_STATISTIC_NAMES
 from latentharmonize.two_stage import TwoStageClusters, fit_two_stage_clusters, reads_core, with_core
 
-# core statistics rows (q10, q25, q50, q75, q90, below_950, above_700, above_300) of three textures
-NORMAL_CORE = (-900, -880, -860, -840, -810, 0.02, 0.0, 0.0)
-GLASS_CORE = (-720, -690, -620, -560, -500, 0.0, 0.7, 0.01)
+# core statistics rows (q10, q25, q50, q75, q90, below_950, above_700, above_300, above_depth) of three textures
+NORMAL_CORE = (-900, -880, -860, -840, -810, 0.02, 0.0, 0.0, 0.0)
+GLASS_CORE = (-720, -690, -620, -560, -500, 0.0, 0.7, 0.01, 240.0)
 # raised by a bright minority (vessels the segmentation missed): the median and lower quartile stay near normal
-DENSE_MINORITY_CORE = (-880, -850, -780, -500, 40, 0.01, 0.3, 0.2)
+DENSE_MINORITY_CORE = (-880, -850, -780, -500, 40, 0.01, 0.3, 0.2, 80.0)
+DEPTH = 2 + CORE_STATISTIC_NAMES.index("above_depth")  # its column in the rows of _fitted
 
 
 def _rows(rng, n, centre, core, spread=1.0):
     features = rng.normal(centre, 0.3, size=(n, 2))
-    noise = rng.normal(0, spread, size=(n, len(HU_STATISTIC_NAMES))) * np.array([10] * 5 + [0.005] * 3)
+    noise = rng.normal(0, spread, size=(n, len(CORE_STATISTIC_NAMES))) * np.array([10] * 5 + [0.005] * 3 + [10])
     return features, np.asarray(core, float) + noise
 
 
@@ -37,13 +39,13 @@ def _cohort(seed=0):
     return features, core, kind, blurred
 
 
-def _fitted(seed=0):
+def _fitted(seed=0, min_above_depth_hu=None):
     features, core, kind, blurred = _cohort(seed)
     first, _, _, names = fit_named_clusters(features, blurred, 2, 0, order_by=blurred["mean_hu"])
     assert names == [NORMAL, HIGHER]  # one raised cluster holds both raised textures
     X = with_core(features, core)
-    model = TwoStageClusters(n_second=2, harmonized_columns=2, random_state=0).fit(X, first, names,
-                                                                                  blurred["mean_hu"])
+    model = TwoStageClusters(n_second=2, harmonized_columns=2, random_state=0,
+                             min_above_depth_hu=min_above_depth_hu).fit(X, first, names, blurred["mean_hu"])
     return model, X, kind
 
 
@@ -79,6 +81,39 @@ def test_a_patch_earns_a_second_stage_disease_name_by_its_own_core():
     np.testing.assert_allclose(np.delete(after, [g, h], axis=1), np.delete(before, [g, h], axis=1))
 
 
+def test_with_a_depth_test_ground_glass_must_stand_above_the_lung_at_its_depth():
+    """A patch with ground glass's own profile that does not stand ``min_above_depth_hu`` above the lung at its
+    depth (the dense back of a lung in a small breath) is higher-attenuation lung; one that does keeps the name, and
+    without the test the depth is not read."""
+    plain, X, kind = _fitted()
+    model, _, _ = _fitted(min_above_depth_hu=50.0)
+    glass = np.flatnonzero(kind == 1)[:20]
+    g, h = model.names_.index(GROUND_GLASS), model.names_.index(HIGHER)
+    np.testing.assert_array_equal(model.predict_proba(X), plain.predict_proba(X))  # all glass stands 240 HU above
+    flat = X[glass].copy()
+    flat[:, DEPTH] = np.linspace(-20.0, 49.0, len(glass))
+    before, after = plain.predict_proba(flat), model.predict_proba(flat)
+    assert np.all(before.argmax(axis=1) == g) and np.all(after[:, g] == 0.0)
+    np.testing.assert_allclose(after[:, h], before[:, h] + before[:, g])
+    flat[:, DEPTH] = 50.0
+    np.testing.assert_array_equal(model.predict_proba(flat), before)
+    assert model.export_state()[1]["params"]["min_above_depth_hu"] == 50.0
+    with pytest.raises(InputError, match="min_above_depth_hu"):
+        TwoStageClusters(n_second=2, harmonized_columns=2, min_above_depth_hu=-5.0).fit(X, model.first_, [NORMAL, HIGHER])
+
+
+def test_clusters_stored_before_the_depth_column_load_and_ignore_it():
+    """A state saved when the core had eight statistics (no above_depth, no depth test) still loads, reads the
+    nine-column rows of today's code, and labels as the clusters it came from."""
+    model, X, _ = _fitted()
+    arrays, meta = model.export_state()
+    arrays = dict(arrays, core_center=arrays["core_center"][:-1], core_scale=arrays["core_scale"][:-1])
+    meta = dict(meta, params={k: v for k, v in meta["params"].items() if k != "min_above_depth_hu"})
+    old = TwoStageClusters.from_state(arrays, meta)
+    assert old.min_above_depth_hu is None
+    np.testing.assert_array_equal(old.predict_proba(X), model.predict_proba(X))
+
+
 def test_two_stage_state_round_trips_and_refuses_inconsistent_maps():
     model, X, _ = _fitted()
     arrays, meta = model.export_state()
@@ -111,7 +146,7 @@ def test_the_second_stage_is_widened_by_its_share_of_the_acquisition_covariance(
     cov = acquisition_covariance(X, shifted)
     model, labels, names = fit_two_stage_clusters(X, blurred, 2, 2, 0, order_by=blurred["mean_hu"],
                                                   acquisition_covariance=cov, harmonized_columns=2)
-    cols = np.array([HU_STATISTIC_NAMES.index(c) for c in model.core_columns])
+    cols = np.array([CORE_STATISTIC_NAMES.index(c) for c in model.core_columns])
     scale = np.r_[1.0, 1.0, model.core_scale_[cols]]
     block = cov[np.ix_(np.r_[0, 1, 2 + cols], np.r_[0, 1, 2 + cols])] / np.outer(scale, scale)
     assert model.first_.widening_share_ > 0 and model.second_.widening_share_ > 0

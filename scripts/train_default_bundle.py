@@ -9,6 +9,7 @@ About five minutes on one CPU thread (4.5 min measured on a busy 2-core machine,
     .venv/bin/python scripts/train_default_bundle.py [--patients 10] [--epochs 20] [--encoder ae] [--out DIR]
         [--no-calibrate] [--densitometry WEIGHT] [--densitometry-smooth MM] [--[no-]densitometry-smooth-total]
         [--technical-weight W] [--lowpass MM] [--lowpass-noise HU] [--clusters K] [--second-stage K]
+        [--depth-contrast HU]
 
 The representation options are those of ``latentharmonize train`` and default to the shipped bundle's: HU
 calibration on each scan's air and fat, patch densitometry of weight 1 read from the lung smoothed in-plane to a
@@ -18,7 +19,8 @@ option that finds emphysema and stays kernel-robust on real scans; the total,
 encoder reads, raised per scan until its soft tissue's noise is at most 1.3 HU
 (``docs/experiments/2026-12-05-noise-matched-lowpass.md``), 5 mixture components, merged by name into the tissue
 clusters (``docs/experiments/2026-12-04-mixture-clusters.md``), and a 4-component second stage on the raised side
-(``docs/experiments/2026-12-06-two-stage-clusters.md``).
+(``docs/experiments/2026-12-06-two-stage-clusters.md``), whose ground-glass-like and reticular-like patches must stand
+50 HU above the lung at their depth (``docs/experiments/2026-12-07-depth-contrast.md``).
 Other values train a candidate the same reproducible way into another ``--out``. The shipped bundle is this script's
 output with the defaults, on today's code (``docs/experiments/2026-12-06-default-from-scratch.md``).
 """
@@ -69,6 +71,9 @@ def main(argv=None) -> int:
                              "(default 1.3; 0: every scan gets --lowpass)")
     parser.add_argument("--second-stage", type=int, default=4, metavar="K",
                         help="components of the clusters' second stage on the raised side (default 4; 0: none)")
+    parser.add_argument("--depth-contrast", type=float, default=50.0, metavar="HU",
+                        help="how far above the lung at its depth a patch must stand to be named ground-glass-like or "
+                             "reticular-like (default 50; -1: no such test)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("SOURCE_DATE_EPOCH", CREATED)
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
                              densitometry_smooth_total=args.densitometry_smooth_total,
                              densitometry_read_z_mm=args.densitometry_read_z,
                              technical_weight=args.technical_weight, lowpass_mm=args.lowpass,
-                             lowpass_noise_hu=args.lowpass_noise or None, second_stage=args.second_stage or None)
+                             lowpass_noise_hu=args.lowpass_noise or None, second_stage=args.second_stage or None,
+                             depth_contrast_hu=None if args.depth_contrast < 0 else args.depth_contrast)
         summary = train(Path(tmp) / "cohort.csv", args.out, config, overwrite=True)
     shutil.rmtree(args.out / CHECKPOINT_DIR, ignore_errors=True)  # only needed to resume; not shipped
     print(format_summary(summary))

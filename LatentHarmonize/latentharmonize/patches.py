@@ -25,7 +25,7 @@ import torch
 from scipy import ndimage
 
 from .calibration import METHODS as CALIBRATIONS, scan_calibration
-from .densitometry import HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
+from .densitometry import HAA_THRESHOLD_HU, HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
 from .errors import InputError
 from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, MAX_LOWPASS_MM, ModelGrid, lowpass_in_plane,
                    noise_matched_sigma, soft_tissue_noise, to_model_grid)
@@ -243,29 +243,78 @@ def lattice_hu_statistics(hu: np.ndarray, lung: np.ndarray, positions: np.ndarra
     return np.vstack(blocks)
 
 
+# the columns of core_statistics: the patch statistics, then how far the core's median stands above the lung at its
+# depth (docs/experiments/2026-12-07-depth-contrast.md)
+CORE_STATISTIC_NAMES = HU_STATISTIC_NAMES + ("above_depth",)
+DEPTH_BAND_MM = 15.0  # antero-posterior extent of the lung the depth reference reads, centred on the patch
+# lung denser than this at a depth is disease rather than a small breath (ground glass starts here): the reference
+# stops at it, so a lung mostly ground glass keeps its name
+DEPTH_REFERENCE_MAX_HU = HAA_THRESHOLD_HU
+DEPTH_HU_RANGE = (-1200, 1200)  # HU the depth reference's histograms hold; values beyond count at its ends
+
+
+def depth_reference(hu: np.ndarray, mask: np.ndarray, rows: np.ndarray, spacing_y_mm: float,
+                    band_mm: float = DEPTH_BAND_MM) -> np.ndarray:
+    """Median HU (to the nearest HU) of the ``mask`` voxels whose model-grid row (y, antero-posterior) lies within
+    ``band_mm / 2`` of each of ``rows``, over the whole scan: the lung at that depth. A supine lung grows denser
+    towards its back (gravity, and more so in a smaller breath); a patch read against the lung at its own depth does
+    not take that for disease. A band that holds no voxel reads the whole mask's median.
+
+    Read from one histogram of whole HU per row, summed over each band (a sort of every band's voxels took most of
+    a second on a full-size scan)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        raise InputError("The depth reference needs at least one voxel in the mask.")
+    low, high = DEPTH_HU_RANGE
+    width = high - low + 1
+    bins = np.clip(np.rint(hu[mask]), low, high).astype(np.int32) - low
+    row_of = np.broadcast_to(np.arange(mask.shape[1], dtype=np.int32)[None, :, None], mask.shape)[mask]
+    counts = np.bincount(row_of.astype(np.int64) * width + bins, minlength=mask.shape[1] * width)
+    cumulative = np.vstack([np.zeros((1, width), np.int64), np.cumsum(counts.reshape(mask.shape[1], width), axis=0)])
+
+    def median(histogram):
+        return low + int(np.searchsorted(np.cumsum(histogram), (histogram.sum() + 1) / 2))
+
+    half = int(round(band_mm / 2 / spacing_y_mm))
+    out = np.full(len(rows), median(cumulative[-1]), np.float32)
+    for row in np.unique(rows):
+        band = cumulative[min(row + half + 1, mask.shape[1])] - cumulative[max(row - half, 0)]
+        if band.any():
+            out[rows == row] = median(band)
+    return out
+
+
 def core_statistics(hu: np.ndarray, parenchyma: np.ndarray, positions: np.ndarray, spec: PatchSpec,
                     lung: np.ndarray | None = None) -> np.ndarray:
     """:func:`lattice_hu_statistics` of each patch's *core*: its parenchyma eroded by one model-grid voxel (3-D
     cross), so away from the vessels and airways found, and from the lung's edge, whose partial volume raises
     unblurred HU. ``hu`` as on the model grid, with no low-pass or smoothing: the second stage of the clusters
     (:mod:`latentharmonize.two_stage`) reads texture the densitometry's blur takes away. A patch with no core voxel
-    reads its parenchyma, and one with no parenchyma voxel (training cuts whole-lung patches) the ``lung``."""
+    reads its parenchyma, and one with no parenchyma voxel (training cuts whole-lung patches) the ``lung``.
+
+    Columns ``CORE_STATISTIC_NAMES``: the eight statistics, then ``above_depth``, the core's median less the
+    :func:`depth_reference` of the scan's core at the patch centre's depth (at most ``DEPTH_REFERENCE_MAX_HU``)."""
     positions = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
     if len(positions) == 0:
-        return np.zeros((0, len(HU_STATISTIC_NAMES)), np.float32)
+        return np.zeros((0, len(CORE_STATISTIC_NAMES)), np.float32)
     core = ndimage.binary_erosion(parenchyma, border_value=1)  # the volume's edge is not the lung's
     masks = [core, parenchyma] + ([] if lung is None else [lung])
-    out = np.full((len(positions), len(HU_STATISTIC_NAMES)), np.nan, np.float32)
+    out = np.full((len(positions), len(CORE_STATISTIC_NAMES)), np.nan, np.float32)
     todo = np.ones(len(positions), bool)
     for mask in masks:
         cut = extract_patches(np.asarray(mask, bool).view(np.uint8), positions, spec)
         holds = cut.reshape(len(positions), -1).max(axis=1) > 0
         now = todo & holds
         if now.any():
-            out[now] = lattice_hu_statistics(hu, mask, positions[now], spec)
+            out[now, :-1] = lattice_hu_statistics(hu, mask, positions[now], spec)
         todo &= ~holds
     if todo.any():
         raise InputError("A patch at the given positions holds no lung voxel; pass the positions of valid centres.")
+    reference_mask = next(m for m in masks if np.any(m))
+    rows = centre_pixels(positions, spec)[1]
+    median = out[:, HU_STATISTIC_NAMES.index("q50")]
+    reference = np.minimum(depth_reference(hu, reference_mask, rows, spec.spacing[1]), DEPTH_REFERENCE_MAX_HU)
+    out[:, -1] = median - reference
     return out
 
 
@@ -376,7 +425,7 @@ class DenseLatents:
     positions: np.ndarray  # int [n, 3] (z, y, x) indices into `lattice`
     lattice: ModelGrid  # grid of all patch centres (in-plane spacing = stride * grid spacing)
     lowpass_mm: float = 0.0  # in-plane Gaussian SD the encoder's input was blurred with (encoder_input)
-    core: np.ndarray | None = None  # float32 [n, 8]: context-averaged core_statistics, where the clusters read them
+    core: np.ndarray | None = None  # float32 [n, 9]: context-averaged core_statistics, where the clusters read them
 
 
 def _slab_batch(device: torch.device) -> int:

@@ -20,10 +20,14 @@ Each patch earns a disease-like name of the second stage by its own core: where 
 and threshold shares, named alone by the rules of :func:`clusters.name_rows`, do not give that name, the
 probability moves to higher-attenuation lung. On three normal real lungs (LIDC-IDRI) the second stage otherwise named
 1-2.5 % of the lung ground-glass-like: hilar vessels and partial volume at the bases, which a 20 mm patch's blurred
-statistics cannot tell from ground glass but its core can.
+statistics cannot tell from ground glass but its core can. With ``min_above_depth_hu``, a ground-glass-like or
+reticular-like name also needs the core's median to stand that far above the lung at the patch's antero-posterior
+depth (the core's ``above_depth``, :func:`patches.core_statistics`): the dense back of a lung held in a small breath
+reads as raised against fixed bounds, but not against the lung beside it
+(``docs/experiments/2026-12-07-depth-contrast.md``).
 
-Input rows are ``[first-stage features | the 8 core statistics]`` (raw HU and shares, in ``HU_STATISTIC_NAMES``
-order): :func:`with_core` builds them.
+Input rows are ``[first-stage features | the 9 core statistics]`` (raw HU and shares, in
+``patches.CORE_STATISTIC_NAMES`` order): :func:`with_core` builds them.
 """
 from __future__ import annotations
 
@@ -38,17 +42,20 @@ from .clusters import (DENSE, DENSE_STRUCTURES, DISEASE_NAMES, GROUND_GLASS, HIG
                        name_rows, nearest_with_confidence, stored_params, with_stored_params)
 from .densitometry import HU_STATISTIC_NAMES
 from .errors import InputError
+from .patches import CORE_STATISTIC_NAMES
 
 RAISED_NAMES = (HIGHER, DENSE_STRUCTURES, GROUND_GLASS, RETICULAR, HONEYCOMB, DENSE)  # what the second stage splits
 CORE_COLUMNS = ("q50", "q90", "above_300")  # the core statistics the second stage reads
-N_CORE = len(HU_STATISTIC_NAMES)
+N_CORE = len(CORE_STATISTIC_NAMES)
+DEPTH_CHECKED = (GROUND_GLASS, RETICULAR)  # the names of a raised parenchyma, which must stand above the lung's depth
 # the core statistics that name a patch on its own (clusters.NAMING_KEYS, in that order)
 _OWN_PROFILE = dict(zip(NAMING_KEYS, ("q50", "q25", "below_950", "above_300")))
 MIN_RAISED_ROWS = 50  # fewer raised training rows than this: no second stage is fitted
 
 
 def with_core(features, core) -> np.ndarray:
-    """The input rows of :class:`TwoStageClusters`: first-stage ``features`` [n, d] then ``core`` [n, 8]."""
+    """The input rows of :class:`TwoStageClusters`: first-stage ``features`` [n, d] then ``core`` [n, 9]
+    (:func:`patches.core_statistics`)."""
     features, core = np.asarray(features), np.asarray(core)
     if core.ndim != 2 or core.shape[1] != N_CORE or len(core) != len(features):
         raise InputError(f"Core statistics must be [n_patches, {N_CORE}] with one row per feature row; got "
@@ -62,11 +69,11 @@ def reads_core(clusters) -> bool:
 
 
 def _column(name: str) -> int:
-    return HU_STATISTIC_NAMES.index(name)
+    return CORE_STATISTIC_NAMES.index(name)
 
 
 def own_profile(core) -> dict:
-    """The naming profile (``clusters.NAMING_KEYS``) of each row of core statistics [n, 8]."""
+    """The naming profile (``clusters.NAMING_KEYS``) of each row of core statistics [n, 9]."""
     core = np.asarray(core, dtype=np.float64)
     return {key: core[:, _column(c)] for key, c in _OWN_PROFILE.items()}
 
@@ -85,13 +92,18 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
         The core statistics the second stage reads (names of ``HU_STATISTIC_NAMES``).
     random_state : int
         Seed of the second stage's mixture.
+    min_above_depth_hu : float or None
+        How far (HU) a patch's core median must stand above the lung at its depth to earn a ground-glass-like or
+        reticular-like name; None: no such test.
     """
 
-    def __init__(self, n_second=4, harmonized_columns=8, core_columns=CORE_COLUMNS, random_state=0):
+    def __init__(self, n_second=4, harmonized_columns=8, core_columns=CORE_COLUMNS, random_state=0,
+                 min_above_depth_hu=None):
         self.n_second = n_second
         self.harmonized_columns = harmonized_columns
         self.core_columns = core_columns
         self.random_state = random_state
+        self.min_above_depth_hu = min_above_depth_hu
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, first: TissueClusters, first_names: Sequence[str], order_by=None, acquisition_covariance=None):
@@ -155,9 +167,13 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
         if unknown or not len(self.core_columns):
             raise InputError(f"core_columns must name statistics of {list(HU_STATISTIC_NAMES)}; got "
                              f"{list(self.core_columns)}.")
+        m = self.min_above_depth_hu
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float, np.integer, np.floating))
+                              or not np.isfinite(m) or m < 0):
+            raise InputError(f"min_above_depth_hu must be None or a finite number of HU >= 0, got {m!r}.")
 
     def _second_map(self, d1: int) -> np.ndarray:
-        """The linear map from an input row (features, core) to the second stage's features, [d2, d1 + 8]."""
+        """The linear map from an input row (features, core) to the second stage's features, [d2, d1 + 9]."""
         k = int(self.harmonized_columns)
         cols = [_column(c) for c in self.core_columns]
         a = np.zeros((k + len(cols), d1 + N_CORE))
@@ -192,8 +208,12 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
                 out[:, label - 1] += raised * second[:, k]
         if len(self.earned_):
             own = name_rows(own_profile(X[:, d1:]))
+            flat = (X[:, d1 + _column("above_depth")] < self.min_above_depth_hu
+                    if self.min_above_depth_hu is not None else np.zeros(len(X), bool))
             for label in self.earned_:
                 unearned = own != self.names_[label - 1]
+                if self.names_[label - 1] in DEPTH_CHECKED:
+                    unearned |= flat
                 out[unearned, self.fallback_ - 1] += out[unearned, label - 1]
                 out[unearned, label - 1] = 0.0
         return out
@@ -242,6 +262,9 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
         tc.first_map_, tc.second_map_, tc.earned_ = as_int["first_map"], as_int["second_map"], as_int["earned"]
         tc.core_center_ = np.asarray(arrays["core_center"], dtype=np.float64).ravel()
         tc.core_scale_ = np.asarray(arrays["core_scale"], dtype=np.float64).ravel()
+        if tc.core_center_.shape == tc.core_scale_.shape == (len(HU_STATISTIC_NAMES),):
+            # stored before the core gained above_depth, which such clusters do not read
+            tc.core_center_, tc.core_scale_ = np.append(tc.core_center_, 0.0), np.append(tc.core_scale_, 1.0)
         tc.names_ = [str(n) for n in meta["final_names"]]
         tc.n_clusters_, tc.n_components_ = len(tc.names_), tc.first_.n_components_
         tc.fallback_ = int(meta["fallback"])
@@ -260,7 +283,8 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
 
 
 def fit_two_stage_clusters(X, stats: Mapping[str, np.ndarray], n_clusters, n_second: int, random_state: int,
-                           order_by=None, acquisition_covariance=None, harmonized_columns: int = 8) -> tuple:
+                           order_by=None, acquisition_covariance=None, harmonized_columns: int = 8,
+                           min_above_depth_hu=None) -> tuple:
     """:func:`clusters.fit_named_clusters` on ``X``'s feature columns (named from ``stats``), then
     :class:`TwoStageClusters` on its raised side; returns (clusters, final label of each row, names of the final
     clusters)."""
@@ -269,6 +293,6 @@ def fit_two_stage_clusters(X, stats: Mapping[str, np.ndarray], n_clusters, n_sec
     cov = None if acquisition_covariance is None else np.asarray(acquisition_covariance, dtype=np.float64)
     first, _, _, names = fit_named_clusters(X[:, :d1], stats, n_clusters, random_state, order_by=order_by,
                                             acquisition_covariance=None if cov is None else cov[:d1, :d1])
-    clusters = TwoStageClusters(n_second=n_second, harmonized_columns=harmonized_columns,
-                                random_state=random_state).fit(X, first, names, order_by, cov)
+    clusters = TwoStageClusters(n_second=n_second, harmonized_columns=harmonized_columns, random_state=random_state,
+                                min_above_depth_hu=min_above_depth_hu).fit(X, first, names, order_by, cov)
     return clusters, clusters.labels_, list(clusters.names_)

@@ -81,6 +81,11 @@ def add_arguments(parser) -> None:
                              "also reads the unblurred HU of each patch's core (parenchyma away from vessels, airways "
                              "and the lung's edge), each patch earning a disease-like name on its own; see "
                              "docs/training.md (default: off; the shipped bundle uses 4)")
+    parser.add_argument("--depth-contrast", dest="depth_contrast_hu", type=float, default=DEFAULTS.depth_contrast_hu,
+                        metavar="HU", help="with --second-stage: a ground-glass-like or reticular-like patch must also "
+                                           "stand this many HU above the lung at its antero-posterior depth, so the "
+                                           "dense back of a lung in a small breath is not named so (default: off; "
+                                           "the shipped bundle uses 50)")
     options.add_dask(parser, "sampling the cohort's patches")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/.checkpoints")
     options.add_overwrite(parser, "an existing bundle in --out")
@@ -103,7 +108,7 @@ def config_from_args(args) -> TrainConfig:
         densitometry=args.densitometry, densitometry_smooth_mm=args.densitometry_smooth_mm,
         densitometry_smooth_total=args.densitometry_smooth_total,
         densitometry_read_z_mm=args.densitometry_read_z_mm, technical_weight=args.technical_weight,
-        calibrate=args.calibrate, second_stage=args.second_stage,
+        calibrate=args.calibrate, second_stage=args.second_stage, depth_contrast_hu=args.depth_contrast_hu,
         lowpass_mm=args.lowpass_mm, lowpass_noise_hu=args.lowpass_noise_hu,
         context_radius=args.context_radius, device=args.device, scheduler=args.scheduler, workers=args.workers)
 

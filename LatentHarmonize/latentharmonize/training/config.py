@@ -42,6 +42,7 @@ class TrainConfig:
     technical_weight: float | None = None  # of the re-centred technical coordinates in the clusters; None: chosen
     calibrate: bool = False  # air/fat HU calibration of every scan (the spec's calibration)
     second_stage: int | None = None  # components of the clusters' second stage (two_stage.py); None: one stage
+    depth_contrast_hu: float | None = None  # the second stage's min_above_depth_hu; None: no depth test
     lowpass_mm: float = 0.0  # in-plane Gaussian SD of the model-grid HU (the spec's lowpass_mm)
     lowpass_noise_hu: float | None = None  # soft-tissue noise each scan is blurred down to (the spec's)
     context_radius: int = PatchSpec.context_radius
@@ -120,6 +121,10 @@ def _check_densitometry(config: TrainConfig) -> None:
     if stage is not None and (not _is_int(stage) or stage < 2 or weight is None):
         raise InputError(f"--second-stage must be an integer of at least 2 and goes with --densitometry (it reads the "
                          f"harmonized statistics); got {stage!r}.")
+    depth = config.depth_contrast_hu
+    if depth is not None and (not (_is_real(depth) and depth >= 0) or stage is None):
+        raise InputError(f"--depth-contrast must be 0 or more HU, and goes with --second-stage (it tests the second "
+                         f"stage's names); got {depth!r}.")
     z = config.densitometry_read_z_mm
     if not (_is_real(z) and z >= 0) or (z and weight is None):
         raise InputError(f"--densitometry-read-z must be 0 or more mm, and goes with --densitometry; got {z!r}.")

@@ -66,7 +66,7 @@ def fit_posthoc(model, cohort, samples: PairedPatches, config: TrainConfig, devi
         progress(79, "cluster", f"second stage: {config.second_stage} components on the raised clusters")
         core = core_rows(cohort, samples, spec)
         clusters = fit_second_stage(clusters, rotation.cluster_features(latents, scans=samples.scan), core, samples,
-                                    config.second_stage, spec.n_statistics, config.seed)
+                                    config.second_stage, spec.n_statistics, config.seed, config.depth_contrast_hu)
     tissue, labels, profiles, names, colors = clusters
     progress(80, "cluster", f"technical weight {weight:g}; {len(names)} tissue clusters")
     probe["clusters"] = rotation.probe_accuracy(latents, samples.acquisition.astype(str), space="clusters",
@@ -192,7 +192,7 @@ def select_technical_weight(rotation, latents: np.ndarray, samples: PairedPatche
 
 
 def fit_second_stage(clusters: tuple, features: np.ndarray, core: np.ndarray, samples: PairedPatches,
-                     n_second: int, harmonized_columns: int, seed: int) -> tuple:
+                     n_second: int, harmonized_columns: int, seed: int, min_above_depth_hu=None) -> tuple:
     """:class:`two_stage.TwoStageClusters` on the first stage ``clusters`` (as :func:`fit_clusters` returns them),
     widened by the acquisition covariance of the training pairs; returns the same five things for the final
     clusters."""
@@ -200,7 +200,8 @@ def fit_second_stage(clusters: tuple, features: np.ndarray, core: np.ndarray, sa
     X = with_core(features, core)
     pairs = samples.pairs()
     widening = acquisition_covariance(X[pairs[:, 0]], X[pairs[:, 1]]) if len(pairs) else None
-    two = TwoStageClusters(n_second=n_second, harmonized_columns=harmonized_columns, random_state=seed).fit(
+    two = TwoStageClusters(n_second=n_second, harmonized_columns=harmonized_columns, random_state=seed,
+                           min_above_depth_hu=min_above_depth_hu).fit(
         X, first, first_names, samples.stats["mean_hu"], widening)
     names = list(two.names_)
     return (two, two.labels_, cluster_profiles(two.labels_, samples.stats, two.n_clusters_), names,

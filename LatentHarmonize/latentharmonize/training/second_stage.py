@@ -18,7 +18,7 @@ from .summary import ari_vs_truth
 
 
 def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: int,
-                     per_patient: int = TrainConfig.per_patient,
+                     per_patient: int = TrainConfig.per_patient, depth_contrast_hu: float | None = None,
                      progress: Progress | None = None) -> ModelBundle:
     """A new bundle: ``bundle`` with a ``n_second``-component second stage fitted on ``per_patient`` paired points
     per patient of ``cohort_csv`` (drawn with ``seed``, as ``train`` draws them). Its identity (SHA-256) is new; the
@@ -30,7 +30,7 @@ def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: in
         raise InputError("A second stage reads the harmonized densitometry; this bundle was trained without "
                          "--densitometry.")
     config = TrainConfig(seed=seed, per_patient=per_patient, densitometry=spec.densitometry.weight,
-                         second_stage=n_second)
+                         second_stage=n_second, depth_contrast_hu=depth_contrast_hu)
     progress = progress or Progress(quiet=True)
     samples, cohort = load_cohort_samples(cohort_csv, config, replace(spec, densitometry=None), progress)
     device = torch.device("cpu")
@@ -38,7 +38,8 @@ def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: in
     features = bundle.rotation.cluster_features(latents, scans=samples.scan)
     first = (bundle.clusters, None, None, list(bundle.names.values()), None)
     clusters, labels, profiles, names, colors = fit_second_stage(
-        first, features, core_rows(cohort, samples, spec), samples, n_second, spec.n_statistics, seed)
+        first, features, core_rows(cohort, samples, spec), samples, n_second, spec.n_statistics, seed,
+        depth_contrast_hu)
     m = bundle.manifest
     training = {**m["training"], "k": len(names), "second_stage": int(n_second), "second_stage_of": bundle.sha256,
                 "cluster_names": dict(enumerate(names, start=1)),
