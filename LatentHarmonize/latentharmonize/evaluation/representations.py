@@ -176,8 +176,7 @@ class Rotated(Representation):
         if not reads_core(shipped):
             return super().refit(training, features, stats, n_clusters, seed, widening)
         return fit_two_stage_clusters(features, stats, n_clusters, shipped.n_second, seed, order_by=stats["mean_hu"],
-                                      acquisition_covariance=widening,
-                                      harmonized_columns=shipped.harmonized_columns,
+                                      acquisition_covariance=widening, harmonized_columns=shipped.harmonized_columns,
                                       min_above_depth_hu=shipped.min_above_depth_hu)[0]
 
 
