@@ -99,7 +99,8 @@ def test_with_a_depth_test_ground_glass_must_stand_above_the_lung_at_its_depth()
     np.testing.assert_array_equal(model.predict_proba(flat), before)
     assert model.export_state()[1]["params"]["min_above_depth_hu"] == 50.0
     with pytest.raises(InputError, match="min_above_depth_hu"):
-        TwoStageClusters(n_second=2, harmonized_columns=2, min_above_depth_hu=-5.0).fit(X, model.first_, [NORMAL, HIGHER])
+        TwoStageClusters(n_second=2, harmonized_columns=2, min_above_depth_hu=-5.0).fit(X, model.first_,
+                                                                                        [NORMAL, HIGHER])
 
 
 def test_clusters_stored_before_the_depth_column_load_and_ignore_it():

@@ -17,8 +17,9 @@ copy's label map is read against the slice's own HU. Each region of interest is 
 an exact crop of one) and read the same way. Printed (and written to ``--out``): per leading pattern and per severity,
 each segment's share of the lung beside the lung's share below -950 and -910 HU and its 15th percentile; per
 pattern of the regions of interest, the same, with how far a region's median lies above its slice's lung median;
-on how many slices with and without emphysema each segment holds at least 1 % of the lung; and how well each figure tells the slices with emphysema from those
-without (the area under the ROC curve, scikit-learn's ``roc_auc_score``, with the direction in which it separates).
+on how many slices with and without emphysema each segment holds at least 1 % of the lung; and how well each
+figure tells the slices with emphysema from those without (the area under the ROC curve, scikit-learn's
+``roc_auc_score``, with the direction in which it separates).
 
 This script only orchestrates tested library functions (the analysis, the densitometry indices), so it has no test
 of its own.
@@ -133,6 +134,12 @@ def summary(rows: list, key: str, columns: list) -> list:
     return lines
 
 
+def marked_slices(slices: list, segments: list, without: bool) -> str:
+    """Per segment, how many slices with emphysema (``without``: without it) it marks (:data:`MARKED_PCT`)."""
+    chosen = [r for r in slices if (r["pattern"] == NO_EMPHYSEMA) == without]
+    return ", ".join(f"{name} {sum(r[name] >= MARKED_PCT for r in chosen)}" for _, name in segments)
+
+
 def separation(rows: list, columns: list) -> list:
     """Markdown lines: per column, the area under the ROC curve for emphysema against none, and its direction."""
     truth = [r["pattern"] != NO_EMPHYSEMA for r in rows]
@@ -173,10 +180,6 @@ def main(argv=None) -> int:
     segments = [(f"{name} (% of lung)", name) for _, name in sorted(names.items())]
     density = [("below −950 HU (%)", "laa950_pct"), ("below −910 HU (%)", "laa910_pct"),
                ("15th percentile (HU)", "perc15_hu"), ("mean (HU)", "mld_hu")]
-    def marked(without: bool) -> str:
-        return ", ".join(f"{name} {sum(r[name] >= MARKED_PCT for r in slices if (r['pattern'] == NO_EMPHYSEMA) == without)}"
-                         for _, name in segments)
-
     mostly = [{"pattern": r["pattern"], **{name: 100.0 * (r[name] > 50) for _, name in segments}} for r in regions]
     lowpass = [r["lowpass_mm"] for r in slices]
     lines = [f"{len(slices)} slices, {len(regions)} regions of interest holding lung; the encoder's noise-matched "
@@ -184,8 +187,10 @@ def main(argv=None) -> int:
              f"{max(lowpass):g} mm, {lowpass.count(min(lowpass))} at {min(lowpass):g} mm).", "",
              "Slices by leading pattern:", "", *summary(slices, "pattern", density + segments), "",
              "Slices by severity:", "", *summary(slices, "severity", density + segments), "",
-             f"Emphysema slices holding at least {MARKED_PCT:g} % of each segment: {marked(False)}.", "",
-             f"Slices without emphysema holding at least {MARKED_PCT:g} % of each segment: {marked(True)}.", "",
+             f"Emphysema slices holding at least {MARKED_PCT:g} % of each segment: "
+             f"{marked_slices(slices, segments, without=False)}.", "",
+             f"Slices without emphysema holding at least {MARKED_PCT:g} % of each segment: "
+             f"{marked_slices(slices, segments, without=True)}.", "",
              "Regions of interest by pattern:", "",
              *summary(regions, "pattern", density + [("median above the slice's lung (HU)", "above_lung_hu")]
                       + segments), "",

@@ -19,8 +19,9 @@ with two lungs; only regions lying wholly in the rows read are counted. As for t
 slice whose lung the automatic mask cannot find (under 100 mL in the stack) is reported and skipped.
 
 Printed (and written to ``--out``): per label, the slices and cases it was read on, the mean HU of its region, how
-far the median of its lung lies above its slice's lung median (in the rows read), its share inside the lung mask, each segment's share of the region's lung, and on how many slices most of the region lies
-outside normal-appearing and lower-attenuation lung and the vessels. This script only orchestrates tested library
+far the median of its lung lies above its slice's lung median (in the rows read), its share inside the lung mask,
+each segment's share of the region's lung, and on how many slices most of the region lies outside normal-appearing
+and lower-attenuation lung and the vessels. This script only orchestrates tested library
 functions and the data's reading, so it has no test of its own.
 """
 from __future__ import annotations

@@ -276,12 +276,10 @@ def depth_reference(hu: np.ndarray, mask: np.ndarray, rows: np.ndarray, spacing_
         return low + int(np.searchsorted(np.cumsum(histogram), (histogram.sum() + 1) / 2))
 
     half = int(round(band_mm / 2 / spacing_y_mm))
-    out = np.full(len(rows), median(cumulative[-1]), np.float32)
-    for row in np.unique(rows):
-        band = cumulative[min(row + half + 1, mask.shape[1])] - cumulative[max(row - half, 0)]
-        if band.any():
-            out[rows == row] = median(band)
-    return out
+    whole = median(cumulative[-1])
+    unique, which = np.unique(rows, return_inverse=True)
+    bands = [cumulative[min(row + half + 1, mask.shape[1])] - cumulative[max(row - half, 0)] for row in unique]
+    return np.array([median(band) if band.any() else whole for band in bands], np.float32)[which]
 
 
 def core_statistics(hu: np.ndarray, parenchyma: np.ndarray, positions: np.ndarray, spec: PatchSpec,
