@@ -26,9 +26,11 @@ MODULE_DIR = Path(bridge.__file__).resolve().parents[2]
 NAMES = {1: "normal", 2: "emphysema", 3: "ground_glass"}
 COLORS = {1: (0.0, 0.45, 0.7), 2: (0.9, 0.62, 0.0), 3: (0.0, 0.62, 0.45)}
 DENSITOMETRY = [{"region": region, "laa950_pct": laa, "haa700_250_pct": haa, "mld_hu": mld, "perc15_hu": p15,
-                 "volume_ml": ml} for region, laa, haa, mld, p15, ml in
-                [("whole", 12.5, 8.0, -851.0, -940.0, 5.2), ("right", 20.0, 1.0, -870.0, -955.0, 2.6),
-                 ("left", 5.0, 15.0, -832.0, -905.0, 2.6)]]
+                 "laa950_matched_pct": laa_m, "perc15_matched_hu": p15_m, "volume_ml": ml}
+                for region, laa, haa, mld, p15, laa_m, p15_m, ml in
+                [("whole", 12.5, 8.0, -851.0, -940.0, 9.5, -931.0, 5.2),
+                 ("right", 20.0, 1.0, -870.0, -955.0, 16.0, -948.0, 2.6),
+                 ("left", 5.0, 15.0, -832.0, -905.0, 3.0, -899.0, 2.6)]]
 WARNINGS = [{"code": "thin_slices", "message": "Slices thinner than the model was trained on."}]
 # oblique-free but flipped, anisotropic geometry, as Slicer gives for a typical axial CT (IJK -> RAS)
 IJK_TO_RAS = np.array([[-0.8, 0.0, 0.0, 120.0],
@@ -701,11 +703,19 @@ def test_densitometry_rows_become_table_columns(outputs, tmp_path):
     rows = bridge.read_densitometry(outputs["out"] / "composition.json")
     assert rows == DENSITOMETRY
     columns = dict(bridge.densitometry_columns(rows))
-    assert list(columns) == ["Region", "LAA-950 (%)", "HAA -700..-250 (%)", "MLD (HU)", "Perc15 (HU)", "Volume (mL)"]
+    assert list(columns) == ["Region", "LAA-950 (%)", "HAA -700..-250 (%)", "MLD (HU)", "Perc15 (HU)",
+                             "LAA-950 noise-matched (%)", "Perc15 noise-matched (HU)", "Volume (mL)"]
     assert list(columns["Region"]) == ["whole", "right", "left"] and columns["MLD (HU)"][1] == -870.0
+    assert columns["Perc15 noise-matched (HU)"][1] == -948.0
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"clusters": []}))
     assert bridge.read_densitometry(old) == []
+    # an analysis written before the noise-matched columns existed: they read empty, the rest as written
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps({"densitometry": [{k: v for k, v in r.items() if "matched" not in k}
+                                                   for r in DENSITOMETRY]}))
+    columns = dict(bridge.densitometry_columns(bridge.read_densitometry(before)))
+    assert np.isnan(columns["Perc15 noise-matched (HU)"]).all() and columns["Perc15 (HU)"][1] == -955.0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"densitometry": [{"region": "whole"}]}))
     with pytest.raises(OutputError, match="densitometry rows lack"):

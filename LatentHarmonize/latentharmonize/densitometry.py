@@ -6,9 +6,16 @@ readers compare a tissue composition with first.
   reticulation; denser consolidation and vessels above -250 HU are left out);
 - ``mld_hu``: mean lung density (HU); ``perc15_hu``: the 15th percentile of lung HU (linear interpolation between
   voxels, as ``numpy.percentile``);
+- ``laa950_matched_pct``, ``perc15_matched_hu``: the same two emphysema indices read *noise-matched*, as the model
+  reads the scan (:func:`matched_lung_hu`): HU calibrated on the scan's air and fat where the bundle calibrates, on
+  the model grid, blurred in-plane by the scan's noise-matched low-pass (a sharp or low-dose reconstruction until its
+  noise is a soft kernel's) and along z to 5 mm slices' resolution. A sharp kernel's noise fills the tail below
+  -950 HU; matched, the indices hardly move with the kernel, and the 15th percentile keeps mild emphysema
+  (``docs/experiments/2026-12-07-noise-matched-densitometry.md``);
 - ``volume_ml``: the region's lung volume.
 
-Computed on the CT's own voxels inside the lung mask, with no resampling, per region of
+Computed on the CT's own voxels inside the lung mask, with no resampling (the matched columns: each lung voxel reads
+the model-grid voxel nearest to it), per region of
 :mod:`latentharmonize.composition` (``whole``, ``right``, ``left``, ``upper``, ``middle``, ``lower``, then one per
 mask segment). :func:`density_indices` is the one definition for any set of lung HU values.
 
@@ -35,7 +42,9 @@ HAA_THRESHOLD_HU = -700.0  # ground glass and fibrosis above it
 DENSE_THRESHOLD_HU = -300.0  # consolidation and vessels above it
 HAA_RANGE_HU = (HAA_THRESHOLD_HU, -250.0)
 PERCENTILE = 15.0
-COLUMNS = ["region", "laa950_pct", "haa700_250_pct", "mld_hu", "perc15_hu", "volume_ml"]
+COLUMNS = ["region", "laa950_pct", "haa700_250_pct", "mld_hu", "perc15_hu", "laa950_matched_pct", "perc15_matched_hu",
+           "volume_ml"]
+MATCHED = {"laa950_matched_pct": "laa950_pct", "perc15_matched_hu": "perc15_hu"}  # matched column: the index it reads
 
 
 def density_indices(values) -> dict:
@@ -68,11 +77,12 @@ def _histogram_indices(counts: np.ndarray, lowest: int) -> dict:
 
 
 def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments | None = None, *,
-                       cells: tuple | None = None) -> pd.DataFrame:
+                       cells: tuple | None = None, matched=None) -> pd.DataFrame:
     """One row per region with lung voxels: columns :data:`COLUMNS`. ``lungs``: lung mask (1 right, 2 left, as for
     the composition); ``segments``: the segments of a several-segment mask, one more row each; ``cells``:
-    :func:`latentharmonize.composition.lung_cells` of ``lungs`` when the caller has it already. Same geometry for
-    all images.
+    :func:`latentharmonize.composition.lung_cells` of ``lungs`` when the caller has it already; ``matched``: the
+    noise-matched HU of every lung voxel, in the mask's [z, y, x] order (:func:`matched_lung_hu`; a NaN reads the
+    voxel's own HU), which the matched columns read (NaN without it). Same geometry for all images.
 
     An integer CT (the usual Int16) is counted in one HU histogram per (side, zone) cell and per segment, a region
     being a sum of cells: one pass over the lung instead of a percentile per region. A float CT takes the region's
@@ -86,16 +96,16 @@ def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments
     code, regions = segment_codes(segments, box, inside) if segments is not None else (None, [])
     voxel_ml = float(np.prod(lungs.GetSpacing())) / 1000.0
     rows = []
+    if matched is not None:
+        matched = np.asarray(matched, dtype=np.float64).ravel()
+        if matched.size != hu.size:
+            raise InputError(f"Got {matched.size} matched HU values for {hu.size} lung voxels; give one per lung "
+                             "voxel of this mask.")
+        matched = np.rint(np.where(np.isnan(matched), hu, matched))  # no lung near on the grid: the voxel's own HU
+        matched = {region: _histogram_indices(histogram, lowest) for region, (histogram, lowest) in
+                   _region_histograms(matched.astype(np.int32), group, code, regions).items() if histogram.any()}
     if hu.dtype.kind in "iu":
-        lowest = int(hu.min())
-        span = int(hu.max()) - lowest + 1
-        offset = hu.astype(np.intp) - lowest
-        cells = np.bincount(group.astype(np.intp) * span + offset, minlength=9 * span).reshape(3, 3, span)
-        counts = {region: cells[REGION_CELLS[region]].reshape(-1, span).sum(axis=0) for region in REGIONS}
-        if segments is not None:
-            per_segment = np.bincount(code * span + offset, minlength=(len(regions) + 1) * span).reshape(-1, span)
-            counts.update({region: per_segment[k] for k, region in enumerate(regions, 1)})
-        for region, histogram in counts.items():
+        for region, (histogram, lowest) in _region_histograms(hu, group, code, regions).items():
             n = int(histogram.sum())
             if n:
                 rows.append({"region": region, **_histogram_indices(histogram, lowest), "volume_ml": n * voxel_ml})
@@ -107,7 +117,37 @@ def densitometry_table(ct: sitk.Image, lungs: sitk.Image, segments: MaskSegments
             n = int(np.count_nonzero(voxels))
             if n:
                 rows.append({"region": region, **density_indices(hu[voxels]), "volume_ml": n * voxel_ml})
+    for row in rows:
+        row.update({column: np.nan if matched is None else matched[row["region"]][index]
+                    for column, index in MATCHED.items()})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _region_histograms(hu: np.ndarray, group: np.ndarray, code, regions: list) -> dict:
+    """``{region: (HU histogram, its lowest HU)}`` of integer lung HU ``hu``: one histogram per (side, zone) cell,
+    summed into the regions, and one per segment (``code``: each voxel's segment, 0 for none)."""
+    lowest = int(hu.min())
+    span = int(hu.max()) - lowest + 1
+    offset = hu.astype(np.intp) - lowest
+    cells = np.bincount(group.astype(np.intp) * span + offset, minlength=9 * span).reshape(3, 3, span)
+    counts = {region: cells[REGION_CELLS[region]].reshape(-1, span).sum(axis=0) for region in REGIONS}
+    if code is not None:
+        per_segment = np.bincount(code * span + offset, minlength=(len(regions) + 1) * span).reshape(-1, span)
+        counts.update({region: per_segment[k] for k, region in enumerate(regions, 1)})
+    return {region: (histogram, lowest) for region, histogram in counts.items()}
+
+
+MATCHED_MIN_WEIGHT = 0.01  # a voxel whose blur holds less lung than this has no matched HU (NaN)
+
+
+def matched_lung_hu(hu: np.ndarray, lung: np.ndarray, lowpass_mm: float, spacing, sigma_z_mm: float) -> np.ndarray:
+    """Model-grid ``hu`` as the noise-matched indices read it: the lung's HU blurred in-plane with the scan's
+    noise-matched low-pass SD ``lowpass_mm`` (``patches.encoder_input``) and by ``sigma_z_mm`` along z (to 5 mm
+    slices' resolution: ``DensitometryEntry.added_z_mm``), normalised over the lung so that the chest wall and the
+    mediastinum do not raise its edge. Voxels just outside the grid's lung read the lung beside them (a CT lung
+    voxel at the mask's edge can have its nearest grid voxel there); NaN where no lung is near."""
+    blurred, weight = _lung_weighted_blur(hu, lung, lowpass_mm, spacing, sigma_z_mm)
+    return np.where(lung | (weight >= MATCHED_MIN_WEIGHT), blurred, np.nan).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- lung and patch summaries
@@ -216,7 +256,13 @@ def smooth_lung(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spacing, sigm
     (x, y, z) mm, normalised over lung voxels so the chest wall does not bleed in; voxels outside the lung keep their
     HU. It removes most of a sharp kernel's extra high-frequency noise, which otherwise fills the tails of the
     histogram (the emphysema index), and keeps regional density."""
+    blurred, _ = _lung_weighted_blur(hu, lung, sigma_mm, spacing, sigma_z_mm)
+    return np.where(lung, blurred, hu).astype(np.float32)
+
+
+def _lung_weighted_blur(hu: np.ndarray, lung: np.ndarray, sigma_mm: float, spacing, sigma_z_mm: float) -> tuple:
+    """``(blurred, weight)``: the Gaussian blur of the lung's HU divided by that of the lung mask (``weight``), at
+    every voxel: inside the lung :func:`smooth_lung`, beside it the lung nearby."""
     sigma = (sigma_z_mm / spacing[2], sigma_mm / spacing[1], sigma_mm / spacing[0])
     weight = gaussian_filter(lung.astype(np.float32), sigma)
-    blurred = gaussian_filter(np.where(lung, hu, 0.0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
-    return np.where(lung, blurred, hu).astype(np.float32)
+    return gaussian_filter(np.where(lung, hu, 0.0).astype(np.float32), sigma) / np.maximum(weight, 1e-6), weight

@@ -26,7 +26,7 @@ from . import __version__
 from .bundle import ModelBundle, load_bundle
 from .clusters import nearest_with_confidence
 from .composition import composition_table, composition_to_json, lung_cells, lung_volumes_from_table
-from .densitometry import densitometry_table
+from .densitometry import densitometry_table, matched_lung_hu
 from .errors import BundleError, InputError, NoLungFoundError
 from .grid import axial_axis, box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
@@ -386,8 +386,9 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
         timer.lap("encode")
 
         stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
-        tables = pool.submit(_lung_tables, ct, lungs, segments)
         lookup = lookup.result()
+        tables = pool.submit(_lung_tables, ct, lungs, segments,
+                             functools.partial(_matched_lung_voxels, hu, lung_grid, grid, bundle.spec, dense, lookup))
         labels_n, conf_n, labels, confidence = _cluster_values(dense, bundle, ct, grid, structures, lookup)
         confidence = pool.submit(lookup.scatter, confidence, ct)
         labels = lookup.scatter(labels, ct)
@@ -412,11 +413,21 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
                          patch_confidence=conf_n)
 
 
-def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments) -> tuple:
+def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments, matched: Callable) -> tuple:
     """``(cells, densitometry)``: the lung voxels' (side, zone) cells, shared by the composition and densitometry
-    tables, and the densitometry table (neither needs the label map)."""
+    tables, and the densitometry table (neither needs the label map); ``matched()`` gives the noise-matched HU of
+    the lung voxels (:func:`_matched_lung_voxels`)."""
     cells = lung_cells(lungs)
-    return cells, densitometry_table(ct, lungs, segments, cells=cells)
+    return cells, densitometry_table(ct, lungs, segments, cells=cells, matched=matched())
+
+
+def _matched_lung_voxels(hu: np.ndarray, lung: np.ndarray, grid, spec, dense: DenseLatents,
+                         lookup: CtLookup) -> np.ndarray:
+    """The noise-matched HU (:func:`densitometry.matched_lung_hu`) of the model-grid voxel each lung voxel of the CT
+    reads, in the CT's [z, y, x] order (``lookup.voxels``): the scan's own low-pass, and along z the blur to 5 mm
+    slices that the bundle's densitometry reads (none for a bundle without one)."""
+    z_mm = spec.densitometry.added_z_mm(grid.scan_z_mm) if spec.densitometry is not None else 0.0
+    return matched_lung_hu(hu, lung, dense.lowpass_mm, grid.spacing, z_mm).ravel()[lookup.index]
 
 
 def _run_record(source, bundle, device, mask_source, assessment, calibration, warnings: list, dense: DenseLatents,

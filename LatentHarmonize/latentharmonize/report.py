@@ -85,12 +85,15 @@ def densitometry_table_html(composition: dict) -> str:
     """HTML table of the densitometry rows of a composition document (empty when it has none)."""
     rows = "".join(
         f"<tr><td>{html.escape(d['region'])}</td><td>{_fmt(d['laa950_pct'])}</td><td>{_fmt(d['haa700_250_pct'])}</td>"
-        f"<td>{_fmt(d['mld_hu'], 0)}</td><td>{_fmt(d['perc15_hu'], 0)}</td><td>{_fmt(d['volume_ml'])}</td></tr>"
+        f"<td>{_fmt(d['mld_hu'], 0)}</td><td>{_fmt(d['perc15_hu'], 0)}</td>"
+        f"<td>{_fmt(d.get('laa950_matched_pct'))}</td><td>{_fmt(d.get('perc15_matched_hu'), 0)}</td>"
+        f"<td>{_fmt(d['volume_ml'])}</td></tr>"
         for d in composition.get("densitometry", []))
     if not rows:
         return ""
     return ("<h3>Densitometry (CT voxels in the lung mask)</h3><table id='densitometry'><thead><tr><th>region</th><th>LAA−950 %</th><th>HAA −700…−250 %</th>"
-            f"<th>mean HU</th><th>15th percentile HU</th><th>volume mL</th></tr></thead><tbody>{rows}</tbody></table>")
+            "<th>mean HU</th><th>15th percentile HU</th><th>LAA−950 %, noise-matched</th>"
+            f"<th>15th percentile HU, noise-matched</th><th>volume mL</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _payload(dv: DisplayVolumes, clusters: list) -> str:

@@ -13,7 +13,10 @@ from ..outputs import output_names
 
 # Densitometry rows of composition.json (key "densitometry") and their column titles, with units
 DENSITOMETRY_TITLES = {"region": "Region", "laa950_pct": "LAA-950 (%)", "haa700_250_pct": "HAA -700..-250 (%)",
-                       "mld_hu": "MLD (HU)", "perc15_hu": "Perc15 (HU)", "volume_ml": "Volume (mL)"}
+                       "mld_hu": "MLD (HU)", "perc15_hu": "Perc15 (HU)",
+                       "laa950_matched_pct": "LAA-950 noise-matched (%)",
+                       "perc15_matched_hu": "Perc15 noise-matched (HU)", "volume_ml": "Volume (mL)"}
+ADDED_LATER = ("laa950_matched_pct", "perc15_matched_hu")  # absent from older analyses' rows: shown empty
 
 
 def analysis_input_path(out_dir) -> Optional[Path]:
@@ -127,11 +130,12 @@ def read_densitometry(json_path) -> list:
     except (OSError, ValueError) as exc:
         raise OutputError(f"Cannot read {json_path}: {exc}. Run Analyze again.") from exc
     rows = doc.get("densitometry") or []
-    bad = [r for r in rows if not isinstance(r, dict) or set(DENSITOMETRY_TITLES) - set(r)]
+    required = set(DENSITOMETRY_TITLES) - set(ADDED_LATER)
+    bad = [r for r in rows if not isinstance(r, dict) or required - set(r)]
     if bad:
-        raise OutputError(f"{json_path}: densitometry rows lack {sorted(set(DENSITOMETRY_TITLES) - set(bad[0]))}; it "
+        raise OutputError(f"{json_path}: densitometry rows lack {sorted(required - set(bad[0]))}; it "
                           "was not written by this version of analyze.")
-    return [{k: r[k] for k in DENSITOMETRY_TITLES} for r in rows]
+    return [{k: r.get(k) for k in DENSITOMETRY_TITLES} for r in rows]
 
 
 def densitometry_columns(rows: Sequence[dict]) -> list:
