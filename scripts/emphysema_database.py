@@ -15,7 +15,8 @@ geometry: ``--pixel-mm`` and ``--slice-mm`` give it, by default as the database'
 product's analysis runs in memory (``latentharmonize.analyze_image``, default bundle unless ``--model``); the middle
 copy's label map is read against the slice's own HU. Each region of interest is found in its subject's slices (it is
 an exact crop of one) and read the same way. Printed (and written to ``--out``): per leading pattern and per severity,
-each segment's share of the lung beside the lung's share below -950 and -910 HU and its 15th percentile; per
+each segment's share of the lung beside the lung's share below -950 and -910 HU and its 15th percentile (and the
+first and last read noise-matched, as ``analyze``'s ``densitometry.csv`` gives them); per
 pattern of the regions of interest, the same, with how far a region's median lies above its slice's lung median;
 on how many slices with and without emphysema each segment holds at least 1 % of the lung; and how well each
 figure tells the slices with emphysema from those without (the area under the ROC curve, scikit-learn's
@@ -42,6 +43,7 @@ from latentharmonize.densitometry import density_indices
 PATTERNS = {"1": "no emphysema", "2": "centrilobular", "3": "paraseptal", "4": "panlobular"}
 NO_EMPHYSEMA = PATTERNS["1"]
 MARKED_PCT = 1.0  # a slice counts as marked by a segment holding at least this share of its lung
+MATCHED_COLUMNS = ("laa950_matched_pct", "perc15_matched_hu")  # densitometry.csv's noise-matched indices
 
 
 def read_hu(path: Path) -> np.ndarray:
@@ -68,6 +70,13 @@ def slice_figures(hu: np.ndarray, labels: np.ndarray, lung: np.ndarray, names: d
     return figures
 
 
+def matched_figures(densitometry) -> dict:
+    """The noise-matched emphysema indices of ``analyze``'s densitometry table (whole lung): every copy of the slice
+    reads alike, so they are the slice's."""
+    whole = densitometry.set_index("region").loc["whole"]
+    return {column: float(whole[column]) for column in MATCHED_COLUMNS}
+
+
 def analyse_slices(folder: Path, args) -> tuple:
     """Per slice: pattern, severity and figures; and per slice name the middle copy's labels and lung."""
     severity = dict(read_pairs(folder / "slice_severity.csv"))
@@ -82,7 +91,7 @@ def analyse_slices(folder: Path, args) -> tuple:
         maps[name] = (hu, labels, lung)
         rows.append({"slice": name, "pattern": PATTERNS[pattern], "severity": int(severity[name]),
                      "lowpass_mm": analysis.record["encoder_lowpass_mm"],
-                     **slice_figures(hu, labels, lung, names)})
+                     **slice_figures(hu, labels, lung, names), **matched_figures(analysis.densitometry)})
         print(f"{name}: {PATTERNS[pattern]}, severity {severity[name]}", file=sys.stderr, flush=True)
     return rows, maps, names
 
@@ -180,13 +189,15 @@ def main(argv=None) -> int:
     segments = [(f"{name} (% of lung)", name) for _, name in sorted(names.items())]
     density = [("below −950 HU (%)", "laa950_pct"), ("below −910 HU (%)", "laa910_pct"),
                ("15th percentile (HU)", "perc15_hu"), ("mean (HU)", "mld_hu")]
+    matched = [(f"{title}, noise-matched{unit}", column) for (title, unit), column in
+               zip(((("below −950 HU", " (%)"), ("15th percentile", " (HU)"))), MATCHED_COLUMNS)]
     mostly = [{"pattern": r["pattern"], **{name: 100.0 * (r[name] > 50) for _, name in segments}} for r in regions]
     lowpass = [r["lowpass_mm"] for r in slices]
     lines = [f"{len(slices)} slices, {len(regions)} regions of interest holding lung; the encoder's noise-matched "
              f"low-pass {min(lowpass):g}–{max(lowpass):g} mm ({lowpass.count(max(lowpass))} slices at "
              f"{max(lowpass):g} mm, {lowpass.count(min(lowpass))} at {min(lowpass):g} mm).", "",
-             "Slices by leading pattern:", "", *summary(slices, "pattern", density + segments), "",
-             "Slices by severity:", "", *summary(slices, "severity", density + segments), "",
+             "Slices by leading pattern:", "", *summary(slices, "pattern", density + matched + segments), "",
+             "Slices by severity:", "", *summary(slices, "severity", density + matched + segments), "",
              f"Emphysema slices holding at least {MARKED_PCT:g} % of each segment: "
              f"{marked_slices(slices, segments, without=False)}.", "",
              f"Slices without emphysema holding at least {MARKED_PCT:g} % of each segment: "
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
                       + segments), "",
              "Regions of interest mostly (over 50 % of their lung) in each segment:", "",
              *summary(mostly, "pattern", [(f"{name} (% of regions)", name) for _, name in segments]), "",
-             "Slices with emphysema against slices without:", "", *separation(slices, density + segments)]
+             "Slices with emphysema against slices without:", "", *separation(slices, density + matched + segments)]
     report(lines, args.out)
     return 0
 

@@ -6,7 +6,9 @@ Both scans are read (NRRD, NIfTI, MHA or a DICOM folder), their lungs segmented,
 each patch's mean lung HU (-950, -700, -300) on the same 5 mm lattice and context. At the lattice points both
 scans have in the lung it reports ARI, NMI and matched Dice of each labelling, every cluster's share of the lung
 in both scans and its change in percentage points, the low-attenuation cluster's share change (the rule of
-``evaluation.tissue``: the largest cluster is normal) and LAA-950's. Nothing is written beside the data.
+``evaluation.tissue``: the largest cluster is normal) and LAA-950's. It also reports the whole lung's densitometry
+as ``analyze`` writes it (``densitometry.csv``): LAA-950 and Perc15, raw and noise-matched, in both scans and their
+change. Nothing is written beside the data.
 
     python scripts/kernel_pair.py SOFT SHARP [--model BUNDLE] [--json OUT.json]
 """
@@ -26,7 +28,8 @@ from latentharmonize.evaluation.encoding import CORE_STATISTICS, Encoders, encod
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, low_attenuation_cluster,
                                                normal_cluster, threshold_classes)
 from latentharmonize.evaluation.metrics import label_agreement
-from latentharmonize.pipeline import cluster_inputs
+from latentharmonize.io import read_ct
+from latentharmonize.pipeline import analyze_image, cluster_inputs
 
 
 def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("soft", "sharp")) -> dict:
@@ -57,7 +60,17 @@ def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("
                      "low_attenuation": low,
                      "low_attenuation_change_points": None if low is None else shares[low][1] - shares[low][0]}
     out["cluster_names"] = {int(k): v for k, v in bundle.names.items()}
+    out["densitometry"] = densitometry_change(first, second, bundle, device, names)
     return out
+
+
+def densitometry_change(first: Path, second: Path, bundle, device: str, names) -> dict:
+    """The whole lung's ``densitometry.csv`` emphysema indices of each scan (``analyze_image``) and their change."""
+    rows = [analyze_image(read_ct(path), bundle, device=device).densitometry.set_index("region").loc["whole"]
+            for path in (first, second)]
+    return {column: {names[0]: float(rows[0][column]), names[1]: float(rows[1][column]),
+                     "change": float(rows[1][column] - rows[0][column])}
+            for column in ("laa950_pct", "perc15_hu", "laa950_matched_pct", "perc15_matched_hu")}
 
 
 def main(argv=None) -> int:
@@ -75,6 +88,12 @@ def main(argv=None) -> int:
     c, t = result["clusters"], result[THRESHOLD_BASELINE]
     print(f"clusters ARI {c['ari']:.3f} vs HU-threshold classes {t['ari']:.3f}; largest cluster share change "
           f"{c['max_abs_share_change_points']:.2f} points; LAA-950 change {result['laa950']['change_points']:+.2f} points")
+    d = result["densitometry"]
+    print("densitometry.csv, whole lung, change: LAA-950 " + ", ".join(
+        f"{kind} {d[column]['change']:+.2f} points" for kind, column in (("raw", "laa950_pct"),
+                                                                          ("noise-matched", "laa950_matched_pct")))
+          + "; Perc15 " + ", ".join(f"{kind} {d[column]['change']:+.1f} HU" for kind, column in
+                                   (("raw", "perc15_hu"), ("noise-matched", "perc15_matched_hu"))))
     return 0
 
 

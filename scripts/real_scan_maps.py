@@ -14,7 +14,8 @@ segments, on the report's display grid of at most 160 voxels per axis, about 2 m
 own resolution (the one with the most vessel voxels), laid out and saved as the QC montage is; the legend gives each
 segment's share of the lung. ``OUT/table.md`` (also printed) holds per scan the slice thickness, the HU calibration
 status, each segment's share of the lung, the vessel and airway volumes, and the lung's share below -950 HU and
-between -700 and -250 HU (``analyze``'s densitometry, to read the clusters against). Nothing else is written: the
+between -700 and -250 HU and its 15th percentile, with the noise-matched share below -950 HU and 15th percentile
+(``analyze``'s densitometry, to read the clusters against). Nothing else is written: the
 scans stay where they are. Rerun the same command after retraining the bundle to redraw pictures and table; the same
 inputs and bundle give the same bytes.
 
@@ -39,7 +40,9 @@ SLICE_THICKNESS_TAG = "0018|0050"
 STRUCTURE_LABELS = (VESSEL_LABEL, AIRWAY_LABEL)
 PALETTE_COLOURS = 256  # of the written PNG (fewer mix up the overlay colours)
 DENSITOMETRY_COLUMNS = {"laa950_pct": "below −950 HU (% of lung)",
-                        "haa700_250_pct": "−700 to −250 HU (% of lung)"}
+                        "haa700_250_pct": "−700 to −250 HU (% of lung)",
+                        "laa950_matched_pct": "below −950 HU, noise-matched (% of lung)",
+                        "perc15_hu": "15th percentile (HU)", "perc15_matched_hu": "15th percentile, noise-matched (HU)"}
 LEGEND_WIDTH_PX = 760  # the figure is padded to this width, so the four legend columns fit
 
 
@@ -123,7 +126,7 @@ def draw_map(analysis, rows: list, path: Path) -> None:
 
 def table_row(name: str, thickness: float, analysis, rows: list, labels: list) -> str:
     """One Markdown row: scan, thickness, calibration, shares of ``labels``, vessel and airway mL, and the whole
-    lung's HU-threshold areas (the densitometry ``analyze`` writes), to read the clusters against."""
+    lung's densitometry (as ``analyze`` writes it, raw and noise-matched), to read the clusters against."""
     shares = {label: share for label, _, share, _ in rows}
     volumes = {label: volume for label, _, _, volume in rows}
     densitometry = analysis.densitometry.set_index("region").loc["whole"]
