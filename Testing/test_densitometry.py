@@ -190,6 +190,18 @@ def test_noise_matched_emphysema_indices_hardly_move_with_the_kernel():
         assert emphysema.perc15_matched_hu < healthy.perc15_matched_hu - 30
 
 
+def test_the_report_shows_the_noise_matched_columns_and_a_dash_where_an_analysis_lacks_them():
+    from latentharmonize.report import densitometry_table_html
+
+    row = {"region": "whole", "laa950_pct": 13.3, "haa700_250_pct": 6.4, "mld_hu": -848.0, "perc15_hu": -947.0,
+           "laa950_matched_pct": 0.42, "perc15_matched_hu": -895.0, "volume_ml": 641.0}
+    html = densitometry_table_html({"densitometry": [row, {k: v for k, v in row.items() if "matched" not in k}]})
+    cells = [r.split("</td><td>") for r in html.split("<tbody>")[1].split("</tbody>")[0].split("</tr>") if r]
+    assert cells[0] == ["<tr><td>whole", "13.3", "6.4", "-848", "-947", "0.4", "-895", "641.0</td>"]
+    assert cells[1][5:7] == ["–", "–"]
+    assert "noise-matched" in html
+
+
 @pytest.fixture(scope="module")
 def lobe_runs(tmp_path_factory):
     """analyze on the small phantom with its automatic mask, and with that mask cut into five lobes, given as a plain

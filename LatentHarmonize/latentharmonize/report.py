@@ -91,7 +91,8 @@ def densitometry_table_html(composition: dict) -> str:
         for d in composition.get("densitometry", []))
     if not rows:
         return ""
-    return ("<h3>Densitometry (CT voxels in the lung mask)</h3><table id='densitometry'><thead><tr><th>region</th><th>LAA−950 %</th><th>HAA −700…−250 %</th>"
+    return ("<h3>Densitometry (CT voxels in the lung mask; noise-matched: as the model reads the scan)</h3>"
+            "<table id='densitometry'><thead><tr><th>region</th><th>LAA−950 %</th><th>HAA −700…−250 %</th>"
             "<th>mean HU</th><th>15th percentile HU</th><th>LAA−950 %, noise-matched</th>"
             f"<th>15th percentile HU, noise-matched</th><th>volume mL</th></tr></thead><tbody>{rows}</tbody></table>")
 
