@@ -92,10 +92,16 @@ def test_aggregate_has_one_row_per_scan_with_the_cohort_columns(first_run, cohor
     values = table[fractions].astype(float)
     assert np.allclose(values.sum(axis=1), 1.0, atol=1e-6) and (values.values >= 0).all()
     assert (table["lung_volume_ml"].astype(float) > 100).all()
+    assert list(table.columns[len(raw.columns):len(raw.columns) + 8]) == [
+        "output_dir", "lung_volume_ml", "lung_laa950_pct", "lung_haa700_250_pct", "lung_mld_hu", "lung_perc15_hu",
+        "lung_laa950_matched_pct", "lung_perc15_matched_hu"]
     for row in table.itertuples():
         per_scan = pd.read_csv(out / row.output_dir / "composition.csv")
         whole = per_scan[per_scan["region"] == "whole"].set_index("label")["fraction"]
         assert float(row.frac_2_normal) == pytest.approx(whole.get(2, 0.0))
+        densitometry = pd.read_csv(out / row.output_dir / "densitometry.csv").set_index("region").loc["whole"]
+        assert float(row.lung_perc15_matched_hu) == densitometry["perc15_matched_hu"]
+        assert float(row.lung_laa950_pct) == pytest.approx(densitometry["laa950_pct"])
     assert pd.read_csv(out / "failures.csv").empty
     assert not list(out.glob("*/*/.latentharmonize-staging-*"))
 

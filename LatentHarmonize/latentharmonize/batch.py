@@ -10,8 +10,8 @@ Every scan of a cohort table is analysed by :func:`latentharmonize.analyze_comma
   one folder), every scan appears exactly once.
 
 ``OUT/composition.csv`` has one row per analysed scan: the cohort's own columns as written in the cohort CSV,
-``output_dir`` (relative to OUT), ``lung_volume_ml`` and one ``frac_<label>_<name>`` column per tissue
-cluster (fraction of the whole lung, 0..1). Input, model and output paths must be visible to every worker
+``output_dir`` (relative to OUT), ``lung_volume_ml``, the whole lung's densitometry (``lung_<column>`` of the scan's
+``densitometry.csv``) and one ``frac_<label>_<name>`` column per tissue cluster (fraction of the whole lung, 0..1). Input, model and output paths must be visible to every worker
 (a shared file system when the cluster spans machines).
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .analyze_command import analyze
 from .atomic import STAGING_PREFIX, atomic_write_text
 from .bundle import default_bundle_path, load_bundle
 from .cohort import read_cohort
+from .densitometry import COLUMNS as DENSITOMETRY_COLUMNS
 from .errors import InputError
 from .io import image_sha256
 from .patches import encode_dense, resolve_device
@@ -47,6 +48,9 @@ from .scans import load_scan
 FRACTION_PREFIX = "frac_"
 FAILURE_COLUMNS = ["patient", "acquisition", "image", "error_type", "message"]
 COMPOSITION_NAME = "composition.csv"
+DENSITOMETRY_NAME = "densitometry.csv"
+# the whole lung's densitometry in the cohort table, as lung_<column> (an older analysis lacks the matched two: empty)
+LUNG_DENSITOMETRY = tuple(f"lung_{c}" for c in DENSITOMETRY_COLUMNS if c not in ("region", "volume_ml"))
 FAILURES_NAME = "failures.csv"
 SCAN_RECORD = "analysis.json"
 MEMORY_PER_WORKER_GB = 4.0  # peak memory of one full-size analyze on CPU, rounded up
@@ -264,10 +268,15 @@ def fraction_column(label: int, name: str) -> str:
 
 
 def scan_profile(out_dir) -> dict:
-    """One scan's row: lung volume and fraction of the whole lung per cluster, from its composition.csv."""
+    """One scan's row: lung volume, the whole lung's densitometry and fraction of the whole lung per cluster, from
+    its composition.csv and densitometry.csv."""
     table = pd.read_csv(Path(out_dir) / COMPOSITION_NAME)
     whole = table[table["region"] == "whole"].sort_values("label")
     profile = {"lung_volume_ml": round(float(whole["volume_ml"].sum()), 3)}
+    path = Path(out_dir) / DENSITOMETRY_NAME
+    whole_lung = pd.read_csv(path).set_index("region").loc["whole"] if path.exists() else pd.Series(dtype=float)
+    for column in LUNG_DENSITOMETRY:
+        profile[column] = float(whole_lung.get(column[len("lung_"):], float("nan")))
     for row in whole.itertuples(index=False):
         profile[fraction_column(row.label, row.name)] = float(row.fraction)
     return profile
@@ -284,7 +293,7 @@ def aggregate_compositions(raw_cohort: pd.DataFrame, tasks: list[ScanTask], outc
         row["output_dir"] = Path(task.out_dir).relative_to(out_dir).as_posix()
         row.update(scan_profile(task.out_dir))
         rows.append(row)
-    columns = list(raw_cohort.columns) + ["output_dir", "lung_volume_ml"]
+    columns = list(raw_cohort.columns) + ["output_dir", "lung_volume_ml", *LUNG_DENSITOMETRY]
     table = pd.DataFrame(rows, columns=None if rows else columns)
     fractions = sorted((c for c in table.columns if c.startswith(FRACTION_PREFIX) and c not in raw_cohort.columns),
                        key=lambda c: int(c.split("_")[1]))
