@@ -12,8 +12,8 @@ from latentharmonize.evaluation.figures import plot_traversals
 from latentharmonize.evaluation.goals import (PAPER_GAIN_PERCENT, goal_check, paired_verdict, paired_versus,
                                               relative_gains)
 from latentharmonize.evaluation.representations import LabelBaseline, assign_clusters, feature_names, of_kind
-from latentharmonize.evaluation.survival_comparison import (outcome_redraws, patient_profiles, risk_reproducibility,
-                                                            tissue_readout)
+from latentharmonize.evaluation.survival_comparison import (SURVIVAL_ONLY, outcome_redraws, patient_profiles,
+                                                            risk_reproducibility, tissue_readout)
 
 REPRESENTATIONS = feature_names()
 LABEL_BASELINES = [r.name for r in of_kind(LabelBaseline)]
@@ -433,7 +433,8 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
         for acq, r in recall["per_acquisition"].items()))
     assert "inside the lung mask (every representation)" in (out / "report.html").read_text()
     kernel = metrics["kernel_robustness"]
-    assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "n_pairs"}
+    assert kernel["n_pairs"] == 3 and set(kernel) <= compared | {"laa950", "laa950_matched", "n_pairs"}
+    assert np.isfinite(kernel["laa950_matched"]["mean_change_points"])  # analyze's noise-matched reading
     assert kernel["laa950"]["mean_change_points"] < 0  # the sharp scans' +30 HU offset lowers LAA-950
     assert "Kernel-robust emphysema" in (out / "report.html").read_text()
     stability = metrics["cluster_stability"]  # each cluster of each compared map across a patient's acquisitions
@@ -450,13 +451,13 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert spread["rotated"]["consistency_ari"][0] == pytest.approx(metrics["consistency"]["rotated"]["ari"])
     assert "Over mixture seeds" in (out / "report.html").read_text()
     assert metrics["probe"]["chance"] == pytest.approx(0.5, abs=0.05)
-    assert set(metrics["survival"]) == (set(REPRESENTATIONS) - one_cluster) | {"hu_thresholds", "true_composition"}
+    assert set(metrics["survival"]) == (set(REPRESENTATIONS) - one_cluster) | set(SURVIVAL_ONLY)
     assert all(0.0 <= s["c_index"] <= 1.0 and s["n"] == 7 for s in metrics["survival"].values())
     assert all(k.startswith("clusters:") or (k.startswith("risk_reproducibility:") and "constant" in v)
                for k, v in metrics["skipped"].items())
     assert set(metrics["relative_gain"]["rotated_vs_entangled_percent"]) == {"ari", "nmi", "dice"}
     others = set(REPRESENTATIONS) - {"rotated"} - one_cluster
-    assert set(metrics["rotated_versus"]) == others | set(LABEL_BASELINES) | {"hu_thresholds", "true_composition"}
+    assert set(metrics["rotated_versus"]) == others | set(LABEL_BASELINES) | set(SURVIVAL_ONLY)
     for other in others:
         d = metrics["rotated_versus"][other]["nmi"]
         assert d["difference"] == pytest.approx(metrics["consistency"]["rotated"]["nmi"] - metrics["consistency"][other]["nmi"])
@@ -479,7 +480,7 @@ def test_evaluate_tiny_cohort_writes_well_formed_metrics(tmp_path):
     assert "Rotated minus each other representation" in report
     repro = metrics["risk_reproducibility"]
     one_cluster = {k.split(":", 1)[1] for k in metrics["skipped"]}
-    assert set(repro) | one_cluster == set(REPRESENTATIONS) | {"hu_thresholds"}
+    assert set(repro) | one_cluster == set(REPRESENTATIONS) | {"hu_thresholds", "hu_thresholds_matched"}
     for name, m in repro.items():
         assert m["icc"] <= 1.0 and m["icc_ci"][0] <= m["icc_ci"][1] and m["n_patients"] == 3  # 3 patients: wide CI
         if name != "rotated" and "rotated" in repro:

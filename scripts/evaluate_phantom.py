@@ -31,6 +31,7 @@ from latentharmonize.evaluation.goals import PAPER_GAIN_PERCENT
 from latentharmonize.evaluation.report import (READOUT_HEAD, ci_text, readout_rows, redraw_rows, reproducibility_rows,
                                                 versus_rows)
 from latentharmonize.evaluation.seed_spread import SPREAD_HEAD, spread_rows
+from latentharmonize.evaluation.survival_comparison import SURVIVAL_ONLY
 from latentharmonize.evaluation.tissue import KERNEL_HEAD, RECALL_HEAD, kernel_rows, recall_rows
 from latentharmonize.progress import Progress
 
@@ -96,7 +97,7 @@ def markdown_table(metrics: dict) -> str:
         consistency = " | ".join(ci_text(m, k) for k in ("ari", "nmi", "dice"))
         lines.append(f"| {name} | {consistency} | {truth_ari} | {probe_acc} | {c_index} |")
     lines.append(f"| chance | | | | | {probe['chance']:.3f} | |")
-    for name in ("hu_thresholds", "true_composition"):
+    for name in SURVIVAL_ONLY:
         if name in surv:
             lines.append(f"| {name} | | | | | | {surv[name]['c_index']:.3f} |")
     gains = metrics["relative_gain"]["rotated_vs_entangled_percent"]

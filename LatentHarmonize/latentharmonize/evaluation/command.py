@@ -8,6 +8,7 @@ from ..progress import Progress
 from .evaluate import evaluate
 from .goals import PAPER_GAIN_PERCENT
 from .representations import OtherEncoder, of_kind
+from .survival_comparison import SURVIVAL_ONLY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def format_summary(metrics: dict) -> str:
         p = metrics["probe"].get(n, float("nan"))
         lines.append(f"{n:20s} {m['ari']:6.3f} {m['nmi']:6.3f} {m['dice']:6.3f} {p:6.3f} {c:8.3f}")
     lines.append(f"{'chance (probe)':20s} {'':6s} {'':6s} {'':6s} {metrics['probe']['chance']:6.3f}")
-    for k in ("hu_thresholds", "true_composition"):
+    for k in SURVIVAL_ONLY:
         if k in metrics["survival"]:
             lines.append(f"{k:20s} {'':6s} {'':6s} {'':6s} {'':6s} {metrics['survival'][k]['c_index']:8.3f}")
     ahead = metrics.get("survival_redraws", {}).get("rotated_ahead_share", {})

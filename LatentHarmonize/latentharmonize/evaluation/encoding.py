@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from ..densitometry import lung_hu_indices
+from ..densitometry import density_indices, lung_hu_indices, matched_lung_hu
 from ..errors import InputError
 from ..patches import aggregate_context, centre_pixels, core_statistics, encode_dense, point_keys, resolve_device
 from ..progress import Progress
@@ -50,12 +50,20 @@ def load_volumes(row: pd.Series, spec):
 
 def _read_volumes(row: pd.Series, spec, count_tissue: bool):
     """:func:`load_volumes`, then with ``count_tissue`` how much of each true tissue the lung mask holds
-    (:func:`tissue.tissue_in_mask`; else empty)."""
+    (:func:`tissue.tissue_in_mask`; else empty), then the lung on the model grid."""
     ct, lungs = read_scan(row)
     truth = read_truth(row)
     scan = scan_on_grid(row, ct, lungs, spec, truth)
     held = tissue_in_mask(truth, ct, lungs) if count_tissue and truth is not None else {}
-    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs), held
+    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs), held, scan.lung
+
+
+def matched_indices(hu, lung, grid, spec, lowpass_mm: float) -> Dict[str, float]:
+    """LAA-950 and Perc15 of the model grid's lung read noise-matched (:func:`densitometry.matched_lung_hu`, the
+    reading of ``analyze``'s ``laa950_matched_pct`` and ``perc15_matched_hu``, here over the grid's lung voxels)."""
+    z_mm = spec.densitometry.added_z_mm(grid.scan_z_mm) if spec.densitometry is not None else 0.0
+    indices = density_indices(matched_lung_hu(hu, lung, lowpass_mm, grid.spacing, z_mm)[lung])
+    return {"laa950_matched": indices["laa950_pct"], "perc15_matched": indices["perc15_hu"]}
 
 
 def _clinical(row: pd.Series) -> Dict[str, object]:
@@ -93,10 +101,11 @@ def encode_row(row: pd.Series, split: str, encoders: Encoders, transforms: Optio
     """Encode one scan under every source; ``transforms``: fitted image-level harmonizers by name, each scan
     encoded again after ``transform(hu, parenchyma)``. Returns (ScanLatents, regular sample of its parenchyma HU)."""
     # the tissue measures read the evaluation scans only, so only they count what the mask holds
-    hu, parenchyma, grid, truth, dens, held = _read_volumes(row, encoders.spec, count_tissue=split == "eval")
+    hu, parenchyma, grid, truth, dens, held, lung = _read_volumes(row, encoders.spec, count_tissue=split == "eval")
     dense = encoders.encode(hu, parenchyma, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
+    dens = {**dens, **matched_indices(hu, lung, grid, encoders.spec, dense.lowpass_mm)}
     latents = {"entangled": dense.latents}
     computed = {**encoders.statistics, PATCH_MEAN_HU: patch_mean_hu, CORE_STATISTICS: core_statistics}
     for name, statistic in computed.items():

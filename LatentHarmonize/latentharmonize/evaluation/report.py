@@ -96,7 +96,7 @@ def _kernel_section(metrics: dict) -> str:
     if not rows:
         return "<p>No patient scanned with a soft and a sharp kernel under otherwise equal settings.</p>"
     return (f"<p>{metrics['kernel_robustness']['n_pairs']} soft/sharp pairs; the low-attenuation cluster's share of "
-            "the lung beside LAA-950 (% lung voxels below -950 HU).</p>"
+            "the lung beside LAA-950 (% lung voxels below -950 HU), raw and noise-matched.</p>"
             + _text_table(rows, KERNEL_HEAD))
 
 

@@ -19,6 +19,9 @@ from .encoding import ScanLatents
 from .metrics import icc_with_ci
 
 HU_THRESHOLD_FEATURES = ("laa950", "haa700", "mld", "perc15")
+# the same with LAA-950 and Perc15 read noise-matched (densitometry.matched_lung_hu), as analyze's densitometry.csv has
+MATCHED_THRESHOLD_FEATURES = ("laa950_matched", "haa700", "mld", "perc15_matched")
+SURVIVAL_ONLY = ("hu_thresholds", "hu_thresholds_matched", "true_composition")  # survival rows with no clusters
 
 
 def _mean_fractions(label_maps: List[np.ndarray], n_labels: int) -> np.ndarray:
@@ -80,6 +83,8 @@ def survival_feature_sets(table: pd.DataFrame, names) -> Dict[str, List[str]]:
     """The Cox covariates of each representation (its cluster composition) and of the HU thresholds."""
     feature_sets = {n: _without_reference(table, [c for c in table.columns if c.startswith(f"{n}:frac_")]) for n in names}
     feature_sets["hu_thresholds"] = list(HU_THRESHOLD_FEATURES)
+    if set(MATCHED_THRESHOLD_FEATURES) <= set(table.columns):  # encodings cached before the matched reading lack it
+        feature_sets["hu_thresholds_matched"] = list(MATCHED_THRESHOLD_FEATURES)
     return feature_sets
 
 

@@ -184,7 +184,7 @@ def _kernel_pairs(scans: Sequence) -> List[tuple]:
 def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
     """Mean absolute change (percentage points) between soft and sharp reconstructions of the same patient of each
     representation's low-attenuation cluster share of the lung (representations without one are left out), and of
-    LAA-950; empty when no patient has such a pair (the cohort table needs a ``kernel`` column)."""
+    LAA-950, raw and noise-matched (``laa950_matched``, where the scans have it); empty when no patient has such a pair (the cohort table needs a ``kernel`` column)."""
     pairs = _kernel_pairs(eval_scans)
     if not pairs:
         return {}
@@ -196,10 +196,12 @@ def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict
                "mean_change_points": float(np.mean([share(b, n) - share(a, n) for a, b in pairs])),
                "mean_share_soft_percent": float(np.mean([share(a, n) for a, _ in pairs]))}
            for n, ref in references.items() if ref["low_attenuation"] is not None}
-    laa = [(a.densitometry["laa950"], b.densitometry["laa950"]) for a, b in pairs]
-    out["laa950"] = {"mean_abs_change_points": float(np.mean([abs(b - a) for a, b in laa])),
-                     "mean_change_points": float(np.mean([b - a for a, b in laa])),
-                     "mean_share_soft_percent": float(np.mean([a for a, _ in laa]))}
+    for key in ("laa950", "laa950_matched"):
+        laa = [(a.densitometry[key], b.densitometry[key]) for a, b in pairs if key in a.densitometry]
+        if laa:
+            out[key] = {"mean_abs_change_points": float(np.mean([abs(b - a) for a, b in laa])),
+                        "mean_change_points": float(np.mean([b - a for a, b in laa])),
+                        "mean_share_soft_percent": float(np.mean([a for a, _ in laa]))}
     out["n_pairs"] = len(pairs)
     return out
 
