@@ -11,8 +11,9 @@ Every scan of a cohort table is analysed by :func:`latentharmonize.analyze_comma
 
 ``OUT/composition.csv`` has one row per analysed scan: the cohort's own columns as written in the cohort CSV,
 ``output_dir`` (relative to OUT), ``lung_volume_ml``, the whole lung's densitometry (``lung_<column>`` of the scan's
-``densitometry.csv``) and one ``frac_<label>_<name>`` column per tissue cluster (fraction of the whole lung, 0..1). Input, model and output paths must be visible to every worker
-(a shared file system when the cluster spans machines).
+``densitometry.csv``) and one ``frac_<label>_<name>`` column per tissue cluster (fraction of the whole lung, 0..1).
+Input, model and output paths must be visible to every worker (a shared file system when the cluster spans
+machines).
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ import torch
 from scipy import ndimage
 
 from .calibration import METHODS as CALIBRATIONS, scan_calibration
-from .densitometry import HAA_THRESHOLD_HU, HU_STATISTIC_NAMES, PATCH_BLOCK, patch_hu_statistics, smooth_lung
+from .densitometry import (HAA_THRESHOLD_HU, HU_STATISTIC_NAMES, PATCH_BLOCK, matched_lung_hu, patch_hu_statistics,
+                           smooth_lung)
 from .errors import InputError
 from .grid import (DEFAULT_MARGIN_MM, DEFAULT_SPACING, MAX_LOWPASS_MM, ModelGrid, lowpass_in_plane,
                    noise_matched_sigma, soft_tissue_noise, to_model_grid)
@@ -199,6 +200,14 @@ def model_grid_hu(ct, lungs, spec: PatchSpec, required: bool = False) -> tuple:
                                        align_px=(spec.stride, spec.stride, 1))
         calibration = measured.result()
     return (hu if calibration is None else calibration.apply(hu)), lung, grid, calibration
+
+
+def matched_hu(hu: np.ndarray, lung: np.ndarray, grid: ModelGrid, spec: PatchSpec, lowpass_mm: float) -> np.ndarray:
+    """:func:`densitometry.matched_lung_hu` of a scan on the model grid: in-plane its own noise-matched low-pass
+    ``lowpass_mm`` (:func:`encoder_input`), along z the blur to 5 mm slices' resolution that the spec's densitometry
+    reads (none for a spec without one)."""
+    z_mm = spec.densitometry.added_z_mm(grid.scan_z_mm) if spec.densitometry is not None else 0.0
+    return matched_lung_hu(hu, lung, lowpass_mm, grid.spacing, z_mm)
 
 
 def encoder_input(hu: np.ndarray, spec: PatchSpec) -> tuple[np.ndarray, float]:

@@ -26,13 +26,13 @@ from . import __version__
 from .bundle import ModelBundle, load_bundle
 from .clusters import nearest_with_confidence
 from .composition import composition_table, composition_to_json, lung_cells, lung_volumes_from_table
-from .densitometry import densitometry_table, matched_lung_hu
+from .densitometry import densitometry_table
 from .errors import BundleError, InputError, NoLungFoundError
 from .grid import axial_axis, box_resampler, lattice_to_image, lung_voxels, mask_box
 from .io import as_lung_mask, check_ct
 from .lungmask import assess_mask, segment_lungs_detailed
-from .patches import (DenseLatents, PatchSpec, aggregate_context, core_statistics, encode_dense, model_grid_hu,
-                      noise_warning, resolve_device, threads_beside, valid_centres)
+from .patches import (DenseLatents, PatchSpec, aggregate_context, core_statistics, encode_dense, matched_hu,
+                      model_grid_hu, noise_warning, resolve_device, threads_beside, valid_centres)
 from .segments import label_segments
 from .structures import STRUCTURE_COLORS, STRUCTURE_NAMES, parenchyma, refine_on_ct, segment_structures
 from .two_stage import reads_core, with_core
@@ -423,11 +423,9 @@ def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments, matched: Callable)
 
 def _matched_lung_voxels(hu: np.ndarray, lung: np.ndarray, grid, spec, dense: DenseLatents,
                          lookup: CtLookup) -> np.ndarray:
-    """The noise-matched HU (:func:`densitometry.matched_lung_hu`) of the model-grid voxel each lung voxel of the CT
-    reads, in the CT's [z, y, x] order (``lookup.voxels``): the scan's own low-pass, and along z the blur to 5 mm
-    slices that the bundle's densitometry reads (none for a bundle without one)."""
-    z_mm = spec.densitometry.added_z_mm(grid.scan_z_mm) if spec.densitometry is not None else 0.0
-    return matched_lung_hu(hu, lung, dense.lowpass_mm, grid.spacing, z_mm).ravel()[lookup.index]
+    """The noise-matched HU (:func:`patches.matched_hu`, at the scan's own low-pass) of the model-grid voxel each
+    lung voxel of the CT reads, in the CT's [z, y, x] order (``lookup.voxels``)."""
+    return matched_hu(hu, lung, grid, spec, dense.lowpass_mm).ravel()[lookup.index]
 
 
 def _run_record(source, bundle, device, mask_source, assessment, calibration, warnings: list, dense: DenseLatents,

@@ -12,9 +12,10 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from ..densitometry import density_indices, lung_hu_indices, matched_lung_hu
+from ..densitometry import density_indices, lung_hu_indices
 from ..errors import InputError
-from ..patches import aggregate_context, centre_pixels, core_statistics, encode_dense, point_keys, resolve_device
+from ..patches import (aggregate_context, centre_pixels, core_statistics, encode_dense, matched_hu, point_keys,
+                       resolve_device)
 from ..progress import Progress
 from ..scans import read_scan, read_truth, scan_on_grid
 from .tissue import PATCH_MEAN_HU, SETTING_COLUMNS, patch_mean_hu, tissue_in_mask
@@ -59,10 +60,9 @@ def _read_volumes(row: pd.Series, spec, count_tissue: bool):
 
 
 def matched_indices(hu, lung, grid, spec, lowpass_mm: float) -> Dict[str, float]:
-    """LAA-950 and Perc15 of the model grid's lung read noise-matched (:func:`densitometry.matched_lung_hu`, the
+    """LAA-950 and Perc15 of the model grid's lung read noise-matched (:func:`patches.matched_hu`, the
     reading of ``analyze``'s ``laa950_matched_pct`` and ``perc15_matched_hu``, here over the grid's lung voxels)."""
-    z_mm = spec.densitometry.added_z_mm(grid.scan_z_mm) if spec.densitometry is not None else 0.0
-    indices = density_indices(matched_lung_hu(hu, lung, lowpass_mm, grid.spacing, z_mm)[lung])
+    indices = density_indices(matched_hu(hu, lung, grid, spec, lowpass_mm)[lung])
     return {"laa950_matched": indices["laa950_pct"], "perc15_matched": indices["perc15_hu"]}
 
 

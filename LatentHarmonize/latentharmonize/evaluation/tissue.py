@@ -184,7 +184,8 @@ def _kernel_pairs(scans: Sequence) -> List[tuple]:
 def kernel_robustness(eval_scans: Sequence, references: Dict[str, dict]) -> dict:
     """Mean absolute change (percentage points) between soft and sharp reconstructions of the same patient of each
     representation's low-attenuation cluster share of the lung (representations without one are left out), and of
-    LAA-950, raw and noise-matched (``laa950_matched``, where the scans have it); empty when no patient has such a pair (the cohort table needs a ``kernel`` column)."""
+    LAA-950, raw and noise-matched (``laa950_matched``, where the scans have it); empty when no patient has such a
+    pair (the cohort table needs a ``kernel`` column)."""
     pairs = _kernel_pairs(eval_scans)
     if not pairs:
         return {}
