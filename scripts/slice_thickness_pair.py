@@ -7,7 +7,8 @@ thin one as the phantom makes its thick scans: each new slice is the mean of the
 (``phantom.acquisition.thicker_slices``). Both scans are then compared as ``scripts/kernel_pair.py`` compares two
 kernels: ARI, NMI and matched Dice of the bundle's own clusters and of the four HU classes at the lattice points
 both scans have in the lung, every cluster's share of the lung and its change in percentage points (thick minus
-thin), and LAA-950's change. The thick scan lives in a temporary folder; nothing is written beside the data.
+thin), LAA-950's change, and the whole lung's LAA-950 and Perc15, raw and noise-matched, as ``analyze`` writes
+them. The thick scan lives in a temporary folder; nothing is written beside the data.
 
     PYTHONPATH=LatentHarmonize .venv/bin/python scripts/slice_thickness_pair.py THIN --thickness 5 \\
         [--model BUNDLE] [--json OUT.json]
