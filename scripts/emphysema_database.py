@@ -38,12 +38,11 @@ import SimpleITK as sitk
 from sklearn.metrics import roc_auc_score
 
 import latentharmonize as lh
-from latentharmonize.densitometry import density_indices
+from latentharmonize.densitometry import MATCHED, density_indices
 
 PATTERNS = {"1": "no emphysema", "2": "centrilobular", "3": "paraseptal", "4": "panlobular"}
 NO_EMPHYSEMA = PATTERNS["1"]
 MARKED_PCT = 1.0  # a slice counts as marked by a segment holding at least this share of its lung
-MATCHED_COLUMNS = ("laa950_matched_pct", "perc15_matched_hu")  # densitometry.csv's noise-matched indices
 
 
 def read_hu(path: Path) -> np.ndarray:
@@ -74,7 +73,7 @@ def matched_figures(densitometry) -> dict:
     """The noise-matched emphysema indices of ``analyze``'s densitometry table (whole lung): every copy of the slice
     reads alike, so they are the slice's."""
     whole = densitometry.set_index("region").loc["whole"]
-    return {column: float(whole[column]) for column in MATCHED_COLUMNS}
+    return {column: float(whole[column]) for column in MATCHED}
 
 
 def analyse_slices(folder: Path, args) -> tuple:
@@ -189,8 +188,8 @@ def main(argv=None) -> int:
     segments = [(f"{name} (% of lung)", name) for _, name in sorted(names.items())]
     density = [("below −950 HU (%)", "laa950_pct"), ("below −910 HU (%)", "laa910_pct"),
                ("15th percentile (HU)", "perc15_hu"), ("mean (HU)", "mld_hu")]
-    matched = [(f"{title}, noise-matched{unit}", column) for (title, unit), column in
-               zip(((("below −950 HU", " (%)"), ("15th percentile", " (HU)"))), MATCHED_COLUMNS)]
+    matched = [("below −950 HU, noise-matched (%)", "laa950_matched_pct"),
+               ("15th percentile, noise-matched (HU)", "perc15_matched_hu")]
     mostly = [{"pattern": r["pattern"], **{name: 100.0 * (r[name] > 50) for _, name in segments}} for r in regions]
     lowpass = [r["lowpass_mm"] for r in slices]
     lines = [f"{len(slices)} slices, {len(regions)} regions of interest holding lung; the encoder's noise-matched "
