@@ -309,6 +309,7 @@ def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_coho
     from latentharmonize.cli import main
     from latentharmonize.cohort import read_cohort
     from latentharmonize.training.second_stage import add_second_stage
+    from latentharmonize.training.summary import recipe_options
     from latentharmonize.two_stage import reads_core, with_core
 
     common = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "150", "--latent-dim", "6", "--device",
@@ -327,6 +328,12 @@ def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_coho
     features = two.rotation.cluster_features(result.patches.latents)
     np.testing.assert_array_equal(result.patch_labels, two.clusters.predict(with_core(features, core)))
 
+    recipe = recipe_options(two)  # what a bundle of its kind is trained with, the depth test included
+    assert {k: recipe[k] for k in ("densitometry", "technical_weight", "clusters", "second_stage",
+                                   "depth_contrast_hu")} == {"densitometry": 100.0, "technical_weight": 0.1,
+                                                             "clusters": 3, "second_stage": 2,
+                                                             "depth_contrast_hu": 40.0}
+
     assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "one"), *common]) == 0
     one = load_bundle(tmp_path / "one")
     added = add_second_stage(one, fibrosis_cohort, 2, seed=3, per_patient=150, depth_contrast_hu=40.0)
@@ -337,6 +344,20 @@ def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_coho
                                   two.clusters.predict(with_core(features, core)))
     with pytest.raises(InputError, match="already have a second stage"):
         add_second_stage(two, fibrosis_cohort, 2, seed=3)
+
+
+def test_the_default_bundle_recipe_is_a_valid_training_config_with_its_depth_test():
+    """``scripts/evaluate_phantom.py --drawn-settings`` trains a bundle of the default's kind from this recipe; the
+    manifest's summary does not record the depth test, so it comes from the clusters."""
+    from latentharmonize.bundle import default_bundle_path, load_bundle
+    from latentharmonize.training.summary import recipe_options
+
+    default = load_bundle(default_bundle_path())
+    config = TrainConfig(**recipe_options(default))
+    assert config.depth_contrast_hu == default.clusters.min_above_depth_hu == 50.0
+    assert config.second_stage == default.clusters.n_second
+    assert config.patch_spec().lowpass_noise_hu == default.spec.lowpass_noise_hu
+    assert config.densitometry_read_z_mm == default.spec.densitometry.z_total_mm
 
 
 def test_workers_option_samples_patches_on_the_cluster_path(tiny_phantom_cohort, tmp_path, monkeypatch):

@@ -69,18 +69,11 @@ def _bundle(path: Path, cohort_csv: Path, encoder: str, epochs: int | None, seed
 
 
 def _default_options() -> dict:
-    """The representation options of the shipped default bundle, so that a bundle trained here is of its kind."""
+    """The recipe of the shipped default bundle, so that a bundle trained here is of its kind."""
     from latentharmonize.bundle import default_bundle_path, load_bundle
+    from latentharmonize.training.summary import recipe_options
 
-    bundle = load_bundle(default_bundle_path())
-    trained = bundle.manifest["training"]
-    return {"calibrate": bundle.spec.calibration is not None, "densitometry": trained.get("densitometry"),
-            "densitometry_smooth_mm": trained.get("densitometry_smooth_mm", 0.0),
-            "densitometry_smooth_total": trained.get("densitometry_smooth_total", False),
-            "densitometry_read_z_mm": (bundle.spec.densitometry.z_total_mm or 0.0) if bundle.spec.densitometry else 0.0,
-            "technical_weight": trained["technical_weight"] if trained.get("technical_weight_fixed") else None,
-            "lowpass_mm": bundle.spec.lowpass_mm, "lowpass_noise_hu": bundle.spec.lowpass_noise_hu,
-            "clusters": trained.get("n_components"), "second_stage": trained.get("second_stage")}
+    return recipe_options(load_bundle(default_bundle_path()))
 
 
 def markdown_table(metrics: dict) -> str:

@@ -37,6 +37,21 @@ def training_summary(config: TrainConfig, device: torch.device, epochs: int, his
     }
 
 
+def recipe_options(bundle) -> dict:
+    """The ``TrainConfig`` options of the recipe ``bundle`` was trained with (its representation and clusters; not
+    the seed, the epochs or the cohort), so that a bundle trained with them is of its kind, e.g. on held-out scanner
+    settings. The depth test is read from the clusters, since the manifest's summary does not record it."""
+    trained, spec, clusters = bundle.manifest["training"], bundle.spec, bundle.clusters
+    return {"calibrate": spec.calibration is not None, "densitometry": trained.get("densitometry"),
+            "densitometry_smooth_mm": trained.get("densitometry_smooth_mm", 0.0),
+            "densitometry_smooth_total": trained.get("densitometry_smooth_total", False),
+            "densitometry_read_z_mm": (spec.densitometry.z_total_mm or 0.0) if spec.densitometry else 0.0,
+            "technical_weight": trained["technical_weight"] if trained.get("technical_weight_fixed") else None,
+            "lowpass_mm": spec.lowpass_mm, "lowpass_noise_hu": spec.lowpass_noise_hu,
+            "clusters": trained.get("n_components"), "second_stage": trained.get("second_stage"),
+            "depth_contrast_hu": clusters.min_above_depth_hu if reads_core(clusters) else None}
+
+
 def ari_vs_truth(labels: np.ndarray, samples: PairedPatches):
     """Adjusted Rand index of the clusters against the tissue truth at the patch centres (phantom cohorts)."""
     if samples.truth is None:
