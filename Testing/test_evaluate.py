@@ -376,6 +376,28 @@ def test_bundle_clusters_label_each_scan_as_analyze_does_while_rotated_refits(tm
         assert set(np.unique(scan.labels["rotated"])) <= {1, 2}  # the refit has the 2 components asked for
 
 
+def test_the_evaluation_reads_each_scans_noise_matched_densitometry_as_analyze_writes_it(tmp_path):
+    """The kernel figure and the matched HU-threshold baseline read densitometry.csv's whole-lung row, over the
+    CT's lung voxels, not a reading of their own: a phantom scan under a sharp kernel, the default bundle."""
+    import pandas as pd
+    import SimpleITK as sitk
+
+    from latentharmonize import analyze_image
+    from latentharmonize.bundle import default_bundle_path, load_bundle
+    from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire, make_patient
+
+    ct = acquire(make_patient(1, seed=0), DEFAULT_ACQUISITIONS[1])
+    sitk.WriteImage(ct, str(tmp_path / "sharp.nrrd"))
+    bundle = load_bundle(default_bundle_path())
+    row = pd.Series({"image": str(tmp_path / "sharp.nrrd"), "patient": "p", "acquisition": "sharp"})
+    read = encode_row(row, "eval", Encoders(bundle))[0].densitometry
+    written = analyze_image(ct, bundle, device="cpu").densitometry.set_index("region").loc["whole"]
+    assert read["laa950_matched"] == written["laa950_matched_pct"]
+    assert read["perc15_matched"] == written["perc15_matched_hu"]
+    assert read["laa950"] == written["laa950_pct"]  # the raw reading, over the same voxels
+    assert written["laa950_pct"] - written["laa950_matched_pct"] > 1.0  # the sharp kernel's noise, matched away
+
+
 def test_traversals_of_a_densitometry_bundle_decode_the_encoder_part(tmp_path):
     from latentharmonize.bundle import load_bundle
     from latentharmonize.cohort import read_cohort

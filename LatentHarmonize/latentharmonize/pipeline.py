@@ -388,7 +388,8 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
         stage_progress(progress, "cluster")(0, message=f"assigning {len(dense.latents)} patches to tissue clusters")
         lookup = lookup.result()
         tables = pool.submit(_lung_tables, ct, lungs, segments,
-                             functools.partial(_matched_lung_voxels, hu, lung_grid, grid, bundle.spec, dense, lookup))
+                             functools.partial(matched_lung_voxels, hu, lung_grid, grid, bundle.spec, dense.lowpass_mm,
+                                               lookup))
         labels_n, conf_n, labels, confidence = _cluster_values(dense, bundle, ct, grid, structures, lookup)
         confidence = pool.submit(lookup.scatter, confidence, ct)
         labels = lookup.scatter(labels, ct)
@@ -416,16 +417,26 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
 def _lung_tables(ct: sitk.Image, lungs: sitk.Image, segments, matched: Callable) -> tuple:
     """``(cells, densitometry)``: the lung voxels' (side, zone) cells, shared by the composition and densitometry
     tables, and the densitometry table (neither needs the label map); ``matched()`` gives the noise-matched HU of
-    the lung voxels (:func:`_matched_lung_voxels`)."""
+    the lung voxels (:func:`matched_lung_voxels`)."""
     cells = lung_cells(lungs)
     return cells, densitometry_table(ct, lungs, segments, cells=cells, matched=matched())
 
 
-def _matched_lung_voxels(hu: np.ndarray, lung: np.ndarray, grid, spec, dense: DenseLatents,
-                         lookup: CtLookup) -> np.ndarray:
-    """The noise-matched HU (:func:`patches.matched_hu`, at the scan's own low-pass) of the model-grid voxel each
-    lung voxel of the CT reads, in the CT's [z, y, x] order (``lookup.voxels``)."""
-    return matched_hu(hu, lung, grid, spec, dense.lowpass_mm).ravel()[lookup.index]
+def matched_lung_voxels(hu: np.ndarray, lung: np.ndarray, grid, spec, lowpass_mm: float,
+                        lookup: CtLookup) -> np.ndarray:
+    """The noise-matched HU (:func:`patches.matched_hu`, at the scan's own low-pass ``lowpass_mm``) of the
+    model-grid voxel each lung voxel of the CT reads, in the CT's [z, y, x] order (``lookup.voxels``): what
+    ``densitometry.csv``'s matched columns read."""
+    return matched_hu(hu, lung, grid, spec, lowpass_mm).ravel()[lookup.index]
+
+
+def whole_lung_densitometry(ct: sitk.Image, lungs: sitk.Image, hu: np.ndarray, lung: np.ndarray, grid, spec,
+                            lowpass_mm: float) -> dict:
+    """The whole lung's row of ``densitometry.csv`` (:data:`densitometry.COLUMNS`), raw and noise-matched, of a CT
+    whose model-grid HU and lung (:func:`patches.model_grid_hu`) are ``hu`` and ``lung`` on ``grid``, encoded at
+    the low-pass ``lowpass_mm``; the evaluation reads a scan's densitometry through it."""
+    matched = matched_lung_voxels(hu, lung, grid, spec, lowpass_mm, ct_lookup(grid, ct, lungs))
+    return densitometry_table(ct, lungs, matched=matched).set_index("region").loc["whole"].to_dict()
 
 
 def _run_record(source, bundle, device, mask_source, assessment, calibration, warnings: list, dense: DenseLatents,

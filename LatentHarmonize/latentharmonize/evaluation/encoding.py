@@ -12,10 +12,10 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from ..densitometry import density_indices, lung_hu_indices
+from ..densitometry import lung_hu_indices
 from ..errors import InputError
-from ..patches import (aggregate_context, centre_pixels, core_statistics, encode_dense, matched_hu, point_keys,
-                       resolve_device)
+from ..patches import aggregate_context, centre_pixels, core_statistics, encode_dense, point_keys, resolve_device
+from ..pipeline import whole_lung_densitometry
 from ..progress import Progress
 from ..scans import read_scan, read_truth, scan_on_grid
 from .tissue import PATCH_MEAN_HU, SETTING_COLUMNS, patch_mean_hu, tissue_in_mask
@@ -51,19 +51,19 @@ def load_volumes(row: pd.Series, spec):
 
 def _read_volumes(row: pd.Series, spec, count_tissue: bool):
     """:func:`load_volumes`, then with ``count_tissue`` how much of each true tissue the lung mask holds
-    (:func:`tissue.tissue_in_mask`; else empty), then the lung on the model grid."""
+    (:func:`tissue.tissue_in_mask`; else empty), then the lung on the model grid, the CT and its lung mask."""
     ct, lungs = read_scan(row)
     truth = read_truth(row)
     scan = scan_on_grid(row, ct, lungs, spec, truth)
     held = tissue_in_mask(truth, ct, lungs) if count_tissue and truth is not None else {}
-    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs), held, scan.lung
+    return scan.hu, scan.parenchyma, scan.grid, scan.truth, lung_hu_indices(ct, lungs), held, scan.lung, ct, lungs
 
 
-def matched_indices(hu, lung, grid, spec, lowpass_mm: float) -> Dict[str, float]:
-    """LAA-950 and Perc15 of the model grid's lung read noise-matched (:func:`patches.matched_hu`, the
-    reading of ``analyze``'s ``laa950_matched_pct`` and ``perc15_matched_hu``, here over the grid's lung voxels)."""
-    indices = density_indices(matched_hu(hu, lung, grid, spec, lowpass_mm)[lung])
-    return {"laa950_matched": indices["laa950_pct"], "perc15_matched": indices["perc15_hu"]}
+def matched_indices(ct, lungs, hu, lung, grid, spec, lowpass_mm: float) -> Dict[str, float]:
+    """LAA-950 and Perc15 of the whole lung read noise-matched, as ``analyze`` writes them in ``densitometry.csv``
+    (``laa950_matched_pct``, ``perc15_matched_hu``; :func:`pipeline.whole_lung_densitometry`)."""
+    whole = whole_lung_densitometry(ct, lungs, hu, lung, grid, spec, lowpass_mm)
+    return {"laa950_matched": whole["laa950_matched_pct"], "perc15_matched": whole["perc15_matched_hu"]}
 
 
 def _clinical(row: pd.Series) -> Dict[str, object]:
@@ -101,11 +101,12 @@ def encode_row(row: pd.Series, split: str, encoders: Encoders, transforms: Optio
     """Encode one scan under every source; ``transforms``: fitted image-level harmonizers by name, each scan
     encoded again after ``transform(hu, parenchyma)``. Returns (ScanLatents, regular sample of its parenchyma HU)."""
     # the tissue measures read the evaluation scans only, so only they count what the mask holds
-    hu, parenchyma, grid, truth, dens, held, lung = _read_volumes(row, encoders.spec, count_tissue=split == "eval")
+    hu, parenchyma, grid, truth, dens, held, lung, ct, lungs = _read_volumes(row, encoders.spec,
+                                                                            count_tissue=split == "eval")
     dense = encoders.encode(hu, parenchyma, grid)
     if len(dense.latents) == 0:
         raise InputError(f"Scan {row['image']} has no patch inside the lung; check its lung mask.")
-    dens = {**dens, **matched_indices(hu, lung, grid, encoders.spec, dense.lowpass_mm)}
+    dens = {**dens, **matched_indices(ct, lungs, hu, lung, grid, encoders.spec, dense.lowpass_mm)}
     latents = {"entangled": dense.latents}
     computed = {**encoders.statistics, PATCH_MEAN_HU: patch_mean_hu, CORE_STATISTICS: core_statistics}
     for name, statistic in computed.items():
