@@ -28,8 +28,7 @@ from latentharmonize.evaluation.encoding import CORE_STATISTICS, Encoders, encod
 from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE, low_attenuation_cluster,
                                                normal_cluster, threshold_classes)
 from latentharmonize.evaluation.metrics import label_agreement
-from latentharmonize.io import read_ct
-from latentharmonize.pipeline import analyze_image, cluster_inputs
+from latentharmonize.pipeline import cluster_inputs
 
 
 def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("soft", "sharp")) -> dict:
@@ -60,17 +59,21 @@ def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("
                      "low_attenuation": low,
                      "low_attenuation_change_points": None if low is None else shares[low][1] - shares[low][0]}
     out["cluster_names"] = {int(k): v for k, v in bundle.names.items()}
-    out["densitometry"] = densitometry_change(first, second, bundle, device, names)
+    out["densitometry"] = densitometry_change(scans, names)
     return out
 
 
-def densitometry_change(first: Path, second: Path, bundle, device: str, names) -> dict:
-    """The whole lung's ``densitometry.csv`` emphysema indices of each scan (``analyze_image``) and their change."""
-    rows = [analyze_image(read_ct(path), bundle, device=device).densitometry.set_index("region").loc["whole"]
-            for path in (first, second)]
-    return {column: {names[0]: float(rows[0][column]), names[1]: float(rows[1][column]),
-                     "change": float(rows[1][column] - rows[0][column])}
-            for column in ("laa950_pct", "perc15_hu", "laa950_matched_pct", "perc15_matched_hu")}
+# densitometry.csv's whole-lung emphysema columns and the keys under which encode_row reads them
+DENSITOMETRY_KEYS = {"laa950_pct": "laa950", "perc15_hu": "perc15", "laa950_matched_pct": "laa950_matched",
+                     "perc15_matched_hu": "perc15_matched"}
+
+
+def densitometry_change(scans, names) -> dict:
+    """The whole lung's ``densitometry.csv`` emphysema indices of each encoded scan (``encode_row`` reads them as
+    ``analyze`` writes them) and their change."""
+    return {column: {names[0]: float(scans[0].densitometry[key]), names[1]: float(scans[1].densitometry[key]),
+                     "change": float(scans[1].densitometry[key] - scans[0].densitometry[key])}
+            for column, key in DENSITOMETRY_KEYS.items()}
 
 
 def main(argv=None) -> int:
