@@ -65,6 +65,18 @@ def test_the_second_stage_splits_the_raised_side_by_the_core_and_names_ground_gl
     np.testing.assert_array_equal(model.labels_, labels)
 
 
+def test_the_first_stage_alone_keeps_its_clusters_and_marks_its_raised_side():
+    model, X, kind = _fitted()
+    first = model.predict_first_stage(X)
+    final = model.predict(X)
+    # normal lung keeps its final label; every raised row, whatever the second stage names it, is the raised side (0)
+    assert np.mean(first[kind == 0] == 1) > 0.98 and np.all(first[kind > 0] == 0)
+    assert np.all(final[first == 1] == 1)
+    assert set(np.unique(final[first == 0])) >= {2, 3}
+    with pytest.raises(InputError, match="columns"):
+        model.predict_first_stage(X[:, :-1])
+
+
 def test_a_patch_earns_a_second_stage_disease_name_by_its_own_core():
     model, X, kind = _fitted()
     glass = np.flatnonzero(kind == 1)[:20]

@@ -8,7 +8,9 @@ scans have in the lung it reports ARI, NMI and matched Dice of each labelling, e
 in both scans and its change in percentage points, the low-attenuation cluster's share change (the rule of
 ``evaluation.tissue``: the largest cluster is normal) and LAA-950's. It also reports the whole lung's densitometry
 as ``analyze`` writes it (``densitometry.csv``): LAA-950 and Perc15, raw and noise-matched, in both scans and their
-change. Nothing is written beside the data.
+change. For two-stage clusters it also gives the agreement of their first stage alone, its raised side one label
+(``TwoStageClusters.predict_first_stage``): where the clusters agree less, it tells which stage moved the patches.
+Nothing is written beside the data.
 
     python scripts/kernel_pair.py SOFT SHARP [--model BUNDLE] [--json OUT.json]
 """
@@ -29,6 +31,9 @@ from latentharmonize.evaluation.tissue import (PATCH_MEAN_HU, THRESHOLD_BASELINE
                                                normal_cluster, threshold_classes)
 from latentharmonize.evaluation.metrics import label_agreement
 from latentharmonize.pipeline import cluster_inputs
+from latentharmonize.two_stage import reads_core
+
+FIRST_STAGE = "first_stage"  # a two-stage bundle's first stage alone, its raised side one label
 
 
 def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("soft", "sharp")) -> dict:
@@ -37,9 +42,12 @@ def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("
     encoders = Encoders(bundle, device=device)
     scans = [encode_row(pd.Series({"image": str(path), "patient": "pair", "acquisition": kind}), "eval", encoders)[0]
              for kind, path in zip(names, (first, second))]
+    two_stage = reads_core(bundle.clusters)
     for s in scans:
-        s.labels["clusters"] = np.asarray(bundle.clusters.predict(
-            cluster_inputs(bundle, s.latents["entangled"], s.latents[CORE_STATISTICS])))
+        inputs = cluster_inputs(bundle, s.latents["entangled"], s.latents[CORE_STATISTICS])
+        s.labels["clusters"] = np.asarray(bundle.clusters.predict(inputs))
+        if two_stage:
+            s.labels[FIRST_STAGE] = bundle.clusters.predict_first_stage(inputs)
         s.labels[THRESHOLD_BASELINE] = threshold_classes(s.latents[PATCH_MEAN_HU])
     rows = common_rows(scans)
     hu = np.concatenate([np.ravel(s.latents[PATCH_MEAN_HU]) for s in scans])
@@ -58,6 +66,8 @@ def compare(first: Path, second: Path, model=None, device: str = "cpu", names=("
                      "max_abs_share_change_points": max(abs(v[1] - v[0]) for v in shares.values()),
                      "low_attenuation": low,
                      "low_attenuation_change_points": None if low is None else shares[low][1] - shares[low][0]}
+    if two_stage:  # which stage moves patches between the kernels
+        out[FIRST_STAGE] = label_agreement(*(s.labels[FIRST_STAGE][r] for s, r in zip(scans, rows)))
     out["cluster_names"] = {int(k): v for k, v in bundle.names.items()}
     out["densitometry"] = densitometry_change(scans, names)
     return out
@@ -90,7 +100,8 @@ def main(argv=None) -> int:
     print(text)
     c, t = result["clusters"], result[THRESHOLD_BASELINE]
     print(f"clusters ARI {c['ari']:.3f} vs HU-threshold classes {t['ari']:.3f}; largest cluster share change "
-          f"{c['max_abs_share_change_points']:.2f} points; LAA-950 change {result['laa950']['change_points']:+.2f} points")
+          f"{c['max_abs_share_change_points']:.2f} points; LAA-950 change {result['laa950']['change_points']:+.2f} points"
+          + (f"; first stage alone ARI {result[FIRST_STAGE]['ari']:.3f}" if FIRST_STAGE in result else ""))
     d = result["densitometry"]
     print("densitometry.csv, whole lung, change: LAA-950 " + ", ".join(
         f"{kind} {d[column]['change']:+.2f} points" for kind, column in (("raw", "laa950_pct"),

@@ -228,6 +228,16 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
     def predict_with_confidence(self, X) -> tuple:
         return nearest_with_confidence(self.transform(X))
 
+    def predict_first_stage(self, X) -> np.ndarray:
+        """Labels of the first stage alone: its kept clusters' final labels, and 0 for its raised side. Beside
+        :meth:`predict` it tells which stage moves a patch between two acquisitions (``scripts/kernel_pair.py``)."""
+        check_is_fitted(self, "names_")
+        X = _check_points(X, "X")
+        if X.shape[1] != self.n_features_in_:
+            raise InputError(f"Got {X.shape[1]} columns; these clusters read {self.n_features_in_} (with_core).")
+        first = self.first_.predict_proba(X[:, :X.shape[1] - N_CORE])
+        return self.first_map_[np.argmax(first, axis=1)]
+
     # ------------------------------------------------------------ persistence
     def export_state(self) -> tuple:
         """(arrays, meta) a model bundle stores; the stages' own states under ``first.`` / ``second.``."""
