@@ -34,7 +34,9 @@ def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: in
     progress = progress or Progress(quiet=True)
     samples, cohort = load_cohort_samples(cohort_csv, config, replace(spec, densitometry=None), progress)
     device = torch.device("cpu")
-    latents = context_latents(bundle.encoder(device), cohort, samples, spec, device, progress)
+    # train fits on the scans as acquired; the through-plane read (--densitometry-read-z) is for analysed scans only
+    as_fitted = replace(spec, densitometry=replace(spec.densitometry, z_total_mm=None))
+    latents = context_latents(bundle.encoder(device), cohort, samples, as_fitted, device, progress)
     features = bundle.rotation.cluster_features(latents, scans=samples.scan)
     first = (bundle.clusters, None, None, list(bundle.names.values()), None)
     clusters, labels, profiles, names, colors = fit_second_stage(
