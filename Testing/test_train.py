@@ -314,7 +314,8 @@ def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_coho
 
     # the shipped recipe reads analysed scans' statistics at 5 mm slices, but fits on the training scans as acquired
     common = ["--epochs", "1", "--clusters", "3", "--patches-per-patient", "150", "--latent-dim", "6", "--device",
-              "cpu", "--densitometry", "100", "--technical-weight", "0.1", "--seed", "3", "--densitometry-read-z", "2.5"]
+              "cpu", "--densitometry", "100", "--technical-weight", "0.1", "--seed", "3",
+              "--densitometry-read-z", "2.5"]
     assert main(["train", str(fibrosis_cohort), "--out", str(tmp_path / "two"), *common, "--second-stage", "2",
                  "--depth-contrast", "40"]) == 0
     assert "second stage that reads each patch's core" in capsys.readouterr().out

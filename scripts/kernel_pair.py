@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     print(text)
     c, t = result["clusters"], result[THRESHOLD_BASELINE]
     print(f"clusters ARI {c['ari']:.3f} vs HU-threshold classes {t['ari']:.3f}; largest cluster share change "
-          f"{c['max_abs_share_change_points']:.2f} points; LAA-950 change {result['laa950']['change_points']:+.2f} points"
+          f"{c['max_abs_share_change_points']:.2f} points; "
+          f"LAA-950 change {result['laa950']['change_points']:+.2f} points"
           + (f"; first stage alone ARI {result[FIRST_STAGE]['ari']:.3f}" if FIRST_STAGE in result else ""))
     d = result["densitometry"]
     print("densitometry.csv, whole lung, change: LAA-950 " + ", ".join(
