@@ -190,13 +190,8 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
     def predict_proba(self, X) -> np.ndarray:
         """Posterior probability of each final cluster, float64 [n, C], after the per-patch naming (module
         docstring)."""
-        check_is_fitted(self, "names_")
-        X = _check_points(X, "X")
-        if X.shape[1] != self.n_features_in_:
-            raise InputError(f"Got {X.shape[1]} columns; these clusters read {self.n_features_in_ - N_CORE} feature "
-                             f"columns and {N_CORE} core statistics (two_stage.with_core).")
+        X, first = self._first_stage_proba(X)
         d1 = X.shape[1] - N_CORE
-        first = self.first_.predict_proba(X[:, :d1])
         out = np.zeros((len(X), self.n_clusters_))
         for k, label in enumerate(self.first_map_):
             if label:
@@ -231,12 +226,16 @@ class TwoStageClusters(ClusterMixin, BaseEstimator):
     def predict_first_stage(self, X) -> np.ndarray:
         """Labels of the first stage alone: its kept clusters' final labels, and 0 for its raised side. Beside
         :meth:`predict` it tells which stage moves a patch between two acquisitions (``scripts/kernel_pair.py``)."""
+        return self.first_map_[np.argmax(self._first_stage_proba(X)[1], axis=1)]
+
+    def _first_stage_proba(self, X) -> tuple:
+        """``(X checked, the first stage's probabilities of its clusters)`` for input rows (:func:`with_core`)."""
         check_is_fitted(self, "names_")
         X = _check_points(X, "X")
         if X.shape[1] != self.n_features_in_:
-            raise InputError(f"Got {X.shape[1]} columns; these clusters read {self.n_features_in_} (with_core).")
-        first = self.first_.predict_proba(X[:, :X.shape[1] - N_CORE])
-        return self.first_map_[np.argmax(first, axis=1)]
+            raise InputError(f"Got {X.shape[1]} columns; these clusters read {self.n_features_in_ - N_CORE} feature "
+                             f"columns and {N_CORE} core statistics (two_stage.with_core).")
+        return X, self.first_.predict_proba(X[:, :X.shape[1] - N_CORE])
 
     # ------------------------------------------------------------ persistence
     def export_state(self) -> tuple:
