@@ -346,6 +346,15 @@ def test_second_stage_option_reaches_the_bundle_and_every_analysis(fibrosis_coho
                                   two.clusters.predict(with_core(features, core)))
     with pytest.raises(InputError, match="already have a second stage"):
         add_second_stage(two, fibrosis_cohort, 2, seed=3)
+    # refitted on a two-stage bundle: its first stage kept, and the same rows and seed give train's second stage
+    refitted = add_second_stage(two, fibrosis_cohort, 2, seed=3, per_patient=150, depth_contrast_hu=40.0, refit=True)
+    assert refitted.manifest["training"]["second_stage_of"] == two.sha256 and refitted.names == two.names
+    np.testing.assert_array_equal(refitted.clusters.first_.means_, two.clusters.first_.means_)
+    np.testing.assert_array_equal(refitted.clusters.predict(with_core(features, core)),
+                                  two.clusters.predict(with_core(features, core)))
+    # the same labels; the mixture's probabilities agree to 1e-5, not bit for bit, as for the added stage above
+    np.testing.assert_allclose(refitted.clusters.predict_proba(with_core(features, core)),
+                               two.clusters.predict_proba(with_core(features, core)), atol=1e-5)
 
 
 def test_the_default_bundle_recipe_is_a_valid_training_config_with_its_depth_test():

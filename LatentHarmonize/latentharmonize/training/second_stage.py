@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 
 from ..bundle import ModelBundle
+from ..clusters import HIGHER
 from ..errors import InputError
 from ..progress import Progress
 from ..two_stage import reads_core
@@ -19,12 +20,13 @@ from .summary import ari_vs_truth
 
 def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: int,
                      per_patient: int = TrainConfig.per_patient, depth_contrast_hu: float | None = None,
-                     progress: Progress | None = None) -> ModelBundle:
+                     refit: bool = False, progress: Progress | None = None) -> ModelBundle:
     """A new bundle: ``bundle`` with a ``n_second``-component second stage fitted on ``per_patient`` paired points
-    per patient of ``cohort_csv`` (drawn with ``seed``, as ``train`` draws them). Its identity (SHA-256) is new; the
-    manifest's training summary records the second stage and the bundle it extends."""
-    if reads_core(bundle.clusters):
-        raise InputError("This bundle's clusters already have a second stage.")
+    per patient of ``cohort_csv`` (drawn with ``seed``, as ``train`` draws them). With ``refit``, a bundle that
+    already has a second stage gets a new one on its first stage (after the second stage's recipe changed). Its
+    identity (SHA-256) is new; the manifest's training summary records the second stage and the bundle it extends."""
+    if reads_core(bundle.clusters) and not refit:
+        raise InputError("This bundle's clusters already have a second stage; refit=True replaces it.")
     spec = bundle.spec
     if not spec.n_statistics or bundle.rotation.harmonized_columns != spec.n_statistics:
         raise InputError("A second stage reads the harmonized densitometry; this bundle was trained without "
@@ -39,6 +41,11 @@ def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: in
     latents = context_latents(bundle.encoder(device), cohort, samples, as_fitted, device, progress)
     features = bundle.rotation.cluster_features(latents, scans=samples.scan)
     first = (bundle.clusters, None, None, list(bundle.names.values()), None)
+    if reads_core(bundle.clusters):
+        # the first stage's raised clusters are all the second stage's: one raised name stands for theirs
+        final = bundle.clusters.names_
+        first = (bundle.clusters.first_, None, None,
+                 [final[label - 1] if label else HIGHER for label in bundle.clusters.first_map_], None)
     clusters, labels, profiles, names, colors = fit_second_stage(
         first, features, core_rows(cohort, samples, spec), samples, n_second, spec.n_statistics, seed,
         depth_contrast_hu)
