@@ -23,8 +23,10 @@ def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: in
                      refit: bool = False, progress: Progress | None = None) -> ModelBundle:
     """A new bundle: ``bundle`` with a ``n_second``-component second stage fitted on ``per_patient`` paired points
     per patient of ``cohort_csv`` (drawn with ``seed``, as ``train`` draws them). With ``refit``, a bundle that
-    already has a second stage gets a new one on its first stage (after the second stage's recipe changed). Its
-    identity (SHA-256) is new; the manifest's training summary records the second stage and the bundle it extends."""
+    already has a second stage gets a new one on its first stage (after the second stage's recipe changed); its
+    depth test is not carried over, so give ``depth_contrast_hu`` (the bundle's ``clusters.min_above_depth_hu``) to
+    keep it. Its identity (SHA-256) is new; the manifest's training summary records the second stage and the bundle
+    it extends."""
     if reads_core(bundle.clusters) and not refit:
         raise InputError("This bundle's clusters already have a second stage; refit=True replaces it.")
     spec = bundle.spec
