@@ -42,12 +42,13 @@ def add_second_stage(bundle: ModelBundle, cohort_csv, n_second: int, *, seed: in
     as_fitted = replace(spec, densitometry=replace(spec.densitometry, z_total_mm=None))
     latents = context_latents(bundle.encoder(device), cohort, samples, as_fitted, device, progress)
     features = bundle.rotation.cluster_features(latents, scans=samples.scan)
-    first = (bundle.clusters, None, None, list(bundle.names.values()), None)
     if reads_core(bundle.clusters):
         # the first stage's raised clusters are all the second stage's: one raised name stands for theirs
         final = bundle.clusters.names_
         first = (bundle.clusters.first_, None, None,
                  [final[label - 1] if label else HIGHER for label in bundle.clusters.first_map_], None)
+    else:
+        first = (bundle.clusters, None, None, list(bundle.names.values()), None)
     clusters, labels, profiles, names, colors = fit_second_stage(
         first, features, core_rows(cohort, samples, spec), samples, n_second, spec.n_statistics, seed,
         depth_contrast_hu)
