@@ -16,7 +16,8 @@ where it holds fewer than the image's, fills the rest with those rows mirrored, 
 with two lungs; only regions lying wholly in the rows read are counted. As for the emphysema database
 (``scripts/emphysema_database.py``), each slice is analysed as a stack of ``--stack`` copies of itself
 (``latentharmonize.analyze_image``, default bundle unless ``--model``) and the middle copy's label map is read. A
-slice whose lung the automatic mask cannot find (under 100 mL in the stack) is reported and skipped.
+slice whose lung the automatic mask cannot find (under 100 mL in the stack), or that the analysis refuses (rows read
+that hold no soft tissue), is reported and skipped.
 
 Printed (and written to ``--out``): per label, the slices and cases it was read on, the mean HU of its region, how
 far the median of its lung lies above its slice's lung median (in the rows read), its share inside the lung mask,
@@ -36,7 +37,7 @@ import SimpleITK as sitk
 from matplotlib.path import Path as Polygon
 
 import latentharmonize as lh
-from latentharmonize.errors import NoLungFoundError
+from latentharmonize.errors import InputError, NoLungFoundError
 from emphysema_database import above_lung, as_volume, report, slice_database_parser
 
 NOT_ABNORMAL = ("normal-appearing lung", "lower-attenuation lung", "vessels", "airways")
@@ -113,6 +114,9 @@ def analyse_case(folder: Path, args) -> list:
             analysis = lh.analyze_image(as_volume(hu.astype(np.int16), args.stack, pixel_mm, 1.0), args.model)
         except NoLungFoundError:
             print(f"{folder.name}/{files[number].name}: no lung found in the stack, skipped", file=sys.stderr)
+            continue
+        except InputError as refused:  # a damaged slice the analysis refuses, e.g. rows read holding no soft tissue
+            print(f"{folder.name}/{files[number].name}: refused ({refused}), skipped", file=sys.stderr)
             continue
         middle = args.stack // 2
         labels = sitk.GetArrayFromImage(analysis.labels)[middle]
