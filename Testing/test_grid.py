@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from latentharmonize.errors import NoLungFoundError
-from latentharmonize.grid import ModelGrid, lattice_to_image, to_model_grid, to_reference_geometry
+from latentharmonize.grid import AIR_HU, ModelGrid, lattice_to_image, to_model_grid, to_reference_geometry
 
 
 def smooth_hu(points: np.ndarray) -> np.ndarray:
@@ -68,6 +68,19 @@ def test_grid_covers_lung_with_margin_and_matches_field():
     assert np.all(((pts / [20.0, 18.0, 25.0]) ** 2).sum(-1) <= 1.3)
     # interpolated HU follows the continuous field inside the scan's field of view
     assert np.abs(hu[zz, yy, xx] - smooth_hu(pts)).mean() < 10.0
+
+
+@pytest.mark.parametrize("direction", [None, (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0)])
+def test_scan_slices_are_the_grid_slices_the_scan_covers(direction):
+    """The margin runs past the scan's first and last slice (lung to 25 mm from the centre, scan to 29-31 mm,
+    margin 12.5 mm): those grid slices hold only the resampler's default, air, and scan_slices leaves them out."""
+    origin = (-22.0, -20.0, -30.0 if direction is None else 28.0)
+    ct, lung = synthetic_scan((0.8, 0.8, 2.0), origin, size=(56, 50, 30), direction=direction)
+    hu, _, grid = to_model_grid(ct, lung)
+    first, last = grid.scan_slices
+    assert 0 < first < last < grid.shape[0] - 1
+    assert (hu[:first] == AIR_HU).all() and (hu[last + 1:] == AIR_HU).all()
+    assert all((hu[k] > AIR_HU).any() for k in range(first, last + 1))  # in-plane, the margin passes the field too
 
 
 def test_any_direction_matrix_gives_same_physical_grid():

@@ -111,6 +111,18 @@ def test_segment_structures_finds_a_trachea_above_the_lungs():
     assert np.mean(labels[bronchus] == AIRWAY_LABEL) > 0.8
 
 
+def test_the_trachea_is_found_where_the_scan_ends_within_the_grid():
+    """The grid's margin can run past the scan's top slice; resampled, what lies beyond reads as air and joins the
+    trachea to the air outside the body. The slices the scan covers (the grid's ``scan_slices``) keep them apart."""
+    hu, lung, bronchus, _ = _airway_chest(-870.0)
+    beyond = SHAPE[0] - 3
+    hu[beyond:] = -1024.0  # the resampler's default outside the scan
+    assert not airways(hu, lung, SPACING).any()
+    found = airways(hu, lung, SPACING, scan_slices=(0, beyond - 1))
+    assert found[bronchus].mean() > 0.8
+    assert found[~bronchus].sum() < 0.2 * bronchus.sum()
+
+
 def test_airway_growth_stops_before_leaking_into_low_attenuation_lung():
     hu, lung, bronchus, ball = _airway_chest(-945.0)  # joins the lumen only once the threshold passes -945 HU
     found = airways(hu, lung, SPACING)

@@ -8,9 +8,9 @@
 ``phantom`` makes one patient, rebuilds the truth of its vessels and airways from the generator's tubes (voxels
 more than half inside a vessel or airway lumen, within the lung truth; the phantom's truth file holds tissue only),
 and for each default acquisition reports the Dice of the found vessels and airways, the share of each truth tissue
-wrongly taken as vessel, and the agreement (ARI) of the label map with the truth tissue on the parenchyma voxels:
-the previous nearest-patch map with vessels left in the patches against the interpolated map of parenchyma-only
-patches. ``cohort`` reads a phantom cohort already written (for instance one with drawn, held-out settings) and
+wrongly taken as vessel, and the agreement (ARI) of the label map with the truth tissue on the parenchyma voxels.
+(Until 2026-12-06 it also drew the nearest-patch map with the vessels left in the patches, which clusters that read
+each patch's core cannot label; docs/structures.md keeps that comparison.) ``cohort`` reads a phantom cohort already written (for instance one with drawn, held-out settings) and
 reports, per scan, the vessels found on the model grid against the truth rebuilt from the cohort's seed: recall,
 precision, and the share of each abnormal tissue taken as vessel. ``scan`` reads the outputs of ``latentharmonize
 analyze`` on real scans and reports the structures' volumes and where each cluster lies (near the lung border, near
@@ -72,11 +72,11 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
     import SimpleITK as sitk
     from sklearn.metrics import adjusted_rand_score
 
-    from latentharmonize.pipeline import _cluster_maps, ct_lookup, encode_patches, nearest_valid_index
+    from latentharmonize.pipeline import _cluster_maps, encode_patches
     from latentharmonize.bundle import load_bundle
     from latentharmonize.lungmask import segment_lungs
     from latentharmonize.evaluation.metrics import mask_dice
-    from latentharmonize.patches import encode_dense, model_grid_hu
+    from latentharmonize.patches import model_grid_hu
     from latentharmonize.phantom import DEFAULT_ACQUISITIONS, acquire_all
     from latentharmonize.structures import AIRWAY_LABEL, VESSEL_LABEL, parenchyma, segment_structures
     from latentharmonize.two_stage import reads_core
@@ -91,17 +91,9 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
     for acq, ct in zip(DEFAULT_ACQUISITIONS, acquire_all(patient, DEFAULT_ACQUISITIONS)):
         lungs = segment_lungs(ct)
         hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)  # calibrated as analyze reads it (encode_dense low-passes)
-        found = segment_structures(hu, lung, grid.spacing)
+        found = segment_structures(hu, lung, grid.spacing, grid.scan_slices)
         dense = encode_patches(encoder, hu, parenchyma(lung, found), grid, spec, "cpu", core=reads_core(bundle.clusters))
         labels = sitk.GetArrayFromImage(_cluster_maps(dense, bundle, ct, lungs, grid, found)[2])
-        # the previous map: nearest valid patch centre, patches with the vessels in them
-        whole = encode_dense(encoder, hu, lung, grid, spec, "cpu")
-        lattice = whole.lattice
-        valid, old = np.zeros(lattice.shape, bool), np.zeros(lattice.shape, np.uint8)
-        valid[tuple(whole.positions.T)] = True
-        old[tuple(whole.positions.T)] = bundle.clusters.predict(bundle.rotation.cluster_features(whole.latents))
-        old = old[nearest_valid_index(valid, tuple(lattice.spacing[::-1]))]
-        old = sitk.GetArrayFromImage(ct_lookup(lattice, ct, lungs).scatter(old, ct))
 
         def on_ct(image):
             return sitk.GetArrayFromImage(sitk.Resample(image, ct, sitk.Transform(), sitk.sitkNearestNeighbor))
@@ -109,15 +101,15 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
         in_lung = labels > 0
         false_vessel = taken_as_vessel(labels == VESSEL_LABEL, tissue, in_lung & (structure == 0))
         rows = np.flatnonzero((in_lung & (tissue > 0) & (structure == 0)).ravel())
-        new_map, old_map, want = labels.ravel()[rows], old.ravel()[rows], tissue.ravel()[rows]
+        new_map, want = labels.ravel()[rows], tissue.ravel()[rows]
         tissue_voxels = new_map < VESSEL_LABEL
         print(f"{acq.name}: vessel Dice {mask_dice(labels == VESSEL_LABEL, in_lung & (structure == 1)):.2f}, "
               f"airway Dice {mask_dice(labels == AIRWAY_LABEL, in_lung & (structure == 2)):.2f}; "
               f"found vessels {np.mean(labels[in_lung] == VESSEL_LABEL):.1%} / airways "
               f"{np.mean(labels[in_lung] == AIRWAY_LABEL):.1%} of the lung (truth "
               f"{np.mean(structure[in_lung] == 1):.1%} / {np.mean(structure[in_lung] == 2):.1%}); "
-              f"tissue taken as vessel: {false_vessel}; voxel ARI vs truth tissue: previous map "
-              f"{adjusted_rand_score(want, old_map):.3f}, now {adjusted_rand_score(want[tissue_voxels], new_map[tissue_voxels]):.3f}",
+              f"tissue taken as vessel: {false_vessel}; voxel ARI vs truth tissue "
+              f"{adjusted_rand_score(want[tissue_voxels], new_map[tissue_voxels]):.3f}",
               flush=True)
 
 
@@ -150,7 +142,7 @@ def check_cohort(folder: Path, patients=None) -> None:
         for _, row in scans.iterrows():
             ct = sitk.ReadImage(str(row["image"]))
             hu, lung, grid, _ = model_grid_hu(ct, segment_lungs(ct), spec)
-            found = (segment_structures(hu, lung, grid.spacing) == VESSEL_LABEL) & lung
+            found = (segment_structures(hu, lung, grid.spacing, grid.scan_slices) == VESSEL_LABEL) & lung
             vessel = (resample_onto(structure_truth, grid, nearest=True, default=0) == 1) & lung
             tissue = resample_onto(patient.truth, grid, nearest=True, default=0)
             taken = taken_as_vessel(found, tissue, lung & ~vessel, first=3, min_voxels=200)

@@ -133,7 +133,7 @@ def compare_naive(scan, lungs_path, model=None, device: str = "auto", time_box_s
     spec, dev = bundle.spec, resolve_device(device)
     ct, lungs = read_ct(scan), sitk.ReadImage(str(lungs_path))
     hu, lung, grid, _ = model_grid_hu(ct, lungs, spec)
-    lung = parenchyma(lung, segment_structures(hu, lung, grid.spacing))
+    lung = parenchyma(lung, segment_structures(hu, lung, grid.spacing, grid.scan_slices))
     encoder = bundle.encoder(dev)
     dense, dense_s, dense_cpu = _timed(encode_dense, encoder, hu, lung, grid, spec, dev)
     total = int(valid_centres(lung, spec).sum())

@@ -7,6 +7,7 @@ the same physical lattice points, which is what makes patches correspond across 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -33,6 +34,7 @@ class ModelGrid:
     spacing: tuple
     shape: tuple
     scan_z_mm: float | None = None  # through-plane spacing of the scan resampled onto it (through_plane_spacing)
+    scan_slices: tuple | None = None  # (first, last) of its slices within that scan's extent (scan_slices); None: all
 
     def reference_image(self, pixel_type=sitk.sitkUInt8) -> sitk.Image:
         """An empty image with this grid's geometry (for resampling onto or from it)."""
@@ -208,7 +210,19 @@ def to_model_grid(ct: sitk.Image, lungs: sitk.Image, spacing=DEFAULT_SPACING,
     if lungs.GetPixelID() != sitk.sitkUInt8:
         lungs = sitk.Cast(lungs, sitk.sitkUInt8)
     lung = resample_onto(lungs, grid, nearest=True, default=0) > 0
-    return hu, lung, replace(grid, scan_z_mm=through_plane_spacing(ct))
+    return hu, lung, replace(grid, scan_z_mm=through_plane_spacing(ct), scan_slices=scan_slices(ct, grid))
+
+
+def scan_slices(image: sitk.Image, grid: ModelGrid) -> tuple:
+    """``(first, last)``: the slices of ``grid`` whose centres lie inside ``image``'s extent along z (ITK's
+    half-voxel border; a centre on the border counts as outside, as the resampler reads it). The grid's margin around
+    the lungs can run past the scan's first or last slice, and what lies beyond reads as air when resampled; for a
+    tilted scan, slices partly outside count as inside."""
+    corners = itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
+    z = [image.TransformContinuousIndexToPhysicalPoint(c)[2] for c in corners]
+    first = math.floor((min(z) - grid.origin[2]) / grid.spacing[2] + _EPS) + 1
+    last = math.ceil((max(z) - grid.origin[2]) / grid.spacing[2] - _EPS) - 1
+    return max(first, 0), min(last, grid.shape[0] - 1)
 
 
 def axial_axis(image: sitk.Image) -> int:

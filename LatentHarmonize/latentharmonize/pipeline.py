@@ -378,7 +378,7 @@ def run_pipeline(ct: sitk.Image, model: tuple, find_lungs: Callable, progress, t
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="latentharmonize-pipeline") as pool:
         lookup = pool.submit(ct_lookup, grid, ct, lungs)
         stage_progress(progress, "structures")(0, message="vessels and airways")
-        structures = segment_structures(hu, lung_grid, grid.spacing)
+        structures = segment_structures(hu, lung_grid, grid.spacing, grid.scan_slices)
         timer.lap("structures")
 
         dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress,

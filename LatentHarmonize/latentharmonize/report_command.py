@@ -109,7 +109,7 @@ def _draw(staged, files, name, record, folder, image, maps, model, progress) -> 
     ``(bundle, device, encoder)`` of :func:`load_model`."""
     bundle, device, encoder = model
     hu, lung_grid, grid, _ = model_grid_hu(image, maps["lungs"], bundle.spec)
-    structures = segment_structures(hu, lung_grid, grid.spacing)
+    structures = segment_structures(hu, lung_grid, grid.spacing, grid.scan_slices)
     dense = encode_patches(encoder, hu, parenchyma(lung_grid, structures), grid, bundle.spec, device, progress,
                            core=reads_core(bundle.clusters))
     if len(dense.latents) != record["n_patches"]:

@@ -37,7 +37,7 @@ class Scan:
     def structures(self) -> np.ndarray:
         """Vessels and airways on the model grid (``structures.segment_structures``), found on first use: training
         reads whole-lung patches and never needs them."""
-        return segment_structures(self.hu, self.lung, self.grid.spacing)
+        return segment_structures(self.hu, self.lung, self.grid.spacing, self.grid.scan_slices)
 
     @property
     def parenchyma(self) -> np.ndarray:

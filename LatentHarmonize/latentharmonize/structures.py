@@ -13,10 +13,11 @@ a vessel at +40 HU or a bronchus is normal anatomy, not a tissue pattern. Both a
   disease taken for a vessel would vanish from the tissue composition (docs/structures.md has the trade-off).
 - **Airways**: the air-filled tree grown from the trachea. The trachea is the largest air region outside the lungs
   that reaches the lungs' top slice without touching the model grid's sides (the automatic lung mask leaves it
-  out). From it, air below a threshold is grown into the lungs; the threshold rises from
-  ``AIRWAY_THRESHOLDS_HU[0]`` while the grown volume stays plausible (leak control): a step that more than
-  ``AIRWAY_LEAK_FACTOR``-folds a tree of at least ``AIRWAY_MIN_CHECKED_ML``, or a tree above
-  ``AIRWAY_MAX_LUNG_FRACTION`` of the lung, has leaked into the parenchyma, and the last tree before it is kept.
+  out; the grid beyond the scan's ends, which reads as air, is not searched). From it, air below a threshold is
+  grown into the lungs; the threshold rises from ``AIRWAY_THRESHOLDS_HU[0]`` while the grown volume stays plausible
+  (leak control): a step that more than ``AIRWAY_LEAK_FACTOR``-folds a tree of at least ``AIRWAY_MIN_CHECKED_ML``,
+  or a tree above ``AIRWAY_MAX_LUNG_FRACTION`` of the lung, has leaked into the parenchyma, and the last tree before
+  it is kept.
   Low-attenuation lung (emphysema) next to a bronchus is what makes a step leak.
 
 On the CT grid (:func:`refine_on_ct`), a lung voxel is vessel where the (one-voxel dilated) grid vessels reach it and
@@ -61,16 +62,18 @@ TRACHEA_MIN_ML = 0.2                 # what of the trachea lies above the lungs'
 SEED_BRIDGE_STEPS = 2                # grid voxels from the trachea across the rim into the lung mask
 
 
-def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
+def segment_structures(hu: np.ndarray, lung: np.ndarray, spacing, scan_slices=None) -> np.ndarray:
     """Vessels and airways of a model-grid volume: UInt8 [z, y, x], ``VESSEL_LABEL``/``AIRWAY_LABEL`` inside the
-    lung, 0 elsewhere. ``hu``: float HU [z, y, x]; ``lung``: bool [z, y, x]; ``spacing``: (x, y, z) mm."""
+    lung, 0 elsewhere. ``hu``: float HU [z, y, x]; ``lung``: bool [z, y, x]; ``spacing``: (x, y, z) mm;
+    ``scan_slices``: the grid's ``scan_slices``, the slices the scan covers (None: all)."""
     out = np.zeros(hu.shape, np.uint8)
     box = mask_box(lung)
     if box is None:
         return out
     # the airways are traced in a worker thread while this one finds the vessels (scipy and numpy release the GIL)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentharmonize-airways") as pool:
-        airway = pool.submit(airways, hu, lung, spacing)  # the whole grid: the trachea may lie above the lungs' box
+        # the whole grid: the trachea may lie above the lungs' box
+        airway = pool.submit(airways, hu, lung, spacing, scan_slices)
         out[box][vessels(hu[box], lung[box], spacing)] = VESSEL_LABEL
         out[airway.result()] = AIRWAY_LABEL
     return out
@@ -157,13 +160,18 @@ def vessels(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     return out
 
 
-def trachea_seed(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
+def trachea_seed(hu: np.ndarray, lung: np.ndarray, spacing, scan_slices=None) -> np.ndarray:
     """Bool [z, y, x]: the trachea (or what of it the box holds), or nothing when none is found.
 
     The largest air region outside the lung mask that reaches the top slice holding lung and does not touch the
-    box's sides (air there is outside the body).
+    box's sides (air there is outside the body). Slices outside ``scan_slices`` (first, last) are not air: where a
+    scan ends within the grid's margin, the grid beyond it reads as air, which would join the trachea to the air
+    outside the body.
     """
-    labels, n = ndimage.label((hu < TRACHEA_AIR_HU) & ~lung)
+    air = (hu < TRACHEA_AIR_HU) & ~lung
+    if scan_slices is not None:
+        air[:scan_slices[0]] = air[scan_slices[1] + 1:] = False
+    labels, n = ndimage.label(air)
     if n == 0:
         return np.zeros(hu.shape, bool)
     outside = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()]))
@@ -178,9 +186,10 @@ def trachea_seed(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
     return labels == best
 
 
-def airways(hu: np.ndarray, lung: np.ndarray, spacing) -> np.ndarray:
-    """Bool [z, y, x]: the intrapulmonary airway lumen connected to the trachea, with leak control."""
-    seed = trachea_seed(hu, lung, spacing)
+def airways(hu: np.ndarray, lung: np.ndarray, spacing, scan_slices=None) -> np.ndarray:
+    """Bool [z, y, x]: the intrapulmonary airway lumen connected to the trachea, with leak control
+    (``scan_slices``: see :func:`trachea_seed`)."""
+    seed = trachea_seed(hu, lung, spacing, scan_slices)
     if not seed.any():
         return np.zeros(hu.shape, bool)
     # across the partial-volume rim where the main bronchi enter the lung mask
