@@ -13,8 +13,9 @@ wrongly taken as vessel, and the agreement (ARI) of the label map with the truth
 each patch's core cannot label; docs/structures.md keeps that comparison.) ``cohort`` reads a phantom cohort
 already written (for instance one with drawn, held-out settings) and reports, per scan, the vessels found on the
 model grid against the truth rebuilt from the cohort's seed: recall, precision, and the share of each abnormal
-tissue taken as vessel. ``scan`` reads the outputs of ``latentharmonize analyze`` on real scans and reports the structures' volumes and where each cluster lies (near the lung border, near
-a found vessel): nothing is written, so real data stays out of the repository.
+tissue taken as vessel. ``scan`` reads the outputs of ``latentharmonize analyze`` on real scans and reports the
+structures' volumes and where each cluster lies (near the lung border, near a found vessel): nothing is written,
+so real data stays out of the repository.
 """
 from __future__ import annotations
 
