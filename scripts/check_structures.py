@@ -102,15 +102,15 @@ def check_phantom(patient_index: int, seed: int, full: bool, model=None) -> None
         in_lung = labels > 0
         false_vessel = taken_as_vessel(labels == VESSEL_LABEL, tissue, in_lung & (structure == 0))
         rows = np.flatnonzero((in_lung & (tissue > 0) & (structure == 0)).ravel())
-        new_map, want = labels.ravel()[rows], tissue.ravel()[rows]
-        tissue_voxels = new_map < VESSEL_LABEL
+        painted, want = labels.ravel()[rows], tissue.ravel()[rows]
+        tissue_voxels = painted < VESSEL_LABEL
         print(f"{acq.name}: vessel Dice {mask_dice(labels == VESSEL_LABEL, in_lung & (structure == 1)):.2f}, "
               f"airway Dice {mask_dice(labels == AIRWAY_LABEL, in_lung & (structure == 2)):.2f}; "
               f"found vessels {np.mean(labels[in_lung] == VESSEL_LABEL):.1%} / airways "
               f"{np.mean(labels[in_lung] == AIRWAY_LABEL):.1%} of the lung (truth "
               f"{np.mean(structure[in_lung] == 1):.1%} / {np.mean(structure[in_lung] == 2):.1%}); "
               f"tissue taken as vessel: {false_vessel}; voxel ARI vs truth tissue "
-              f"{adjusted_rand_score(want[tissue_voxels], new_map[tissue_voxels]):.3f}",
+              f"{adjusted_rand_score(want[tissue_voxels], painted[tissue_voxels]):.3f}",
               flush=True)
 
 
