@@ -205,3 +205,42 @@ def test_label_makeup_counts_each_segments_true_tissue_and_checks_disease_names(
     assert makeup["ground-glass-like"]["consolidation"] == 0  # the summed make-up is a new one
     with pytest.raises(InputError, match="one grid"):
         label_makeup(labels, truth[:, :5], names)
+
+
+def test_goal_check_judges_the_painted_map_by_its_own_paired_verdicts():
+    def diff(low, high):
+        return {"ci": [low, high], "difference": (low + high) / 2}
+
+    cons = {"entangled": {"ari": 0.5, "nmi": 0.5, "dice": 0.6}, "rotated": {"ari": 0.8, "nmi": 0.7, "dice": 0.8},
+            "bundle_clusters": {"ari": 0.9, "nmi": 0.8, "dice": 0.85},
+            "combat": {"ari": 0.85, "nmi": 0.75, "dice": 0.9}, "leace": {"ari": 0.7, "nmi": 0.6, "dice": 0.7}}
+    better, tie = diff(0.01, 0.05), diff(-0.01, 0.03)
+    metrics = {"consistency": cons, "relative_gain": relative_gains(cons),
+               "probe": {"rotated": 0.4, "bundle_clusters": 0.28, "chance": 0.25},
+               "bundle_versus": {"combat": {"ari": better, "nmi": better, "dice": diff(-0.06, -0.02)},
+                                 "leace": {"ari": better, "nmi": better, "dice": better},
+                                 "entangled": {"ari": better, "nmi": better, "dice": better, "c_index": better},
+                                 "hu_thresholds": {"c_index": tie}, "hu_statistics": {"c_index": tie}},
+               "truth_agreement": {"rotated": {"ari": 0.4}, "bundle_clusters": {"ari": 0.5},
+                                   "hu_statistics": {"ari": 0.45}},
+               "tissue_recall": {"rotated": {"min": {"emphysema_recall": 0.6}},
+                                 "bundle_clusters": {"min": {"emphysema_recall": 0.8,
+                                                             "reticulation_outside_normal": 0.7,
+                                                             "reticulation_found": 0.45}}},
+               "kernel_robustness": {"rotated": {"mean_abs_change_points": 0.6},
+                                     "bundle_clusters": {"mean_abs_change_points": 0.4}, "n_pairs": 2}}
+    goal = goal_check(metrics)
+    painted = goal["painted_map"]
+    # rotated's own goals still read the refitted clusters
+    assert goal["truth_ari_at_least_hu_statistics"] is False and goal["emphysema_recall_at_least_0.7"] is False
+    assert painted["paired_better_than_baselines"] == {"combat": False, "leace": True}
+    assert painted["probe_near_chance"] is True
+    assert painted["survival_paired_better"] == {"entangled": True, "hu_thresholds": False}
+    assert painted["survival_at_least_hu_statistics"] is True
+    assert painted["truth_ari_at_least_hu_statistics"] is True
+    assert painted["emphysema_recall_at_least_0.7"] is True
+    assert painted["abnormal_mostly_outside_normal"] == {"reticulation": False}  # counted over all of it
+    assert painted["low_attenuation_kernel_change_at_most_0.5_points"] is True
+    assert "truth_ari_at_least_hu_statistics_over_seeds" not in painted  # the bundle is fitted once, by train
+    del metrics["bundle_versus"]
+    assert "painted_map" not in goal_check(metrics)
