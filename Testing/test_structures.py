@@ -123,6 +123,21 @@ def test_the_trachea_is_found_where_the_scan_ends_within_the_grid():
     assert found[~bronchus].sum() < 0.2 * bronchus.sum()
 
 
+def test_a_bronchus_that_doubles_a_trachea_held_in_the_lung_mask_is_not_a_leak():
+    """Where the automatic lung mask holds part of the trachea (LIDC-IDRI-0001), the first tree is that part alone,
+    and the step into the bronchi, whose lumen partial volume leaves a little above -975 HU, more than doubles it.
+    A step that adds so little of the lung is growth, not a leak."""
+    hu, lung, bronchus, _ = _airway_chest(-870.0)
+    z, y, x = _coordinates()
+    held = (np.hypot(y - 60, x - 60) < 9.0) & (z >= 60) & (z < 72)
+    lung |= held
+    hu[bronchus] += 45.0  # the bronchus's lumen reads about -955 HU
+    found = airways(hu, lung, SPACING)
+    assert found[bronchus].mean() > 0.8
+    assert found[held & (hu < -975.0)].mean() > 0.8
+    assert not found[~bronchus & ~held].any()
+
+
 def test_airway_growth_stops_before_leaking_into_low_attenuation_lung():
     hu, lung, bronchus, ball = _airway_chest(-945.0)  # joins the lumen only once the threshold passes -945 HU
     found = airways(hu, lung, SPACING)

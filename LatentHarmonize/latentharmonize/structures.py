@@ -15,9 +15,9 @@ a vessel at +40 HU or a bronchus is normal anatomy, not a tissue pattern. Both a
   that reaches the lungs' top slice without touching the model grid's sides (the automatic lung mask leaves it
   out; the grid beyond the scan's ends, which reads as air, is not searched). From it, air below a threshold is
   grown into the lungs; the threshold rises from ``AIRWAY_THRESHOLDS_HU[0]`` while the grown volume stays plausible
-  (leak control): a step that more than ``AIRWAY_LEAK_FACTOR``-folds a tree of at least ``AIRWAY_MIN_CHECKED_ML``,
-  or a tree above ``AIRWAY_MAX_LUNG_FRACTION`` of the lung, has leaked into the parenchyma, and the last tree before
-  it is kept. Low-attenuation lung (emphysema) next to a bronchus is what makes a step leak.
+  (leak control): a step that more than ``AIRWAY_LEAK_FACTOR``-folds a tree of at least ``AIRWAY_MIN_CHECKED_ML``
+  and adds more than ``AIRWAY_MIN_LEAK_LUNG_FRACTION`` of the lung, or a tree above ``AIRWAY_MAX_LUNG_FRACTION`` of
+  the lung, has leaked into the parenchyma, and the last tree before it is kept. Low-attenuation lung (emphysema) next to a bronchus is what makes a step leak.
 
 On the CT grid (:func:`refine_on_ct`), a lung voxel is vessel where the (one-voxel dilated) grid vessels reach it and
 its own HU is above ``VESSEL_CT_HU`` (halfway between lung, -850, and blood, +40), and airway where the grid airways
@@ -54,6 +54,7 @@ VESSELNESS_GAMMA = 80.0              # Frobenius-norm scale of the scale-normali
 AIRWAY_THRESHOLDS_HU = (-975.0, -950.0, -925.0, -900.0)
 AIRWAY_LEAK_FACTOR = 2.0
 AIRWAY_MIN_CHECKED_ML = 1.0          # growth from a smaller tree is not a leak
+AIRWAY_MIN_LEAK_LUNG_FRACTION = 0.005  # nor is a step that adds less of the lung, however it multiplies the tree
 AIRWAY_MAX_LUNG_FRACTION = 0.04      # intrapulmonary airway lumen is about 1-2 % of the lung
 AIRWAY_CT_HU = -700.0
 TRACHEA_AIR_HU = -900.0
@@ -195,13 +196,17 @@ def airways(hu: np.ndarray, lung: np.ndarray, spacing, scan_slices=None) -> np.n
     seed = ndimage.binary_dilation(seed, iterations=SEED_BRIDGE_STEPS, mask=~lung & (hu < AIRWAY_CT_HU)) | seed
     limit = AIRWAY_MAX_LUNG_FRACTION * np.count_nonzero(lung)
     min_checked = AIRWAY_MIN_CHECKED_ML * 1000.0 / float(np.prod(spacing))  # noise fragments the first, tiny trees
+    # where the lung mask holds the trachea, the first tree is the trachea alone, and the next step into the main
+    # bronchi more than doubles it: only a step that also adds a share of the lung is taken for a leak
+    min_leak = AIRWAY_MIN_LEAK_LUNG_FRACTION * np.count_nonzero(lung)
     kept = np.zeros(hu.shape, bool)
     kept_volume = 0
     for threshold in AIRWAY_THRESHOLDS_HU:
         labels, _ = ndimage.label(lung & (hu < threshold) | seed)
         grown = np.isin(labels, np.unique(labels[seed])) & lung
         volume = np.count_nonzero(grown)
-        if volume > limit or (kept_volume >= min_checked and volume > AIRWAY_LEAK_FACTOR * kept_volume):
+        if volume > limit or (kept_volume >= min_checked and volume > AIRWAY_LEAK_FACTOR * kept_volume
+                              and volume - kept_volume > min_leak):
             break
         kept, kept_volume = grown, volume
     return kept
