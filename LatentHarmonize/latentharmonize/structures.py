@@ -17,7 +17,8 @@ a vessel at +40 HU or a bronchus is normal anatomy, not a tissue pattern. Both a
   grown into the lungs; the threshold rises from ``AIRWAY_THRESHOLDS_HU[0]`` while the grown volume stays plausible
   (leak control): a step that more than ``AIRWAY_LEAK_FACTOR``-folds a tree of at least ``AIRWAY_MIN_CHECKED_ML``
   and adds more than ``AIRWAY_MIN_LEAK_LUNG_FRACTION`` of the lung, or a tree above ``AIRWAY_MAX_LUNG_FRACTION`` of
-  the lung, has leaked into the parenchyma, and the last tree before it is kept. Low-attenuation lung (emphysema) next to a bronchus is what makes a step leak.
+  the lung, has leaked into the parenchyma, and the last tree before it is kept. Low-attenuation lung (emphysema)
+  next to a bronchus is what makes a step leak.
 
 On the CT grid (:func:`refine_on_ct`), a lung voxel is vessel where the (one-voxel dilated) grid vessels reach it and
 its own HU is above ``VESSEL_CT_HU`` (halfway between lung, -850, and blood, +40), and airway where the grid airways

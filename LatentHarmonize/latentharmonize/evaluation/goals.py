@@ -86,8 +86,8 @@ def painted_map_goals(metrics: dict, baselines, verdicts: dict) -> dict:
 def tissue_goals(metrics: dict, name: str = "rotated") -> dict:
     """Issue 19's tissue goals for the clusters ``name``, where the cohort allows them: truth ARI at least the
     ``hu_statistics`` reference's (at the run's seed, and for rotated on average over the mixture seeds), emphysema
-    recall >= 0.7 and each abnormal tissue mostly (> 0.5) outside the normal cluster in every acquisition (counted over all
-    of it, the part the lung mask leaves out included, where the evaluation counted that), and the
+    recall >= 0.7 and each abnormal tissue mostly (> 0.5) outside the normal cluster in every acquisition (counted
+    over all of it, the part the lung mask leaves out included, where the evaluation counted that), and the
     low-attenuation share moving by <= 0.5 points soft to sharp."""
     out = {}
     truth, recall = metrics.get("truth_agreement", {}), metrics.get("tissue_recall", {}).get(name)
