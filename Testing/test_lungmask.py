@@ -155,6 +155,29 @@ def test_airway_open_to_outside_air(chest):
     _check_segmentation(segment_lungs(opened), truth, parts)
 
 
+def test_a_trachea_that_widens_below_the_larynx_is_followed(chest):
+    """A scan that starts at the larynx finds its airway narrow in the top slices. Below, the trachea widens to more
+    than three times that first cross-section, gradually: that is not an airway opening into a lung, and the whole
+    trachea stays out of the mask (LIDC-IDRI-0001 kept its trachea as lung before)."""
+    ct, truth, parts = chest
+    hu = _arr(ct)
+    nz, ny, nx = hu.shape
+    spacing = ct.GetSpacing()
+    y, x = np.meshgrid((np.arange(ny) - (ny - 1) / 2.0) * spacing[1], (np.arange(nx) - (nx - 1) / 2.0) * spacing[0],
+                       indexing="ij")
+    radius2 = x ** 2 + (y + 20) ** 2
+    z = (np.arange(nz) - (nz - 1) / 2.0) * spacing[2]
+    upper = z >= 0.3 * nz * spacing[2] / 2.0 + 10.0  # the trachea above the carina, 12 mm wide instead of 9
+    hu[upper] = np.where(radius2 <= 12.0 ** 2, -1000, hu[upper])
+    for k, radius in enumerate((4.5, 7.0, 9.5)):  # the top three slices narrow towards the larynx
+        hu[nz - 1 - k][(radius2 > radius ** 2) & (radius2 <= 12.0 ** 2)] = 40
+    narrowed = sitk.GetImageFromArray(hu)
+    narrowed.CopyInformation(ct)
+    mask = segment_lungs(narrowed)
+    assert not _arr(mask)[upper[:, None, None] & (radius2 <= 11.0 ** 2)[None]].any(), "the trachea is not lung"
+    _check_segmentation(mask, truth, parts)
+
+
 def test_touching_lungs_are_split():
     ct, truth, _ = synthetic_chest(seed=1, touching=True)
     true = _arr(truth)

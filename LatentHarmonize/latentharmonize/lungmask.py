@@ -245,14 +245,19 @@ def _track_airways(candidates: np.ndarray, hu: np.ndarray, spacing: np.ndarray, 
     lumen = candidates & (hu < (np.median(hu[seed_z][seed]) + np.median(hu[candidates])) / 2.0)
     current = seed & lumen[seed_z]
     limit = EXPLODE_FACTOR * seed.sum()
+    trachea = True
     airways[seed_z] = current
     for z in range(seed_z - 1, -1, -1):
         labels, _ = ndimage.label(lumen[z])
         touched = np.unique(labels[current & (labels > 0)])
         areas = np.bincount(labels.ravel())
-        branch = np.isin(labels, touched[areas[touched] <= limit])
+        kept = touched[areas[touched] <= limit]
+        branch = np.isin(labels, kept)
         if not branch.any():
             break
+        trachea = trachea and kept.size == 1  # until the carina; a scan that starts at the larynx sees it widen
+        if trachea:
+            limit = max(limit, EXPLODE_FACTOR * areas[kept[0]])
         airways[z], current = branch, branch
     return ndimage.binary_dilation(airways) & candidates
 
