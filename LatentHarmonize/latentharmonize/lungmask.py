@@ -231,7 +231,8 @@ def _between(mask: np.ndarray, axis: int) -> np.ndarray:
 def _track_airways(candidates: np.ndarray, hu: np.ndarray, spacing: np.ndarray, midline: float) -> np.ndarray:
     """Trachea and main bronchi: follow the airway lumen from the top slice down, slice by slice,
     keeping the 2D lumen components that overlap the airway of the slice above; a component whose
-    area explodes past EXPLODE_FACTOR x the trachea's area has opened into a lung and ends its branch.
+    area explodes past EXPLODE_FACTOR x the trachea's widest (trachea-sized) area so far has opened into a lung and
+    ends its branch.
 
     The lumen (pure air) is told from lung (air mixed with tissue) by a threshold halfway between
     the trachea's and the lung's median HU, so an airway touching a lung at this resolution stays
@@ -255,8 +256,10 @@ def _track_airways(candidates: np.ndarray, hu: np.ndarray, spacing: np.ndarray, 
         branch = np.isin(labels, kept)
         if not branch.any():
             break
-        trachea = trachea and kept.size == 1  # until the carina; a scan that starts at the larynx sees it widen
-        if trachea:
+        # until the carina the limit follows the trachea's widest cross-section (a scan that starts at the larynx
+        # sees it widen), read only from trachea-sized sections, so that it stays below three adult tracheas
+        trachea = trachea and kept.size == 1
+        if trachea and areas[kept[0]] * pixel_mm2 <= TRACHEA_AREA_MM2[1]:
             limit = max(limit, EXPLODE_FACTOR * areas[kept[0]])
         airways[z], current = branch, branch
     return ndimage.binary_dilation(airways) & candidates
