@@ -195,11 +195,12 @@ def airways(hu: np.ndarray, lung: np.ndarray, spacing, scan_slices=None) -> np.n
         return np.zeros(hu.shape, bool)
     # across the partial-volume rim where the main bronchi enter the lung mask
     seed = ndimage.binary_dilation(seed, iterations=SEED_BRIDGE_STEPS, mask=~lung & (hu < AIRWAY_CT_HU)) | seed
-    limit = AIRWAY_MAX_LUNG_FRACTION * np.count_nonzero(lung)
+    lung_voxels = np.count_nonzero(lung)
+    limit = AIRWAY_MAX_LUNG_FRACTION * lung_voxels
     min_checked = AIRWAY_MIN_CHECKED_ML * 1000.0 / float(np.prod(spacing))  # noise fragments the first, tiny trees
     # where the lung mask holds the trachea, the first tree is the trachea alone, and the next step into the main
     # bronchi more than doubles it: only a step that also adds a share of the lung is taken for a leak
-    min_leak = AIRWAY_MIN_LEAK_LUNG_FRACTION * np.count_nonzero(lung)
+    min_leak = AIRWAY_MIN_LEAK_LUNG_FRACTION * lung_voxels
     kept = np.zeros(hu.shape, bool)
     kept_volume = 0
     for threshold in AIRWAY_THRESHOLDS_HU:
