@@ -17,7 +17,9 @@ the boundary is refined at full resolution. Steps:
    nodules, consolidation and subpleural fibrosis are part of the mask; a hole that opens onto the outside in the
    next slice (the dome of the liver or spleen) is not filled;
 6. back on the CT grid, voxels deep inside the working mask are lung whatever their HU, and in the
-   boundary band only air-like voxels are, so the edge is as sharp as the CT.
+   boundary band only air-like voxels are, so the edge is as sharp as the CT, and dense voxels in a narrow gap
+   between the lung's air in their slice: reticular lines, septa and honeycomb walls at the lung's edge, which
+   the chest wall, thick and with air on one side only, is not.
 
 :func:`assess_mask` checks any lung mask (automatic or given) against the CT: it refuses an impossible mask
 and lists plausibility warnings (volume for the slices covered, unequal lungs, lungs cut by the scan's ends or
@@ -47,6 +49,7 @@ OPEN_HOLE_FRACTION = 0.5      # an in-plane hole touching this much outside acro
 MIN_LUNG_ML = 100.0           # less air than this inside the body means no lung in the scan
 KEEP_FRACTION = 0.1           # an air component smaller than this fraction of the largest is not lung
 TRACHEA_AREA_MM2 = (30.0, 1000.0)  # cross-section of an adult trachea is about 80..700 mm^2
+THIN_GAP_MM = 1.5             # a dense band voxel with the lung's air this near on both sides is a thin structure
 EXPLODE_FACTOR = 3.0          # an airway cross-section growing past this multiple of the trachea's has hit a lung
 MAX_SPLIT_EROSIONS = 12
 RIGHT, LEFT = 1, 2
@@ -433,7 +436,8 @@ def _closing(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndar
 def _to_full_resolution(labels: np.ndarray, work: sitk.Image, ct: sitk.Image) -> sitk.Image:
     """Bring each lung back onto the CT grid. Voxels deep inside the low-resolution lung keep it
     (so dense lesions stay in); in the boundary band (partial overlap after linear interpolation)
-    a voxel is lung only if it is air-like in the full-resolution CT, which gives a sharp edge.
+    a voxel is lung only if it is air-like in the full-resolution CT, which gives a sharp edge, or a thin dense
+    structure between the lung's air (:func:`_between_air`), which keeps subpleural reticulation in.
     The two lungs are resampled side by side in two threads, then written right first as before."""
     hu = sitk.GetArrayViewFromImage(ct)
     out = np.zeros(hu.shape, np.uint8)
@@ -454,8 +458,38 @@ def _lung_on_ct(lung: np.ndarray, work: sitk.Image, ct: sitk.Image, hu: np.ndarr
         return None
     box = _lung_region(lung, work, ct)
     up = _resample_array(lung.view(np.uint8) * 200, work, ct, box, sitk.sitkLinear)
-    air = (hu[box] < AIR_HU) & (hu[box] > PAD_HU)
-    return box, (up >= 199) | ((up > 0) & air)  # 200: every interpolation neighbour is inside
+    values = hu[box]
+    air = (values < AIR_HU) & (values > PAD_HU)
+    band = up > 0
+    inside = (up >= 199) | (band & air)  # 200: every interpolation neighbour is inside
+    dense_band = band & ~inside & (values > PAD_HU)
+    spacing = ct.GetSpacing()
+    return box, inside | _between_air(dense_band, inside & air, (spacing[1], spacing[0]))
+
+
+def _between_air(candidates: np.ndarray, air: np.ndarray, pixel_mm: tuple,
+                 gap_mm: float = THIN_GAP_MM) -> np.ndarray:
+    """The ``candidates`` [z, y, x] that have ``air`` within ``gap_mm`` on both sides along a row, a column or a
+    diagonal of their slice: dense structures at most about twice ``gap_mm`` thin lying between air (a reticular
+    line, a septum), not the edge of solid tissue with air on one side (the chest wall). ``pixel_mm``: (y, x)
+    spacing. Reads only the candidates' neighbours, so a thin band of candidates costs little."""
+    z, y, x = np.nonzero(candidates)
+    out = np.zeros(candidates.shape, bool)
+    if z.size == 0:
+        return out
+    directions = [(uy, ux, int(max(1, round(gap_mm / np.hypot(uy * pixel_mm[0], ux * pixel_mm[1])))))
+                  for uy, ux in ((0, 1), (1, 0), (1, 1), (1, -1))]
+    reach = max(steps for _, _, steps in directions)
+    padded = np.pad(air, ((0, 0), (reach, reach), (reach, reach)))
+    found = np.zeros(z.size, bool)
+    for uy, ux, steps in directions:
+        before, after = np.zeros(z.size, bool), np.zeros(z.size, bool)
+        for k in range(1, steps + 1):
+            before |= padded[z, y + reach - k * uy, x + reach - k * ux]
+            after |= padded[z, y + reach + k * uy, x + reach + k * ux]
+        found |= before & after
+    out[z[found], y[found], x[found]] = True
+    return out
 
 
 def _resample_array(values: np.ndarray, work: sitk.Image, full: sitk.Image, box: tuple, interpolator) -> np.ndarray:
