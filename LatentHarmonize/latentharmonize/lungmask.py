@@ -459,12 +459,13 @@ def _lung_on_ct(lung: np.ndarray, work: sitk.Image, ct: sitk.Image, hu: np.ndarr
     box = _lung_region(lung, work, ct)
     up = _resample_array(lung.view(np.uint8) * 200, work, ct, box, sitk.sitkLinear)
     values = hu[box]
-    air = (values < AIR_HU) & (values > PAD_HU)
+    scanned = values > PAD_HU
     band = up > 0
-    inside = (up >= 199) | (band & air)  # 200: every interpolation neighbour is inside
-    dense_band = band & ~inside & (values > PAD_HU)
+    lung_air = band & scanned & (values < AIR_HU)  # every air-like voxel the lung keeps: deep ones are in the band too
+    inside = (up >= 199) | lung_air  # 200: every interpolation neighbour is inside
+    dense_band = band & ~inside & scanned
     spacing = ct.GetSpacing()
-    return box, inside | _between_air(dense_band, inside & air, (spacing[1], spacing[0]))
+    return box, inside | _between_air(dense_band, lung_air, (spacing[1], spacing[0]))
 
 
 def _between_air(candidates: np.ndarray, air: np.ndarray, pixel_mm: tuple,
