@@ -257,9 +257,8 @@ def test_cancel_from_the_gui_returns_at_once_and_still_kills(tmp_path):
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
-    started = time.monotonic()
-    assert bridge.kill_process_tree(process.pid, grace_s=1.0, background=True) == 1
-    assert time.monotonic() - started < 0.5
+    assert bridge.kill_process_tree(process.pid, grace_s=2.0, background=True) == 1
+    assert process.poll() is None  # returned before the grace period: the kill is still to come
     assert process.wait(timeout=10) == -9  # SIGTERM ignored, killed after the grace period
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 import types
 import unittest
 from pathlib import Path
@@ -236,9 +235,8 @@ def test_closing_the_scene_cancels_the_run_and_loads_nothing(monkeypatch, tmp_pa
                              "slow", _Node("vtkMRMLScalarVolumeNode1"), onFinished=widget.onAnalysisFinished)
     run.start()
     widget._run = run
-    started = time.monotonic()
-    widget.onSceneStartClose(None, None)
-    assert time.monotonic() - started < 0.5 and run.cancelled
+    widget.onSceneStartClose(None, None)  # it cancels through run.cancel, which test_slicer_module shows never waits
+    assert run.cancelled
     _wait(lambda: run.returncode is not None, tick=worker._timer.fire)
     assert widget._run is None and "Analysis cancelled." in widget.ui.statusLabel.lines
 
