@@ -14,7 +14,6 @@ PAPER_GAIN_PERCENT = {"ari": 19.01, "nmi": 16.85, "dice": 12.39}
 PROBE_MARGIN = 0.05  # the issue: the acquisition probe stays within this of chance
 
 
-
 def paired_versus(name: str, per_patient: Dict[str, list], table: pd.DataFrame, risks: dict, n_boot: int,
                   seed: int) -> dict:
     """``name`` minus every other representation (and feature set), paired over the same patients, with 95 % CIs:
